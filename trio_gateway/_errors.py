@@ -1,0 +1,50 @@
+"""One exception tree for everything trio_gateway raises on purpose."""
+
+from __future__ import annotations
+
+__all__ = (
+    "ConfigurationError",
+    "FrameTooLarge",
+    "GatewayError",
+    "ProtocolError",
+    "SinkError",
+    "TransportError",
+)
+
+
+class GatewayError(Exception):
+    """Base class of every error trio_gateway raises on purpose."""
+
+
+class ConfigurationError(GatewayError, ValueError):
+    """A configuration value is missing or wrong.
+
+    ``key`` names the offending setting (``"queue.capacity"``, ``"--tcp"``), so the
+    command line can print one line that tells the user what to fix.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class ProtocolError(GatewayError):
+    """A peer sent bytes that break the framing or the protocol."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame is larger than the decoder's ``max_frame_size``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of at least {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class TransportError(GatewayError):
+    """A socket-level failure (connect, send, receive), translated at the boundary."""
+
+
+class SinkError(GatewayError):
+    """A sink could not deliver a batch; the pump may retry it."""

@@ -1,0 +1,153 @@
+"""The door between a source and the queue: what the gateway hands each listener."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import repeat
+
+import trio
+
+from ._ledger import SourceCounters
+from ._message import Item, Origin
+from .queues import Queue
+
+__all__ = ("Ingress",)
+
+
+class Ingress:
+    """One listener's handle on the gateway.
+
+    A source calls one of the ``offer`` methods once per read with every payload that read
+    produced and one shared :class:`Origin`; counting happens here, once per batch.
+
+    * :meth:`offer_nowait`: never waits; what the queue's policy refuses is dropped and counted
+      (UDP: the sender gets no answer anyway).
+    * :meth:`offer`: under ``block`` waits for room, so the source stops reading and the
+      transport's flow control pushes back on the sender (TCP, WebSocket, gRPC streams).
+    * :meth:`offer_or_reject`: waits at most ``timeout`` for room; what is not accepted is
+      *rejected* (counted as ``queue_full``) and the source tells its sender (HTTP 503, gRPC
+      RESOURCE_EXHAUSTED, a negative ack). Under ``drop_oldest`` everything is accepted.
+    """
+
+    __slots__ = ("_queue", "_stopping", "counters", "grace_period")
+
+    def __init__(
+        self,
+        queue: Queue[Item],
+        counters: SourceCounters,
+        stopping: trio.Event,
+        *,
+        grace_period: float,
+    ) -> None:
+        self._queue = queue
+        self._stopping = stopping
+        self.counters = counters
+        self.grace_period = grace_period
+
+    @property
+    def transport(self) -> str:
+        return self.counters.transport
+
+    @property
+    def listener(self) -> str:
+        return self.counters.listener
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _items(self, payloads: Sequence[bytes], origin: Origin) -> list[Item]:
+        counters = self.counters
+        counters.received += len(payloads)
+        counters.received_bytes += sum(map(len, payloads))
+        return list(zip(payloads, repeat(origin)))
+
+    def offer_nowait(self, payloads: Sequence[bytes], origin: Origin) -> int:
+        """Enqueue without waiting; returns how many are queued (the rest were dropped)."""
+        if not payloads:
+            return 0
+        items = self._items(payloads, origin)
+        try:
+            return self._queue.put_many_nowait(items)
+        except trio.ClosedResourceError:
+            self.counters.abandoned += len(items)
+            return 0
+
+    async def offer(self, payloads: Sequence[bytes], origin: Origin) -> int:
+        """Enqueue, waiting for room under ``block``. Returns how many are queued.
+
+        Only waits when the queue is full, so a source that keeps up costs no checkpoint here.
+        If cancelled while waiting, the messages not yet queued are counted as abandoned.
+        """
+        if not payloads:
+            return 0
+        items = self._items(payloads, origin)
+        queue = self._queue
+        done = 0
+        try:
+            done = queue.put_many_nowait(items)
+            if queue.policy == "block":
+                while done < len(items):
+                    await queue.wait_not_full()
+                    done += queue.put_many_nowait(items[done:])
+        except trio.ClosedResourceError:
+            self.counters.abandoned += len(items) - done
+        except BaseException:
+            self.counters.abandoned += len(items) - done
+            raise
+        return done
+
+    async def offer_or_reject(
+        self, payloads: Sequence[bytes], origin: Origin, *, timeout: float = 0.0
+    ) -> int:
+        """Enqueue what fits within ``timeout``; the rest is rejected as ``queue_full``.
+
+        Returns how many were accepted; the caller answers its sender accordingly.
+        """
+        if not payloads:
+            return 0
+        queue = self._queue
+        items = list(zip(payloads, repeat(origin)))
+        done = 0
+        try:
+            done = queue.put_many_nowait(items, drop=False)
+            if done < len(items) and timeout > 0 and queue.policy == "block":
+                with trio.move_on_after(timeout):
+                    while done < len(items):
+                        await queue.wait_not_full()
+                        done += queue.put_many_nowait(items[done:], drop=False)
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            counters = self.counters
+            counters.received += done
+            counters.received_bytes += sum(map(len, payloads[:done]))
+            if done < len(items):
+                counters.rejected["queue_full"] += len(items) - done
+        return done
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` messages (or connections) refused for ``reason``.
+
+        Reasons used by the built-in sources: ``oversize``, ``malformed``, ``truncated``,
+        ``unauthorized``, ``too_many_connections``, ``idle_timeout``, ``queue_full``.
+        """
+        self.counters.rejected[reason] += count
+
+    # -- connections ----------------------------------------------------------------------
+
+    def connection_opened(self) -> None:
+        self.counters.connections_active += 1
+        self.counters.connections_total += 1
+
+    def connection_closed(self) -> None:
+        self.counters.connections_active -= 1
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """True from the moment the gateway starts shutting down."""
+        return self._stopping.is_set()
+
+    async def wait_stopping(self) -> None:
+        """Return when the gateway starts shutting down (listeners should close then)."""
+        await self._stopping.wait()

@@ -1,0 +1,75 @@
+"""The talk's "array + mutex": a Python list guarded by a lock. A baseline, not a choice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import trio
+
+from ._base import OverflowPolicy, Queue
+
+__all__ = ("LockedListQueue",)
+
+T = TypeVar("T")
+
+
+class LockedListQueue(Queue[T]):
+    """A list with ``append``/``del lst[:n]`` and a :class:`trio.Lock` taken per operation.
+
+    Removing from the front of a list moves every remaining element, so a batch dequeue is
+    O(depth): fine for the baseline it is, wrong for production. Bounded like every queue here
+    (the talk's version grew without limit).
+    """
+
+    kind = "locked-list"
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        policy: OverflowPolicy = "block",
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] = len,  # type: ignore[assignment]
+    ) -> None:
+        super().__init__(capacity, policy=policy, max_bytes=max_bytes, size_of=size_of)
+        self._items: list[T] = []
+        self._lock = trio.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _append(self, items: Sequence[T]) -> None:
+        self._items.extend(items)
+
+    def _popleft(self, n: int) -> list[T]:
+        out = self._items[:n]
+        del self._items[:n]
+        return out
+
+    def put_many_nowait(self, items: Sequence[T], *, drop: bool = True) -> int:
+        self._lock.acquire_nowait()
+        try:
+            return super().put_many_nowait(items, drop=drop)
+        finally:
+            self._lock.release()
+
+    def get_batch_nowait(self, max_items: int) -> list[T]:
+        self._lock.acquire_nowait()
+        try:
+            return super().get_batch_nowait(max_items)
+        finally:
+            self._lock.release()
+
+    # The awaiting operations acquire the lock (a schedule point, as a mutex costs in Go) and
+    # then run the synchronous operation, which takes it again without waiting. They never park
+    # while holding it, so a waiting consumer cannot starve producers.
+    async def put(self, item: T) -> bool:
+        async with self._lock:
+            pass
+        return await super().put(item)
+
+    async def get_batch(self, max_items: int) -> list[T]:
+        async with self._lock:
+            pass
+        return await super().get_batch(max_items)

@@ -1,0 +1,120 @@
+"""Ring buffers: a fixed array of slots, filled and emptied with slice assignment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import trio
+
+from ._base import OverflowPolicy, Queue
+
+__all__ = ("LockedRingBuffer", "RingBuffer")
+
+T = TypeVar("T")
+
+
+class RingBuffer(Queue[T]):
+    """A fixed ring of ``capacity`` slots with no lock: the talk's "ring buffer + atomics".
+
+    Go needed atomics because goroutines run in parallel. Trio tasks only switch at an
+    ``await``, and no method here awaits between reading and writing the indices, so each
+    operation is atomic for free. Batches move with at most two slice assignments.
+    """
+
+    kind = "ring"
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        policy: OverflowPolicy = "block",
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] = len,  # type: ignore[assignment]
+    ) -> None:
+        super().__init__(capacity, policy=policy, max_bytes=max_bytes, size_of=size_of)
+        self._slots: list[Any] = [None] * capacity
+        self._head = 0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _append(self, items: Sequence[T]) -> None:
+        n = len(items)
+        capacity = self._capacity
+        tail = self._head + self._count
+        if tail >= capacity:
+            tail -= capacity
+        first = capacity - tail
+        if n <= first:
+            self._slots[tail : tail + n] = items
+        else:
+            self._slots[tail:] = items[:first]
+            self._slots[: n - first] = items[first:]
+        self._count += n
+
+    def _popleft(self, n: int) -> list[T]:
+        head = self._head
+        capacity = self._capacity
+        slots = self._slots
+        end = head + n
+        if end <= capacity:
+            out = slots[head:end]
+            slots[head:end] = [None] * n  # release the references
+        else:
+            end -= capacity
+            out = slots[head:]
+            out += slots[:end]
+            slots[head:] = [None] * (capacity - head)
+            slots[:end] = [None] * end
+        self._head = end if end < capacity else 0
+        self._count -= n
+        return out
+
+
+class LockedRingBuffer(RingBuffer[T]):
+    """The same ring guarded by a :class:`trio.Lock` per operation: the talk's "ring + mutex".
+
+    The lock protects nothing Trio does not already guarantee; it is kept as a baseline that
+    shows the price of locking. Synchronous operations pay ``acquire_nowait``/``release``;
+    the awaiting ones (:meth:`put`, :meth:`get`, :meth:`get_batch`) pay the lock's schedule
+    point on every call.
+    """
+
+    kind = "locked-ring"
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        policy: OverflowPolicy = "block",
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] = len,  # type: ignore[assignment]
+    ) -> None:
+        super().__init__(capacity, policy=policy, max_bytes=max_bytes, size_of=size_of)
+        self._lock = trio.Lock()
+
+    def put_many_nowait(self, items: Sequence[T], *, drop: bool = True) -> int:
+        self._lock.acquire_nowait()
+        try:
+            return super().put_many_nowait(items, drop=drop)
+        finally:
+            self._lock.release()
+
+    def get_batch_nowait(self, max_items: int) -> list[T]:
+        self._lock.acquire_nowait()
+        try:
+            return super().get_batch_nowait(max_items)
+        finally:
+            self._lock.release()
+
+    async def put(self, item: T) -> bool:
+        async with self._lock:
+            pass
+        return await super().put(item)
+
+    async def get_batch(self, max_items: int) -> list[T]:
+        async with self._lock:
+            pass
+        return await super().get_batch(max_items)

@@ -1,0 +1,166 @@
+"""What every source shares: the Source contract and a supervised, bounded connection server."""
+
+from __future__ import annotations
+
+import errno
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import trio
+
+from .._errors import ConfigurationError
+from .._ingress import Ingress
+from .._log import RateLimitedLogger, logger
+
+__all__ = ("DEFAULT_MAX_MESSAGE_SIZE", "Source", "serve_connections")
+
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
+_log = logger.getChild("sources")
+connection_errors = RateLimitedLogger(_log)
+
+# Errors that mean "the system is out of resources": wait and accept again (as trio does).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+StreamT = TypeVar("StreamT", bound=trio.abc.Stream)
+
+
+class Source(ABC):
+    """One listener of one transport. Subclasses implement :meth:`run`.
+
+    ``run`` serves until the gateway starts stopping (``ingress.wait_stopping()``): then it
+    closes its listeners, gives open connections ``ingress.grace_period`` seconds to finish,
+    cancels the rest and returns. It reports its bound addresses through
+    ``task_status.started(...)`` as a list of ``(host, port)`` tuples (port 0 is allowed).
+    """
+
+    transport: ClassVar[str]
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_connections: int = 1024,
+        idle_timeout: float = 60.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        if not 0 <= port <= 65535:
+            raise ConfigurationError(f"{self.transport}.port", f"must be 0-65535, got {port}")
+        if max_connections < 1:
+            raise ConfigurationError(f"{self.transport}.max_connections", "must be at least 1")
+        if idle_timeout <= 0:
+            raise ConfigurationError(f"{self.transport}.idle_timeout", "must be positive")
+        if max_message_size < 1:
+            raise ConfigurationError(f"{self.transport}.max_message_size", "must be positive")
+        self.host = host
+        self.port = port
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_message_size = max_message_size
+
+    @property
+    def label(self) -> str:
+        """The listener's name in metrics and logs, e.g. ``tcp:127.0.0.1:7000``."""
+        return f"{self.transport}:{self.host}:{self.port}"
+
+    @abstractmethod
+    async def run(
+        self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until stopping (see the class docstring)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label}>"
+
+
+def format_peer(address: object) -> str:
+    """``("127.0.0.1", 5000)`` -> ``"127.0.0.1:5000"``; IPv6 in brackets."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+class _Connections:
+    """Counts live connections so shutdown can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def opened(self) -> None:
+        self.active += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def closed(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+async def serve_connections(
+    handler: Callable[[StreamT], Awaitable[None]],
+    listeners: Sequence[trio.abc.Listener[StreamT]],
+    ingress: Ingress,
+    *,
+    max_connections: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on ``listeners`` and run ``handler(stream)`` per connection, supervised.
+
+    Like :func:`trio.serve_listeners`, one bad peer fails alone and resource exhaustion on
+    accept (EMFILE) is waited out. In addition: past ``max_connections`` a new connection is
+    closed at once (counted as ``too_many_connections``), and when the gateway stops, the
+    listeners close, open connections get ``ingress.grace_period`` to finish, and the rest are
+    cancelled.
+    """
+    live = _Connections()
+
+    async def run_one(stream: StreamT) -> None:
+        ingress.connection_opened()
+        try:
+            async with stream:
+                await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            connection_errors.info("%s: connection ended: %r", ingress.listener, exc)
+        finally:
+            ingress.connection_closed()
+            live.closed()
+
+    async def accept_loop(listener: trio.abc.Listener[StreamT]) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    connection_errors.warning(
+                        "%s: accept failed (%s); retrying in 0.1 s", ingress.listener, exc
+                    )
+                    await trio.sleep(0.1)
+                    continue
+                if live.active >= max_connections:
+                    ingress.reject("too_many_connections")
+                    connection_errors.info("%s: connection refused: limit reached", ingress.listener)
+                    await trio.aclose_forcefully(stream)
+                    continue
+                live.opened()
+                connections.start_soon(run_one, stream)
+
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as acceptors:
+            for listener in listeners:
+                acceptors.start_soon(accept_loop, listener)
+            task_status.started()
+            await ingress.wait_stopping()
+            acceptors.cancel_scope.cancel()
+        with trio.move_on_after(ingress.grace_period):
+            await live.wait_idle()
+        connections.cancel_scope.cancel()

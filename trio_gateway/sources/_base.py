@@ -110,7 +110,8 @@ async def serve_connections(
     ingress: Ingress,
     *,
     max_connections: int,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    bound: object = None,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` and run ``handler(stream)`` per connection, supervised.
 
@@ -118,7 +119,7 @@ async def serve_connections(
     accept (EMFILE) is waited out. In addition: past ``max_connections`` a new connection is
     closed at once (counted as ``too_many_connections``), and when the gateway stops, the
     listeners close, open connections get ``ingress.grace_period`` to finish, and the rest are
-    cancelled.
+    cancelled. ``task_status.started(bound)`` is called once the accept loops run.
     """
     live = _Connections()
 
@@ -158,7 +159,7 @@ async def serve_connections(
         async with trio.open_nursery() as acceptors:
             for listener in listeners:
                 acceptors.start_soon(accept_loop, listener)
-            task_status.started()
+            task_status.started(bound)
             await ingress.wait_stopping()
             acceptors.cancel_scope.cancel()
         with trio.move_on_after(ingress.grace_period):

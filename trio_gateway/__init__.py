@@ -1,0 +1,69 @@
+"""trio_gateway: real-time data-pipeline gateways on Trio's structured concurrency.
+
+Sources (TCP, UDP, ...) -> a bounded queue with an overflow policy -> an optional processor ->
+a sink, supervised by one nursery, with a cancellation-safe flush and a ledger that accounts for
+every message.
+"""
+
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import FrameTooLarge as FrameTooLarge
+from ._errors import GatewayError as GatewayError
+from ._errors import ProtocolError as ProtocolError
+from ._errors import SinkError as SinkError
+from ._errors import TransportError as TransportError
+from ._gateway import Gateway as Gateway
+from ._gateway import Processor as Processor
+from ._gateway import RetryPolicy as RetryPolicy
+from ._ingress import Ingress as Ingress
+from ._ledger import Ledger as Ledger
+from ._message import Item as Item
+from ._message import Message as Message
+from ._message import Origin as Origin
+from .queues import ChannelQueue as ChannelQueue
+from .queues import LockedListQueue as LockedListQueue
+from .queues import LockedRingBuffer as LockedRingBuffer
+from .queues import Queue as Queue
+from .queues import QueueStatistics as QueueStatistics
+from .queues import RingBuffer as RingBuffer
+from .sinks import FileSink as FileSink
+from .sinks import NullSink as NullSink
+from .sinks import Sink as Sink
+from .sinks import StdoutSink as StdoutSink
+from .sinks import TcpSink as TcpSink
+from .sources import Source as Source
+from .sources import TcpSource as TcpSource
+from .sources import UdpSource as UdpSource
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ChannelQueue",
+    "ConfigurationError",
+    "FileSink",
+    "FrameTooLarge",
+    "Gateway",
+    "GatewayError",
+    "Ingress",
+    "Item",
+    "Ledger",
+    "LockedListQueue",
+    "LockedRingBuffer",
+    "Message",
+    "NullSink",
+    "Origin",
+    "ProtocolError",
+    "Processor",
+    "Queue",
+    "QueueStatistics",
+    "RetryPolicy",
+    "RingBuffer",
+    "Sink",
+    "Source",
+    "StdoutSink",
+    "SinkError",
+    "TcpSink",
+    "TcpSource",
+    "TransportError",
+    "UdpSource",
+    "__version__",
+)

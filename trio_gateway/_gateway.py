@@ -1,0 +1,315 @@
+"""The Gateway: one root nursery that owns the sources, the pump, and the shutdown sequence."""
+
+from __future__ import annotations
+
+import inspect
+
+import random
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import trio
+
+from ._errors import ConfigurationError
+from ._ingress import Ingress
+from ._ledger import Ledger, PumpCounters, SourceCounters
+from ._log import RateLimitedLogger, logger
+from ._message import Item, Message
+from .queues import Queue, RingBuffer
+from .sinks._base import Sink
+from .sources._base import Source
+
+__all__ = ("Gateway", "Processor", "RetryPolicy")
+
+_log = logger.getChild("gateway")
+_processor_errors = RateLimitedLogger(_log)
+_sink_errors = RateLimitedLogger(_log)
+
+ProcessorResult: TypeAlias = "bytes | Message | None"
+Processor: TypeAlias = Callable[[Message], "ProcessorResult | Awaitable[ProcessorResult]"]
+"""A user function called once per message: return the (new) payload or Message to pass it on,
+``None`` to filter it out; raising counts the message as failed. Sync or ``async def``."""
+
+State = Literal["created", "running", "draining", "stopped"]
+
+
+def _payload_size(item: Item) -> int:
+    return len(item[0])
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the pump retries a batch the sink failed to send: exponential backoff, full jitter.
+
+    ``max_attempts=None`` retries until the gateway stops (then the batch is abandoned at the
+    drain deadline, never silently lost); a number gives up after that many attempts and counts
+    the batch as ``sink_failed``.
+    """
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.initial <= 0 or self.maximum < self.initial or self.multiplier < 1:
+            raise ConfigurationError("retry", "need 0 < initial <= maximum and multiplier >= 1")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ConfigurationError("retry.max_attempts", "must be at least 1")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter."""
+        ceiling = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class Gateway:
+    """Sources -> bounded queue -> optional processor -> sink, supervised by one nursery.
+
+    Use it as a library inside your own Trio program::
+
+        gateway = Gateway(sources=[TcpSource(port=7000)], sink=FileSink("out.jsonl"))
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(gateway.run)   # each source's bound addresses
+            ...
+            gateway.shutdown()                          # or cancel the nursery
+        print(gateway.ledger)
+
+    :meth:`run` returns the shutdown :class:`Ledger` after a :meth:`shutdown`. If the scope
+    around it is cancelled instead, it still flushes (shielded, bounded by ``drain_timeout``)
+    before the cancellation propagates; the ledger is then in :attr:`ledger`.
+    """
+
+    def __init__(
+        self,
+        *,
+        sources: Sequence[Source],
+        sink: Sink,
+        queue: Queue[Item] | None = None,
+        processor: Processor | None = None,
+        batch_size: int = 1024,
+        drain_timeout: float = 10.0,
+        grace_period: float = 2.0,
+        retry: RetryPolicy | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        if not sources:
+            raise ConfigurationError("sources", "a gateway needs at least one source")
+        if batch_size < 1:
+            raise ConfigurationError("batch_size", "must be at least 1")
+        if drain_timeout < 0:
+            raise ConfigurationError("drain_timeout", "must not be negative")
+        if grace_period < 0:
+            raise ConfigurationError("grace_period", "must not be negative")
+        self.sources = tuple(sources)
+        self.sink = sink
+        self.queue: Queue[Item] = (
+            queue if queue is not None else RingBuffer(10_000, size_of=_payload_size)
+        )
+        self.processor = processor
+        self.batch_size = batch_size
+        self.drain_timeout = drain_timeout
+        self.grace_period = grace_period
+        self.retry = retry or RetryPolicy()
+        self.handle_signals = handle_signals
+        self.source_counters = tuple(SourceCounters(s.transport, s.label) for s in self.sources)
+        self.pump_counters = PumpCounters()
+        self.state: State = "created"
+        self._stopping = trio.Event()
+        self._pump_scope = trio.CancelScope(shield=True)
+        self._sources_scope: trio.CancelScope | None = None
+        self._in_flight = 0
+        self._final_ledger: Ledger | None = None
+
+    # -- control --------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Start the cancellation-safe shutdown (idempotent; safe to call from any task)."""
+        self._stopping.set()
+
+    def abort(self) -> None:
+        """Stop now: cut the grace period and the drain short (what is left is abandoned)."""
+        self._stopping.set()
+        if self._sources_scope is not None:
+            self._sources_scope.cancel()
+        self._pump_scope.cancel()
+
+    @property
+    def accepting(self) -> bool:
+        """True while running and not shutting down (what ``/readyz`` reports)."""
+        return self.state == "running" and not self._stopping.is_set()
+
+    @property
+    def ledger(self) -> Ledger:
+        """Where every message went so far (final once :meth:`run` has finished)."""
+        if self._final_ledger is not None:
+            return self._final_ledger
+        stats = self.queue.statistics()
+        return Ledger.compute(
+            self.source_counters,
+            self.pump_counters,
+            stats.dropped,
+            stats.depth + self._in_flight,
+        )
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> Ledger:
+        """Serve until :meth:`shutdown` (or cancellation), then flush; return the ledger."""
+        if self.state != "created":
+            raise RuntimeError("a Gateway runs once; create a new one")
+        self.state = "running"
+        pump_done = trio.Event()
+        async with trio.open_nursery() as root:
+            root.start_soon(self._pump, pump_done)
+            if self.handle_signals:
+                root.start_soon(self._watch_signals)
+            try:
+                await self._serve_sources(task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._finish(pump_done)
+                root.cancel_scope.cancel()
+        return self.ledger
+
+    async def _serve_sources(self, task_status: trio.TaskStatus[Any]) -> None:
+        bound: list[list[tuple[str, int]]] = []
+        async with trio.open_nursery() as sources:
+            self._sources_scope = sources.cancel_scope
+            for source, counters in zip(self.sources, self.source_counters, strict=True):
+                ingress = Ingress(
+                    self.queue, counters, self._stopping, grace_period=self.grace_period
+                )
+                addresses = await sources.start(source.run, ingress)
+                bound.append(list(addresses))
+            _log.info("gateway running: %s", ", ".join(s.label for s in self.sources))
+            task_status.started(tuple(bound))
+            await self._stopping.wait()
+            self.state = "draining"
+            _log.info("shutting down: listeners closing, %.1f s grace", self.grace_period)
+            # Each source closes its listeners and gives its connections the grace period;
+            # the margin covers the time to cancel them.
+            sources.cancel_scope.deadline = trio.current_time() + self.grace_period + 1.0
+
+    async def _finish(self, pump_done: trio.Event) -> None:
+        self._stopping.set()
+        self.state = "draining"
+        self.queue.close()
+        with trio.move_on_after(self.drain_timeout) as drain:
+            await pump_done.wait()
+        if drain.cancelled_caught:
+            _log.warning("drain deadline (%.1f s) passed; abandoning the rest", self.drain_timeout)
+            self._pump_scope.cancel()
+            await pump_done.wait()
+        self.state = "stopped"
+        self._final_ledger = self.ledger
+        _log.info("shutdown ledger: %s", self._final_ledger.to_json())
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if not self._stopping.is_set():
+                    _log.warning("%s: shutting down (again to stop at once)", signal.Signals(signum).name)
+                    self.shutdown()
+                else:
+                    _log.warning("%s: stopping at once", signal.Signals(signum).name)
+                    self.abort()
+                    return
+
+    # -- the pump -------------------------------------------------------------------------
+
+    async def _pump(self, done: trio.Event) -> None:
+        """Queue -> processor -> sink, in batches, until the queue ends or the drain deadline."""
+        counters = self.pump_counters
+        queue = self.queue
+        try:
+            with self._pump_scope:
+                await self._with_retry(self.sink.open, what="open", limited=False)
+                while True:
+                    try:
+                        batch = await queue.get_batch(self.batch_size)
+                    except trio.EndOfChannel:
+                        break
+                    self._in_flight = len(batch)
+                    items = batch if self.processor is None else await self._process(batch)
+                    self._in_flight = len(items)
+                    if items:
+                        if await self._with_retry(lambda: self.sink.send(items), what="send"):
+                            counters.delivered += len(items)
+                        else:
+                            counters.sink_failed += len(items)
+                    self._in_flight = 0
+        finally:
+            counters.abandoned += self._in_flight
+            self._in_flight = 0
+            with trio.CancelScope(shield=True), trio.move_on_after(max(self.drain_timeout, 1.0)):
+                try:
+                    await self.sink.aclose()
+                except Exception as exc:
+                    _log.error("sink %s failed to close: %r", self.sink.name, exc)
+            done.set()
+
+    async def _process(self, batch: list[Item]) -> list[Item]:
+        processor = self.processor
+        assert processor is not None
+        counters = self.pump_counters
+        out: list[Item] = []
+        is_async = inspect.iscoroutinefunction(processor)
+        for payload, origin in batch:
+            try:
+                result = processor(Message(payload, origin))
+                if is_async or inspect.isawaitable(result):
+                    result = await result  # type: ignore[misc]
+            except Exception as exc:
+                counters.failed[type(exc).__name__] += 1
+                _processor_errors.warning("processor failed on a message: %r", exc)
+                continue
+            if result is None:
+                counters.filtered += 1
+            elif isinstance(result, Message):
+                out.append((result.payload, result.origin))
+            elif isinstance(result, bytes | bytearray | memoryview):
+                out.append((bytes(result), origin))
+            else:
+                counters.failed["TypeError"] += 1
+                _processor_errors.warning(
+                    "processor returned %s; expected bytes, Message or None", type(result).__name__
+                )
+        return out
+
+    async def _with_retry(
+        self, operation: Callable[[], Awaitable[None]], *, what: str, limited: bool = True
+    ) -> bool:
+        """Run ``operation`` until it succeeds (True) or the retry budget is spent (False).
+
+        Opening the sink is retried without limit: nothing can be delivered without it, and the
+        queue's policy decides meanwhile what happens to new messages.
+        """
+        counters = self.pump_counters
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await operation()
+            except Exception as exc:
+                counters.sink_errors += 1
+                limit = self.retry.max_attempts if limited else None
+                if limit is not None and attempt >= limit:
+                    _sink_errors.warning(
+                        "sink %s: %s failed %d times, giving up: %r", self.sink.name, what, attempt, exc
+                    )
+                    return False
+                delay = self.retry.delay(attempt)
+                _sink_errors.warning(
+                    "sink %s: %s failed (%r); retry %d in %.2f s", self.sink.name, what, exc, attempt, delay
+                )
+                counters.sink_retries += 1
+                await trio.sleep(delay)
+            else:
+                if what == "send":
+                    counters.sink_batches += 1
+                return True
+
+

@@ -1,0 +1,19 @@
+"""Destinations. Every sink takes whole batches; the gateway's pump retries failed ones."""
+
+from ._base import Sink as Sink
+from ._jsonl import decode_jsonl_record as decode_jsonl_record
+from ._jsonl import encode_jsonl as encode_jsonl
+from ._simple import FileSink as FileSink
+from ._simple import NullSink as NullSink
+from ._simple import StdoutSink as StdoutSink
+from ._tcp import TcpSink as TcpSink
+
+__all__ = (
+    "FileSink",
+    "NullSink",
+    "Sink",
+    "StdoutSink",
+    "TcpSink",
+    "decode_jsonl_record",
+    "encode_jsonl",
+)

@@ -1,0 +1,57 @@
+"""JSON Lines encoding of a batch, shared by the stdout and file sinks.
+
+A record is ``{"transport", "peer", "received_at", "payload"}``, with ``"payload_b64"`` instead
+of ``"payload"`` when the bytes are not UTF-8. The per-origin prefix is encoded once per run of
+messages from the same read; the payload goes through the C JSON string encoder; the batch is
+joined and encoded once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+
+from .._message import Item, Origin
+
+__all__ = ("decode_jsonl_record", "encode_jsonl")
+
+
+def _prefix(origin: Origin) -> str:
+    return (
+        f'{{"transport":{json.dumps(origin.transport)},"peer":{json.dumps(origin.peer)},'
+        f'"received_at":{origin.received_at!r},'
+    )
+
+
+def encode_jsonl(batch: Sequence[Item]) -> bytes:
+    """Encode a batch as JSON Lines (one record per message, each ending in ``\\n``)."""
+    parts: list[str] = []
+    append = parts.append
+    last: Origin | None = None
+    prefix = ""
+    for payload, origin in batch:
+        if origin is not last:
+            prefix = _prefix(origin)
+            last = origin
+        append(prefix)
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            append('"payload_b64":"')
+            append(base64.b64encode(payload).decode("ascii"))
+            append('"}\n')
+        else:
+            append('"payload":')
+            append(encode_basestring_ascii(text))
+            append("}\n")
+    return "".join(parts).encode("ascii")
+
+
+def decode_jsonl_record(line: bytes | str) -> tuple[bytes, dict[str, object]]:
+    """Parse one record back into ``(payload, record)`` (for tests and tools)."""
+    record = json.loads(line)
+    if "payload_b64" in record:
+        return base64.b64decode(record["payload_b64"]), record
+    return str(record["payload"]).encode(), record

@@ -1,0 +1,78 @@
+"""A TCP sink: length-prefixed frames to another gateway's TCP source (or any such reader)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import trio
+
+from .._errors import ConfigurationError, SinkError
+from .._message import Item
+from ._base import Sink
+
+__all__ = ("TcpSink",)
+
+_LENGTH = struct.Struct(">I")
+
+
+def encode_batch(batch: Sequence[Item]) -> bytes:
+    """4-byte big-endian length + payload per message, joined once."""
+    pack = _LENGTH.pack
+    parts: list[bytes] = []
+    for payload, _origin in batch:
+        parts.append(pack(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+class TcpSink(Sink):
+    """Sends each batch as length-prefixed frames over one TCP connection.
+
+    On any connection error the stream is dropped and :class:`SinkError` raised; the gateway's
+    pump retries the batch with exponential backoff, and the next attempt reconnects. A batch
+    cut off mid-write is sent again whole, so delivery is at-least-once.
+    """
+
+    def __init__(self, host: str, port: int, *, connect_timeout: float = 5.0,
+                 send_timeout: float = 30.0) -> None:
+        if not host or not 0 < port <= 65535:
+            raise ConfigurationError("sink", f"tcp sink needs HOST:PORT, got {host}:{port}")
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.send_timeout = send_timeout
+        self.name = f"tcp:{host}:{port}"
+        self.connects = 0
+        self._stream: trio.SocketStream | None = None
+
+    async def _connect(self) -> trio.SocketStream:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await trio.open_tcp_stream(self.host, self.port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise SinkError(f"{self.name}: connect failed: {exc!r}") from exc
+        stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
+        self.connects += 1
+        return stream
+
+    async def open(self) -> None:
+        self._stream = await self._connect()
+
+    async def send(self, batch: Sequence[Item]) -> None:
+        if self._stream is None:
+            self._stream = await self._connect()
+        data = encode_batch(batch)
+        try:
+            with trio.fail_after(self.send_timeout):
+                await self._stream.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError) as exc:
+            stream, self._stream = self._stream, None
+            await trio.aclose_forcefully(stream)
+            raise SinkError(f"{self.name}: send failed: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.aclose()

@@ -1,0 +1,115 @@
+"""UDP: one datagram is one message; the socket is drained in batches."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import trio
+
+from .._errors import ConfigurationError
+from .._ingress import Ingress
+from .._message import Origin
+from ._base import Source, format_peer
+
+__all__ = ("UdpSource",)
+
+MAX_UDP_PAYLOAD = 65_507
+
+
+class UdpSource(Source):
+    """Receives datagrams; each is one message. UDP has no reply, so drops are only counted.
+
+    The loop waits until the socket is readable, then takes up to ``batch_limit`` datagrams with
+    non-blocking ``recvfrom_into`` calls, offers them in one call and goes back to waiting (the
+    one checkpoint per batch). Under ``block`` a full queue stops the reading and the kernel's
+    receive buffer (``receive_buffer`` bytes) absorbs what it can; past it the kernel drops.
+    A datagram over ``max_message_size`` is counted as ``oversize`` and discarded.
+    """
+
+    transport = "udp"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_message_size: int = MAX_UDP_PAYLOAD,
+        batch_limit: int = 512,
+        receive_buffer: int = 4 << 20,
+    ) -> None:
+        super().__init__(host, port, max_message_size=max_message_size)
+        if max_message_size > MAX_UDP_PAYLOAD:
+            raise ConfigurationError(
+                "udp.max_message_size", f"a UDP payload is at most {MAX_UDP_PAYLOAD} bytes"
+            )
+        if batch_limit < 1:
+            raise ConfigurationError("udp.batch_limit", "must be at least 1")
+        self.batch_limit = batch_limit
+        self.receive_buffer = receive_buffer
+        self.bound: list[tuple[str, int]] = []
+
+    async def run(
+        self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        infos = await trio.socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        with sock:
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+            except OSError:  # the kernel caps it; the default is still usable
+                pass
+            sock.bind(address)
+            self.bound = [tuple(sock.getsockname()[:2])]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_loop, sock, ingress)
+                task_status.started(self.bound)
+                await ingress.wait_stopping()
+                nursery.cancel_scope.cancel()
+            # What the kernel already holds was sent before we stopped: take it too.
+            await self._drain_once(sock, ingress)
+
+    async def _receive_loop(self, sock: socket.socket, ingress: Ingress) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            await self._drain_once(sock, ingress)
+
+    async def _drain_once(self, sock: socket.socket, ingress: Ingress) -> None:
+        buffer = bytearray(self.max_message_size + 1)
+        view = memoryview(buffer)
+        receive = sock.recvfrom_into
+        limit = self.max_message_size
+        listener = ingress.listener
+        now = time.time()
+        payloads: list[bytes] = []
+        origins: dict[Any, Origin] = {}
+        run_origin: Origin | None = None
+        oversize = 0
+        for _ in range(self.batch_limit):
+            try:
+                size, address = receive(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. ICMP errors surfacing on the socket: not our sender's data
+                continue
+            if size > limit:
+                oversize += 1
+                continue
+            origin = origins.get(address)
+            if origin is None:
+                origin = origins[address] = Origin("udp", listener, format_peer(address), now)
+            if origin is not run_origin and payloads:
+                assert run_origin is not None
+                await ingress.offer(payloads, run_origin)
+                payloads = []
+            run_origin = origin
+            payloads.append(bytes(view[:size]))
+        if oversize:
+            ingress.reject("oversize", oversize)
+        if payloads:
+            assert run_origin is not None
+            # Waits only under ``block`` with a full queue: then the kernel buffers, then drops.
+            await ingress.offer(payloads, run_origin)

@@ -1,0 +1,115 @@
+"""Newline-delimited framing (NDJSON, log lines): a frame is everything up to b"\\n"."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .._errors import FrameTooLarge
+from ._base import check_limit
+
+__all__ = ("NewlineDecoder", "encode_newline")
+
+_NL = b"\n"
+
+
+class NewlineDecoder:
+    """Split a byte stream on ``b"\\n"``; frames come out without the newline.
+
+    * Empty lines are skipped: ``b"a\\n\\nb\\n"`` gives ``[b"a", b"b"]``. Newline framing has
+      no way to tell an empty message from a blank line, and blank lines between records
+      (or a ``\\r\\n``-free keep-alive newline) are common in NDJSON streams.
+    * Only ``b"\\n"`` delimits; a ``b"\\r"`` before it stays part of the frame.
+    * :class:`FrameTooLarge` is raised as soon as a frame exceeds ``max_frame_size`` bytes:
+      a complete one in the fed data, or the unterminated remainder, which is checked on
+      every feed, so a peer that never sends a newline cannot make the decoder hold more
+      than ``max_frame_size`` bytes (plus the last read). The frames completed by the feed
+      that raised are discarded with it: the caller is expected to drop the connection.
+    * :meth:`close` returns the unterminated last line as a final frame if it is non-empty,
+      and resets the decoder.
+
+    The fast path is one ``bytes.split`` over (remainder + chunk) and a ``max(map(len, ...))``
+    over the result: no Python loop per frame. A chunk with no newline at all is only
+    appended to a list of pieces, so a large frame arriving in many small reads costs linear
+    time, not quadratic.
+    """
+
+    __slots__ = ("_held", "_max_frame_size", "_pieces")
+
+    def __init__(self, max_frame_size: int = 1 << 20) -> None:
+        self._max_frame_size = check_limit("max_frame_size", max_frame_size)
+        self._pieces: list[bytes] = []
+        self._held = 0
+
+    @property
+    def max_frame_size(self) -> int:
+        return self._max_frame_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the unterminated line held for the next feed."""
+        return self._held
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Return the frames that ``data`` completes (in order, empty lines skipped)."""
+        if not data:
+            return []
+        if type(data) is not bytes:
+            data = bytes(data)  # a bytearray or memoryview would split into bytearrays
+        limit = self._max_frame_size
+        if _NL not in data:
+            held = self._held + len(data)
+            if held > limit:
+                raise FrameTooLarge(held, limit)
+            self._pieces.append(data)
+            self._held = held
+            return []
+        if self._pieces:
+            self._pieces.append(data)
+            data = b"".join(self._pieces)
+            self._pieces.clear()
+        frames = data.split(_NL)
+        remainder = frames.pop()
+        # Complete frames first: if both they and the remainder are too large, the error
+        # names the earlier one.
+        longest = max(map(len, frames))
+        if longest > limit:
+            self._held = 0
+            raise FrameTooLarge(longest, limit)
+        if len(remainder) > limit:
+            self._held = 0
+            raise FrameTooLarge(len(remainder), limit)
+        if remainder:
+            self._pieces.append(remainder)
+        self._held = len(remainder)
+        if b"" in frames:
+            frames = [frame for frame in frames if frame]
+        return frames
+
+    def close(self) -> list[bytes]:
+        """End of stream: the unterminated last line, if any, as a final frame."""
+        if not self._pieces:
+            return []
+        last = b"".join(self._pieces)
+        self._pieces.clear()
+        self._held = 0
+        return [last]
+
+    def __repr__(self) -> str:
+        return f"<NewlineDecoder buffered={self._held} max_frame_size={self._max_frame_size}>"
+
+
+def encode_newline(payloads: Iterable[bytes]) -> bytes:
+    """Join ``payloads`` as newline-terminated lines.
+
+    Raises :class:`ValueError` if a payload contains ``b"\\n"`` (it would split) or is empty
+    (the decoder skips empty lines, so it would vanish).
+    """
+    items = payloads if isinstance(payloads, list) else list(payloads)
+    if not items:
+        return b""
+    joined = _NL.join(items)
+    if joined.count(_NL) != len(items) - 1:
+        raise ValueError("a payload contains b'\\n', which newline framing cannot carry")
+    if b"" in items:
+        raise ValueError("newline framing cannot carry an empty payload (empty lines are skipped)")
+    return joined + _NL

@@ -8,7 +8,7 @@ import random
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 import trio
 
@@ -21,7 +21,7 @@ from .queues import Queue, RingBuffer
 from .sinks._base import Sink
 from .sources._base import Source
 
-__all__ = ("Gateway", "Processor", "RetryPolicy")
+__all__ = ("Gateway", "Processor", "RetryPolicy", "Service")
 
 _log = logger.getChild("gateway")
 _processor_errors = RateLimitedLogger(_log)
@@ -33,6 +33,17 @@ Processor: TypeAlias = Callable[[Message], "ProcessorResult | Awaitable[Processo
 ``None`` to filter it out; raising counts the message as failed. Sync or ``async def``."""
 
 State = Literal["created", "running", "draining", "stopped"]
+
+
+class Service(Protocol):
+    """Something that runs beside the sources for the gateway's whole life (the admin endpoint).
+
+    ``run`` is started in the gateway's root nursery before any source, must call
+    ``task_status.started(value)`` once it serves, and is cancelled after the shutdown ledger is
+    final (so ``/readyz`` can answer 503 during the drain).
+    """
+
+    async def run(self, gateway: Gateway, *, task_status: trio.TaskStatus[Any]) -> None: ...
 
 
 def _payload_size(item: Item) -> int:
@@ -94,6 +105,7 @@ class Gateway:
         grace_period: float = 2.0,
         retry: RetryPolicy | None = None,
         handle_signals: bool = False,
+        services: Sequence[Service] = (),
     ) -> None:
         if not sources:
             raise ConfigurationError("sources", "a gateway needs at least one source")
@@ -114,6 +126,9 @@ class Gateway:
         self.grace_period = grace_period
         self.retry = retry or RetryPolicy()
         self.handle_signals = handle_signals
+        self.services = tuple(services)
+        self.service_values: list[Any] = []
+        """What each service reported through ``task_status.started`` (e.g. bound addresses)."""
         self.source_counters = tuple(SourceCounters(s.transport, s.label) for s in self.sources)
         self.pump_counters = PumpCounters()
         self.state: State = "created"
@@ -163,6 +178,8 @@ class Gateway:
         self.state = "running"
         pump_done = trio.Event()
         async with trio.open_nursery() as root:
+            for service in self.services:
+                self.service_values.append(await root.start(service.run, self))
             root.start_soon(self._pump, pump_done)
             if self.handle_signals:
                 root.start_soon(self._watch_signals)

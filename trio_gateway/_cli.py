@@ -1,0 +1,234 @@
+"""The command line: ``serve``, ``check-config`` and ``send``.
+
+Every configuration error is one line on stderr naming the key, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import NoReturn
+
+import trio
+
+from ._client import send_tcp, send_udp
+from ._config import (
+    DEFAULT_TCP,
+    DEFAULT_UDP,
+    GatewayConfig,
+    QueueConfig,
+    SinkConfig,
+    SourceConfig,
+    build_gateway,
+    load_config,
+    normalize_policy,
+    parse_hostport,
+    source_from_flag,
+)
+from ._errors import ConfigurationError
+from .queues import QUEUE_KINDS
+
+__all__ = ("main",)
+
+PROG = "trio_gateway"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag, then exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("trio_gateway")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Real-time data-pipeline gateway on Trio.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a gateway",
+        description=(
+            f"Run a gateway. With no source in flags or config: TCP on {DEFAULT_TCP}, "
+            f"UDP on {DEFAULT_UDP}, sink stdout."
+        ),
+    )
+    serve.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    serve.add_argument("--tcp", action="append", default=[], metavar="HOST:PORT",
+                       help="a TCP listener (repeatable)")
+    serve.add_argument("--tcp-framing", choices=("newline", "length"),
+                       help="framing of the --tcp listeners (default newline)")
+    serve.add_argument("--udp", action="append", default=[], metavar="HOST:PORT",
+                       help="a UDP listener (repeatable)")
+    serve.add_argument("--queue", choices=tuple(QUEUE_KINDS), help="queue structure (ring)")
+    serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
+    serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
+    serve.add_argument("--policy", choices=("block", "drop-newest", "drop-oldest"),
+                       help="overflow policy (block)")
+    serve.add_argument("--sink", metavar="URL",
+                       help="stdout | null | file:PATH | tcp:HOST:PORT (stdout)")
+    serve.add_argument("--processor", metavar="MODULE:FUNCTION",
+                       help="a function applied to every message")
+    serve.add_argument("--batch-size", type=int, metavar="N", help="messages per sink batch")
+    serve.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                       help="bound on the flush at shutdown (10)")
+    serve.add_argument("--grace-period", type=float, metavar="SECONDS",
+                       help="time open connections get at shutdown (2)")
+    _add_logging(serve)
+
+    check = commands.add_parser("check-config", help="validate a TOML file and print it resolved")
+    check.add_argument("file", metavar="FILE.toml")
+
+    send = commands.add_parser("send", help="send test messages to a gateway")
+    target = send.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tcp", metavar="HOST:PORT")
+    target.add_argument("--udp", metavar="HOST:PORT")
+    send.add_argument("--framing", choices=("newline", "length"), default="newline")
+    send.add_argument("--count", type=int, default=1000, metavar="N")
+    send.add_argument("--size", type=int, default=18, metavar="BYTES")
+    send.add_argument("--rate", type=float, metavar="MSG_PER_S", help="pace the sending")
+    return parser
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", default="text", choices=("text", "json"))
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The TOML file (if any) with the flags applied on top, then the embedded defaults."""
+    config = load_config(args.config) if args.config else GatewayConfig()
+    sources: list[SourceConfig] = list(config.sources)
+    framing = {"framing": args.tcp_framing} if args.tcp_framing else {}
+    sources += [source_from_flag("tcp", v, key="--tcp", **framing) for v in args.tcp]
+    sources += [source_from_flag("udp", v, key="--udp") for v in args.udp]
+    if args.tcp_framing and not args.tcp:
+        sources = [
+            replace(s, options={**s.options, "framing": args.tcp_framing})
+            if s.transport == "tcp" else s
+            for s in sources
+        ]
+        if not sources:
+            sources = [source_from_flag("tcp", DEFAULT_TCP, key="--tcp-framing", **framing)]
+    queue = config.queue
+    queue = QueueConfig(
+        kind=args.queue or queue.kind,
+        capacity=args.capacity if args.capacity is not None else queue.capacity,
+        policy=normalize_policy(args.policy, key="--policy") if args.policy else queue.policy,
+        max_bytes=args.max_bytes if args.max_bytes is not None else queue.max_bytes,
+    )
+    sink = SinkConfig(
+        url=args.sink or config.sink.url,
+        retry_max_attempts=config.sink.retry_max_attempts,
+        fsync=config.sink.fsync,
+    )
+    changes = {
+        name: getattr(args, name)
+        for name in ("drain_timeout", "grace_period", "batch_size", "processor")
+        if getattr(args, name) is not None
+    }
+    return replace(
+        config, sources=tuple(sources), queue=queue, sink=sink, **changes
+    ).with_default_sources()
+
+
+async def _serve(config: GatewayConfig) -> int:
+    gateway = build_gateway(config, handle_signals=True)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(gateway.run)
+        for source, addresses in zip(gateway.sources, bound, strict=True):
+            for host, port in addresses:
+                logging.getLogger("trio_gateway").info(
+                    "listening: %s on %s:%d", source.transport, host, port
+                )
+    ledger = gateway.ledger
+    print(ledger.to_json(), file=sys.stderr, flush=True)
+    return 0 if ledger.balanced else 1
+
+
+def _describe(config: GatewayConfig) -> str:
+    lines = [
+        f"queue: {config.queue.kind}, capacity {config.queue.capacity}, "
+        f"policy {config.queue.policy.replace('_', '-')}"
+        + (f", max {config.queue.max_bytes} bytes" if config.queue.max_bytes else ""),
+        f"sink: {config.sink.url}",
+        f"drain timeout {config.drain_timeout} s, grace period {config.grace_period} s, "
+        f"batch size {config.batch_size}",
+    ]
+    if config.processor:
+        lines.append(f"processor: {config.processor}")
+    for source in config.sources:
+        options = "".join(f", {k}={v!r}" for k, v in source.options.items())
+        lines.append(f"source: {source.transport} on {source.host}:{source.port}{options}")
+    return "\n".join(lines)
+
+
+async def _send(args: argparse.Namespace) -> int:
+    if args.count < 0:
+        raise ConfigurationError("--count", "must not be negative")
+    if args.size < 0:
+        raise ConfigurationError("--size", "must not be negative")
+    if args.rate is not None and args.rate <= 0:
+        raise ConfigurationError("--rate", "must be positive")
+    if args.tcp:
+        host, port = parse_hostport(args.tcp, key="--tcp")
+        summary = await send_tcp(host, port, count=args.count, size=args.size,
+                                 framing=args.framing, rate=args.rate)
+    else:
+        host, port = parse_hostport(args.udp, key="--udp")
+        summary = await send_udp(host, port, count=args.count, size=args.size, rate=args.rate)
+    print(summary.line(), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            _setup_logging(args.log_level, args.log_format)
+            config = config_from_args(args)
+            build_gateway(config)  # validate everything before binding anything
+            return trio.run(_serve, config)
+        if args.command == "check-config":
+            config = load_config(args.file).with_default_sources()
+            build_gateway(config)
+            print(_describe(config))
+            return 0
+        if args.command == "send":
+            return trio.run(_send, args)
+    except ConfigurationError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(f"unhandled command {args.command!r}")

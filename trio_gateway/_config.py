@@ -1,0 +1,361 @@
+"""Configuration: a TOML file and command-line flags -> one frozen :class:`GatewayConfig`.
+
+Every error is a :class:`ConfigurationError` whose ``key`` names the setting to fix
+(``queue.capacity``, ``sources[1].port``, ``--tcp``), so the CLI can print one line.
+
+The TOML layout (every key optional; see docs/reference.md)::
+
+    [gateway]
+    drain_timeout = 10.0      # seconds to flush the queue into the sink at shutdown
+    grace_period = 2.0        # seconds open connections get to finish at shutdown
+    batch_size = 1024         # messages per sink batch
+    processor = "mypkg.filters:drop_debug"
+
+    [queue]
+    kind = "ring"             # ring | locked-ring | channel | locked-list
+    capacity = 10000
+    policy = "block"          # block | drop-newest | drop-oldest
+    max_bytes = 67108864      # optional bound in payload bytes
+
+    [sink]
+    url = "stdout"            # stdout | null | file:PATH | tcp:HOST:PORT
+    retry_max_attempts = 0    # 0 = retry until shutdown
+
+    [[sources]]
+    transport = "tcp"         # tcp | udp
+    listen = "127.0.0.1:7000"
+    framing = "newline"       # any other key is passed to the source (max_connections, ...)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ._errors import ConfigurationError
+from ._gateway import Gateway, Processor, RetryPolicy, _payload_size
+from ._message import Item
+from .queues import POLICIES, QUEUE_KINDS, OverflowPolicy, Queue
+from .sinks import FileSink, NullSink, Sink, StdoutSink, TcpSink
+from .sources import Source, TcpSource, UdpSource
+
+__all__ = (
+    "DEFAULT_TCP",
+    "DEFAULT_UDP",
+    "SOURCE_KINDS",
+    "GatewayConfig",
+    "QueueConfig",
+    "SinkConfig",
+    "SourceConfig",
+    "build_gateway",
+    "load_config",
+    "parse_hostport",
+)
+
+DEFAULT_TCP = "127.0.0.1:7000"
+DEFAULT_UDP = "127.0.0.1:7001"
+
+SOURCE_KINDS: dict[str, type[Source]] = {"tcp": TcpSource, "udp": UdpSource}
+"""Source classes by transport name (``[[sources]] transport = ...``, ``--tcp`` ...)."""
+
+# Keys every source section has that are not constructor options.
+_SOURCE_META = ("transport", "listen")
+# Source options that are paths to TLS material, turned into an ssl_context.
+_TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    transport: str
+    host: str
+    port: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+    key: str = "sources"
+    """Where this source came from, for error messages (``sources[0]``, ``--tcp``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    kind: str = "ring"
+    capacity: int = 10_000
+    policy: OverflowPolicy = "block"
+    max_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    url: str = "stdout"
+    retry_max_attempts: int = 0
+    fsync: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    queue: QueueConfig = QueueConfig()
+    sink: SinkConfig = SinkConfig()
+    drain_timeout: float = 10.0
+    grace_period: float = 2.0
+    batch_size: int = 1024
+    processor: str | None = None
+
+    def with_default_sources(self) -> GatewayConfig:
+        """The embedded defaults: TCP on 127.0.0.1:7000 and UDP on 127.0.0.1:7001."""
+        if self.sources:
+            return self
+        return replace(
+            self,
+            sources=(
+                source_from_flag("tcp", DEFAULT_TCP, key="default tcp"),
+                source_from_flag("udp", DEFAULT_UDP, key="default udp"),
+            ),
+        )
+
+
+# -- parsing helpers ----------------------------------------------------------------------
+
+
+def parse_hostport(value: str, *, key: str) -> tuple[str, int]:
+    """``"127.0.0.1:7000"``, ``"[::1]:7000"``, ``":7000"`` (-> 127.0.0.1) -> (host, port)."""
+    text = value.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigurationError(key, f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigurationError(key, f"port must be 0-65535, got {port}")
+    return host, port
+
+
+def normalize_policy(value: object, *, key: str) -> OverflowPolicy:
+    text = str(value).replace("-", "_")
+    for policy in POLICIES:
+        if text == policy:
+            return policy
+    choices = ", ".join(p.replace("_", "-") for p in POLICIES)
+    raise ConfigurationError(key, f"must be one of {choices}, got {value!r}")
+
+
+def source_from_flag(
+    transport: str, listen: str, *, key: str, **options: Any
+) -> SourceConfig:
+    host, port = parse_hostport(listen, key=key)
+    return SourceConfig(transport, host, port, options, key=key)
+
+
+def _expect(section: Mapping[str, Any], name: str, kind: type | tuple[type, ...], key: str) -> Any:
+    value = section[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigurationError(f"{key}.{name}", f"expected {expected}, got {value!r}")
+    return value
+
+
+def _check_keys(section: Mapping[str, Any], allowed: Sequence[str], key: str) -> None:
+    for name in section:
+        if name not in allowed:
+            raise ConfigurationError(
+                f"{key}.{name}", f"unknown key; expected one of {', '.join(allowed)}"
+            )
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
+    """Validate a parsed TOML document into a :class:`GatewayConfig`."""
+    _check_keys(data, ("gateway", "queue", "sink", "sources"), "config")
+    config = GatewayConfig()
+
+    gateway = data.get("gateway", {})
+    _check_keys(gateway, ("drain_timeout", "grace_period", "batch_size", "processor"), "gateway")
+    changes: dict[str, Any] = {}
+    for name in ("drain_timeout", "grace_period"):
+        if name in gateway:
+            changes[name] = float(_expect(gateway, name, (int, float), "gateway"))
+    if "batch_size" in gateway:
+        changes["batch_size"] = _expect(gateway, "batch_size", int, "gateway")
+    if "processor" in gateway:
+        changes["processor"] = _expect(gateway, "processor", str, "gateway")
+
+    queue = data.get("queue", {})
+    _check_keys(queue, ("kind", "capacity", "policy", "max_bytes"), "queue")
+    queue_config = QueueConfig(
+        kind=_expect(queue, "kind", str, "queue") if "kind" in queue else "ring",
+        capacity=_expect(queue, "capacity", int, "queue") if "capacity" in queue else 10_000,
+        policy=normalize_policy(queue["policy"], key="queue.policy") if "policy" in queue
+        else "block",
+        max_bytes=_expect(queue, "max_bytes", int, "queue") if "max_bytes" in queue else None,
+    )
+
+    sink = data.get("sink", {})
+    _check_keys(sink, ("url", "retry_max_attempts", "fsync"), "sink")
+    sink_config = SinkConfig(
+        url=_expect(sink, "url", str, "sink") if "url" in sink else "stdout",
+        retry_max_attempts=_expect(sink, "retry_max_attempts", int, "sink")
+        if "retry_max_attempts" in sink else 0,
+        fsync=_expect(sink, "fsync", bool, "sink") if "fsync" in sink else False,
+    )
+
+    sources: list[SourceConfig] = []
+    raw_sources = data.get("sources", [])
+    if not isinstance(raw_sources, list):
+        raise ConfigurationError("sources", "expected an array of tables ([[sources]])")
+    for index, section in enumerate(raw_sources):
+        key = f"sources[{index}]"
+        if not isinstance(section, dict):
+            raise ConfigurationError(key, "expected a table")
+        if "transport" not in section:
+            raise ConfigurationError(f"{key}.transport", "missing (one of " + ", ".join(SOURCE_KINDS) + ")")
+        transport = _expect(section, "transport", str, key)
+        listen = _expect(section, "listen", str, key) if "listen" in section else "127.0.0.1:0"
+        host, port = parse_hostport(listen, key=f"{key}.listen")
+        options = {k: v for k, v in section.items() if k not in _SOURCE_META}
+        sources.append(SourceConfig(transport, host, port, options, key=key))
+
+    return replace(config, sources=tuple(sources), queue=queue_config, sink=sink_config, **changes)
+
+
+def load_config(path: str) -> GatewayConfig:
+    """Read and validate a TOML file; errors name the offending key."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigurationError("--config", f"cannot read {path!r}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError("--config", f"{path}: invalid TOML: {exc}") from exc
+    return config_from_mapping(data)
+
+
+# -- building -----------------------------------------------------------------------------
+
+
+def build_source(config: SourceConfig) -> Source:
+    cls = SOURCE_KINDS.get(config.transport)
+    if cls is None:
+        raise ConfigurationError(
+            f"{config.key}.transport",
+            f"unknown transport {config.transport!r}; expected one of {', '.join(SOURCE_KINDS)}",
+        )
+    options = dict(config.options)
+    parameters = inspect.signature(cls.__init__).parameters
+    tls = {k: options.pop(k) for k in _TLS_KEYS if k in options}
+    if tls:
+        if "ssl_context" not in parameters:
+            raise ConfigurationError(f"{config.key}.tls_cert", f"{config.transport} has no TLS")
+        if "tls_cert" not in tls:
+            raise ConfigurationError(f"{config.key}.tls_cert", "required with tls_key")
+        from ._tls import server_ssl_context
+
+        options["ssl_context"] = server_ssl_context(
+            tls["tls_cert"], tls.get("tls_key"), alpn=None, client_ca=tls.get("tls_client_ca")
+        )
+    allowed = [name for name in parameters if name not in ("self", "host", "port", "ssl_context")]
+    for name in options:
+        if name not in parameters or name in ("self", "host", "port"):
+            raise ConfigurationError(
+                f"{config.key}.{name}",
+                f"unknown option for {config.transport}; expected one of {', '.join(allowed)}",
+            )
+    for name, value in options.items():
+        default = parameters[name].default
+        if name == "ssl_context" or default is inspect.Parameter.empty or default is None:
+            continue
+        expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
+        if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
+            raise ConfigurationError(
+                f"{config.key}.{name}",
+                f"expected {type(default).__name__}, got {value!r}",
+            )
+    try:
+        return cls(config.host, config.port, **options)
+    except ConfigurationError as exc:
+        name = exc.key.rpartition(".")[2]
+        raise ConfigurationError(f"{config.key}.{name}", exc.message) from exc
+    except TypeError as exc:
+        raise ConfigurationError(config.key, str(exc)) from exc
+
+
+def build_queue(config: QueueConfig) -> Queue[Item]:
+    cls = QUEUE_KINDS.get(config.kind)
+    if cls is None:
+        raise ConfigurationError(
+            "queue.kind", f"must be one of {', '.join(QUEUE_KINDS)}, got {config.kind!r}"
+        )
+    try:
+        queue: Queue[Item] = cls(  # type: ignore[assignment]
+            config.capacity,
+            policy=config.policy,
+            max_bytes=config.max_bytes,
+            size_of=_payload_size,  # type: ignore[arg-type]
+        )
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"queue.{exc.key}", exc.message) from exc
+    return queue
+
+
+def build_sink(config: SinkConfig) -> Sink:
+    url = config.url
+    if url == "stdout":
+        return StdoutSink()
+    if url == "null":
+        return NullSink()
+    if url.startswith("file:"):
+        return FileSink(url.removeprefix("file:"), fsync=config.fsync)
+    if url.startswith("tcp:"):
+        host, port = parse_hostport(url.removeprefix("tcp:"), key="sink")
+        if port == 0:
+            raise ConfigurationError("sink", "tcp sink needs a port other than 0")
+        return TcpSink(host, port)
+    raise ConfigurationError(
+        "sink", f"expected stdout, null, file:PATH or tcp:HOST:PORT, got {url!r}"
+    )
+
+
+def load_processor(spec: str) -> Processor:
+    """``"package.module:function"`` -> the function (from the user's own code)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError("processor", f"expected package.module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError("processor", f"cannot import {module_name!r}: {exc}") from exc
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise ConfigurationError("processor", f"{module_name} has no {attribute!r}") from exc
+    if not callable(target):
+        raise ConfigurationError("processor", f"{spec} is not callable")
+    processor: Processor = target
+    return processor
+
+
+def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gateway:
+    """Instantiate everything a config describes (no I/O happens until ``Gateway.run``)."""
+    if config.drain_timeout < 0:
+        raise ConfigurationError("gateway.drain_timeout", "must not be negative")
+    if config.grace_period < 0:
+        raise ConfigurationError("gateway.grace_period", "must not be negative")
+    if config.batch_size < 1:
+        raise ConfigurationError("gateway.batch_size", "must be at least 1")
+    if config.sink.retry_max_attempts < 0:
+        raise ConfigurationError("sink.retry_max_attempts", "must be 0 (unlimited) or more")
+    if not config.sources:
+        raise ConfigurationError("sources", "no source configured")
+    return Gateway(
+        sources=[build_source(s) for s in config.sources],
+        queue=build_queue(config.queue),
+        sink=build_sink(config.sink),
+        processor=load_processor(config.processor) if config.processor else None,
+        batch_size=config.batch_size,
+        drain_timeout=config.drain_timeout,
+        grace_period=config.grace_period,
+        retry=RetryPolicy(max_attempts=config.sink.retry_max_attempts or None),
+        handle_signals=handle_signals,
+    )

@@ -1,0 +1,353 @@
+"""Streaming WebSocket source: every WebSocket message (text or binary) is one message.
+
+Frames are parsed by the Sans-I/O protocol layer of the ``websockets`` package
+(:class:`websockets.server.ServerProtocol`, with its C speedup for unmasking), driven
+directly over a Trio stream. Each ``receive_some`` is fed to the protocol in one call and
+every message it completes is offered to the queue in one :meth:`Ingress.offer`: no await per
+message. ``docs/websocket.md`` explains why this replaced trio-websocket/wsproto on the hot
+path (``bench/ws.py`` measures it).
+
+Limits and answers: ``max_message_size`` (default 1 MiB) -> close 1009; invalid UTF-8 in a
+text message -> close 1007; protocol violations -> close 1002; ``token`` missing or wrong ->
+handshake refused with 401; wrong path -> 404; no data for ``idle_timeout`` -> close 1001;
+gateway stopping -> close 1001, then ``grace_period`` for the client to finish.
+Under the ``block`` policy a full queue stops reading, so the client's sends back up.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import ssl
+import time
+from typing import Any, cast
+from urllib.parse import parse_qs
+
+import trio
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from .._errors import ConfigurationError, TransportError
+from .._ingress import Ingress
+from .._message import Origin
+from .._tls import server_ssl_context
+from ._base import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Source,
+    connection_errors,
+    format_peer,
+    serve_connections,
+)
+
+__all__ = ("WebSocketSource",)
+
+_log = logging.getLogger("trio_gateway.sources.websocket")
+# websockets logs every handshake and close at INFO: keep that below our own lines.
+_protocol_log = _log.getChild("protocol")
+
+MAX_RECV = 256 * 1024
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_CONT = Opcode.CONT
+
+
+class _Connection:
+    """One WebSocket connection: the protocol object, its writer lock, fragment state."""
+
+    __slots__ = ("fragment_is_text", "fragments", "lock", "protocol", "stream")
+
+    def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.lock = trio.Lock()
+        self.fragments: list[bytes] = []
+        self.fragment_is_text = False
+
+    async def flush(self) -> bool:
+        """Send what the protocol has queued. Returns False once the protocol sent EOF."""
+        protocol = self.protocol
+        async with self.lock:
+            writes = protocol.data_to_send()
+            if not writes:
+                return not protocol.eof_sent
+            out = b"".join(writes)
+            if out:
+                await self.stream.send_all(out)
+            return not protocol.eof_sent
+
+
+class WebSocketSource(Source):
+    """A WebSocket endpoint at ``path`` (default ``/``); one WS message = one message.
+
+    ``token`` requires ``Authorization: Bearer <token>`` or ``?token=<token>`` on the
+    handshake. TLS from ``ssl_context`` or ``certfile``/``keyfile`` (``client_ca`` for mutual
+    TLS). Compression extensions are not negotiated, so ``max_message_size`` bounds memory.
+    """
+
+    transport = "websocket"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        path: str = "/",
+        max_connections: int = 1024,
+        idle_timeout: float = 60.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        client_ca: str | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(
+            host,
+            port,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            max_message_size=max_message_size,
+        )
+        if not path.startswith("/"):
+            raise ConfigurationError("websocket.path", f"must start with '/', got {path!r}")
+        if token is not None and not token:
+            raise ConfigurationError("websocket.token", "must not be empty")
+        if handshake_timeout <= 0:
+            raise ConfigurationError("websocket.handshake_timeout", "must be positive")
+        if ssl_context is not None and certfile is not None:
+            raise ConfigurationError(
+                "websocket.certfile", "give ssl_context or certfile, not both"
+            )
+        if certfile is None and (keyfile is not None or client_ca is not None):
+            raise ConfigurationError("websocket.certfile", "keyfile/client_ca need a certfile")
+        if certfile is not None:
+            ssl_context = server_ssl_context(
+                certfile, keyfile, alpn=("http/1.1",), client_ca=client_ca
+            )
+        self.path = path
+        self.token = token
+        self._token = token.encode() if token is not None else None
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.bound: list[tuple[str, int]] = []
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.ssl_context is not None else "ws"
+
+    async def run(
+        self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            socket_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            raise TransportError(
+                f"{self.label}: cannot listen on {self.host}:{self.port}: {exc}"
+            ) from exc
+        self.bound = [tuple(listener.socket.getsockname()[:2]) for listener in socket_listeners]
+        listeners: list[trio.abc.Listener[Any]]
+        if self.ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, self.ssl_context, https_compatible=True)
+                for listener in socket_listeners
+            ]
+        else:
+            listeners = list(socket_listeners)
+
+        async def handler(stream: trio.abc.Stream) -> None:
+            await self._connection(ingress, stream)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_connections(
+                    handler,
+                    listeners,
+                    ingress,
+                    max_connections=self.max_connections,
+                    task_status=task_status,
+                )
+            )
+            task_status.started(list(self.bound))
+
+    # -- handshake ------------------------------------------------------------------------
+
+    def _refusal(self, request: Request) -> tuple[int, str] | None:
+        path, _, query = request.path.partition("?")
+        if path != self.path:
+            return 404, "not found"
+        if self._token is None:
+            return None
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, credentials = authorization.strip().partition(" ")
+            offered = credentials.strip() if scheme.lower() == "bearer" else ""
+        else:
+            offered = parse_qs(query).get("token", [""])[0]
+        if not offered or not hmac.compare_digest(offered.encode(), self._token):
+            return 401, "unauthorized"
+        return None
+
+    async def _handshake(self, ingress: Ingress, connection: _Connection) -> list[Any] | None:
+        """Answer the opening handshake; the frames that came with it, or None if refused."""
+        protocol = connection.protocol
+        stream = connection.stream
+        request: Request | None = None
+        early: list[Any] = []
+        with trio.move_on_after(self.handshake_timeout):
+            while request is None:
+                data = await stream.receive_some(MAX_RECV)
+                if data:
+                    protocol.receive_data(data)
+                else:
+                    protocol.receive_eof()
+                for event in protocol.events_received():
+                    if isinstance(event, Request):
+                        request = event
+                    else:
+                        early.append(event)
+                if request is None and not await connection.flush():
+                    ingress.reject("malformed")
+                    return None
+        if request is None:
+            ingress.reject("idle_timeout")
+            return None
+        refusal = self._refusal(request)
+        if refusal is not None:
+            status, text = refusal
+            response = protocol.reject(status, text + "\n")
+            if status == 401:
+                ingress.reject("unauthorized")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="trio_gateway"'
+            else:
+                ingress.reject("not_found")
+        else:
+            response = protocol.accept(request)
+        protocol.send_response(response)
+        await connection.flush()
+        if protocol.state is not State.OPEN:
+            if refusal is None:
+                ingress.reject("malformed")
+            return None
+        return early
+
+    # -- messages -------------------------------------------------------------------------
+
+    async def _connection(self, ingress: Ingress, stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(self.handshake_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                ingress.reject("tls_handshake")
+                connection_errors.info("%s: TLS handshake failed: %r", self.label, exc)
+                return
+            sock = stream.transport_stream.socket
+        else:
+            assert isinstance(stream, trio.SocketStream)
+            sock = stream.socket
+        try:
+            peer = format_peer(sock.getpeername())
+        except OSError:
+            return
+        protocol = ServerProtocol(max_size=self.max_message_size, logger=_protocol_log)
+        connection = _Connection(stream, protocol)
+        early = await self._handshake(ingress, connection)
+        if early is None:
+            return
+
+        async def say_goodbye() -> None:
+            await ingress.wait_stopping()
+            if protocol.state is State.OPEN:
+                protocol.send_close(CloseCode.GOING_AWAY, "gateway stopping")
+                await connection.flush()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(say_goodbye)
+            await self._read_messages(ingress, connection, peer, early)
+            nursery.cancel_scope.cancel()
+
+    async def _read_messages(
+        self, ingress: Ingress, connection: _Connection, peer: str, early: list[Any]
+    ) -> None:
+        protocol = connection.protocol
+        stream = connection.stream
+        listener = ingress.listener
+        idle = self.idle_timeout
+        # Frames that arrived with the handshake request are processed first.
+        events = early + protocol.events_received()
+        while True:
+            if events:
+                payloads = self._messages(ingress, connection, events)
+                if payloads:
+                    await ingress.offer(payloads, Origin("websocket", listener, peer, time.time()))
+            if not await connection.flush():
+                self._count_close(ingress, protocol)
+                return
+            with trio.move_on_after(idle):
+                data = await stream.receive_some(MAX_RECV)
+                if data:
+                    protocol.receive_data(data)
+                else:
+                    protocol.receive_eof()
+                events = protocol.events_received()
+                continue
+            # Nothing for idle_timeout seconds.
+            ingress.reject("idle_timeout")
+            if protocol.state is State.OPEN:
+                protocol.send_close(CloseCode.GOING_AWAY, "idle timeout")
+                await connection.flush()
+            return
+
+    def _messages(
+        self, ingress: Ingress, connection: _Connection, events: list[Any]
+    ) -> list[bytes]:
+        """Assemble complete messages from frames; validate text as UTF-8 in one call."""
+        payloads: list[bytes] = []
+        texts: list[int] = []
+        for frame in events:
+            if not isinstance(frame, Frame):
+                continue
+            opcode = frame.opcode
+            if opcode is _BINARY or opcode is _TEXT:
+                if frame.fin:
+                    if opcode is _TEXT:
+                        texts.append(len(payloads))
+                    payloads.append(cast(bytes, frame.data))
+                else:
+                    connection.fragments = [cast(bytes, frame.data)]
+                    connection.fragment_is_text = opcode is _TEXT
+            elif opcode is _CONT:
+                connection.fragments.append(cast(bytes, frame.data))
+                if frame.fin:
+                    if connection.fragment_is_text:
+                        texts.append(len(payloads))
+                    payloads.append(b"".join(connection.fragments))
+                    connection.fragments = []
+        if texts:
+            try:
+                # A newline cannot complete a multi-byte sequence, so the joined text is
+                # valid exactly when every message is: one C call per read.
+                b"\n".join([payloads[i] for i in texts]).decode()
+            except UnicodeDecodeError:
+                for i in texts:
+                    try:
+                        payloads[i].decode()
+                    except UnicodeDecodeError:
+                        ingress.reject("malformed")
+                        connection.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
+                        return payloads[:i]
+        return payloads
+
+    @staticmethod
+    def _count_close(ingress: Ingress, protocol: ServerProtocol) -> None:
+        """Count connections that the protocol failed (too big, protocol error)."""
+        if isinstance(protocol.parser_exc, PayloadTooBig):
+            ingress.reject("oversize")
+        else:
+            sent = protocol.close_sent
+            if sent is not None and sent.code == CloseCode.PROTOCOL_ERROR:
+                ingress.reject("malformed")

@@ -165,11 +165,11 @@ async def _serve(config: GatewayConfig) -> int:
     gateway = build_gateway(config, handle_signals=True)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(gateway.run)
+        log = logging.getLogger("trio_gateway")
         for source, addresses in zip(gateway.sources, bound, strict=True):
             for host, port in addresses:
-                logging.getLogger("trio_gateway").info(
-                    "listening: %s on %s:%d", source.transport, host, port
-                )
+                log.info("listening: %s on %s:%d", source.transport, host, port)
+        log.info("ready")
     ledger = gateway.ledger
     print(ledger.to_json(), file=sys.stderr, flush=True)
     return 0 if ledger.balanced else 1

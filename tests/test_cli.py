@@ -1,0 +1,198 @@
+"""The command line: serve as a subprocess, shutdown ledger, config errors, send, check-config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, ServeProcess, read_payloads
+
+from trio_gateway._client import make_payload
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_gateway", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def ledger_of(stderr: str) -> dict[str, object]:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith('{"ledger"')]
+    assert len(lines) == 1, stderr
+    ledger: dict[str, object] = json.loads(lines[0])["ledger"]
+    return ledger
+
+
+def test_sigterm_mid_stream_balances_and_keeps_every_delivered_message(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    gateway = serve(["--tcp", "127.0.0.1:0", "--sink", f"file:{out}", "--grace-period", "0.2",
+                     "--capacity", "1000"])
+    port = gateway.port("tcp")
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "trio_gateway", "send", "--tcp", f"127.0.0.1:{port}",
+         "--count", "50000", "--size", "64", "--rate", "40000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+    )
+    # Stop in the middle of the stream (it takes over a second at 40,000 msg/s).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 100_000):
+        time.sleep(0.02)
+    code, stderr = gateway.stop(signal.SIGTERM)
+    sender.kill()
+    sender.communicate()
+    assert code == 0, stderr
+    ledger = ledger_of(stderr)
+    assert ledger["balanced"] is True
+    dropped = ledger["dropped"]
+    assert isinstance(dropped, dict)
+    assert ledger["received"] == ledger["delivered"] + sum(dropped.values()) + ledger["abandoned"]
+    delivered = read_payloads(out)
+    assert 0 < len(delivered) < 50_000
+    assert len(delivered) == ledger["delivered"]
+    # Byte-exact, in order, no gaps: exactly the first N messages the client sent.
+    assert delivered == [make_payload(64, i) for i in range(len(delivered))]
+
+
+def test_serve_embedded_defaults_and_send(tmp_path: Path, serve: type[ServeProcess]) -> None:
+    gateway = serve(["--sink", "null"])
+    # The embedded defaults: TCP 7000 and UDP 7001 on 127.0.0.1.
+    assert gateway.ports == {"tcp": [7000], "udp": [7001]}
+    sent = run_cli("send", "--tcp", "127.0.0.1:7000", "--count", "1000", "--size", "100")
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.startswith("sent 1000 messages, 100000 bytes in ")
+    assert "msg/s" in sent.stdout and "MB/s" in sent.stdout
+    sent = run_cli("send", "--udp", "127.0.0.1:7001", "--count", "10", "--size", "30")
+    assert sent.returncode == 0, sent.stderr
+    time.sleep(0.2)
+    code, stderr = gateway.stop(signal.SIGINT)
+    assert code == 0
+    ledger = ledger_of(stderr)
+    assert ledger["received"] == ledger["delivered"] == 1010
+
+
+def test_second_sigint_stops_at_once(tmp_path: Path, serve: type[ServeProcess]) -> None:
+    # A sink that can never be reached: the drain would wait the whole drain timeout.
+    gateway = serve(["--tcp", "127.0.0.1:0", "--sink", "tcp:127.0.0.1:9", "--drain-timeout",
+                     "60", "--grace-period", "0"])
+    sent = run_cli("send", "--tcp", f"127.0.0.1:{gateway.port('tcp')}", "--count", "100")
+    assert sent.returncode == 0
+    gateway.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    started = time.monotonic()
+    code, stderr = gateway.stop(signal.SIGINT, timeout=10)
+    assert time.monotonic() - started < 5
+    ledger = ledger_of(stderr)
+    assert ledger["received"] == 100
+    assert ledger["abandoned"] == 100
+    assert ledger["balanced"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["serve", "--capacity", "0"], "queue.capacity"),
+        (["serve", "--tcp", "nonsense"], "--tcp"),
+        (["serve", "--tcp", "127.0.0.1:99999"], "--tcp"),
+        (["serve", "--sink", "kafka://x"], "sink"),
+        (["serve", "--queue", "channel", "--policy", "drop-oldest"], "queue.policy"),
+        (["serve", "--processor", "no_such_module_xyz:f"], "processor"),
+        (["serve", "--drain-timeout", "-1"], "gateway.drain_timeout"),
+        (["serve", "--policy", "sometimes"], "--policy"),
+        (["send", "--tcp", "127.0.0.1:1", "--count", "-5"], "--count"),
+    ],
+)
+def test_bad_flags_print_one_line_naming_the_key(args: list[str], key: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[queue]\ncapacity = 'big'\n", "queue.capacity"),
+        ("[queue]\nkind = 'heap'\n", "queue.kind"),
+        ("[queu]\ncapacity = 5\n", "config.queu"),
+        ("[[sources]]\ntransport = 'carrier-pigeon'\n", "sources[0].transport"),
+        ("[[sources]]\ntransport = 'tcp'\nlisten = ':70000'\n", "sources[0].listen"),
+        ("[[sources]]\ntransport = 'tcp'\nframing = 'xml'\n", "sources[0].framing"),
+        ("[[sources]]\ntransport = 'tcp'\nmax_connections = 'many'\n", "sources[0].max_connections"),
+        ("[[sources]]\ntransport = 'udp'\ncolour = 'blue'\n", "sources[0].colour"),
+        ("[gateway]\ndrain_timeout = 'soon'\n", "gateway.drain_timeout"),
+        ("this is not toml", "--config"),
+    ],
+)
+def test_bad_config_prints_one_line_naming_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml)
+    for args in (["check-config", str(path)], ["serve", "--config", str(path)]):
+        result = run_cli(*args)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert key in lines[0]
+
+
+def test_check_config_prints_the_resolved_config(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        "[gateway]\ndrain_timeout = 3\n"
+        "[queue]\nkind = 'locked-ring'\ncapacity = 50\npolicy = 'drop-oldest'\n"
+        "[sink]\nurl = 'null'\n"
+        "[[sources]]\ntransport = 'tcp'\nlisten = '127.0.0.1:0'\nframing = 'length'\n"
+    )
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "queue: locked-ring, capacity 50, policy drop-oldest" in result.stdout
+    assert "source: tcp on 127.0.0.1:0, framing='length'" in result.stdout
+    assert "drain timeout 3.0 s" in result.stdout
+
+
+def test_processor_from_user_code(tmp_path: Path, serve: type[ServeProcess]) -> None:
+    (tmp_path / "my_filters.py").write_text(
+        "def upper_or_drop(message):\n"
+        "    if message.payload.startswith(b'debug'):\n"
+        "        return None\n"
+        "    return message.payload.upper()\n"
+    )
+    out = tmp_path / "out.jsonl"
+    gateway = serve(
+        ["--tcp", "127.0.0.1:0", "--sink", f"file:{out}", "--processor",
+         "my_filters:upper_or_drop"],
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    port = gateway.port("tcp")
+    done = threading.Event()
+
+    def client() -> None:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"hello\ndebug noise\nworld\n")
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(10)
+        done.set()
+
+    threading.Thread(target=client).start()
+    assert done.wait(10)
+    time.sleep(0.2)
+    code, stderr = gateway.stop()
+    assert code == 0
+    assert read_payloads(out) == [b"HELLO", b"WORLD"]
+    ledger = ledger_of(stderr)
+    assert ledger["dropped"] == {"drop_newest": 0, "drop_oldest": 0, "filtered": 1,
+                                 "processor_error": 0, "sink_failed": 0}

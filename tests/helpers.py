@@ -68,5 +68,3 @@ class ServeProcess:
             self.proc.kill()
             _, err = self.proc.communicate()
         return self.proc.returncode, "".join(self.stderr_lines) + err.decode()
-
-

@@ -37,13 +37,37 @@ def test_sigterm_mid_stream_balances_and_keeps_every_delivered_message(
     tmp_path: Path, serve: type[ServeProcess]
 ) -> None:
     out = tmp_path / "out.jsonl"
-    gateway = serve(["--tcp", "127.0.0.1:0", "--sink", f"file:{out}", "--grace-period", "0.2",
-                     "--capacity", "1000"])
+    gateway = serve(
+        [
+            "--tcp",
+            "127.0.0.1:0",
+            "--sink",
+            f"file:{out}",
+            "--grace-period",
+            "0.2",
+            "--capacity",
+            "1000",
+        ]
+    )
     port = gateway.port("tcp")
     sender = subprocess.Popen(
-        [sys.executable, "-m", "trio_gateway", "send", "--tcp", f"127.0.0.1:{port}",
-         "--count", "50000", "--size", "64", "--rate", "40000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "trio_gateway",
+            "send",
+            "--tcp",
+            f"127.0.0.1:{port}",
+            "--count",
+            "50000",
+            "--size",
+            "64",
+            "--rate",
+            "40000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
     )
     # Stop in the middle of the stream (it takes over a second at 40,000 msg/s).
     deadline = time.monotonic() + 10
@@ -84,14 +108,24 @@ def test_serve_embedded_defaults_and_send(tmp_path: Path, serve: type[ServeProce
 
 def test_second_sigint_stops_at_once(tmp_path: Path, serve: type[ServeProcess]) -> None:
     # A sink that can never be reached: the drain would wait the whole drain timeout.
-    gateway = serve(["--tcp", "127.0.0.1:0", "--sink", "tcp:127.0.0.1:9", "--drain-timeout",
-                     "60", "--grace-period", "0"])
+    gateway = serve(
+        [
+            "--tcp",
+            "127.0.0.1:0",
+            "--sink",
+            "tcp:127.0.0.1:9",
+            "--drain-timeout",
+            "60",
+            "--grace-period",
+            "0",
+        ]
+    )
     sent = run_cli("send", "--tcp", f"127.0.0.1:{gateway.port('tcp')}", "--count", "100")
     assert sent.returncode == 0
     gateway.proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     started = time.monotonic()
-    code, stderr = gateway.stop(signal.SIGINT, timeout=10)
+    _, stderr = gateway.stop(signal.SIGINT, timeout=10)
     assert time.monotonic() - started < 5
     ledger = ledger_of(stderr)
     assert ledger["received"] == 100
@@ -130,7 +164,10 @@ def test_bad_flags_print_one_line_naming_the_key(args: list[str], key: str) -> N
         ("[[sources]]\ntransport = 'carrier-pigeon'\n", "sources[0].transport"),
         ("[[sources]]\ntransport = 'tcp'\nlisten = ':70000'\n", "sources[0].listen"),
         ("[[sources]]\ntransport = 'tcp'\nframing = 'xml'\n", "sources[0].framing"),
-        ("[[sources]]\ntransport = 'tcp'\nmax_connections = 'many'\n", "sources[0].max_connections"),
+        (
+            "[[sources]]\ntransport = 'tcp'\nmax_connections = 'many'\n",
+            "sources[0].max_connections",
+        ),
         ("[[sources]]\ntransport = 'udp'\ncolour = 'blue'\n", "sources[0].colour"),
         ("[gateway]\ndrain_timeout = 'soon'\n", "gateway.drain_timeout"),
         ("this is not toml", "--config"),
@@ -171,8 +208,14 @@ def test_processor_from_user_code(tmp_path: Path, serve: type[ServeProcess]) -> 
     )
     out = tmp_path / "out.jsonl"
     gateway = serve(
-        ["--tcp", "127.0.0.1:0", "--sink", f"file:{out}", "--processor",
-         "my_filters:upper_or_drop"],
+        [
+            "--tcp",
+            "127.0.0.1:0",
+            "--sink",
+            f"file:{out}",
+            "--processor",
+            "my_filters:upper_or_drop",
+        ],
         env={"PYTHONPATH": str(tmp_path)},
     )
     port = gateway.port("tcp")
@@ -194,5 +237,10 @@ def test_processor_from_user_code(tmp_path: Path, serve: type[ServeProcess]) -> 
     assert code == 0
     assert read_payloads(out) == [b"HELLO", b"WORLD"]
     ledger = ledger_of(stderr)
-    assert ledger["dropped"] == {"drop_newest": 0, "drop_oldest": 0, "filtered": 1,
-                                 "processor_error": 0, "sink_failed": 0}
+    assert ledger["dropped"] == {
+        "drop_newest": 0,
+        "drop_oldest": 0,
+        "filtered": 1,
+        "processor_error": 0,
+        "sink_failed": 0,
+    }

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import read_payloads
 
 from trio_gateway import FileSink, Gateway, Item, RingBuffer, Sink, TcpSource
 from trio_gateway.codecs import encode_length_prefixed, encode_newline
-
-from helpers import read_payloads
 
 
 class GatedSink(Sink):

@@ -82,26 +82,47 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
-    serve.add_argument("--tcp", action="append", default=[], metavar="HOST:PORT",
-                       help="a TCP listener (repeatable)")
-    serve.add_argument("--tcp-framing", choices=("newline", "length"),
-                       help="framing of the --tcp listeners (default newline)")
-    serve.add_argument("--udp", action="append", default=[], metavar="HOST:PORT",
-                       help="a UDP listener (repeatable)")
+    serve.add_argument(
+        "--tcp",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a TCP listener (repeatable)",
+    )
+    serve.add_argument(
+        "--tcp-framing",
+        choices=("newline", "length"),
+        help="framing of the --tcp listeners (default newline)",
+    )
+    serve.add_argument(
+        "--udp",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a UDP listener (repeatable)",
+    )
     serve.add_argument("--queue", choices=tuple(QUEUE_KINDS), help="queue structure (ring)")
     serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
     serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
-    serve.add_argument("--policy", choices=("block", "drop-newest", "drop-oldest"),
-                       help="overflow policy (block)")
-    serve.add_argument("--sink", metavar="URL",
-                       help="stdout | null | file:PATH | tcp:HOST:PORT (stdout)")
-    serve.add_argument("--processor", metavar="MODULE:FUNCTION",
-                       help="a function applied to every message")
+    serve.add_argument(
+        "--policy", choices=("block", "drop-newest", "drop-oldest"), help="overflow policy (block)"
+    )
+    serve.add_argument(
+        "--sink", metavar="URL", help="stdout | null | file:PATH | tcp:HOST:PORT (stdout)"
+    )
+    serve.add_argument(
+        "--processor", metavar="MODULE:FUNCTION", help="a function applied to every message"
+    )
     serve.add_argument("--batch-size", type=int, metavar="N", help="messages per sink batch")
-    serve.add_argument("--drain-timeout", type=float, metavar="SECONDS",
-                       help="bound on the flush at shutdown (10)")
-    serve.add_argument("--grace-period", type=float, metavar="SECONDS",
-                       help="time open connections get at shutdown (2)")
+    serve.add_argument(
+        "--drain-timeout", type=float, metavar="SECONDS", help="bound on the flush at shutdown (10)"
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=float,
+        metavar="SECONDS",
+        help="time open connections get at shutdown (2)",
+    )
     _add_logging(serve)
 
     check = commands.add_parser("check-config", help="validate a TOML file and print it resolved")
@@ -119,8 +140,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
 
 
@@ -134,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     if args.tcp_framing and not args.tcp:
         sources = [
             replace(s, options={**s.options, "framing": args.tcp_framing})
-            if s.transport == "tcp" else s
+            if s.transport == "tcp"
+            else s
             for s in sources
         ]
         if not sources:
@@ -201,8 +224,9 @@ async def _send(args: argparse.Namespace) -> int:
         raise ConfigurationError("--rate", "must be positive")
     if args.tcp:
         host, port = parse_hostport(args.tcp, key="--tcp")
-        summary = await send_tcp(host, port, count=args.count, size=args.size,
-                                 framing=args.framing, rate=args.rate)
+        summary = await send_tcp(
+            host, port, count=args.count, size=args.size, framing=args.framing, rate=args.rate
+        )
     else:
         host, port = parse_hostport(args.udp, key="--udp")
         summary = await send_udp(host, port, count=args.count, size=args.size, rate=args.rate)

@@ -141,9 +141,7 @@ def normalize_policy(value: object, *, key: str) -> OverflowPolicy:
     raise ConfigurationError(key, f"must be one of {choices}, got {value!r}")
 
 
-def source_from_flag(
-    transport: str, listen: str, *, key: str, **options: Any
-) -> SourceConfig:
+def source_from_flag(transport: str, listen: str, *, key: str, **options: Any) -> SourceConfig:
     host, port = parse_hostport(listen, key=key)
     return SourceConfig(transport, host, port, options, key=key)
 
@@ -151,7 +149,9 @@ def source_from_flag(
 def _expect(section: Mapping[str, Any], name: str, kind: type | tuple[type, ...], key: str) -> Any:
     value = section[name]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        expected = (
+            kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        )
         raise ConfigurationError(f"{key}.{name}", f"expected {expected}, got {value!r}")
     return value
 
@@ -185,7 +185,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     queue_config = QueueConfig(
         kind=_expect(queue, "kind", str, "queue") if "kind" in queue else "ring",
         capacity=_expect(queue, "capacity", int, "queue") if "capacity" in queue else 10_000,
-        policy=normalize_policy(queue["policy"], key="queue.policy") if "policy" in queue
+        policy=normalize_policy(queue["policy"], key="queue.policy")
+        if "policy" in queue
         else "block",
         max_bytes=_expect(queue, "max_bytes", int, "queue") if "max_bytes" in queue else None,
     )
@@ -195,7 +196,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     sink_config = SinkConfig(
         url=_expect(sink, "url", str, "sink") if "url" in sink else "stdout",
         retry_max_attempts=_expect(sink, "retry_max_attempts", int, "sink")
-        if "retry_max_attempts" in sink else 0,
+        if "retry_max_attempts" in sink
+        else 0,
         fsync=_expect(sink, "fsync", bool, "sink") if "fsync" in sink else False,
     )
 
@@ -208,7 +210,9 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
         if not isinstance(section, dict):
             raise ConfigurationError(key, "expected a table")
         if "transport" not in section:
-            raise ConfigurationError(f"{key}.transport", "missing (one of " + ", ".join(SOURCE_KINDS) + ")")
+            raise ConfigurationError(
+                f"{key}.transport", "missing (one of " + ", ".join(SOURCE_KINDS) + ")"
+            )
         transport = _expect(section, "transport", str, key)
         listen = _expect(section, "listen", str, key) if "listen" in section else "127.0.0.1:0"
         host, port = parse_hostport(listen, key=f"{key}.listen")
@@ -264,8 +268,12 @@ def build_source(config: SourceConfig) -> Source:
         default = parameters[name].default
         if name == "ssl_context" or default is inspect.Parameter.empty or default is None:
             continue
-        expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
-        if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
+        expected: tuple[type, ...] = (
+            (int, float) if isinstance(default, float) else (type(default),)
+        )
+        if not isinstance(value, expected) or (
+            isinstance(value, bool) and type(default) is not bool
+        ):
             raise ConfigurationError(
                 f"{config.key}.{name}",
                 f"expected {type(default).__name__}, got {value!r}",

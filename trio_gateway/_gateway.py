@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-
 import random
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -228,7 +228,9 @@ class Gateway:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if not self._stopping.is_set():
-                    _log.warning("%s: shutting down (again to stop at once)", signal.Signals(signum).name)
+                    _log.warning(
+                        "%s: shutting down (again to stop at once)", signal.Signals(signum).name
+                    )
                     self.shutdown()
                 else:
                     _log.warning("%s: stopping at once", signal.Signals(signum).name)
@@ -253,7 +255,9 @@ class Gateway:
                     items = batch if self.processor is None else await self._process(batch)
                     self._in_flight = len(items)
                     if items:
-                        if await self._with_retry(lambda: self.sink.send(items), what="send"):
+                        if await self._with_retry(
+                            functools.partial(self.sink.send, items), what="send"
+                        ):
                             counters.delivered += len(items)
                         else:
                             counters.sink_failed += len(items)
@@ -315,12 +319,21 @@ class Gateway:
                 limit = self.retry.max_attempts if limited else None
                 if limit is not None and attempt >= limit:
                     _sink_errors.warning(
-                        "sink %s: %s failed %d times, giving up: %r", self.sink.name, what, attempt, exc
+                        "sink %s: %s failed %d times, giving up: %r",
+                        self.sink.name,
+                        what,
+                        attempt,
+                        exc,
                     )
                     return False
                 delay = self.retry.delay(attempt)
                 _sink_errors.warning(
-                    "sink %s: %s failed (%r); retry %d in %.2f s", self.sink.name, what, exc, attempt, delay
+                    "sink %s: %s failed (%r); retry %d in %.2f s",
+                    self.sink.name,
+                    what,
+                    exc,
+                    attempt,
+                    delay,
                 )
                 counters.sink_retries += 1
                 await trio.sleep(delay)
@@ -328,5 +341,3 @@ class Gateway:
                 if what == "send":
                     counters.sink_batches += 1
                 return True
-
-

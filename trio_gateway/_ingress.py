@@ -96,7 +96,11 @@ class Ingress:
         return done
 
     async def offer_or_reject(
-        self, payloads: Sequence[bytes], origin: Origin, *, timeout: float = 0.0
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        *,
+        timeout: float = 0.0,  # noqa: ASYNC109 - a policy bound on waiting for room, not a deadline
     ) -> int:
         """Enqueue what fits within ``timeout``; the rest is rejected as ``queue_full``.
 

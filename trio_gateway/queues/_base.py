@@ -76,9 +76,7 @@ class Queue(ABC, Generic[T]):
             raise ConfigurationError("capacity", f"must be a positive integer, got {capacity!r}")
         if policy not in self.supported_policies:
             choices = ", ".join(self.supported_policies)
-            raise ConfigurationError(
-                "policy", f"{self.kind} supports {choices}; got {policy!r}"
-            )
+            raise ConfigurationError("policy", f"{self.kind} supports {choices}; got {policy!r}")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
             raise ConfigurationError("max_bytes", f"must be a positive integer, got {max_bytes!r}")
         self._capacity = capacity
@@ -192,7 +190,11 @@ class Queue(ABC, Generic[T]):
         if self._policy == "drop_oldest":
             # Keep the longest suffix of the batch that fits alone, then evict old items.
             start, total = len(items), 0
-            while start > 0 and total + sizes[start - 1] <= limit and len(items) - start < self._capacity:
+            while (
+                start > 0
+                and total + sizes[start - 1] <= limit
+                and len(items) - start < self._capacity
+            ):
                 start -= 1
                 total += sizes[start]
             self._dropped_oldest += start
@@ -317,5 +319,3 @@ class Queue(ABC, Generic[T]):
             f"<{type(self).__name__} {len(self)}/{self._capacity} policy={self._policy}"
             f"{' closed' if self._closed else ''}>"
         )
-
-

@@ -34,8 +34,9 @@ class TcpSink(Sink):
     cut off mid-write is sent again whole, so delivery is at-least-once.
     """
 
-    def __init__(self, host: str, port: int, *, connect_timeout: float = 5.0,
-                 send_timeout: float = 30.0) -> None:
+    def __init__(
+        self, host: str, port: int, *, connect_timeout: float = 5.0, send_timeout: float = 30.0
+    ) -> None:
         if not host or not 0 < port <= 65535:
             raise ConfigurationError("sink", f"tcp sink needs HOST:PORT, got {host}:{port}")
         self.host = host
@@ -66,8 +67,12 @@ class TcpSink(Sink):
         try:
             with trio.fail_after(self.send_timeout):
                 await self._stream.send_all(data)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                trio.TooSlowError) as exc:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ) as exc:
             stream, self._stream = self._stream, None
             await trio.aclose_forcefully(stream)
             raise SinkError(f"{self.name}: send failed: {exc!r}") from exc

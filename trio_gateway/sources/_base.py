@@ -149,7 +149,9 @@ async def serve_connections(
                     continue
                 if live.active >= max_connections:
                     ingress.reject("too_many_connections")
-                    connection_errors.info("%s: connection refused: limit reached", ingress.listener)
+                    connection_errors.info(
+                        "%s: connection refused: limit reached", ingress.listener
+                    )
                     await trio.aclose_forcefully(stream)
                     continue
                 live.opened()

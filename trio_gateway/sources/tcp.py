@@ -112,7 +112,9 @@ class TcpSource(Source):
                 data = await receive(read_size)
             if idle.cancelled_caught:
                 ingress.reject("idle_timeout")
-                connection_errors.info("%s: %s idle for %.0f s, closed", listener, peer, idle_timeout)
+                connection_errors.info(
+                    "%s: %s idle for %.0f s, closed", listener, peer, idle_timeout
+                )
                 return
             try:
                 frames = decoder.feed(data) if data else decoder.close()

@@ -26,6 +26,7 @@ from trio_gateway.queues import OverflowPolicy, RingBuffer
 from trio_gateway.sources.http import HTTPSource
 
 CURL = "/usr/bin/curl"
+NDJSON = {"content-type": "application/x-ndjson"}
 
 
 @dataclass
@@ -204,7 +205,7 @@ async def test_oversize_answered_before_the_body_is_sent() -> None:
 async def test_malformed_ndjson_and_empty_body() -> None:
     async with serving() as run, httpx.AsyncClient() as client:
         response = await client.post(
-            run.url, content=b'{"ok": 1}\n{broken\n', headers={"content-type": "application/x-ndjson"}
+            run.url, content=b'{"ok": 1}\n{broken\n', headers=NDJSON
         )
         assert response.status_code == 400
         assert response.json()["line"] == 2
@@ -234,7 +235,9 @@ async def test_bearer_token(http2: bool) -> None:
         response = await client.post(run.url, content=b"a")
         assert response.status_code == 401
         assert response.headers["www-authenticate"].startswith("Bearer")
-        response = await client.post(run.url, content=b"b", headers={"authorization": "Bearer nope"})
+        response = await client.post(
+            run.url, content=b"b", headers={"authorization": "Bearer nope"}
+        )
         assert response.status_code == 401
         assert 'error="invalid_token"' in response.headers["www-authenticate"]
         response = await client.post(
@@ -263,7 +266,7 @@ async def test_queue_full_block_waits_then_503_and_partial_batch() -> None:
     async with serving(capacity=3, policy="block", queue_wait=0.05, retry_after=7) as run:
         async with httpx.AsyncClient() as client:
             response = await client.post(
-                run.url, content=b"1\n2\n3\n4\n5\n", headers={"content-type": "application/x-ndjson"}
+                run.url, content=b"1\n2\n3\n4\n5\n", headers=NDJSON
             )
             # The batch is queued in order: the first three lines are in, the client resends 4-5.
             assert response.status_code == 503
@@ -338,7 +341,9 @@ async def test_shutdown_lets_in_flight_request_finish() -> None:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(source.run, ingress)
             stream = await trio.open_tcp_stream(*bound[0])
-            await stream.send_all(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nAB")
+            await stream.send_all(
+                b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nAB"
+            )
             await trio.sleep(0.05)
             stopping.set()  # the listener closes; the request in flight may finish
             await trio.sleep(0.05)

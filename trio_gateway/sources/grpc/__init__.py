@@ -1,0 +1,25 @@
+"""gRPC ingest on Trio: an h2-based server running grpclib-generated service handlers."""
+
+from ._server import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from ._server import GrpcServer as GrpcServer
+from ._server import GrpcStream as GrpcStream
+from ._server import ServerLimits as ServerLimits
+from ._server import StreamReset as StreamReset
+from ._services import GatewayService as GatewayService
+from ._services import HealthService as HealthService
+from ._services import StreamingInputterService as StreamingInputterService
+from ._services import UnaryInputterService as UnaryInputterService
+from ._source import GrpcSource as GrpcSource
+
+__all__ = (
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "GatewayService",
+    "GrpcServer",
+    "GrpcSource",
+    "GrpcStream",
+    "HealthService",
+    "ServerLimits",
+    "StreamReset",
+    "StreamingInputterService",
+    "UnaryInputterService",
+)

@@ -1,0 +1,206 @@
+"""The services a :class:`GrpcSource` serves: the gateway's own, the talk's, and health.
+
+Each is a grpclib-generated ``*Base`` subclass, so the server finds its methods through
+``__mapping__()``. They run on :class:`GrpcStream` (our h2 server) and use its batch API on the
+streaming paths: every complete message of one read goes to the queue in one offer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+from google.protobuf.message import DecodeError
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.health.v1 import health_pb2
+from grpclib.health.v1.health_grpc import HealthBase
+
+from ..._ingress import Ingress
+from ..._message import Origin
+from ..._proto import gateway_pb2, model_pb2
+from ..._proto.gateway_grpc import GatewayBase
+from ..._proto.model_grpc import (
+    GrpcStreamingInputterServiceBase,
+    GrpcUnaryInputterServiceBase,
+)
+from ._server import GrpcStream
+
+__all__ = (
+    "GatewayService",
+    "HealthService",
+    "StreamingInputterService",
+    "UnaryInputterService",
+)
+
+_QUEUE_FULL = "queue_full"
+_ServingStatus: TypeAlias = "health_pb2.HealthCheckResponse.ServingStatus.ValueType"
+
+
+def _origin(ingress: Ingress, stream: GrpcStream) -> Origin:
+    return Origin("grpc", ingress.listener, stream.peer, time.time())
+
+
+def _decode_all(
+    ingress: Ingress, message_type: Any, batch: Sequence[bytes]
+) -> tuple[list[Any], GRPCError | None]:
+    """Decode a batch; on a bad message, return the good prefix and the error to raise after."""
+    parse = message_type.FromString
+    try:
+        return [parse(data) for data in batch], None
+    except DecodeError:
+        good = []
+        for data in batch:
+            try:
+                good.append(parse(data))
+            except DecodeError:
+                break
+        ingress.reject("malformed")
+        return good, GRPCError(Status.INVALID_ARGUMENT, "invalid protobuf message")
+
+
+async def _offer_one(ingress: Ingress, stream: GrpcStream, payload: bytes, wait: float) -> None:
+    accepted = await ingress.offer_or_reject([payload], _origin(ingress, stream), timeout=wait)
+    if not accepted:
+        raise GRPCError(Status.RESOURCE_EXHAUSTED, "the gateway's queue is full")
+
+
+class GatewayService(GatewayBase):
+    """``trio_gateway.v1.Gateway``: Send, Stream and StreamAcked."""
+
+    def __init__(self, ingress: Ingress, *, queue_timeout: float) -> None:
+        self._ingress = ingress
+        self._timeout = queue_timeout
+
+    async def Send(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        message = await stream.recv_message()
+        if message is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+        await _offer_one(self._ingress, stream, message.payload, self._timeout)
+        await stream.send_message(
+            gateway_pb2.Ack(sequence=message.sequence, accepted=True, accepted_count=1)
+        )
+
+    async def Stream(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        ingress = self._ingress
+        accepted = received = last_sequence = 0
+        while batch := await stream.recv_batch():
+            messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
+            if messages:
+                # under `block` this waits while the queue is full: the window stays closed
+                accepted += await ingress.offer(
+                    [m.payload for m in messages], _origin(ingress, stream)
+                )
+                received += len(messages)
+                last_sequence = messages[-1].sequence
+            if error is not None:
+                raise error
+        await stream.send_message(
+            gateway_pb2.Ack(
+                sequence=last_sequence,
+                accepted=accepted == received,
+                accepted_count=accepted,
+                rejected_count=received - accepted,
+            )
+        )
+
+    async def StreamAcked(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        ingress = self._ingress
+        ack = gateway_pb2.Ack
+        while batch := await stream.recv_batch():
+            messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
+            if messages:
+                accepted = await ingress.offer_or_reject(
+                    [m.payload for m in messages],
+                    _origin(ingress, stream),
+                    timeout=self._timeout,
+                )
+                acks = [
+                    ack(sequence=m.sequence, accepted=True, accepted_count=1)
+                    for m in messages[:accepted]
+                ]
+                acks.extend(
+                    ack(sequence=m.sequence, reason=_QUEUE_FULL, rejected_count=1)
+                    for m in messages[accepted:]
+                )
+                await stream.send_messages(acks)
+            if error is not None:
+                raise error
+
+
+class UnaryInputterService(GrpcUnaryInputterServiceBase):
+    """The talk's ``model.GrpcUnaryInputterService``: the payload is ``message`` as UTF-8."""
+
+    def __init__(self, ingress: Ingress, *, queue_timeout: float) -> None:
+        self._ingress = ingress
+        self._timeout = queue_timeout
+
+    async def MakeRequest(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+        await _offer_one(self._ingress, stream, request.message.encode(), self._timeout)
+        await stream.send_message(model_pb2.Empty())
+
+
+class StreamingInputterService(GrpcStreamingInputterServiceBase):
+    """The talk's ``model.GrpcStreamingInputterService``: one Empty when the client is done."""
+
+    def __init__(self, ingress: Ingress) -> None:
+        self._ingress = ingress
+
+    async def MakeRequest(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        ingress = self._ingress
+        while batch := await stream.recv_batch():
+            requests, error = _decode_all(ingress, model_pb2.Request, batch)
+            if requests:
+                await ingress.offer(
+                    [r.message.encode() for r in requests], _origin(ingress, stream)
+                )
+            if error is not None:
+                raise error
+        await stream.send_message(model_pb2.Empty())
+
+
+class HealthService(HealthBase):
+    """``grpc.health.v1.Health``: SERVING, or NOT_SERVING once the gateway is draining.
+
+    ``""`` names the whole server; the other known names are the services served here.
+    ``Watch`` sends the current status, then NOT_SERVING when draining starts, then ends.
+    """
+
+    def __init__(self, ingress: Ingress, services: Sequence[str]) -> None:
+        self._ingress = ingress
+        self._services = frozenset(("", *services))
+
+    def _status(self, service: str) -> _ServingStatus:
+        if service not in self._services:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if self._ingress.stopping:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    async def Check(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+        if request.service not in self._services:
+            raise GRPCError(Status.NOT_FOUND, f"unknown service {request.service!r}")
+        await stream.send_message(
+            health_pb2.HealthCheckResponse(status=self._status(request.service))
+        )
+
+    async def Watch(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+        status = self._status(request.service)
+        await stream.send_message(health_pb2.HealthCheckResponse(status=status))
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            await self._ingress.wait_stopping()
+            await stream.send_message(
+                health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+        else:
+            await self._ingress.wait_stopping()

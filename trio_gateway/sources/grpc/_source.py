@@ -1,0 +1,153 @@
+"""GrpcSource: the gateway's gRPC listener (unary, client-streaming and bidi ingest)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ..._errors import ConfigurationError, TransportError
+from ..._ingress import Ingress
+from .._base import Source, format_peer, serve_connections
+from ._server import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer, ServerLimits, ServiceHandlers
+from ._services import (
+    GatewayService,
+    HealthService,
+    StreamingInputterService,
+    UnaryInputterService,
+)
+
+__all__ = ("GrpcSource",)
+
+_HEALTH_PATHS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+_SERVICE_NAMES = (
+    "trio_gateway.v1.Gateway",
+    "model.GrpcUnaryInputterService",
+    "model.GrpcStreamingInputterService",
+)
+
+
+def _peer_of(stream: trio.abc.Stream) -> str:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return format_peer(stream.socket.getpeername())
+        except OSError:
+            return ""
+    return ""
+
+
+def _socket_of(listener: trio.abc.Listener[Any]) -> trio.socket.SocketType:
+    while isinstance(listener, trio.SSLListener):
+        listener = listener.transport_listener
+    assert isinstance(listener, trio.SocketListener)
+    return listener.socket
+
+
+class GrpcSource(Source):
+    """Serves ``trio_gateway.v1.Gateway``, the talk's ``model`` services and gRPC health.
+
+    * ``Send`` and the talk's unary ``MakeRequest``: the reply is sent once the message is in
+      the queue; RESOURCE_EXHAUSTED when the queue refuses it within ``queue_timeout``.
+    * ``Stream`` and the talk's streaming ``MakeRequest``: every complete message of a read
+      is offered at once; under ``block`` a full queue keeps the HTTP/2 window closed.
+    * ``StreamAcked``: one Ack per message, accepted or rejected (``queue_full``).
+    * ``grpc.health.v1.Health``: SERVING, NOT_SERVING once draining (exempt from the token).
+
+    ``ssl_context`` enables TLS; ALPN ``h2`` is set on it. ``bearer_token`` requires
+    ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED otherwise). ``services`` adds
+    grpclib-style implementations of your own services to the same server.
+    """
+
+    transport = "grpc"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_connections: int = 1024,
+        idle_timeout: float = 60.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_concurrent_streams: int = 128,
+        ssl_context: ssl.SSLContext | None = None,
+        bearer_token: str | None = None,
+        queue_timeout: float = 1.0,
+        services: Sequence[ServiceHandlers] = (),
+    ) -> None:
+        super().__init__(
+            host,
+            port,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            max_message_size=max_message_size,
+        )
+        if max_concurrent_streams < 1:
+            raise ConfigurationError("grpc.max_concurrent_streams", "must be at least 1")
+        if queue_timeout < 0:
+            raise ConfigurationError("grpc.queue_timeout", "must not be negative")
+        if bearer_token is not None and not bearer_token:
+            raise ConfigurationError("grpc.bearer_token", "must not be empty")
+        if ssl_context is not None:
+            ssl_context.set_alpn_protocols(["h2"])
+        self.max_concurrent_streams = max_concurrent_streams
+        self.ssl_context = ssl_context
+        self.bearer_token = bearer_token
+        self.queue_timeout = queue_timeout
+        self.services = tuple(services)
+        self.bound: list[tuple[str, int]] = []
+
+    def limits(self) -> ServerLimits:
+        return ServerLimits(
+            max_message_size=self.max_message_size,
+            max_concurrent_streams=self.max_concurrent_streams,
+            idle_timeout=self.idle_timeout,
+        )
+
+    def server(self, ingress: Ingress) -> GrpcServer:
+        """The h2 server with this source's services, wired to ``ingress``."""
+        services: list[ServiceHandlers] = [
+            GatewayService(ingress, queue_timeout=self.queue_timeout),
+            UnaryInputterService(ingress, queue_timeout=self.queue_timeout),
+            StreamingInputterService(ingress),
+            HealthService(ingress, _SERVICE_NAMES),
+            *self.services,
+        ]
+        return GrpcServer(
+            services,
+            wait_stopping=ingress.wait_stopping,
+            reject=ingress.reject,
+            limits=self.limits(),
+            bearer_token=self.bearer_token,
+            public_paths=_HEALTH_PATHS,
+            label=ingress.listener,
+        )
+
+    async def run(
+        self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            tcp_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            raise TransportError(f"{self.label}: cannot listen: {exc}") from exc
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+        if self.ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, self.ssl_context, https_compatible=False)
+                for listener in tcp_listeners
+            ]
+        bound = []
+        for listener in listeners:
+            host, port = _socket_of(listener).getsockname()[:2]
+            bound.append((host, port))
+        server = self.server(ingress)
+
+        async def serve(stream: trio.abc.Stream) -> None:
+            await server.serve_connection(stream, _peer_of(stream))
+
+        self.bound = bound
+        task_status.started(bound)
+        await serve_connections(serve, listeners, ingress, max_connections=self.max_connections)

@@ -119,9 +119,7 @@ class GatewayCollector(Collector):
 
         yield gauge("depth", "Messages waiting in the queue.", stats.depth)
         yield gauge("capacity", "The queue's bound in messages.", stats.capacity)
-        yield gauge(
-            "bytes", "Payload bytes waiting (tracked only with a byte bound).", stats.bytes
-        )
+        yield gauge("bytes", "Payload bytes waiting (tracked only with a byte bound).", stats.bytes)
         if stats.max_bytes is not None:
             yield gauge("max_bytes", "The queue's bound in payload bytes.", stats.max_bytes)
         yield gauge(
@@ -169,8 +167,16 @@ class GatewayCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_abandoned_messages",
             "Messages cut off by a deadline (connection grace period or drain timeout); "
-            "the final ledger's abandoned = this + queue depth.",
+            "the ledger's abandoned = this + queue depth + in flight.",
             value=abandoned,
+        )
+        # The ledger counts what is still queued or in the pump's hands as abandoned (that is
+        # what a stop at this instant would abandon); the difference is the pump's batch.
+        in_flight = gateway.ledger.abandoned - abandoned - stats.depth
+        yield GaugeMetricFamily(
+            f"{PREFIX}_pump_in_flight_messages",
+            "Messages the pump has taken from the queue and not yet delivered or dropped.",
+            value=max(in_flight, 0),
         )
         yield CounterMetricFamily(
             f"{PREFIX}_delivered_messages",
@@ -186,7 +192,8 @@ class GatewayCollector(Collector):
         yield sink_counter("sent_messages", "Messages the sink accepted.", pump.delivered)
         yield sink_counter("batches", "Batches the sink accepted.", pump.sink_batches)
         yield sink_counter(
-            "failed", "Failed attempts to send a batch (each failed retry counts).",
+            "failed",
+            "Failed attempts to send a batch (each failed retry counts).",
             pump.sink_errors,
         )
         yield sink_counter(

@@ -1,0 +1,196 @@
+"""``top``: frames rendered from two scrapes without a terminal; ``--once`` on a live gateway."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import trio
+from rich.console import Console
+
+from trio_gateway import Gateway, NullSink, RingBuffer, TcpSource, UdpSource
+from trio_gateway._client import send_tcp, send_udp
+from trio_gateway.admin import AdminServer
+from trio_gateway.admin.progress import send_progress
+from trio_gateway.admin.top import fetch_metrics, main, parse_metrics, render_text, run_top
+
+BEFORE = """\
+# TYPE trio_gateway_received_messages_total counter
+trio_gateway_received_messages_total{listener="tcp:0.0.0.0:7000",transport="tcp"} 1000
+trio_gateway_received_messages_total{listener="tcp:0.0.0.0:7002",transport="tcp"} 0
+trio_gateway_received_messages_total{listener="udp:0.0.0.0:7001",transport="udp"} 50
+# TYPE trio_gateway_received_bytes_total counter
+trio_gateway_received_bytes_total{listener="tcp:0.0.0.0:7000",transport="tcp"} 18000
+trio_gateway_received_bytes_total{listener="udp:0.0.0.0:7001",transport="udp"} 900
+# TYPE trio_gateway_rejected_messages_total counter
+trio_gateway_rejected_messages_total{listener="tcp:0.0.0.0:7000",reason="oversize",\
+transport="tcp"} 1
+# TYPE trio_gateway_connections_active gauge
+trio_gateway_connections_active{listener="tcp:0.0.0.0:7000",transport="tcp"} 3
+# TYPE trio_gateway_queue_depth gauge
+trio_gateway_queue_depth{queue="ring"} 10
+# TYPE trio_gateway_queue_capacity gauge
+trio_gateway_queue_capacity{queue="ring"} 1000
+# TYPE trio_gateway_dropped_messages_total counter
+trio_gateway_dropped_messages_total{reason="drop_newest"} 0
+# TYPE trio_gateway_sink_sent_messages_total counter
+trio_gateway_sink_sent_messages_total{sink="null"} 990
+# TYPE trio_gateway_sink_batches_total counter
+trio_gateway_sink_batches_total{sink="null"} 10
+# TYPE trio_gateway_sink_batch_seconds histogram
+trio_gateway_sink_batch_seconds_bucket{le="0.01",sink="null"} 10
+trio_gateway_sink_batch_seconds_bucket{le="+Inf",sink="null"} 10
+trio_gateway_sink_batch_seconds_count{sink="null"} 10
+trio_gateway_sink_batch_seconds_sum{sink="null"} 0.01
+# TYPE trio_gateway_accepting gauge
+trio_gateway_accepting 1
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 10
+"""
+
+AFTER = (
+    BEFORE.replace('transport="tcp"} 1000', 'transport="tcp"} 41000')
+    .replace('transport="tcp"} 18000', 'transport="tcp"} 738000')
+    .replace('reason="oversize",transport="tcp"} 1', 'reason="oversize",transport="tcp"} 5')
+    .replace('queue="ring"} 10\n', 'queue="ring"} 750\n')
+    .replace('reason="drop_newest"} 0', 'reason="drop_newest"} 600')
+    .replace('sink="null"} 990', 'sink="null"} 40240')
+    .replace('_batches_total{sink="null"} 10', '_batches_total{sink="null"} 50')
+    .replace('_count{sink="null"} 10', '_count{sink="null"} 50')
+    .replace('_sum{sink="null"} 0.01', '_sum{sink="null"} 0.11')
+    .replace("trio_gateway_accepting 1", "trio_gateway_accepting 0")
+    .replace("process_cpu_seconds_total 10", "process_cpu_seconds_total 11")
+)
+
+
+def rows(frame: str) -> dict[str, list[str]]:
+    """First cell -> the other cells, for every table row of a rendered frame."""
+    out: dict[str, list[str]] = {}
+    for line in frame.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) > 1 and cells[0]:
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_a_frame_shows_rates_from_two_scrapes() -> None:
+    before = parse_metrics(BEFORE, at=100.0)
+    after = parse_metrics(AFTER, at=102.0)  # two seconds later
+    frame = render_text(before, after, target="gw:9100", width=140)
+    table = rows(frame)
+    # 40,000 TCP messages in 2 s; 720,000 bytes in 2 s; 4 rejected in 2 s.
+    assert table["tcp"][:3] == ["20.0k", "360.0kB", "2"]
+    assert table["tcp"][3:] == ["41.0k", "5", "3"]
+    assert table["udp"][:2] == ["0", "0B"]
+    assert table["tcp:0.0.0.0:7000"][0] == "20.0k"
+    assert table["tcp:0.0.0.0:7000"][3] == "oversize 5"
+    assert table["tcp:0.0.0.0:7002"][0] == "0"
+    # Queue: depth over capacity, fill, 300 drops a second, by reason.
+    assert table["ring"][0] == "750/1.0k"
+    assert "75%" in table["ring"][1]
+    assert table["ring"][3:] == ["300", "drop_newest 600"]
+    # Sink: 19,625 msg/s, 20 batches/s, 0.1 s over 40 batches = 2.5 ms per batch.
+    assert table["null"][:3] == ["19.6k", "20", "2.50 ms"]
+    assert "draining" in frame
+    assert "cpu 50%" in frame
+    assert "rates over 2.0 s" in frame
+
+
+def test_the_first_frame_has_totals_but_no_rates() -> None:
+    frame = render_text(None, parse_metrics(BEFORE, at=1.0), width=140)
+    table = rows(frame)
+    assert table["tcp"][0] == "-"
+    assert table["tcp"][3] == "1.0k"
+    assert "rates after 2 scrapes" in frame
+    assert "accepting" in frame
+
+
+def test_a_counter_reset_counts_from_zero() -> None:
+    # The gateway restarted between the scrapes: 1,000 -> 400 means 400 new messages.
+    after = BEFORE.replace('transport="tcp"} 1000', 'transport="tcp"} 400')
+    frame = render_text(parse_metrics(BEFORE, at=0.0), parse_metrics(after, at=1.0), width=140)
+    assert rows(frame)["tcp"][0] == "400"
+
+
+def test_bad_text_is_a_protocol_error() -> None:
+    from trio_gateway import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        parse_metrics("trio_gateway_x{unterminated 1\n")
+
+
+async def test_once_against_a_live_gateway() -> None:
+    gateway = Gateway(
+        sources=[TcpSource(), UdpSource()],
+        sink=NullSink(),
+        queue=RingBuffer(1000),
+        services=[AdminServer(port=0)],
+    )
+    out = io.StringIO()
+    console = Console(file=out, width=140, force_terminal=False, color_system=None)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(gateway.run)
+            host, port = gateway.service_values[0]
+            await send_tcp(*bound[0][0], count=2500, size=18)
+            await send_udp(*bound[1][0], count=40, size=18, rate=10_000)
+            status = await run_top(host, port, interval=0.05, once=True, console=console)
+            text = await fetch_metrics(host, port)
+            gateway.shutdown()
+    assert status == 0
+    table = rows(out.getvalue())
+    assert table["tcp"][3] == "2.5k"
+    assert table["udp"][3] == "40"
+    assert table["null"][-1] == "2.5k"  # delivered (2,540)
+    assert "accepting" in out.getvalue()
+    assert parse_metrics(text).total("trio_gateway_received_messages_total") == 2540
+
+
+async def test_live_mode_redraws_and_survives_an_unreachable_endpoint() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=True, color_system=None)
+    with trio.socket.socket() as unused:
+        await unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with trio.fail_after(10):
+        status = await run_top("127.0.0.1", port, interval=0.01, console=console, frames=3)
+    assert status == 0
+    assert "retrying" in out.getvalue()
+
+
+async def test_once_reports_an_unreachable_endpoint() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=100, color_system=None)
+    with trio.socket.socket() as unused:
+        await unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with trio.fail_after(10):
+        status = await run_top("127.0.0.1", port, once=True, console=console)
+    assert status == 1
+    assert f"127.0.0.1:{port}" in out.getvalue()
+
+
+def test_main_rejects_a_bad_admin_address(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--admin", "nonsense"]) == 2
+    assert "--admin" in capsys.readouterr().out
+    assert main(["--admin", "127.0.0.1:9100", "--interval", "0"]) == 2
+
+
+def test_send_progress_is_silent_off_a_terminal() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False)
+    with send_progress(1_000_000, console=console) as advance:
+        for _ in range(10):
+            advance(100_000)
+    assert out.getvalue() == ""
+
+
+def test_send_progress_draws_on_a_terminal() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100, color_system=None)
+    with send_progress(1_000_000, console=console) as advance:
+        for _ in range(4):
+            advance(250_000)
+    drawn = out.getvalue()
+    assert "sending" in drawn
+    assert "1000000/1000000" in drawn

@@ -119,9 +119,7 @@ class WebSocketSource(Source):
         if handshake_timeout <= 0:
             raise ConfigurationError("websocket.handshake_timeout", "must be positive")
         if ssl_context is not None and certfile is not None:
-            raise ConfigurationError(
-                "websocket.certfile", "give ssl_context or certfile, not both"
-            )
+            raise ConfigurationError("websocket.certfile", "give ssl_context or certfile, not both")
         if certfile is None and (keyfile is not None or client_ca is not None):
             raise ConfigurationError("websocket.certfile", "keyfile/client_ca need a certfile")
         if certfile is not None:

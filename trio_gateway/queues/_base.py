@@ -84,6 +84,8 @@ class Queue(ABC, Generic[T]):
         self._max_bytes = max_bytes
         self._size_of = size_of
         self._bytes = 0
+        self._refused_size = 1
+        """Bytes the last item refused for lack of byte room needs (see :meth:`_is_full`)."""
         self._put = 0
         self._got = 0
         self._dropped_newest = 0
@@ -212,7 +214,12 @@ class Queue(ABC, Generic[T]):
         room = self._capacity - len(self)
         accepted, total = 0, 0
         for size in sizes:
-            if accepted == room or self._bytes + total + size > limit:
+            if accepted == room:
+                break
+            if self._bytes + total + size > limit:
+                # Capped: an item larger than max_bytes can never fit, and must not make
+                # every producer wait on an empty queue.
+                self._refused_size = min(max(size, 1), limit)
                 break
             accepted += 1
             total += size
@@ -231,9 +238,15 @@ class Queue(ABC, Generic[T]):
         await cancel_shielded_checkpoint()
 
     def _is_full(self) -> bool:
+        # Bounded in bytes, "full" means "no room for the item last refused for bytes": a
+        # queue with 2 free bytes is full for a 5-byte item. Without this, wait_not_full
+        # would return at once and a producer's retry loop would spin until consumers caught
+        # up. With several producers the size is the latest refusal's: a waiter may wake
+        # once too early (and park again) or later than it could have, never spin.
         if len(self) >= self._capacity:
             return True
-        return self._max_bytes is not None and self._bytes >= self._max_bytes
+        max_bytes = self._max_bytes
+        return max_bytes is not None and self._bytes + self._refused_size > max_bytes
 
     async def put(self, item: T) -> bool:
         """Offer one item; under ``block`` wait for room. Returns False if it was dropped."""

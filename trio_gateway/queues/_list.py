@@ -61,15 +61,7 @@ class LockedListQueue(Queue[T]):
         finally:
             self._lock.release()
 
-    # The awaiting operations acquire the lock (a schedule point, as a mutex costs in Go) and
-    # then run the synchronous operation, which takes it again without waiting. They never park
-    # while holding it, so a waiting consumer cannot starve producers.
-    async def put(self, item: T) -> bool:
-        async with self._lock:
-            pass
-        return await super().put(item)
-
-    async def get_batch(self, max_items: int) -> list[T]:
-        async with self._lock:
-            pass
-        return await super().get_batch(max_items)
+    # The awaiting operations (put, get, get_batch) are the base class's: they checkpoint and
+    # run the synchronous operations above, so they too take the lock with acquire_nowait and
+    # never hold it across a schedule point (see LockedRingBuffer for what goes wrong if
+    # they do).

@@ -77,9 +77,12 @@ class LockedRingBuffer(RingBuffer[T]):
     """The same ring guarded by a :class:`trio.Lock` per operation: the talk's "ring + mutex".
 
     The lock protects nothing Trio does not already guarantee; it is kept as a baseline that
-    shows the price of locking. Synchronous operations pay ``acquire_nowait``/``release``;
-    the awaiting ones (:meth:`put`, :meth:`get`, :meth:`get_batch`) pay the lock's schedule
-    point on every call.
+    shows the price of locking: every operation, synchronous or awaiting, pays
+    ``acquire_nowait``/``release`` around the change. The lock is never held across a
+    schedule point. ``async with lock`` would hold it across the checkpoint inside
+    :meth:`trio.Lock.acquire`, and a synchronous operation from another task arriving then
+    would find it taken: ``put_many_nowait`` would raise :class:`trio.WouldBlock` to a source,
+    and ``get_batch`` would mistake it for an empty queue and park past the last wake-up.
     """
 
     kind = "locked-ring"
@@ -108,13 +111,3 @@ class LockedRingBuffer(RingBuffer[T]):
             return super().get_batch_nowait(max_items)
         finally:
             self._lock.release()
-
-    async def put(self, item: T) -> bool:
-        async with self._lock:
-            pass
-        return await super().put(item)
-
-    async def get_batch(self, max_items: int) -> list[T]:
-        async with self._lock:
-            pass
-        return await super().get_batch(max_items)

@@ -102,7 +102,7 @@ async def test_oversized_frame_closes_only_its_connection(tmp_path: Path) -> Non
 
 async def test_block_policy_pushes_back_on_the_sender() -> None:
     sink = GatedSink()
-    queue: RingBuffer[Item] = RingBuffer(100, policy="block")
+    queue: RingBuffer[bytes] = RingBuffer(100, policy="block")
     gateway = Gateway(sources=[TcpSource(port=0)], sink=sink, queue=queue, batch_size=10)
     total = 200_000
     data = encode_newline([b"%07d" % i for i in range(total)])

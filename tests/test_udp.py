@@ -54,7 +54,7 @@ async def test_datagrams_arrive_with_their_peer() -> None:
 async def test_queue_rejections_are_counted_as_drops() -> None:
     gate = trio.Event()
     sink = RecordingSink(gate)
-    queue: RingBuffer[Item] = RingBuffer(10, policy="drop_newest")
+    queue: RingBuffer[bytes] = RingBuffer(10, policy="drop_newest")
     gateway = Gateway(
         sources=[UdpSource(port=0)], sink=sink, queue=queue, batch_size=5, grace_period=0.5
     )

@@ -16,6 +16,7 @@ from ._gateway import Processor as Processor
 from ._gateway import RetryPolicy as RetryPolicy
 from ._ingress import Ingress as Ingress
 from ._ledger import Ledger as Ledger
+from ._message import Batch as Batch
 from ._message import Item as Item
 from ._message import Message as Message
 from ._message import Origin as Origin
@@ -37,6 +38,7 @@ from .sources import UdpSource as UdpSource
 __version__ = "0.1.0"
 
 __all__ = (
+    "Batch",
     "ChannelQueue",
     "ConfigurationError",
     "FileSink",

@@ -37,8 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ._errors import ConfigurationError
-from ._gateway import Gateway, Processor, RetryPolicy, _payload_size
-from ._message import Item
+from ._gateway import Gateway, Processor, RetryPolicy
 from .queues import POLICIES, QUEUE_KINDS, OverflowPolicy, Queue
 from .sinks import FileSink, NullSink, Sink, StdoutSink, TcpSink
 from .sources import Source, TcpSource, UdpSource
@@ -287,18 +286,15 @@ def build_source(config: SourceConfig) -> Source:
         raise ConfigurationError(config.key, str(exc)) from exc
 
 
-def build_queue(config: QueueConfig) -> Queue[Item]:
+def build_queue(config: QueueConfig) -> Queue[bytes]:
     cls = QUEUE_KINDS.get(config.kind)
     if cls is None:
         raise ConfigurationError(
             "queue.kind", f"must be one of {', '.join(QUEUE_KINDS)}, got {config.kind!r}"
         )
     try:
-        queue: Queue[Item] = cls(  # type: ignore[assignment]
-            config.capacity,
-            policy=config.policy,
-            max_bytes=config.max_bytes,
-            size_of=_payload_size,  # type: ignore[arg-type]
+        queue: Queue[bytes] = cls(  # type: ignore[assignment]
+            config.capacity, policy=config.policy, max_bytes=config.max_bytes
         )
     except ConfigurationError as exc:
         raise ConfigurationError(f"queue.{exc.key}", exc.message) from exc

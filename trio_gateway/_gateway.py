@@ -12,11 +12,12 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 import trio
 
+from ._buffer import MessageBuffer
 from ._errors import ConfigurationError
 from ._ingress import Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
-from ._message import Item, Message
+from ._message import Batch, Message, Origin
 from .queues import Queue, RingBuffer
 from .sinks._base import Sink
 from .sources._base import Source
@@ -44,10 +45,6 @@ class Service(Protocol):
     """
 
     async def run(self, gateway: Gateway, *, task_status: trio.TaskStatus[Any]) -> None: ...
-
-
-def _payload_size(item: Item) -> int:
-    return len(item[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +95,7 @@ class Gateway:
         *,
         sources: Sequence[Source],
         sink: Sink,
-        queue: Queue[Item] | None = None,
+        queue: Queue[bytes] | None = None,
         processor: Processor | None = None,
         batch_size: int = 1024,
         drain_timeout: float = 10.0,
@@ -117,9 +114,8 @@ class Gateway:
             raise ConfigurationError("grace_period", "must not be negative")
         self.sources = tuple(sources)
         self.sink = sink
-        self.queue: Queue[Item] = (
-            queue if queue is not None else RingBuffer(10_000, size_of=_payload_size)
-        )
+        self.queue: Queue[bytes] = queue if queue is not None else RingBuffer(10_000)
+        self.buffer = MessageBuffer(self.queue)
         self.processor = processor
         self.batch_size = batch_size
         self.drain_timeout = drain_timeout
@@ -197,7 +193,7 @@ class Gateway:
             self._sources_scope = sources.cancel_scope
             for source, counters in zip(self.sources, self.source_counters, strict=True):
                 ingress = Ingress(
-                    self.queue, counters, self._stopping, grace_period=self.grace_period
+                    self.buffer, counters, self._stopping, grace_period=self.grace_period
                 )
                 addresses = await sources.start(source.run, ingress)
                 bound.append(list(addresses))
@@ -242,13 +238,13 @@ class Gateway:
     async def _pump(self, done: trio.Event) -> None:
         """Queue -> processor -> sink, in batches, until the queue ends or the drain deadline."""
         counters = self.pump_counters
-        queue = self.queue
+        buffer = self.buffer
         try:
             with self._pump_scope:
                 await self._with_retry(self.sink.open, what="open", limited=False)
                 while True:
                     try:
-                        batch = await queue.get_batch(self.batch_size)
+                        batch = await buffer.get_batch(self.batch_size)
                     except trio.EndOfChannel:
                         break
                     self._in_flight = len(batch)
@@ -272,15 +268,24 @@ class Gateway:
                     _log.error("sink %s failed to close: %r", self.sink.name, exc)
             done.set()
 
-    async def _process(self, batch: list[Item]) -> list[Item]:
+    async def _process(self, batch: Batch) -> Batch:
         processor = self.processor
         assert processor is not None
         counters = self.pump_counters
-        out: list[Item] = []
+        payloads: list[bytes] = []
+        runs: list[tuple[Origin, int]] = []
+
+        def out(payload: bytes, origin: Origin) -> None:
+            payloads.append(payload)
+            if runs and runs[-1][0] is origin:
+                runs[-1] = (origin, runs[-1][1] + 1)
+            else:
+                runs.append((origin, 1))
+
         is_async = inspect.iscoroutinefunction(processor)
-        for payload, origin in batch:
+        for message in batch:
             try:
-                result = processor(Message(payload, origin))
+                result = processor(message)
                 if is_async or inspect.isawaitable(result):
                     result = await result  # type: ignore[misc]
             except Exception as exc:
@@ -290,15 +295,15 @@ class Gateway:
             if result is None:
                 counters.filtered += 1
             elif isinstance(result, Message):
-                out.append((result.payload, result.origin))
+                out(result.payload, result.origin)
             elif isinstance(result, bytes | bytearray | memoryview):
-                out.append((bytes(result), origin))
+                out(bytes(result), message.origin)
             else:
                 counters.failed["TypeError"] += 1
                 _processor_errors.warning(
                     "processor returned %s; expected bytes, Message or None", type(result).__name__
                 )
-        return out
+        return Batch(payloads, runs)
 
     async def _with_retry(
         self, operation: Callable[[], Awaitable[None]], *, what: str, limited: bool = True

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import repeat
 
 import trio
 
+from ._buffer import MessageBuffer
 from ._ledger import SourceCounters
-from ._message import Item, Origin
+from ._message import Origin
 from .queues import Queue
 
 __all__ = ("Ingress",)
@@ -33,13 +33,14 @@ class Ingress:
 
     def __init__(
         self,
-        queue: Queue[Item],
+        queue: MessageBuffer | Queue[bytes],
         counters: SourceCounters,
         stopping: trio.Event,
         *,
         grace_period: float,
     ) -> None:
-        self._queue = queue
+        # A bare queue (handy in tests) gets its own buffer; the gateway passes its one buffer.
+        self._queue = queue if isinstance(queue, MessageBuffer) else MessageBuffer(queue)
         self._stopping = stopping
         self.counters = counters
         self.grace_period = grace_period
@@ -54,21 +55,25 @@ class Ingress:
 
     # -- messages -------------------------------------------------------------------------
 
-    def _items(self, payloads: Sequence[bytes], origin: Origin) -> list[Item]:
+    @property
+    def buffer(self) -> MessageBuffer:
+        """The queue (with origins) this ingress feeds."""
+        return self._queue
+
+    def _count(self, payloads: Sequence[bytes]) -> None:
         counters = self.counters
         counters.received += len(payloads)
         counters.received_bytes += sum(map(len, payloads))
-        return list(zip(payloads, repeat(origin)))
 
     def offer_nowait(self, payloads: Sequence[bytes], origin: Origin) -> int:
         """Enqueue without waiting; returns how many are queued (the rest were dropped)."""
         if not payloads:
             return 0
-        items = self._items(payloads, origin)
+        self._count(payloads)
         try:
-            return self._queue.put_many_nowait(items)
+            return self._queue.put_many_nowait(payloads, origin)
         except trio.ClosedResourceError:
-            self.counters.abandoned += len(items)
+            self.counters.abandoned += len(payloads)
             return 0
 
     async def offer(self, payloads: Sequence[bytes], origin: Origin) -> int:
@@ -79,19 +84,19 @@ class Ingress:
         """
         if not payloads:
             return 0
-        items = self._items(payloads, origin)
-        queue = self._queue
+        self._count(payloads)
+        buffer = self._queue
         done = 0
         try:
-            done = queue.put_many_nowait(items)
-            if queue.policy == "block":
-                while done < len(items):
-                    await queue.wait_not_full()
-                    done += queue.put_many_nowait(items[done:])
+            done = buffer.put_many_nowait(payloads, origin)
+            if done < len(payloads) and buffer.policy == "block":
+                while done < len(payloads):
+                    await buffer.queue.wait_not_full()
+                    done += buffer.put_many_nowait(payloads[done:], origin)
         except trio.ClosedResourceError:
-            self.counters.abandoned += len(items) - done
+            self.counters.abandoned += len(payloads) - done
         except BaseException:
-            self.counters.abandoned += len(items) - done
+            self.counters.abandoned += len(payloads) - done
             raise
         return done
 
@@ -108,24 +113,23 @@ class Ingress:
         """
         if not payloads:
             return 0
-        queue = self._queue
-        items = list(zip(payloads, repeat(origin)))
+        buffer = self._queue
         done = 0
         try:
-            done = queue.put_many_nowait(items, drop=False)
-            if done < len(items) and timeout > 0 and queue.policy == "block":
+            done = buffer.put_many_nowait(payloads, origin, drop=False)
+            if done < len(payloads) and timeout > 0 and buffer.policy == "block":
                 with trio.move_on_after(timeout):
-                    while done < len(items):
-                        await queue.wait_not_full()
-                        done += queue.put_many_nowait(items[done:], drop=False)
+                    while done < len(payloads):
+                        await buffer.queue.wait_not_full()
+                        done += buffer.put_many_nowait(payloads[done:], origin, drop=False)
         except trio.ClosedResourceError:
             pass
         finally:
             counters = self.counters
             counters.received += done
             counters.received_bytes += sum(map(len, payloads[:done]))
-            if done < len(items):
-                counters.rejected["queue_full"] += len(items) - done
+            if done < len(payloads):
+                counters.rejected["queue_full"] += len(payloads) - done
         return done
 
     def reject(self, reason: str, count: int = 1) -> None:

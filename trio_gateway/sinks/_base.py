@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 
-from .._message import Item
+from .._message import Batch
 
 __all__ = ("Sink",)
 
@@ -25,8 +24,12 @@ class Sink(ABC):
         """Connect or open the destination (called once, before the first batch)."""
 
     @abstractmethod
-    async def send(self, batch: Sequence[Item]) -> None:
-        """Deliver ``batch`` (never empty)."""
+    async def send(self, batch: Batch) -> None:
+        """Deliver ``batch`` (never empty).
+
+        ``batch.payloads`` and ``batch.runs`` (origins by runs of messages) are the fast way
+        in; iterating the batch yields ``(payload, origin)`` messages.
+        """
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Flush and release the destination (called once, during shutdown, shielded)."""

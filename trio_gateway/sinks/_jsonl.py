@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii
 
-from .._message import Item, Origin
+from .._message import Batch, Origin
 
 __all__ = ("decode_jsonl_record", "encode_jsonl")
 
@@ -25,27 +24,27 @@ def _prefix(origin: Origin) -> str:
     )
 
 
-def encode_jsonl(batch: Sequence[Item]) -> bytes:
+def encode_jsonl(batch: Batch) -> bytes:
     """Encode a batch as JSON Lines (one record per message, each ending in ``\\n``)."""
     parts: list[str] = []
     append = parts.append
-    last: Origin | None = None
-    prefix = ""
-    for payload, origin in batch:
-        if origin is not last:
-            prefix = _prefix(origin)
-            last = origin
-        append(prefix)
-        try:
-            text = payload.decode()
-        except UnicodeDecodeError:
-            append('"payload_b64":"')
-            append(base64.b64encode(payload).decode("ascii"))
-            append('"}\n')
-        else:
-            append('"payload":')
-            append(encode_basestring_ascii(text))
-            append("}\n")
+    payloads = batch.payloads
+    start = 0
+    for origin, count in batch.runs:
+        prefix = _prefix(origin) + '"payload":'
+        prefix_b64 = _prefix(origin) + '"payload_b64":"'
+        for payload in payloads[start : start + count]:
+            try:
+                text = payload.decode()
+            except UnicodeDecodeError:
+                append(prefix_b64)
+                append(base64.b64encode(payload).decode("ascii"))
+                append('"}\n')
+            else:
+                append(prefix)
+                append(encode_basestring_ascii(text))
+                append("}\n")
+        start += count
     return "".join(parts).encode("ascii")
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 from typing import BinaryIO
 
 import trio
 
 from .._errors import ConfigurationError, SinkError
-from .._message import Item
+from .._message import Batch
 from ._base import Sink
 from ._jsonl import encode_jsonl
 
@@ -26,9 +25,9 @@ class NullSink(Sink):
         self.messages = 0
         self.bytes = 0
 
-    async def send(self, batch: Sequence[Item]) -> None:
+    async def send(self, batch: Batch) -> None:
         self.messages += len(batch)
-        self.bytes += sum(len(item[0]) for item in batch)
+        self.bytes += batch.nbytes
 
 
 class StdoutSink(Sink):
@@ -47,7 +46,7 @@ class StdoutSink(Sink):
         stream.write(data)
         stream.flush()
 
-    async def send(self, batch: Sequence[Item]) -> None:
+    async def send(self, batch: Batch) -> None:
         data = encode_jsonl(batch)
         try:
             await trio.to_thread.run_sync(self._write, data)
@@ -82,7 +81,7 @@ class FileSink(Sink):
         if self.fsync:
             os.fsync(self._file.fileno())
 
-    async def send(self, batch: Sequence[Item]) -> None:
+    async def send(self, batch: Batch) -> None:
         if self._file is None:
             await self.open()
         data = encode_jsonl(batch)

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Sequence
-
 import trio
 
 from .._errors import ConfigurationError, SinkError
-from .._message import Item
+from .._message import Batch
+from ..codecs import encode_length_prefixed
 from ._base import Sink
 
 __all__ = ("TcpSink",)
 
-_LENGTH = struct.Struct(">I")
 
-
-def encode_batch(batch: Sequence[Item]) -> bytes:
+def encode_batch(batch: Batch) -> bytes:
     """4-byte big-endian length + payload per message, joined once."""
-    pack = _LENGTH.pack
-    parts: list[bytes] = []
-    for payload, _origin in batch:
-        parts.append(pack(len(payload)))
-        parts.append(payload)
-    return b"".join(parts)
+    return encode_length_prefixed(batch.payloads)
 
 
 class TcpSink(Sink):
@@ -60,7 +51,7 @@ class TcpSink(Sink):
     async def open(self) -> None:
         self._stream = await self._connect()
 
-    async def send(self, batch: Sequence[Item]) -> None:
+    async def send(self, batch: Batch) -> None:
         if self._stream is None:
             self._stream = await self._connect()
         data = encode_batch(batch)

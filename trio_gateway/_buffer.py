@@ -1,0 +1,101 @@
+"""The gateway's queue: any :class:`~trio_gateway.queues.Queue` of payloads, plus their origins.
+
+The queue itself stays generic (it holds ``bytes``); this wrapper keeps, beside it, the origins
+as runs ``[origin, count]`` in queue order. Whatever the queue's policy removes, it removes
+from the head (``drop_oldest``) or never admits (``drop_newest``, ``block``), so after every
+put the runs are trimmed at the head until they add up to the queue's depth again. Every
+method is synchronous between the queue operation and the bookkeeping, so no other task can
+observe them out of step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import trio
+
+from ._message import Batch, Origin
+from .queues import Queue
+
+__all__ = ("UNKNOWN_ORIGIN", "MessageBuffer")
+
+UNKNOWN_ORIGIN = Origin("unknown", "", "", 0.0)
+"""The origin reported for items that reached the queue without going through the buffer."""
+
+
+class MessageBuffer:
+    """A queue of payloads with their origins kept as runs (see the module docstring)."""
+
+    __slots__ = ("_held", "_runs", "queue")
+
+    def __init__(self, queue: Queue[bytes]) -> None:
+        self.queue = queue
+        self._runs: deque[list[object]] = deque()  # [origin, count], mutable to trim in place
+        self._held = 0
+
+    @property
+    def policy(self) -> str:
+        return self.queue.policy
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def put_many_nowait(
+        self, payloads: Sequence[bytes], origin: Origin, *, drop: bool = True
+    ) -> int:
+        """Offer ``payloads`` (all from ``origin``); returns how many the queue accepted."""
+        accepted = self.queue.put_many_nowait(payloads, drop=drop)
+        if accepted:
+            self._runs.append([origin, accepted])
+            self._held += accepted
+        excess = self._held - len(self.queue)
+        if excess > 0:
+            self._drop_head(excess)
+        return accepted
+
+    def _drop_head(self, n: int) -> list[tuple[Origin, int]]:
+        """Remove ``n`` messages' worth of runs from the head; return them."""
+        taken: list[tuple[Origin, int]] = []
+        runs = self._runs
+        self._held = max(self._held - n, 0)
+        while n:
+            if not runs:
+                # Items put into the queue directly, not through this buffer: origin unknown.
+                taken.append((UNKNOWN_ORIGIN, n))
+                break
+            run = runs[0]
+            count = run[1]
+            assert isinstance(count, int)
+            origin = run[0]
+            assert isinstance(origin, Origin)
+            if count <= n:
+                runs.popleft()
+                taken.append((origin, count))
+                n -= count
+            else:
+                run[1] = count - n
+                taken.append((origin, n))
+                n = 0
+        return taken
+
+    def get_batch_nowait(self, max_items: int) -> Batch:
+        """Take up to ``max_items``; :class:`trio.WouldBlock` / :class:`trio.EndOfChannel`."""
+        payloads = self.queue.get_batch_nowait(max_items)
+        return Batch(payloads, self._drop_head(len(payloads)))
+
+    async def get_batch(self, max_items: int) -> Batch:
+        """Wait for at least one message, then take up to ``max_items``.
+
+        Always a checkpoint, and never cancelled between taking the messages and returning
+        them (the same discipline as :meth:`trio.MemoryReceiveChannel.receive`).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                batch = self.get_batch_nowait(max_items)
+            except trio.WouldBlock:
+                await self.queue.wait_not_empty()
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return batch

@@ -84,8 +84,9 @@ def profiled(path: str | os.PathLike[str], *, interval: float = 0.001) -> Iterat
     finally:
         tracer.disable()
         tracer.dump_stats(target)
-        _log.info("profile written to %s (read it: python -m trio_gateway._profile %s)",
-                  target, target)
+        _log.info(
+            "profile written to %s (read it: python -m trio_gateway._profile %s)", target, target
+        )
 
 
 def summary(path: str | os.PathLike[str], *, limit: int = 25, sort: str = "tottime") -> str:

@@ -42,7 +42,10 @@ class _Reply:
     __slots__ = ("body", "headers", "status")
 
     def __init__(
-        self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
         extra: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.status = status
@@ -201,9 +204,7 @@ class AdminServer:
                 return None
             # h11.Data (a body): ignored; our endpoints take none.
 
-    def _route(
-        self, request: h11.Request, gateway: Gateway, registry: CollectorRegistry
-    ) -> _Reply:
+    def _route(self, request: h11.Request, gateway: Gateway, registry: CollectorRegistry) -> _Reply:
         path = request.target.split(b"?", 1)[0]
         if path not in (b"/metrics", b"/healthz", b"/readyz", b"/"):
             return _Reply(404, b"not found\n")
@@ -244,5 +245,6 @@ class AdminServer:
         with trio.move_on_after(self.timeout):
             await stream.send_all(data)
         if _log.isEnabledFor(logging.DEBUG) and request is not None:
-            _log.debug("admin: %s %s -> %d", request.method.decode(), request.target.decode(),
-                       reply.status)
+            _log.debug(
+                "admin: %s %s -> %d", request.method.decode(), request.target.decode(), reply.status
+            )

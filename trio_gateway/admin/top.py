@@ -281,9 +281,7 @@ def _error_frame(target: str, message: str) -> RenderableType:
 # -- scraping ------------------------------------------------------------------------------
 
 
-async def fetch_metrics(
-    host: str, port: int, *, max_size: int = MAX_RESPONSE_BYTES
-) -> str:
+async def fetch_metrics(host: str, port: int, *, max_size: int = MAX_RESPONSE_BYTES) -> str:
     """``GET /metrics`` with h11 over a Trio stream; bounded in time (``FETCH_TIMEOUT``) and size.
 
     Raises :class:`TransportError` when the endpoint cannot be reached or answers badly.
@@ -377,12 +375,20 @@ def _parse_admin(value: str) -> tuple[str, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``top`` flags, for the CLI's subparser."""
-    parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT",
-                        help=f"the gateway's admin endpoint (default {DEFAULT_ADMIN})")
-    parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                        help="time between scrapes (1)")
-    parser.add_argument("--once", action="store_true",
-                        help="print one frame (two scrapes --interval apart) and exit")
+    parser.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="HOST:PORT",
+        help=f"the gateway's admin endpoint (default {DEFAULT_ADMIN})",
+    )
+    parser.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="time between scrapes (1)"
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame (two scrapes --interval apart) and exit",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -284,6 +284,7 @@ class WebSocketSource(Source):
                     await ingress.offer(payloads, Origin("websocket", listener, peer, time.time()))
             if not await connection.flush():
                 self._count_close(ingress, protocol)
+                await self._linger(stream)
                 return
             with trio.move_on_after(idle):
                 data = await stream.receive_some(MAX_RECV)
@@ -339,6 +340,17 @@ class WebSocketSource(Source):
                         connection.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
                         return payloads[:i]
         return payloads
+
+    @staticmethod
+    async def _linger(stream: trio.abc.Stream) -> None:
+        """After our close frame: half-close, then read (and discard) what the client still
+        sends, for at most a second. Closing with unread data would make the kernel send a
+        reset, and the client could lose the close frame (it would see 1006, not 1009)."""
+        with trio.move_on_after(1.0):
+            if isinstance(stream, trio.SocketStream):
+                await stream.send_eof()
+            while await stream.receive_some(MAX_RECV):
+                pass
 
     @staticmethod
     def _count_close(ingress: Ingress, protocol: ServerProtocol) -> None:

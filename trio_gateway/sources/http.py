@@ -76,8 +76,9 @@ class Reply:
     """Close the connection after answering (the request body was not read)."""
 
 
-def _json_reply(status: int, payload: dict[str, object], *extra: tuple[bytes, bytes],
-                close: bool = False) -> Reply:
+def _json_reply(
+    status: int, payload: dict[str, object], *extra: tuple[bytes, bytes], close: bool = False
+) -> Reply:
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = (
         (b"content-type", b"application/json"),
@@ -405,9 +406,7 @@ class HTTPSource(Source):
             raise TransportError(
                 f"{self.label}: cannot listen on {self.host}:{self.port}: {exc}"
             ) from exc
-        self.bound = [
-            tuple(listener.socket.getsockname()[:2]) for listener in socket_listeners
-        ]
+        self.bound = [tuple(listener.socket.getsockname()[:2]) for listener in socket_listeners]
         listeners: list[trio.abc.Listener[Any]]
         if self.ssl_context is not None:
             listeners = [
@@ -523,9 +522,13 @@ class HTTPSource(Source):
             headers = list(reply.headers)
             if reply.close:
                 headers.append((b"connection", b"close"))
-            out = conn.send(h11.Response(
-                status_code=reply.status, headers=headers, reason=_REASONS.get(reply.status, b"")
-            ))
+            out = conn.send(
+                h11.Response(
+                    status_code=reply.status,
+                    headers=headers,
+                    reason=_REASONS.get(reply.status, b""),
+                )
+            )
             assert out is not None
             out += conn.send(h11.Data(data=reply.body)) or b""
             out += conn.send(h11.EndOfMessage()) or b""
@@ -541,8 +544,7 @@ class HTTPSource(Source):
                 if reply is None:
                     if conn.they_are_waiting_for_100_continue:
                         await stream.send_all(
-                            conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                            or b""
+                            conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
                         )
                     chunks: list[bytes] = []
                     size = 0

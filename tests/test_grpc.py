@@ -19,7 +19,6 @@ from grpclib.health.v1 import health_pb2
 from trio_gateway._errors import ConfigurationError
 from trio_gateway._ingress import Ingress
 from trio_gateway._ledger import SourceCounters
-from trio_gateway._message import Item
 from trio_gateway._proto import gateway_pb2, model_pb2
 from trio_gateway.queues import OverflowPolicy, RingBuffer
 from trio_gateway.sources.grpc import GrpcSource, GrpcStream
@@ -35,7 +34,7 @@ HEALTH = "/grpc.health.v1.Health/"
 class Served:
     source: GrpcSource
     ingress: Ingress
-    queue: RingBuffer[Item]
+    queue: RingBuffer[bytes]
     stopping: trio.Event
     port: int
 
@@ -46,7 +45,7 @@ class Served:
     def payloads(self) -> list[bytes]:
         if not len(self.queue):
             return []
-        return [payload for payload, _ in self.queue.get_batch_nowait(len(self.queue))]
+        return self.queue.get_batch_nowait(len(self.queue))
 
 
 @asynccontextmanager
@@ -58,7 +57,7 @@ async def serving(
     **options: Any,
 ) -> AsyncIterator[Served]:
     """A GrpcSource on port 0 feeding a RingBuffer through a hand-built Ingress."""
-    queue: RingBuffer[Item] = RingBuffer(capacity, policy=policy)
+    queue: RingBuffer[bytes] = RingBuffer(capacity, policy=policy)
     source = GrpcSource(**options)
     stopping = trio.Event()
     ingress = Ingress(
@@ -203,7 +202,7 @@ async def test_client_streaming_full_queue_closes_the_window() -> None:
             received: list[bytes] = []
             while len(received) < count:
                 batch = await served.queue.get_batch(100)
-                received.extend(payload for payload, _ in batch)
+                received.extend(batch)
         assert result[0].accepted_count == count
         assert received == [i.to_bytes(4, "big") * (size // 4) for i in range(count)]
         assert served.ingress.counters.abandoned == 0
@@ -307,7 +306,7 @@ async def test_bearer_token_is_required_except_for_health() -> None:
 async def test_deadline_exceeded_cancels_the_handler() -> None:
     """A stream parked on a full queue is cancelled at its grpc-timeout."""
     async with serving(capacity=1) as served:
-        served.queue.put_nowait((b"filler", None))  # type: ignore[arg-type]
+        served.queue.put_nowait(b"filler")
 
         def call() -> grpc.RpcError:
             with grpc.insecure_channel(served.target) as channel:
@@ -317,15 +316,17 @@ async def test_deadline_exceeded_cancels_the_handler() -> None:
 
         error = await in_thread(call)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # the handler's offer was cancelled: what it held is abandoned (1-3 messages, depending
+        # on how grpcio split them into DATA frames), nothing reached the queue
         with trio.fail_after(2):
-            while served.ingress.counters.abandoned < 3:
+            while served.ingress.counters.abandoned < 1:
                 await trio.sleep(0.01)
         assert len(served.queue) == 1
 
 
 async def test_client_cancel_resets_the_stream_and_cancels_the_handler() -> None:
     async with serving(capacity=1) as served:
-        served.queue.put_nowait((b"filler", None))  # type: ignore[arg-type]
+        served.queue.put_nowait(b"filler")
         release = threading.Event()
 
         def call() -> bool:

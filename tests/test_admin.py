@@ -291,3 +291,25 @@ async def test_sigterm_turns_readyz_503_until_the_drain_ends() -> None:
     ledger = json.loads(buffered.decode().strip().splitlines()[-1])["ledger"]
     assert ledger["received"] == ledger["delivered"] == 50
     assert ledger["balanced"]
+
+
+async def test_a_failing_collector_fails_the_scrape_not_the_gateway() -> None:
+    from collections.abc import Iterator
+
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
+
+    class Broken(Collector):
+        def collect(self) -> Iterator[Metric]:
+            raise RuntimeError("boom")
+
+    gateway = make_gateway()
+    with trio.fail_after(10):
+        async with running(gateway) as (_, url), httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/metrics")).status_code == 200
+            admin = gateway.services[0]
+            assert isinstance(admin, AdminServer) and admin.registry is not None
+            admin.registry.register(Broken())
+            assert (await client.get("/metrics")).status_code == 500
+            assert (await client.get("/readyz")).status_code == 200
+            assert gateway.accepting

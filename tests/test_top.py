@@ -172,7 +172,7 @@ async def test_once_reports_an_unreachable_endpoint() -> None:
 
 def test_main_rejects_a_bad_admin_address(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--admin", "nonsense"]) == 2
-    assert "--admin" in capsys.readouterr().out
+    assert "--admin" in capsys.readouterr().err
     assert main(["--admin", "127.0.0.1:9100", "--interval", "0"]) == 2
 
 

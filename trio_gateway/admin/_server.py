@@ -32,6 +32,7 @@ __all__ = ("DEFAULT_ADMIN", "AdminServer")
 DEFAULT_ADMIN = "127.0.0.1:9100"
 _log = logger.getChild("admin")
 _connection_errors = RateLimitedLogger(_log)
+_scrape_errors = RateLimitedLogger(_log)
 
 _READ_SIZE = 16 * 1024
 _ALLOWED = "GET, HEAD"
@@ -212,10 +213,16 @@ class AdminServer:
             return _Reply(405, b"method not allowed\n", extra=(("allow", _ALLOWED),))
         if path == b"/metrics":
             accept = b",".join(v for k, v in request.headers if k == b"accept")
-            if b"application/openmetrics-text" in accept:
-                body = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
-                return _Reply(200, body, OPENMETRICS_CONTENT_TYPE)
-            return _Reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            try:
+                if b"application/openmetrics-text" in accept:
+                    body = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
+                    return _Reply(200, body, OPENMETRICS_CONTENT_TYPE)
+                return _Reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            except Exception as exc:
+                # A broken collector (a user's, registered on this registry) fails the scrape,
+                # never the gateway.
+                _scrape_errors.warning("admin: /metrics failed: %r", exc)
+                return _Reply(500, b"metrics collection failed; see the gateway's log\n")
         if path == b"/healthz":
             return _Reply(200, b"ok\n")
         if path == b"/readyz":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -410,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_from_args(args)
     except ConfigurationError as exc:
-        print(f"trio_gateway top: error: {exc}")
+        print(f"trio_gateway top: error: {exc}", file=sys.stderr)
         return 2
 
 

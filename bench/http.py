@@ -3,8 +3,8 @@
 Every server runs in its own process and queues into the same kind of ring buffer through the
 same :class:`IngestApp` rules; only the HTTP machinery differs:
 
-* ``trio_gateway``       HTTPSource as shipped (h11 driven directly on a Trio stream)
-* ``gateway-hypercorn``  HTTPSource with ``fast_path=False`` (every connection via hypercorn)
+* ``trio_gateway``       HttpSource as shipped (h11 driven directly on a Trio stream)
+* ``gateway-hypercorn``  HttpSource with ``fast_path=False`` (every connection via hypercorn)
 * ``hypercorn-trio``     ``hypercorn.trio.serve(IngestApp)``: hypercorn's Trio worker, stock
 * ``hypercorn-asyncio``  ``hypercorn.asyncio.serve(IngestApp)``: the baseline to beat
 * ``uvicorn-h11``        ``uvicorn`` with ``--http h11`` (only if uvicorn is installed)
@@ -64,9 +64,9 @@ def serve(kind: str, port: int) -> None:
     if kind in ("trio_gateway", "gateway-hypercorn"):
         import trio
 
-        from trio_gateway.sources.http import HTTPSource
+        from trio_gateway.sources.http import HttpSource
 
-        source = HTTPSource(port=port, fast_path=kind == "trio_gateway")
+        source = HttpSource(port=port, fast_path=kind == "trio_gateway")
         trio.run(source.run, _ingress())
     elif kind in ("hypercorn-trio", "hypercorn-asyncio"):
         from hypercorn.config import Config

@@ -244,3 +244,95 @@ def test_processor_from_user_code(tmp_path: Path, serve: type[ServeProcess]) -> 
         "processor_error": 0,
         "sink_failed": 0,
     }
+
+
+def test_serve_http_and_websocket_with_tokens_from_the_environment(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    from websockets.sync.client import connect
+
+    out = tmp_path / "out.jsonl"
+    gateway = serve(
+        [
+            "--http",
+            "127.0.0.1:0",
+            "--ws",
+            "127.0.0.1:0",
+            "--http-token",
+            "env:GW_TOKEN",
+            "--ws-token",
+            "env:GW_TOKEN",
+            "--sink",
+            f"file:{out}",
+        ],
+        env={"GW_TOKEN": "s3cret"},
+    )
+    url = f"http://127.0.0.1:{gateway.port('http')}/ingest"
+    accepted = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Authorization: Bearer s3cret",
+            "--data-binary",
+            "over http",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert accepted.stdout.endswith("202"), accepted
+    refused = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "no", url],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert refused.stdout == "401"
+    ws_url = f"ws://127.0.0.1:{gateway.port('websocket')}/"
+    with connect(ws_url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+        ws.send(b"over websocket")
+        ws.send("text too")
+    time.sleep(0.3)
+    code, stderr = gateway.stop()
+    assert code == 0, stderr
+    assert "s3cret" not in stderr
+    assert sorted(read_payloads(out)) == [b"over http", b"over websocket", b"text too"]
+    ledger = ledger_of(stderr)
+    assert ledger["rejected"] == {"unauthorized": 1}
+
+
+def test_serve_tls_on_tcp_from_flags(tmp_path: Path, serve: type[ServeProcess]) -> None:
+    import socket
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    cert = authority.issue_cert("127.0.0.1")
+    cert_path, ca_path = tmp_path / "cert.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    authority.cert_pem.write_to_path(str(ca_path))
+    out = tmp_path / "out.jsonl"
+    gateway = serve(["--tcp", "127.0.0.1:0", "--tls-cert", str(cert_path), "--sink", f"file:{out}"])
+    context = ssl.create_default_context(cafile=str(ca_path))
+    with (
+        socket.create_connection(("127.0.0.1", gateway.port("tcp"))) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"secret one\nsecret two\n")
+    time.sleep(0.3)
+    code, stderr = gateway.stop()
+    assert code == 0, stderr
+    assert read_payloads(out) == [b"secret one", b"secret two"]
+
+
+def test_tls_flag_with_a_missing_file_names_the_key(tmp_path: Path) -> None:
+    result = run_cli("serve", "--tcp", "127.0.0.1:0", "--tls-cert", str(tmp_path / "none.pem"))
+    assert result.returncode == 2
+    assert "certfile" in result.stderr and len(result.stderr.strip().splitlines()) == 1

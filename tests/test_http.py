@@ -21,9 +21,8 @@ import trustme
 from trio_gateway._errors import ConfigurationError
 from trio_gateway._ingress import Ingress
 from trio_gateway._ledger import SourceCounters
-from trio_gateway._message import Item
 from trio_gateway.queues import OverflowPolicy, RingBuffer
-from trio_gateway.sources.http import HTTPSource
+from trio_gateway.sources.http import HttpSource
 
 CURL = "/usr/bin/curl"
 NDJSON = {"content-type": "application/x-ndjson"}
@@ -31,25 +30,25 @@ NDJSON = {"content-type": "application/x-ndjson"}
 
 @dataclass
 class Running:
-    source: HTTPSource
+    source: HttpSource
     ingress: Ingress
-    queue: RingBuffer[Item]
+    queue: RingBuffer[bytes]
     url: str
 
     def payloads(self) -> list[bytes]:
         if not len(self.queue):
             return []
-        return [payload for payload, _ in self.queue.get_batch_nowait(len(self.queue))]
+        return self.queue.get_batch_nowait(len(self.queue))
 
 
 @asynccontextmanager
 async def serving(
     *, capacity: int = 100_000, policy: OverflowPolicy = "block", **options: Any
 ) -> AsyncIterator[Running]:
-    queue: RingBuffer[Item] = RingBuffer(capacity, policy=policy)
+    queue: RingBuffer[bytes] = RingBuffer(capacity, policy=policy)
     stopping = trio.Event()
     ingress = Ingress(queue, SourceCounters("http", "http:test"), stopping, grace_period=1.0)
-    source = HTTPSource(**options)
+    source = HttpSource(**options)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(source.run, ingress)
@@ -333,10 +332,10 @@ async def test_idle_keepalive_connection_is_closed() -> None:
 
 
 async def test_shutdown_lets_in_flight_request_finish() -> None:
-    queue: RingBuffer[Item] = RingBuffer(10)
+    queue: RingBuffer[bytes] = RingBuffer(10)
     stopping = trio.Event()
     ingress = Ingress(queue, SourceCounters("http", "http:test"), stopping, grace_period=2.0)
-    source = HTTPSource()
+    source = HttpSource()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(source.run, ingress)
@@ -352,7 +351,7 @@ async def test_shutdown_lets_in_flight_request_finish() -> None:
             await stream.aclose()
             with pytest.raises(OSError):
                 await trio.open_tcp_stream(*bound[0])
-    assert [p for p, _ in queue.get_batch_nowait(10)] == [b"ABCD"]
+    assert queue.get_batch_nowait(10) == [b"ABCD"]
 
 
 # -- TLS ---------------------------------------------------------------------------------------
@@ -397,13 +396,13 @@ async def test_tls_from_context_with_curl(ca: trustme.CA, tmp_path: Path) -> Non
 
 def test_configuration_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError) as info:
-        HTTPSource(certfile=str(tmp_path / "missing.pem"))
+        HttpSource(certfile=str(tmp_path / "missing.pem"))
     assert info.value.key == "tls.certfile"
     with pytest.raises(ConfigurationError) as info:
-        HTTPSource(path="ingest")
+        HttpSource(path="ingest")
     assert info.value.key == "http.path"
     with pytest.raises(ConfigurationError) as info:
-        HTTPSource(token="")
+        HttpSource(token="")
     assert info.value.key == "http.token"
 
 
@@ -460,7 +459,7 @@ async def test_through_the_gateway_into_a_file(tmp_path: Path) -> None:
     from trio_gateway.sinks import FileSink, decode_jsonl_record
 
     out = tmp_path / "out.jsonl"
-    gateway = Gateway(sources=[HTTPSource()], sink=FileSink(out), queue=RingBuffer(100_000))
+    gateway = Gateway(sources=[HttpSource()], sink=FileSink(out), queue=RingBuffer(100_000))
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(gateway.run)

@@ -20,7 +20,7 @@ from trio_gateway._client import send_tcp, send_udp
 from trio_gateway._proto import gateway_pb2
 from trio_gateway.admin import AdminServer
 from trio_gateway.sources.grpc import GrpcSource
-from trio_gateway.sources.http import HTTPSource
+from trio_gateway.sources.http import HttpSource
 from trio_gateway.sources.websocket import WebSocketSource
 
 Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
@@ -55,7 +55,7 @@ async def test_every_transport_counts_what_its_clients_sent() -> None:
     sources = [
         TcpSource(),
         UdpSource(),
-        HTTPSource(path="/ingest", max_message_size=1000, token="s3cret"),
+        HttpSource(path="/ingest", max_message_size=1000, token="s3cret"),
         WebSocketSource(max_message_size=1000),
         GrpcSource(),
     ]

@@ -31,9 +31,11 @@ from .sinks import NullSink as NullSink
 from .sinks import Sink as Sink
 from .sinks import StdoutSink as StdoutSink
 from .sinks import TcpSink as TcpSink
+from .sources import HttpSource as HttpSource
 from .sources import Source as Source
 from .sources import TcpSource as TcpSource
 from .sources import UdpSource as UdpSource
+from .sources import WebSocketSource as WebSocketSource
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = (
     "FrameTooLarge",
     "Gateway",
     "GatewayError",
+    "HttpSource",
     "Ingress",
     "Item",
     "Ledger",
@@ -67,5 +70,6 @@ __all__ = (
     "TcpSource",
     "TransportError",
     "UdpSource",
+    "WebSocketSource",
     "__version__",
 )

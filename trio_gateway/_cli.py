@@ -101,6 +101,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="a UDP listener (repeatable)",
     )
+    for flag, text in (
+        ("--http", "an HTTP listener: POST /ingest"),
+        ("--ws", "a WebSocket listener"),
+    ):
+        serve.add_argument(
+            flag, action="append", default=[], metavar="HOST:PORT", help=f"{text} (repeatable)"
+        )
+    serve.add_argument(
+        "--http-token", metavar="TOKEN|env:NAME", help="bearer token the --http listeners require"
+    )
+    serve.add_argument(
+        "--ws-token", metavar="TOKEN|env:NAME", help="bearer token the --ws listeners require"
+    )
+    serve.add_argument(
+        "--tls-cert", metavar="PEM", help="serve TLS on the flag-defined listeners with this cert"
+    )
+    serve.add_argument("--tls-key", metavar="PEM", help="its private key (if not in --tls-cert)")
+    serve.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
+    )
     serve.add_argument("--queue", choices=tuple(QUEUE_KINDS), help="queue structure (ring)")
     serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
     serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
@@ -146,13 +166,45 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
 
 
+def _tls_options(args: argparse.Namespace) -> dict[str, str]:
+    if args.tls_cert is None:
+        if args.tls_key or args.tls_client_ca:
+            raise ConfigurationError("--tls-cert", "required with --tls-key / --tls-client-ca")
+        return {}
+    names = (
+        ("certfile", args.tls_cert),
+        ("keyfile", args.tls_key),
+        ("client_ca", args.tls_client_ca),
+    )
+    return {name: value for name, value in names if value}
+
+
+def _flag_sources(args: argparse.Namespace) -> list[SourceConfig]:
+    """The --http and --ws listeners (TCP's TLS is applied with the other --tcp options)."""
+    tls = _tls_options(args)
+    sources: list[SourceConfig] = []
+    for transport, values, token, flag in (
+        ("http", args.http, args.http_token, "--http"),
+        ("websocket", args.ws, args.ws_token, "--ws"),
+    ):
+        options: dict[str, str] = dict(tls)
+        if token:
+            options["token"] = token
+        elif token is not None:
+            raise ConfigurationError(f"{flag}-token", "must not be empty")
+        sources += [source_from_flag(transport, v, key=flag, **options) for v in values]
+    return sources
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """The TOML file (if any) with the flags applied on top, then the embedded defaults."""
     config = load_config(args.config) if args.config else GatewayConfig()
     sources: list[SourceConfig] = list(config.sources)
     framing = {"framing": args.tcp_framing} if args.tcp_framing else {}
-    sources += [source_from_flag("tcp", v, key="--tcp", **framing) for v in args.tcp]
+    tcp_options = {**framing, **_tls_options(args)}
+    sources += [source_from_flag("tcp", v, key="--tcp", **tcp_options) for v in args.tcp]
     sources += [source_from_flag("udp", v, key="--udp") for v in args.udp]
+    sources += _flag_sources(args)
     if args.tcp_framing and not args.tcp:
         sources = [
             replace(s, options={**s.options, "framing": args.tcp_framing})

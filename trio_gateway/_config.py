@@ -22,15 +22,17 @@ The TOML layout (every key optional; see docs/reference.md)::
     retry_max_attempts = 0    # 0 = retry until shutdown
 
     [[sources]]
-    transport = "tcp"         # tcp | udp
+    transport = "tcp"         # tcp | udp | http | websocket | grpc
     listen = "127.0.0.1:7000"
     framing = "newline"       # any other key is passed to the source (max_connections, ...)
+    # certfile / keyfile / client_ca: TLS; token = "env:NAME" reads a secret from the environment
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,7 +42,7 @@ from ._errors import ConfigurationError
 from ._gateway import Gateway, Processor, RetryPolicy
 from .queues import POLICIES, QUEUE_KINDS, OverflowPolicy, Queue
 from .sinks import FileSink, NullSink, Sink, StdoutSink, TcpSink
-from .sources import Source, TcpSource, UdpSource
+from .sources import HttpSource, Source, TcpSource, UdpSource, WebSocketSource
 
 __all__ = (
     "DEFAULT_TCP",
@@ -58,13 +60,16 @@ __all__ = (
 DEFAULT_TCP = "127.0.0.1:7000"
 DEFAULT_UDP = "127.0.0.1:7001"
 
-SOURCE_KINDS: dict[str, type[Source]] = {"tcp": TcpSource, "udp": UdpSource}
+SOURCE_KINDS: dict[str, type[Source]] = {
+    "tcp": TcpSource,
+    "udp": UdpSource,
+    "http": HttpSource,
+    "websocket": WebSocketSource,
+}
 """Source classes by transport name (``[[sources]] transport = ...``, ``--tcp`` ...)."""
 
 # Keys every source section has that are not constructor options.
 _SOURCE_META = ("transport", "listen")
-# Source options that are paths to TLS material, turned into an ssl_context.
-_TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,27 +250,26 @@ def build_source(config: SourceConfig) -> Source:
         )
     options = dict(config.options)
     parameters = inspect.signature(cls.__init__).parameters
-    tls = {k: options.pop(k) for k in _TLS_KEYS if k in options}
-    if tls:
-        if "ssl_context" not in parameters:
-            raise ConfigurationError(f"{config.key}.tls_cert", f"{config.transport} has no TLS")
-        if "tls_cert" not in tls:
-            raise ConfigurationError(f"{config.key}.tls_cert", "required with tls_key")
-        from ._tls import server_ssl_context
-
-        options["ssl_context"] = server_ssl_context(
-            tls["tls_cert"], tls.get("tls_key"), alpn=None, client_ca=tls.get("tls_client_ca")
-        )
-    allowed = [name for name in parameters if name not in ("self", "host", "port", "ssl_context")]
+    for name, value in options.items():
+        if isinstance(value, str) and value.startswith("env:"):
+            # Secrets (tokens) need not sit in a file or on a command line.
+            variable = value.removeprefix("env:")
+            if variable not in os.environ:
+                raise ConfigurationError(
+                    f"{config.key}.{name}", f"environment variable {variable} is not set"
+                )
+            options[name] = os.environ[variable]
+    hidden = ("self", "host", "port", "ssl_context")
+    allowed = [name for name in parameters if name not in hidden]
     for name in options:
-        if name not in parameters or name in ("self", "host", "port"):
+        if name not in parameters or name in hidden:
             raise ConfigurationError(
                 f"{config.key}.{name}",
                 f"unknown option for {config.transport}; expected one of {', '.join(allowed)}",
             )
     for name, value in options.items():
         default = parameters[name].default
-        if name == "ssl_context" or default is inspect.Parameter.empty or default is None:
+        if default is inspect.Parameter.empty or default is None:
             continue
         expected: tuple[type, ...] = (
             (int, float) if isinstance(default, float) else (type(default),)

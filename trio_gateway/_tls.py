@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ._errors import ConfigurationError
 
-__all__ = ("server_ssl_context",)
+__all__ = ("resolve_server_tls", "server_ssl_context")
 
 
 def _check_readable(key: str, path: str | os.PathLike[str]) -> None:
@@ -59,3 +59,26 @@ def server_ssl_context(
     if alpn:
         context.set_alpn_protocols(list(alpn))
     return context
+
+
+def resolve_server_tls(
+    transport: str,
+    ssl_context: ssl.SSLContext | None,
+    certfile: str | os.PathLike[str] | None,
+    keyfile: str | os.PathLike[str] | None,
+    client_ca: str | os.PathLike[str] | None,
+    *,
+    alpn: Sequence[str] | None,
+) -> ssl.SSLContext | None:
+    """What every TLS-capable source does with its TLS options.
+
+    Either a ready ``ssl_context`` or ``certfile`` (+ ``keyfile``, + ``client_ca`` for mutual
+    TLS), never both; errors name ``<transport>.certfile``.
+    """
+    if ssl_context is not None and certfile is not None:
+        raise ConfigurationError(f"{transport}.certfile", "give ssl_context or certfile, not both")
+    if certfile is None:
+        if keyfile is not None or client_ca is not None:
+            raise ConfigurationError(f"{transport}.certfile", "keyfile/client_ca need a certfile")
+        return ssl_context
+    return server_ssl_context(certfile, keyfile, alpn=alpn, client_ca=client_ca)

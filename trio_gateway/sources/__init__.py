@@ -2,7 +2,16 @@
 
 from ._base import Source as Source
 from ._base import serve_connections as serve_connections
+from .http import HttpSource as HttpSource
 from .tcp import TcpSource as TcpSource
 from .udp import UdpSource as UdpSource
+from .websocket import WebSocketSource as WebSocketSource
 
-__all__ = ("Source", "TcpSource", "UdpSource", "serve_connections")
+__all__ = (
+    "HttpSource",
+    "Source",
+    "TcpSource",
+    "UdpSource",
+    "WebSocketSource",
+    "serve_connections",
+)

@@ -50,7 +50,7 @@ from ._base import (
     serve_connections,
 )
 
-__all__ = ("HTTPSource", "IngestApp", "IngestRules", "Reply")
+__all__ = ("HttpSource", "IngestApp", "IngestRules", "Reply")
 
 _log = logging.getLogger("trio_gateway.sources.http")
 
@@ -313,7 +313,7 @@ class _ReplayStream(trio.abc.Stream):
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-class HTTPSource(Source):
+class HttpSource(Source):
     """``POST /ingest`` on HTTP/1.1 (keep-alive), HTTP/2 cleartext (prior knowledge) and TLS.
 
     ``max_message_size`` bounds the request body (default 1 MiB). ``token`` requires

@@ -11,6 +11,7 @@ import trio
 from .._errors import ConfigurationError, FrameTooLarge, ProtocolError
 from .._ingress import Ingress
 from .._message import Origin
+from .._tls import resolve_server_tls
 from ..codecs import FRAMINGS
 from ._base import Source, connection_errors, format_peer, serve_connections
 
@@ -39,7 +40,8 @@ class TcpSource(Source):
     fills and the client's ``send`` blocks: real backpressure. A frame over
     ``max_message_size`` closes that connection only (counted as ``oversize``); so does a
     stream that ends mid-frame (``truncated``) and a connection silent for ``idle_timeout``
-    seconds (``idle_timeout``).
+    seconds (``idle_timeout``). TLS from ``ssl_context`` or ``certfile``/``keyfile`` (with
+    ``client_ca``, clients must present a certificate: mutual TLS).
     """
 
     transport = "tcp"
@@ -55,6 +57,9 @@ class TcpSource(Source):
         max_message_size: int = 1 << 20,
         read_size: int = READ_SIZE,
         ssl_context: ssl.SSLContext | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        client_ca: str | None = None,
         backlog: int | None = None,
     ) -> None:
         super().__init__(
@@ -71,7 +76,9 @@ class TcpSource(Source):
             raise ConfigurationError("tcp.read_size", "must be positive")
         self.framing = framing
         self.read_size = read_size
-        self.ssl_context = ssl_context
+        self.ssl_context = resolve_server_tls(
+            "tcp", ssl_context, certfile, keyfile, client_ca, alpn=None
+        )
         self.backlog = backlog
         self.bound: list[tuple[str, int]] = []
 

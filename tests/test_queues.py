@@ -154,6 +154,15 @@ def make_machine(kind: str, policy: OverflowPolicy, with_max_bytes: bool) -> typ
             assert self.queue.get_batch_nowait(max_items) == self.model.get_batch(max_items)
 
         @rule()
+        def get_nowait(self) -> None:
+            if not self.model.items:
+                expected = trio.EndOfChannel if self.model.closed else trio.WouldBlock
+                with pytest.raises(expected):
+                    self.queue.get_nowait()
+                return
+            assert self.queue.get_nowait() == self.model.get_batch(1)[0]
+
+        @rule()
         def close(self) -> None:
             self.queue.close()
             self.model.closed = True

@@ -66,15 +66,27 @@ class Ingress:
         counters.received_bytes += sum(map(len, payloads))
 
     def offer_nowait(self, payloads: Sequence[bytes], origin: Origin) -> int:
-        """Enqueue without waiting; returns how many are queued (the rest were dropped)."""
+        """Enqueue without waiting; returns how many are queued.
+
+        Under ``drop_newest`` / ``drop_oldest`` the queue drops (and counts) what does not fit.
+        ``block`` never drops, so what does not fit now is refused here: counted as rejected
+        ``queue_full`` and not as received, as :meth:`offer_or_reject` does.
+        """
         if not payloads:
             return 0
         self._count(payloads)
         try:
-            return self._queue.put_many_nowait(payloads, origin)
+            done = self._queue.put_many_nowait(payloads, origin)
         except trio.ClosedResourceError:
             self.counters.abandoned += len(payloads)
             return 0
+        if done < len(payloads) and self._queue.policy == "block":
+            refused = payloads[done:]
+            counters = self.counters
+            counters.received -= len(refused)
+            counters.received_bytes -= sum(map(len, refused))
+            counters.rejected["queue_full"] += len(refused)
+        return done
 
     async def offer(self, payloads: Sequence[bytes], origin: Origin) -> int:
         """Enqueue, waiting for room under ``block``. Returns how many are queued.

@@ -387,3 +387,20 @@ def test_codecs_import_no_trio_and_nothing_else_of_the_package() -> None:
                 assert not name.startswith("trio"), (path.name, name)
                 if name.startswith(".."):
                     assert name == ".._errors", (path.name, name)
+
+
+def test_frames_before_an_oversize_one_are_handed_over_with_the_error() -> None:
+    from trio_gateway.codecs import GrpcMessageDecoder, LengthPrefixDecoder, NewlineDecoder
+
+    newline = NewlineDecoder(max_frame_size=10)
+    with pytest.raises(FrameTooLarge) as caught:
+        newline.feed(b"one\ntwo\n" + b"x" * 11 + b"\nnever\n")
+    assert caught.value.frames == [b"one", b"two"]
+    length = LengthPrefixDecoder(max_frame_size=10)
+    with pytest.raises(FrameTooLarge) as caught:
+        length.feed(encode_length_prefixed([b"a", b"bb"]) + (11).to_bytes(4, "big"))
+    assert caught.value.frames == [b"a", b"bb"]
+    grpc = GrpcMessageDecoder(max_message_size=10)
+    with pytest.raises(FrameTooLarge) as caught:
+        grpc.feed(encode_grpc_message(b"ok") + b"\x00" + (11).to_bytes(4, "big"))
+    assert caught.value.frames == [(False, b"ok")]

@@ -29,7 +29,10 @@ from ._config import (
     parse_hostport,
     source_from_flag,
 )
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, GatewayError
+from ._profile import check_profile_path, profiled
+from .admin import top as top_view
+from .admin.progress import send_progress
 from .queues import QUEUE_KINDS
 
 __all__ = ("main",)
@@ -143,7 +146,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time open connections get at shutdown (2)",
     )
+    serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT|off",
+        help="serve /metrics, /healthz, /readyz here (on at 127.0.0.1:9100 with the defaults)",
+    )
+    serve.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="profile the run: pyinstrument HTML if FILE ends in .html, else cProfile stats",
+    )
     _add_logging(serve)
+
+    top = commands.add_parser("top", help="live view of a running gateway's /metrics")
+    top_view.add_arguments(top)
 
     check = commands.add_parser("check-config", help="validate a TOML file and print it resolved")
     check.add_argument("file", metavar="FILE.toml")
@@ -228,7 +244,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     )
     changes = {
         name: getattr(args, name)
-        for name in ("drain_timeout", "grace_period", "batch_size", "processor")
+        for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin")
         if getattr(args, name) is not None
     }
     return replace(
@@ -276,35 +292,64 @@ async def _send(args: argparse.Namespace) -> int:
         raise ConfigurationError("--rate", "must be positive")
     if args.tcp:
         host, port = parse_hostport(args.tcp, key="--tcp")
-        summary = await send_tcp(
-            host, port, count=args.count, size=args.size, framing=args.framing, rate=args.rate
-        )
+        with send_progress(args.count) as advance:
+            summary = await send_tcp(
+                host,
+                port,
+                count=args.count,
+                size=args.size,
+                framing=args.framing,
+                rate=args.rate,
+                progress=advance,
+            )
     else:
         host, port = parse_hostport(args.udp, key="--udp")
-        summary = await send_udp(host, port, count=args.count, size=args.size, rate=args.rate)
+        with send_progress(args.count) as advance:
+            summary = await send_udp(
+                host, port, count=args.count, size=args.size, rate=args.rate, progress=advance
+            )
     print(summary.line(), flush=True)
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        _setup_logging(args.log_level, args.log_format)
+        config = config_from_args(args)
+        build_gateway(config)  # validate everything before binding anything
+        if args.profile:
+            check_profile_path(args.profile)
+            with profiled(args.profile):
+                return trio.run(_serve, config)
+        return trio.run(_serve, config)
+    if args.command == "check-config":
+        config = load_config(args.file).with_default_sources()
+        build_gateway(config)
+        print(_describe(config))
+        return 0
+    if args.command == "send":
+        return trio.run(_send, args)
+    if args.command == "top":
+        return top_view.run_from_args(args)
+    raise AssertionError(f"unhandled command {args.command!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "serve":
-            _setup_logging(args.log_level, args.log_format)
-            config = config_from_args(args)
-            build_gateway(config)  # validate everything before binding anything
-            return trio.run(_serve, config)
-        if args.command == "check-config":
-            config = load_config(args.file).with_default_sources()
-            build_gateway(config)
-            print(_describe(config))
-            return 0
-        if args.command == "send":
-            return trio.run(_send, args)
-    except ConfigurationError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    raise AssertionError(f"unhandled command {args.command!r}")
+        return _run(args)
+    except BaseException as exc:
+        # Errors raised inside trio.run arrive wrapped in exception groups: unwrap them, and
+        # turn the ones we expect (bad configuration, a port in use) into one line.
+        leaves = _leaves(exc)
+        if not all(isinstance(leaf, GatewayError | OSError) for leaf in leaves):
+            raise
+        first = leaves[0]
+        print(f"{PROG}: error: {first}", file=sys.stderr)
+        return 2 if isinstance(first, ConfigurationError) else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -57,6 +58,7 @@ async def send_tcp(
     size: int,
     framing: str = "newline",
     rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> SendSummary:
     """Send ``count`` messages of ``size`` bytes over one connection, in large writes."""
     encode = {"newline": encode_newline, "length": encode_length_prefixed}.get(framing)
@@ -76,6 +78,8 @@ async def send_tcp(
             data = encode([make_payload(size, sent + i) for i in range(n)])
             await stream.send_all(data)
             sent += n
+            if progress is not None:
+                progress(n)
             total += n * size
             await _pace(start, sent, rate)
         await stream.send_eof()
@@ -86,7 +90,13 @@ async def send_tcp(
 
 
 async def send_udp(
-    host: str, port: int, *, count: int, size: int, rate: float | None = None
+    host: str,
+    port: int,
+    *,
+    count: int,
+    size: int,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> SendSummary:
     """Send ``count`` datagrams of ``size`` bytes (UDP gives no delivery report)."""
     if size > 65_507:
@@ -102,6 +112,8 @@ async def send_udp(
         while sent < count:
             await sock.send(make_payload(size, sent))
             sent += 1
+            if progress is not None and not sent % 1000:
+                progress(1000)
             if rate:
                 await _pace(start, sent, rate)
     return SendSummary(sent, sent * size, time.perf_counter() - wall)

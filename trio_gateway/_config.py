@@ -21,6 +21,9 @@ The TOML layout (every key optional; see docs/reference.md)::
     url = "stdout"            # stdout | null | file:PATH | tcp:HOST:PORT
     retry_max_attempts = 0    # 0 = retry until shutdown
 
+    [admin]
+    listen = "127.0.0.1:9100" # /metrics, /healthz, /readyz; "off" to turn it off
+
     [[sources]]
     transport = "tcp"         # tcp | udp | http | websocket | grpc
     listen = "127.0.0.1:7000"
@@ -45,6 +48,7 @@ from .sinks import FileSink, NullSink, Sink, StdoutSink, TcpSink
 from .sources import HttpSource, Source, TcpSource, UdpSource, WebSocketSource
 
 __all__ = (
+    "DEFAULT_ADMIN",
     "DEFAULT_TCP",
     "DEFAULT_UDP",
     "SOURCE_KINDS",
@@ -59,6 +63,7 @@ __all__ = (
 
 DEFAULT_TCP = "127.0.0.1:7000"
 DEFAULT_UDP = "127.0.0.1:7001"
+DEFAULT_ADMIN = "127.0.0.1:9100"
 
 SOURCE_KINDS: dict[str, type[Source]] = {
     "tcp": TcpSource,
@@ -106,9 +111,12 @@ class GatewayConfig:
     grace_period: float = 2.0
     batch_size: int = 1024
     processor: str | None = None
+    admin: str | None = None
+    """The admin endpoint's HOST:PORT; ``None`` = not asked; ``"off"`` = explicitly off."""
 
     def with_default_sources(self) -> GatewayConfig:
-        """The embedded defaults: TCP on 127.0.0.1:7000 and UDP on 127.0.0.1:7001."""
+        """The embedded defaults: TCP on 127.0.0.1:7000, UDP on 127.0.0.1:7001, and the admin
+        endpoint on 127.0.0.1:9100 unless it was turned off."""
         if self.sources:
             return self
         return replace(
@@ -117,6 +125,7 @@ class GatewayConfig:
                 source_from_flag("tcp", DEFAULT_TCP, key="default tcp"),
                 source_from_flag("udp", DEFAULT_UDP, key="default udp"),
             ),
+            admin=self.admin or DEFAULT_ADMIN,
         )
 
 
@@ -170,7 +179,7 @@ def _check_keys(section: Mapping[str, Any], allowed: Sequence[str], key: str) ->
 
 def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     """Validate a parsed TOML document into a :class:`GatewayConfig`."""
-    _check_keys(data, ("gateway", "queue", "sink", "sources"), "config")
+    _check_keys(data, ("gateway", "queue", "sink", "sources", "admin"), "config")
     config = GatewayConfig()
 
     gateway = data.get("gateway", {})
@@ -222,6 +231,14 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
         host, port = parse_hostport(listen, key=f"{key}.listen")
         options = {k: v for k, v in section.items() if k not in _SOURCE_META}
         sources.append(SourceConfig(transport, host, port, options, key=key))
+
+    admin = data.get("admin", {})
+    _check_keys(admin, ("listen",), "admin")
+    if "listen" in admin:
+        listen = _expect(admin, "listen", str, "admin")
+        if listen != "off":
+            parse_hostport(listen, key="admin.listen")
+        changes["admin"] = listen
 
     return replace(config, sources=tuple(sources), queue=queue_config, sink=sink_config, **changes)
 
@@ -356,8 +373,15 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("sink.retry_max_attempts", "must be 0 (unlimited) or more")
     if not config.sources:
         raise ConfigurationError("sources", "no source configured")
+    services = []
+    if config.admin and config.admin != "off":
+        from .admin import AdminServer
+
+        host, port = parse_hostport(config.admin, key="admin.listen")
+        services.append(AdminServer(host, port))
     return Gateway(
         sources=[build_source(s) for s in config.sources],
+        services=services,
         queue=build_queue(config.queue),
         sink=build_sink(config.sink),
         processor=load_processor(config.processor) if config.processor else None,

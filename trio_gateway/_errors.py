@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = (
     "ConfigurationError",
     "FrameTooLarge",
@@ -34,12 +36,17 @@ class ProtocolError(GatewayError):
 
 
 class FrameTooLarge(ProtocolError):
-    """A frame is larger than the decoder's ``max_frame_size``."""
+    """A frame is larger than the decoder's ``max_frame_size``.
 
-    def __init__(self, size: int, limit: int) -> None:
+    ``frames`` holds the whole frames that the same feed completed before the oversize one:
+    they were well formed, so a source accepts them before it drops the connection.
+    """
+
+    def __init__(self, size: int, limit: int, frames: list[Any] | None = None) -> None:
         super().__init__(f"frame of at least {size} bytes exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+        self.frames: list[Any] = frames if frames is not None else []
 
 
 class TransportError(GatewayError):

@@ -6,6 +6,7 @@ import functools
 import inspect
 import random
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias
@@ -133,6 +134,7 @@ class Gateway:
         self._sources_scope: trio.CancelScope | None = None
         self._in_flight = 0
         self._final_ledger: Ledger | None = None
+        self._serving = False
 
     # -- control --------------------------------------------------------------------------
 
@@ -150,7 +152,7 @@ class Gateway:
     @property
     def accepting(self) -> bool:
         """True while running and not shutting down (what ``/readyz`` reports)."""
-        return self.state == "running" and not self._stopping.is_set()
+        return self.state == "running" and self._serving and not self._stopping.is_set()
 
     @property
     def ledger(self) -> Ledger:
@@ -197,8 +199,11 @@ class Gateway:
                 )
                 addresses = await sources.start(source.run, ingress)
                 bound.append(list(addresses))
+                # Name the listener by the port it got, so port-0 listeners stay distinct.
+                counters.listener = source.label
             _log.info("gateway running: %s", ", ".join(s.label for s in self.sources))
             task_status.started(tuple(bound))
+            self._serving = True
             await self._stopping.wait()
             self.state = "draining"
             _log.info("shutting down: listeners closing, %.1f s grace", self.grace_period)
@@ -317,6 +322,7 @@ class Gateway:
         attempt = 0
         while True:
             attempt += 1
+            started = time.perf_counter()
             try:
                 await operation()
             except Exception as exc:
@@ -345,4 +351,5 @@ class Gateway:
             else:
                 if what == "send":
                     counters.sink_batches += 1
+                    counters.batch_seconds.observe(time.perf_counter() - started)
                 return True

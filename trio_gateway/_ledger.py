@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ._histogram import LatencyHistogram
+
 __all__ = ("Ledger", "PumpCounters", "SourceCounters")
 
 
@@ -48,6 +50,8 @@ class PumpCounters:
     sink_retries: int = 0
     abandoned: int = 0
     """Messages still queued or in flight when the drain deadline passed."""
+    batch_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Time of each successful sink send (one observation per batch)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,11 @@ serves its own registry. ``trio_gateway.admin.top`` is the live terminal view (i
 it needs rich).
 """
 
+from .._histogram import DEFAULT_BATCH_BUCKETS as DEFAULT_BATCH_BUCKETS
+from .._histogram import LatencyHistogram as LatencyHistogram
 from ._collector import GatewayCollector as GatewayCollector
 from ._collector import HistogramLike as HistogramLike
 from ._collector import make_registry as make_registry
-from ._histogram import DEFAULT_BATCH_BUCKETS as DEFAULT_BATCH_BUCKETS
-from ._histogram import LatencyHistogram as LatencyHistogram
 from ._server import DEFAULT_ADMIN as DEFAULT_ADMIN
 from ._server import AdminServer as AdminServer
 

@@ -71,13 +71,17 @@ class NewlineDecoder:
         remainder = frames.pop()
         # Complete frames first: if both they and the remainder are too large, the error
         # names the earlier one.
-        longest = max(map(len, frames))
-        if longest > limit:
-            self._held = 0
-            raise FrameTooLarge(longest, limit)
-        if len(remainder) > limit:
-            self._held = 0
-            raise FrameTooLarge(len(remainder), limit)
+        # Only a chunk longer than the limit can hold an oversize frame: for the usual reads
+        # (256 KiB against a 1 MiB limit) the per-frame length check is skipped entirely.
+        if len(data) > limit:
+            longest = max(map(len, frames), default=0)
+            if longest > limit:
+                self._held = 0
+                first = next(i for i, frame in enumerate(frames) if len(frame) > limit)
+                raise FrameTooLarge(longest, limit, [f for f in frames[:first] if f])
+            if len(remainder) > limit:
+                self._held = 0
+                raise FrameTooLarge(len(remainder), limit, [f for f in frames if f])
         if remainder:
             self._pieces.append(remainder)
         self._held = len(remainder)

@@ -11,6 +11,7 @@ only that frame's bytes are copied. A header that announces more than the limit 
 from __future__ import annotations
 
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
@@ -41,7 +42,7 @@ def _tail(data: bytes, start: int, end: int) -> bytes | memoryview:
     return memoryview(data)[start:end]
 
 
-class _PrefixDecoder(Generic[FrameT]):
+class _PrefixDecoder(ABC, Generic[FrameT]):
     """The shared state: the one frame that is split across reads."""
 
     __slots__ = ("_flag", "_limit", "_pending", "_size")
@@ -63,11 +64,13 @@ class _PrefixDecoder(Generic[FrameT]):
             return len(self._pending)
         return self._header.size + len(self._pending)
 
+    @abstractmethod
     def _parse_header(self, buffer: bytes | bytearray, pos: int) -> tuple[int, int]:
-        raise NotImplementedError
+        """``(flag, size)`` of the header at ``buffer[pos:]``; FrameTooLarge past the limit."""
 
+    @abstractmethod
     def _make(self, flag: int, payload: bytes) -> FrameT:
-        raise NotImplementedError
+        """The frame as this decoder returns it."""
 
     def _resume(self, data: bytes, pos: int, frames: list[FrameT]) -> int:
         """Continue the incomplete frame with ``data[pos:]``.
@@ -157,7 +160,7 @@ class LengthPrefixDecoder(_PrefixDecoder[bytes]):
         while pos + 4 <= n:
             (size,) = unpack(data, pos)
             if size > limit:
-                raise FrameTooLarge(size, limit)
+                raise FrameTooLarge(size, limit, frames)
             end = pos + 4 + size
             if end > n:
                 break
@@ -219,7 +222,7 @@ class GrpcMessageDecoder(_PrefixDecoder[tuple[bool, bytes]]):
             if flag > 1:
                 raise ProtocolError(f"invalid gRPC compressed flag {flag} (must be 0 or 1)")
             if size > limit:
-                raise FrameTooLarge(size, limit)
+                raise FrameTooLarge(size, limit, frames)
             end = pos + 5 + size
             if end > n:
                 break

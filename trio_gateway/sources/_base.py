@@ -58,11 +58,18 @@ class Source(ABC):
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_message_size = max_message_size
+        self.bound: list[tuple[str, int]] = []
+        """The addresses actually bound, once :meth:`run` has started."""
 
     @property
     def label(self) -> str:
-        """The listener's name in metrics and logs, e.g. ``tcp:127.0.0.1:7000``."""
-        return f"{self.transport}:{self.host}:{self.port}"
+        """The listener's name in metrics and logs, e.g. ``tcp:127.0.0.1:7000``.
+
+        Once bound, the port is the one the OS gave (so port-0 listeners stay distinct).
+        """
+        if self.bound:
+            return f"{self.transport}:{format_peer(self.bound[0])}"
+        return f"{self.transport}:{format_peer((self.host, self.port))}"
 
     @abstractmethod
     async def run(

@@ -126,6 +126,8 @@ class TcpSource(Source):
             try:
                 frames = decoder.feed(data) if data else decoder.close()
             except FrameTooLarge as exc:
+                if exc.frames:  # whole frames before the bad one were well formed
+                    await offer(exc.frames, Origin("tcp", listener, peer, time.time()))
                 ingress.reject("oversize")
                 connection_errors.info("%s: %s: %s; connection closed", listener, peer, exc)
                 return

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import trio
-from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
+from trio.lowlevel import ParkingLot
 
 from .._errors import ConfigurationError, SinkError
-from .._message import Item, Origin
+from .._message import Batch, Message, Origin
 from ..sinks._base import Sink
 
 __all__ = ("RecordingSink",)
@@ -42,12 +42,12 @@ class RecordingSink(Sink):
             raise ConfigurationError("recording.max_records", "must be at least 1")
         self.name = name
         self.latency = latency
-        self._records: deque[Item] = deque(maxlen=max_records)
+        self._records: deque[Message] = deque(maxlen=max_records)
         self._batch_sizes: deque[int] = deque(maxlen=max_records)
         self.count = 0
         """Messages delivered so far (including any no longer kept)."""
         self.attempts = 0
-        """Calls of :meth:`send`, successful or not."""
+        """Sends that finished, delivered or failed (a stalled send counts once it ends)."""
         self.failures = 0
         """Calls of :meth:`send` that raised an injected error."""
         self.opened = 0
@@ -65,8 +65,8 @@ class RecordingSink(Sink):
     # -- what was delivered ---------------------------------------------------------------
 
     @property
-    def items(self) -> list[Item]:
-        """Every kept ``(payload, origin)`` pair, in delivery order."""
+    def items(self) -> list[Message]:
+        """Every kept message (a ``(payload, origin)`` named tuple), in delivery order."""
         return list(self._records)
 
     @property
@@ -138,7 +138,7 @@ class RecordingSink(Sink):
         await self._wait_until(lambda: self._stalled_sends >= sends)
 
     async def wait_attempts(self, attempts: int) -> None:
-        """Wait until :meth:`send` has been called ``attempts`` times (failures included)."""
+        """Wait until ``attempts`` sends have finished, delivered or failed."""
         await self._wait_until(lambda: self.attempts >= attempts)
 
     async def _wait_until(self, condition: Callable[[], bool]) -> None:
@@ -152,10 +152,8 @@ class RecordingSink(Sink):
         self.opened += 1
         await trio.lowlevel.checkpoint()
 
-    async def send(self, batch: Sequence[Item]) -> None:
-        await checkpoint_if_cancelled()
-        self.attempts += 1
-        self._changed.unpark_all()
+    async def send(self, batch: Batch) -> None:
+        await trio.lowlevel.checkpoint()
         if self.latency:
             await trio.sleep(self.latency)
         while self._stalled:
@@ -165,19 +163,18 @@ class RecordingSink(Sink):
                 await self._recovered.wait()
             finally:
                 self._stalled_sends -= 1
+        # From here on nothing awaits: when a waiter wakes up, the pump has already counted
+        # this outcome (delivered, or failed and retrying).
+        self.attempts += 1
+        self._changed.unpark_all()
         if self._fail_forever or self._fail_times:
             if self._fail_times:
                 self._fail_times -= 1
             self.failures += 1
-            self._changed.unpark_all()
-            await cancel_shielded_checkpoint()
             raise self._error()
         self._records.extend(batch)
         self._batch_sizes.append(len(batch))
         self.count += len(batch)
-        self._changed.unpark_all()
-        # Recorded means delivered: no cancellation after this point.
-        await cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
         self.closed = True

@@ -278,7 +278,7 @@ async def test_unknown_method_is_unimplemented() -> None:
 
 
 async def test_bearer_token_is_required_except_for_health() -> None:
-    async with serving(bearer_token="s3cret") as served:
+    async with serving(token="s3cret") as served:
 
         def call() -> tuple[grpc.RpcError, grpc.RpcError, Any, Any]:
             with grpc.insecure_channel(served.target) as channel:
@@ -467,5 +467,5 @@ def test_configuration_errors_name_the_key() -> None:
         GrpcSource(max_concurrent_streams=0)
     assert info.value.key == "grpc.max_concurrent_streams"
     with pytest.raises(ConfigurationError) as info:
-        GrpcSource(bearer_token="")
-    assert info.value.key == "grpc.bearer_token"
+        GrpcSource(token="")
+    assert info.value.key == "grpc.token"

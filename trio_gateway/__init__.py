@@ -31,6 +31,7 @@ from .sinks import NullSink as NullSink
 from .sinks import Sink as Sink
 from .sinks import StdoutSink as StdoutSink
 from .sinks import TcpSink as TcpSink
+from .sources import GrpcSource as GrpcSource
 from .sources import HttpSource as HttpSource
 from .sources import Source as Source
 from .sources import TcpSource as TcpSource
@@ -47,6 +48,7 @@ __all__ = (
     "FrameTooLarge",
     "Gateway",
     "GatewayError",
+    "GrpcSource",
     "HttpSource",
     "Ingress",
     "Item",

@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     for flag, text in (
         ("--http", "an HTTP listener: POST /ingest"),
         ("--ws", "a WebSocket listener"),
+        ("--grpc", "a gRPC listener"),
     ):
         serve.add_argument(
             flag, action="append", default=[], metavar="HOST:PORT", help=f"{text} (repeatable)"
@@ -116,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--ws-token", metavar="TOKEN|env:NAME", help="bearer token the --ws listeners require"
+    )
+    serve.add_argument(
+        "--grpc-token", metavar="TOKEN|env:NAME", help="bearer token the --grpc listeners require"
     )
     serve.add_argument(
         "--tls-cert", metavar="PEM", help="serve TLS on the flag-defined listeners with this cert"
@@ -196,12 +200,13 @@ def _tls_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _flag_sources(args: argparse.Namespace) -> list[SourceConfig]:
-    """The --http and --ws listeners (TCP's TLS is applied with the other --tcp options)."""
+    """The --http, --ws and --grpc listeners (TCP's TLS goes with the other --tcp options)."""
     tls = _tls_options(args)
     sources: list[SourceConfig] = []
     for transport, values, token, flag in (
         ("http", args.http, args.http_token, "--http"),
         ("websocket", args.ws, args.ws_token, "--ws"),
+        ("grpc", args.grpc, args.grpc_token, "--grpc"),
     ):
         options: dict[str, str] = dict(tls)
         if token:

@@ -45,7 +45,7 @@ from ._errors import ConfigurationError
 from ._gateway import Gateway, Processor, RetryPolicy
 from .queues import POLICIES, QUEUE_KINDS, OverflowPolicy, Queue
 from .sinks import FileSink, NullSink, Sink, StdoutSink, TcpSink
-from .sources import HttpSource, Source, TcpSource, UdpSource, WebSocketSource
+from .sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
 
 __all__ = (
     "DEFAULT_ADMIN",
@@ -70,6 +70,7 @@ SOURCE_KINDS: dict[str, type[Source]] = {
     "udp": UdpSource,
     "http": HttpSource,
     "websocket": WebSocketSource,
+    "grpc": GrpcSource,
 }
 """Source classes by transport name (``[[sources]] transport = ...``, ``--tcp`` ...)."""
 

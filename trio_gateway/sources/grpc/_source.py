@@ -10,6 +10,7 @@ import trio
 
 from ..._errors import ConfigurationError, TransportError
 from ..._ingress import Ingress
+from ..._tls import resolve_server_tls
 from .._base import Source, format_peer, serve_connections
 from ._server import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer, ServerLimits, ServiceHandlers
 from ._services import (
@@ -57,7 +58,7 @@ class GrpcSource(Source):
     * ``StreamAcked``: one Ack per message, accepted or rejected (``queue_full``).
     * ``grpc.health.v1.Health``: SERVING, NOT_SERVING once draining (exempt from the token).
 
-    ``ssl_context`` enables TLS; ALPN ``h2`` is set on it. ``bearer_token`` requires
+    ``ssl_context`` enables TLS; ALPN ``h2`` is set on it. ``token`` requires
     ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED otherwise). ``services`` adds
     grpclib-style implementations of your own services to the same server.
     """
@@ -74,7 +75,10 @@ class GrpcSource(Source):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_concurrent_streams: int = 128,
         ssl_context: ssl.SSLContext | None = None,
-        bearer_token: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        client_ca: str | None = None,
+        token: str | None = None,
         queue_timeout: float = 1.0,
         services: Sequence[ServiceHandlers] = (),
     ) -> None:
@@ -89,13 +93,16 @@ class GrpcSource(Source):
             raise ConfigurationError("grpc.max_concurrent_streams", "must be at least 1")
         if queue_timeout < 0:
             raise ConfigurationError("grpc.queue_timeout", "must not be negative")
-        if bearer_token is not None and not bearer_token:
-            raise ConfigurationError("grpc.bearer_token", "must not be empty")
+        if token is not None and not token:
+            raise ConfigurationError("grpc.token", "must not be empty")
+        ssl_context = resolve_server_tls(
+            "grpc", ssl_context, certfile, keyfile, client_ca, alpn=("h2",)
+        )
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["h2"])
         self.max_concurrent_streams = max_concurrent_streams
         self.ssl_context = ssl_context
-        self.bearer_token = bearer_token
+        self.token = token
         self.queue_timeout = queue_timeout
         self.services = tuple(services)
         self.bound: list[tuple[str, int]] = []
@@ -121,7 +128,7 @@ class GrpcSource(Source):
             wait_stopping=ingress.wait_stopping,
             reject=ingress.reject,
             limits=self.limits(),
-            bearer_token=self.bearer_token,
+            bearer_token=self.token,
             public_paths=_HEALTH_PATHS,
             label=ingress.listener,
         )

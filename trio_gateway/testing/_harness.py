@@ -144,17 +144,25 @@ async def open_gateway(gateway: Gateway) -> AsyncIterator[GatewayHandle]:
 
     Leaving the block normally shuts the gateway down gracefully and waits for its ledger (in
     :attr:`GatewayHandle.ledger`); leaving it with an exception cancels the gateway, which
-    still flushes::
+    still flushes, and then the exception propagates as it is (not in an exception group)::
 
         async with open_gateway(Gateway(sources=[source], sink=sink)) as handle:
             await source.send(b"hello")
             await sink.wait_for(1)
         assert handle.ledger.balanced
     """
+    error: Exception | None = None
     async with trio.open_nursery() as nursery:
         handle = await start_gateway(nursery, gateway)
-        yield handle
-        gateway.shutdown()
+        try:
+            yield handle
+        except Exception as exc:
+            error = exc
+            nursery.cancel_scope.cancel()
+        else:
+            gateway.shutdown()
+    if error is not None:
+        raise error
 
 
 class GatewayFactory:

@@ -442,3 +442,16 @@ def test_fixture_fails_a_test_whose_ledger_does_not_balance(tmp_path: Path) -> N
     assert "1 failed, 1 passed" in result.stdout
     assert "FAILED test_leaky.py::test_leaky" in result.stdout
     assert "does not balance" in result.stdout
+
+
+def test_docs_show_the_examples_as_they_are_run() -> None:
+    """Every example function shown in docs/testing.md is, verbatim, in docs/examples/."""
+    text = (REPO / "docs" / "testing.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    examples = "\n".join(
+        path.read_text() for path in sorted((REPO / "docs" / "examples").glob("test_*.py"))
+    )
+    shown = [block for block in blocks if "def test_" in block]
+    assert len(shown) >= 3
+    for block in shown:
+        assert block.strip() in examples, block

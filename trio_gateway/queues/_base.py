@@ -285,6 +285,13 @@ class Queue(ABC, Generic[T]):
         """Take the oldest item; :class:`trio.WouldBlock` / :class:`trio.EndOfChannel` as above."""
         return self.get_batch_nowait(1)[0]
 
+    async def wait_not_empty(self) -> None:
+        """Wait until there is at least one item to take (or the queue is closed)."""
+        await checkpoint_if_cancelled()
+        while not self._closed and not len(self):
+            await self._consumers.park()
+        await cancel_shielded_checkpoint()
+
     async def get_batch(self, max_items: int) -> list[T]:
         """Wait for at least one item, then take up to ``max_items`` of them."""
         if max_items < 1:

@@ -3,7 +3,6 @@ test kit in virtual time: every timeout, backoff and drain deadline here costs n
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable
 
 import pytest
@@ -29,15 +28,6 @@ from trio_gateway.testing import (
     RecordingSink,
     open_gateway,
 )
-
-if not any(
-    ep.name == "trio_gateway" for ep in importlib.metadata.entry_points(group="pytest11")
-):  # the plugin is not installed as an entry point yet: load its fixtures here
-    from trio_gateway.testing._plugin import (  # noqa: F401
-        gateway_factory,
-        memory_source,
-        recording_sink,
-    )
 
 
 def upper(message: Message) -> bytes:

@@ -35,15 +35,6 @@ from trio_gateway.testing import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-ENTRY_POINT = [
-    ep for ep in importlib.metadata.entry_points(group="pytest11") if ep.name == "trio_gateway"
-]
-if not ENTRY_POINT:  # the plugin is not installed as an entry point yet: load its fixtures here
-    from trio_gateway.testing._plugin import (  # noqa: F401
-        gateway_factory,
-        memory_source,
-        recording_sink,
-    )
 
 
 # -- the public surface -------------------------------------------------------------------
@@ -79,10 +70,12 @@ def test_importing_the_kit_does_not_import_pytest() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_entry_point_names_the_plugin_module() -> None:
-    if not ENTRY_POINT:
-        pytest.skip("the pytest11 entry point is not installed yet (pip install -e .)")
-    assert ENTRY_POINT[0].value == "trio_gateway.testing._plugin"
+def test_entry_point_names_the_plugin_module(pytestconfig: pytest.Config) -> None:
+    (entry_point,) = [
+        ep for ep in importlib.metadata.entry_points(group="pytest11") if ep.name == "trio_gateway"
+    ]
+    assert entry_point.value == "trio_gateway.testing._plugin"
+    assert pytestconfig.pluginmanager.has_plugin("trio_gateway")
 
 
 # -- MemorySource -------------------------------------------------------------------------
@@ -316,6 +309,21 @@ async def test_handle_reports_real_listeners_and_statistics() -> None:
     assert not handle.statistics().accepting
     assert sink.payloads == [b"one", b"two", b"three"]
     assert {o.transport for o in sink.origins} == {"tcp"}
+
+
+async def test_idle_timeout_of_a_real_listener_runs_in_virtual_time(
+    autojump_clock: MockClock,
+) -> None:
+    sink = RecordingSink()
+    gateway = Gateway(sources=[TcpSource(idle_timeout=300.0)], sink=sink)
+    async with open_gateway(gateway) as handle:
+        stream = await trio.open_tcp_stream(*handle.address())
+        async with stream:
+            start = trio.current_time()
+            with trio.fail_after(1000):
+                assert await stream.receive_some(16) == b""  # the gateway closed it
+            assert trio.current_time() - start >= 300.0
+    assert handle.ledger.rejected == {"idle_timeout": 1}
 
 
 async def test_open_gateway_re_raises_the_body_error_after_flushing(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -31,7 +32,7 @@ class MessageBuffer:
 
     def __init__(self, queue: Queue[bytes]) -> None:
         self.queue = queue
-        self._runs: deque[list[object]] = deque()  # [origin, count], mutable to trim in place
+        self._runs: deque[list[Any]] = deque()  # [origin, count], mutable to trim in place
         self._held = 0
 
     @property
@@ -65,10 +66,7 @@ class MessageBuffer:
                 taken.append((UNKNOWN_ORIGIN, n))
                 break
             run = runs[0]
-            count = run[1]
-            assert isinstance(count, int)
-            origin = run[0]
-            assert isinstance(origin, Origin)
+            origin, count = run
             if count <= n:
                 runs.popleft()
                 taken.append((origin, count))

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 import trio
 
 from ._buffer import MessageBuffer
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, SinkError
 from ._ingress import Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
@@ -116,6 +116,14 @@ class Gateway:
         self.sources = tuple(sources)
         self.sink = sink
         self.queue: Queue[bytes] = queue if queue is not None else RingBuffer(10_000)
+        max_bytes = self.queue.max_bytes
+        for source in self.sources:
+            if max_bytes is not None and source.max_message_size > max_bytes:
+                # Under block, such a message could never fit: its sender would wait forever.
+                raise ConfigurationError(
+                    f"{source.transport}.max_message_size",
+                    f"{source.max_message_size} is larger than queue.max_bytes ({max_bytes})",
+                )
         self.buffer = MessageBuffer(self.queue)
         self.processor = processor
         self.batch_size = batch_size
@@ -338,6 +346,8 @@ class Gateway:
                     )
                     return False
                 delay = self.retry.delay(attempt)
+                if isinstance(exc, SinkError) and exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)  # the destination asked for it
                 _sink_errors.warning(
                     "sink %s: %s failed (%r); retry %d in %.2f s",
                     self.sink.name,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+
 import trio
 
 from .._errors import ConfigurationError, SinkError
@@ -22,7 +24,11 @@ class TcpSink(Sink):
 
     On any connection error the stream is dropped and :class:`SinkError` raised; the gateway's
     pump retries the batch with exponential backoff, and the next attempt reconnects. A batch
-    cut off mid-write is sent again whole, so delivery is at-least-once.
+    cut off mid-write is sent again whole, so delivery is at-least-once, with one limit: TCP has
+    no acknowledgement from the destination's application, so "sent" means "written to the
+    socket". Before each batch the sink checks whether the destination has closed its side
+    (a clean exit or restart sends FIN) and reconnects instead of writing into a dead
+    connection; what was in the kernel's buffers when a destination crashed is lost.
     """
 
     def __init__(
@@ -51,7 +57,22 @@ class TcpSink(Sink):
     async def open(self) -> None:
         self._stream = await self._connect()
 
+    @staticmethod
+    def _peer_closed(stream: trio.SocketStream) -> bool:
+        """True if the destination has closed its side.
+
+        It never sends us anything, so a readable socket means EOF or a reset: one ``poll``
+        with no timeout, once per batch.
+        """
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN | select.POLLRDHUP)
+        return bool(poller.poll(0))
+
     async def send(self, batch: Batch) -> None:
+        if self._stream is not None and self._peer_closed(self._stream):
+            # Writing now would "succeed" into the kernel and be lost when the RST comes back.
+            stream, self._stream = self._stream, None
+            await trio.aclose_forcefully(stream)
         if self._stream is None:
             self._stream = await self._connect()
         data = encode_batch(batch)

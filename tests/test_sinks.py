@@ -1,0 +1,123 @@
+"""Sinks: JSON Lines encoding, the file sink, and the TCP sink's reconnection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+
+from trio_gateway import Batch, FileSink, Gateway, Origin, RetryPolicy, TcpSink, TcpSource
+from trio_gateway.codecs import LengthPrefixDecoder
+from trio_gateway.sinks import decode_jsonl_record, encode_jsonl
+
+ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
+OTHER = Origin("udp", "udp:127.0.0.1:7001", "[::1]:6000", 1700000001.5)
+
+
+def test_jsonl_records_utf8_and_binary_payloads() -> None:
+    payloads = [b'{"t":21.5}', "caf\u00e9 \u2603".encode(), b"\xff\xfe\x00binary", b""]
+    batch = Batch(list(payloads), [(ORIGIN, 2), (OTHER, 2)])
+    lines = encode_jsonl(batch).splitlines()
+    assert len(lines) == 4
+    records = [json.loads(line) for line in lines]
+    assert records[0] == {
+        "transport": "tcp",
+        "peer": "127.0.0.1:5000",
+        "received_at": 1700000000.25,
+        "payload": '{"t":21.5}',
+    }
+    assert records[2]["transport"] == "udp" and records[2]["peer"] == "[::1]:6000"
+    assert "payload" not in records[2] and "payload_b64" in records[2]
+    assert [decode_jsonl_record(line)[0] for line in lines] == payloads
+
+
+def test_batch_iterates_and_indexes_as_messages() -> None:
+    batch = Batch([b"a", b"b", b"c"], [(ORIGIN, 1), (OTHER, 2)])
+    assert [(m.payload, m.origin) for m in batch] == [(b"a", ORIGIN), (b"b", OTHER), (b"c", OTHER)]
+    assert batch[2].origin is OTHER and batch[-3].origin is ORIGIN
+    assert Batch.of(list(batch)).runs == [(ORIGIN, 1), (OTHER, 2)]
+    assert batch.nbytes == 3 and len(batch) == 3
+
+
+async def test_file_sink_appends(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"existing":true}\n')
+    sink = FileSink(path)
+    await sink.open()
+    await sink.send(Batch([b"one", b"two"], [(ORIGIN, 2)]))
+    await sink.aclose()
+    assert path.read_bytes().startswith(b'{"existing":true}\n')
+    assert [decode_jsonl_record(line)[0] for line in path.read_bytes().splitlines()[1:]] == [
+        b"one",
+        b"two",
+    ]
+
+
+class _Destination:
+    """A plain length-prefixed TCP server that can go away and come back on the same port."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.port = 0
+        self.connections = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        decoder = LengthPrefixDecoder()
+        async with stream:
+            while data := await stream.receive_some(65536):
+                self.payloads.extend(decoder.feed(data))
+
+
+async def test_tcp_sink_reconnects_and_delivers_everything_at_least_once() -> None:
+    destination = _Destination()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            up = trio.CancelScope()
+
+            async def run_destination(
+                *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+            ) -> None:
+                with up:
+                    await destination.serve(task_status=task_status)
+
+            await nursery.start(run_destination)
+            sink = TcpSink("127.0.0.1", destination.port)
+            gateway = Gateway(
+                sources=[TcpSource(port=0)],
+                sink=sink,
+                retry=RetryPolicy(initial=0.05, maximum=0.2),
+                batch_size=100,
+            )
+            async with trio.open_nursery() as inner:
+                ((address,),) = await inner.start(gateway.run)
+                client = await trio.open_tcp_stream(*address)
+                await client.send_all(b"".join(b"first %d\n" % i for i in range(500)))
+                while len(destination.payloads) < 500:
+                    await trio.sleep(0.01)
+                # The destination goes away: its listener and connections close.
+                up.cancel()
+                await trio.sleep(0.05)
+                await client.send_all(b"".join(b"second %d\n" % i for i in range(500)))
+                while gateway.pump_counters.sink_retries < 2:  # the pump fails, backs off
+                    await trio.sleep(0.01)
+                # It comes back on the same port.
+                up = trio.CancelScope()
+                await nursery.start(run_destination)
+                while len(set(destination.payloads)) < 1000:
+                    await trio.sleep(0.01)
+                await client.aclose()
+                gateway.shutdown()
+            up.cancel()
+    expected = {b"first %d" % i for i in range(500)} | {b"second %d" % i for i in range(500)}
+    assert set(destination.payloads) == expected
+    assert sink.connects >= 2
+    ledger = gateway.ledger
+    assert ledger.delivered == 1000 and ledger.balanced

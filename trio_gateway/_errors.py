@@ -54,4 +54,12 @@ class TransportError(GatewayError):
 
 
 class SinkError(GatewayError):
-    """A sink could not deliver a batch; the pump may retry it."""
+    """A sink could not deliver a batch; the pump may retry it.
+
+    ``retry_after``, when set, is the least number of seconds the pump waits before the next
+    attempt (a destination's ``Retry-After``); the backoff applies when it asks for longer.
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

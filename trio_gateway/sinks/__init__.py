@@ -1,8 +1,10 @@
 """Destinations. Every sink takes whole batches; the gateway's pump retries failed ones."""
 
 from ._base import Sink as Sink
+from ._http import HttpSink as HttpSink
 from ._jsonl import decode_jsonl_record as decode_jsonl_record
 from ._jsonl import encode_jsonl as encode_jsonl
+from ._nats import NatsSink as NatsSink
 from ._simple import FileSink as FileSink
 from ._simple import NullSink as NullSink
 from ._simple import StdoutSink as StdoutSink
@@ -10,6 +12,8 @@ from ._tcp import TcpSink as TcpSink
 
 __all__ = (
     "FileSink",
+    "HttpSink",
+    "NatsSink",
     "NullSink",
     "Sink",
     "StdoutSink",

@@ -1,0 +1,285 @@
+"""The HTTP sink against a real HTTP server (hypercorn on Trio, serving a scriptable ASGI app)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import pairwise
+from typing import Any
+
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from trio_gateway import Batch, Gateway, Origin, RetryPolicy, SinkError, TcpSource
+from trio_gateway.sinks import HttpSink, decode_jsonl_record
+from trio_gateway.sinks._http import parse_retry_after, split_body
+
+ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
+
+
+@dataclass
+class Request:
+    body: bytes
+    headers: dict[str, str]
+    at: float
+
+
+@dataclass
+class Destination:
+    """Answers with ``script`` in order (status, headers), then 200; records every request."""
+
+    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    url: str = ""
+
+    @property
+    def delivered(self) -> list[Request]:
+        return [r for r, status in zip(self.requests, self.statuses, strict=True) if status < 300]
+
+    statuses: list[int] = field(default_factory=list)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                kind = (await receive())["type"]  # lifespan.startup, then lifespan.shutdown
+                await send({"type": kind + ".complete"})
+                if kind == "lifespan.shutdown":
+                    return
+        body = bytearray()
+        while True:
+            event = await receive()
+            body += event.get("body", b"")
+            if not event.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.requests.append(Request(bytes(body), headers, trio.current_time()))
+        status, extra = self.script.pop(0) if self.script else (200, {})
+        self.statuses.append(status)
+        answer = json.dumps({"status": status}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in extra.items()]
+                + [(b"content-length", str(len(answer)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+
+@pytest.fixture
+async def destination(nursery: trio.Nursery) -> AsyncIterator[Destination]:
+    app = Destination()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    shutdown = trio.Event()
+    binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
+    app.url = binds[0] + "/ingest"
+    yield app
+    shutdown.set()
+
+
+def records(request: Request) -> list[bytes]:
+    return [decode_jsonl_record(line)[0] for line in request.body.splitlines()]
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(" 0 ") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-3") is None
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert parse_retry_after(date, now=1_000_000) == 30.0
+    assert parse_retry_after(date, now=2_000_000) == 0.0
+
+
+def test_split_body_cuts_at_line_ends() -> None:
+    body = b"".join(b"%04d\n" % i for i in range(10))  # 5-byte lines
+    assert split_body(body, 1 << 20) == [body]
+    chunks = split_body(body, 12)
+    assert b"".join(chunks) == body and all(c.endswith(b"\n") for c in chunks)
+    assert [len(c) for c in chunks] == [10] * 5
+    long = b"x" * 40 + b"\n"
+    assert split_body(b"a\n" + long + b"b\n", 8) == [b"a\n", long, b"b\n"]
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://host/x", "http:///x", "http://host:99999/x", "nats://host/x", "host/x"]
+)
+def test_bad_http_url_is_a_config_error_naming_sink(url: str) -> None:
+    with pytest.raises(Exception) as caught:
+        HttpSink(url)
+    assert type(caught.value).__name__ == "ConfigurationError"
+    assert str(caught.value).startswith("sink: ")
+
+
+# -- against a real server ----------------------------------------------------------------------
+
+
+async def test_gateway_posts_ndjson_batches(destination: Destination) -> None:
+    sink = HttpSink(destination.url, token="s3cret")
+    gateway = Gateway(sources=[TcpSource(port=0)], sink=sink, batch_size=100)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            async with await trio.open_tcp_stream(*address) as client:
+                await client.send_all(b"".join(b'{"n":%d}\n' % i for i in range(250)))
+                await client.send_all(b"\xff\xfebinary\n")
+            while gateway.ledger.received < 251:
+                await trio.sleep(0.01)
+            gateway.shutdown()
+    assert gateway.ledger.delivered == 251 and gateway.ledger.balanced
+    payloads = [p for request in destination.requests for p in records(request)]
+    assert payloads == [b'{"n":%d}' % i for i in range(250)] + [b"\xff\xfebinary"]
+    first = destination.requests[0]
+    assert first.headers["content-type"] == "application/x-ndjson"
+    assert first.headers["authorization"] == "Bearer s3cret"
+    _, record = decode_jsonl_record(first.body.splitlines()[0])
+    assert record["transport"] == "tcp" and record["peer"].startswith("127.0.0.1:")
+    keys = [r.headers["idempotency-key"] for r in destination.requests]
+    assert len(set(keys)) == len(keys)
+    assert sink.failures == {} and sink.requests == len(destination.requests)
+
+
+async def test_5xx_is_retried_with_backoff_and_the_same_idempotency_key(
+    destination: Destination,
+) -> None:
+    destination.script = [(500, {}), (502, {}), (503, {})]  # 503 without Retry-After
+    sink = HttpSink(destination.url)
+    gateway = Gateway(
+        sources=[TcpSource(port=0)],
+        sink=sink,
+        retry=RetryPolicy(initial=0.05, maximum=0.1),
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            async with await trio.open_tcp_stream(*address) as client:
+                await client.send_all(b"one\ntwo\n")
+            while gateway.ledger.delivered < 2:
+                await trio.sleep(0.01)
+            gateway.shutdown()
+    assert destination.statuses == [500, 502, 503, 200]
+    assert {r.body for r in destination.requests} == {destination.requests[0].body}
+    assert len({r.headers["idempotency-key"] for r in destination.requests}) == 1
+    assert sink.failures == {"http_500": 1, "http_502": 1, "http_503": 1}
+    assert gateway.pump_counters.sink_errors == 3 and gateway.pump_counters.sink_retries == 3
+    gaps = [b.at - a.at for a, b in pairwise(destination.requests)]
+    assert all(gap >= 0.025 for gap in gaps)  # full jitter: at least half the backoff
+
+
+async def test_429_retry_after_is_honoured(destination: Destination) -> None:
+    destination.script = [(429, {"Retry-After": "1"})]
+    sink = HttpSink(destination.url)
+    gateway = Gateway(
+        sources=[TcpSource(port=0)],
+        sink=sink,
+        retry=RetryPolicy(initial=0.01, maximum=0.02),  # far shorter than Retry-After
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            async with await trio.open_tcp_stream(*address) as client:
+                await client.send_all(b"hello\n")
+            while gateway.ledger.delivered < 1:
+                await trio.sleep(0.01)
+            gateway.shutdown()
+    assert destination.statuses == [429, 200]
+    assert destination.requests[1].at - destination.requests[0].at >= 1.0
+    assert sink.failures == {"http_429": 1}
+
+
+async def test_retry_after_is_capped_and_carried_on_the_error(destination: Destination) -> None:
+    destination.script = [(503, {"Retry-After": "3600"}), (429, {})]
+    sink = HttpSink(destination.url, max_retry_after=2.5)
+    batch = Batch([b"x"], [(ORIGIN, 1)])
+    with trio.fail_after(10):
+        with pytest.raises(SinkError) as first:
+            await sink.send(batch)
+        assert first.value.retry_after == 2.5
+        with pytest.raises(SinkError) as second:
+            await sink.send(batch)
+        assert second.value.retry_after is None  # 429 without Retry-After: backoff alone
+        await sink.send(batch)
+        await sink.aclose()
+    assert destination.statuses == [503, 429, 200]
+
+
+async def test_connection_refused_then_server_up(nursery: trio.Nursery) -> None:
+    with trio.socket.socket() as probe:  # a port with nothing listening yet
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = Destination()
+    sink = HttpSink(f"http://127.0.0.1:{port}/ingest", connect_timeout=1.0)
+    batch = Batch([b"a", b"b"], [(ORIGIN, 2)])
+    with trio.fail_after(20):
+        with pytest.raises(SinkError, match="connect failed"):
+            await sink.send(batch)
+        assert sink.failures == {"connect": 1}
+        config = Config()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.accesslog = config.errorlog = None
+        shutdown = trio.Event()
+        await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
+        await sink.send(batch)
+        await sink.aclose()
+        shutdown.set()
+    assert [records(r) for r in app.requests] == [[b"a", b"b"]]
+
+
+async def test_large_batch_is_split_and_a_retry_resumes_where_it_failed(
+    destination: Destination,
+) -> None:
+    destination.script = [(200, {}), (500, {})]  # the second body fails once
+    sink = HttpSink(destination.url, max_body_bytes=4096)
+    payloads = [b"%0100d" % i for i in range(200)]  # ~25 KiB of NDJSON
+    batch = Batch(list(payloads), [(ORIGIN, 200)])
+    with trio.fail_after(10):
+        with pytest.raises(SinkError, match="500"):
+            await sink.send(batch)
+        await sink.send(batch)  # the pump's retry: same batch object
+        await sink.aclose()
+    assert all(len(r.body) <= 4096 for r in destination.requests)
+    assert destination.statuses[:3] == [200, 500, 200]
+    keys = [r.headers["idempotency-key"] for r in destination.requests]
+    assert keys[1] == keys[2] and len(set(keys)) == len(keys) - 1
+    delivered = [p for r in destination.delivered for p in records(r)]
+    assert delivered == payloads  # nothing twice, nothing lost, in order
+
+
+async def test_4xx_fails_and_is_counted_with_the_answer(destination: Destination) -> None:
+    destination.script = [(401, {})]
+    sink = HttpSink(destination.url)
+    with trio.fail_after(10):
+        with pytest.raises(SinkError, match=r'answered 401 Unauthorized: \{"status": 401\}'):
+            await sink.send(Batch([b"x"], [(ORIGIN, 1)]))
+        await sink.aclose()
+    assert sink.failures == {"http_401": 1}
+
+
+async def test_slow_server_times_out(nursery: trio.Nursery) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def never_answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, never_answer, listeners)
+    sink = HttpSink(f"http://127.0.0.1:{port}/", timeout=0.3)
+    with trio.fail_after(10):
+        with pytest.raises(SinkError, match="timed out"):
+            await sink.send(Batch([b"x"], [(ORIGIN, 1)]))
+        await sink.aclose()
+    assert sink.failures == {"timeout": 1}

@@ -1,0 +1,237 @@
+"""An HTTP sink: each batch POSTed as NDJSON (the file sink's JSON Lines records) with httpx.
+
+httpx runs on Trio natively (through anyio), so no bridge is needed. One keep-alive connection,
+one request at a time: the pump sends batches in order, and so does this sink.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .._errors import ConfigurationError, SinkError
+from .._message import Batch
+from ._base import Sink
+from ._jsonl import encode_jsonl
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ("HttpSink", "parse_retry_after", "split_body")
+
+CONTENT_TYPE = "application/x-ndjson"
+_MAX_ANSWER = 64 * 1024
+
+
+def _import_httpx() -> Any:
+    try:
+        import httpx
+    except ImportError as exc:
+        raise ConfigurationError(
+            "sink", f"the http sink needs httpx (pip install 'trio_gateway[http]'): {exc}"
+        ) from exc
+    return httpx
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP-date; None when absent or
+    unparseable (then the pump's backoff alone applies)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP-date is always GMT; a date without a zone is not one
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "(unknown status)"
+
+
+def split_body(body: bytes, max_bytes: int) -> list[bytes]:
+    """Cut NDJSON into bodies of at most ``max_bytes`` at line ends (a longer line goes alone)."""
+    if len(body) <= max_bytes:
+        return [body]
+    chunks: list[bytes] = []
+    start = 0
+    end = len(body)
+    while start < end:
+        if end - start <= max_bytes:
+            chunks.append(body[start:])
+            break
+        cut = body.rfind(b"\n", start, start + max_bytes)
+        if cut < 0:  # one record longer than max_bytes: it goes alone
+            cut = body.find(b"\n", start + max_bytes)
+            cut = end - 1 if cut < 0 else cut
+        chunks.append(body[start : cut + 1])
+        start = cut + 1
+    return chunks
+
+
+class HttpSink(Sink):
+    """POSTs each batch to ``url`` as NDJSON: one JSON Lines record per message
+    (``{"transport", "peer", "received_at", "payload"}``, ``"payload_b64"`` for binary).
+
+    Any 2xx answer delivers the body. Connection errors, timeouts, 408 and 5xx raise
+    :class:`SinkError` and the pump retries with its backoff; 429 and 503 with ``Retry-After``
+    make the pump wait at least that long (capped at ``max_retry_after``); any other answer is
+    a failure too (retried: a fixed token or endpoint resumes delivery). ``failures`` counts
+    them by reason. A batch whose NDJSON is larger than ``max_body_bytes`` goes as several
+    requests; a retry resumes at the request that failed. Each request carries an
+    ``Idempotency-Key`` that a retry repeats, so a receiver can drop copies.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        max_body_bytes: int = 8 * 1024 * 1024,
+        max_retry_after: float = 60.0,
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+        verify: bool | str = True,
+        http2: bool = False,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigurationError(
+                "sink", f"http sink needs http(s)://HOST[:PORT]/PATH, got {url!r}"
+            )
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as exc:
+            raise ConfigurationError("sink", f"http sink: {exc}: {url!r}") from exc
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ConfigurationError("sink", "http sink: timeouts must be positive")
+        if max_body_bytes < 1024:
+            raise ConfigurationError("sink", "http sink: max_body_bytes must be at least 1024")
+        if max_retry_after < 0:
+            raise ConfigurationError("sink", "http sink: max_retry_after must not be negative")
+        _import_httpx()  # a missing httpx is a configuration error, found before serving
+        self.url = url
+        self.name = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_body_bytes = max_body_bytes
+        self.max_retry_after = max_retry_after
+        self.headers = {"Content-Type": CONTENT_TYPE, **(headers or {})}
+        if token is not None:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.verify = verify
+        self.http2 = http2
+        self.sink_id = secrets.token_urlsafe(9)
+        self.requests = 0
+        """Requests sent (each attempt counts)."""
+        self.failures: Counter[str] = Counter()
+        """Failed requests by reason: ``connect``, ``timeout``, ``transport``, ``http_<status>``."""
+        self._client: httpx.AsyncClient | None = None
+        self._batches = 0
+        self._resume: tuple[Batch, int, list[bytes], int] | None = None
+        """The batch that failed last: (batch, its number, its bodies, the first body not sent)."""
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        httpx = _import_httpx()
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            headers=self.headers,
+            verify=self.verify,
+            http2=self.http2,
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def send(self, batch: Batch) -> None:
+        if self._client is None:
+            await self.open()
+        if self._resume is not None and self._resume[0] is batch:
+            _, number, bodies, first = self._resume
+        else:
+            self._batches += 1
+            number, bodies, first = (
+                self._batches,
+                split_body(encode_jsonl(batch), self.max_body_bytes),
+                0,
+            )
+        for index in range(first, len(bodies)):
+            try:
+                await self._post(bodies[index], f"{self.sink_id}-{number}-{index}")
+            except SinkError:
+                self._resume = (batch, number, bodies, index)
+                raise
+        self._resume = None
+
+    async def _post(self, body: bytes, key: str) -> None:
+        httpx = _import_httpx()
+        client = self._client
+        assert client is not None
+        self.requests += 1
+        try:
+            async with client.stream(
+                "POST", self.url, content=body, headers={"Idempotency-Key": key}
+            ) as response:
+                # Read at most _MAX_ANSWER bytes of the answer: a reply is a status, not data
+                # (an answer left unread closes the connection instead of keeping it alive).
+                answer = bytearray()
+                async for chunk in response.aiter_bytes():
+                    answer += chunk
+                    if len(answer) >= _MAX_ANSWER:
+                        break
+        except httpx.ConnectError as exc:
+            raise self._fail("connect", f"connect failed: {exc!r}", exc) from exc
+        except httpx.TimeoutException as exc:
+            raise self._fail("timeout", f"timed out: {exc!r}", exc) from exc
+        except httpx.HTTPError as exc:  # read/write errors, protocol errors
+            raise self._fail("transport", f"request failed: {exc!r}", exc) from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        retry_after = None
+        if status in (429, 503):
+            asked = parse_retry_after(response.headers.get("Retry-After"))
+            if asked is not None and math.isfinite(asked):
+                retry_after = min(asked, self.max_retry_after)
+        detail = bytes(answer[:200]).decode(errors="replace").strip()
+        raise self._fail(
+            f"http_{status}",
+            f"answered {status} {_phrase(status)}" + (f": {detail}" if detail else ""),
+            retry_after=retry_after,
+        )
+
+    def _fail(
+        self,
+        reason: str,
+        message: str,
+        cause: BaseException | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> SinkError:
+        self.failures[reason] += 1
+        error = SinkError(f"{self.name}: {message}", retry_after=retry_after)
+        error.__cause__ = cause
+        return error
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()

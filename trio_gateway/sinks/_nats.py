@@ -1,0 +1,546 @@
+"""A NATS JetStream sink: each batch published with the official nats-py client, counted once acked.
+
+nats-py is an asyncio library. It runs here on its own asyncio event loop in one thread that the
+sink owns (started by :meth:`NatsSink.open`, joined by :meth:`NatsSink.aclose`); a batch crosses
+from Trio to that loop once, as one coroutine that publishes every message and waits for every
+acknowledgement, and its result crosses back once (``TrioToken.run_sync_soon``, no worker thread).
+docs/sinks.md gives the measurement behind this choice (bench/nats.py) and the alternative
+(trio-asyncio).
+
+Delivery is at-least-once, made exactly-once within JetStream's duplicate window: every message
+carries a ``Nats-Msg-Id`` of ``<sink id>.<sequence>``, where the sink id is random per sink
+instance and the sequence numbers are allocated once per batch, so a retried batch carries the
+same ids (JetStream drops the copies and says so in the ack) while two different messages never
+share one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import secrets
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import trio
+
+from .._errors import ConfigurationError, SinkError
+from .._log import RateLimitedLogger, logger
+from .._message import Batch, Origin
+from ._base import Sink
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+
+__all__ = ("NatsSink", "NatsTarget", "parse_nats_url")
+
+_log = logger.getChild("sinks.nats")
+_T = TypeVar("_T")
+
+DEFAULT_PORT = 4222
+_QUERY_KEYS = ("stream", "create", "storage", "replicas", "duplicate_window", "creds", "tls", "ca")
+
+
+@dataclass(frozen=True, slots=True)
+class NatsTarget:
+    """What a ``nats://`` sink URL says: servers, subject, the stream to expect or create."""
+
+    servers: tuple[str, ...]
+    """``nats://host:port`` for each server given (several seed a cluster connection)."""
+    subject: str
+    stream: str | None = None
+    """Publishes are checked against it (``Nats-Expected-Stream``); created when ``create``."""
+    create: bool = False
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1
+    duplicate_window: float = 120.0
+    """Seconds JetStream remembers a ``Nats-Msg-Id`` (only used when creating the stream)."""
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    """Path of a NATS ``.creds`` file (JWT + NKey), the usual credentials of a NATS deployment."""
+    tls: bool = False
+    ca: str | None = None
+
+
+def _bool(value: str, key: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError("sink", f"nats sink: {key} must be true or false, got {value!r}")
+
+
+def _server(hostport: str) -> str:
+    host, sep, port_text = hostport.rpartition(":")
+    if not sep or (hostport.startswith("[") and hostport.endswith("]")):
+        host, port_text = hostport, str(DEFAULT_PORT)
+    if not host.strip("[]"):
+        raise ConfigurationError("sink", f"nats sink: empty host in {hostport!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigurationError("sink", f"nats sink: bad port in {hostport!r}") from None
+    if not 0 < port <= 65535:
+        raise ConfigurationError("sink", f"nats sink: port out of range in {hostport!r}")
+    return f"nats://{host}:{port}"
+
+
+def parse_nats_url(url: str) -> NatsTarget:
+    """Parse ``nats://[user:password@|token@]host[:port][,host[:port]...]/SUBJECT[?options]``.
+
+    Options: ``stream=NAME``, ``create=true`` (create the stream for SUBJECT if it is missing),
+    ``storage=file|memory``, ``replicas=N``, ``duplicate_window=SECONDS``, ``creds=PATH``,
+    ``tls=true``, ``ca=PATH``. Every error is a :class:`ConfigurationError` naming ``sink``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "nats":
+        raise ConfigurationError("sink", f"nats sink URL must start with nats://, got {url!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    if not hosts:
+        raise ConfigurationError("sink", f"nats sink needs a host: {url!r}")
+    servers = tuple(_server(h) for h in hosts.split(","))
+    subject = unquote(parts.path.lstrip("/"))
+    if not subject or any(c in subject for c in " \t\r\n*>") or "/" in subject:
+        raise ConfigurationError(
+            "sink", f"nats sink needs one literal subject after the host (no * or >): {url!r}"
+        )
+    if ".." in subject or subject.startswith(".") or subject.endswith("."):
+        raise ConfigurationError("sink", f"nats sink: malformed subject {subject!r}")
+    user = password = token = None
+    if userinfo:
+        name, colon, secret = userinfo.partition(":")
+        if colon:
+            user, password = unquote(name), unquote(secret)
+        else:
+            token = unquote(name)
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if key not in _QUERY_KEYS:
+            raise ConfigurationError(
+                "sink",
+                f"nats sink: unknown option {key!r} (expected one of {', '.join(_QUERY_KEYS)})",
+            )
+        if key in ("create", "tls"):
+            options[key] = _bool(value, key)
+        elif key == "storage":
+            if value not in ("file", "memory"):
+                raise ConfigurationError(
+                    "sink", f"nats sink: storage must be file or memory, got {value!r}"
+                )
+            options[key] = value
+        elif key == "replicas":
+            if not value.isdigit() or not 1 <= int(value) <= 5:
+                raise ConfigurationError(
+                    "sink", f"nats sink: replicas must be 1 to 5, got {value!r}"
+                )
+            options[key] = int(value)
+        elif key == "duplicate_window":
+            try:
+                window = float(value)
+            except ValueError:
+                window = -1.0
+            if not 0 < window <= 86400:
+                raise ConfigurationError(
+                    "sink",
+                    f"nats sink: duplicate_window must be 0 < seconds <= 86400, got {value!r}",
+                )
+            options[key] = window
+        elif key == "stream":
+            if not value or any(c in value for c in " \t.*>/\\"):
+                raise ConfigurationError("sink", f"nats sink: bad stream name {value!r}")
+            options[key] = value
+        else:
+            options[key] = value
+    if options.get("create") and not options.get("stream"):
+        raise ConfigurationError("sink", "nats sink: create=true needs stream=NAME")
+    return NatsTarget(
+        servers=servers, subject=subject, user=user, password=password, token=token, **options
+    )
+
+
+def _import_nats() -> Any:
+    try:
+        import nats
+        import nats.js.errors
+    except ImportError as exc:
+        raise ConfigurationError(
+            "sink", f"the nats sink needs nats-py (pip install 'trio_gateway[nats]'): {exc}"
+        ) from exc
+    return nats
+
+
+class _LoopThread:
+    """An asyncio event loop running in a thread of its own, and the one bridge into it.
+
+    :meth:`run` hands a coroutine to the loop and sleeps in Trio (no worker thread) until the
+    loop finishes it; cancelling the Trio side cancels the asyncio task.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        loop = asyncio.new_event_loop()
+
+        def main() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_forever()
+                # Stopped: cancel what is left (nats-py's reader, flusher, pinger tasks).
+                tasks = asyncio.all_tasks(loop)
+                for task in tasks:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+        self._loop = loop
+        # A daemon only so that an interpreter exit without aclose() cannot hang on it;
+        # aclose() stops and joins it.
+        self._thread = threading.Thread(target=main, name=self._name, daemon=True)
+        self._thread.start()
+
+    async def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        loop = self._loop
+        if loop is None or not self.running:
+            coroutine.close()
+            raise SinkError("the sink's asyncio loop is not running")
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+
+        def wake(_: concurrent.futures.Future[_T]) -> None:
+            try:
+                token.run_sync_soon(finished.set)
+            except trio.RunFinishedError:
+                pass
+
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        future.add_done_callback(wake)
+        try:
+            await finished.wait()
+        except BaseException:
+            future.cancel()
+            raise
+        return future.result()
+
+    async def stop(self) -> None:
+        """Stop the loop and join the thread (bound it with a cancel scope: it is abandoned)."""
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:  # already closed
+            pass
+        await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+
+
+class _ConnectionLost(Exception):
+    pass
+
+
+class NatsSink(Sink):
+    """Publishes every message of a batch to a JetStream subject; ``send`` returns once all are
+    acknowledged (stored, or recognised as duplicates of stored ones).
+
+    ``NatsSink("nats://127.0.0.1:4222/telemetry.in?stream=TELEMETRY&create=true")``. The
+    payload is the message body, unchanged; the origin travels in headers (``Gateway-Transport``,
+    ``Gateway-Listener``, ``Gateway-Peer``, ``Gateway-Received-At``) unless
+    ``origin_headers=False``.
+
+    Failures raise :class:`SinkError` and the gateway's pump retries the batch with backoff:
+    the server away (nats-py keeps reconnecting in the background; ``send`` fails fast until it
+    is back), an ack missing after ``ack_timeout``, the connection lost mid-batch, a JetStream
+    error. Bounds: at most ``max_in_flight`` unacknowledged publishes, ``max_buffer_bytes`` of
+    outbound buffer, ``connect_timeout`` per connection attempt.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 5.0,
+        ack_timeout: float = 10.0,
+        max_in_flight: int = 4096,
+        max_buffer_bytes: int = 8 * 1024 * 1024,
+        reconnect_wait: float = 0.5,
+        origin_headers: bool = True,
+    ) -> None:
+        self.target = parse_nats_url(url)
+        if connect_timeout <= 0 or ack_timeout <= 0 or reconnect_wait <= 0:
+            raise ConfigurationError("sink", "nats sink: timeouts must be positive")
+        if max_in_flight < 1 or max_buffer_bytes < 64 * 1024:
+            raise ConfigurationError(
+                "sink", "nats sink: max_in_flight >= 1 and max_buffer_bytes >= 64 KiB"
+            )
+        _import_nats()  # a missing nats-py is a configuration error, found before serving
+        self.connect_timeout = connect_timeout
+        self.ack_timeout = ack_timeout
+        self.max_in_flight = max_in_flight
+        self.max_buffer_bytes = max_buffer_bytes
+        self.reconnect_wait = reconnect_wait
+        self.origin_headers = origin_headers
+        self.name = f"nats:{','.join(s.removeprefix('nats://') for s in self.target.servers)}/" + (
+            self.target.subject
+        )
+        self.sink_id = secrets.token_urlsafe(12)
+        """Prefix of every ``Nats-Msg-Id`` this sink sends (random per sink instance)."""
+        self.connects = 0
+        self.stored = 0
+        """Messages JetStream acknowledged as new."""
+        self.duplicates = 0
+        """Messages JetStream acknowledged as duplicates (a retried batch's earlier copies)."""
+        self.failures: Counter[str] = Counter()
+        """Failed batches by reason (``unavailable``, ``connection_lost``, ``ack_timeout``...)."""
+        self._loop = _LoopThread(f"trio_gateway {self.name}")
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._lost: asyncio.Future[None] | None = None
+        self._closing = False
+        self._next_seq = 1
+        self._retrying: Batch | None = None
+        self._retrying_seq = 0
+        self._errors = RateLimitedLogger(_log)
+
+    # -- Trio side ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if not self._loop.running:
+            self._loop.start()
+        if self._nc is None:
+            await self._loop.run(self._connect())
+            self.connects += 1
+
+    async def send(self, batch: Batch) -> None:
+        if self._nc is None:
+            await self.open()
+        # A retry of the batch that failed last gets the same sequence numbers, so the same
+        # Nats-Msg-Ids; a new batch gets the next ones.
+        if batch is not self._retrying:
+            self._retrying = batch
+            self._retrying_seq = self._next_seq
+            self._next_seq += len(batch)
+        stored, duplicates = await self._loop.run(
+            self._publish(batch.payloads, batch.runs, self._retrying_seq)
+        )
+        self._retrying = None
+        self.stored += stored
+        self.duplicates += duplicates
+
+    async def aclose(self) -> None:
+        try:
+            if self._nc is not None and self._loop.running:
+                with trio.move_on_after(self.connect_timeout):
+                    await self._loop.run(self._close())
+        finally:
+            with trio.move_on_after(self.connect_timeout):
+                await self._loop.stop()
+
+    # -- asyncio side (runs on the sink's loop thread) -----------------------------------
+
+    async def _connect(self) -> None:
+        nats = _import_nats()
+        target = self.target
+        options: dict[str, Any] = {
+            "servers": list(target.servers),
+            "name": "trio_gateway",
+            "connect_timeout": self.connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": self.reconnect_wait,
+            "pending_size": self.max_buffer_bytes,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        if target.user is not None:
+            options["user"], options["password"] = target.user, target.password
+        if target.token is not None:
+            options["token"] = target.token
+        if target.creds is not None:
+            options["user_credentials"] = target.creds
+        if target.tls or target.ca:
+            try:
+                options["tls"] = ssl.create_default_context(cafile=target.ca)
+            except OSError as exc:
+                raise SinkError(f"{self.name}: cannot load ca {target.ca!r}: {exc}") from exc
+        nc = nats.NATS()
+        try:
+            # nats-py retries the servers forever (max_reconnect_attempts=-1): bound the
+            # first connection here; the pump retries open() with backoff.
+            try:
+                async with asyncio.timeout(self.connect_timeout * len(target.servers)):
+                    await nc.connect(**options)
+            except TimeoutError as exc:
+                raise SinkError(f"{self.name}: no server answered") from exc
+            # The context's timeout is for JetStream API requests (the stream check);
+            # publish acks are bounded per batch by ack_timeout.
+            js = nc.jetstream(
+                timeout=self.connect_timeout, publish_async_max_pending=self.max_in_flight
+            )
+            if target.create and target.stream is not None:
+                await self._ensure_stream(js)
+        except BaseException as exc:
+            self._closing = True
+            try:
+                await nc.close()
+            finally:
+                self._closing = False
+            if isinstance(exc, nats.errors.Error | nats.js.errors.Error | OSError):
+                raise SinkError(f"{self.name}: connect failed: {exc!r}") from exc
+            raise
+        self._nc, self._js = nc, js
+        _log.info(
+            "%s: connected to %s", self.name, nc.connected_url.netloc if nc.connected_url else "?"
+        )
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        target = self.target
+        assert target.stream is not None
+        try:
+            await js.stream_info(target.stream)
+        except NotFoundError:
+            await js.add_stream(
+                StreamConfig(
+                    name=target.stream,
+                    subjects=[target.subject],
+                    storage=StorageType.FILE if target.storage == "file" else StorageType.MEMORY,
+                    num_replicas=target.replicas,
+                    duplicate_window=target.duplicate_window,
+                )
+            )
+            _log.info("%s: created stream %s", self.name, target.stream)
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._errors.warning("%s: %r", self.name, exc)
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
+        self._errors.warning("%s: disconnected; reconnecting in the background", self.name)
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_exception(_ConnectionLost())
+
+    async def _on_reconnected(self) -> None:
+        self.connects += 1
+        self._errors.info("%s: reconnected", self.name)
+
+    def _fail(self, reason: str, message: str, cause: BaseException | None = None) -> SinkError:
+        self.failures[reason] += 1
+        error = SinkError(f"{self.name}: {message}")
+        error.__cause__ = cause
+        return error
+
+    async def _publish(
+        self, payloads: list[bytes], runs: list[tuple[Origin, int]], first_seq: int
+    ) -> tuple[int, int]:
+        """Publish in order, then wait for every ack; return (stored, duplicates)."""
+        import nats.errors
+        import nats.js.errors
+
+        nc, js = self._nc, self._js
+        assert nc is not None and js is not None
+        if not nc.is_connected:
+            raise self._fail("unavailable", "server unavailable (reconnecting)")
+        target = self.target
+        subject, stream = target.subject, target.stream
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lost = lost
+        acks: list[asyncio.Future[Any]] = []
+        prefix = f"{self.sink_id}."
+        seq = first_seq
+        start = 0
+        gathered: asyncio.Future[list[Any]] | None = None
+        try:
+            # One deadline for the whole batch; no per-message timer (asyncio.wait_for per
+            # publish costs a task each and, by yielding, one socket write per message).
+            async with asyncio.timeout(self.ack_timeout):
+                for origin, count in runs:
+                    base: dict[str, str] = {}
+                    if self.origin_headers:
+                        base = {
+                            "Gateway-Transport": origin.transport,
+                            "Gateway-Listener": origin.listener,
+                            "Gateway-Peer": origin.peer,
+                            "Gateway-Received-At": repr(origin.received_at),
+                        }
+                    if stream is not None:
+                        base["Nats-Expected-Stream"] = stream
+                    for payload in payloads[start : start + count]:
+                        headers = base.copy()
+                        headers["Nats-Msg-Id"] = prefix + str(seq)
+                        seq += 1
+                        # Waits only when max_in_flight publishes are unacknowledged.
+                        acks.append(await js.publish_async(subject, payload, headers=headers))
+                    start += count
+                gathered = asyncio.gather(*acks)
+                done, _ = await asyncio.wait((gathered, lost), return_when=asyncio.FIRST_COMPLETED)
+            if gathered not in done:
+                raise self._fail("connection_lost", "connection lost before every ack arrived")
+            results = gathered.result()  # raises the first failed ack's error
+        except TimeoutError as exc:
+            missing = sum(1 for ack in acks if not ack.done()) + len(payloads) - len(acks)
+            raise self._fail(
+                "ack_timeout",
+                f"{missing} of {len(payloads)} acks missing after {self.ack_timeout} s",
+                exc,
+            ) from exc
+        except nats.js.errors.NoStreamResponseError as exc:
+            raise self._fail(
+                "no_stream", f"no JetStream stream takes subject {subject!r}", exc
+            ) from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise self._fail(
+                "max_payload",
+                f"a message is larger than the server's max_payload ({nc.max_payload} bytes)",
+                exc,
+            ) from exc
+        except nats.js.errors.APIError as exc:
+            raise self._fail("jetstream_error", f"JetStream refused a message: {exc}", exc) from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise self._fail("unavailable", f"publish failed: {exc!r}", exc) from exc
+        finally:
+            self._lost = None
+            if lost.done() and not lost.cancelled():
+                lost.exception()  # retrieved: no "never retrieved" warning
+            lost.cancel()
+            if gathered is not None and not gathered.done():
+                gathered.cancel()
+            elif gathered is not None and not gathered.cancelled():
+                gathered.exception()
+            for ack in acks:
+                if not ack.done():
+                    ack.cancel()  # frees its in-flight slot
+                elif not ack.cancelled():
+                    ack.exception()
+        duplicates = sum(1 for ack in results if ack.duplicate)
+        return len(results) - duplicates, duplicates
+
+    async def _close(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            self._closing = True
+            try:
+                await nc.close()
+            finally:
+                self._closing = False

@@ -10,6 +10,7 @@ The TOML layout (every key optional; see docs/reference.md)::
     grace_period = 2.0        # seconds open connections get to finish at shutdown
     batch_size = 1024         # messages per sink batch
     processor = "mypkg.filters:drop_debug"
+    workers = 1               # processes sharing the ports with SO_REUSEPORT (docs/workers.md)
 
     [queue]
     kind = "ring"             # ring | locked-ring | channel | locked-list
@@ -114,6 +115,8 @@ class GatewayConfig:
     processor: str | None = None
     admin: str | None = None
     """The admin endpoint's HOST:PORT; ``None`` = not asked; ``"off"`` = explicitly off."""
+    workers: int = 1
+    """Worker processes sharing the ports (``serve --workers N``; see ``_workers.py``)."""
 
     def with_default_sources(self) -> GatewayConfig:
         """The embedded defaults: TCP on 127.0.0.1:7000, UDP on 127.0.0.1:7001, and the admin
@@ -184,13 +187,17 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     config = GatewayConfig()
 
     gateway = data.get("gateway", {})
-    _check_keys(gateway, ("drain_timeout", "grace_period", "batch_size", "processor"), "gateway")
+    _check_keys(
+        gateway, ("drain_timeout", "grace_period", "batch_size", "processor", "workers"), "gateway"
+    )
     changes: dict[str, Any] = {}
     for name in ("drain_timeout", "grace_period"):
         if name in gateway:
             changes[name] = float(_expect(gateway, name, (int, float), "gateway"))
     if "batch_size" in gateway:
         changes["batch_size"] = _expect(gateway, "batch_size", int, "gateway")
+    if "workers" in gateway:
+        changes["workers"] = _expect(gateway, "workers", int, "gateway")
     if "processor" in gateway:
         changes["processor"] = _expect(gateway, "processor", str, "gateway")
 
@@ -277,7 +284,7 @@ def build_source(config: SourceConfig) -> Source:
                     f"{config.key}.{name}", f"environment variable {variable} is not set"
                 )
             options[name] = os.environ[variable]
-    hidden = ("self", "host", "port", "ssl_context")
+    hidden = ("self", "host", "port", "ssl_context", "services")  # Python objects, not TOML
     allowed = [name for name in parameters if name not in hidden]
     for name in options:
         if name not in parameters or name in hidden:
@@ -370,6 +377,8 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("gateway.grace_period", "must not be negative")
     if config.batch_size < 1:
         raise ConfigurationError("gateway.batch_size", "must be at least 1")
+    if config.workers < 1:
+        raise ConfigurationError("gateway.workers", "must be at least 1")
     if config.sink.retry_max_attempts < 0:
         raise ConfigurationError("sink.retry_max_attempts", "must be 0 (unlimited) or more")
     if not config.sources:

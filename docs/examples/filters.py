@@ -1,0 +1,13 @@
+"""The tutorial's processor (docs/tutorial.md, step 5); tests/test_public_api.py runs it."""
+
+import json
+
+from trio_gateway import Message
+
+
+def bright_only(message: Message) -> bytes | None:
+    reading = json.loads(message.payload)
+    if reading.get("lux", 0) < 100:
+        return None  # counted as filtered in the ledger
+    reading["gateway"] = "edge-7"
+    return json.dumps(reading).encode()

@@ -15,7 +15,18 @@ from typing import NoReturn
 
 import trio
 
-from ._client import send_tcp, send_udp
+from ._client import (
+    DEFAULT_TIMEOUT,
+    GRPC_MODES,
+    MAX_CONCURRENCY,
+    client_ssl_context,
+    resolve_token,
+    send_grpc,
+    send_http,
+    send_tcp,
+    send_udp,
+    send_websocket,
+)
 from ._config import (
     DEFAULT_TCP,
     DEFAULT_UDP,
@@ -168,14 +179,72 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a TOML file and print it resolved")
     check.add_argument("file", metavar="FILE.toml")
 
-    send = commands.add_parser("send", help="send test messages to a gateway")
+    send = commands.add_parser(
+        "send",
+        help="send test messages to a gateway",
+        description=(
+            "Send COUNT messages of SIZE bytes over one transport, then print one summary line: "
+            "messages, bytes, seconds, msg/s, MB/s, and for HTTP, WebSocket and gRPC how many "
+            "the gateway accepted and rejected (by reason)."
+        ),
+        epilog=(
+            "exit status: 0 when the gateway accepted every message (TCP, UDP: when every "
+            "message was written), 1 when some were rejected or the connection failed, "
+            "2 for a bad flag (the message names it)."
+        ),
+    )
     target = send.add_mutually_exclusive_group(required=True)
-    target.add_argument("--tcp", metavar="HOST:PORT")
-    target.add_argument("--udp", metavar="HOST:PORT")
-    send.add_argument("--framing", choices=("newline", "length"), default="newline")
-    send.add_argument("--count", type=int, default=1000, metavar="N")
-    send.add_argument("--size", type=int, default=18, metavar="BYTES")
+    target.add_argument("--tcp", metavar="HOST:PORT", help="stream frames to a TCP listener")
+    target.add_argument("--udp", metavar="HOST:PORT", help="one datagram per message")
+    target.add_argument(
+        "--http", metavar="URL", help="POST to http[s]://HOST:PORT/PATH (PATH default /ingest)"
+    )
+    target.add_argument(
+        "--ws", metavar="URL", help="one binary message per message to ws[s]://HOST:PORT/PATH"
+    )
+    target.add_argument(
+        "--grpc", metavar="HOST:PORT", help="call the trio_gateway.v1.Gateway service"
+    )
+    send.add_argument("--count", type=int, default=1000, metavar="N", help="messages (1000)")
+    send.add_argument("--size", type=int, default=18, metavar="BYTES", help="message size (18)")
     send.add_argument("--rate", type=float, metavar="MSG_PER_S", help="pace the sending")
+    send.add_argument(
+        "--concurrency", type=int, metavar="N", help="connections for --http/--ws/--grpc (1)"
+    )
+    send.add_argument(
+        "--framing", choices=("newline", "length"), help="--tcp frame format (newline)"
+    )
+    send.add_argument(
+        "--ndjson", type=int, metavar="K", help="--http: K messages per request, as NDJSON"
+    )
+    send.add_argument(
+        "--mode",
+        choices=GRPC_MODES,
+        help="--grpc: unary (a Send call per message; default), stream (one Stream call per "
+        "connection, one final Ack), bidi (StreamAcked: an Ack per message)",
+    )
+    send.add_argument(
+        "--token",
+        metavar="TOKEN|env:NAME",
+        help="--http/--ws/--grpc: send Authorization: Bearer TOKEN",
+    )
+    send.add_argument(
+        "--ca",
+        "--tls-ca",
+        dest="ca",
+        metavar="PEM",
+        help="trust this CA for https://, wss://, or TLS to --grpc/--tcp (implies --tls)",
+    )
+    send.add_argument(
+        "--tls", action="store_true", help="--grpc/--tcp: use TLS (verified with system CAs)"
+    )
+    send.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"bound on each connect, write and answer ({DEFAULT_TIMEOUT:g})",
+    )
     return parser
 
 
@@ -288,33 +357,103 @@ def _describe(config: GatewayConfig) -> str:
     return "\n".join(lines)
 
 
-async def _send(args: argparse.Namespace) -> int:
+def _check_send_flags(args: argparse.Namespace) -> str:
+    """Which transport, after checking that every flag given applies to it."""
     if args.count < 0:
         raise ConfigurationError("--count", "must not be negative")
     if args.size < 0:
         raise ConfigurationError("--size", "must not be negative")
     if args.rate is not None and args.rate <= 0:
         raise ConfigurationError("--rate", "must be positive")
-    if args.tcp:
-        host, port = parse_hostport(args.tcp, key="--tcp")
-        with send_progress(args.count) as advance:
+    if args.timeout <= 0:
+        raise ConfigurationError("--timeout", "must be positive")
+    transport = next(name for name in ("tcp", "udp", "http", "ws", "grpc") if getattr(args, name))
+    for flag, owners, given in (
+        ("--framing", ("tcp",), args.framing is not None),
+        ("--ndjson", ("http",), args.ndjson is not None),
+        ("--mode", ("grpc",), args.mode is not None),
+        ("--tls", ("tcp", "grpc"), args.tls),
+        ("--ca", ("tcp", "http", "ws", "grpc"), args.ca is not None),
+        ("--token", ("http", "ws", "grpc"), args.token is not None),
+        ("--concurrency", ("http", "ws", "grpc"), args.concurrency is not None),
+    ):
+        if given and transport not in owners:
+            allowed = "/".join(f"--{name}" for name in owners)
+            raise ConfigurationError(flag, f"applies to {allowed}, not --{transport}")
+    if args.concurrency is not None and not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        raise ConfigurationError("--concurrency", f"must be 1-{MAX_CONCURRENCY}")
+    if args.ndjson is not None and args.ndjson < 1:
+        raise ConfigurationError("--ndjson", "must be at least 1")
+    return transport
+
+
+async def _send(args: argparse.Namespace) -> int:
+    transport = _check_send_flags(args)
+    token = resolve_token(args.token, key="--token")
+    count, size, rate, step = args.count, args.size, args.rate, args.timeout
+    concurrency = args.concurrency or 1
+    tls = client_ssl_context(args.ca) if args.tls or args.ca else None
+    with send_progress(count) as advance:
+        if transport == "tcp":
+            host, port = parse_hostport(args.tcp, key="--tcp")
             summary = await send_tcp(
                 host,
                 port,
-                count=args.count,
-                size=args.size,
-                framing=args.framing,
-                rate=args.rate,
+                count=count,
+                size=size,
+                framing=args.framing or "newline",
+                rate=rate,
+                progress=advance,
+                ssl_context=tls,
+                step_timeout=step,
+            )
+        elif transport == "udp":
+            host, port = parse_hostport(args.udp, key="--udp")
+            summary = await send_udp(
+                host, port, count=count, size=size, rate=rate, progress=advance
+            )
+        elif transport == "http":
+            summary = await send_http(
+                args.http,
+                count=count,
+                size=size,
+                concurrency=concurrency,
+                ndjson=args.ndjson,
+                token=token,
+                cafile=args.ca,
+                rate=rate,
+                step_timeout=step,
                 progress=advance,
             )
-    else:
-        host, port = parse_hostport(args.udp, key="--udp")
-        with send_progress(args.count) as advance:
-            summary = await send_udp(
-                host, port, count=args.count, size=args.size, rate=args.rate, progress=advance
+        elif transport == "ws":
+            summary = await send_websocket(
+                args.ws,
+                count=count,
+                size=size,
+                concurrency=concurrency,
+                token=token,
+                cafile=args.ca,
+                rate=rate,
+                step_timeout=step,
+                progress=advance,
+            )
+        else:
+            host, port = parse_hostport(args.grpc, key="--grpc")
+            summary = await send_grpc(
+                host,
+                port,
+                count=count,
+                size=size,
+                mode=args.mode or "unary",
+                concurrency=concurrency,
+                token=token,
+                ssl_context=tls,
+                rate=rate,
+                step_timeout=step,
+                progress=advance,
             )
     print(summary.line(), flush=True)
-    return 0
+    return 0 if summary.all_accepted else 1
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

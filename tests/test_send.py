@@ -1,0 +1,397 @@
+"""``send``: the load client for HTTP, WebSocket and gRPC against real gateways.
+
+Most tests run the client functions against an in-process gateway (real sockets on port 0, a
+RecordingSink) and compare the client's summary with the gateway's own ledger: what the client
+calls accepted is what the gateway counted as received, what it calls rejected is what the
+gateway refused. The CLI tests run ``main()`` against a ``serve`` subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from helpers import ServeProcess
+
+from trio_gateway import Gateway, RingBuffer
+from trio_gateway._cli import main
+from trio_gateway._client import (
+    SendSummary,
+    make_payload,
+    resolve_token,
+    send_grpc,
+    send_http,
+    send_websocket,
+)
+from trio_gateway._errors import ConfigurationError, TransportError
+from trio_gateway.queues import OverflowPolicy
+from trio_gateway.sources import Source
+from trio_gateway.sources.grpc import GrpcSource
+from trio_gateway.sources.http import HttpSource
+from trio_gateway.sources.websocket import WebSocketSource
+from trio_gateway.testing import GatewayHandle, RecordingSink, open_gateway
+
+TOKEN = "s3cret-token"
+
+
+@asynccontextmanager
+async def running(
+    source: Source,
+    *,
+    capacity: int = 100_000,
+    policy: OverflowPolicy = "block",
+    stalled: bool = False,
+) -> AsyncIterator[tuple[GatewayHandle, RecordingSink]]:
+    """A gateway with one source; ``stalled``: the sink does not deliver until the block ends."""
+    sink = RecordingSink()
+    if stalled:
+        sink.stall()
+    gateway = Gateway(
+        sources=[source],
+        sink=sink,
+        queue=RingBuffer(capacity, policy=policy),
+        batch_size=64,
+        grace_period=1,
+        drain_timeout=5,
+    )
+    with trio.fail_after(25):
+        async with open_gateway(gateway) as handle:
+            yield handle, sink
+            sink.recover()
+
+
+def expected(count: int, size: int) -> list[bytes]:
+    return sorted(make_payload(size, i) for i in range(count))
+
+
+def assert_accounted(summary: SendSummary, count: int) -> None:
+    """Every message ends in exactly one bucket."""
+    assert summary.messages == count
+    assert summary.accepted is not None
+    assert summary.accepted + summary.rejected_count == count, summary
+
+
+# -- payloads and the summary line ------------------------------------------------------------
+
+
+def test_payloads_are_exact_size_and_valid_json() -> None:
+    for size in (0, 1, 5, 18, 19, 64, 4266):
+        for seq in (0, 7, 123_456):
+            payload = make_payload(size, seq)
+            assert len(payload) == size
+            assert b"\n" not in payload
+            if size:
+                json.loads(payload)
+
+
+def test_summary_line_and_exit_rule() -> None:
+    summary = SendSummary(10, 180, 0.5, accepted=7, rejected={"503": 2, "401": 1})
+    assert summary.line() == (
+        "sent 10 messages, 180 bytes in 0.500 s: 20 msg/s, 0.00 MB/s; "
+        "accepted 7, rejected 3 (503: 2, 401: 1)"
+    )
+    assert not summary.all_accepted
+    assert SendSummary(10, 180, 0.5, accepted=10).all_accepted
+    assert SendSummary(10, 180, 0.5).line().endswith("MB/s")  # TCP/UDP: no answer to report
+    assert SendSummary(10, 180, 0.5).all_accepted
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+
+
+async def test_http_one_per_request_and_ndjson_batches() -> None:
+    source = HttpSource()
+    async with running(source) as (handle, sink):
+        url = "http://127.0.0.1:%d/ingest" % handle.address()[1]
+        one = await send_http(url, count=300, size=40, concurrency=3)
+        batched = await send_http(url, count=1000, size=18, ndjson=64, concurrency=2)
+    assert one.accepted == 300 and not one.rejected and one.all_accepted
+    assert one.bytes == 300 * 40
+    assert batched.accepted == 1000 and batched.all_accepted
+    payloads = sink.payloads
+    assert sorted(p for p in payloads if len(p) == 40) == expected(300, 40)
+    assert sorted(p for p in payloads if len(p) == 18) == expected(1000, 18)
+    assert handle.ledger.received == 1300
+
+
+async def test_http_token_missing_is_rejected_401_then_env_token_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = HttpSource(token=TOKEN)
+    async with running(source) as (handle, sink):
+        url = "http://127.0.0.1:%d/ingest" % handle.address()[1]
+        refused = await send_http(url, count=20, size=30)
+        monkeypatch.setenv("SEND_TEST_TOKEN", TOKEN)
+        allowed = await send_http(
+            url, count=20, size=30, token=resolve_token("env:SEND_TEST_TOKEN")
+        )
+    assert refused.accepted == 0 and refused.rejected == {"401": 20}
+    assert not refused.all_accepted
+    assert handle.ledger.rejected["unauthorized"] == 20
+    assert allowed.accepted == 20 and allowed.all_accepted
+    assert len(sink.payloads) == handle.ledger.received == 20
+
+
+async def test_http_full_queue_drop_newest_503_matches_the_ledger() -> None:
+    source = HttpSource()
+    async with running(source, capacity=50, policy="drop_newest", stalled=True) as (handle, _):
+        url = "http://127.0.0.1:%d/ingest" % handle.address()[1]
+        # Batches of 7: the pump holds whole batches (a multiple of 7) in the stalled sink and
+        # the queue takes 50 more, so one batch is cut at the boundary: a 503 whose body says
+        # how many lines went in (50 % 7 == 1), and the client counts exactly those.
+        batched = await send_http(url, count=140, size=18, ndjson=7)
+        single = await send_http(url, count=100, size=18)
+    ledger = handle.ledger
+    for summary, count in ((single, 100), (batched, 140)):
+        assert_accounted(summary, count)
+        assert set(summary.rejected) == {"503"}
+        assert not summary.all_accepted
+    assert batched.accepted is not None and batched.accepted % 7 == 1
+    assert single.accepted == 0  # the queue stayed full
+    assert batched.accepted == ledger.received
+    assert single.rejected["503"] + batched.rejected["503"] == ledger.rejected["queue_full"]
+
+
+async def test_http_oversize_is_413_on_fresh_connections() -> None:
+    source = HttpSource(max_message_size=100)
+    async with running(source) as (handle, _):
+        url = "http://127.0.0.1:%d/ingest" % handle.address()[1]
+        summary = await send_http(url, count=5, size=200)
+    # The gateway answers before reading the body and closes: the client reconnects each time.
+    assert summary.rejected == {"413": 5} and summary.accepted == 0
+    assert handle.ledger.rejected["oversize"] == 5
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_https_with_a_private_ca(ca: trustme.CA, tmp_path: Path) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with running(HttpSource(ssl_context=server)) as (handle, sink):
+        url = "https://127.0.0.1:%d/ingest" % handle.address()[1]
+        summary = await send_http(url, count=50, size=25, concurrency=2, cafile=str(ca_file))
+        # Without the private CA the certificate cannot be verified: one error, no summary.
+        with pytest.raises(TransportError, match="TLS handshake"):
+            await send_http(url, count=1, size=25)
+    assert summary.accepted == 50 and summary.all_accepted
+    assert sorted(sink.payloads) == expected(50, 25)
+
+
+# -- WebSocket ---------------------------------------------------------------------------------
+
+
+async def test_websocket_messages_and_clean_close() -> None:
+    source = WebSocketSource(token=TOKEN)
+    async with running(source) as (handle, sink):
+        url = "ws://127.0.0.1:%d/" % handle.address()[1]
+        summary = await send_websocket(url, count=3000, size=50, concurrency=2, token=TOKEN)
+    assert summary.accepted == 3000 and summary.all_accepted
+    assert sorted(sink.payloads) == expected(3000, 50)
+    assert handle.ledger.received == 3000
+
+
+async def test_websocket_token_missing_401_rejects_the_run() -> None:
+    source = WebSocketSource(token=TOKEN)
+    async with running(source) as (handle, sink):
+        url = "ws://127.0.0.1:%d/" % handle.address()[1]
+        # 20 kB messages: 13 to a write, so the refusal stops a run of many writes.
+        summary = await send_websocket(url, count=100, size=20_000, concurrency=2)
+    assert summary.rejected == {"401": 100} and summary.accepted == 0
+    assert handle.ledger.rejected["unauthorized"] >= 1
+    assert sink.payloads == []
+
+
+async def test_websocket_message_too_big_is_close_1009() -> None:
+    source = WebSocketSource(max_message_size=100)
+    async with running(source) as (handle, _):
+        url = "ws://127.0.0.1:%d/" % handle.address()[1]
+        summary = await send_websocket(url, count=10, size=200)
+    assert summary.rejected == {"close 1009": 10} and summary.accepted == 0
+    assert handle.ledger.rejected["oversize"] == 1
+
+
+# -- gRPC --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "count"), [("unary", 200), ("stream", 20_000), ("bidi", 5000)])
+async def test_grpc_modes_deliver_everything(mode: str, count: int) -> None:
+    source = GrpcSource(token=TOKEN)
+    async with running(source) as (handle, sink):
+        host, port = handle.address()
+        summary = await send_grpc(
+            host, port, count=count, size=30, mode=mode, concurrency=2, token=TOKEN
+        )
+    assert summary.accepted == count and summary.all_accepted, summary
+    assert sorted(sink.payloads) == expected(count, 30)
+    assert handle.ledger.received == count
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream", "bidi"])
+async def test_grpc_token_missing_is_unauthenticated(mode: str) -> None:
+    source = GrpcSource(token=TOKEN)
+    async with running(source) as (handle, sink):
+        host, port = handle.address()
+        # 20 kB messages: 13 to a write, so the refusal ends a call of several writes and
+        # the messages not sent yet are counted under the same status.
+        summary = await send_grpc(host, port, count=40, size=20_000, mode=mode)
+    assert summary.rejected == {"UNAUTHENTICATED": 40} and summary.accepted == 0
+    assert handle.ledger.rejected["unauthorized"] >= 1
+    assert sink.payloads == []
+
+
+async def test_grpc_full_queue_unary_and_bidi_refusals_match_the_ledger() -> None:
+    source = GrpcSource(queue_timeout=0)
+    async with running(source, capacity=40, policy="drop_newest", stalled=True) as (handle, _):
+        host, port = handle.address()
+        unary = await send_grpc(host, port, count=150, size=18, mode="unary")
+        bidi = await send_grpc(host, port, count=300, size=18, mode="bidi")
+    ledger = handle.ledger
+    assert_accounted(unary, 150)
+    assert_accounted(bidi, 300)
+    assert set(unary.rejected) == {"RESOURCE_EXHAUSTED"}
+    assert bidi.accepted == 0 and bidi.rejected == {"queue_full": 300}  # the queue was full
+    assert unary.accepted == ledger.received
+    assert unary.rejected_count + bidi.rejected_count == ledger.rejected["queue_full"]
+
+
+async def test_grpc_stream_reports_the_final_ack_counts() -> None:
+    source = GrpcSource()
+    async with running(source, capacity=100, policy="drop_newest", stalled=True) as (handle, _):
+        host, port = handle.address()
+        summary = await send_grpc(host, port, count=2000, size=18, mode="stream")
+    # Stream offers without waiting: the queue's policy drops what does not fit, and the final
+    # Ack counts it as rejected; the gateway counts the same messages as dropped.
+    assert_accounted(summary, 2000)
+    assert summary.rejected.keys() == {"dropped"}
+    assert summary.rejected["dropped"] == handle.ledger.dropped["drop_newest"]
+    assert summary.accepted == handle.ledger.received - handle.ledger.dropped["drop_newest"]
+
+
+async def test_grpc_over_tls_with_a_private_ca(ca: trustme.CA) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with running(GrpcSource(ssl_context=server)) as (handle, sink):
+        host, port = handle.address()
+        summary = await send_grpc(host, port, count=300, size=18, mode="bidi", ssl_context=client)
+    assert summary.accepted == 300
+    assert sorted(sink.payloads) == expected(300, 18)
+
+
+async def test_connection_refused_is_one_transport_error() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        with pytest.raises(TransportError, match="cannot connect"):
+            await send_grpc("127.0.0.1", port, count=1, size=1)
+        with pytest.raises(TransportError, match="cannot connect"):
+            await send_http(f"http://127.0.0.1:{port}/", count=1, size=1)
+
+
+async def test_bad_urls_name_the_flag() -> None:
+    with pytest.raises(ConfigurationError, match="--http"):
+        await send_http("ftp://127.0.0.1/x", count=1, size=1)
+    with pytest.raises(ConfigurationError, match="--ws"):
+        await send_websocket("http://127.0.0.1/", count=1, size=1)
+    with pytest.raises(ConfigurationError, match="--ca"):
+        await send_http("http://127.0.0.1/", count=1, size=1, cafile="ca.pem")
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_cli_every_transport_against_serve(
+    serve: type[ServeProcess], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = serve(
+        [
+            "--http",
+            "127.0.0.1:0",
+            "--ws",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--grpc-token",
+            "env:SEND_CLI_TOKEN",
+            "--sink",
+            "null",
+            "--admin",
+            "off",
+        ],
+        env={"SEND_CLI_TOKEN": TOKEN},
+    )
+    http = f"http://127.0.0.1:{gateway.port('http')}/ingest"
+    runs = [
+        (["--http", http, "--count", "100", "--ndjson", "10"], 0, "accepted 100, rejected 0"),
+        (["--ws", f"ws://127.0.0.1:{gateway.port('websocket')}/", "--count", "200"], 0, None),
+        (
+            ["--grpc", f"127.0.0.1:{gateway.port('grpc')}", "--mode", "bidi", "--count", "300"],
+            1,
+            "accepted 0, rejected 300 (UNAUTHENTICATED: 300)",
+        ),
+    ]
+    for args, code, text in runs:
+        assert main(["send", *args]) == code
+        out = capsys.readouterr().out
+        assert out.startswith("sent "), out
+        if text is not None:
+            assert text in out
+    monkeypatch.setenv("SEND_CLI_TOKEN", TOKEN)
+    grpc = ["--grpc", f"127.0.0.1:{gateway.port('grpc')}", "--token", "env:SEND_CLI_TOKEN"]
+    assert main(["send", *grpc, "--mode", "stream", "--count", "400"]) == 0
+    assert "accepted 400, rejected 0" in capsys.readouterr().out
+    code, stderr = gateway.stop(signal.SIGINT)
+    assert code == 0
+    lines = [line for line in stderr.splitlines() if line.startswith('{"ledger"')]
+    assert len(lines) == 1, stderr
+    ledger = json.loads(lines[0])["ledger"]
+    assert ledger["received"] == ledger["delivered"] == 100 + 200 + 400
+    assert ledger["rejected"]["unauthorized"] == 1  # the one bidi call without the token
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--tcp", "127.0.0.1:1", "--ndjson", "5"], "--ndjson"),
+        (["--http", "http://127.0.0.1:1/", "--mode", "bidi"], "--mode"),
+        (["--udp", "127.0.0.1:1", "--token", "x"], "--token"),
+        (["--tcp", "127.0.0.1:1", "--concurrency", "2"], "--concurrency"),
+        (["--http", "http://127.0.0.1:1/", "--concurrency", "0"], "--concurrency"),
+        (["--http", "http://127.0.0.1:1/", "--tls"], "--tls"),
+        (["--http", "gopher://127.0.0.1:1/"], "--http"),
+        (["--ws", "127.0.0.1:1"], "--ws"),
+        (["--grpc", "127.0.0.1"], "--grpc"),
+        (["--http", "https://127.0.0.1:1/", "--ca", "/nonexistent/ca.pem"], "--ca"),
+        (["--grpc", "127.0.0.1:1", "--token", "env:SEND_TEST_UNSET_VARIABLE"], "--token"),
+        (["--http", "http://127.0.0.1:1/", "--timeout", "0"], "--timeout"),
+    ],
+)
+def test_cli_bad_flags_exit_2_naming_the_flag(
+    args: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["send", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
+
+
+def test_cli_connection_refused_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        assert main(["send", "--http", f"http://127.0.0.1:{port}/", "--count", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot connect" in err[0], err

@@ -35,10 +35,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
+# This script's directory holds http.py and grpc.py, which would shadow the real modules of
+# those names: take it off sys.path and import the shared payloads through the repo root.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-from _payloads import payload  # noqa: E402
-
+from bench._payloads import payload  # noqa: E402
 from trio_gateway.codecs import NewlineDecoder  # noqa: E402
 
 CHUNK = 256 * 1024
@@ -143,9 +144,22 @@ asyncio.run(main())
 
 def start_server(kind: str) -> tuple[subprocess.Popen[bytes], int]:
     if kind == "trio_gateway":
-        argv = [sys.executable, "-m", "trio_gateway", "serve", "--tcp", "127.0.0.1:0",
-                "--sink", "null", "--capacity", "65536", "--batch-size", "4096",
-                "--log-level", "info"]
+        argv = [
+            sys.executable,
+            "-m",
+            "trio_gateway",
+            "serve",
+            "--tcp",
+            "127.0.0.1:0",
+            "--sink",
+            "null",
+            "--capacity",
+            "65536",
+            "--batch-size",
+            "4096",
+            "--log-level",
+            "info",
+        ]
     else:
         argv = [sys.executable, "-c", _TYPICAL if kind == "asyncio typical" else _BEST]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -199,7 +213,10 @@ def client(port: int, size: int, count: int) -> float:
 def run_client(port: int, size: int, count: int) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--client", str(port), str(size), str(count)],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     return float(out.stdout.strip())
 
@@ -225,8 +242,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer messages, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--client", nargs=3, type=int, metavar=("PORT", "SIZE", "COUNT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--client", nargs=3, type=int, metavar=("PORT", "SIZE", "COUNT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.client:
         print(client(*args.client))
@@ -238,8 +256,9 @@ def main() -> None:
     # the typical asyncio server gets a tenth (its rate is what is compared, not its time).
     counts = {18: int(3_000_000 * scale), 4266: int(150_000 * scale)}
     kinds = ["trio_gateway", "asyncio best", "asyncio typical"]
-    rates: dict[int, dict[str, list[float]]] = {size: {k: [] for k in [*kinds, "floor"]}
-                                                for size in counts}
+    rates: dict[int, dict[str, list[float]]] = {
+        size: {k: [] for k in [*kinds, "floor"]} for size in counts
+    }
     for size, count in counts.items():
         for _ in range(repeats):
             for kind in kinds:
@@ -250,26 +269,42 @@ def main() -> None:
                 finally:
                     log = stop_server(proc)
                 if kind == "trio_gateway":
-                    ledger = json.loads(log[log.index('{"ledger"'):].splitlines()[0])["ledger"]
+                    ledger = json.loads(log[log.index('{"ledger"') :].splitlines()[0])["ledger"]
                     assert ledger["delivered"] == n and ledger["balanced"], ledger
                 rates[size][kind].append(n / elapsed)
             rates[size]["floor"].append(count / floor(size, count))
 
     med = {size: {k: statistics.median(v) for k, v in by.items()} for size, by in rates.items()}
-    print(f"\nTCP, one connection, newline framing, null sink; {os.cpu_count()} cores; "
-          f"median of {repeats}; msg/s\n")
-    print("| size (B) | trio_gateway | asyncio best | asyncio typical | floor (no sockets) "
-          "| vs best | vs typical | vs floor |")
+    print(
+        f"\nTCP, one connection, newline framing, null sink; {os.cpu_count()} cores; "
+        f"median of {repeats}; msg/s\n"
+    )
+    print(
+        "| size (B) | trio_gateway | asyncio best | asyncio typical | floor (no sockets) "
+        "| vs best | vs typical | vs floor |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size, m in med.items():
         ours = m["trio_gateway"]
-        print(f"| {size} | {ours:,.0f} | {m['asyncio best']:,.0f} | {m['asyncio typical']:,.0f} "
-              f"| {m['floor']:,.0f} | {ours / m['asyncio best']:.2f}x "
-              f"| {ours / m['asyncio typical']:.1f}x | {ours / m['floor']:.2f}x |")
+        print(
+            f"| {size} | {ours:,.0f} | {m['asyncio best']:,.0f} | {m['asyncio typical']:,.0f} "
+            f"| {m['floor']:,.0f} | {ours / m['asyncio best']:.2f}x "
+            f"| {ours / m['asyncio typical']:.1f}x | {ours / m['floor']:.2f}x |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"bench": "tcp", "repeats": repeats, "counts": counts,
-                                         "msg_per_s": rates, "median": med}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "bench": "tcp",
+                    "repeats": repeats,
+                    "counts": counts,
+                    "msg_per_s": rates,
+                    "median": med,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -407,3 +407,29 @@ def test_frames_before_an_oversize_one_are_handed_over_with_the_error() -> None:
     with pytest.raises(FrameTooLarge) as caught:
         grpc.feed(encode_grpc_message(b"ok") + b"\x00" + (11).to_bytes(4, "big"))
     assert caught.value.frames == [(False, b"ok")]
+
+
+@pytest.mark.parametrize("framing", ["newline", "length"])
+def test_payload_bytes_counts_what_each_feed_returned(framing: str) -> None:
+    from trio_gateway.codecs import FRAMINGS
+
+    payloads = [b"alpha", b"", b"be", b"gamma-delta" * 50, b"z"]
+    if framing == "newline":
+        data = b"alpha\n\nbe\n" + b"gamma-delta" * 50 + b"\nz"
+    else:
+        data = encode_length_prefixed(payloads)
+    for step in (1, 3, 7, 64, len(data)):
+        decoder = FRAMINGS[framing](max_frame_size=1000)
+        total = 0
+        frames: list[bytes] = []
+        for start in range(0, len(data), step):
+            got = decoder.feed(data[start : start + step])
+            assert decoder.payload_bytes == sum(map(len, got))
+            frames += got
+            total += decoder.payload_bytes
+        if framing == "newline":
+            got = decoder.close()
+            assert decoder.payload_bytes == sum(map(len, got))
+            frames += got
+            total += decoder.payload_bytes
+        assert total == sum(map(len, frames)) == sum(map(len, payloads))

@@ -60,10 +60,10 @@ class Ingress:
         """The queue (with origins) this ingress feeds."""
         return self._queue
 
-    def _count(self, payloads: Sequence[bytes]) -> None:
+    def _count(self, payloads: Sequence[bytes], nbytes: int | None) -> None:
         counters = self.counters
         counters.received += len(payloads)
-        counters.received_bytes += sum(map(len, payloads))
+        counters.received_bytes += sum(map(len, payloads)) if nbytes is None else nbytes
 
     def offer_nowait(self, payloads: Sequence[bytes], origin: Origin) -> int:
         """Enqueue without waiting; returns how many are queued.
@@ -74,7 +74,7 @@ class Ingress:
         """
         if not payloads:
             return 0
-        self._count(payloads)
+        self._count(payloads, None)
         try:
             done = self._queue.put_many_nowait(payloads, origin)
         except trio.ClosedResourceError:
@@ -88,15 +88,20 @@ class Ingress:
             counters.rejected["queue_full"] += len(refused)
         return done
 
-    async def offer(self, payloads: Sequence[bytes], origin: Origin) -> int:
+    async def offer(
+        self, payloads: Sequence[bytes], origin: Origin, *, nbytes: int | None = None
+    ) -> int:
         """Enqueue, waiting for room under ``block``. Returns how many are queued.
+
+        ``nbytes``, when the caller knows it (a decoder's ``payload_bytes``), saves summing the
+        payload lengths for the byte counter.
 
         Only waits when the queue is full, so a source that keeps up costs no checkpoint here.
         If cancelled while waiting, the messages not yet queued are counted as abandoned.
         """
         if not payloads:
             return 0
-        self._count(payloads)
+        self._count(payloads, nbytes)
         buffer = self._queue
         done = 0
         try:

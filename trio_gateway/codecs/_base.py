@@ -23,6 +23,11 @@ class Decoder(Protocol[FrameT]):
     :class:`~trio_gateway.FrameTooLarge` past its limit.
     """
 
+    @property
+    def payload_bytes(self) -> int:
+        """Payload bytes in the frames the last ``feed``/``close`` returned (for counters)."""
+        ...
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[FrameT]: ...
 
     def close(self) -> list[FrameT]: ...

@@ -33,12 +33,14 @@ class NewlineDecoder:
     time, not quadratic.
     """
 
-    __slots__ = ("_held", "_max_frame_size", "_pieces")
+    __slots__ = ("_held", "_max_frame_size", "_pieces", "payload_bytes")
 
     def __init__(self, max_frame_size: int = 1 << 20) -> None:
         self._max_frame_size = check_limit("max_frame_size", max_frame_size)
         self._pieces: list[bytes] = []
         self._held = 0
+        self.payload_bytes = 0
+        """Payload bytes in the frames the last ``feed``/``close`` returned (for counters)."""
 
     @property
     def max_frame_size(self) -> int:
@@ -51,6 +53,7 @@ class NewlineDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Return the frames that ``data`` completes (in order, empty lines skipped)."""
+        self.payload_bytes = 0
         if not data:
             return []
         if type(data) is not bytes:
@@ -85,17 +88,21 @@ class NewlineDecoder:
         if remainder:
             self._pieces.append(remainder)
         self._held = len(remainder)
+        # Everything before the remainder, less one newline per split: no per-frame sum.
+        self.payload_bytes = len(data) - len(remainder) - len(frames)
         if b"" in frames:
             frames = [frame for frame in frames if frame]
         return frames
 
     def close(self) -> list[bytes]:
         """End of stream: the unterminated last line, if any, as a final frame."""
+        self.payload_bytes = 0
         if not self._pieces:
             return []
         last = b"".join(self._pieces)
         self._pieces.clear()
         self._held = 0
+        self.payload_bytes = len(last)
         return [last]
 
     def __repr__(self) -> str:

@@ -45,7 +45,7 @@ def _tail(data: bytes, start: int, end: int) -> bytes | memoryview:
 class _PrefixDecoder(ABC, Generic[FrameT]):
     """The shared state: the one frame that is split across reads."""
 
-    __slots__ = ("_flag", "_limit", "_pending", "_size")
+    __slots__ = ("_flag", "_limit", "_pending", "_size", "payload_bytes")
 
     _header: struct.Struct
 
@@ -56,6 +56,8 @@ class _PrefixDecoder(ABC, Generic[FrameT]):
         self._size = -1
         """The body size announced by the current frame's header; -1 before it is complete."""
         self._flag = 0
+        self.payload_bytes = 0
+        """Payload bytes in the frames the last ``feed`` returned (for counters)."""
 
     @property
     def buffered(self) -> int:
@@ -150,6 +152,7 @@ class LengthPrefixDecoder(_PrefixDecoder[bytes]):
         """Return the frames that ``data`` completes, in order."""
         if type(data) is not bytes:
             data = bytes(data)
+        before = self.buffered
         frames: list[bytes] = []
         n = len(data)
         pos = 0
@@ -168,6 +171,8 @@ class LengthPrefixDecoder(_PrefixDecoder[bytes]):
             pos = end
         if pos < n:
             self._resume(data, pos, frames)
+        # What was consumed, less the 4-byte headers: no per-frame sum.
+        self.payload_bytes = before + n - self.buffered - 4 * len(frames)
         return frames
 
     def __repr__(self) -> str:

@@ -17,17 +17,18 @@ __all__ = ("FileSink", "NullSink", "StdoutSink")
 
 
 class NullSink(Sink):
-    """Discards batches, counting messages and bytes (for benchmarks and dry runs)."""
+    """Discards batches, counting messages (for benchmarks and dry runs).
+
+    Bytes are not summed here: the sources already count received bytes (see /metrics).
+    """
 
     name = "null"
 
     def __init__(self) -> None:
         self.messages = 0
-        self.bytes = 0
 
     async def send(self, batch: Batch) -> None:
         self.messages += len(batch)
-        self.bytes += batch.nbytes
 
 
 class StdoutSink(Sink):

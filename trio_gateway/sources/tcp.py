@@ -13,7 +13,14 @@ from .._ingress import Ingress
 from .._message import Origin
 from .._tls import resolve_server_tls
 from ..codecs import FRAMINGS
-from ._base import Source, connection_errors, format_peer, serve_connections
+from ._base import (
+    Source,
+    check_reuse_port,
+    connection_errors,
+    format_peer,
+    open_tcp_listeners,
+    serve_connections,
+)
 
 __all__ = ("TcpSource",)
 
@@ -39,9 +46,13 @@ class TcpSource(Source):
     Under the ``block`` policy a full queue stops the reading, so the kernel's receive window
     fills and the client's ``send`` blocks: real backpressure. A frame over
     ``max_message_size`` closes that connection only (counted as ``oversize``); so does a
-    stream that ends mid-frame (``truncated``) and a connection silent for ``idle_timeout``
-    seconds (``idle_timeout``). TLS from ``ssl_context`` or ``certfile``/``keyfile`` (with
-    ``client_ca``, clients must present a certificate: mutual TLS).
+    stream that ends mid-frame (``truncated``), a connection silent for ``idle_timeout``
+    seconds (``idle_timeout``) and one whose partial frame does not complete within
+    ``idle_timeout`` seconds of the previous frame, however many bytes trickle in
+    (``too_slow``: slowloris). A failed TLS handshake is counted as ``tls_handshake``.
+    TLS from ``ssl_context`` or ``certfile``/``keyfile`` (with
+    ``client_ca``, clients must present a certificate: mutual TLS). ``reuse_port`` sets
+    ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
     """
 
     transport = "tcp"
@@ -61,6 +72,7 @@ class TcpSource(Source):
         keyfile: str | None = None,
         client_ca: str | None = None,
         backlog: int | None = None,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(
             host,
@@ -80,13 +92,15 @@ class TcpSource(Source):
             "tcp", ssl_context, certfile, keyfile, client_ca, alpn=None
         )
         self.backlog = backlog
+        check_reuse_port("tcp.reuse_port", reuse_port)
+        self.reuse_port = reuse_port
         self.bound: list[tuple[str, int]] = []
 
     async def run(
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners: list[Any] = await trio.open_tcp_listeners(
-            self.port, host=self.host, backlog=self.backlog
+        listeners: list[Any] = await open_tcp_listeners(
+            self.host, self.port, reuse_port=self.reuse_port, backlog=self.backlog
         )
         self.bound = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
         if self.ssl_context is not None:
@@ -109,18 +123,35 @@ class TcpSource(Source):
     async def _handle(self, stream: trio.abc.Stream, ingress: Ingress) -> None:
         peer = _peer_of(stream)
         listener = ingress.listener
+        idle_timeout = self.idle_timeout
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(idle_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                ingress.reject("tls_handshake")
+                connection_errors.info("%s: %s: TLS handshake failed: %r", listener, peer, exc)
+                return
         decoder = FRAMINGS[self.framing](self.max_message_size)
         receive = stream.receive_some
         read_size = self.read_size
-        idle_timeout = self.idle_timeout
         offer = ingress.offer
+        # A frame must complete within idle_timeout of the last complete one (or of the
+        # start): bytes that only extend a partial frame do not push the deadline back, so
+        # a client trickling one byte at a time (slowloris) cannot hold the connection.
+        deadline = trio.current_time() + idle_timeout
         while True:
-            with trio.move_on_after(idle_timeout) as idle:
+            with trio.move_on_at(deadline) as idle:
                 data = await receive(read_size)
             if idle.cancelled_caught:
-                ingress.reject("idle_timeout")
+                reason = "too_slow" if decoder.buffered else "idle_timeout"
+                ingress.reject(reason)
                 connection_errors.info(
-                    "%s: %s idle for %.0f s, closed", listener, peer, idle_timeout
+                    "%s: %s: no complete frame for %.0f s (%s), closed",
+                    listener,
+                    peer,
+                    idle_timeout,
+                    reason,
                 )
                 return
             try:
@@ -136,6 +167,12 @@ class TcpSource(Source):
                 connection_errors.info("%s: %s: %s", listener, peer, exc)
                 return
             if frames:
-                await offer(frames, Origin("tcp", listener, peer, time.time()))
+                await offer(
+                    frames,
+                    Origin("tcp", listener, peer, time.time()),
+                    nbytes=decoder.payload_bytes,
+                )
             if not data:
                 return
+            if frames or not decoder.buffered:
+                deadline = trio.current_time() + idle_timeout

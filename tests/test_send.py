@@ -120,6 +120,8 @@ async def test_http_one_per_request_and_ndjson_batches() -> None:
     assert sorted(p for p in payloads if len(p) == 40) == expected(300, 40)
     assert sorted(p for p in payloads if len(p) == 18) == expected(1000, 18)
     assert handle.ledger.received == 1300
+    # Keep-alive: 300 + 16 requests on 3 + 2 connections.
+    assert handle.gateway.source_counters[0].connections_total == 5
 
 
 async def test_http_token_missing_is_rejected_401_then_env_token_is_accepted(
@@ -148,7 +150,9 @@ async def test_http_full_queue_drop_newest_503_matches_the_ledger() -> None:
         # the queue takes 50 more, so one batch is cut at the boundary: a 503 whose body says
         # how many lines went in (50 % 7 == 1), and the client counts exactly those.
         batched = await send_http(url, count=140, size=18, ndjson=7)
-        single = await send_http(url, count=100, size=18)
+        progress = Progress()
+        single = await send_http(url, count=100, size=18, progress=progress)
+    assert progress.total == 100
     ledger = handle.ledger
     for summary, count in ((single, 100), (batched, 140)):
         assert_accounted(summary, count)
@@ -175,7 +179,7 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-async def test_https_with_a_private_ca(ca: trustme.CA, tmp_path: Path) -> None:
+async def test_https_and_wss_with_a_private_ca(ca: trustme.CA, tmp_path: Path) -> None:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server)
     ca_file = tmp_path / "ca.pem"
@@ -188,17 +192,37 @@ async def test_https_with_a_private_ca(ca: trustme.CA, tmp_path: Path) -> None:
             await send_http(url, count=1, size=25)
     assert summary.accepted == 50 and summary.all_accepted
     assert sorted(sink.payloads) == expected(50, 25)
+    async with running(WebSocketSource(ssl_context=server)) as (handle, sink):
+        url = "wss://127.0.0.1:%d/" % handle.address()[1]
+        summary = await send_websocket(url, count=500, size=25, concurrency=2, cafile=str(ca_file))
+    assert summary.accepted == 500 and summary.all_accepted
+    assert sorted(sink.payloads) == expected(500, 25)
 
 
 # -- WebSocket ---------------------------------------------------------------------------------
 
 
+class Progress:
+    """A progress callback that adds up what it was told."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __call__(self, n: int) -> None:
+        assert n > 0
+        self.total += n
+
+
 async def test_websocket_messages_and_clean_close() -> None:
     source = WebSocketSource(token=TOKEN)
+    progress = Progress()
     async with running(source) as (handle, sink):
         url = "ws://127.0.0.1:%d/" % handle.address()[1]
-        summary = await send_websocket(url, count=3000, size=50, concurrency=2, token=TOKEN)
+        summary = await send_websocket(
+            url, count=3000, size=50, concurrency=2, token=TOKEN, progress=progress
+        )
     assert summary.accepted == 3000 and summary.all_accepted
+    assert progress.total == 3000
     assert sorted(sink.payloads) == expected(3000, 50)
     assert handle.ledger.received == 3000
 
@@ -208,8 +232,12 @@ async def test_websocket_token_missing_401_rejects_the_run() -> None:
     async with running(source) as (handle, sink):
         url = "ws://127.0.0.1:%d/" % handle.address()[1]
         # 20 kB messages: 13 to a write, so the refusal stops a run of many writes.
-        summary = await send_websocket(url, count=100, size=20_000, concurrency=2)
+        progress = Progress()
+        summary = await send_websocket(
+            url, count=100, size=20_000, concurrency=2, progress=progress
+        )
     assert summary.rejected == {"401": 100} and summary.accepted == 0
+    assert progress.total == 100
     assert handle.ledger.rejected["unauthorized"] >= 1
     assert sink.payloads == []
 
@@ -231,10 +259,19 @@ async def test_grpc_modes_deliver_everything(mode: str, count: int) -> None:
     source = GrpcSource(token=TOKEN)
     async with running(source) as (handle, sink):
         host, port = handle.address()
+        progress = Progress()
         summary = await send_grpc(
-            host, port, count=count, size=30, mode=mode, concurrency=2, token=TOKEN
+            host,
+            port,
+            count=count,
+            size=30,
+            mode=mode,
+            concurrency=2,
+            token=TOKEN,
+            progress=progress,
         )
     assert summary.accepted == count and summary.all_accepted, summary
+    assert progress.total == count
     assert sorted(sink.payloads) == expected(count, 30)
     assert handle.ledger.received == count
 
@@ -246,8 +283,10 @@ async def test_grpc_token_missing_is_unauthenticated(mode: str) -> None:
         host, port = handle.address()
         # 20 kB messages: 13 to a write, so the refusal ends a call of several writes and
         # the messages not sent yet are counted under the same status.
-        summary = await send_grpc(host, port, count=40, size=20_000, mode=mode)
+        progress = Progress()
+        summary = await send_grpc(host, port, count=40, size=20_000, mode=mode, progress=progress)
     assert summary.rejected == {"UNAUTHENTICATED": 40} and summary.accepted == 0
+    assert progress.total == 40
     assert handle.ledger.rejected["unauthorized"] >= 1
     assert sink.payloads == []
 

@@ -231,11 +231,15 @@ class _Run:
         *,
         rate: float | None,
         progress: Callable[[int], None] | None,
+        progress_on_write: bool = False,
     ) -> None:
         self.count = count
         self.size = size
         self.rate = rate
+        # The progress bar moves as messages are answered, or, where the answer only comes
+        # at the end of a connection (WebSocket, gRPC Stream), as they are written.
         self._progress = progress
+        self._on_write = progress_on_write
         self._next = 0
         self.bytes = 0
         self.accepted = 0
@@ -273,15 +277,25 @@ class _Run:
 
     def wrote(self, n: int) -> None:
         self.bytes += n * self.size
+        if self._on_write:
+            self._advance(n)
 
     def accept(self, n: int) -> None:
         if n > 0:
             self.accepted += n
-            self._advance(n)
+            if not self._on_write:
+                self._advance(n)
 
     def reject(self, reason: str, n: int) -> None:
         if n > 0:
             self.rejected[reason] += n
+            if not self._on_write:
+                self._advance(n)
+
+    def reject_unsent(self, reason: str, n: int) -> None:
+        """Reject messages that were claimed but never written (the refusal came first)."""
+        self.reject(reason, n)
+        if self._on_write:
             self._advance(n)
 
     def stop(self, reason: str) -> None:
@@ -290,10 +304,10 @@ class _Run:
             self.stopped = reason
         rest = self.count - self._next
         self._next = self.count
-        self.reject(reason, rest)
+        self.reject_unsent(reason, rest)
 
     def _advance(self, n: int) -> None:
-        if self._progress is not None:
+        if self._progress is not None and n > 0:
             self._progress(n)
 
     def summary(self) -> SendSummary:
@@ -650,7 +664,11 @@ class _WsConnection:
                 raise TransportError(f"{self.where}: connection closed during the handshake")
 
     async def read_until_closed(self) -> None:
-        """Feed the protocol (it answers pings and the close frame) until the connection ends."""
+        """Feed the protocol (it answers pings and the close frame) until the closing
+        handshake is complete or the connection ends.
+
+        The close frames are the receipt; the TCP close is not waited for. (Over TLS the
+        gateway cannot half-close: it waits for our end of the connection instead.)"""
         protocol = self.protocol
         try:
             while protocol.state is not WsState.CLOSED:
@@ -668,7 +686,7 @@ class _WsConnection:
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.lost = self.lost or exc
-                if not data:
+                if not data or (protocol.close_rcvd is not None and protocol.close_sent):
                     return
         finally:
             self.closed.set()
@@ -709,7 +727,7 @@ async def send_websocket(
         raise ConfigurationError("--ca", "needs a wss:// URL")
     context = client_ssl_context(cafile, alpn=["http/1.1"]) if wsuri.secure else None
     where = f"{wsuri.host}:{wsuri.port}"
-    run = _Run(count, size, rate=rate, progress=progress)
+    run = _Run(count, size, rate=rate, progress=progress, progress_on_write=True)
     per_write = run.chunk()
 
     async def worker() -> None:
@@ -738,7 +756,7 @@ async def send_websocket(
                     if isinstance(failure, InvalidStatus)
                     else f"handshake failed: {failure}"
                 )
-                run.reject(reason, len(seqs))
+                run.reject_unsent(reason, len(seqs))
                 run.stop(reason)
                 return
             written = 0
@@ -762,7 +780,7 @@ async def send_websocket(
                     raise TransportError(f"{where}: no progress for {step_timeout:g} s") from exc
                 except (trio.BrokenResourceError, OSError) as exc:
                     connection.lost = connection.lost or exc
-                # Wait for the server's close frame and its end of the TCP connection.
+                # Wait for the server's close frame (or the end of the connection).
                 with trio.move_on_after(step_timeout):
                     await connection.closed.wait()
                 nursery.cancel_scope.cancel()
@@ -770,7 +788,8 @@ async def send_websocket(
             if outcome is None:
                 run.accept(written)  # sending stops early only when the server closes first
             else:
-                run.reject(outcome, written + len(seqs))
+                run.reject(outcome, written)
+                run.reject_unsent(outcome, len(seqs))
                 run.stop(outcome)
 
     await _run_workers(concurrency, worker)
@@ -1144,7 +1163,7 @@ async def send_grpc(
     if ssl_context is not None:
         ssl_context.set_alpn_protocols(["h2"])
     where = f"{host}:{port}"
-    run = _Run(count, size, rate=rate, progress=progress)
+    run = _Run(count, size, rate=rate, progress=progress, progress_on_write=mode == "stream")
     message = gateway_pb2.Message
 
     def frames(seqs: range) -> bytes:
@@ -1234,11 +1253,10 @@ async def send_grpc(
                 run.accept(ack.accepted_count)
                 run.reject("dropped", ack.rejected_count)
                 answered = ack.accepted_count + ack.rejected_count
-            unanswered = written - answered + len(seqs)
-            if status == "OK":
-                run.reject("no ack", unanswered)
-            else:
-                run.reject(status, unanswered)
+            reason = "no ack" if status == "OK" else status
+            run.reject(reason, written - answered)
+            run.reject_unsent(reason, len(seqs))
+            if status != "OK":
                 run.stop(status)
 
     if mode == "unary":

@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,27 @@ async def test_connection_refused_is_one_transport_error() -> None:
             await send_grpc("127.0.0.1", port, count=1, size=1)
         with pytest.raises(TransportError, match="cannot connect"):
             await send_http(f"http://127.0.0.1:{port}/", count=1, size=1)
+
+
+@pytest.mark.parametrize("client", ["http", "ws", "unary", "stream", "bidi"])
+async def test_a_dropped_connection_is_one_transport_error(client: str) -> None:
+    """A peer that reads the first bytes and hangs up: an error, not a summary."""
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, hang_up, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        with trio.fail_after(10), pytest.raises(TransportError, match=r"127\.0\.0\.1"):
+            if client == "http":
+                await send_http(f"http://127.0.0.1:{port}/", count=10, size=20)
+            elif client == "ws":
+                await send_websocket(f"ws://127.0.0.1:{port}/", count=10, size=20)
+            else:
+                await send_grpc("127.0.0.1", port, count=10, size=20, mode=client)
+        nursery.cancel_scope.cancel()
 
 
 async def test_bad_urls_name_the_flag() -> None:

@@ -692,13 +692,16 @@ class _WsConnection:
             self.closed.set()
 
 
-def _ws_outcome(protocol: ClientProtocol, lost: BaseException | None) -> str | None:
-    """``None`` for a clean close we started and the server confirmed; else the reason."""
+def _ws_outcome(
+    protocol: ClientProtocol, lost: BaseException | None, where: str, step_timeout: float
+) -> str | None:
+    """``None`` for a clean close we started and the server confirmed; else the server's
+    close code as the reason. No close frame at all is a failure of the connection."""
     received = protocol.close_rcvd
     if received is None:
         if lost is not None or protocol.state is WsState.CLOSED:
-            return "connection lost"
-        return "no close"  # the server did not answer our close within the step timeout
+            raise TransportError(f"{where}: connection lost without a close frame: {lost}")
+        raise TransportError(f"{where}: no close frame within {step_timeout:g} s")
     if protocol.close_rcvd_then_sent or received.code != CloseCode.NORMAL_CLOSURE:
         return f"close {received.code}"
     return None
@@ -784,7 +787,7 @@ async def send_websocket(
                 with trio.move_on_after(step_timeout):
                     await connection.closed.wait()
                 nursery.cancel_scope.cancel()
-            outcome = _ws_outcome(protocol, connection.lost)
+            outcome = _ws_outcome(protocol, connection.lost, where, step_timeout)
             if outcome is None:
                 run.accept(written)  # sending stops early only when the server closes first
             else:
@@ -1248,6 +1251,8 @@ async def send_grpc(
                 except trio.TooSlowError as exc:
                     raise TransportError(f"{where}: no answer within {step_timeout:g} s") from exc
             status, replies = await _grpc_finish(call, where, step_timeout)
+            if status == "connection lost":
+                raise TransportError(f"{where}: connection lost: {call.detail}")
             if status == "OK" and not acked and replies:
                 ack = gateway_pb2.Ack.FromString(replies[-1])
                 run.accept(ack.accepted_count)

@@ -27,10 +27,11 @@ class NewlineDecoder:
     * :meth:`close` returns the unterminated last line as a final frame if it is non-empty,
       and resets the decoder.
 
-    The fast path is one ``bytes.split`` over (remainder + chunk) and a ``max(map(len, ...))``
-    over the result: no Python loop per frame. A chunk with no newline at all is only
-    appended to a list of pieces, so a large frame arriving in many small reads costs linear
-    time, not quadratic.
+    The fast path is one ``bytes.split`` over the chunk, with a held remainder glued onto the
+    first frame only (the chunk is never copied), and no per-frame length check unless the
+    chunk itself is longer than the limit: no Python loop per frame. A chunk with no newline
+    at all is only appended to a list of pieces, so a large frame arriving in many small reads
+    costs linear time, not quadratic.
     """
 
     __slots__ = ("_held", "_max_frame_size", "_pieces", "payload_bytes")
@@ -66,17 +67,20 @@ class NewlineDecoder:
             self._pieces.append(data)
             self._held = held
             return []
-        if self._pieces:
-            self._pieces.append(data)
-            data = b"".join(self._pieces)
-            self._pieces.clear()
         frames = data.split(_NL)
         remainder = frames.pop()
+        size = len(data)
+        if self._pieces:
+            # Glue the held piece(s) onto the first frame only: the chunk is not copied.
+            self._pieces.append(frames[0])
+            frames[0] = b"".join(self._pieces)
+            self._pieces.clear()
+            size += self._held
         # Complete frames first: if both they and the remainder are too large, the error
         # names the earlier one.
         # Only a chunk longer than the limit can hold an oversize frame: for the usual reads
         # (256 KiB against a 1 MiB limit) the per-frame length check is skipped entirely.
-        if len(data) > limit:
+        if size > limit:
             longest = max(map(len, frames), default=0)
             if longest > limit:
                 self._held = 0
@@ -89,7 +93,7 @@ class NewlineDecoder:
             self._pieces.append(remainder)
         self._held = len(remainder)
         # Everything before the remainder, less one newline per split: no per-frame sum.
-        self.payload_bytes = len(data) - len(remainder) - len(frames)
+        self.payload_bytes = size - len(remainder) - len(frames)
         if b"" in frames:
             frames = [frame for frame in frames if frame]
         return frames

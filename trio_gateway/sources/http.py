@@ -135,6 +135,10 @@ class IngestRules:
         self.queue_full = _json_reply(503, {"accepted": 0, "error": "queue full"}, retry)
         self.accepted_one = _json_reply(202, {"accepted": 1})
         self.empty = _json_reply(400, {"error": "empty body"})
+        self.ambiguous_length = _json_reply(
+            400, {"error": "both Content-Length and Transfer-Encoding"}, close=True
+        )
+        self.too_slow = _json_reply(408, {"error": "request not complete in time"}, close=True)
 
     def head(
         self,
@@ -151,6 +155,7 @@ class IngestRules:
         authorization = None
         length = None
         ndjson = False
+        chunked = False
         for name, value in headers:
             if name == b"content-length":
                 length = value
@@ -158,6 +163,12 @@ class IngestRules:
                 ndjson = value.partition(b";")[0].strip().lower() in NDJSON_TYPES
             elif name == b"authorization":
                 authorization = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if length is not None and chunked:
+            # RFC 9112 section 6.3: a sign of request smuggling; refuse it and close.
+            self.ingress.reject("malformed")
+            return self.ambiguous_length, ndjson
         if self._token is not None:
             refusal = self._check_token(authorization)
             if refusal is not None:
@@ -488,12 +499,14 @@ class HttpSource(Source):
                     return
                 data += chunk
         if not data:
-            return  # idle before the first request
+            rules.ingress.reject("idle_timeout")  # connected, then sent nothing
+            return
         if data.startswith(H2_PREFACE) or not self.fast_path:
             await serve_hypercorn(_ReplayStream(stream, data, sock))
             return
         if H2_PREFACE.startswith(data):
-            return  # timed out in the middle of what looked like a preface
+            rules.ingress.reject("too_slow")  # timed out in the middle of a preface
+            return
         await self._serve_h11(rules, stream, data, peer)
 
     async def _serve_h11(
@@ -506,16 +519,26 @@ class HttpSource(Source):
         max_body = rules.max_body_size
         ingress = rules.ingress
 
-        async def next_event() -> Any:
+        async def next_event(deadline: float) -> Any:
+            """The next h11 event; None at the deadline (answered 408 if a request began).
+
+            A request (head and body) must be complete within ``idle_timeout`` of the end of
+            the previous response: bytes trickling in do not extend it (slowloris).
+            """
             while True:
                 event = conn.next_event()
                 if event is not h11.NEED_DATA:
                     return event
-                with trio.move_on_after(idle):
+                with trio.move_on_at(deadline):
                     conn.receive_data(cast(bytes, await stream.receive_some(MAX_RECV)))
                     continue
                 if conn.their_state is not h11.IDLE or conn.trailing_data[0]:
-                    ingress.reject("idle_timeout")
+                    ingress.reject("too_slow")
+                    connection_errors.info(
+                        "%s: %s: request not complete within %.0f s", self.label, peer, idle
+                    )
+                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await answer(rules.too_slow)
                 return None
 
         async def answer(reply: Reply) -> None:
@@ -536,7 +559,8 @@ class HttpSource(Source):
 
         try:
             while True:
-                event = await next_event()
+                deadline = trio.current_time() + idle
+                event = await next_event(deadline)
                 if event is None or isinstance(event, h11.ConnectionClosed):
                     return
                 assert isinstance(event, h11.Request), event
@@ -549,7 +573,7 @@ class HttpSource(Source):
                     chunks: list[bytes] = []
                     size = 0
                     while True:
-                        event = await next_event()
+                        event = await next_event(deadline)
                         if isinstance(event, h11.Data):
                             size += len(event.data)
                             if size > max_body:
@@ -561,7 +585,8 @@ class HttpSource(Source):
                         else:
                             return  # closed or idle in the middle of the body
                     if reply is None:
-                        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                        # h11 hands over bytearrays: a payload is immutable bytes
+                        body = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
                         reply = await rules.ingest(body, ndjson, peer)
                 elif conn.their_state is h11.SEND_BODY:
                     # Refused before reading the body: answer and close rather than drain it.

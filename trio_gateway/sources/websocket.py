@@ -10,6 +10,8 @@ path (``bench/ws.py`` measures it).
 Limits and answers: ``max_message_size`` (default 1 MiB) -> close 1009; invalid UTF-8 in a
 text message -> close 1007; protocol violations -> close 1002; ``token`` missing or wrong ->
 handshake refused with 401; wrong path -> 404; no data for ``idle_timeout`` -> close 1001;
+a frame not complete within ``idle_timeout`` of the previous one (slowloris) -> close 1008;
+a handshake not complete within ``handshake_timeout`` -> connection closed;
 gateway stopping -> close 1001, then ``grace_period`` for the client to finish.
 Under the ``block`` policy a full queue stops reading, so the client's sends back up.
 """
@@ -52,6 +54,10 @@ MAX_RECV = 256 * 1024
 _TEXT = Opcode.TEXT
 _BINARY = Opcode.BINARY
 _CONT = Opcode.CONT
+_BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n"
+    b"Connection: close\r\n\r\nmalformed opening handshake\n"
+)
 
 
 class _Connection:
@@ -195,11 +201,15 @@ class WebSocketSource(Source):
         stream = connection.stream
         request: Request | None = None
         early: list[Any] = []
+        received = False
         with trio.move_on_after(self.handshake_timeout):
             while request is None:
                 data = await stream.receive_some(MAX_RECV)
                 if data:
+                    received = True
                     protocol.receive_data(data)
+                elif not received:
+                    return None  # connected and left (a TCP health check): nothing to count
                 else:
                     protocol.receive_eof()
                 for event in protocol.events_received():
@@ -209,9 +219,12 @@ class WebSocketSource(Source):
                         early.append(event)
                 if request is None and not await connection.flush():
                     ingress.reject("malformed")
+                    # websockets closes without a word on a request it cannot parse
+                    await stream.send_all(_BAD_REQUEST)
                     return None
         if request is None:
-            ingress.reject("idle_timeout")
+            # Silent, or trickling a request that never completed (slowloris).
+            ingress.reject("too_slow" if received else "idle_timeout")
             return None
         refusal = self._refusal(request)
         if refusal is not None:
@@ -275,6 +288,10 @@ class WebSocketSource(Source):
         stream = connection.stream
         listener = ingress.listener
         idle = self.idle_timeout
+        # A frame must complete within idle_timeout of the previous one: bytes that only
+        # extend a partial frame do not push the deadline back (slowloris).
+        deadline = trio.current_time() + idle
+        partial = False  # bytes received since the last complete frame
         # Frames that arrived with the handshake request are processed first.
         events = early + protocol.events_received()
         while True:
@@ -283,17 +300,30 @@ class WebSocketSource(Source):
                 if payloads:
                     await ingress.offer(payloads, Origin("websocket", listener, peer, time.time()))
             if not await connection.flush():
-                self._count_close(ingress, protocol)
+                self._count_close(ingress, protocol, partial)
                 await self._linger(stream)
                 return
-            with trio.move_on_after(idle):
+            if events:
+                deadline = trio.current_time() + idle
+            with trio.move_on_at(deadline):
                 data = await stream.receive_some(MAX_RECV)
                 if data:
                     protocol.receive_data(data)
                 else:
                     protocol.receive_eof()
                 events = protocol.events_received()
+                if events:
+                    partial = False
+                elif data:
+                    partial = True
                 continue
+            if partial:
+                ingress.reject("too_slow")
+                if protocol.state is State.OPEN:
+                    protocol.send_close(CloseCode.POLICY_VIOLATION, "too slow")
+                    await connection.flush()
+                    await self._linger(stream)
+                return
             # Nothing for idle_timeout seconds.
             ingress.reject("idle_timeout")
             if protocol.state is State.OPEN:
@@ -353,10 +383,13 @@ class WebSocketSource(Source):
                 pass
 
     @staticmethod
-    def _count_close(ingress: Ingress, protocol: ServerProtocol) -> None:
-        """Count connections that the protocol failed (too big, protocol error)."""
+    def _count_close(ingress: Ingress, protocol: ServerProtocol, partial: bool) -> None:
+        """Count connections that the protocol failed (too big, protocol error, cut off)."""
         if isinstance(protocol.parser_exc, PayloadTooBig):
             ingress.reject("oversize")
+        elif isinstance(protocol.parser_exc, EOFError):
+            if partial:  # the stream ended inside a frame
+                ingress.reject("truncated")
         else:
             sent = protocol.close_sent
             if sent is not None and sent.code == CloseCode.PROTOCOL_ERROR:

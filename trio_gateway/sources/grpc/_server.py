@@ -243,7 +243,7 @@ class GrpcStream:
             return
         self._readable = event = trio.Event()
         await event.wait()
-        if self._error is not None:
+        if self._error is not None and not self._messages:  # complete messages come first
             raise self._error
         if self._reset:
             raise StreamReset(f"stream {self.stream_id} was reset by the client")
@@ -367,6 +367,11 @@ class GrpcStream:
         self._wake()
 
     def _end(self) -> None:
+        if self._decoder.buffered and self._error is None:
+            # The stream ended inside a message: the complete ones before it are still handed
+            # over, then the call fails (INTERNAL, as grpc-go and grpc-java answer).
+            self._conn.server.reject("truncated")
+            self._error = GRPCError(Status.INTERNAL, "the stream ended inside a message")
         self._ended = True
         self._wake()
 
@@ -432,6 +437,8 @@ class _Connection:
         self._closing = False
         self._idle = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._stalled_at: float | None = None
+        """When bytes began to arrive that completed no frame (None: not stalled)."""
 
     # -- output -----------------------------------------------------------------------------
 
@@ -506,10 +513,10 @@ class _Connection:
             if self._out_size > _WRITE_HIGH_WATER:
                 await self._wait_writable()
 
-    def _goaway(self, last_stream_id: int) -> None:
+    def _goaway(self, last_stream_id: int, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Queue a GOAWAY frame without closing h2's state machine (streams keep running)."""
         self.emit()
-        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0)
+        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code)
         self._queue_output(frame.serialize())
 
     # -- the connection's life --------------------------------------------------------------
@@ -544,11 +551,27 @@ class _Connection:
         stream = self._stream
         h2conn = self.h2
         dispatch = self._dispatch
+        limits = self.server.limits
+        # Bytes that complete no HTTP/2 frame are a partial frame (or a preface). h2 buffers a
+        # frame whole before it checks its length (up to 16 MiB) and keeps up to 64
+        # CONTINUATION frames, so bound both the bytes and the time: a partial frame must
+        # complete within idle_timeout (slowloris) and within one frame plus one header block.
+        self._stalled_at = None
+        stalled_bytes = 0
+        stall_limit = limits.max_frame_size + limits.max_header_list_size + 64
         try:
             while True:
-                data = await stream.receive_some(_READ_SIZE)
+                if self._stalled_at is None:
+                    data = await stream.receive_some(_READ_SIZE)
+                else:
+                    with trio.move_on_at(self._stalled_at + limits.idle_timeout) as slow:
+                        data = await stream.receive_some(_READ_SIZE)
+                    if slow.cancelled_caught:
+                        self._refuse_connection("too_slow", ErrorCodes.ENHANCE_YOUR_CALM)
+                        return
                 if not data:
                     return
+                out_before = self._out_size
                 try:
                     events = h2conn.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
@@ -560,7 +583,20 @@ class _Connection:
                     )
                     self.server.reject("malformed")
                     self.emit()  # h2 queued a GOAWAY
+                    if self._out_size == out_before:  # not for a bad preface: send our own
+                        self._goaway(h2conn.highest_inbound_stream_id, ErrorCodes.PROTOCOL_ERROR)
                     return
+                self.emit()  # h2's own answers (acks, RST_STREAM for a stream we reset)
+                if events or self._out_size > out_before:
+                    self._stalled_at = None
+                    stalled_bytes = 0
+                else:
+                    stalled_bytes += len(data)
+                    if self._stalled_at is None:
+                        self._stalled_at = trio.current_time()
+                    if stalled_bytes > stall_limit:
+                        self._refuse_connection("oversize", ErrorCodes.FRAME_SIZE_ERROR)
+                        return
                 for event in events:
                     dispatch(event)
                 self.emit()
@@ -572,6 +608,18 @@ class _Connection:
             )
             for call in self._calls.values():
                 call._on_reset()
+
+    def _refuse_connection(self, reason: str, error_code: ErrorCodes) -> None:
+        """Count a connection-level refusal and queue a GOAWAY with ``error_code``; the
+        reader then returns, so the connection closes once the GOAWAY is flushed."""
+        if self._closing:
+            return
+        self.server.reject(reason)
+        _errors.info(
+            "%s: grpc connection from %s: %s, closed", self.server.label, self.peer, reason
+        )
+        self._last_stream_id = self.h2.highest_inbound_stream_id
+        self._goaway(self._last_stream_id, error_code)
 
     async def _drain_on_stop(self) -> None:
         """Graceful shutdown: GOAWAY(max) + PING, then GOAWAY(last) when the PING returns."""
@@ -591,6 +639,11 @@ class _Connection:
         with self._idle:
             await trio.sleep_forever()
         if self._idle.cancelled_caught and not self._calls and not self._closing:
+            if self._stalled_at is not None:
+                # trickling its preface or headers: too slow, whichever deadline came first
+                self._refuse_connection("too_slow", ErrorCodes.ENHANCE_YOUR_CALM)
+                self._close_when_flushed()
+                return
             self.server.reject("idle_timeout")
             self._last_stream_id = self.h2.highest_inbound_stream_id
             self._goaway(self._last_stream_id)
@@ -766,4 +819,12 @@ class GrpcServer:
 
     async def serve_connection(self, stream: trio.abc.Stream, peer: str) -> None:
         """Serve one connection until the client leaves, it idles out or the server drains."""
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(self.limits.idle_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                self.reject("tls_handshake")
+                _errors.info("%s: TLS handshake with %s failed: %r", self.label, peer, exc)
+                return
         await _Connection(self, stream, peer).run()

@@ -42,6 +42,7 @@ from ._config import (
 )
 from ._errors import ConfigurationError, GatewayError
 from ._profile import check_profile_path, profiled
+from ._workers import serve_workers
 from .admin import top as top_view
 from .admin.progress import send_progress
 from .queues import QUEUE_KINDS
@@ -160,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="time open connections get at shutdown (2)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the ports with SO_REUSEPORT (1; docs/workers.md)",
     )
     serve.add_argument(
         "--admin",
@@ -318,7 +325,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     )
     changes = {
         name: getattr(args, name)
-        for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin")
+        for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")
         if getattr(args, name) is not None
     }
     return replace(
@@ -351,6 +358,8 @@ def _describe(config: GatewayConfig) -> str:
     ]
     if config.processor:
         lines.append(f"processor: {config.processor}")
+    if config.workers > 1:
+        lines.append(f"workers: {config.workers}")
     for source in config.sources:
         options = "".join(f", {k}={v!r}" for k, v in source.options.items())
         lines.append(f"source: {source.transport} on {source.host}:{source.port}{options}")
@@ -467,6 +476,10 @@ def _run(args: argparse.Namespace) -> int:
         _setup_logging(args.log_level, args.log_format)
         config = config_from_args(args)
         build_gateway(config)  # validate everything before binding anything
+        if config.workers > 1:
+            if args.profile:
+                raise ConfigurationError("--profile", "profiles one process: use --workers 1")
+            return trio.run(serve_workers, config)
         if args.profile:
             check_profile_path(args.profile)
             with profiled(args.profile):

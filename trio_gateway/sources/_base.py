@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import socket
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -13,7 +15,7 @@ from .._errors import ConfigurationError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
 
-__all__ = ("DEFAULT_MAX_MESSAGE_SIZE", "Source", "serve_connections")
+__all__ = ("DEFAULT_MAX_MESSAGE_SIZE", "Source", "open_tcp_listeners", "serve_connections")
 
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 _log = logger.getChild("sources")
@@ -79,6 +81,62 @@ class Source(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
+
+
+def check_reuse_port(key: str, reuse_port: bool) -> None:
+    """Refuse ``reuse_port=True`` where the platform has no ``SO_REUSEPORT`` (Windows)."""
+    if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigurationError(key, "SO_REUSEPORT is not available on this platform")
+
+
+async def open_tcp_listeners(
+    host: str, port: int, *, reuse_port: bool = False, backlog: int | None = None
+) -> list[trio.SocketListener]:
+    """:func:`trio.open_tcp_listeners`, plus ``SO_REUSEPORT`` set before ``bind`` if asked.
+
+    With ``reuse_port=True`` several sockets (in several processes of the same user) can listen
+    on one port and the kernel spreads new connections across them (``serve --workers N``).
+    Otherwise the same as trio's: one listener per address ``host`` resolves to,
+    ``SO_REUSEADDR``, IPv6 sockets ``IPV6_V6ONLY``, the backlog capped at 65535 (``None``:
+    the system's maximum). Raises :class:`OSError` when binding fails.
+    """
+    check_reuse_port("reuse_port", reuse_port)
+    computed_backlog = 0xFFFF if backlog is None else min(backlog, 0xFFFF)
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    unsupported: list[OSError] = []
+    try:
+        for family, type_, proto, _, address in infos:
+            try:
+                sock = trio.socket.socket(family, type_, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:  # e.g. no IPv6: the other family may do
+                    unsupported.append(exc)
+                    continue
+                raise
+            try:
+                if sys.platform != "win32":  # there it would let others steal the port
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(computed_backlog)
+                listeners.append(trio.SocketListener(sock))
+            except BaseException:
+                sock.close()
+                raise
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    if not listeners:
+        message = f"no usable address family for {host!r}"
+        raise OSError(errno.EAFNOSUPPORT, message) from (unsupported[0] if unsupported else None)
+    return listeners
 
 
 def format_peer(address: object) -> str:

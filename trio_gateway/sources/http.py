@@ -45,8 +45,10 @@ from .._tls import server_ssl_context
 from ._base import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Source,
+    check_reuse_port,
     connection_errors,
     format_peer,
+    open_tcp_listeners,
     serve_connections,
 )
 
@@ -332,7 +334,8 @@ class HttpSource(Source):
     under the ``block`` policy before it gets ``503``; ``retry_after`` is the ``Retry-After``
     value (seconds) sent with it. TLS comes from ``ssl_context`` or ``certfile``/``keyfile``
     (``client_ca`` for mutual TLS); ALPN offers ``h2`` and ``http/1.1``. ``fast_path=False``
-    sends HTTP/1.1 through hypercorn too (slower; see docs/http.md).
+    sends HTTP/1.1 through hypercorn too (slower; see docs/http.md). ``reuse_port`` sets
+    ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
     """
 
     transport = "http"
@@ -356,6 +359,7 @@ class HttpSource(Source):
         client_ca: str | None = None,
         handshake_timeout: float = 10.0,
         fast_path: bool = True,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(
             host,
@@ -390,6 +394,8 @@ class HttpSource(Source):
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
         self.fast_path = fast_path
+        check_reuse_port("http.reuse_port", reuse_port)
+        self.reuse_port = reuse_port
         self.bound: list[tuple[str, int]] = []
 
     @property
@@ -412,7 +418,9 @@ class HttpSource(Source):
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            socket_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            socket_listeners = await open_tcp_listeners(
+                self.host, self.port, reuse_port=self.reuse_port
+            )
         except OSError as exc:
             raise TransportError(
                 f"{self.label}: cannot listen on {self.host}:{self.port}: {exc}"

@@ -11,7 +11,7 @@ import trio
 from .._errors import ConfigurationError
 from .._ingress import Ingress
 from .._message import Origin
-from ._base import Source, format_peer
+from ._base import Source, check_reuse_port, format_peer
 
 __all__ = ("UdpSource",)
 
@@ -26,6 +26,8 @@ class UdpSource(Source):
     one checkpoint per batch). Under ``block`` a full queue stops the reading and the kernel's
     receive buffer (``receive_buffer`` bytes) absorbs what it can; past it the kernel drops.
     A datagram over ``max_message_size`` is counted as ``oversize`` and discarded.
+    ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can bind the port
+    (``serve --workers N``; the kernel spreads senders across them by address).
     """
 
     transport = "udp"
@@ -38,6 +40,7 @@ class UdpSource(Source):
         max_message_size: int = MAX_UDP_PAYLOAD,
         batch_limit: int = 512,
         receive_buffer: int = 4 << 20,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(host, port, max_message_size=max_message_size)
         if max_message_size > MAX_UDP_PAYLOAD:
@@ -48,6 +51,8 @@ class UdpSource(Source):
             raise ConfigurationError("udp.batch_limit", "must be at least 1")
         self.batch_limit = batch_limit
         self.receive_buffer = receive_buffer
+        check_reuse_port("udp.reuse_port", reuse_port)
+        self.reuse_port = reuse_port
         self.bound: list[tuple[str, int]] = []
 
     async def run(
@@ -62,6 +67,8 @@ class UdpSource(Source):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
             except OSError:  # the kernel caps it; the default is still usable
                 pass
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             self.bound = [tuple(sock.getsockname()[:2])]
             async with trio.open_nursery() as nursery:

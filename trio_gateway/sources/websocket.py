@@ -39,8 +39,10 @@ from .._tls import server_ssl_context
 from ._base import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Source,
+    check_reuse_port,
     connection_errors,
     format_peer,
+    open_tcp_listeners,
     serve_connections,
 )
 
@@ -91,6 +93,8 @@ class WebSocketSource(Source):
     ``token`` requires ``Authorization: Bearer <token>`` or ``?token=<token>`` on the
     handshake. TLS from ``ssl_context`` or ``certfile``/``keyfile`` (``client_ca`` for mutual
     TLS). Compression extensions are not negotiated, so ``max_message_size`` bounds memory.
+    ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can listen on the port
+    (``serve --workers N``).
     """
 
     transport = "websocket"
@@ -110,6 +114,7 @@ class WebSocketSource(Source):
         keyfile: str | None = None,
         client_ca: str | None = None,
         handshake_timeout: float = 10.0,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(
             host,
@@ -137,6 +142,8 @@ class WebSocketSource(Source):
         self._token = token.encode() if token is not None else None
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
+        check_reuse_port("websocket.reuse_port", reuse_port)
+        self.reuse_port = reuse_port
         self.bound: list[tuple[str, int]] = []
 
     @property
@@ -147,7 +154,9 @@ class WebSocketSource(Source):
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            socket_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            socket_listeners = await open_tcp_listeners(
+                self.host, self.port, reuse_port=self.reuse_port
+            )
         except OSError as exc:
             raise TransportError(
                 f"{self.label}: cannot listen on {self.host}:{self.port}: {exc}"

@@ -11,7 +11,13 @@ import trio
 from ..._errors import ConfigurationError, TransportError
 from ..._ingress import Ingress
 from ..._tls import resolve_server_tls
-from .._base import Source, format_peer, serve_connections
+from .._base import (
+    Source,
+    check_reuse_port,
+    format_peer,
+    open_tcp_listeners,
+    serve_connections,
+)
 from ._server import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer, ServerLimits, ServiceHandlers
 from ._services import (
     GatewayService,
@@ -60,7 +66,8 @@ class GrpcSource(Source):
 
     ``ssl_context`` enables TLS; ALPN ``h2`` is set on it. ``token`` requires
     ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED otherwise). ``services`` adds
-    grpclib-style implementations of your own services to the same server.
+    grpclib-style implementations of your own services to the same server. ``reuse_port`` sets
+    ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
     """
 
     transport = "grpc"
@@ -81,6 +88,7 @@ class GrpcSource(Source):
         token: str | None = None,
         queue_timeout: float = 1.0,
         services: Sequence[ServiceHandlers] = (),
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(
             host,
@@ -105,6 +113,8 @@ class GrpcSource(Source):
         self.token = token
         self.queue_timeout = queue_timeout
         self.services = tuple(services)
+        check_reuse_port("grpc.reuse_port", reuse_port)
+        self.reuse_port = reuse_port
         self.bound: list[tuple[str, int]] = []
 
     def limits(self) -> ServerLimits:
@@ -137,7 +147,9 @@ class GrpcSource(Source):
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            tcp_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            tcp_listeners = await open_tcp_listeners(
+                self.host, self.port, reuse_port=self.reuse_port
+            )
         except OSError as exc:
             raise TransportError(f"{self.label}: cannot listen: {exc}") from exc
         listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)

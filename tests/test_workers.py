@@ -1,0 +1,445 @@
+"""serve --workers N: shared ports (SO_REUSEPORT), restarts, signals, combined ledger, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from helpers import REPO, ServeProcess, read_payloads
+from prometheus_client.parser import text_string_to_metric_families
+
+from trio_gateway import (
+    Gateway,
+    GrpcSource,
+    HttpSource,
+    NullSink,
+    Source,
+    TcpSource,
+    TransportError,
+    UdpSource,
+    WebSocketSource,
+)
+from trio_gateway._cli import main
+from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig, load_config
+from trio_gateway._workers import (
+    MetricsAggregate,
+    RestartPolicy,
+    Supervisor,
+    WorkerError,
+    _Lines,
+    config_from_jsonable,
+    config_to_jsonable,
+    ledger_from_samples,
+)
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.05)
+
+
+def admin_port(process: ServeProcess) -> int:
+    for line in process.stderr_lines:
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics \(all workers\)", line)
+        if match:
+            return int(match[1])
+    raise AssertionError("no admin line: " + "".join(process.stderr_lines))
+
+
+def worker_pids(process: ServeProcess) -> dict[int, int]:
+    pids = {}
+    for line in process.stderr_lines:
+        match = re.search(r"worker (\d+) started: pid (\d+)", line)
+        if match:
+            pids[int(match[1])] = int(match[2])
+    return pids
+
+
+def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False, timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def per_worker(samples: dict[tuple[str, Any], float], name: str) -> dict[str, float]:
+    return {dict(labels)["worker"]: v for (n, labels), v in samples.items() if n == name}
+
+
+def ledger_of(stderr: str) -> dict[str, Any]:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith('{"ledger"')]
+    assert len(lines) == 1, stderr
+    ledger: dict[str, Any] = json.loads(lines[0])["ledger"]
+    return ledger
+
+
+def send_tcp(port: int, payloads: list[bytes]) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"".join(p + b"\n" for p in payloads))
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)  # the gateway closes once it has read everything
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+# -- the command, end to end ------------------------------------------------------------------
+
+
+def test_two_workers_share_tcp_udp_and_http_ports(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    args = ["--workers", "2", "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"]
+    args += ["--http", "127.0.0.1:0", "--sink", f"file:{out}", "--admin", "127.0.0.1:0"]
+    gateway = serve(args)
+    admin = admin_port(gateway)
+    sent: list[bytes] = []
+    for conn in range(16):  # every connection has its own source port: the kernel spreads them
+        batch = [b"tcp-%d-%d" % (conn, i) for i in range(250)]
+        send_tcp(gateway.port("tcp"), batch)
+        sent += batch
+    for sender in range(16):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for i in range(25):
+                payload = b"udp-%d-%d" % (sender, i)
+                sock.sendto(payload, ("127.0.0.1", gateway.port("udp")))
+                sent.append(payload)
+    with httpx.Client(trust_env=False) as client:
+        for i in range(10):
+            reply = client.post(
+                f"http://127.0.0.1:{gateway.port('http')}/ingest", content=b"http-%d" % i
+            )
+            assert reply.status_code == 202
+            sent.append(b"http-%d" % i)
+
+    # Both workers append to one file (O_APPEND, one write per batch): every line whole.
+    wait_until(lambda: len(read_payloads(out)) >= len(sent), what="every message in the file")
+    assert Counter(read_payloads(out)) == Counter(sent)
+
+    def scraped_all() -> bool:
+        samples = metrics(admin)
+        return total(samples, "trio_gateway_delivered_messages_total") == len(sent)
+
+    wait_until(scraped_all, what="the scrape to catch up")
+    samples = metrics(admin)
+    received = {
+        dict(labels)["transport"]: v
+        for (name, labels), v in samples.items()
+        if name == "trio_gateway_received_messages_total"
+    }
+    assert received == {"tcp": 4000, "udp": 400, "http": 10}
+    connections = per_worker(samples, "trio_gateway_worker_connections_total")
+    assert connections["0"] > 0 and connections["1"] > 0, connections  # both got some
+    assert sum(connections.values()) == 17  # 16 TCP + 1 keep-alive HTTP
+    assert samples[("trio_gateway_workers", ())] == 2
+    assert samples[("trio_gateway_accepting", ())] == 1
+    assert {"0", "1", "supervisor"} <= set(per_worker(samples, "process_cpu_seconds_total"))
+    ready = httpx.get(f"http://127.0.0.1:{admin}/readyz", trust_env=False)
+    assert ready.status_code == 200
+
+    code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    ledger = ledger_of(stderr)
+    assert ledger["received"] == ledger["delivered"] == len(sent)
+    assert ledger["balanced"] is True
+    assert (ledger["workers"], ledger["restarts"], ledger["crashed"]) == (2, 0, 0)
+    # Each worker ran its own flush and reported its own ledger; they add up.
+    own = [json.loads(m) for m in re.findall(r"worker \d ledger: (\{.*\})", stderr)]
+    assert len(own) == 2 and sum(w["received"] for w in own) == len(sent)
+
+
+def test_a_killed_worker_is_restarted_and_counted(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    gateway = serve(
+        [
+            "--workers",
+            "2",
+            "--tcp",
+            "127.0.0.1:0",
+            "--sink",
+            f"file:{out}",
+            "--admin",
+            "127.0.0.1:0",
+        ]
+    )
+    admin, port = admin_port(gateway), gateway.port("tcp")
+    first = [b"before-%d-%d" % (c, i) for c in range(8) for i in range(100)]
+    for c in range(8):
+        send_tcp(port, first[c * 100 : (c + 1) * 100])
+    wait_until(lambda: len(read_payloads(out)) == 800, what="the first messages")
+    # The ledger of a killed worker comes from the last scrape: let it see everything.
+    wait_until(lambda: total(metrics(admin), "trio_gateway_delivered_messages_total") == 800)
+
+    os.kill(worker_pids(gateway)[0], signal.SIGKILL)
+
+    def restarted() -> bool:
+        samples = metrics(admin)
+        return (
+            per_worker(samples, "trio_gateway_worker_restarts_total")["0"] == 1
+            and per_worker(samples, "trio_gateway_worker_up")["0"] == 1
+        )
+
+    wait_until(restarted, what="worker 0 to be back")
+    assert httpx.get(f"http://127.0.0.1:{admin}/readyz", trust_env=False).status_code == 200
+    # The killed worker's counters are kept: the sum did not go back.
+    assert total(metrics(admin), "trio_gateway_received_messages_total") >= 800
+
+    second = [b"after-%d-%d" % (c, i) for c in range(8) for i in range(100)]
+    for c in range(8):
+        send_tcp(port, second[c * 100 : (c + 1) * 100])
+    wait_until(lambda: len(read_payloads(out)) == 1600, what="the second messages")
+    assert Counter(read_payloads(out)) == Counter(first + second)
+    wait_until(lambda: total(metrics(admin), "trio_gateway_received_messages_total") == 1600)
+
+    code, stderr = gateway.stop(signal.SIGINT)
+    assert code == 0, stderr
+    assert "worker 0 (pid" in stderr and "killed by SIGKILL" in stderr
+    ledger = ledger_of(stderr)
+    assert ledger["received"] == ledger["delivered"] == 1600
+    assert (ledger["balanced"], ledger["restarts"], ledger["crashed"]) == (True, 1, 1)
+
+
+def test_stdout_sink_lines_from_two_workers_never_interleave(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    gateway = serve(
+        ["--workers", "2", "--tcp", "127.0.0.1:0", "--sink", "stdout", "--admin", "off"]
+    )
+    sent = [b"x" * 300 + b"-%d-%d" % (c, i) for c in range(8) for i in range(100)]
+    for c in range(8):
+        send_tcp(gateway.port("tcp"), sent[c * 100 : (c + 1) * 100])
+    gateway.proc.send_signal(signal.SIGTERM)
+    stdout, stderr = gateway.proc.communicate(timeout=30)
+    assert gateway.proc.returncode == 0, stderr
+    lines = stdout.splitlines()
+    assert Counter(json.loads(line)["payload"].encode() for line in lines) == Counter(sent)
+
+
+def test_workers_stop_when_the_parent_is_killed(serve: type[ServeProcess]) -> None:
+    gateway = serve(["--workers", "2", "--tcp", "127.0.0.1:0", "--sink", "null", "--admin", "off"])
+    pids = list(worker_pids(gateway).values())
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
+    gateway.proc.kill()
+    gateway.proc.communicate()
+    # Their stdin (a pipe from the parent) reaches EOF: each shuts down cleanly on its own.
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=20, what="orphan workers")
+
+
+def test_a_port_in_use_fails_once_before_any_worker_starts() -> None:
+    with socket.socket() as taken:  # no SO_REUSEPORT: nobody may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "trio_gateway", "serve", "--workers", "2",
+             "--tcp", f"127.0.0.1:{port}", "--sink", "null", "--admin", "off"],
+            capture_output=True, text=True, cwd=REPO, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"error: --tcp: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "worker 0 started" not in result.stderr
+
+
+def test_workers_in_config_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[gateway]\nworkers = 3\n[[sources]]\ntransport = "tcp"\n')
+    assert load_config(str(config)).workers == 3
+    assert main(["check-config", str(config)]) == 0
+    assert "workers: 3" in capsys.readouterr().out
+    config.write_text("[gateway]\nworkers = 0\n")
+    assert main(["check-config", str(config)]) == 2
+    assert "gateway.workers: must be at least 1" in capsys.readouterr().err
+    profile = str(tmp_path / "p.prof")
+    assert main(["serve", "--workers", "2", "--tcp", "127.0.0.1:0", "--profile", profile]) == 2
+    assert "--profile" in capsys.readouterr().err
+
+
+# -- the supervisor as a library --------------------------------------------------------------
+
+
+async def test_the_supervisor_gives_up_on_a_worker_that_keeps_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A processor module that imports fine here, but kills every worker process at start.
+    (tmp_path / "crashy.py").write_text(
+        "import os\n"
+        "if os.environ.get('TRIO_GATEWAY_WORKER') is not None:\n"
+        "    raise SystemExit(3)\n"
+        "def keep(message):\n"
+        "    return message.payload\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = GatewayConfig(
+        sources=(SourceConfig("tcp", "127.0.0.1", 0),),
+        sink=SinkConfig("null"),
+        processor="crashy:keep",
+        admin="off",
+    )
+    policy = RestartPolicy(initial=0.01, maximum=0.05, max_failures=3, window=60)
+    supervisor = Supervisor(config, workers=2, restart=policy)
+    with trio.fail_after(30), pytest.raises(WorkerError, match="failed 3 times within 60 s"):
+        await supervisor.run()
+    assert "exit status 3" in str(supervisor.failure)
+    assert supervisor.state == "stopped"
+    ledger = supervisor.ledger
+    assert ledger.workers == 2 and ledger.restarts >= 2 and ledger.ledger.received == 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+SOURCES: dict[str, Callable[..., Source]] = {
+    "tcp": TcpSource,
+    "udp": UdpSource,
+    "http": HttpSource,
+    "websocket": WebSocketSource,
+    "grpc": GrpcSource,
+}
+
+
+@pytest.mark.parametrize("transport", sorted(SOURCES))
+async def test_reuse_port_lets_two_gateways_bind_one_port(transport: str) -> None:
+    make = SOURCES[transport]
+    first = Gateway(sources=[make("127.0.0.1", 0, reuse_port=True)], sink=NullSink())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            [[(_, port)]] = await nursery.start(first.run)
+            second = Gateway(sources=[make("127.0.0.1", port, reuse_port=True)], sink=NullSink())
+            [[(_, again)]] = await nursery.start(second.run)
+            assert again == port
+            # Without the option the port is not shared.
+            lone = Gateway(sources=[make("127.0.0.1", port)], sink=NullSink())
+            with pytest.raises(BaseException) as caught:
+                await nursery.start(lone.run)
+            assert all(isinstance(e, OSError | TransportError) for e in _leaves(caught.value))
+            if transport == "tcp":  # the kernel spreads the connections over both
+                for c in range(16):
+                    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                        await stream.send_all(b"m%d\n" % c)
+                        await stream.send_eof()
+                        assert await stream.receive_some() == b""
+            first.shutdown()
+            second.shutdown()
+    if transport == "tcp":
+        assert first.ledger.received + second.ledger.received == 16
+        assert first.ledger.received > 0 and second.ledger.received > 0
+
+
+# -- the pieces -------------------------------------------------------------------------------
+
+
+def _exposition(received: int, depth: int, cpu: float) -> str:
+    return (
+        "# HELP trio_gateway_received_messages_total Messages.\n"
+        "# TYPE trio_gateway_received_messages_total counter\n"
+        f'trio_gateway_received_messages_total{{transport="tcp",listener="tcp:x"}} {received}\n'
+        "# HELP trio_gateway_delivered_messages_total Delivered.\n"
+        "# TYPE trio_gateway_delivered_messages_total counter\n"
+        f"trio_gateway_delivered_messages_total {received - depth}\n"
+        "# HELP trio_gateway_queue_depth Depth.\n"
+        "# TYPE trio_gateway_queue_depth gauge\n"
+        f'trio_gateway_queue_depth{{queue="ring"}} {depth}\n'
+        "# HELP trio_gateway_sink_batch_seconds Latency.\n"
+        "# TYPE trio_gateway_sink_batch_seconds histogram\n"
+        'trio_gateway_sink_batch_seconds_bucket{sink="null",le="0.1"} 1\n'
+        'trio_gateway_sink_batch_seconds_bucket{sink="null",le="+Inf"} 2\n'
+        'trio_gateway_sink_batch_seconds_count{sink="null"} 2\n'
+        'trio_gateway_sink_batch_seconds_sum{sink="null"} 0.5\n'
+        "# HELP process_cpu_seconds_total CPU.\n"
+        "# TYPE process_cpu_seconds_total counter\n"
+        f"process_cpu_seconds_total {cpu}\n"
+    )
+
+
+def test_metrics_sum_over_workers_and_survive_a_restart() -> None:
+    book = MetricsAggregate()
+    zero = book.parse(0, _exposition(received=100, depth=10, cpu=1.5))
+    one = book.parse(1, _exposition(received=50, depth=5, cpu=2.0))
+    totals = book.combine({0: zero, 1: one})
+    key = ("trio_gateway_received_messages_total", (("listener", "tcp:x"), ("transport", "tcp")))
+    assert totals["trio_gateway_received_messages"][key] == 150
+    assert (
+        totals["trio_gateway_queue_depth"][("trio_gateway_queue_depth", (("queue", "ring"),))] == 15
+    )
+    bucket = ("trio_gateway_sink_batch_seconds_bucket", (("le", "+Inf"), ("sink", "null")))
+    assert totals["trio_gateway_sink_batch_seconds"][bucket] == 4
+    cpu = totals["process_cpu_seconds"]  # per process, not summed
+    assert cpu == {
+        ("process_cpu_seconds_total", (("worker", "0"),)): 1.5,
+        ("process_cpu_seconds_total", (("worker", "1"),)): 2.0,
+    }
+
+    # Worker 0 dies; its successor starts from zero. Counters keep what it had, gauges do not.
+    book.retire(0, zero)
+    successor = book.parse(0, _exposition(received=7, depth=0, cpu=0.1))
+    totals = book.combine({0: successor, 1: one})
+    assert totals["trio_gateway_received_messages"][key] == 157
+    assert (
+        totals["trio_gateway_queue_depth"][("trio_gateway_queue_depth", (("queue", "ring"),))] == 5
+    )
+    assert totals["trio_gateway_sink_batch_seconds"][bucket] == 6
+    assert book.worker_total(0, successor, "trio_gateway_received_messages") == 107
+    names = [m.name for m in book.metrics({0: successor, 1: one})]
+    assert names.count("trio_gateway_received_messages") == 1
+
+
+def test_ledger_of_a_worker_that_left_none_comes_from_its_metrics() -> None:
+    book = MetricsAggregate()
+    ledger = ledger_from_samples(book.parse(0, _exposition(received=100, depth=10, cpu=1)))
+    assert (ledger.received, ledger.delivered, ledger.abandoned) == (100, 90, 10)
+    assert ledger.balanced
+
+
+def test_stderr_lines_are_bounded() -> None:
+    lines = _Lines(limit=10)
+    assert lines.feed(b"one\ntw") == [b"one"]
+    assert lines.feed(b"o\n" + b"x" * 20) == [b"two", b"x" * 10 + b" [line cut]"]
+    assert lines.feed(b"yyy\nthree") == []  # the rest of the cut line is dropped
+    assert lines.close() == [b"three"]
+
+
+def test_restart_backoff_and_config_round_trip() -> None:
+    policy = RestartPolicy(initial=0.5, maximum=3.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    config = GatewayConfig(
+        sources=(SourceConfig("tcp", "127.0.0.1", 7000, {"framing": "length"}, key="--tcp"),),
+        workers=4,
+        processor="mod:fn",
+    )
+    assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(config)))) == config

@@ -336,3 +336,14 @@ def test_tls_flag_with_a_missing_file_names_the_key(tmp_path: Path) -> None:
     result = run_cli("serve", "--tcp", "127.0.0.1:0", "--tls-cert", str(tmp_path / "none.pem"))
     assert result.returncode == 2
     assert "certfile" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_burst_of_signals_still_ends_with_the_ledger(serve: type[ServeProcess]) -> None:
+    gateway = serve(["--tcp", "127.0.0.1:0", "--sink", "null", "--grace-period", "0.5"])
+    for _ in range(5):
+        gateway.proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    code, stderr = gateway.stop(signal.SIGTERM, timeout=10)
+    assert "Traceback" not in stderr
+    assert ledger_of(stderr)["balanced"] is True
+    assert code == 0

@@ -188,7 +188,7 @@ class Gateway:
                 self.service_values.append(await root.start(service.run, self))
             root.start_soon(self._pump, pump_done)
             if self.handle_signals:
-                root.start_soon(self._watch_signals)
+                await root.start(self._watch_signals)
             try:
                 await self._serve_sources(task_status)
             finally:
@@ -233,18 +233,21 @@ class Gateway:
         self._final_ledger = self.ledger
         _log.info("shutdown ledger: %s", self._final_ledger.to_json())
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # Installed before any source starts, and kept until run() ends: a signal never falls
+        # through to the default handlers (which would skip the flush and the ledger).
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if not self._stopping.is_set():
-                    _log.warning(
-                        "%s: shutting down (again to stop at once)", signal.Signals(signum).name
-                    )
+                    _log.warning("%s: shutting down (again to stop at once)", name)
                     self.shutdown()
-                else:
-                    _log.warning("%s: stopping at once", signal.Signals(signum).name)
+                elif self.state != "stopped":
+                    _log.warning("%s: stopping at once", name)
                     self.abort()
-                    return
 
     # -- the pump -------------------------------------------------------------------------
 

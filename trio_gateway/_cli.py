@@ -347,6 +347,13 @@ async def _serve(config: GatewayConfig) -> int:
     return 0 if ledger.balanced else 1
 
 
+def _shown(name: str, value: object) -> str:
+    """An option as check-config prints it: a secret only by its ``env:NAME``."""
+    if name == "token" and not str(value).startswith("env:"):
+        return "'<redacted>'"
+    return repr(value)
+
+
 def _describe(config: GatewayConfig) -> str:
     lines = [
         f"queue: {config.queue.kind}, capacity {config.queue.capacity}, "
@@ -361,7 +368,7 @@ def _describe(config: GatewayConfig) -> str:
     if config.workers > 1:
         lines.append(f"workers: {config.workers}")
     for source in config.sources:
-        options = "".join(f", {k}={v!r}" for k, v in source.options.items())
+        options = "".join(f", {k}={_shown(k, v)}" for k, v in source.options.items())
         lines.append(f"source: {source.transport} on {source.host}:{source.port}{options}")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import ssl
 import time
 from typing import Any, cast
@@ -51,6 +52,23 @@ __all__ = ("WebSocketSource",)
 _log = logging.getLogger("trio_gateway.sources.websocket")
 # websockets logs every handshake and close at INFO: keep that below our own lines.
 _protocol_log = _log.getChild("protocol")
+
+
+class _RedactSecrets(logging.Filter):
+    """At debug level websockets logs every handshake header and the request path: hide the
+    bearer token (``Authorization`` header, ``?token=`` query) before anything is written."""
+
+    _SECRETS = re.compile(r"(?i)(authorization:\s*).*|([?&]token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._SECRETS.sub(lambda m: (m[1] or m[2]) + "[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+_protocol_log.addFilter(_RedactSecrets())
 
 MAX_RECV = 256 * 1024
 _TEXT = Opcode.TEXT

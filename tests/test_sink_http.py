@@ -16,6 +16,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from trio_gateway import Batch, Gateway, Origin, RetryPolicy, SinkError, TcpSource
+from trio_gateway._config import SinkConfig, build_sink
 from trio_gateway.sinks import HttpSink, decode_jsonl_record
 from trio_gateway.sinks._http import parse_retry_after, split_body
 
@@ -283,3 +284,9 @@ async def test_slow_server_times_out(nursery: trio.Nursery) -> None:
             await sink.send(Batch([b"x"], [(ORIGIN, 1)]))
         await sink.aclose()
     assert sink.failures == {"timeout": 1}
+
+
+def test_config_builds_the_http_sink() -> None:
+    sink = build_sink(SinkConfig(url="https://collector.example:8443/ingest"))
+    assert isinstance(sink, HttpSink) and sink.name == "https://collector.example:8443/ingest"
+    assert isinstance(build_sink(SinkConfig(url="http://127.0.0.1/x")), HttpSink)

@@ -19,7 +19,7 @@ The TOML layout (every key optional; see docs/reference.md)::
     max_bytes = 67108864      # optional bound in payload bytes
 
     [sink]
-    url = "stdout"            # stdout | null | file:PATH | tcp:HOST:PORT
+    url = "stdout"            # stdout | null | file:PATH | tcp:HOST:PORT | http(s)://... | nats://...
     retry_max_attempts = 0    # 0 = retry until shutdown
 
     [admin]
@@ -45,7 +45,7 @@ from typing import Any
 from ._errors import ConfigurationError
 from ._gateway import Gateway, Processor, RetryPolicy
 from .queues import POLICIES, QUEUE_KINDS, OverflowPolicy, Queue
-from .sinks import FileSink, NullSink, Sink, StdoutSink, TcpSink
+from .sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
 from .sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
 
 __all__ = (
@@ -343,8 +343,14 @@ def build_sink(config: SinkConfig) -> Sink:
         if port == 0:
             raise ConfigurationError("sink", "tcp sink needs a port other than 0")
         return TcpSink(host, port)
+    if url.startswith(("http://", "https://")):
+        return HttpSink(url)
+    if url.startswith("nats://"):
+        return NatsSink(url)
     raise ConfigurationError(
-        "sink", f"expected stdout, null, file:PATH or tcp:HOST:PORT, got {url!r}"
+        "sink",
+        "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH or "
+        f"nats://HOST:PORT/SUBJECT, got {url!r}",
     )
 
 

@@ -35,7 +35,7 @@ def _import_httpx() -> Any:
         import httpx
     except ImportError as exc:
         raise ConfigurationError(
-            "sink", f"the http sink needs httpx (pip install 'trio_gateway[http]'): {exc}"
+            "sink", f"the http sink needs httpx (pip install httpx): {exc}"
         ) from exc
     return httpx
 

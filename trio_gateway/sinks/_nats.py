@@ -173,7 +173,7 @@ def _import_nats() -> Any:
         import nats.js.errors
     except ImportError as exc:
         raise ConfigurationError(
-            "sink", f"the nats sink needs nats-py (pip install 'trio_gateway[nats]'): {exc}"
+            "sink", f"the nats sink needs nats-py (pip install nats-py): {exc}"
         ) from exc
     return nats
 
@@ -195,7 +195,9 @@ class _LoopThread:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        loop = asyncio.new_event_loop()
+        # A plain selector loop, whatever the event loop policy (trio-asyncio replaces
+        # asyncio.new_event_loop with one that refuses to run inside Trio).
+        loop = asyncio.SelectorEventLoop()
 
         def main() -> None:
             asyncio.set_event_loop(loop)
@@ -254,6 +256,11 @@ class _LoopThread:
 
 class _ConnectionLost(Exception):
     pass
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class NatsSink(Sink):
@@ -494,6 +501,9 @@ class NatsSink(Sink):
                         acks.append(await js.publish_async(subject, payload, headers=headers))
                     start += count
                 gathered = asyncio.gather(*acks)
+                # Whatever becomes of it (a cancelled gather sets CancelledError as its
+                # exception later), it is retrieved: no "never retrieved" noise.
+                gathered.add_done_callback(_retrieve)
                 done, _ = await asyncio.wait((gathered, lost), return_when=asyncio.FIRST_COMPLETED)
             if gathered not in done:
                 raise self._fail("connection_lost", "connection lost before every ack arrived")
@@ -526,8 +536,6 @@ class NatsSink(Sink):
             lost.cancel()
             if gathered is not None and not gathered.done():
                 gathered.cancel()
-            elif gathered is not None and not gathered.cancelled():
-                gathered.exception()
             for ack in acks:
                 if not ack.done():
                     ack.cancel()  # frees its in-flight slot

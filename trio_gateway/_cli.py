@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -487,6 +488,12 @@ def _run(args: argparse.Namespace) -> int:
             if args.profile:
                 raise ConfigurationError("--profile", "profiles one process: use --workers 1")
             return trio.run(serve_workers, config)
+        # (Not before the workers branch: children would inherit SIG_IGN.)
+        # The gateway's own receiver handles SIGINT/SIGTERM while it runs. Outside that window
+        # (the first milliseconds, and after the ledger) they are ignored rather than killing
+        # the process mid-flush or re-raised as a traceback after it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if args.profile:
             check_profile_path(args.profile)
             with profiled(args.profile):

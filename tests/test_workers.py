@@ -170,6 +170,7 @@ def test_two_workers_share_tcp_udp_and_http_ports(
 
     code, stderr = gateway.stop(signal.SIGTERM)
     assert code == 0, stderr
+    assert "stopping at once" not in stderr  # each worker saw one stop, not two
     ledger = ledger_of(stderr)
     assert ledger["received"] == ledger["delivered"] == len(sent)
     assert ledger["balanced"] is True
@@ -256,6 +257,28 @@ def test_workers_stop_when_the_parent_is_killed(serve: type[ServeProcess]) -> No
     gateway.proc.communicate()
     # Their stdin (a pipe from the parent) reaches EOF: each shuts down cleanly on its own.
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout=20, what="orphan workers")
+
+
+def test_sigterm_while_the_workers_start_stops_them_cleanly() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trio_gateway", "serve", "--workers", "2",
+         "--tcp", "127.0.0.1:0", "--sink", "null", "--admin", "off"],
+        stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = ""
+    while "worker 1 started" not in seen:
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    proc.send_signal(signal.SIGTERM)  # neither worker has reported ready yet
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, seen + stderr
+    assert "stopping at once" not in stderr and "killing" not in stderr
+    ledger = ledger_of(stderr)
+    assert (ledger["received"], ledger["crashed"], ledger["workers"]) == (0, 0, 2)
+    pids = [int(p) for p in re.findall(r"started: pid (\d+)", seen)]
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_a_port_in_use_fails_once_before_any_worker_starts() -> None:

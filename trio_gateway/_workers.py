@@ -1138,10 +1138,11 @@ async def serve_workers(config: GatewayConfig) -> int:
     try:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(supervisor.run)
-            for source, addresses in zip(config.sources, bound, strict=True):
-                for host, port in addresses:
-                    logger.info("listening: %s on %s:%d", source.transport, host, port)
-            logger.info("ready")
+            if supervisor.state == "running":  # else stopped by a signal before all were up
+                for source, addresses in zip(config.sources, bound, strict=True):
+                    for host, port in addresses:
+                        logger.info("listening: %s on %s:%d", source.transport, host, port)
+                logger.info("ready")
     finally:
         if supervisor.state == "stopped":
             print(supervisor.ledger.to_json(), file=sys.stderr, flush=True)

@@ -341,6 +341,28 @@ async def test_the_supervisor_gives_up_on_a_worker_that_keeps_failing(
     assert ledger.workers == 2 and ledger.restarts >= 2 and ledger.ledger.received == 0
 
 
+async def test_cancelling_the_supervisor_flushes_every_worker(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    config = GatewayConfig(
+        sources=(SourceConfig("tcp", "127.0.0.1", 0),), sink=SinkConfig(f"file:{out}")
+    )
+    supervisor = Supervisor(config, workers=2)
+    sent = [b"m-%d-%d" % (c, i) for c in range(8) for i in range(50)]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            [[(host, port)]] = await nursery.start(supervisor.run)
+            for c in range(8):
+                async with await trio.open_tcp_stream(host, port) as stream:
+                    await stream.send_all(b"".join(p + b"\n" for p in sent[c * 50 : c * 50 + 50]))
+                    await stream.send_eof()
+                    assert await stream.receive_some() == b""  # all read and queued
+            nursery.cancel_scope.cancel()  # like Gateway: cancelling still flushes (bounded)
+    assert supervisor.state == "stopped"
+    ledger = supervisor.ledger
+    assert (ledger.ledger.received, ledger.ledger.delivered, ledger.crashed) == (400, 400, 0)
+    assert Counter(read_payloads(out)) == Counter(sent)
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]

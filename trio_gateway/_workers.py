@@ -821,7 +821,8 @@ class Supervisor:
                 io.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                if process.returncode is None:  # cancelled from outside: stop it, bounded
+                if process.returncode is None:  # cancelled from outside: stop, bounded
+                    self.shutdown()
                     await self._terminate(run, slot)
                 for pipe in (process.stdin, process.stdout, process.stderr):
                     if pipe is not None:
@@ -830,8 +831,10 @@ class Supervisor:
         return run
 
     async def _terminate(self, run: _Run, slot: _Slot) -> None:
-        with suppress(ProcessLookupError):
-            run.process.send_signal(signal.SIGTERM)
+        """The supervisor was cancelled: let this worker flush (bounded), then kill it."""
+        stdin = run.process.stdin
+        if not run.signalled and stdin is not None:  # see _stop_when_asked
+            await stdin.aclose()
         with trio.move_on_after(self.stop_timeout):
             if not run.stderr_done.is_set():
                 await self._read_stderr(run, slot)
@@ -841,6 +844,7 @@ class Supervisor:
             await run.process.wait()
 
     def _retire(self, run: _Run, slot: _Slot) -> None:
+        was_ready = run.ready
         run.ended = True
         run.ready = False
         if slot.run is run:
@@ -852,7 +856,7 @@ class Supervisor:
         else:
             slot.crashed += 1
             slot.ledgers.append(ledger_from_samples(run.samples or {}))
-            if run.samples is not None or run.ready:
+            if was_ready:
                 _log.warning(
                     "worker %d (pid %d) left no ledger (%s): its counts come from the last scrape",
                     slot.index,
@@ -1001,7 +1005,7 @@ class Supervisor:
             text = await fetch_metrics(run.admin)
             samples = self.metrics.parse(run.worker, text)
         except (TransportError, ValueError) as exc:
-            if not run.ended and run.process.returncode is None:
+            if not run.ended and not self._stopping.is_set():  # its admin closes at the end
                 _scrape_errors.warning("worker %d: metrics: %s", run.worker, exc)
             return
         if not run.ended:
@@ -1144,6 +1148,6 @@ async def serve_workers(config: GatewayConfig) -> int:
                         logger.info("listening: %s on %s:%d", source.transport, host, port)
                 logger.info("ready")
     finally:
-        if supervisor.state == "stopped":
+        if supervisor.state == "stopped" and any(slot.runs for slot in supervisor.slots):
             print(supervisor.ledger.to_json(), file=sys.stderr, flush=True)
     return 0 if supervisor.ledger.balanced else 1

@@ -8,14 +8,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trustme
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from trio_gateway import Batch, Gateway, Origin, RetryPolicy, SinkError, TcpSource
+from trio_gateway import (
+    Batch,
+    ConfigurationError,
+    Gateway,
+    Origin,
+    RetryPolicy,
+    SinkError,
+    TcpSource,
+)
 from trio_gateway._config import SinkConfig, build_sink
 from trio_gateway.sinks import HttpSink, decode_jsonl_record
 from trio_gateway.sinks._http import parse_retry_after, split_body
@@ -290,3 +300,31 @@ def test_config_builds_the_http_sink() -> None:
     sink = build_sink(SinkConfig(url="https://collector.example:8443/ingest"))
     assert isinstance(sink, HttpSink) and sink.name == "https://collector.example:8443/ingest"
     assert isinstance(build_sink(SinkConfig(url="http://127.0.0.1/x")), HttpSink)
+
+
+async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    app = Destination()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.certfile = config.keyfile = str(tmp_path / "server.pem")
+    config.accesslog = config.errorlog = None
+    shutdown = trio.Event()
+    binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
+    url = binds[0].replace("http://", "https://") + "/ingest"
+    with trio.fail_after(10):
+        trusting = HttpSink(url, verify=str(tmp_path / "ca.pem"))
+        await trusting.send(Batch([b"secret"], [(ORIGIN, 1)]))
+        await trusting.aclose()
+        doubting = HttpSink(url)  # the system roots do not know this CA
+        with pytest.raises(SinkError):
+            await doubting.send(Batch([b"x"], [(ORIGIN, 1)]))
+        await doubting.aclose()
+    shutdown.set()
+    assert [records(r) for r in app.requests] == [[b"secret"]]
+    assert doubting.failures.total() == 1
+    with pytest.raises(ConfigurationError, match="cannot load CA"):
+        HttpSink(url, verify=str(tmp_path / "missing.pem"))

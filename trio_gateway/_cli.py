@@ -148,7 +148,10 @@ def _parser() -> argparse.ArgumentParser:
         "--policy", choices=("block", "drop-newest", "drop-oldest"), help="overflow policy (block)"
     )
     serve.add_argument(
-        "--sink", metavar="URL", help="stdout | null | file:PATH | tcp:HOST:PORT (stdout)"
+        "--sink",
+        metavar="URL",
+        help="stdout | null | file:PATH | tcp:HOST:PORT | http(s)://HOST/PATH | "
+        "nats://HOST:PORT/SUBJECT[?stream=NAME&create=true] (stdout)",
     )
     serve.add_argument(
         "--processor", metavar="MODULE:FUNCTION", help="a function applied to every message"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import math
 import secrets
+import ssl
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -136,6 +137,14 @@ class HttpSink(Sink):
         if token is not None:
             self.headers["Authorization"] = f"Bearer {token}"
         self.verify = verify
+        self._verify: bool | ssl.SSLContext = verify if isinstance(verify, bool) else True
+        if isinstance(verify, str):  # a CA bundle: httpx takes it as a context
+            try:
+                self._verify = ssl.create_default_context(cafile=verify)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigurationError(
+                    "sink", f"http sink: cannot load CA {verify}: {exc}"
+                ) from exc
         self.http2 = http2
         self.sink_id = secrets.token_urlsafe(9)
         self.requests = 0
@@ -155,7 +164,7 @@ class HttpSink(Sink):
             timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             headers=self.headers,
-            verify=self.verify,
+            verify=self._verify,
             http2=self.http2,
             follow_redirects=False,
             trust_env=False,

@@ -27,6 +27,8 @@ from .queues import Queue as Queue
 from .queues import QueueStatistics as QueueStatistics
 from .queues import RingBuffer as RingBuffer
 from .sinks import FileSink as FileSink
+from .sinks import HttpSink as HttpSink
+from .sinks import NatsSink as NatsSink
 from .sinks import NullSink as NullSink
 from .sinks import Sink as Sink
 from .sinks import StdoutSink as StdoutSink
@@ -49,6 +51,7 @@ __all__ = (
     "Gateway",
     "GatewayError",
     "GrpcSource",
+    "HttpSink",
     "HttpSource",
     "Ingress",
     "Item",
@@ -56,6 +59,7 @@ __all__ = (
     "LockedListQueue",
     "LockedRingBuffer",
     "Message",
+    "NatsSink",
     "NullSink",
     "Origin",
     "Processor",

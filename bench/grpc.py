@@ -1,6 +1,6 @@
 """gRPC throughput: our h2 server on Trio against grpclib's asyncio server, same handler.
 
-    python bench/grpc.py [--quick] [--repeats N] [--json FILE]
+    python -m bench.grpc [--quick] [--repeats N] [--json FILE]
 
 Servers (each a fresh process per repeat):
 
@@ -19,9 +19,11 @@ the same run. On a shared 2-core machine, quote ratios, not absolutes.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.grpc")
+
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import statistics
@@ -31,33 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# bench/ holds http.py (and this grpc.py), which would shadow the stdlib's and grpcio's modules
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+from trio_gateway._proto import gateway_pb2
+from trio_gateway._proto.gateway_grpc import GatewayBase, GatewayStub
 
+from ._payloads import payload
 
-def _load_payload() -> Any:
-    path = HERE / "_payloads.py"
-    if path.exists():
-        spec = importlib.util.spec_from_file_location("_bench_payloads", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.payload
-
-    def payload(size: int, seq: int) -> bytes:  # stand-in until bench/_payloads.py exists
-        head = b"%d:" % seq
-        return (head + b"x" * size)[:size]
-
-    return payload
-
-
-payload = _load_payload()
-
-
-from trio_gateway._proto import gateway_pb2  # noqa: E402
-from trio_gateway._proto.gateway_grpc import GatewayBase, GatewayStub  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = (18, 4266)
 CONCURRENCY = 32
@@ -89,7 +70,7 @@ class BenchGateway(GatewayBase):  # type: ignore[misc]
             await stream.send_message(gateway_pb2.Ack(sequence=message.sequence, accepted=True))
 
 
-# -- servers (python bench/grpc.py --serve KIND) ---------------------------------------------
+# -- servers (python -m bench.grpc --serve KIND) ---------------------------------------------
 
 
 def serve_trio() -> None:
@@ -142,7 +123,7 @@ def serve_gateway() -> None:
     trio.run(main)
 
 
-# -- the client (python bench/grpc.py --client unary|stream PORT SIZE COUNT) ------------------
+# -- the client (python -m bench.grpc --client unary|stream PORT SIZE COUNT) ------------------
 
 
 async def client_unary(port: int, size: int, count: int) -> dict[str, float]:
@@ -211,7 +192,7 @@ def cpu_seconds(pid: int) -> float:
 
 def start_server(kind: str) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind], stdout=subprocess.PIPE, cwd=ROOT
+        [sys.executable, "-m", "bench.grpc", "--serve", kind], stdout=subprocess.PIPE, cwd=ROOT
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -222,7 +203,16 @@ def start_server(kind: str) -> tuple[subprocess.Popen[bytes], int]:
 
 def run_client(scenario: str, port: int, size: int, count: int) -> dict[str, float]:
     done = subprocess.run(
-        [sys.executable, __file__, "--client", scenario, str(port), str(size), str(count)],
+        [
+            sys.executable,
+            "-m",
+            "bench.grpc",
+            "--client",
+            scenario,
+            str(port),
+            str(size),
+            str(count),
+        ],
         capture_output=True,
         check=True,
         cwd=ROOT,

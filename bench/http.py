@@ -9,19 +9,14 @@ same :class:`IngestApp` rules; only the HTTP machinery differs:
 * ``hypercorn-asyncio``  ``hypercorn.asyncio.serve(IngestApp)``: the baseline to beat
 * ``uvicorn-h11``        ``uvicorn`` with ``--http h11`` (only if uvicorn is installed)
 
-Usage: ``python bench/http.py [--seconds 5] [--connections 16] [--json out.json]``.
+Usage: ``python -m bench.http [--seconds 5] [--connections 16] [--json out.json]``.
 Needs ``wrk`` (``apt-get install -y wrk``).
 """
 
-# ruff: noqa: E402  (the sys.path fix below must run before the other imports)
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file is named like the standard library's ``http`` package; when run as a script its
-# directory comes first on sys.path and would shadow it. Drop that entry before importing.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.http")
 
 import argparse
 import json
@@ -30,14 +25,21 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BODY = "x" * 18
-SERVERS = ("trio_gateway", "gateway-hypercorn", "hypercorn-trio", "hypercorn-asyncio",
-           "uvicorn-h11")
+SERVERS = (
+    "trio_gateway",
+    "gateway-hypercorn",
+    "hypercorn-trio",
+    "hypercorn-asyncio",
+    "uvicorn-h11",
+)
 
 
 def _ingress() -> Any:
@@ -89,8 +91,16 @@ def serve(kind: str, port: int) -> None:
     elif kind == "uvicorn-h11":
         import uvicorn
 
-        uvicorn.run(_app(), host="127.0.0.1", port=port, http="h11", loop="asyncio",
-                    log_level="warning", access_log=False, lifespan="off")
+        uvicorn.run(
+            _app(),
+            host="127.0.0.1",
+            port=port,
+            http="h11",
+            loop="asyncio",
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
     else:
         raise SystemExit(f"unknown server {kind!r}")
 
@@ -119,17 +129,23 @@ def measure(kind: str, seconds: int, connections: int, script: str) -> float | N
         except ImportError:
             return None
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.http", "--serve", kind, str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_listening(port)
         url = f"http://127.0.0.1:{port}/ingest"
-        subprocess.run(["wrk", "-t1", "-c4", "-d1s", "-s", script, url], check=True,
-                       capture_output=True)  # warm-up
+        subprocess.run(
+            ["wrk", "-t1", "-c4", "-d1s", "-s", script, url], check=True, capture_output=True
+        )  # warm-up
         out = subprocess.run(
             ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", script, url],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         match = re.search(r"Requests/sec:\s+([\d.]+)", out)
         non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -163,8 +179,10 @@ def main() -> None:
     finally:
         os.unlink(lua.name)
     base = results.get("hypercorn-asyncio")
-    print(f"\n18-byte POST, keep-alive, {args.connections} connections, wrk -t1, "
-          f"{args.seconds} s, {os.cpu_count()} cores\n")
+    print(
+        f"\n18-byte POST, keep-alive, {args.connections} connections, wrk -t1, "
+        f"{args.seconds} s, {os.cpu_count()} cores\n"
+    )
     print("| server | requests/s | vs hypercorn-asyncio |")
     print("|---|---:|---:|")
     for kind, rate in results.items():

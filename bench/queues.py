@@ -1,6 +1,6 @@
 """ns per put+get for the four queues beside a bare collections.deque, at the talk's sizes.
 
-    python bench/queues.py [--quick] [--json FILE] [--repeats N]
+    python -m bench.queues [--quick] [--json FILE] [--repeats N]
 
 Three ways of moving a message through each queue, all in one Trio task (no contention: this
 measures the data structure and the Trio machinery, not scheduling between tasks):
@@ -19,42 +19,26 @@ message size only matters through cache effects (and ``max_bytes`` accounting, o
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.queues")
+
 import argparse
 import collections
 import gc
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# bench/ holds http.py and grpc.py, which would shadow the stdlib's and grpcio's modules:
-# import the package from the working tree and the shared payloads by path.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import trio
 
+from trio_gateway.queues import QUEUE_KINDS, Queue
 
-def _load_payloads() -> Any:
-    spec = importlib.util.spec_from_file_location("_bench_payloads", HERE / "_payloads.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_payloads = _load_payloads()
-SIZES: tuple[int, ...] = _payloads.SIZES
-payloads: Callable[[int, int], tuple[bytes, ...]] = _payloads.payloads
-
-import trio  # noqa: E402
-
-from trio_gateway.queues import QUEUE_KINDS, Queue  # noqa: E402
+from ._payloads import SIZES, payloads
 
 BATCH = 256
 CAPACITY = 4096

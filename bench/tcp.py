@@ -1,6 +1,6 @@
 """Streaming TCP throughput: trio_gateway against asyncio peers and an in-process floor.
 
-    python bench/tcp.py [--quick] [--repeats N] [--json FILE]
+    python -m bench.tcp [--quick] [--repeats N] [--json FILE]
 
 One op = one newline-framed message read by the server and handed to its queue, whose consumer
 counts it (trio_gateway: the null sink). The client is a separate process that writes the whole
@@ -22,6 +22,9 @@ a shared machine: quote ratios, not absolutes.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.tcp")
+
 import argparse
 import json
 import os
@@ -33,18 +36,15 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# This script's directory holds http.py and grpc.py, which would shadow the real modules of
-# those names: take it off sys.path and import the shared payloads through the repo root.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+from trio_gateway.codecs import NewlineDecoder
 
-from bench._payloads import payload  # noqa: E402
-from trio_gateway.codecs import NewlineDecoder  # noqa: E402
+from ._payloads import payload
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHUNK = 256 * 1024
 
-# -- the asyncio peers (run as `python bench/tcp.py --serve KIND`) -----------------------------
+# -- the asyncio peers (run as `python -c SOURCE`) -----------------------------
 
 _TYPICAL = """
 import asyncio, sys
@@ -188,7 +188,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> str:
     return out.decode(errors="replace")
 
 
-# -- the client (run as `python bench/tcp.py --client PORT SIZE COUNT`) ------------------------
+# -- the client (run as `python -m bench.tcp --client PORT SIZE COUNT`) ------------------------
 
 
 def build_stream(size: int, count: int) -> bytes:
@@ -212,7 +212,8 @@ def client(port: int, size: int, count: int) -> float:
 
 def run_client(port: int, size: int, count: int) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--client", str(port), str(size), str(count)],
+        [sys.executable, "-m", "bench.tcp", "--client", str(port), str(size), str(count)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -9,24 +9,22 @@ Servers (each in its own process, each counting messages as they are parsed):
 
 The client is a separate process that writes pre-masked frames as fast as the socket takes
 them, so the server is the bottleneck. The server reports the time from its first to its
-last message. Usage: ``python bench/ws.py [--count 100000]``.
+last message. Usage: ``python -m bench.ws [--count 100000]``.
 """
 
-# ruff: noqa: E402  (the sys.path fix below must run before the other imports)
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/http.py is named like the standard library's ``http``: keep this directory off sys.path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.ws")
 
 import argparse
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,8 +44,9 @@ def serve(kind: str, port: int, count: int) -> None:
         async def main() -> None:
             queue: RingBuffer[Any] = RingBuffer(65536)
             stopping = trio.Event()
-            ingress = Ingress(queue, SourceCounters("websocket", "bench"), stopping,
-                              grace_period=0.1)
+            ingress = Ingress(
+                queue, SourceCounters("websocket", "bench"), stopping, grace_period=0.1
+            )
             source = WebSocketSource(port=port, max_message_size=1 << 20)
             async with trio.open_nursery() as nursery:
                 await nursery.start(source.run, ingress)
@@ -81,8 +80,7 @@ def serve(kind: str, port: int, count: int) -> None:
                         print(time.perf_counter() - start, time.process_time() - cpu, flush=True)
                         done.set()
 
-            async with ws_serve(handler, "127.0.0.1", port, compression=None,
-                                max_size=1 << 20):
+            async with ws_serve(handler, "127.0.0.1", port, compression=None, max_size=1 << 20):
                 print("ready", flush=True)
                 await done.wait()
 
@@ -105,9 +103,7 @@ def serve(kind: str, port: int, count: int) -> None:
                     print(time.perf_counter() - start, time.process_time() - cpu, flush=True)
                     nursery.cancel_scope.cancel()
 
-                await nursery.start(
-                    serve_websocket, handler, "127.0.0.1", port, None
-                )
+                await nursery.start(serve_websocket, handler, "127.0.0.1", port, None)
                 print("ready", flush=True)
 
         trio.run(tmain)
@@ -147,20 +143,22 @@ def blast(port: int, size: int, count: int) -> None:
 
 def measure(kind: str, size: int, count: int) -> tuple[float, float]:
     """Returns (messages per wall second, messages per CPU second of the server)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     port = 0
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, str(port), str(count)],
-        env=env, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "bench.ws", "--serve", kind, str(port), str(count)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert server.stdout is not None
     try:
         assert server.stdout.readline().strip() == "ready"
         client = subprocess.Popen(
-            [sys.executable, __file__, "--blast", str(port), str(size), str(count)], env=env
+            [sys.executable, "-m", "bench.ws", "--blast", str(port), str(size), str(count)],
+            cwd=REPO,
         )
         wall, cpu = map(float, server.stdout.readline().split())
         client.kill()
@@ -192,8 +190,11 @@ def main() -> None:
     print(f"\nWebSocket binary messages over one connection, {os.cpu_count()} cores\n")
     print("wall = messages per second; cpu = messages per CPU-second of the server process")
     print("(the fair figure on a shared machine: a busy neighbour steals wall time, not CPU).\n")
-    print("| size (bytes) | " + " | ".join(f"{k} wall / cpu" for k in SERVERS)
-          + " | trio_gateway / websockets (wall, cpu) |")
+    print(
+        "| size (bytes) | "
+        + " | ".join(f"{k} wall / cpu" for k in SERVERS)
+        + " | trio_gateway / websockets (wall, cpu) |"
+    )
     print("|---:|" + "---:|" * (len(SERVERS) + 1))
     for size, row in results.items():
         cells = " | ".join(f"{row[k][0]:,.0f} / {row[k][1]:,.0f}" for k in SERVERS)

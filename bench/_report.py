@@ -1,0 +1,637 @@
+"""Turn a results document (``bench/results/<date>.json``) into tables, charts and the page.
+
+    python -m bench._report RESULTS.json [--out DIR]
+
+regenerates ``docs/benchmarks.md``'s generated blocks and ``docs/img/bench-*.png`` from a saved
+results file, without measuring anything. The page keeps its prose: only the text between
+``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._payloads import SIZES
+
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench._report")
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE_NAMES = {18: "small", 4266: "medium", 6786: "large", 79435: "very large"}
+TABLE_ROWS = ("http", "grpc-unary", "udp", "tcp", "ws", "grpc-stream")
+PEERS = {"udp": "asyncio"}
+"""The peer each row's ratio is taken against (``asyncio`` unless named here)."""
+
+# The talk's published figures (ns/op, Go, the article's machine; None = not published). The
+# article's table lost its cell separators; this is our reading of the digit runs, which is
+# unambiguous except Unary HTTP with parallel sending ("44874403084046198686": read as
+# 44874 40308 40461 98686; 4487 44030 84046 198686 is also possible).
+GO_TRANSPORTS: dict[str, dict[bool, list[int | None]]] = {
+    "Unary HTTP": {False: [46942, 57682, 58412, 170765], True: [44874, 40308, 40461, 98686]},
+    "Unary gRPC": {False: [70816, 93274, 92594, 212194], True: [18813, 25950, 28199, 127414]},
+    "Unary UDP": {False: [10647, 12890, 13388, None], True: [1775, 2801, 3063, None]},
+    "Streaming UDP": {False: [1955, 3544, 4400, None], True: [2324, 4010, 4543, None]},
+    "Streaming TCP": {False: [3261, None, None, None], True: [3106, None, None, None]},
+    "Streaming WebSocket": {False: [3769, 10107, 10646, 120604], True: [1090, 4498, 4951, 47776]},
+    "Streaming gRPC": {False: [3004, 9883, 13296, 123162], True: [1075, 6810, 8813, 73845]},
+}
+GO_QUEUES: dict[str, list[int]] = {
+    "Array & Mutices": [15969, 16370, 15961, 15947],
+    "Channel": [6888, 6862, 6805, 6416],
+    "Ring Buffer & Mutices": [11812, 11869, 13097, 11891],
+    "Ring Buffer & Atomics": [6339, 6199, 6317, 6177],
+}
+QUEUE_ROWS = (
+    ("locked-list", "LockedListQueue (array + lock)", "Array & Mutices"),
+    ("channel", "ChannelQueue (memory channel)", "Channel"),
+    ("locked-ring", "LockedRingBuffer (ring + lock)", "Ring Buffer & Mutices"),
+    ("ring", "RingBuffer (ring, no lock)", "Ring Buffer & Atomics"),
+    ("deque", "collections.deque (floor, no policy)", ""),
+)
+TARGETS_NOTE = "ratio = the other's ns/op / ours: above 1.0x, trio_gateway is faster"
+
+
+class Results:
+    """Indexed access to a results document."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.doc = document
+        self.by_key: dict[tuple[str, int, bool, str], dict[str, Any]] = {}
+        for result in document["results"]:
+            key = (result["row"], result["size"], result["parallel"], result["impl"])
+            self.by_key[key] = result
+        self.titles = {row["key"]: row["title"] for row in document["rows"]}
+        self.peers = {row["key"]: row["peer"] for row in document["rows"]}
+        self.sizes: list[int] = document["settings"]["sizes"]
+
+    def get(self, row: str, size: int, parallel: bool, impl: str) -> dict[str, Any] | None:
+        return self.by_key.get((row, size, parallel, impl))
+
+    def ns(self, row: str, size: int, parallel: bool, impl: str, cpu: bool = False) -> float | None:
+        result = self.get(row, size, parallel, impl)
+        if result is None:
+            return None
+        value = result["median_cpu_ns_per_op" if cpu else "median_ns_per_op"]
+        return float(value) if value else None
+
+    def ratio(
+        self, row: str, size: int, parallel: bool, other: str, cpu: bool = False
+    ) -> float | None:
+        ours = self.ns(row, size, parallel, "trio_gateway", cpu)
+        theirs = self.ns(row, size, parallel, other, cpu)
+        return theirs / ours if ours and theirs else None
+
+    def parallels(self, row: str) -> list[bool]:
+        found = {key[2] for key in self.by_key if key[0] == row}
+        return [p for p in (False, True) if p in found]
+
+    def has(self, row: str) -> bool:
+        return any(key[0] == row for key in self.by_key)
+
+
+def _ns(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _cell(res: Results, row: str, size: int, parallel: bool, impl: str = "trio_gateway") -> str:
+    result = res.get(row, size, parallel, impl)
+    if result is None:
+        return "-"
+    if result["status"] == "n/a":
+        return "N/A"
+    value = res.ns(row, size, parallel, impl)
+    if value is None:
+        return f"{result['status']}"
+    text = _ns(value)
+    if impl == "trio_gateway":
+        ratio = res.ratio(row, size, parallel, PEERS.get(row, "asyncio"))
+        if ratio is not None:
+            text += f" ({ratio:.2f}x)"
+    if row == "udp" and result.get("median_loss") is not None:
+        text += f", {result['median_loss']:.1%} lost"
+    return text
+
+
+def _size_header(sizes: Sequence[int]) -> str:
+    return " | ".join(f"{SIZE_NAMES.get(s, '')} ({s} B)" for s in sizes)
+
+
+def transports_table(res: Results) -> str:
+    sizes = res.sizes
+    lines = [
+        f"| Protocol | Parallel sending | {_size_header(sizes)} |",
+        "|---|---|" + "---:|" * len(sizes),
+    ]
+    for row in TABLE_ROWS:
+        if not res.has(row):
+            continue
+        for parallel in res.parallels(row):
+            cells = " | ".join(_cell(res, row, s, parallel) for s in sizes)
+            lines.append(f"| {res.titles[row]} | {'Yes' if parallel else 'No'} | {cells} |")
+    return "\n".join(lines)
+
+
+def peers_table(res: Results) -> str:
+    sizes = res.sizes
+    lines = [
+        f"| Protocol | peer | Parallel sending | {_size_header(sizes)} |",
+        "|---|---|---|" + "---:|" * len(sizes),
+    ]
+    for row in TABLE_ROWS:
+        if not res.has(row):
+            continue
+        impls = [
+            i for i in ("asyncio", "uvloop") if any(k[0] == row and k[3] == i for k in res.by_key)
+        ]
+        for impl in impls:
+            name = res.peers[row] if impl == "asyncio" else "uvloop DatagramProtocol"
+            for parallel in res.parallels(row):
+                cells = " | ".join(_cell(res, row, s, parallel, impl) for s in sizes)
+                lines.append(
+                    f"| {res.titles[row]} | {name} | {'Yes' if parallel else 'No'} | {cells} |"
+                )
+    return "\n".join(lines)
+
+
+def cpu_table(res: Results) -> str:
+    sizes = res.sizes
+    lines = [
+        f"| Protocol | Parallel sending | {_size_header(sizes)} |",
+        "|---|---|" + "---:|" * len(sizes),
+    ]
+    for row in (*TABLE_ROWS, "tcp-file"):
+        if not res.has(row):
+            continue
+        other = PEERS.get(row, "asyncio")
+        for parallel in res.parallels(row):
+            cells = []
+            for size in sizes:
+                ours = res.ns(row, size, parallel, "trio_gateway", cpu=True)
+                ratio = res.ratio(row, size, parallel, other, cpu=True)
+                cells.append(
+                    "N/A"
+                    if ours is None and row == "udp" and size > 65507
+                    else f"{_ns(ours)} ({_x(ratio)})"
+                    if ours
+                    else "-"
+                )
+            lines.append(
+                f"| {res.titles[row]} | {'Yes' if parallel else 'No'} | {' | '.join(cells)} |"
+            )
+    return "\n".join(lines)
+
+
+def extras_table(res: Results) -> str:
+    lines = [
+        "| case | size | trio_gateway ns/op | the other | its ns/op | ratio | note |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
+    for size in res.sizes:
+        socat = res.ns("tcp", size, False, "socat")
+        if socat is not None:
+            ours = res.ns("tcp", size, False, "trio_gateway")
+            lines.append(
+                f"| Streaming TCP, 1 connection | {size} | {_ns(ours)} | socat -u (C reader, "
+                f"no queue) | {_ns(socat)} | {_x(socat / ours if ours else None)} | "
+                f"raw read: bytes to /dev/null |"
+            )
+    for parallel in res.parallels("udp"):
+        for size in res.sizes:
+            if size > 65507:
+                continue
+            ours = res.get("udp", size, parallel, "trio_gateway")
+            uv = res.get("udp", size, parallel, "uvloop")
+            if ours is None or uv is None:
+                continue
+            note = (
+                f"lost: ours {_pct(ours.get('median_loss'))}, uvloop {_pct(uv.get('median_loss'))}"
+            )
+            lines.append(
+                f"| UDP, {'parallel' if parallel else '1 sender'} | {size} | "
+                f"{_ns(res.ns('udp', size, parallel, 'trio_gateway'))} | uvloop DatagramProtocol "
+                f"| {_ns(res.ns('udp', size, parallel, 'uvloop'))} | "
+                f"{_x(res.ratio('udp', size, parallel, 'uvloop'))} | {note} |"
+            )
+    for parallel in res.parallels("tcp-file"):
+        for size in res.sizes:
+            ours = res.get("tcp-file", size, parallel, "trio_gateway")
+            peer = res.get("tcp-file", size, parallel, "asyncio")
+            if ours is None or peer is None:
+                continue
+            note = "records written; bytes/record: ours %s, peer %s" % (
+                ours.get("file_bytes_per_record", "-"),
+                peer.get("file_bytes_per_record", "-"),
+            )
+            lines.append(
+                f"| TCP into the file sink (JSONL), {'parallel' if parallel else '1 connection'} "
+                f"| {size} | {_ns(res.ns('tcp-file', size, parallel, 'trio_gateway'))} | asyncio "
+                f"Protocol + JSONL writer | {_ns(res.ns('tcp-file', size, parallel, 'asyncio'))} | "
+                f"{_x(res.ratio('tcp-file', size, parallel, 'asyncio'))} | {note} |"
+            )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def jsonl_table(document: dict[str, Any]) -> str:
+    jsonl = document.get("jsonl", {})
+    if jsonl.get("status") != "ok":
+        return f"(not measured: {jsonl.get('status', 'absent')})"
+    lines = [
+        "| size (B) | record (B) | trio_gateway ns/record | reference ns/record | speed-up |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in jsonl["results"]:
+        lines.append(
+            f"| {row['size']} | {row['record_bytes']:,.0f} | {_ns(row['trio_gateway_ns'])} | "
+            f"{_ns(row['reference_ns'])} | {row['speedup']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def queue_tables(document: dict[str, Any]) -> str:
+    queues = document.get("queues", {})
+    if queues.get("status") != "ok":
+        return f"(not measured: {queues.get('status', 'absent')})"
+    values = {(r["queue"], r["mode"], r["size"]): r["ns_per_message"] for r in queues["results"]}
+    sizes = sorted({r["size"] for r in queues["results"]})
+    out = []
+    titles = {
+        "sync": "put_nowait + get_nowait, one message at a time (the talk's Enqueue + Dequeue)",
+        "await": "await put + await get per message (two Trio checkpoints)",
+        "batched": f"put_many_nowait + await get_batch, {queues.get('batch', 256)} at a time",
+    }
+    for mode in ("sync", "await", "batched"):
+        out.append(f"**{mode}**: {titles[mode]}; ns per message, and the ratio to the deque\n")
+        out.append(f"| Data structure | {_size_header(sizes)} |")
+        out.append("|---|" + "---:|" * len(sizes))
+        for key, name, _ in QUEUE_ROWS:
+            cells = []
+            for size in sizes:
+                ns = values.get((key, mode, size))
+                floor = values.get(("deque", mode, size))
+                ratio = f" ({ns / floor:.1f}x)" if ns and floor and key != "deque" else ""
+                cells.append(f"{_ns(ns)}{ratio}")
+            out.append(f"| {name} | {' | '.join(cells)} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def go_tables() -> str:
+    lines = [
+        f"| Protocol | Parallel sending | {_size_header(SIZES)} |",
+        "|---|---|" + "---:|" * len(SIZES),
+    ]
+    for name, by_parallel in GO_TRANSPORTS.items():
+        for parallel, values in by_parallel.items():
+            cells = " | ".join("-" if v is None else f"{v:,}" for v in values)
+            mark = " (*)" if name == "Unary HTTP" and parallel else ""
+            lines.append(f"| {name} | {'Yes' if parallel else 'No'}{mark} | {cells} |")
+    lines += ["", f"| Data structure | {_size_header(SIZES)} |", "|---|" + "---:|" * len(SIZES)]
+    for name, values in GO_QUEUES.items():
+        lines.append(f"| {name} | {' | '.join(f'{v:,}' for v in values)} |")
+    return "\n".join(lines)
+
+
+def machine_block(document: dict[str, Any]) -> str:
+    machine = document["machine"]
+    load = document["load"]
+    settings = document["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    mode = document["mode"]
+    warning = (
+        ""
+        if mode == "full"
+        else (
+            f"\n\n**This is a `--{mode}` run: short runs, one repeat. Do not quote its figures.**"
+        )
+    )
+    return (
+        f"- **Date**: {document['date']} (UTC); `python -m bench` in mode `{mode}`, "
+        f"{document['elapsed_s']:.0f} s.\n"
+        f"- **Machine**: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, "
+        f"Python {machine['python']}.\n"
+        f"- **Libraries**: {versions}.\n"
+        f"- **Load** (1-minute load average, sampled during the run): start {load['start']}, "
+        f"median {load['median']}, max {load['max']}, end {load['end']}. The machine's 2 "
+        f"cores are shared with other work; the ratios (ours and the peer measured in the same "
+        f"run, repeat by repeat) are what to quote, not the absolute figures.\n"
+        f"- **Runs**: {settings['repeats']} measured runs per cell after a warm-up, each sized "
+        f"to about {settings['target_seconds']} s; the median is shown (all samples and the "
+        f"spread are in the JSON). Parallel sending = {settings['parallel_connections']} "
+        f"client connections, one per client process." + warning
+    )
+
+
+def summary_block(res: Results, document: dict[str, Any]) -> str:
+    """The figures the prose talks about, computed from this run."""
+    items = []
+
+    def both(a: tuple[str, int, bool], b: tuple[str, int, bool]) -> float | None:
+        x = res.ns(*a, "trio_gateway")
+        y = res.ns(*b, "trio_gateway")
+        return x / y if x and y else None
+
+    for parallel in (False, True):
+        http_tcp = both(("http", 18, parallel), ("tcp", 18, parallel))
+        grpc = both(("grpc-unary", 18, parallel), ("grpc-stream", 18, parallel))
+        if http_tcp and grpc:
+            items.append(
+                f"Streaming vs unary, 18 B, {'parallel' if parallel else 'one connection'}: a "
+                f"unary HTTP request costs {http_tcp:,.0f}x a streamed TCP message; a unary gRPC "
+                f"call {grpc:,.0f}x a message on a gRPC stream."
+            )
+    queues = document.get("queues", {})
+    if queues.get("status") == "ok":
+        values = {
+            (r["queue"], r["mode"], r["size"]): r["ns_per_message"] for r in queues["results"]
+        }
+        ring = values.get(("ring", "sync", 18))
+        locked = values.get(("locked-ring", "sync", 18))
+        if ring and locked:
+            items.append(
+                f"Ring buffer vs the same ring with a lock, 18 B, one message at a time: "
+                f"{ring:,.0f} ns vs {locked:,.0f} ns per put + get ({locked / ring:.1f}x)."
+            )
+    tcp = res.ns("tcp", 18, False, "trio_gateway")
+    cpu = res.ns("tcp", 18, False, "trio_gateway", cpu=True)
+    if tcp and cpu:
+        items.append(
+            f"Streaming TCP, 18 B, one connection: {tcp:,.0f} ns per message wall clock, of "
+            f"which the server spends {cpu:,.0f} ns of CPU (read, split, enqueue, pump, sink)."
+        )
+    return "\n".join(f"- {item}" for item in items) or "- (not enough rows measured)"
+
+
+def targets(res: Results) -> list[dict[str, Any]]:
+    """The optimisation targets, evaluated on this run."""
+    found: list[dict[str, Any]] = []
+
+    def add(
+        name: str, value: float | None, goal: float, extra: bool = True, note: str = ""
+    ) -> None:
+        met = value is not None and value >= goal and extra
+        found.append({"target": name, "value": value, "goal": goal, "met": met, "note": note})
+
+    for parallel in res.parallels("tcp"):
+        if res.get("tcp", 79435, parallel, "socat"):
+            add(
+                "Streaming TCP 79,435 B vs socat's raw read",
+                res.ratio("tcp", 79435, parallel, "socat"),
+                0.6,
+            )
+    for parallel in res.parallels("udp"):
+        ours = res.get("udp", 18, parallel, "trio_gateway")
+        uv = res.get("udp", 18, parallel, "uvloop")
+        if ours and uv:
+            lost = (ours.get("median_loss") or 0.0) <= (uv.get("median_loss") or 0.0) + 1e-9
+            add(
+                f"UDP 18 B vs uvloop ({'parallel' if parallel else '1 sender'}), no more loss",
+                res.ratio("udp", 18, parallel, "uvloop"),
+                1.0,
+                lost,
+                f"lost: ours {_pct(ours.get('median_loss'))}, uvloop {_pct(uv.get('median_loss'))}",
+            )
+    for parallel in res.parallels("tcp-file"):
+        for size in res.sizes:
+            add(
+                f"TCP into the file sink (JSONL) vs the asyncio peer, {size} B",
+                res.ratio("tcp-file", size, parallel, "asyncio"),
+                1.0,
+            )
+    goals = {"http": 1.0, "grpc-unary": 1.0, "grpc-stream": 1.5, "ws": 1.0, "tcp": 1.0}
+    for row, goal in goals.items():
+        for parallel in res.parallels(row):
+            for size in res.sizes:
+                if goal > 1.0 and size > 4266:
+                    continue
+                add(
+                    f"{res.titles[row]} vs {res.peers[row]}, {size} B, "
+                    f"{'parallel' if parallel else '1 connection'}",
+                    res.ratio(row, size, parallel, "asyncio"),
+                    goal,
+                )
+    return found
+
+
+def targets_block(found: list[dict[str, Any]]) -> str:
+    lines = ["| target | goal | this run | met |", "|---|---:|---:|:---:|"]
+    for t in found:
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(
+            f"| {t['target']}{note} | >= {t['goal']:.1f}x | {_x(t['value'])} | "
+            f"{'yes' if t['met'] else '**no**'} |"
+        )
+    return "\n".join(lines)
+
+
+# -- charts ---------------------------------------------------------------------------------
+
+
+def charts(res: Results, document: dict[str, Any], img: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    img.mkdir(parents=True, exist_ok=True)
+    written = []
+    rows = [r for r in TABLE_ROWS if res.has(r)]
+    colors = ["#4c72b0", "#55a868", "#c44e52", "#8172b2"]
+    labels = [res.titles[r].replace("Streaming ", "Str. ") for r in rows]
+    parallels = [p for p in (False, True) if any(p in res.parallels(r) for r in rows)]
+
+    def grouped(ax: Any, values: dict[int, list[float | None]], base: float | None) -> None:
+        """Bars per row and size on a log axis; with ``base``, bars grow from it (ratios)."""
+        width = 0.8 / max(1, len(res.sizes))
+        for i, size in enumerate(res.sizes):
+            xs = [j + (i - (len(res.sizes) - 1) / 2) * width for j in range(len(rows))]
+            if base is None:
+                ys = [v or 0.0 for v in values[size]]
+                ax.bar(xs, ys, width, label=f"{size} B", color=colors[i % len(colors)])
+            else:
+                ys = [(v - base) if v else 0.0 for v in values[size]]
+                ax.bar(xs, ys, width, bottom=base, label=f"{size} B", color=colors[i % len(colors)])
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize=7, rotation=20)
+        ax.set_yscale("log", base=10 if base is None else 2)
+        if base is not None:
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+
+    # 1. ns/op per transport and size
+    fig, axes = plt.subplots(1, len(parallels), figsize=(9, 3.4), sharey=True, squeeze=False)
+    for ax, parallel in zip(axes[0], parallels, strict=True):
+        values = {s: [res.ns(r, s, parallel, "trio_gateway") for r in rows] for s in res.sizes}
+        grouped(ax, values, base=None)
+        ax.set_title(f"trio_gateway, parallel sending: {'yes' if parallel else 'no'}", fontsize=9)
+    axes[0][0].set_ylabel("ns per message (log)", fontsize=8)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = img / "bench-transports.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    written.append(path)
+
+    # 2. ours vs the asyncio peer
+    fig, axes = plt.subplots(1, len(parallels), figsize=(9, 3.4), sharey=True, squeeze=False)
+    for ax, parallel in zip(axes[0], parallels, strict=True):
+        values = {
+            s: [res.ratio(r, s, parallel, PEERS.get(r, "asyncio")) for r in rows] for s in res.sizes
+        }
+        grouped(ax, values, base=1.0)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(
+            f"asyncio peer ns / trio_gateway ns, parallel: {'yes' if parallel else 'no'}",
+            fontsize=9,
+        )
+    axes[0][0].set_ylabel("speed-up (> 1x: trio_gateway is faster)", fontsize=8)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = img / "bench-vs-asyncio.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    written.append(path)
+
+    # 3. queues
+    queues = document.get("queues", {})
+    if queues.get("status") == "ok":
+        values_q = {
+            (r["queue"], r["mode"], r["size"]): r["ns_per_message"] for r in queues["results"]
+        }
+        sizes = sorted({r["size"] for r in queues["results"]})
+        modes = ["sync", "batched"]
+        fig, axes = plt.subplots(1, len(modes), figsize=(9, 3.2), squeeze=False)
+        for ax, mode in zip(axes[0], modes, strict=True):
+            width = 0.8 / len(sizes)
+            for i, size in enumerate(sizes):
+                xs = [j + (i - (len(sizes) - 1) / 2) * width for j in range(len(QUEUE_ROWS))]
+                ys = [values_q.get((key, mode, size)) or 0 for key, _, _ in QUEUE_ROWS]
+                ax.bar(xs, ys, width, label=f"{size} B", color=colors[i % len(colors)])
+            ax.set_xticks(range(len(QUEUE_ROWS)))
+            ax.set_xticklabels([key for key, _, _ in QUEUE_ROWS], fontsize=7)
+            ax.set_title(f"queues, {mode}: ns per put + get", fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = img / "bench-queues.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# -- the page -------------------------------------------------------------------------------
+
+SKELETON = """# Benchmarks
+
+Generated by `python -m bench`. This page had no prose when it was generated; the repository's
+docs/benchmarks.md has it.
+
+<!-- bench:machine -->
+<!-- /bench:machine -->
+
+<!-- bench:summary -->
+<!-- /bench:summary -->
+
+<!-- bench:transports -->
+<!-- /bench:transports -->
+
+<!-- bench:peers -->
+<!-- /bench:peers -->
+
+<!-- bench:cpu -->
+<!-- /bench:cpu -->
+
+<!-- bench:extras -->
+<!-- /bench:extras -->
+
+<!-- bench:jsonl -->
+<!-- /bench:jsonl -->
+
+<!-- bench:targets -->
+<!-- /bench:targets -->
+
+<!-- bench:queues -->
+<!-- /bench:queues -->
+
+<!-- bench:go -->
+<!-- /bench:go -->
+"""
+
+
+def fill(page: str, blocks: dict[str, str]) -> str:
+    for name, body in blocks.items():
+        pattern = re.compile(
+            rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S
+        )
+        if not pattern.search(page):
+            page = page.rstrip("\n") + f"\n\n<!-- bench:{name} -->\n<!-- /bench:{name} -->\n"
+        page = pattern.sub(lambda m, body=body: m[1] + body.rstrip("\n") + "\n" + m[2], page)
+    return page
+
+
+def write_outputs(document: dict[str, Any], out: Path) -> list[Path]:
+    res = Results(document)
+    found = targets(res)
+    document["targets"] = found
+    results_dir = out / "bench" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / f"{document['date'][:10]}.json"
+    json_path.write_text(json.dumps(document, indent=1) + "\n")
+    written = [json_path]
+    written += charts(res, document, out / "docs" / "img")
+    page_path = out / "docs" / "benchmarks.md"
+    if page_path.exists():
+        page = page_path.read_text()
+    elif (ROOT / "docs" / "benchmarks.md").exists():
+        page = (ROOT / "docs" / "benchmarks.md").read_text()
+    else:
+        page = SKELETON
+    blocks = {
+        "machine": machine_block(document),
+        "summary": summary_block(res, document),
+        "transports": transports_table(res),
+        "peers": peers_table(res),
+        "cpu": cpu_table(res),
+        "extras": extras_table(res),
+        "jsonl": jsonl_table(document),
+        "targets": targets_block(found),
+        "queues": queue_tables(document),
+        "go": go_tables(),
+    }
+    page_path.parent.mkdir(parents=True, exist_ok=True)
+    page_path.write_text(fill(page, blocks))
+    written.append(page_path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--out", type=Path, default=ROOT)
+    args = parser.parse_args(argv)
+    document = json.loads(args.results.read_text())
+    for path in write_outputs(document, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -519,8 +519,18 @@ async def ws_slowloris_frame(address: Address) -> None:
     assert await ws.close_code() == 1008
 
 
+async def ws_garbage_behind_the_handshake(address: Address) -> None:
+    """A valid request with a broken frame right behind it (found by the fuzz test: it used to
+    trip an assertion in websockets and take the whole gateway down)."""
+    protocol = ClientProtocol(parse_uri(f"ws://{address[0]}:{address[1]}/"))
+    protocol.send_request(protocol.connect())
+    request = b"".join(protocol.data_to_send())
+    assert http_status(await http_exchange(address, request + b"\x8f\x00")) == 400
+
+
 WS_CASES = [
     ("random-bytes-as-handshake", ws_random_handshake, "malformed"),
+    ("garbage-behind-the-handshake", ws_garbage_behind_the_handshake, "malformed"),
     ("random-bytes-as-frames", ws_expect(b"\x0f" + noise(2000, 5), 1002), "malformed"),
     (
         "unmasked-client-frame",
@@ -817,3 +827,29 @@ async def test_connections_past_the_limit_are_refused_and_the_others_served(
             for holder in holders:
                 await holder.aclose()
     assert sorted(sink.payloads) == sorted(good.payloads)
+
+
+# -- a handler that fails ------------------------------------------------------------------------
+
+
+async def test_a_failing_connection_handler_ends_only_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The safety net in serve_connections: a handler that raises (a bug, or a library tripped
+    up by a peer) ends that connection, is counted as internal_error and logged; the gateway
+    and the other clients go on."""
+    real = WebSocketSource._refusal
+
+    def refusal(self: WebSocketSource, request: Any) -> tuple[int, str] | None:
+        if request.path == "/explode":
+            raise RuntimeError("a bug in the handshake")
+        return real(self, request)
+
+    monkeypatch.setattr(WebSocketSource, "_refusal", refusal)
+
+    async def bad(address: Address) -> None:
+        protocol = ClientProtocol(parse_uri(f"ws://{address[0]}:{address[1]}/explode"))
+        protocol.send_request(protocol.connect())
+        assert await http_exchange(address, b"".join(protocol.data_to_send())) == b""
+
+    await check_case(ws_source(), bad, good_ws(), "internal_error")

@@ -153,7 +153,10 @@ class Ingress:
         """Count ``count`` messages (or connections) refused for ``reason``.
 
         Reasons used by the built-in sources: ``oversize``, ``malformed``, ``truncated``,
-        ``unauthorized``, ``too_many_connections``, ``idle_timeout``, ``queue_full``.
+        ``unauthorized``, ``too_many_connections``, ``idle_timeout``, ``too_slow`` (a
+        message not complete within the idle timeout: slowloris), ``tls_handshake``,
+        ``not_found``, ``queue_full``, and ``internal_error`` (a handler failed: that
+        connection ended, the gateway went on).
         """
         self.counters.rejected[reason] += count
 

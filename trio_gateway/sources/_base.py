@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import sys
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -195,6 +197,17 @@ async def serve_connections(
                 await handler(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             connection_errors.info("%s: connection ended: %r", ingress.listener, exc)
+        except Exception as exc:
+            # A bug, or a library tripped up by what a peer sent: that connection ends, the
+            # gateway goes on (trio.serve_listeners would let it crash everything). Counted
+            # as internal_error and logged with its traceback, rate-limited.
+            ingress.reject("internal_error")
+            connection_errors.log(
+                logging.ERROR,
+                "%s: connection handler failed:\n%s",
+                ingress.listener,
+                "".join(traceback.format_exception(exc)).rstrip(),
+            )
         finally:
             ingress.connection_closed()
             live.closed()

@@ -253,6 +253,12 @@ class WebSocketSource(Source):
             # Silent, or trickling a request that never completed (slowloris).
             ingress.reject("too_slow" if received else "idle_timeout")
             return None
+        if protocol.eof_sent:
+            # Bytes sent right behind the request broke the frame parser, which gave up on
+            # the connection before we could answer (websockets cannot respond after that).
+            ingress.reject("malformed")
+            await stream.send_all(_BAD_REQUEST)
+            return None
         refusal = self._refusal(request)
         if refusal is not None:
             status, text = refusal

@@ -1,6 +1,6 @@
 """Worker processes: messages/s through one TCP port with 1 and 2 workers, several connections.
 
-    python bench/workers.py [--quick] [--repeats N] [--connections C] [--json FILE]
+    python -m bench.workers [--quick] [--repeats N] [--connections C] [--json FILE]
 
 The server is ``python -m trio_gateway serve --workers W --tcp 127.0.0.1:0 --sink null``
 (W = 1 is the ordinary single process; W = 2 is the supervisor and two workers sharing the port
@@ -18,6 +18,9 @@ workers for the same two cores: quote what you see with that in mind (see docs/w
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.workers")
+
 import argparse
 import json
 import os
@@ -32,13 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
+from ._payloads import payload
 
-from _payloads import payload  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
-# -- the client (run as `python bench/workers.py --client PORT SIZE COUNT CONNECTIONS`) --------
+# -- the client (run as `python -m bench.workers --client PORT SIZE COUNT CONNECTIONS`) --------
 
 
 def build_stream(size: int, count: int) -> bytes:
@@ -153,9 +154,9 @@ def measure(workers: int, size: int, count: int, connections: int) -> dict[str, 
     cpu_before = cpu_seconds(pids)
     try:
         result = subprocess.run(
-            [sys.executable, __file__, "--client", str(port), str(size), str(count),
-             str(connections)],
-            capture_output=True, text=True, timeout=600, check=True,
+            [sys.executable, "-m", "bench.workers", "--client", str(port), str(size),
+             str(count), str(connections)],
+            capture_output=True, text=True, timeout=600, check=True, cwd=ROOT,
         )  # fmt: skip
         server_cpu = cpu_seconds(pids) - cpu_before
     finally:
@@ -179,7 +180,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--client", nargs=4, type=int, metavar=("PORT", "SIZE", "COUNT", "C"))
+    parser.add_argument(
+        "--client",
+        nargs=4,
+        type=int,
+        metavar=("PORT", "SIZE", "COUNT", "C"),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     if args.client:
         client(*args.client)

@@ -7,6 +7,8 @@ source, a :class:`~trio_gateway.RingBuffer` and the null or file sink, as ``serv
 ``asyncio`` (a plain asyncio implementation of the same path) or ``uvloop`` (the same asyncio
 code on uvloop's event loop). ``TRANSPORT`` is ``tcp``, ``udp``, ``http``, ``ws`` or ``grpc``
 (one gRPC server answers both the unary ``Send`` and the client-streaming ``Stream``).
+``--tune-allocator`` applies ``trio_gateway._buffer.tune_allocator`` (what ``serve`` does) to
+whichever implementation runs, so that the comparison is between the code, not the allocator.
 
 Every implementation has the same shape: the transport's reader hands each message to a
 bounded queue of ``capacity_for(size)`` messages without awaiting while there is room, and a
@@ -631,7 +633,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("transport", choices=TRANSPORTS)
     parser.add_argument("--size", type=int, required=True, help="message size (sets capacity)")
     parser.add_argument("--sink", default="null", help="null, or file:PATH (JSON Lines)")
+    parser.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="apply trio_gateway's glibc settings (what serve does), whatever the implementation",
+    )
     args = parser.parse_args(argv)
+    if args.tune_allocator:
+        from trio_gateway._buffer import tune_allocator
+
+        tune_allocator()
     if args.impl == "trio_gateway":
         serve_trio_gateway(args.transport, args.size, args.sink)
     else:

@@ -301,6 +301,8 @@ def _round(value: float | None) -> float | None:
 class Server:
     """One server process (``bench._servers``) for one (row, size, implementation)."""
 
+    tune_allocator = True
+
     def __init__(self, row: Row, impl: str, size: int, work: Path) -> None:
         self.row, self.impl, self.size = row, impl, size
         self.work = work
@@ -311,6 +313,8 @@ class Server:
             sink = f"file:{self.sink_path}"
         argv = [PYTHON, "-m", "bench._servers", impl, row.server, "--size", str(size)]
         self.name = f"{impl} {row.key} server"
+        if self.tune_allocator:
+            argv.append("--tune-allocator")
         self.child = Child(
             [*argv, "--sink", sink], work / f"{row.key}-{impl}-{size}.log", self.name
         )
@@ -818,7 +822,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--only", nargs="+", choices=ROW_KEYS, help="run these rows only")
     parser.add_argument("--no-queues", action="store_true", help="skip the queue table")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="run every server with glibc's default malloc settings (by default every server, "
+        "ours and the peers, gets the settings serve applies: trio_gateway._buffer.tune_allocator)",
+    )
     args = parser.parse_args(argv)
+    Server.tune_allocator = not args.glibc_defaults
 
     mode = MODES["quick" if args.quick else "smoke" if args.smoke else "full"]
     if args.repeats:
@@ -867,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": [row.key for row in rows],
             "settle_seconds": SETTLE,
             "socat_block": SOCAT_BLOCK,
+            "tuned_allocator": Server.tune_allocator,
         },
         "load": {
             "start": round(loads[0], 2),

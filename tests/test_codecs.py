@@ -331,6 +331,50 @@ def test_fuzz_newline_roundtrip(payloads: list[bytes], sizes: list[int]) -> None
     assert feed_chunks(decoder, encode_newline(payloads), sizes) == payloads
 
 
+def test_newline_long_frames_switch_modes_and_copy_out_of_a_reused_buffer() -> None:
+    decoder = NewlineDecoder()
+    assert not decoder.long_frames
+    assert decoder.feed(b"x" * 600 + b"\n" + b"y" * 10) == [b"x" * 600]
+    assert decoder.long_frames  # now found one newline at a time
+    buffer = bytearray(b"y" * 5 + b"\n" + b"z" * 700 + b"\n" + b"tail")
+    assert decoder.feed_buffer(buffer, len(buffer)) == [b"y" * 15, b"z" * 700]
+    assert decoder.payload_bytes == 715
+    buffer[:] = b"\0" * len(buffer)  # the caller reuses it: the held "tail" is a copy
+    assert decoder.feed(b"\na\nb\n") == [b"tail", b"a", b"b"]
+    assert not decoder.long_frames  # short frames: back to one split per chunk
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=3000).filter(lambda p: b"\n" not in p)),
+    sizes=st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=20),
+    reuse=st.booleans(),
+)
+def test_fuzz_newline_long_frames(payloads: list[bytes], sizes: list[int], reuse: bool) -> None:
+    # Frames from 512 bytes on take the find-and-slice path (and, with a reused buffer,
+    # feed_buffer copies out of it); the frames and payload_bytes must be the same.
+    data = b"".join(p + b"\n" for p in payloads)
+    decoder = NewlineDecoder(max_frame_size=3000)
+    buffer = bytearray(5000)
+    out: list[bytes] = []
+    pos, i = 0, 0
+    while pos < len(data):
+        chunk = data[pos : pos + sizes[i % len(sizes)]]
+        if reuse:
+            buffer[: len(chunk)] = chunk
+            frames = decoder.feed_buffer(buffer, len(chunk))
+            buffer[:] = b"\xff" * len(buffer)
+        else:
+            frames = decoder.feed(chunk)
+        assert all(type(frame) is bytes for frame in frames)
+        assert decoder.payload_bytes == sum(map(len, frames))
+        out += frames
+        pos += len(chunk)
+        i += 1
+    out += decoder.close()
+    assert out == [p for p in payloads if p]  # empty lines are skipped
+
+
 @settings(max_examples=150, deadline=None)
 @given(payloads=st.lists(st.binary(max_size=500)), sizes=chunkings)
 def test_fuzz_length_roundtrip(payloads: list[bytes], sizes: list[int]) -> None:

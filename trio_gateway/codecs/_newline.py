@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .._errors import FrameTooLarge
 from ._base import check_limit
@@ -10,6 +10,9 @@ from ._base import check_limit
 __all__ = ("NewlineDecoder", "encode_newline")
 
 _NL = b"\n"
+
+LONG_FRAME = 512
+"""Average frame length from which the decoder finds newlines one by one (see the class)."""
 
 
 class NewlineDecoder:
@@ -32,20 +35,35 @@ class NewlineDecoder:
     chunk itself is longer than the limit: no Python loop per frame. A chunk with no newline
     at all is only appended to a list of pieces, so a large frame arriving in many small reads
     costs linear time, not quadratic.
+
+    ``bytes.split`` scans byte by byte (about 0.5 ns a byte here), while ``bytes.find`` uses
+    ``memchr`` (several times faster). So once the frames of a connection average
+    :data:`LONG_FRAME` bytes or more, the decoder finds each newline with ``find`` and slices
+    the frame out: one Python step per frame, which long frames amortise (4 KiB frames: 6x
+    less time per chunk than ``split``). Short frames keep ``split``. In that mode
+    (:attr:`long_frames`) a reader can also hand over a receive buffer it reuses
+    (:meth:`feed_buffer`): the frames are copied out of it once, and the reader allocates no
+    new chunk per read (fresh 256 KiB chunks cost page faults here: about 7 per 79 KB frame).
     """
 
-    __slots__ = ("_held", "_max_frame_size", "_pieces", "payload_bytes")
+    __slots__ = ("_held", "_long", "_max_frame_size", "_pieces", "payload_bytes")
 
     def __init__(self, max_frame_size: int = 1 << 20) -> None:
         self._max_frame_size = check_limit("max_frame_size", max_frame_size)
         self._pieces: list[bytes] = []
         self._held = 0
+        self._long = False  # the last feed's frames averaged LONG_FRAME bytes or more
         self.payload_bytes = 0
         """Payload bytes in the frames the last ``feed``/``close`` returned (for counters)."""
 
     @property
     def max_frame_size(self) -> int:
         return self._max_frame_size
+
+    @property
+    def long_frames(self) -> bool:
+        """True while the frames average :data:`LONG_FRAME` bytes or more (see the class)."""
+        return self._long
 
     @property
     def buffered(self) -> int:
@@ -66,7 +84,10 @@ class NewlineDecoder:
                 raise FrameTooLarge(held, limit)
             self._pieces.append(data)
             self._held = held
+            self._long = True  # a frame longer than a whole read
             return []
+        if self._long and len(data) + self._held <= limit:
+            return self._feed_long(data)
         frames = data.split(_NL)
         remainder = frames.pop()
         size = len(data)
@@ -93,9 +114,69 @@ class NewlineDecoder:
             self._pieces.append(remainder)
         self._held = len(remainder)
         # Everything before the remainder, less one newline per split: no per-frame sum.
-        self.payload_bytes = size - len(remainder) - len(frames)
+        self.payload_bytes = payload = size - len(remainder) - len(frames)
         if b"" in frames:
             frames = [frame for frame in frames if frame]
+        self._long = payload >= LONG_FRAME * len(frames)
+        return frames
+
+    def feed_buffer(self, buffer: bytearray, size: int) -> list[bytes]:
+        """Like :meth:`feed` with ``bytes(buffer[:size])``, for a receive buffer that the caller
+        reuses: the frames and the held remainder are copies, nothing refers to ``buffer``."""
+        if size and self._long and size + self._held <= self._max_frame_size:
+            return self._feed_long(buffer, size)
+        return self.feed(bytes(memoryview(buffer)[:size]))
+
+    def _feed_long(self, data: bytes | bytearray, size: int | None = None) -> list[bytes]:
+        """``feed`` for long frames: ``find`` + slice per frame. The caller has checked that
+        ``data`` and the held piece together fit the limit, so no frame can exceed it.
+
+        ``data`` is a chunk (``bytes``, ``size`` ignored), or a reused buffer (``bytearray``) of
+        which ``size`` bytes are valid: then every frame and the remainder are copied out.
+        The caller has checked that there is a newline in a chunk; a buffer may have none.
+        """
+        cut: Callable[[slice], bytes]
+        if isinstance(data, bytes):
+            chunk = data
+            size = len(chunk)
+
+            def cut(part: slice) -> bytes:
+                return chunk[part]  # slicing bytes gives bytes
+        else:
+            view = memoryview(data)
+
+            def cut(part: slice) -> bytes:
+                return bytes(view[part])
+
+        assert size is not None
+
+        find = data.find
+        end = find(_NL, 0, size)
+        pieces = self._pieces
+        if end < 0:  # a buffer with no newline: all of it extends the held frame
+            pieces.append(cut(slice(0, size)))
+            self._held += size
+            self.payload_bytes = 0
+            return []
+        if pieces:
+            pieces.append(cut(slice(0, end)))
+            first = b"".join(pieces)
+            pieces.clear()
+        else:
+            first = cut(slice(0, end))
+        frames = [first] if first else []
+        append = frames.append
+        start = end + 1
+        while (end := find(_NL, start, size)) >= 0:
+            if end > start:
+                append(cut(slice(start, end)))
+            start = end + 1
+        remainder = cut(slice(start, size))
+        if remainder:
+            pieces.append(remainder)
+        self._held = len(remainder)
+        self.payload_bytes = payload = sum(map(len, frames))
+        self._long = payload >= LONG_FRAME * len(frames)
         return frames
 
     def close(self) -> list[bytes]:

@@ -12,7 +12,7 @@ from .._errors import ConfigurationError, FrameTooLarge, ProtocolError
 from .._ingress import Ingress
 from .._message import Origin
 from .._tls import resolve_server_tls
-from ..codecs import FRAMINGS
+from ..codecs import FRAMINGS, NewlineDecoder
 from ._base import (
     Source,
     check_reuse_port,
@@ -136,13 +136,28 @@ class TcpSource(Source):
         receive = stream.receive_some
         read_size = self.read_size
         offer = ingress.offer
+        # Long newline frames are copied out of one reused receive buffer instead of a new
+        # chunk per read (NewlineDecoder.feed_buffer); plain TCP only (TLS reads its own way).
+        newline = decoder if isinstance(decoder, NewlineDecoder) else None
+        sock = stream.socket if type(stream) is trio.SocketStream else None
+        buffer = bytearray()
+        size = 0
+        data: bytes | bytearray = b""
         # A frame must complete within idle_timeout of the last complete one (or of the
         # start): bytes that only extend a partial frame do not push the deadline back, so
         # a client trickling one byte at a time (slowloris) cannot hold the connection.
         deadline = trio.current_time() + idle_timeout
         while True:
+            use_buffer = sock is not None and newline is not None and newline.long_frames
             with trio.move_on_at(deadline) as idle:
-                data = await receive(read_size)
+                if use_buffer:
+                    assert sock is not None
+                    if not buffer:
+                        buffer = bytearray(read_size)
+                    size = await sock.recv_into(buffer)
+                else:
+                    data = await receive(read_size)
+                    size = len(data)
             if idle.cancelled_caught:
                 reason = "too_slow" if decoder.buffered else "idle_timeout"
                 ingress.reject(reason)
@@ -155,7 +170,13 @@ class TcpSource(Source):
                 )
                 return
             try:
-                frames = decoder.feed(data) if data else decoder.close()
+                if not size:
+                    frames = decoder.close()
+                elif use_buffer:
+                    assert newline is not None
+                    frames = newline.feed_buffer(buffer, size)
+                else:
+                    frames = decoder.feed(data)
             except FrameTooLarge as exc:
                 if exc.frames:  # whole frames before the bad one were well formed
                     await offer(exc.frames, Origin("tcp", listener, peer, time.time()))
@@ -172,7 +193,7 @@ class TcpSource(Source):
                     Origin("tcp", listener, peer, time.time()),
                     nbytes=decoder.payload_bytes,
                 )
-            if not data:
+            if not size:
                 return
             if frames or not decoder.buffered:
                 deadline = trio.current_time() + idle_timeout

@@ -212,8 +212,11 @@ async def test_port_in_use_is_a_transport_error() -> None:
         port = taken.getsockname()[1]
         admin = AdminServer("127.0.0.1", port)
         gateway = Gateway(sources=[TcpSource()], sink=NullSink(), services=[admin])
-        with trio.fail_after(10), pytest.RaisesGroup(
-            pytest.RaisesExc(TransportError, match="cannot listen"), flatten_subgroups=True
+        with (
+            trio.fail_after(10),
+            pytest.RaisesGroup(
+                pytest.RaisesExc(TransportError, match="cannot listen"), flatten_subgroups=True
+            ),
         ):
             async with trio.open_nursery() as nursery:
                 await nursery.start(gateway.run)
@@ -222,8 +225,12 @@ async def test_port_in_use_is_a_transport_error() -> None:
 def test_bad_options_are_configuration_errors() -> None:
     from trio_gateway import ConfigurationError
 
-    for options in ({"port": 70000}, {"max_connections": 0}, {"timeout": 0},
-                    {"max_header_size": 10}):
+    for options in (
+        {"port": 70000},
+        {"max_connections": 0},
+        {"timeout": 0},
+        {"max_header_size": 10},
+    ):
         with pytest.raises(ConfigurationError, match="admin"):
             AdminServer(**options)  # type: ignore[arg-type]
 

@@ -176,7 +176,12 @@ async def test_oversize_by_content_length_and_by_chunks(fast_path: bool) -> None
             assert response.status_code == 413
         # curl with a huge chunked upload: refused without the server reading it all.
         status, _, _, _ = await curl(
-            "-X", "POST", "-H", "Transfer-Encoding: chunked", "--data-binary", "z" * 50_000,
+            "-X",
+            "POST",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "z" * 50_000,
             run.url,
         )
         assert status == 413
@@ -203,9 +208,7 @@ async def test_oversize_answered_before_the_body_is_sent() -> None:
 
 async def test_malformed_ndjson_and_empty_body() -> None:
     async with serving() as run, httpx.AsyncClient() as client:
-        response = await client.post(
-            run.url, content=b'{"ok": 1}\n{broken\n', headers=NDJSON
-        )
+        response = await client.post(run.url, content=b'{"ok": 1}\n{broken\n', headers=NDJSON)
         assert response.status_code == 400
         assert response.json()["line"] == 2
         response = await client.post(run.url, content=b"")
@@ -228,9 +231,10 @@ async def test_malformed_http_gets_400() -> None:
 
 @pytest.mark.parametrize("http2", [False, True])
 async def test_bearer_token(http2: bool) -> None:
-    async with serving(token="s3cret") as run, httpx.AsyncClient(
-        http1=not http2, http2=http2
-    ) as client:
+    async with (
+        serving(token="s3cret") as run,
+        httpx.AsyncClient(http1=not http2, http2=http2) as client,
+    ):
         response = await client.post(run.url, content=b"a")
         assert response.status_code == 401
         assert response.headers["www-authenticate"].startswith("Bearer")
@@ -264,9 +268,7 @@ async def test_queue_full_drop_newest_gives_503(fast_path: bool) -> None:
 async def test_queue_full_block_waits_then_503_and_partial_batch() -> None:
     async with serving(capacity=3, policy="block", queue_wait=0.05, retry_after=7) as run:
         async with httpx.AsyncClient() as client:
-            response = await client.post(
-                run.url, content=b"1\n2\n3\n4\n5\n", headers=NDJSON
-            )
+            response = await client.post(run.url, content=b"1\n2\n3\n4\n5\n", headers=NDJSON)
             # The batch is queued in order: the first three lines are in, the client resends 4-5.
             assert response.status_code == 503
             assert response.json() == {"accepted": 3, "rejected": 2, "error": "queue full"}

@@ -62,9 +62,7 @@ def test_pyinstrument_html_of_a_run(tmp_path: Path) -> None:
     assert "pyinstrument" in html
 
 
-def test_bad_paths_fail_before_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bad_paths_fail_before_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigurationError, match=r"--profile: directory .* does not exist"):
         check_profile_path(tmp_path / "missing" / "x.prof")
     with pytest.raises(ConfigurationError, match="is a directory"):

@@ -42,7 +42,10 @@ class Running:
 
 @asynccontextmanager
 async def serving(
-    *, capacity: int = 100_000, policy: OverflowPolicy = "block", grace: float = 1.0,
+    *,
+    capacity: int = 100_000,
+    policy: OverflowPolicy = "block",
+    grace: float = 1.0,
     **options: Any,
 ) -> AsyncIterator[Running]:
     queue: RingBuffer[bytes] = RingBuffer(capacity, policy=policy)
@@ -134,7 +137,10 @@ async def test_message_too_big_closes_1009() -> None:
 
 async def test_invalid_utf8_in_text_closes_1007() -> None:
     async with serving() as run:
-        code = await send_all(run.url, ["ok", b"\xff\xfe", "after"], )
+        code = await send_all(
+            run.url,
+            ["ok", b"\xff\xfe", "after"],
+        )
         assert code == 1000  # binary frames need not be UTF-8
 
         async def client() -> int | None:

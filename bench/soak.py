@@ -41,16 +41,17 @@ from pathlib import Path
 from typing import Any
 
 if __name__ == "__main__" and not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    raise SystemExit("run it from the repository root as a module: python -m bench.soak")
 
 import h2.config
 import h2.connection
 import h2.events
 import trio
 
-from bench._clients import ws_frame
-from bench._payloads import payload
 from trio_gateway._proto import gateway_pb2
+
+from ._clients import ws_frame
+from ._payloads import payload
 
 REPO = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc")

@@ -10,7 +10,9 @@ origin (one TCP read), encoded by:
 * ``reference``: :func:`bench._servers.encode_jsonl_reference`, the asyncio peer's encoder:
   one prefix per run, ``encode_basestring_ascii`` per payload, one join.
 
-Both must produce the same bytes (checked before timing). The figure is the median over
+Both must produce the same bytes (checked before timing). The process runs with
+``tune_allocator`` (as ``serve`` does; large batches otherwise pay page faults for every
+output buffer, whichever encoder). The figure is the median over
 ``--repeats`` of the time to encode ``--messages`` messages (at most 64 MiB), per message.
 """
 
@@ -25,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trio_gateway import Batch, Origin
+from trio_gateway._buffer import tune_allocator
 from trio_gateway.sinks._jsonl import encode_jsonl
 
 from ._payloads import SIZES, payloads
@@ -90,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    tune_allocator()
     rows = measure(args.messages, args.repeats)
     print(f"JSON Lines encoding, batches of {BATCH} from one origin; ns per record (median)\n")
     print("| size (B) | record (B) | trio_gateway | reference | speed-up |")

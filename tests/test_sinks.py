@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_gateway import Batch, FileSink, Gateway, Origin, RetryPolicy, TcpSink, TcpSource
 from trio_gateway.codecs import LengthPrefixDecoder
@@ -30,6 +33,45 @@ def test_jsonl_records_utf8_and_binary_payloads() -> None:
     assert records[2]["transport"] == "udp" and records[2]["peer"] == "[::1]:6000"
     assert "payload" not in records[2] and "payload_b64" in records[2]
     assert [decode_jsonl_record(line)[0] for line in lines] == payloads
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    runs=st.lists(
+        st.lists(
+            st.one_of(
+                st.binary(max_size=40),
+                st.text(alphabet='ab"\\~`^|{}: ', max_size=40).map(str.encode),
+                st.text(alphabet='ab"\\', min_size=500, max_size=700).map(str.encode),
+                st.text(max_size=10).map(str.encode),
+            ),
+            min_size=1,
+            max_size=8,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_jsonl_fast_paths_write_what_json_writes(runs: list[list[bytes]]) -> None:
+    # Short runs are escaped together, long payloads by replace, the rest by json: every
+    # path must give the bytes json's own encoder gives, record by record.
+    origins = [ORIGIN, OTHER, Origin("tcp", "l", 'odd "peer" \\~', 1.0)]
+    batch = Batch(
+        [p for run in runs for p in run], [(origins[i], len(r)) for i, r in enumerate(runs)]
+    )
+    expected = []
+    for payload, origin in batch:
+        head = {
+            "transport": origin.transport,
+            "peer": origin.peer,
+            "received_at": origin.received_at,
+        }
+        try:
+            record = {**head, "payload": payload.decode()}
+        except UnicodeDecodeError:
+            record = {**head, "payload_b64": base64.b64encode(payload).decode()}
+        expected.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+    assert encode_jsonl(batch) == b"".join(expected)
 
 
 def test_batch_iterates_and_indexes_as_messages() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 import sys
 import traceback
 from abc import ABC, abstractmethod
@@ -13,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 import trio
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
 
@@ -64,6 +65,33 @@ class Source(ABC):
         self.max_message_size = max_message_size
         self.bound: list[tuple[str, int]] = []
         """The addresses actually bound, once :meth:`run` has started."""
+        self.ssl_context: ssl.SSLContext | None = None
+        """TLS for stream sources (set by subclasses that offer it)."""
+        self.reuse_port = False
+        """Bind with SO_REUSEPORT (``serve --workers``); set by subclasses."""
+
+    async def listen(
+        self, *, https_compatible: bool = False, backlog: int | None = None
+    ) -> list[trio.abc.Listener[Any]]:
+        """Bind the stream listeners, record :attr:`bound`, wrap them in TLS if configured.
+
+        A bind failure (a port in use) is a :class:`TransportError` naming the listener.
+        """
+        try:
+            sockets = await open_tcp_listeners(
+                self.host, self.port, reuse_port=self.reuse_port, backlog=backlog
+            )
+        except OSError as exc:
+            raise TransportError(
+                f"{self.label}: cannot listen on {self.host}:{self.port}: {exc}"
+            ) from exc
+        self.bound = [tuple(listener.socket.getsockname()[:2]) for listener in sockets]
+        if self.ssl_context is None:
+            return list(sockets)
+        return [
+            trio.SSLListener(listener, self.ssl_context, https_compatible=https_compatible)
+            for listener in sockets
+        ]
 
     @property
     def label(self) -> str:
@@ -147,6 +175,18 @@ def format_peer(address: object) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(address)
+
+
+def peer_of(stream: trio.abc.Stream) -> str:
+    """The remote address of a socket stream (through TLS) as ``host:port``; ``""`` if gone."""
+    inner: Any = stream
+    while isinstance(inner, trio.SSLStream):
+        inner = inner.transport_stream
+    sock = getattr(inner, "socket", None)
+    try:
+        return format_peer(sock.getpeername()) if sock is not None else ""
+    except OSError:
+        return ""
 
 
 class _Connections:

@@ -38,17 +38,16 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-from .._errors import ConfigurationError, TransportError
+from .._errors import ConfigurationError
 from .._ingress import Ingress
 from .._message import Origin
-from .._tls import server_ssl_context
+from .._tls import resolve_server_tls
 from ._base import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Source,
     check_reuse_port,
     connection_errors,
     format_peer,
-    open_tcp_listeners,
     serve_connections,
 )
 
@@ -380,12 +379,9 @@ class HttpSource(Source):
             raise ConfigurationError("http.token", "must not be empty")
         if handshake_timeout <= 0:
             raise ConfigurationError("http.handshake_timeout", "must be positive")
-        if ssl_context is not None and certfile is not None:
-            raise ConfigurationError("http.certfile", "give ssl_context or certfile, not both")
-        if certfile is None and (keyfile is not None or client_ca is not None):
-            raise ConfigurationError("http.certfile", "keyfile/client_ca need a certfile")
-        if certfile is not None:
-            ssl_context = server_ssl_context(certfile, keyfile, client_ca=client_ca)
+        ssl_context = resolve_server_tls(
+            "http", ssl_context, certfile, keyfile, client_ca, alpn=("h2", "http/1.1")
+        )
         self.path = path
         self.max_header_size = max_header_size
         self.token = token
@@ -417,23 +413,7 @@ class HttpSource(Source):
     async def run(
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        try:
-            socket_listeners = await open_tcp_listeners(
-                self.host, self.port, reuse_port=self.reuse_port
-            )
-        except OSError as exc:
-            raise TransportError(
-                f"{self.label}: cannot listen on {self.host}:{self.port}: {exc}"
-            ) from exc
-        self.bound = [tuple(listener.socket.getsockname()[:2]) for listener in socket_listeners]
-        listeners: list[trio.abc.Listener[Any]]
-        if self.ssl_context is not None:
-            listeners = [
-                trio.SSLListener(listener, self.ssl_context, https_compatible=True)
-                for listener in socket_listeners
-            ]
-        else:
-            listeners = list(socket_listeners)
+        listeners = await self.listen(https_compatible=True)
         rules = IngestRules(
             ingress,
             path=self.path,

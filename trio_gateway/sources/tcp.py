@@ -17,25 +17,13 @@ from ._base import (
     Source,
     check_reuse_port,
     connection_errors,
-    format_peer,
-    open_tcp_listeners,
+    peer_of,
     serve_connections,
 )
 
 __all__ = ("TcpSource",)
 
 READ_SIZE = 256 * 1024
-
-
-def _peer_of(stream: trio.abc.Stream) -> str:
-    inner: Any = stream
-    while isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    sock = getattr(inner, "socket", None)
-    try:
-        return format_peer(sock.getpeername()) if sock is not None else ""
-    except OSError:
-        return ""
 
 
 class TcpSource(Source):
@@ -99,14 +87,7 @@ class TcpSource(Source):
     async def run(
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners: list[Any] = await open_tcp_listeners(
-            self.host, self.port, reuse_port=self.reuse_port, backlog=self.backlog
-        )
-        self.bound = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
-        if self.ssl_context is not None:
-            listeners = [
-                trio.SSLListener(ln, self.ssl_context, https_compatible=False) for ln in listeners
-            ]
+        listeners = await self.listen(backlog=self.backlog)
 
         async def handle(stream: trio.abc.Stream) -> None:
             await self._handle(stream, ingress)
@@ -121,7 +102,7 @@ class TcpSource(Source):
         )
 
     async def _handle(self, stream: trio.abc.Stream, ingress: Ingress) -> None:
-        peer = _peer_of(stream)
+        peer = peer_of(stream)
         listener = ingress.listener
         idle_timeout = self.idle_timeout
         if isinstance(stream, trio.SSLStream):

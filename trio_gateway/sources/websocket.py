@@ -33,17 +33,16 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from .._errors import ConfigurationError, TransportError
+from .._errors import ConfigurationError
 from .._ingress import Ingress
 from .._message import Origin
-from .._tls import server_ssl_context
+from .._tls import resolve_server_tls
 from ._base import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Source,
     check_reuse_port,
     connection_errors,
     format_peer,
-    open_tcp_listeners,
     serve_connections,
 )
 
@@ -147,14 +146,9 @@ class WebSocketSource(Source):
             raise ConfigurationError("websocket.token", "must not be empty")
         if handshake_timeout <= 0:
             raise ConfigurationError("websocket.handshake_timeout", "must be positive")
-        if ssl_context is not None and certfile is not None:
-            raise ConfigurationError("websocket.certfile", "give ssl_context or certfile, not both")
-        if certfile is None and (keyfile is not None or client_ca is not None):
-            raise ConfigurationError("websocket.certfile", "keyfile/client_ca need a certfile")
-        if certfile is not None:
-            ssl_context = server_ssl_context(
-                certfile, keyfile, alpn=("http/1.1",), client_ca=client_ca
-            )
+        ssl_context = resolve_server_tls(
+            "websocket", ssl_context, certfile, keyfile, client_ca, alpn=("http/1.1",)
+        )
         self.path = path
         self.token = token
         self._token = token.encode() if token is not None else None
@@ -171,23 +165,7 @@ class WebSocketSource(Source):
     async def run(
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        try:
-            socket_listeners = await open_tcp_listeners(
-                self.host, self.port, reuse_port=self.reuse_port
-            )
-        except OSError as exc:
-            raise TransportError(
-                f"{self.label}: cannot listen on {self.host}:{self.port}: {exc}"
-            ) from exc
-        self.bound = [tuple(listener.socket.getsockname()[:2]) for listener in socket_listeners]
-        listeners: list[trio.abc.Listener[Any]]
-        if self.ssl_context is not None:
-            listeners = [
-                trio.SSLListener(listener, self.ssl_context, https_compatible=True)
-                for listener in socket_listeners
-            ]
-        else:
-            listeners = list(socket_listeners)
+        listeners = await self.listen(https_compatible=True)
 
         async def handler(stream: trio.abc.Stream) -> None:
             await self._connection(ingress, stream)

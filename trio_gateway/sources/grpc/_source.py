@@ -8,14 +8,13 @@ from typing import Any
 
 import trio
 
-from ..._errors import ConfigurationError, TransportError
+from ..._errors import ConfigurationError
 from ..._ingress import Ingress
 from ..._tls import resolve_server_tls
 from .._base import (
     Source,
     check_reuse_port,
-    format_peer,
-    open_tcp_listeners,
+    peer_of,
     serve_connections,
 )
 from ._server import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer, ServerLimits, ServiceHandlers
@@ -34,24 +33,6 @@ _SERVICE_NAMES = (
     "model.GrpcUnaryInputterService",
     "model.GrpcStreamingInputterService",
 )
-
-
-def _peer_of(stream: trio.abc.Stream) -> str:
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        try:
-            return format_peer(stream.socket.getpeername())
-        except OSError:
-            return ""
-    return ""
-
-
-def _socket_of(listener: trio.abc.Listener[Any]) -> trio.socket.SocketType:
-    while isinstance(listener, trio.SSLListener):
-        listener = listener.transport_listener
-    assert isinstance(listener, trio.SocketListener)
-    return listener.socket
 
 
 class GrpcSource(Source):
@@ -146,27 +127,11 @@ class GrpcSource(Source):
     async def run(
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        try:
-            tcp_listeners = await open_tcp_listeners(
-                self.host, self.port, reuse_port=self.reuse_port
-            )
-        except OSError as exc:
-            raise TransportError(f"{self.label}: cannot listen: {exc}") from exc
-        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
-        if self.ssl_context is not None:
-            listeners = [
-                trio.SSLListener(listener, self.ssl_context, https_compatible=False)
-                for listener in tcp_listeners
-            ]
-        bound = []
-        for listener in listeners:
-            host, port = _socket_of(listener).getsockname()[:2]
-            bound.append((host, port))
+        listeners = await self.listen()
         server = self.server(ingress)
 
         async def serve(stream: trio.abc.Stream) -> None:
-            await server.serve_connection(stream, _peer_of(stream))
+            await server.serve_connection(stream, peer_of(stream))
 
-        self.bound = bound
-        task_status.started(bound)
+        task_status.started(self.bound)
         await serve_connections(serve, listeners, ingress, max_connections=self.max_connections)

@@ -22,8 +22,8 @@ class UdpSource(Source):
     """Receives datagrams; each is one message. UDP has no reply, so drops are only counted.
 
     The loop waits until the socket is readable, then takes up to ``batch_limit`` datagrams with
-    non-blocking ``recvfrom_into`` calls, offers them in one call and goes back to waiting (the
-    one checkpoint per batch). Under ``block`` a full queue stops the reading and the kernel's
+    non-blocking ``recvfrom`` calls, offers them in one call per sender and goes back to waiting
+    (the one checkpoint per batch). Under ``block`` a full queue stops the reading and the kernel's
     receive buffer (``receive_buffer`` bytes) absorbs what it can; past it the kernel drops.
     A datagram over ``max_message_size`` is counted as ``oversize`` and discarded.
     ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can bind the port
@@ -85,38 +85,40 @@ class UdpSource(Source):
             await self._drain_once(sock, ingress)
 
     async def _drain_once(self, sock: socket.socket, ingress: Ingress) -> None:
-        buffer = bytearray(self.max_message_size + 1)
-        view = memoryview(buffer)
-        receive = sock.recvfrom_into
+        # recvfrom, not recvfrom_into a buffer: it returns the datagram as bytes of the right
+        # size (one allocation, shrunk in place), where a buffer needs a memoryview slice and
+        # a copy per datagram, and a 64 KiB buffer per drain (~0.3 us + ~4 us here).
+        receive = sock.recvfrom
         limit = self.max_message_size
-        listener = ingress.listener
-        now = time.time()
-        payloads: list[bytes] = []
-        origins: dict[Any, Origin] = {}
-        run_origin: Origin | None = None
+        room = limit + 1  # one more byte tells an oversize datagram
+        # Datagrams are grouped by sender, one offer per sender per drain: with several
+        # senders interleaving, an offer per change of sender was an offer every few
+        # datagrams. Each sender's datagrams keep their order (UDP promises no order
+        # between senders).
+        by_sender: dict[Any, list[bytes]] = {}
+        get = by_sender.get
         oversize = 0
         for _ in range(self.batch_limit):
             try:
-                size, address = receive(buffer)
+                data, address = receive(room)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:  # e.g. ICMP errors surfacing on the socket: not our sender's data
                 continue
-            if size > limit:
+            if len(data) > limit:
                 oversize += 1
                 continue
-            origin = origins.get(address)
-            if origin is None:
-                origin = origins[address] = Origin("udp", listener, format_peer(address), now)
-            if origin is not run_origin and payloads:
-                assert run_origin is not None
-                await ingress.offer(payloads, run_origin)
-                payloads = []
-            run_origin = origin
-            payloads.append(bytes(view[:size]))
+            payloads = get(address)
+            if payloads is None:
+                by_sender[address] = [data]
+            else:
+                payloads.append(data)
         if oversize:
             ingress.reject("oversize", oversize)
-        if payloads:
-            assert run_origin is not None
-            # Waits only under ``block`` with a full queue: then the kernel buffers, then drops.
-            await ingress.offer(payloads, run_origin)
+        if by_sender:
+            listener = ingress.listener
+            now = time.time()
+            for address, payloads in by_sender.items():
+                # Waits only under ``block`` with a full queue: then the kernel buffers,
+                # then drops.
+                await ingress.offer(payloads, Origin("udp", listener, format_peer(address), now))

@@ -35,13 +35,13 @@ Outputs (under ``--out``, the repository root by default for a full run): ``docs
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import re
 import select
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -444,10 +444,7 @@ SOCAT_BLOCK = 256 * 1024
 
 
 def run_socat(size: int, count: int, work: Path, timeout: float) -> Sample:
-    """``socat -u TCP-LISTEN:port OPEN:/dev/null``: elapsed = start signal to socat's exit."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """``socat -u TCP-LISTEN:0 OPEN:/dev/null``: elapsed = start signal to socat's exit."""
     argv = [
         "socat",
         "-d",
@@ -455,16 +452,17 @@ def run_socat(size: int, count: int, work: Path, timeout: float) -> Sample:
         "-u",
         "-b",
         str(SOCAT_BLOCK),
-        f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+        "TCP-LISTEN:0,bind=127.0.0.1",
         "OPEN:/dev/null",
     ]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stderr is not None
     try:
         deadline = time.monotonic() + 10
-        while b"listening on" not in proc.stderr.readline():
+        while not (found := re.search(rb"listening on .*:(\d+)", proc.stderr.readline())):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise CaseError("socat did not start listening")
+        port = int(found[1])
         client = Child(
             [
                 PYTHON,
@@ -647,13 +645,32 @@ def run_case(
     return list(results.values())
 
 
+def missing(impl: str) -> str | None:
+    """Why ``impl`` cannot run here, or None."""
+    if impl == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        return "uvloop is not installed (pip install uvloop; it is in the bench extra)"
+    return None
+
+
 def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list[Result]:
     results: list[Result] = []
     parallel_modes = mode.file_parallel if row.sink == "file" else mode.parallel_modes
+    impls = [impl for impl in row.impls if not missing(impl)]
+    for impl in row.impls:
+        if why := missing(impl):
+            log(f"  {impl}: skipped: {why}")
+            for size in mode.sizes:
+                for parallel in parallel_modes:
+                    connections = parallel_n if parallel else 1
+                    results.append(
+                        Result(
+                            row.key, size, parallel, connections, impl, status="skipped", note=why
+                        )
+                    )
     for size in mode.sizes:
         if row.lossy and size > MAX_UDP:
             for parallel in parallel_modes:
-                for impl in row.impls:
+                for impl in impls:
                     results.append(
                         Result(
                             row.key,
@@ -668,7 +685,7 @@ def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list
             continue
         servers: dict[str, Server] = {}
         try:
-            for impl in row.impls:
+            for impl in impls:
                 servers[impl] = Server(row, impl, size, work)
             for server in servers.values():
                 server.wait_ready()
@@ -680,7 +697,7 @@ def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list
             log(f"  {row.title}, {size} B: {exc}")
             done = {(r.parallel, r.impl) for r in results if r.size == size and r.row == row.key}
             for parallel in parallel_modes:
-                for impl in row.impls:
+                for impl in impls:
                     if (parallel, impl) not in done:
                         results.append(
                             Result(

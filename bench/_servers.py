@@ -531,7 +531,7 @@ async def http_peer(queue: PeerQueue) -> Closer:
     sock.listen(1024)
     port = sock.getsockname()[1]
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]  # hypercorn serves our socket: port 0, no race
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn serves (and owns) it: port 0, no race
     config.accesslog = None
     config.errorlog = None
     config.keep_alive_timeout = 600

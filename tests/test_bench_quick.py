@@ -1,0 +1,111 @@
+"""``python -m bench`` end to end, in its reduced ``--smoke`` mode, into a temporary directory.
+
+``--quick`` (every case, under two minutes) is what to run by hand; this test runs ``--smoke``
+(every row and both implementations, but two sizes and no parallel runs: about 40 s) so that
+the suite stays fast. It checks that the outputs are well formed, never the timings: the JSON
+results, the generated blocks of docs/benchmarks.md, and the PNG charts the page embeds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("matplotlib")  # the bench extra; the charts need it
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_SIZES = [18, 79435]
+ROWS = {
+    "http": ("trio_gateway", "asyncio"),
+    "grpc-unary": ("trio_gateway", "asyncio"),
+    "udp": ("trio_gateway", "asyncio", "uvloop"),
+    "tcp": ("trio_gateway", "asyncio"),
+    "ws": ("trio_gateway", "asyncio"),
+    "grpc-stream": ("trio_gateway", "asyncio"),
+    "tcp-file": ("trio_gateway", "asyncio"),
+}
+BLOCKS = ("machine", "summary", "transports", "peers", "cpu", "extras", "jsonl", "targets")
+BLOCKS += ("queues", "go")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done.stdout
+
+
+def _results(out: Path) -> dict[str, Any]:
+    [path] = (out / "bench" / "results").glob("*.json")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}\.json", path.name)
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
+
+
+def test_results_json_has_every_case(smoke: tuple[Path, str]) -> None:
+    out, _ = smoke
+    document = _results(out)
+    assert document["schema"] == 1 and document["mode"] == "smoke"
+    assert document["machine"]["cores"] >= 1 and document["machine"]["python"]
+    assert set(document["load"]) == {"start", "min", "median", "max", "end"}
+    assert document["settings"]["sizes"] == SMOKE_SIZES
+    found = {(r["row"], r["size"], r["parallel"], r["impl"]): r for r in document["results"]}
+    for row, impls in ROWS.items():
+        for impl in impls:
+            for size in SMOKE_SIZES:
+                result = found[(row, size, False, impl)]
+                if row == "udp" and size > 65507:
+                    assert result["status"] == "n/a", result
+                elif impl == "uvloop" and result["status"] == "skipped":
+                    assert "uvloop" in result["note"]
+                else:
+                    # Measured: the samples carry numbers, whatever they are.
+                    assert result["status"] == "ok", result
+                    assert result["count"] > 0 and result["samples"]
+                    assert result["median_ns_per_op"] > 0
+                    assert result["median_cpu_ns_per_op"] > 0
+                    assert all(s["count"] <= s["sent"] for s in result["samples"])
+    if shutil.which("socat"):
+        assert found[("tcp", 79435, False, "socat")]["status"] == "ok"
+    for target in document["targets"]:
+        assert {"target", "value", "goal", "met", "note"} <= set(target)
+    queues = document["queues"]
+    assert queues["status"] == "ok"
+    kinds = {(r["queue"], r["mode"]) for r in queues["results"]}
+    for queue in ("deque", "ring", "locked-ring", "channel", "locked-list"):
+        assert {(queue, mode) for mode in ("sync", "await", "batched")} <= kinds
+    assert document["jsonl"]["status"] == "ok"
+    assert [r["size"] for r in document["jsonl"]["results"]] == [18, 4266, 6786, 79435]
+
+
+def test_page_blocks_and_charts(smoke: tuple[Path, str]) -> None:
+    out, _ = smoke
+    page = (out / "docs" / "benchmarks.md").read_text()
+    for name in BLOCKS:
+        body = re.search(rf"<!-- bench:{name} -->\n(.*?)<!-- /bench:{name} -->", page, re.S)
+        assert body is not None and body[1].strip(), name
+    table = re.search(r"<!-- bench:transports -->\n(.*?)<!-- /bench", page, re.S)
+    assert table is not None
+    for title in ("Unary HTTP", "Unary gRPC", "UDP", "Streaming TCP", "Streaming WebSocket"):
+        assert f"| {title} | No |" in table[1]
+    assert "Do not quote its figures" in page  # a smoke run says so
+    images = re.findall(r"\]\((img/[^)]+\.png)\)", page)
+    assert images, "the page embeds the charts"
+    for image in images:
+        data = (out / "docs" / image).read_bytes()
+        assert data.startswith(PNG) and 1_000 < len(data) < 300_000, image

@@ -319,6 +319,19 @@ def machine_block(document: dict[str, Any]) -> str:
             f"\n\n**This is a `--{mode}` run: short runs, one repeat. Do not quote its figures.**"
         )
     )
+    spreads = [
+        (r["spread"], f"{r['row']} {r['size']} B {r['impl']}{' parallel' if r['parallel'] else ''}")
+        for r in document["results"]
+        if r.get("spread") is not None and len(r["samples"]) > 1
+    ]
+    spread = ""
+    if spreads:
+        middle = sorted(value for value, _ in spreads)[len(spreads) // 2]
+        widest = max(spreads)
+        spread = (
+            f"\n- **Spread** of a cell's runs ((max - min) / 2 / median): median {middle:.1%}, "
+            f"widest {widest[0]:.1%} ({widest[1]})."
+        )
     return (
         f"- **Date**: {document['date']} (UTC); `python -m bench` in mode `{mode}`, "
         f"{document['elapsed_s']:.0f} s.\n"
@@ -332,7 +345,7 @@ def machine_block(document: dict[str, Any]) -> str:
         f"- **Runs**: {settings['repeats']} measured runs per cell after a warm-up, each sized "
         f"to about {settings['target_seconds']} s; the median is shown (all samples and the "
         f"spread are in the JSON). Parallel sending = {settings['parallel_connections']} "
-        f"client connections, one per client process." + warning
+        f"client connections, one per client process." + spread + warning
     )
 
 

@@ -60,6 +60,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from ._buffer import tune_allocator
 from ._config import GatewayConfig, build_gateway, parse_hostport
 from ._errors import ConfigurationError, GatewayError, TransportError
 from ._ledger import Ledger
@@ -254,6 +255,7 @@ def worker_main() -> int:
     root.setLevel(int(spec["log_level"]))
     root.propagate = False
     try:
+        tune_allocator()  # as serve does (see its docstring)
         gateway = build_gateway(config_from_jsonable(spec["config"]), handle_signals=True)
         return trio.run(_worker_serve, gateway)
     except BaseException as exc:

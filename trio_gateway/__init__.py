@@ -5,6 +5,7 @@ a sink, supervised by one nursery, with a cancellation-safe flush and a ledger t
 every message.
 """
 
+from ._buffer import tune_allocator as tune_allocator
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import FrameTooLarge as FrameTooLarge
 from ._errors import GatewayError as GatewayError
@@ -78,4 +79,5 @@ __all__ = (
     "UdpSource",
     "WebSocketSource",
     "__version__",
+    "tune_allocator",
 )

@@ -53,7 +53,6 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeAlias, TypeVar, cast
 
-import h11
 import trio
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -66,6 +65,7 @@ from ._errors import ConfigurationError, GatewayError, TransportError
 from ._ledger import Ledger
 from ._log import RateLimitedLogger, logger
 from .admin import AdminServer
+from .admin._scrape import fetch_metrics as scrape_metrics
 
 if typing.TYPE_CHECKING:
     from ._gateway import Gateway
@@ -416,35 +416,7 @@ def _ledger_from_event(data: Mapping[str, Any]) -> Ledger:
 async def fetch_metrics(address: tuple[str, int]) -> str:
     """GET ``/metrics`` from a worker's admin endpoint (bounded in time and size)."""
     host, port = address
-    conn = h11.Connection(h11.CLIENT)
-    request = h11.Request(
-        method="GET",
-        target="/metrics",
-        headers=[("host", f"{host}:{port}"), ("connection", "close")],
-    )
-    body = bytearray()
-    status = 0
-    try:
-        with trio.fail_after(_SCRAPE_TIMEOUT):
-            async with await trio.open_tcp_stream(host, port) as stream:
-                await stream.send_all(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
-                    elif isinstance(event, h11.Response):
-                        status = event.status_code
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                        if len(body) > _MAX_METRICS_BODY:
-                            raise TransportError(f"{host}:{port}: /metrics over the size bound")
-                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                        break
-    except (OSError, trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-        raise TransportError(f"{host}:{port}: scrape failed: {exc!r}") from exc
-    if status != 200:
-        raise TransportError(f"{host}:{port}: /metrics answered {status}")
-    return body.decode("utf-8", "replace")
+    return await scrape_metrics(host, port, max_size=_MAX_METRICS_BODY, time_limit=_SCRAPE_TIMEOUT)
 
 
 # -- the supervising parent -----------------------------------------------------------------

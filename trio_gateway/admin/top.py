@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import h11
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group, RenderableType
@@ -28,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._errors import ConfigurationError, ProtocolError, TransportError
+from ._scrape import fetch_metrics
 from ._server import DEFAULT_ADMIN
 
 __all__ = (
@@ -41,8 +41,6 @@ __all__ = (
 )
 
 P = "trio_gateway_"
-MAX_RESPONSE_BYTES = 16 << 20
-FETCH_TIMEOUT = 5.0
 
 Labels = frozenset[tuple[str, str]]
 
@@ -280,47 +278,6 @@ def _error_frame(target: str, message: str) -> RenderableType:
 
 
 # -- scraping ------------------------------------------------------------------------------
-
-
-async def fetch_metrics(host: str, port: int, *, max_size: int = MAX_RESPONSE_BYTES) -> str:
-    """``GET /metrics`` with h11 over a Trio stream; bounded in time (``FETCH_TIMEOUT``) and size.
-
-    Raises :class:`TransportError` when the endpoint cannot be reached or answers badly.
-    """
-    conn = h11.Connection(h11.CLIENT)
-    request = h11.Request(
-        method="GET",
-        target="/metrics",
-        headers=[("host", f"{host}:{port}"), ("accept", "text/plain"), ("connection", "close")],
-    )
-    body = bytearray()
-    status = 0
-    try:
-        with trio.fail_after(FETCH_TIMEOUT):
-            stream = await trio.open_tcp_stream(host, port)
-            async with stream:
-                await stream.send_all(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
-                    elif isinstance(event, h11.Response):
-                        status = event.status_code
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                        if len(body) > max_size:
-                            raise TransportError(f"/metrics is larger than {max_size} bytes")
-                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                        break
-    except trio.TooSlowError as exc:
-        raise TransportError(f"{host}:{port}: no answer within {FETCH_TIMEOUT} s") from exc
-    except (OSError, trio.BrokenResourceError) as exc:
-        raise TransportError(f"{host}:{port}: {exc}") from exc
-    except h11.ProtocolError as exc:
-        raise TransportError(f"{host}:{port}: bad HTTP response: {exc}") from exc
-    if status != 200:
-        raise TransportError(f"{host}:{port}: /metrics answered {status}")
-    return body.decode("utf-8", "replace")
 
 
 async def run_top(

@@ -33,6 +33,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import trio
 from google.protobuf.message import DecodeError
 from grpclib.const import Cardinality, Handler, Status
@@ -46,7 +47,7 @@ from grpclib.metadata import (
 )
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from ..._errors import FrameTooLarge, ProtocolError, TransportError
 from ..._log import RateLimitedLogger, logger
@@ -72,6 +73,78 @@ _WRITE_HIGH_WATER = 512 * 1024
 """Outgoing bytes buffered before a producer (reader or handler) waits for the writer."""
 _READ_SIZE = 256 * 1024
 _GRPC_CONTENT_TYPE = "application/grpc+proto"
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """HPACK "literal header field without indexing, new name" (RFC 7541 6.2.2), no Huffman:
+    it leaves both sides' dynamic tables alone, so it can be sent beside h2's encoder."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+# The constant header blocks of a successful call, encoded once: ":status: 200" is static
+# entry 8 (0x88); "content-type" is static entry 31, sent as a literal without indexing.
+_CONTENT_TYPE_BLOCK = b"\x0f\x10" + bytes((len(_GRPC_CONTENT_TYPE),)) + _GRPC_CONTENT_TYPE.encode()
+_RESPONSE_HEADERS_BLOCK = b"\x88" + _CONTENT_TYPE_BLOCK
+_OK_TRAILERS_BLOCK = _literal(b"grpc-status", b"0")
+_END_HEADERS = 0x4
+_END_STREAM = 0x1
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, less the ``repr(frame)`` it formats for its trace log on every frame
+    received even when nothing logs: for a DATA frame that hex-encodes the whole payload
+    (a third of the CPU of a large-message stream). The body is h2 4.x's ``_receive_frame``
+    without that line."""
+
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        events: list[h2.events.Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
+
+    def send_encoded_headers(self, stream_id: int, block: bytes, *, end_stream: bool) -> bool:
+        """Send one HEADERS frame whose HPACK ``block`` is already encoded (literals without
+        indexing only), through h2's state machines but without its encoder and header
+        checks. False (nothing done) when h2's own path must be taken: the stream is gone or
+        the encoder owes the peer a table-size update."""
+        stream = self.streams.get(stream_id)
+        if stream is None or self.encoder.header_table.resized:
+            return False
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            flags |= _END_STREAM
+        self._data_to_send += (
+            len(block).to_bytes(3, "big")
+            + bytes((0x1, flags))
+            + stream_id.to_bytes(4, "big")
+            + block
+        )
+        return True
+
 
 _log = logger.getChild("sources.grpc")
 _errors = RateLimitedLogger(_log)
@@ -253,11 +326,15 @@ class GrpcStream:
     async def send_initial_metadata(self, *, metadata: Any = None) -> None:
         if self._headers_sent:
             raise ValueError("initial metadata was already sent")
-        headers = [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)]
-        if metadata:
-            headers.extend(encode_metadata(metadata))
         self._check_open()
-        self._conn.h2.send_headers(self.stream_id, headers)
+        h2conn = self._conn.h2
+        if metadata or not h2conn.send_encoded_headers(
+            self.stream_id, _RESPONSE_HEADERS_BLOCK, end_stream=False
+        ):
+            headers = [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)]
+            if metadata:
+                headers.extend(encode_metadata(metadata))
+            h2conn.send_headers(self.stream_id, headers)
         self._headers_sent = True
         self._conn.emit()
 
@@ -312,7 +389,16 @@ class GrpcStream:
         if metadata:
             headers.extend(encode_metadata(metadata))
         try:
-            conn.h2.send_headers(self.stream_id, headers, end_stream=True)
+            if (
+                status is not Status.OK
+                or message
+                or metadata
+                or not self._headers_sent
+                or not conn.h2.send_encoded_headers(
+                    self.stream_id, _OK_TRAILERS_BLOCK, end_stream=True
+                )
+            ):
+                conn.h2.send_headers(self.stream_id, headers, end_stream=True)
             if not self._ended:
                 # The client is still sending: tell it to stop (RFC 9113 section 8.1).
                 conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
@@ -424,7 +510,7 @@ class _Connection:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = _H2Connection(config=config)
         self._calls: dict[int, GrpcStream] = {}
         self._out: list[bytes] = []
         self._out_size = 0

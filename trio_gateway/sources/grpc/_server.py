@@ -87,6 +87,8 @@ def _literal(name: bytes, value: bytes) -> bytes:
 _CONTENT_TYPE_BLOCK = b"\x0f\x10" + bytes((len(_GRPC_CONTENT_TYPE),)) + _GRPC_CONTENT_TYPE.encode()
 _RESPONSE_HEADERS_BLOCK = b"\x88" + _CONTENT_TYPE_BLOCK
 _OK_TRAILERS_BLOCK = _literal(b"grpc-status", b"0")
+_OK_TRAILERS_ONLY_BLOCK = _RESPONSE_HEADERS_BLOCK + _OK_TRAILERS_BLOCK
+_RESPONSE_HEADERS = ((":status", "200"), ("content-type", _GRPC_CONTENT_TYPE))
 _END_HEADERS = 0x4
 _END_STREAM = 0x1
 
@@ -144,6 +146,23 @@ class _H2Connection(h2.connection.H2Connection):
             + block
         )
         return True
+
+    def send_data_frame(self, stream_id: int, data: bytes | memoryview) -> None:
+        """h2's ``send_data`` for one unpadded DATA frame that the caller has checked against
+        both flow-control windows and the peer's frame size, minus its per-frame objects (a
+        ``DataFrame`` to build and serialize, log calls, the checks made twice)."""
+        size = len(data)
+        stream = self.streams.get(stream_id)
+        if stream is None or size == 0:
+            self.send_data(stream_id, data)
+            return
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        buffer = self._data_to_send
+        buffer += size.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big")
+        buffer += data
 
 
 _log = logger.getChild("sources.grpc")
@@ -331,7 +350,7 @@ class GrpcStream:
         if metadata or not h2conn.send_encoded_headers(
             self.stream_id, _RESPONSE_HEADERS_BLOCK, end_stream=False
         ):
-            headers = [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)]
+            headers = list(_RESPONSE_HEADERS)
             if metadata:
                 headers.extend(encode_metadata(metadata))
             h2conn.send_headers(self.stream_id, headers)
@@ -380,25 +399,20 @@ class GrpcStream:
             return
         self._trailers_sent = True
         conn = self._conn
-        headers = (
-            [] if self._headers_sent else [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)]
-        )
-        headers.append(("grpc-status", str(status.value)))
-        if message:
-            headers.append(("grpc-message", encode_grpc_message(message)))
-        if metadata:
-            headers.extend(encode_metadata(metadata))
+        h2conn = conn.h2
         try:
-            if (
-                status is not Status.OK
-                or message
-                or metadata
-                or not self._headers_sent
-                or not conn.h2.send_encoded_headers(
-                    self.stream_id, _OK_TRAILERS_BLOCK, end_stream=True
-                )
+            simple = status is Status.OK and not message and not metadata
+            block = _OK_TRAILERS_BLOCK if self._headers_sent else _OK_TRAILERS_ONLY_BLOCK
+            if not simple or not h2conn.send_encoded_headers(
+                self.stream_id, block, end_stream=True
             ):
-                conn.h2.send_headers(self.stream_id, headers, end_stream=True)
+                headers = [] if self._headers_sent else list(_RESPONSE_HEADERS)
+                headers.append(("grpc-status", str(status.value)))
+                if message:
+                    headers.append(("grpc-message", encode_grpc_message(message)))
+                if metadata:
+                    headers.extend(encode_metadata(metadata))
+                h2conn.send_headers(self.stream_id, headers, end_stream=True)
             if not self._ended:
                 # The client is still sending: tell it to stop (RFC 9113 section 8.1).
                 conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
@@ -593,7 +607,9 @@ class _Connection:
                     self._window_opened = trio.Event()
                 await self._window_opened.wait()
                 continue
-            h2conn.send_data(call.stream_id, data if size == total else data[sent : sent + size])
+            h2conn.send_data_frame(
+                call.stream_id, data if size == total else memoryview(data)[sent : sent + size]
+            )
             sent += size
             self.emit()
             if self._out_size > _WRITE_HIGH_WATER:

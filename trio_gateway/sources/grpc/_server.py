@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import os
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -516,6 +517,10 @@ class _Connection:
         self.server = server
         self.peer = peer
         self._stream = stream
+        # Plain TCP is read and written on its file descriptor, skipping the extra
+        # checkpoint trio's SocketStream takes after every successful recv/send: a unary
+        # call costs one scheduler pass less each way. TLS goes through the stream.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         # outbound headers are ours (metadata is validated by grpclib.metadata): skip the
         # re-validation, which costs as much as the rest of a unary call's header handling
         config = h2.config.H2Configuration(
@@ -569,7 +574,7 @@ class _Connection:
                     self._out = []
                     self._out_size = 0
                     self._sending = len(data)
-                    await stream.send_all(data)
+                    await self._send_all(stream, data)
                     self._sending = 0
                 flushed, self._flushed = self._flushed, trio.Event()
                 flushed.set()
@@ -581,6 +586,40 @@ class _Connection:
                 "%s: grpc connection from %s: send failed: %r", self.server.label, self.peer, exc
             )
             self._cancel()
+
+    async def _receive(self, stream: trio.abc.Stream) -> bytes | bytearray:
+        fd = self._fd
+        if fd is None:
+            return await stream.receive_some(_READ_SIZE)
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            pass
+        else:
+            await trio.lowlevel.checkpoint()  # data was waiting: let the others run first
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(fd)  # the checkpoint of this receive
+            try:
+                return os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                continue
+
+    async def _send_all(self, stream: trio.abc.Stream, data: bytes) -> None:
+        """Write everything; the writer checkpointed when it woke, so a write that the kernel
+        takes at once does not yield again."""
+        fd = self._fd
+        if fd is None:
+            await stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            view = view[sent:]
 
     def _cancel(self) -> None:
         if self._nursery is not None:
@@ -664,10 +703,10 @@ class _Connection:
         try:
             while True:
                 if self._stalled_at is None:
-                    data = await stream.receive_some(_READ_SIZE)
+                    data = await self._receive(stream)
                 else:
                     with trio.move_on_at(self._stalled_at + limits.idle_timeout) as slow:
-                        data = await stream.receive_some(_READ_SIZE)
+                        data = await self._receive(stream)
                     if slow.cancelled_caught:
                         self._refuse_connection("too_slow", ErrorCodes.ENHANCE_YOUR_CALM)
                         return

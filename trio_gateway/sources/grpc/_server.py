@@ -596,7 +596,9 @@ class _Connection:
         except BlockingIOError:
             pass
         else:
-            await trio.lowlevel.checkpoint()  # data was waiting: let the others run first
+            # data was waiting: let the others run first (shielded, as trio does, so that
+            # a cancellation never drops bytes already read)
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return data
         while True:
             await trio.lowlevel.wait_readable(fd)  # the checkpoint of this receive

@@ -1089,22 +1089,10 @@ class _SupervisorAdmin(AdminServer):
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_SupervisorCollector(supervisor))
-        self.registry = registry
-        try:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-        except OSError as exc:
-            raise TransportError(
-                f"admin endpoint: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from exc
-        self.addresses = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
-        self.bound = self.addresses[0]
-        _log.info("admin endpoint on http://%s:%d/metrics (all workers)", *self.bound)
         # /readyz and /metrics read ``accepting`` and ``state``, which a Supervisor has too.
-        health = cast("Gateway", supervisor)
-        async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener, health, registry, nursery)
-            task_status.started(self.bound)
+        await self.serve(
+            cast("Gateway", supervisor), registry, what=" (all workers)", task_status=task_status
+        )
 
 
 # -- the command -----------------------------------------------------------------------------

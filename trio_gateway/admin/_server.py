@@ -105,7 +105,22 @@ class AdminServer:
         self, gateway: Gateway, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled (the gateway cancels its services once the ledger is final)."""
-        self.registry = make_registry(gateway, process_metrics=self.process_metrics)
+        registry = make_registry(gateway, process_metrics=self.process_metrics)
+        await self.serve(gateway, registry, task_status=task_status)
+
+    async def serve(
+        self,
+        health: Gateway,
+        registry: CollectorRegistry,
+        *,
+        what: str = "",
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind, then serve ``registry`` on /metrics and ``health``'s state on /readyz.
+
+        ``health`` needs only ``accepting`` and ``state`` (the workers' supervisor has both).
+        """
+        self.registry = registry
         try:
             listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         except OSError as exc:
@@ -114,11 +129,10 @@ class AdminServer:
             ) from exc
         self.addresses = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
         self.bound = self.addresses[0]
-        _log.info("admin endpoint on http://%s:%d/metrics", *self.bound)
-        registry = self.registry
+        _log.info("admin endpoint on http://%s:%d/metrics%s", *self.bound, what)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener, gateway, registry, nursery)
+                nursery.start_soon(self._accept_loop, listener, health, registry, nursery)
             task_status.started(self.bound)
 
     async def _accept_loop(

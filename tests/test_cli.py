@@ -170,6 +170,8 @@ def test_bad_flags_print_one_line_naming_the_key(args: list[str], key: str) -> N
         ),
         ("[[sources]]\ntransport = 'udp'\ncolour = 'blue'\n", "sources[0].colour"),
         ("[gateway]\ndrain_timeout = 'soon'\n", "gateway.drain_timeout"),
+        ("[sink]\nurl = 'null'\nfsync = true\n", "sink.fsync"),
+        ("[sink]\nurl = 'file:/tmp/x.jsonl'\nfsync = 'yes'\n", "sink.fsync"),
         ("this is not toml", "--config"),
     ],
 )
@@ -182,6 +184,17 @@ def test_bad_config_prints_one_line_naming_the_key(tmp_path: Path, toml: str, ke
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
         assert key in lines[0]
+
+
+def test_sink_flag_of_another_kind_than_the_config_options_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"[sink]\nurl = 'file:{tmp_path / 'out.jsonl'}'\nfsync = true\n")
+    result = run_cli("serve", "--config", str(path), "--sink", "null", "--tcp", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trio_gateway: error: --sink: the config's [sink] options (fsync) are for its file "
+        "sink, not null"
+    ]
 
 
 def test_check_config_prints_the_resolved_config(tmp_path: Path) -> None:

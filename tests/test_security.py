@@ -426,3 +426,31 @@ def test_check_config_does_not_print_secrets(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "source: http" in result.stdout
     assert TOKEN not in result.stdout + result.stderr
+
+
+def test_check_config_redacts_sink_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[sink]\nurl = "nats://alice:hunter2-pw@127.0.0.1:4222/events"\n'
+        '[[sources]]\ntransport = "tcp"\nlisten = "127.0.0.1:0"\n'
+    )
+    http = tmp_path / "http.toml"
+    http.write_text(
+        f'[sink]\nurl = "https://collector.example/ingest"\ntoken = "{TOKEN}"\n'
+        f'headers = {{ Authorization = "Basic {TOKEN}", X-Tenant = "blue" }}\n'
+        '[[sources]]\ntransport = "tcp"\nlisten = "127.0.0.1:0"\n'
+    )
+    outputs = []
+    for path in (config, http):
+        result = subprocess.run(
+            [sys.executable, "-m", "trio_gateway", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout + result.stderr)
+    assert "sink: nats://alice:<redacted>@127.0.0.1:4222/events" in outputs[0]
+    assert "hunter2-pw" not in outputs[0]
+    assert TOKEN not in outputs[1] and "'X-Tenant': 'blue'" in outputs[1]

@@ -26,7 +26,7 @@ from trio_gateway import (
     SinkError,
     TcpSource,
 )
-from trio_gateway._config import SinkConfig, build_sink
+from trio_gateway._config import SinkConfig, build_sink, config_from_mapping
 from trio_gateway.sinks import HttpSink, decode_jsonl_record
 from trio_gateway.sinks._http import parse_retry_after, split_body
 
@@ -300,6 +300,49 @@ def test_config_builds_the_http_sink() -> None:
     sink = build_sink(SinkConfig(url="https://collector.example:8443/ingest"))
     assert isinstance(sink, HttpSink) and sink.name == "https://collector.example:8443/ingest"
     assert isinstance(build_sink(SinkConfig(url="http://127.0.0.1/x")), HttpSink)
+
+
+async def test_sink_options_from_the_config_file_reach_the_wire(
+    destination: Destination, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[sink]`` keys besides url are the sink's own options; ``env:NAME`` reads a secret."""
+    monkeypatch.setenv("TG_TEST_SINK_TOKEN", "from-the-env")
+    config = config_from_mapping(
+        {
+            "sink": {
+                "url": destination.url,
+                "token": "env:TG_TEST_SINK_TOKEN",
+                "headers": {"X-Tenant": "blue"},
+                "timeout": 7,
+                "max_body_bytes": 4096,
+            }
+        }
+    )
+    sink = build_sink(config.sink)
+    assert isinstance(sink, HttpSink)
+    with trio.fail_after(10):
+        await sink.send(Batch([b"x" * 3000, b"y" * 3000], [(ORIGIN, 2)]))
+        await sink.aclose()
+    assert [records(r) for r in destination.requests] == [[b"x" * 3000], [b"y" * 3000]]
+    headers = destination.requests[0].headers
+    assert headers["authorization"] == "Bearer from-the-env" and headers["x-tenant"] == "blue"
+
+
+@pytest.mark.parametrize(
+    ("sink", "key", "message"),
+    [
+        ({"url": "http://127.0.0.1/x", "tokn": "a"}, "sink.tokn", "unknown option"),
+        ({"url": "http://127.0.0.1/x", "timeout": "soon"}, "sink.timeout", "a number"),
+        ({"url": "http://127.0.0.1/x", "verify": 3}, "sink.verify", "true or false or a string"),
+        ({"url": "http://127.0.0.1/x", "token": "env:TG_TEST_UNSET"}, "sink.token", "not set"),
+        ({"url": "null", "fsync": True}, "sink.fsync", "unknown option for the null sink"),
+        ({"url": "tcp:127.0.0.1:9", "send_timeout": True}, "sink.send_timeout", "a number"),
+    ],
+)
+def test_bad_sink_options_name_the_key(sink: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        build_sink(config_from_mapping({"sink": sink}).sink)
+    assert caught.value.key == key
 
 
 async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
@@ -34,12 +35,12 @@ from ._config import (
     DEFAULT_UDP,
     GatewayConfig,
     QueueConfig,
-    SinkConfig,
     SourceConfig,
     build_gateway,
     load_config,
     normalize_policy,
     parse_hostport,
+    sink_kind,
     source_from_flag,
 )
 from ._errors import ConfigurationError, GatewayError
@@ -323,11 +324,15 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         policy=normalize_policy(args.policy, key="--policy") if args.policy else queue.policy,
         max_bytes=args.max_bytes if args.max_bytes is not None else queue.max_bytes,
     )
-    sink = SinkConfig(
-        url=args.sink or config.sink.url,
-        retry_max_attempts=config.sink.retry_max_attempts,
-        fsync=config.sink.fsync,
-    )
+    sink = config.sink
+    if args.sink:
+        if sink.options and sink_kind(args.sink) != sink_kind(sink.url):
+            raise ConfigurationError(
+                "--sink",
+                f"the config's [sink] options ({', '.join(sink.options)}) are for its "
+                f"{sink_kind(sink.url)} sink, not {sink_kind(args.sink)}",
+            )
+        sink = replace(sink, url=args.sink)
     changes = {
         name: getattr(args, name)
         for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")
@@ -353,11 +358,35 @@ async def _serve(config: GatewayConfig) -> int:
     return 0 if ledger.balanced else 1
 
 
+_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key")
+
+
 def _shown(name: str, value: object) -> str:
     """An option as check-config prints it: a secret only by its ``env:NAME``."""
-    if name == "token" and not str(value).startswith("env:"):
+    if isinstance(value, str) and value.startswith("env:"):
+        return repr(value)
+    if name == "token":
         return "'<redacted>'"
+    if name == "headers" and isinstance(value, dict):
+        return repr(
+            {
+                k: v
+                if str(v).startswith("env:") or k.lower() not in _SECRET_HEADERS
+                else "<redacted>"
+                for k, v in value.items()
+            }
+        )
     return repr(value)
+
+
+def _shown_url(url: str) -> str:
+    """A sink URL as check-config prints it: the password of ``scheme://user:pass@host`` is
+    redacted."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:<redacted>@{host}"))
 
 
 def _describe(config: GatewayConfig) -> str:
@@ -365,7 +394,8 @@ def _describe(config: GatewayConfig) -> str:
         f"queue: {config.queue.kind}, capacity {config.queue.capacity}, "
         f"policy {config.queue.policy.replace('_', '-')}"
         + (f", max {config.queue.max_bytes} bytes" if config.queue.max_bytes else ""),
-        f"sink: {config.sink.url}",
+        f"sink: {_shown_url(config.sink.url)}"
+        + "".join(f", {k}={_shown(k, v)}" for k, v in config.sink.options.items()),
         f"drain timeout {config.drain_timeout} s, grace period {config.grace_period} s, "
         f"batch size {config.batch_size}",
     ]

@@ -21,6 +21,7 @@ The TOML layout (every key optional; see docs/reference.md)::
     [sink]
     url = "stdout"            # stdout | null | file:PATH | tcp:HOST:PORT | http(s)://... | nats://...
     retry_max_attempts = 0    # 0 = retry until shutdown
+    token = "env:NAME"        # any other key is an option of that sink (docs/sinks.md)
 
     [admin]
     listen = "127.0.0.1:9100" # /metrics, /healthz, /readyz; "off" to turn it off
@@ -38,6 +39,8 @@ import importlib
 import inspect
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -77,6 +80,8 @@ SOURCE_KINDS: dict[str, type[Source]] = {
 
 # Keys every source section has that are not constructor options.
 _SOURCE_META = ("transport", "listen")
+# The [sink] keys that are not options of the sink class.
+_SINK_META = ("url", "retry_max_attempts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,9 @@ class QueueConfig:
 class SinkConfig:
     url: str = "stdout"
     retry_max_attempts: int = 0
-    fsync: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the sink class the URL names (``fsync``, ``token``, ``timeout``
+    ...), checked against its signature like a source's options; ``env:NAME`` reads a secret."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,13 +220,15 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     )
 
     sink = data.get("sink", {})
-    _check_keys(sink, ("url", "retry_max_attempts", "fsync"), "sink")
+    if not isinstance(sink, dict):
+        raise ConfigurationError("sink", "expected a table ([sink])")
     sink_config = SinkConfig(
         url=_expect(sink, "url", str, "sink") if "url" in sink else "stdout",
         retry_max_attempts=_expect(sink, "retry_max_attempts", int, "sink")
         if "retry_max_attempts" in sink
         else 0,
-        fsync=_expect(sink, "fsync", bool, "sink") if "fsync" in sink else False,
+        # Everything else is an option of the sink the URL names, checked when it is built.
+        options={k: v for k, v in sink.items() if k not in _SINK_META},
     )
 
     sources: list[SourceConfig] = []
@@ -273,39 +282,9 @@ def build_source(config: SourceConfig) -> Source:
             f"{config.key}.transport",
             f"unknown transport {config.transport!r}; expected one of {', '.join(SOURCE_KINDS)}",
         )
-    options = dict(config.options)
-    parameters = inspect.signature(cls.__init__).parameters
-    for name, value in options.items():
-        if isinstance(value, str) and value.startswith("env:"):
-            # Secrets (tokens) need not sit in a file or on a command line.
-            variable = value.removeprefix("env:")
-            if variable not in os.environ:
-                raise ConfigurationError(
-                    f"{config.key}.{name}", f"environment variable {variable} is not set"
-                )
-            options[name] = os.environ[variable]
-    hidden = ("self", "host", "port", "ssl_context", "services")  # Python objects, not TOML
-    allowed = [name for name in parameters if name not in hidden]
-    for name in options:
-        if name not in parameters or name in hidden:
-            raise ConfigurationError(
-                f"{config.key}.{name}",
-                f"unknown option for {config.transport}; expected one of {', '.join(allowed)}",
-            )
-    for name, value in options.items():
-        default = parameters[name].default
-        if default is inspect.Parameter.empty or default is None:
-            continue
-        expected: tuple[type, ...] = (
-            (int, float) if isinstance(default, float) else (type(default),)
-        )
-        if not isinstance(value, expected) or (
-            isinstance(value, bool) and type(default) is not bool
-        ):
-            raise ConfigurationError(
-                f"{config.key}.{name}",
-                f"expected {type(default).__name__}, got {value!r}",
-            )
+    options = checked_options(
+        cls, config.options, key=config.key, what=config.transport, positional=("host", "port")
+    )
     try:
         return cls(config.host, config.port, **options)
     except ConfigurationError as exc:
@@ -313,6 +292,82 @@ def build_source(config: SourceConfig) -> Source:
         raise ConfigurationError(f"{config.key}.{name}", exc.message) from exc
     except TypeError as exc:
         raise ConfigurationError(config.key, str(exc)) from exc
+
+
+def checked_options(
+    cls: type[Any],
+    given: Mapping[str, Any],
+    *,
+    key: str,
+    what: str,
+    positional: Sequence[str],
+) -> dict[str, Any]:
+    """``given`` as keyword arguments for ``cls``: ``env:NAME`` values read from the
+    environment, every name and type checked against ``cls.__init__``'s signature and type
+    hints, so that a wrong key or value is a one-line error naming ``key.name``."""
+    options = dict(given)
+    for name, value in options.items():
+        if isinstance(value, str) and value.startswith("env:"):
+            # Secrets (tokens) need not sit in a file or on a command line.
+            variable = value.removeprefix("env:")
+            if variable not in os.environ:
+                raise ConfigurationError(
+                    f"{key}.{name}", f"environment variable {variable} is not set"
+                )
+            options[name] = os.environ[variable]
+    parameters = inspect.signature(cls.__init__).parameters
+    hints = typing.get_type_hints(cls.__init__)
+    # Python objects (an SSLContext, service handlers) are not TOML values; the positional
+    # parameters come from elsewhere (listen =, the URL).
+    hidden = ("self", *positional, "ssl_context", "services")
+    allowed = [
+        name
+        for name, parameter in parameters.items()
+        if name not in hidden and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    for name, value in options.items():
+        if name not in allowed:
+            raise ConfigurationError(
+                f"{key}.{name}",
+                f"unknown option for {what}; expected one of {', '.join(allowed) or 'none'}",
+            )
+        hint = hints.get(name, Any)
+        if not _matches(hint, value):
+            raise ConfigurationError(f"{key}.{name}", f"expected {_describe(hint)}, got {value!r}")
+    return options
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    """Whether a TOML value fits a parameter's type hint (ints are floats; bools are not
+    numbers)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(arg, value) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        hint = origin  # Mapping[str, str] -> Mapping: the class checks the items
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is not None:
+        hint = typing.get_origin(hint)
+    if hint is float:
+        return "a number"
+    return {str: "a string", int: "an integer", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def build_queue(config: QueueConfig) -> Queue[bytes]:
@@ -330,28 +385,64 @@ def build_queue(config: QueueConfig) -> Queue[bytes]:
     return queue
 
 
-def build_sink(config: SinkConfig) -> Sink:
-    url = config.url
-    if url == "stdout":
-        return StdoutSink()
-    if url == "null":
-        return NullSink()
-    if url.startswith("file:"):
-        return FileSink(url.removeprefix("file:"), fsync=config.fsync)
-    if url.startswith("tcp:"):
-        host, port = parse_hostport(url.removeprefix("tcp:"), key="sink")
-        if port == 0:
-            raise ConfigurationError("sink", "tcp sink needs a port other than 0")
-        return TcpSink(host, port)
-    if url.startswith(("http://", "https://")):
-        return HttpSink(url)
-    if url.startswith("nats://"):
-        return NatsSink(url)
+SINK_KINDS: dict[str, type[Sink]] = {
+    "stdout": StdoutSink,
+    "null": NullSink,
+    "file": FileSink,
+    "tcp": TcpSink,
+    "http": HttpSink,
+    "nats": NatsSink,
+}
+"""Sink classes by the kind their URL names (``stdout``, ``file:PATH``, ``https://...``)."""
+
+
+def sink_kind(url: str) -> str:
+    """The kind of sink ``url`` names (a key of :data:`SINK_KINDS`)."""
+    if url in ("stdout", "null"):
+        return url
+    for prefix, kind in (
+        ("file:", "file"),
+        ("tcp:", "tcp"),
+        ("http://", "http"),
+        ("https://", "http"),
+        ("nats://", "nats"),
+    ):
+        if url.startswith(prefix):
+            return kind
     raise ConfigurationError(
         "sink",
         "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH or "
         f"nats://HOST:PORT/SUBJECT, got {url!r}",
     )
+
+
+def build_sink(config: SinkConfig) -> Sink:
+    url = config.url
+    kind = sink_kind(url)
+    cls = SINK_KINDS[kind]
+    positional = {"file": ("path",), "tcp": ("host", "port"), "http": ("url",), "nats": ("url",)}
+    options = checked_options(
+        cls,
+        config.options,
+        key="sink",
+        what=f"the {kind} sink",
+        positional=positional.get(kind, ()),
+    )
+    try:
+        if kind == "file":
+            return FileSink(url.removeprefix("file:"), **options)
+        if kind == "tcp":
+            host, port = parse_hostport(url.removeprefix("tcp:"), key="sink")
+            if port == 0:
+                raise ConfigurationError("sink", "tcp sink needs a port other than 0")
+            return TcpSink(host, port, **options)
+        if kind == "http":
+            return HttpSink(url, **options)
+        if kind == "nats":
+            return NatsSink(url, **options)
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigurationError("sink", str(exc)) from exc
 
 
 def load_processor(spec: str) -> Processor:

@@ -12,15 +12,42 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import trio
+from h2.errors import ErrorCodes
 
 from .._errors import ConfigurationError, TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
 
-__all__ = ("DEFAULT_MAX_MESSAGE_SIZE", "Source", "open_tcp_listeners", "serve_connections")
+__all__ = (
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "LINGER_MAX_BYTES",
+    "MAX_REFUSALS",
+    "REFUSAL_TIMEOUT",
+    "Source",
+    "linger",
+    "open_tcp_listeners",
+    "refuse_http2",
+    "refuse_with",
+    "serve_connections",
+)
 
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
+MAX_REFUSALS = 64
+"""Connections past ``max_connections`` answered at the same time; past this, closed unanswered."""
+REFUSAL_TIMEOUT = 1.0
+"""Seconds one refusal may take, all included: TLS handshake, reading, the answer, the linger."""
+LINGER_MAX_BYTES = 1 << 20
+"""Bytes :func:`linger` reads (and discards) at most before it gives up on the peer."""
+REFUSAL_DEBUG_DATA = b"too many connections"
+"""The debug data of the GOAWAY that ends a refused HTTP/2 connection."""
+_HTTP2_REFUSAL_MAX_BYTES = 64 * 1024
+"""Bytes :func:`refuse_http2` reads while waiting for the first request (h2 checks frames
+against its own 16 KiB frame and 64 KiB header list limits)."""
 _log = logger.getChild("sources")
 connection_errors = RateLimitedLogger(_log)
 
@@ -189,6 +216,104 @@ def peer_of(stream: trio.abc.Stream) -> str:
         return ""
 
 
+async def linger(stream: trio.abc.Stream, *, max_bytes: int = LINGER_MAX_BYTES) -> None:
+    """After the last answer: half-close (plain TCP), then read and discard what the peer
+    still sends until it closes or ``max_bytes`` have come. The caller bounds the time.
+
+    Closing a socket with unread data makes the kernel send a reset, and a reset can destroy
+    the answer before the client has read it (a client still sending its request, or a
+    WebSocket close frame racing the client's messages). A peer that breaks the connection
+    meanwhile ends the linger quietly: there is nothing left to save.
+    """
+    received = 0
+    try:
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        while received < max_bytes:
+            data = await stream.receive_some(min(64 * 1024, max_bytes - received))
+            if not data:
+                return
+            received += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+
+
+def refuse_with(answer: bytes) -> Callable[[trio.abc.Stream], Awaitable[None]]:
+    """A ``refuse`` for :func:`serve_connections` that sends ``answer`` (e.g. a complete
+    HTTP/1.1 ``503`` with ``Connection: close``) at once, then lingers: the client's request
+    is read and discarded, so it can finish sending and read the answer."""
+
+    async def refuse(stream: trio.abc.Stream) -> None:
+        await stream.send_all(answer)
+        await linger(stream)
+
+    return refuse
+
+
+async def refuse_http2(
+    stream: trio.abc.Stream,
+    received: bytes,
+    answer: Callable[[h2.connection.H2Connection, int], None],
+) -> None:
+    """Refuse an HTTP/2 connection with an answer to its first requests, then ``GOAWAY``.
+
+    Sends the server preface, reads the client's (``received``: bytes already read from it)
+    until the first requests arrive, and calls ``answer(h2conn, stream_id)`` for each request
+    of that read: it must send a complete response (ending the stream). A request whose body
+    is still coming is then reset with ``NO_ERROR`` ("stop sending, the answer is final",
+    RFC 9113 section 8.1). Then ``GOAWAY(NO_ERROR)`` with the last answered stream and
+    :data:`REFUSAL_DEBUG_DATA`, and :func:`linger`.
+
+    Why answer a request rather than send a bare ``GOAWAY``: a ``GOAWAY`` that refuses every
+    stream (last stream 0) means "nothing was processed, try again", which grpcio does at once
+    and without end (its calls end in ``DEADLINE_EXCEEDED`` or never) and grpclib reports as
+    a lost connection. An answered request is a status the client reports as such.
+
+    Bytes that are not HTTP/2 get h2's ``GOAWAY(PROTOCOL_ERROR)``. More than 64 KiB without
+    a complete request, or the end of the stream, ends it with ``GOAWAY`` and no answer. The
+    caller bounds the time (``serve_connections``' ``refusal_timeout``).
+    """
+    h2conn = h2.connection.H2Connection(
+        config=h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    h2conn.initiate_connection()
+    data = received
+    seen = 0
+    answered: list[int] = []
+    ended: set[int] = set()
+    while True:
+        if data:
+            seen += len(data)
+            try:
+                events = h2conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                await stream.send_all(h2conn.data_to_send())  # h2's GOAWAY(PROTOCOL_ERROR)
+                await linger(stream)
+                return
+            for event in events:
+                if isinstance(event, h2.events.RequestReceived):
+                    answer(h2conn, event.stream_id)
+                    answered.append(event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            if answered or seen >= _HTTP2_REFUSAL_MAX_BYTES:
+                break
+        await stream.send_all(h2conn.data_to_send())
+        data = bytes(await stream.receive_some(_HTTP2_REFUSAL_MAX_BYTES))
+        if not data:
+            break
+    for stream_id in answered:
+        if stream_id not in ended:
+            h2conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+    h2conn.close_connection(
+        ErrorCodes.NO_ERROR,
+        additional_data=REFUSAL_DEBUG_DATA,
+        last_stream_id=max(answered, default=0),
+    )
+    await stream.send_all(h2conn.data_to_send())
+    await linger(stream)
+
+
 class _Connections:
     """Counts live connections so shutdown can wait for them to finish."""
 
@@ -217,18 +342,51 @@ async def serve_connections(
     ingress: Ingress,
     *,
     max_connections: int,
+    refuse: Callable[[StreamT], Awaitable[None]] | None = None,
+    max_refusals: int = MAX_REFUSALS,
+    refusal_timeout: float = REFUSAL_TIMEOUT,
     bound: object = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` and run ``handler(stream)`` per connection, supervised.
 
     Like :func:`trio.serve_listeners`, one bad peer fails alone and resource exhaustion on
-    accept (EMFILE) is waited out. In addition: past ``max_connections`` a new connection is
-    closed at once (counted as ``too_many_connections``), and when the gateway stops, the
-    listeners close, open connections get ``ingress.grace_period`` to finish, and the rest are
-    cancelled. ``task_status.started(bound)`` is called once the accept loops run.
+    accept (EMFILE) is waited out. When the gateway stops, the listeners close, open
+    connections get ``ingress.grace_period`` to finish, and the rest are cancelled.
+    ``task_status.started(bound)`` is called once the accept loops run.
+
+    A connection past ``max_connections`` is counted as ``too_many_connections``. Without
+    ``refuse`` it is closed at once. With ``refuse``, ``refuse(stream)`` answers it in the
+    transport's terms (an HTTP ``503``, an HTTP/2 ``GOAWAY``) in a task of its own, so the
+    accept loop never waits on it; at most ``max_refusals`` run at a time (past that, closed
+    at once, unanswered) and each gets ``refusal_timeout`` seconds for everything, a TLS
+    handshake included (``refuse`` does it, by its first send or receive). Then the stream is
+    closed. ``refuse`` should end with :func:`linger`, so that its answer is not lost to a
+    reset.
     """
     live = _Connections()
+    refusing = 0  # refusal tasks running
+
+    async def refuse_one(stream: StreamT) -> None:
+        nonlocal refusing
+        assert refuse is not None
+        try:
+            with trio.move_on_after(refusal_timeout):
+                await refuse(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            connection_errors.info("%s: refused connection ended: %r", ingress.listener, exc)
+        except Exception as exc:
+            # A bug in refuse(): the connection is closed, the gateway goes on (as run_one).
+            ingress.reject("internal_error")
+            connection_errors.log(
+                logging.ERROR,
+                "%s: refusing a connection failed:\n%s",
+                ingress.listener,
+                "".join(traceback.format_exception(exc)).rstrip(),
+            )
+        finally:
+            refusing -= 1
+            await trio.aclose_forcefully(stream)
 
     async def run_one(stream: StreamT) -> None:
         ingress.connection_opened()
@@ -253,6 +411,7 @@ async def serve_connections(
             live.closed()
 
     async def accept_loop(listener: trio.abc.Listener[StreamT]) -> None:
+        nonlocal refusing
         async with listener:
             while True:
                 try:
@@ -267,10 +426,19 @@ async def serve_connections(
                     continue
                 if live.active >= max_connections:
                     ingress.reject("too_many_connections")
-                    connection_errors.info(
-                        "%s: connection refused: limit reached", ingress.listener
-                    )
-                    await trio.aclose_forcefully(stream)
+                    if refuse is not None and refusing < max_refusals:
+                        connection_errors.info(
+                            "%s: connection refused: limit reached", ingress.listener
+                        )
+                        refusing += 1
+                        connections.start_soon(refuse_one, stream)
+                    else:
+                        connection_errors.info(
+                            "%s: connection closed unanswered: limit reached%s",
+                            ingress.listener,
+                            ", refusals busy" if refuse is not None else "",
+                        )
+                        await trio.aclose_forcefully(stream)
                     continue
                 live.opened()
                 connections.start_soon(run_one, stream)

@@ -31,6 +31,7 @@ from functools import partial
 from http import HTTPStatus
 from typing import Any, TypeAlias, cast
 
+import h2.connection
 import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -48,6 +49,8 @@ from ._base import (
     check_reuse_port,
     connection_errors,
     format_peer,
+    linger,
+    refuse_http2,
     serve_connections,
 )
 
@@ -140,6 +143,9 @@ class IngestRules:
             400, {"error": "both Content-Length and Transfer-Encoding"}, close=True
         )
         self.too_slow = _json_reply(408, {"error": "request not complete in time"}, close=True)
+        self.too_many_connections = _json_reply(
+            503, {"error": "too many connections"}, retry, close=True
+        )
 
     def head(
         self,
@@ -325,6 +331,20 @@ class _ReplayStream(trio.abc.Stream):
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
+def _http1_bytes(reply: Reply) -> bytes:
+    """``reply`` as an HTTP/1.1 response that closes the connection (as h11 writes it)."""
+    head = [b"HTTP/1.1 %d %s\r\n" % (reply.status, _REASONS.get(reply.status, b""))]
+    head += [name + b": " + value + b"\r\n" for name, value in reply.headers]
+    head.append(b"connection: close\r\n\r\n")
+    return b"".join(head) + reply.body
+
+
+def _send_http2(reply: Reply, h2conn: h2.connection.H2Connection, stream_id: int) -> None:
+    """``reply`` as a complete HTTP/2 response on ``stream_id`` (no connection headers)."""
+    h2conn.send_headers(stream_id, ((b":status", b"%d" % reply.status), *reply.headers))
+    h2conn.send_data(stream_id, reply.body, end_stream=True)
+
+
 class HttpSource(Source):
     """``POST /ingest`` on HTTP/1.1 (keep-alive), HTTP/2 cleartext (prior knowledge) and TLS.
 
@@ -431,6 +451,7 @@ class HttpSource(Source):
             await TCPServer(hypercorn_app, config, context, {}, cast(Any, stream)).run()
 
         handler = partial(self._connection, rules, serve_hypercorn)
+        refuse = partial(self._refuse, rules.too_many_connections)
 
         async def announce_stop() -> None:
             await ingress.wait_stopping()
@@ -446,12 +467,39 @@ class HttpSource(Source):
                     listeners,
                     ingress,
                     max_connections=self.max_connections,
+                    refuse=refuse,
                 )
             )
             task_status.started(list(self.bound))
         _log.debug("%s: stopped", self.label)
 
     # -- one connection -------------------------------------------------------------------
+
+    @staticmethod
+    async def _refuse(reply: Reply, stream: trio.abc.Stream) -> None:
+        """Answer a connection past ``max_connections`` with ``reply`` (``503``) in the
+        protocol it speaks: HTTP/1.1 with ``Connection: close``, or on HTTP/2 (ALPN ``h2``,
+        or the preface on cleartext) as the response to its first request, then ``GOAWAY``.
+        ``serve_connections`` bounds the time (TLS handshake included)."""
+        data = b""
+        if isinstance(stream, trio.SSLStream):
+            await stream.do_handshake()
+            http2 = stream.selected_alpn_protocol() == "h2"
+        else:
+            # Cleartext: the first bytes tell HTTP/2 with prior knowledge from HTTP/1.1.
+            while len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                chunk = await stream.receive_some(MAX_RECV)
+                if not chunk:
+                    return  # connected and left
+                data += chunk
+            http2 = data.startswith(H2_PREFACE)
+        if http2:
+            await refuse_http2(stream, data, partial(_send_http2, reply))
+            return
+        # Answered before the request is read: linger reads it, so that the client can
+        # finish sending and then read the answer (a close with unread bytes would reset).
+        await stream.send_all(_http1_bytes(reply))
+        await linger(stream)
 
     async def _connection(
         self,

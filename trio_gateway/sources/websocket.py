@@ -43,6 +43,7 @@ from ._base import (
     check_reuse_port,
     connection_errors,
     format_peer,
+    refuse_with,
     serve_connections,
 )
 
@@ -76,6 +77,10 @@ _CONT = Opcode.CONT
 _BAD_REQUEST = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n"
     b"Connection: close\r\n\r\nmalformed opening handshake\n"
+)
+_TOO_MANY_CONNECTIONS = (  # the answer past max_connections (serve_connections(refuse=))
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many connections\n"
 )
 
 
@@ -177,6 +182,7 @@ class WebSocketSource(Source):
                     listeners,
                     ingress,
                     max_connections=self.max_connections,
+                    refuse=refuse_with(_TOO_MANY_CONNECTIONS),
                     task_status=task_status,
                 )
             )

@@ -53,6 +53,7 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 from ..._errors import FrameTooLarge, ProtocolError, TransportError
 from ..._log import RateLimitedLogger, logger
 from ...codecs import GrpcMessageDecoder
+from .._base import refuse_http2
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -74,6 +75,19 @@ _WRITE_HIGH_WATER = 512 * 1024
 """Outgoing bytes buffered before a producer (reader or handler) waits for the writer."""
 _READ_SIZE = 256 * 1024
 _GRPC_CONTENT_TYPE = "application/grpc+proto"
+
+
+_UNAVAILABLE_HEADERS = (
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"grpc-status", b"%d" % Status.UNAVAILABLE.value),
+    (b"grpc-message", encode_grpc_message("too many connections").encode("ascii")),
+)
+
+
+def _answer_unavailable(h2conn: h2.connection.H2Connection, stream_id: int) -> None:
+    """A trailers-only response: ``UNAVAILABLE``, "too many connections"."""
+    h2conn.send_headers(stream_id, _UNAVAILABLE_HEADERS, end_stream=True)
 
 
 def _literal(name: bytes, value: bytes) -> bytes:
@@ -971,3 +985,10 @@ class GrpcServer:
                 _errors.info("%s: TLS handshake with %s failed: %r", self.label, peer, exc)
                 return
         await _Connection(self, stream, peer).run()
+
+    @staticmethod
+    async def refuse_connection(stream: trio.abc.Stream) -> None:
+        """Answer a connection the server has no room for (``serve_connections(refuse=)``):
+        its first calls get ``UNAVAILABLE`` ("too many connections"), then ``GOAWAY``
+        (:func:`refuse_http2`). A TLS handshake happens with the first write."""
+        await refuse_http2(stream, b"", _answer_unavailable)

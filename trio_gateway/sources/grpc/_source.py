@@ -134,4 +134,10 @@ class GrpcSource(Source):
             await server.serve_connection(stream, peer_of(stream))
 
         task_status.started(self.bound)
-        await serve_connections(serve, listeners, ingress, max_connections=self.max_connections)
+        await serve_connections(
+            serve,
+            listeners,
+            ingress,
+            max_connections=self.max_connections,
+            refuse=server.refuse_connection,
+        )

@@ -42,12 +42,13 @@ MAX_REFUSALS = 64
 REFUSAL_TIMEOUT = 1.0
 """Seconds one refusal may take, all included: TLS handshake, reading, the answer, the linger."""
 LINGER_MAX_BYTES = 1 << 20
-"""Bytes :func:`linger` reads (and discards) at most before it gives up on the peer."""
+"""Bytes a refusal reads (and discards) at most: :func:`linger`, and the requests that
+:func:`refuse_http2` waits for."""
 REFUSAL_DEBUG_DATA = b"too many connections"
 """The debug data of the GOAWAY that ends a refused HTTP/2 connection."""
-_HTTP2_REFUSAL_MAX_BYTES = 64 * 1024
-"""Bytes :func:`refuse_http2` reads while waiting for the first request (h2 checks frames
-against its own 16 KiB frame and 64 KiB header list limits)."""
+_GOAWAY_MARGIN = 0.1
+"""Seconds before the caller's deadline at which :func:`refuse_http2` stops waiting for
+requests and answers as things are."""
 _log = logger.getChild("sources")
 connection_errors = RateLimitedLogger(_log)
 
@@ -254,24 +255,30 @@ async def refuse_http2(
     stream: trio.abc.Stream,
     received: bytes,
     answer: Callable[[h2.connection.H2Connection, int], None],
+    *,
+    whole_requests: bool,
 ) -> None:
     """Refuse an HTTP/2 connection with an answer to its first requests, then ``GOAWAY``.
 
     Sends the server preface, reads the client's (``received``: bytes already read from it)
-    until the first requests arrive, and calls ``answer(h2conn, stream_id)`` for each request
-    of that read: it must send a complete response (ending the stream). A request whose body
-    is still coming is then reset with ``NO_ERROR`` ("stop sending, the answer is final",
-    RFC 9113 section 8.1). Then ``GOAWAY(NO_ERROR)`` with the last answered stream and
-    :data:`REFUSAL_DEBUG_DATA`, and :func:`linger`.
+    and calls ``answer(h2conn, stream_id)``, which must send a complete response (ending the
+    stream), for the first requests: with ``whole_requests``, once a request has ended (its
+    body is read and discarded, the flow-control windows kept open), as HTTP clients want
+    them (curl gives up on a response that arrives while it is still sending); otherwise at
+    its headers (gRPC: a streaming call may wait for the answer before it ends). A request
+    whose body is still coming then is reset with ``NO_ERROR`` ("stop sending, the answer
+    is final", RFC 9113 section 8.1). Then ``GOAWAY(NO_ERROR)`` naming the last answered
+    stream, with :data:`REFUSAL_DEBUG_DATA`, and :func:`linger`.
 
     Why answer a request rather than send a bare ``GOAWAY``: a ``GOAWAY`` that refuses every
     stream (last stream 0) means "nothing was processed, try again", which grpcio does at once
-    and without end (its calls end in ``DEADLINE_EXCEEDED`` or never) and grpclib reports as
+    and without end (its calls end in ``DEADLINE_EXCEEDED``, or never) and grpclib reports as
     a lost connection. An answered request is a status the client reports as such.
 
-    Bytes that are not HTTP/2 get h2's ``GOAWAY(PROTOCOL_ERROR)``. More than 64 KiB without
-    a complete request, or the end of the stream, ends it with ``GOAWAY`` and no answer. The
-    caller bounds the time (``serve_connections``' ``refusal_timeout``).
+    Bytes that are not HTTP/2 get h2's ``GOAWAY(PROTOCOL_ERROR)``. Past
+    :data:`LINGER_MAX_BYTES`, or 0.1 s before the caller's deadline (``serve_connections``'
+    ``refusal_timeout``), the requests begun are answered as they are; the end of the stream
+    or no request at all ends it with a bare ``GOAWAY``.
     """
     h2conn = h2.connection.H2Connection(
         config=h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -279,29 +286,48 @@ async def refuse_http2(
     h2conn.initiate_connection()
     data = received
     seen = 0
+    waiting: list[int] = []  # requests whose end we wait for (whole_requests)
     answered: list[int] = []
     ended: set[int] = set()
-    while True:
-        if data:
-            seen += len(data)
-            try:
-                events = h2conn.receive_data(data)
-            except h2.exceptions.ProtocolError:
-                await stream.send_all(h2conn.data_to_send())  # h2's GOAWAY(PROTOCOL_ERROR)
-                await linger(stream)
-                return
-            for event in events:
-                if isinstance(event, h2.events.RequestReceived):
-                    answer(h2conn, event.stream_id)
-                    answered.append(event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded):
-                    ended.add(event.stream_id)
-            if answered or seen >= _HTTP2_REFUSAL_MAX_BYTES:
+
+    def respond(stream_id: int) -> None:
+        answer(h2conn, stream_id)
+        answered.append(stream_id)
+
+    # Leave time for the answer and the GOAWAY before the caller's deadline.
+    with trio.move_on_at(trio.current_effective_deadline() - _GOAWAY_MARGIN):
+        while True:
+            if data:
+                seen += len(data)
+                try:
+                    events = h2conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    await stream.send_all(h2conn.data_to_send())  # h2's GOAWAY(PROTOCOL_ERROR)
+                    await linger(stream)
+                    return
+                for event in events:
+                    if isinstance(event, h2.events.RequestReceived):
+                        if whole_requests:
+                            waiting.append(event.stream_id)
+                        else:
+                            respond(event.stream_id)
+                    elif isinstance(event, h2.events.DataReceived):
+                        h2conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+                        if event.stream_id in waiting:
+                            waiting.remove(event.stream_id)
+                            respond(event.stream_id)
+                if answered or seen >= LINGER_MAX_BYTES:
+                    break
+            await stream.send_all(h2conn.data_to_send())
+            data = bytes(await stream.receive_some(64 * 1024))
+            if not data:
                 break
-        await stream.send_all(h2conn.data_to_send())
-        data = bytes(await stream.receive_some(_HTTP2_REFUSAL_MAX_BYTES))
-        if not data:
-            break
+    for stream_id in waiting:  # begun, not ended in time: answered as they are
+        respond(stream_id)
     for stream_id in answered:
         if stream_id not in ended:
             h2conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)

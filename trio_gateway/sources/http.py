@@ -494,7 +494,7 @@ class HttpSource(Source):
                 data += chunk
             http2 = data.startswith(H2_PREFACE)
         if http2:
-            await refuse_http2(stream, data, partial(_send_http2, reply))
+            await refuse_http2(stream, data, partial(_send_http2, reply), whole_requests=True)
             return
         # Answered before the request is read: linger reads it, so that the client can
         # finish sending and then read the answer (a close with unread bytes would reset).

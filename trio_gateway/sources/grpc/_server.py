@@ -991,4 +991,4 @@ class GrpcServer:
         """Answer a connection the server has no room for (``serve_connections(refuse=)``):
         its first calls get ``UNAVAILABLE`` ("too many connections"), then ``GOAWAY``
         (:func:`refuse_http2`). A TLS handshake happens with the first write."""
-        await refuse_http2(stream, b"", _answer_unavailable)
+        await refuse_http2(stream, b"", _answer_unavailable, whole_requests=False)

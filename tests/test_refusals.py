@@ -24,7 +24,9 @@ from typing import Any, TypeVar
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.settings
 import httpx
 import pytest
 import trio
@@ -32,6 +34,7 @@ import trustme
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from hyperframe.frame import Frame, GoAwayFrame
 from trio_websocket import open_websocket_url
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -315,6 +318,41 @@ async def test_grpc_past_the_limit_is_unavailable_for_grpcio_and_grpclib() -> No
     assert handle.ledger.rejected == {"too_many_connections": 2}
 
 
+async def test_grpc_over_tls_past_the_limit_is_unavailable_after_the_handshake() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+
+    def refused(port: int) -> tuple[grpc.StatusCode, str]:
+        target = f"127.0.0.1:{port}"
+        with (
+            grpc.secure_channel(target, credentials, OWN_CONNECTION) as channel,
+            pytest.raises(grpc.RpcError) as refusal,
+        ):
+            grpcio_send(channel, b"refused")
+        return refusal.value.code(), refusal.value.details()  # type: ignore[attr-defined]
+
+    with trio.fail_after(WAIT):
+        async with limited(GrpcSource(max_connections=1, ssl_context=server_context)) as (
+            handle,
+            sink,
+        ):
+            port = handle.address()[1]
+            target = f"127.0.0.1:{port}"
+            with grpc.secure_channel(target, credentials, OWN_CONNECTION) as held:
+                assert await trio.to_thread.run_sync(grpcio_send, held, b"held-1")
+                await wait_until(lambda: counters(handle).connections_active == 1)
+                assert await trio.to_thread.run_sync(refused, port) == (
+                    grpc.StatusCode.UNAVAILABLE,
+                    "too many connections",
+                )
+                assert await trio.to_thread.run_sync(grpcio_send, held, b"held-2")
+            await sink.wait_for(2)
+    assert sink.payloads == [b"held-1", b"held-2"]
+    assert handle.ledger.rejected == {"too_many_connections": 1}
+
+
 # -- a flood, on every listener ------------------------------------------------------------------
 
 
@@ -549,3 +587,82 @@ async def test_peers_that_never_send_or_never_leave_are_closed_at_the_refusal_de
     for answer, took in results.values():
         # held until the deadline (the peer did not leave), and not (much) longer
         assert REFUSAL_TIMEOUT * 0.8 <= took < REFUSAL_TIMEOUT + 2, (answer, took)
+
+
+# -- hostile HTTP/2 on a refused connection -------------------------------------------------------
+
+
+def split_frames(data: bytes) -> list[Frame]:
+    """The HTTP/2 frames in ``data`` (the server's side of a connection)."""
+    frames = []
+    view = memoryview(data)
+    while len(view) >= 9:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        frames.append(frame)
+        view = view[9 + length :]
+    return frames
+
+
+def hostile_client(behaviour: str) -> bytes:
+    """What a misbehaving HTTP/2 client sends on a connection the server refuses."""
+    if behaviour == "garbage":  # the preface, then a SETTINGS frame of 5 bytes
+        return (
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + bytes(5)
+        )
+    client = h2.connection.H2Connection(
+        config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    client.initiate_connection()
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", "/ingest")]
+    headers += [(":authority", "x"), ("content-type", "application/grpc")]
+    if behaviour == "zero-window":  # the answer's body can never be sent
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    client.send_headers(1, headers, end_stream=behaviour == "zero-window")
+    if behaviour == "cancelled":
+        client.reset_stream(1)
+    elif behaviour == "goaway":
+        client.send_data(1, b"x" * 10)
+        client.close_connection()
+    return client.data_to_send()
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "cancelled", "goaway", "zero-window"])
+async def test_hostile_http2_on_a_refused_connection_is_closed_and_harms_nothing(
+    behaviour: str,
+) -> None:
+    """Bytes that are not HTTP/2, a call cancelled at once, the client's own GOAWAY, a zero
+    flow-control window: on both HTTP/2 listeners the refused connection ends with a GOAWAY
+    within the refusal deadline, counted as too_many_connections and nothing else (no
+    internal_error); the held connections are untouched."""
+    with trio.fail_after(WAIT):
+        async with limited(HttpSource(max_connections=1), GrpcSource(max_connections=1)) as (
+            handle,
+            _,
+        ):
+            addresses = [handle.address(0), handle.address(1)]
+            holders = [await trio.open_tcp_stream(*address) for address in addresses]
+            for index in (0, 1):
+                await wait_until(lambda i=index: counters(handle, i).connections_active == 1)
+            goaways: list[GoAwayFrame] = []
+
+            async def peer(address: Address) -> None:
+                async with await trio.open_tcp_stream(*address) as stream:
+                    await stream.send_all(hostile_client(behaviour))
+                    answer = await read_until_closed(stream)
+                goaways.extend(f for f in split_frames(answer) if isinstance(f, GoAwayFrame))
+
+            async with trio.open_nursery() as nursery:
+                for address in addresses:
+                    nursery.start_soon(peer, address)
+            for index in (0, 1):
+                assert counters(handle, index).connections_active == 1
+            for holder in holders:
+                await holder.aclose()
+    assert len(goaways) == 2
+    for goaway in goaways:
+        if behaviour == "garbage":
+            assert goaway.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+        else:
+            assert goaway.error_code == 0 and goaway.additional_data == b"too many connections"
+    assert handle.ledger.rejected == {"too_many_connections": 2}

@@ -290,8 +290,15 @@ async def refuse_http2(
     answered: list[int] = []
     ended: set[int] = set()
 
+    tried = 0  # requests answered, or that could not be (the loop ends after the first)
+
     def respond(stream_id: int) -> None:
-        answer(h2conn, stream_id)
+        nonlocal tried
+        tried += 1
+        try:
+            answer(h2conn, stream_id)
+        except h2.exceptions.H2Error:
+            return  # the client closed it meanwhile (its RST_STREAM, GOAWAY or zero window)
         answered.append(stream_id)
 
     # Leave time for the answer and the GOAWAY before the caller's deadline.
@@ -320,7 +327,14 @@ async def refuse_http2(
                         if event.stream_id in waiting:
                             waiting.remove(event.stream_id)
                             respond(event.stream_id)
-                if answered or seen >= LINGER_MAX_BYTES:
+                    elif isinstance(event, h2.events.StreamReset):
+                        ended.add(event.stream_id)  # the client gave up on it: no answer
+                        if event.stream_id in waiting:
+                            waiting.remove(event.stream_id)
+                            tried += 1
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        tried += 1  # the client's GOAWAY: the connection is over
+                if tried or seen >= LINGER_MAX_BYTES:
                     break
             await stream.send_all(h2conn.data_to_send())
             data = bytes(await stream.receive_some(64 * 1024))
@@ -328,14 +342,17 @@ async def refuse_http2(
                 break
     for stream_id in waiting:  # begun, not ended in time: answered as they are
         respond(stream_id)
-    for stream_id in answered:
-        if stream_id not in ended:
-            h2conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
-    h2conn.close_connection(
-        ErrorCodes.NO_ERROR,
-        additional_data=REFUSAL_DEBUG_DATA,
-        last_stream_id=max(answered, default=0),
-    )
+    try:
+        for stream_id in answered:
+            if stream_id not in ended:
+                h2conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        h2conn.close_connection(
+            ErrorCodes.NO_ERROR,
+            additional_data=REFUSAL_DEBUG_DATA,
+            last_stream_id=max(answered, default=0),
+        )
+    except h2.exceptions.H2Error:
+        pass  # the client's own GOAWAY closed the connection first: nothing more to say
     await stream.send_all(h2conn.data_to_send())
     await linger(stream)
 

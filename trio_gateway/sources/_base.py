@@ -27,6 +27,7 @@ __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "LINGER_MAX_BYTES",
     "MAX_REFUSALS",
+    "REFUSAL_DEBUG_DATA",
     "REFUSAL_TIMEOUT",
     "Source",
     "linger",
@@ -289,7 +290,6 @@ async def refuse_http2(
     waiting: list[int] = []  # requests whose end we wait for (whole_requests)
     answered: list[int] = []
     ended: set[int] = set()
-
     tried = 0  # requests answered, or that could not be (the loop ends after the first)
 
     def respond(stream_id: int) -> None:
@@ -400,7 +400,7 @@ async def serve_connections(
 
     A connection past ``max_connections`` is counted as ``too_many_connections``. Without
     ``refuse`` it is closed at once. With ``refuse``, ``refuse(stream)`` answers it in the
-    transport's terms (an HTTP ``503``, an HTTP/2 ``GOAWAY``) in a task of its own, so the
+    transport's terms (an HTTP ``503``, gRPC ``UNAVAILABLE``) in a task of its own, so the
     accept loop never waits on it; at most ``max_refusals`` run at a time (past that, closed
     at once, unanswered) and each gets ``refusal_timeout`` seconds for everything, a TLS
     handshake included (``refuse`` does it, by its first send or receive). Then the stream is

@@ -355,6 +355,8 @@ class HttpSource(Source):
     (``client_ca`` for mutual TLS); ALPN offers ``h2`` and ``http/1.1``. ``fast_path=False``
     sends HTTP/1.1 through hypercorn too (slower; see docs/http.md). ``reuse_port`` sets
     ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
+    A connection past ``max_connections`` gets ``503`` with ``Retry-After`` before it is
+    closed (on HTTP/2, as the answer to its first request, then ``GOAWAY``).
     """
 
     transport = "http"

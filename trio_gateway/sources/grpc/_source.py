@@ -49,6 +49,8 @@ class GrpcSource(Source):
     ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED otherwise). ``services`` adds
     grpclib-style implementations of your own services to the same server. ``reuse_port`` sets
     ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
+    The first calls of a connection past ``max_connections`` end ``UNAVAILABLE`` ("too many
+    connections"), then ``GOAWAY`` closes it.
     """
 
     transport = "grpc"

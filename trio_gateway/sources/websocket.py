@@ -1,11 +1,12 @@
 """Streaming WebSocket source: every WebSocket message (text or binary) is one message.
 
-Frames are parsed by the Sans-I/O protocol layer of the ``websockets`` package
-(:class:`websockets.server.ServerProtocol`, with its C speedup for unmasking), driven
-directly over a Trio stream. Each ``receive_some`` is fed to the protocol in one call and
-every message it completes is offered to the queue in one :meth:`Ingress.offer`: no await per
-message. ``docs/websocket.md`` explains why this replaced trio-websocket/wsproto on the hot
-path (``bench/ws.py`` measures it).
+The handshake and every unusual frame are handled by the Sans-I/O protocol layer of the
+``websockets`` package (:class:`websockets.server.ServerProtocol`), driven directly over a
+Trio stream; the common data frames are decoded by :class:`._wsframes.MessageReader` straight
+out of one reused receive buffer (with websockets' C ``apply_mask``), which hands every other
+frame to that protocol. Each read's messages are offered to the queue in one
+:meth:`Ingress.offer`: no await per message. ``docs/websocket.md`` explains why (``bench/ws.py``
+measures it).
 
 Limits and answers: ``max_message_size`` (default 1 MiB) -> close 1009; invalid UTF-8 in a
 text message -> close 1007; protocol violations -> close 1002; ``token`` missing or wrong ->
@@ -23,12 +24,12 @@ import logging
 import re
 import ssl
 import time
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qs
 
 import trio
 from websockets.exceptions import PayloadTooBig
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.frames import CloseCode
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -46,6 +47,7 @@ from ._base import (
     refuse_with,
     serve_connections,
 )
+from ._wsframes import MessageReader
 
 __all__ = ("WebSocketSource",)
 
@@ -71,9 +73,9 @@ class _RedactSecrets(logging.Filter):
 _protocol_log.addFilter(_RedactSecrets())
 
 MAX_RECV = 256 * 1024
-_TEXT = Opcode.TEXT
-_BINARY = Opcode.BINARY
-_CONT = Opcode.CONT
+"""Read size during the handshake, and on TLS streams (plain TCP reads into the reader's
+buffer, which grows to ``_wsframes.MAX_BUFFER`` while the sender keeps it full)."""
+_END_OF_HEAD = b"\r\n\r\n"
 _BAD_REQUEST = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n"
     b"Connection: close\r\n\r\nmalformed opening handshake\n"
@@ -85,24 +87,24 @@ _TOO_MANY_CONNECTIONS = (  # the answer past max_connections (serve_connections(
 
 
 class _Connection:
-    """One WebSocket connection: the protocol object, its writer lock, fragment state."""
+    """One WebSocket connection: the protocol object and its writer lock."""
 
-    __slots__ = ("fragment_is_text", "fragments", "lock", "protocol", "stream")
+    __slots__ = ("lock", "protocol", "stream")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
         self.stream = stream
         self.protocol = protocol
         self.lock = trio.Lock()
-        self.fragments: list[bytes] = []
-        self.fragment_is_text = False
 
     async def flush(self) -> bool:
         """Send what the protocol has queued. Returns False once the protocol sent EOF."""
         protocol = self.protocol
+        # Taken before the lock, so that a read with nothing to answer (the usual case)
+        # costs no checkpoint; taken in order, and the lock is FIFO, so writes keep it.
+        writes = protocol.data_to_send()
+        if not writes:
+            return not protocol.eof_sent
         async with self.lock:
-            writes = protocol.data_to_send()
-            if not writes:
-                return not protocol.eof_sent
             out = b"".join(writes)
             if out:
                 await self.stream.send_all(out)
@@ -206,12 +208,18 @@ class WebSocketSource(Source):
             return 401, "unauthorized"
         return None
 
-    async def _handshake(self, ingress: Ingress, connection: _Connection) -> list[Any] | None:
-        """Answer the opening handshake; the frames that came with it, or None if refused."""
+    async def _handshake(
+        self, ingress: Ingress, connection: _Connection
+    ) -> tuple[list[Any], bytes] | None:
+        """Answer the opening handshake. Returns the events of the frames that came with the
+        request and the bytes behind the request (both already given to the protocol), or
+        None if refused."""
         protocol = connection.protocol
         stream = connection.stream
         request: Request | None = None
         early: list[Any] = []
+        behind = b""
+        last = b""  # the last 3 bytes before this read: the request's end may straddle reads
         received = False
         with trio.move_on_after(self.handshake_timeout):
             while request is None:
@@ -226,8 +234,13 @@ class WebSocketSource(Source):
                 for event in protocol.events_received():
                     if isinstance(event, Request):
                         request = event
+                        # websockets ends the request at the first empty CRLF line (every
+                        # line must end in CRLF) and reads no body.
+                        seen = last + data
+                        behind = seen[seen.index(_END_OF_HEAD) + 4 :]
                     else:
                         early.append(event)
+                last = (last + data)[-3:]
                 if request is None and not await connection.flush():
                     ingress.reject("malformed")
                     # websockets closes without a word on a request it cannot parse
@@ -260,7 +273,7 @@ class WebSocketSource(Source):
             if refusal is None:
                 ingress.reject("malformed")
             return None
-        return early
+        return early, behind
 
     # -- messages -------------------------------------------------------------------------
 
@@ -283,9 +296,11 @@ class WebSocketSource(Source):
             return
         protocol = ServerProtocol(max_size=self.max_message_size, logger=_protocol_log)
         connection = _Connection(stream, protocol)
-        early = await self._handshake(ingress, connection)
-        if early is None:
+        handshake = await self._handshake(ingress, connection)
+        if handshake is None:
             return
+        early, behind = handshake
+        reader = MessageReader(protocol, behind_handshake=behind)
 
         async def say_goodbye() -> None:
             await ingress.wait_stopping()
@@ -295,43 +310,53 @@ class WebSocketSource(Source):
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(say_goodbye)
-            await self._read_messages(ingress, connection, peer, early)
+            await self._read_messages(ingress, connection, reader, peer, early)
             nursery.cancel_scope.cancel()
 
     async def _read_messages(
-        self, ingress: Ingress, connection: _Connection, peer: str, early: list[Any]
+        self,
+        ingress: Ingress,
+        connection: _Connection,
+        reader: MessageReader,
+        peer: str,
+        early: list[Any],
     ) -> None:
         protocol = connection.protocol
         stream = connection.stream
+        # Plain TCP reads into the reader's buffer; TLS hands its decrypted chunks over.
+        sock = stream.socket if type(stream) is trio.SocketStream else None
         listener = ingress.listener
+        offer = ingress.offer
         idle = self.idle_timeout
         # A frame must complete within idle_timeout of the previous one: bytes that only
         # extend a partial frame do not push the deadline back (slowloris).
         deadline = trio.current_time() + idle
         partial = False  # bytes received since the last complete frame
         # Frames that arrived with the handshake request are processed first.
-        events = early + protocol.events_received()
+        payloads = reader.take_events(early + protocol.events_received())
         while True:
-            if events:
-                payloads = self._messages(ingress, connection, events)
-                if payloads:
-                    await ingress.offer(payloads, Origin("websocket", listener, peer, time.time()))
+            if payloads:
+                await offer(payloads, Origin("websocket", listener, peer, time.time()))
+            if reader.invalid_text:
+                ingress.reject("malformed")
+                reader.invalid_text = False
             if not await connection.flush():
                 self._count_close(ingress, protocol, partial)
                 await self._linger(stream)
                 return
-            if events:
+            if reader.frames:
                 deadline = trio.current_time() + idle
             with trio.move_on_at(deadline):
-                data = await stream.receive_some(MAX_RECV)
-                if data:
-                    protocol.receive_data(data)
+                if sock is not None:
+                    size = await sock.recv_into(reader.read_buffer())
+                    payloads = reader.received(size)
                 else:
-                    protocol.receive_eof()
-                events = protocol.events_received()
-                if events:
+                    data = await stream.receive_some(MAX_RECV)
+                    size = len(data)
+                    payloads = reader.feed(data)
+                if reader.frames:
                     partial = False
-                elif data:
+                elif size:
                     partial = True
                 continue
             if partial:
@@ -347,46 +372,6 @@ class WebSocketSource(Source):
                 protocol.send_close(CloseCode.GOING_AWAY, "idle timeout")
                 await connection.flush()
             return
-
-    def _messages(
-        self, ingress: Ingress, connection: _Connection, events: list[Any]
-    ) -> list[bytes]:
-        """Assemble complete messages from frames; validate text as UTF-8 in one call."""
-        payloads: list[bytes] = []
-        texts: list[int] = []
-        for frame in events:
-            if not isinstance(frame, Frame):
-                continue
-            opcode = frame.opcode
-            if opcode is _BINARY or opcode is _TEXT:
-                if frame.fin:
-                    if opcode is _TEXT:
-                        texts.append(len(payloads))
-                    payloads.append(cast(bytes, frame.data))
-                else:
-                    connection.fragments = [cast(bytes, frame.data)]
-                    connection.fragment_is_text = opcode is _TEXT
-            elif opcode is _CONT:
-                connection.fragments.append(cast(bytes, frame.data))
-                if frame.fin:
-                    if connection.fragment_is_text:
-                        texts.append(len(payloads))
-                    payloads.append(b"".join(connection.fragments))
-                    connection.fragments = []
-        if texts:
-            try:
-                # A newline cannot complete a multi-byte sequence, so the joined text is
-                # valid exactly when every message is: one C call per read.
-                b"\n".join([payloads[i] for i in texts]).decode()
-            except UnicodeDecodeError:
-                for i in texts:
-                    try:
-                        payloads[i].decode()
-                    except UnicodeDecodeError:
-                        ingress.reject("malformed")
-                        connection.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
-                        return payloads[:i]
-        return payloads
 
     @staticmethod
     async def _linger(stream: trio.abc.Stream) -> None:

@@ -406,13 +406,18 @@ def test_buffer_grows_while_reads_fill_it_and_shrinks_when_quiet() -> None:
     assert reader.capacity == 1024
 
 
-def test_a_frame_waiting_for_its_payload_gets_room() -> None:
+def test_a_frame_waiting_for_its_payload_gets_room_as_it_arrives() -> None:
+    """A header announcing a large frame does not buy a large buffer; half the frame does."""
     protocol, _ = open_protocol(limit=1 << 20)
     reader = MessageReader(protocol, initial_buffer=1024, max_buffer=1 << 16)
     big = binary(b"B" * 40_000)
     assert reader.feed(big[:100]) == []
-    assert len(reader.read_buffer()) >= len(big) - 100
-    assert reader.feed(big[100:]) == [b"B" * 40_000]
+    reader.read_buffer()
+    assert reader.capacity == 1024
+    assert reader.feed(big[100:20_100]) == []
+    assert len(reader.read_buffer()) >= len(big) - 20_100
+    assert reader.capacity < 1 << 16
+    assert reader.feed(big[20_100:]) == [b"B" * 40_000]
 
 
 # -- any bytes, any reads ------------------------------------------------------------------------

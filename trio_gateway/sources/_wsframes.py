@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 
 __all__ = ("INITIAL_BUFFER", "MAX_BUFFER", "MessageReader")
 
-INITIAL_BUFFER = 64 * 1024
+INITIAL_BUFFER = 16 * 1024
 """Receive buffer of a new connection, and what it shrinks back to once reads are small."""
 MAX_BUFFER = 1024 * 1024
 """Largest receive buffer: a connection's reads grow up to this while the sender stays ahead.
@@ -195,15 +195,19 @@ class MessageReader:
             start = end = self._start = self._end = 0
         size = len(self._buffer)
         max_buffer = self.max_buffer
-        # Room for the frame waiting at start, or for a read of at least _min_read.
-        min_read = self._min_read
-        target = max(self._need, min(end - start + min_read, max_buffer), end - start + 1)
+        live = end - start
+        # Room for a read of at least _min_read (at least one byte).
+        target = max(min(live + self._min_read, max_buffer), live + 1)
         if self._filled and size < max_buffer:
             # The last read took all it was given: the sender is ahead, read more at once.
             target = max(target, min(size * 2, max_buffer))
+        if self._need > size:
+            # Room for the frame waiting at start, but at most twice what has arrived of it:
+            # a header alone (announcing a large frame) does not buy a large buffer.
+            target = max(target, min(self._need, 2 * live))
         if target > size:
             self._resize(target)
-        elif start and (size - end < min_read or start + self._need > size):
+        elif start and (size - end < self._min_read or start + self._need > size):
             self._compact()
         return self._view[self._end :]
 

@@ -11,9 +11,9 @@ Servers (each in its own process, each counting messages as they are parsed):
 Every server process applies ``trio_gateway._buffer.tune_allocator`` (what ``serve`` does), so
 that the comparison is between the code, not glibc's settings. The queue holds at most 64 MiB
 of payload (at most 65,536 messages). The client is a separate process that writes pre-masked
-frames as fast as the socket takes them, so the server is the bottleneck (at 79,435 bytes our
-server keeps up with this client: the figure is then the client's). The server reports the
-time from its first to its last message. Usage: ``python -m bench.ws [--count 100000]``.
+frames as fast as the socket takes them, so the server is the bottleneck (where it is not, the
+server's CPU figure is the one to compare). The server reports the time from its first to its
+last message. Usage: ``python -m bench.ws [--count 100000]``.
 """
 
 from __future__ import annotations

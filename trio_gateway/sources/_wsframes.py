@@ -45,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask
 
-__all__ = ("INITIAL_BUFFER", "MAX_BUFFER", "MessageReader")
+__all__ = ("INITIAL_BUFFER", "MAX_BUFFER", "MessageReader", "frame_boundary")
 
 INITIAL_BUFFER = 16 * 1024
 """Receive buffer of a new connection, and what it shrinks back to once reads are small."""

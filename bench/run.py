@@ -581,7 +581,8 @@ def warm_count(row: Row, size: int, mode: Mode) -> int:
 def measured_count(row: Row, size: int, rate: float, mode: Mode, connections: int) -> int:
     count = int(rate * mode.target)
     low = 20 if row.client in ("http", "grpc-unary") else 100
-    high = min(3_000_000, max(low, (256 << 20) // size))
+    # At most 1 GiB a run: at 79,435 B that is 13,500 messages, about 0.5 s for TCP.
+    high = min(3_000_000, max(low, (1 << 30) // size))
     count = max(low * connections, min(high, count))
     return count - count % connections
 
@@ -724,24 +725,53 @@ def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list
 
 
 def run_socat_row(mode: Mode, work: Path, log: Any, tcp: list[Result]) -> list[Result]:
-    """socat at the sizes asked, with as many bytes per run as trio_gateway's TCP runs."""
+    """socat at the sizes asked, interleaved repeat by repeat with a fresh trio_gateway TCP
+    server given the same bytes, so that both sides of the ratio meet the same load.
+
+    The paired runs of ours are stored with socat's result (``extra["paired"]``), apart from
+    the TCP row's own figures, and the ratio is taken between the two.
+    """
+    row = next(row for row in ROWS if row.key == "tcp")
     results = []
     for size in mode.socat_sizes:
         result = Result("tcp", size, False, 1, "socat")
+        paired = Result("tcp", size, False, 1, "trio_gateway")
         ours = next(
             (r for r in tcp if r.size == size and not r.parallel and r.impl == "trio_gateway"), None
         )
-        result.count = (
+        result.count = paired.count = (
             ours.count if ours and ours.count else max(100, (mode.warm_bytes * 4) // size)
         )
+        server: Server | None = None
         try:
-            result.warmup = run_socat(size, max(10, result.count // 4), work, timeout=60)
+            server = Server(row, "trio_gateway", size, work)
+            server.wait_ready()
+            warm = max(10, result.count // 4)
+            paired.warmup = run_once(server, warm, 1, timeout=60)
+            result.warmup = run_socat(size, warm, work, timeout=60)
             for _ in range(mode.repeats):
+                sample = run_once(server, paired.count, 1, timeout=60)
+                server.after_run()
+                if sample.status == "ok":
+                    paired.samples.append(sample)
                 result.samples.append(run_socat(size, result.count, work, timeout=60))
         except CaseError as exc:
             result.status, result.note = "failed", str(exc)
-        mid = result.median()
-        log(f"  socat, {size} B: {f'{mid:,.0f} ns/op' if mid else result.status}")
+        finally:
+            if server is not None:
+                server.close()
+        result.extra["paired"] = {
+            "impl": "trio_gateway",
+            "median_ns_per_op": _round(paired.median()),
+            "median_cpu_ns_per_op": _round(paired.median("cpu_ns_per_op")),
+            "spread": None if paired.spread() is None else round(paired.spread() or 0.0, 4),
+            "samples": [s.as_dict() for s in paired.samples],
+        }
+        mid, ours_mid = result.median(), paired.median()
+        text = f"{mid:,.0f} ns/op" if mid else result.status
+        if mid and ours_mid:
+            text += f", trio_gateway beside it {ours_mid:,.0f} ns/op ({mid / ours_mid:.2f}x)"
+        log(f"  socat, {size} B: {text}")
         results.append(result)
     return results
 

@@ -237,6 +237,12 @@ def _parser() -> argparse.ArgumentParser:
         "connection, one final Ack), bidi (StreamAcked: an Ack per message)",
     )
     send.add_argument(
+        "--acks",
+        action="store_true",
+        help="--ws: ask for acknowledgements (subprotocol trio-gateway.ack.v1) and count "
+        "accepted and refused messages from them",
+    )
+    send.add_argument(
         "--token",
         metavar="TOKEN|env:NAME",
         help="--http/--ws/--grpc: send Authorization: Bearer TOKEN",
@@ -424,6 +430,7 @@ def _check_send_flags(args: argparse.Namespace) -> str:
         ("--framing", ("tcp",), args.framing is not None),
         ("--ndjson", ("http",), args.ndjson is not None),
         ("--mode", ("grpc",), args.mode is not None),
+        ("--acks", ("ws",), args.acks),
         ("--tls", ("tcp", "grpc"), args.tls),
         ("--ca", ("tcp", "http", "ws", "grpc"), args.ca is not None),
         ("--token", ("http", "ws", "grpc"), args.token is not None),
@@ -488,6 +495,7 @@ async def _send(args: argparse.Namespace) -> int:
                 rate=rate,
                 step_timeout=step,
                 progress=advance,
+                acks=args.acks,
             )
         else:
             host, port = parse_hostport(args.grpc, key="--grpc")

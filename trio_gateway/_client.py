@@ -15,7 +15,10 @@ One function per transport; each sends ``count`` messages of ``size`` bytes (see
   gateway answers our close with ``1000``, it has read every message before it (TCP keeps
   order), and they count as accepted. When it closes first (``1009`` too big, ``1001``
   stopping) the client cannot tell which were read, so the connection's messages are all
-  reported under ``close <code>``.
+  reported under ``close <code>``. With ``acks=True`` the client offers the subprotocol
+  ``trio-gateway.ack.v1`` and counts what the gateway's acks say instead: accepted, or
+  refused by reason (``queue_full``, ``gateway_stopping``); messages no ack covered when the
+  connection ended count under the close code (``unacknowledged`` after a clean close).
 * :func:`send_grpc`: the gateway's own ``trio_gateway.v1.Gateway`` service (``Send``,
   ``Stream``, ``StreamAcked``), over a small HTTP/2 client on ``h2`` (the mirror of
   ``sources/grpc/_server.py``) with the generated message classes. No grpcio and no asyncio:
@@ -58,14 +61,16 @@ from grpclib.metadata import decode_grpc_message, encode_timeout
 from h2.settings import SettingCodes
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus, InvalidURI
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Response as WsResponse
 from websockets.protocol import State as WsState
+from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI, parse_uri
 
 from ._errors import ConfigurationError, GatewayError, ProtocolError, TransportError
 from ._proto import gateway_pb2
 from .codecs import GrpcMessageDecoder, encode_length_prefixed, encode_newline
+from .sources.websocket import ACK_SUBPROTOCOL
 
 __all__ = (
     "DEFAULT_TIMEOUT",
@@ -622,13 +627,69 @@ async def send_http(
 # -- WebSocket ------------------------------------------------------------------------------
 
 
+class _AckTally:
+    """What one connection's acks said (``trio-gateway.ack.v1``, see ``docs/websocket.md``).
+
+    Every ack settles the messages after the previous one's ``acked`` up to its own: accepted,
+    except those in its ``refused`` ranges. An ack that does not fit that (numbers going back,
+    past what was sent, ranges out of order) is a :class:`ProtocolError`.
+    """
+
+    def __init__(self, run: _Run, where: str) -> None:
+        self.run = run
+        self.where = where
+        self.acked = 0
+        self.sent = 0  # messages handed to the protocol so far
+
+    def _bad(self, data: bytes, why: str) -> ProtocolError:
+        return ProtocolError(f"{self.where}: bad ack ({why}): {data[:200]!r}")
+
+    def apply(self, data: bytes) -> None:
+        try:
+            ack = json.loads(data)
+        except ValueError as exc:
+            raise self._bad(data, "not JSON") from exc
+        if not isinstance(ack, dict):
+            raise self._bad(data, "not an object")
+        acked, refused = ack.get("acked"), ack.get("refused", [])
+        if type(acked) is not int or not self.acked < acked <= self.sent:
+            raise self._bad(data, f"acked must be in {self.acked + 1}..{self.sent}")
+        if not isinstance(refused, list):
+            raise self._bad(data, "refused must be a list")
+        after = self.acked  # ranges ascend, disjoint, within (previous acked, acked]
+        counts: Counter[str] = Counter()
+        for entry in refused:
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and type(entry[0]) is int
+                and type(entry[1]) is int
+                and isinstance(entry[2], str)
+                and after < entry[0] <= entry[1] <= acked
+            ):
+                raise self._bad(data, "refused ranges must be [first, last, reason], ascending")
+            counts[entry[2]] += entry[1] - entry[0] + 1
+            after = entry[1]
+        self.run.accept(acked - self.acked - sum(counts.values()))
+        for reason, n in counts.items():
+            self.run.reject(reason, n)
+        self.acked = acked
+
+
 class _WsConnection:
     """A client WebSocket on a Trio stream: the protocol object, a writer lock, a reader."""
 
-    def __init__(self, stream: trio.abc.Stream, protocol: ClientProtocol, where: str) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: ClientProtocol,
+        where: str,
+        acks: _AckTally | None = None,
+    ) -> None:
         self.stream = stream
         self.protocol = protocol
         self.where = where
+        self.acks = acks
         self.lock = trio.Lock()
         self.closed = trio.Event()
         self.lost: BaseException | None = None
@@ -681,7 +742,11 @@ class _WsConnection:
                     protocol.receive_data(data)
                 else:
                     protocol.receive_eof()
-                protocol.events_received()  # the server sends no messages; frames are handled
+                events = protocol.events_received()  # pings and the close are handled
+                if self.acks is not None:  # the server sends no messages but acks
+                    for event in events:
+                        if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                            self.acks.apply(bytes(event.data))
                 try:
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -718,9 +783,13 @@ async def send_websocket(
     rate: float | None = None,
     step_timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int], None] | None = None,
+    acks: bool = False,
 ) -> SendSummary:
     """Send ``count`` binary messages to ``url`` (``ws://`` or ``wss://``) on ``concurrency``
-    connections, then close each cleanly and wait for the gateway's close (the receipt)."""
+    connections, then close each cleanly and wait for the gateway's close (the receipt).
+
+    ``acks``: ask for acknowledgements (subprotocol ``trio-gateway.ack.v1``) and count what
+    they say; a gateway that does not select it is a :class:`ProtocolError`."""
     _check_common(count, size, concurrency, step_timeout)
     try:
         wsuri: WebSocketURI = parse_uri(url)
@@ -730,8 +799,9 @@ async def send_websocket(
         raise ConfigurationError("--ca", "needs a wss:// URL")
     context = client_ssl_context(cafile, alpn=["http/1.1"]) if wsuri.secure else None
     where = f"{wsuri.host}:{wsuri.port}"
-    run = _Run(count, size, rate=rate, progress=progress, progress_on_write=True)
+    run = _Run(count, size, rate=rate, progress=progress, progress_on_write=not acks)
     per_write = run.chunk()
+    subprotocols = [Subprotocol(ACK_SUBPROTOCOL)] if acks else None
 
     async def worker() -> None:
         seqs = run.claim(per_write)
@@ -741,7 +811,13 @@ async def send_websocket(
             wsuri.host, wsuri.port, ssl_context=context, step_timeout=step_timeout
         )
         async with stream:
-            connection = _WsConnection(stream, ClientProtocol(wsuri, max_size=_MAX_REPLY), where)
+            tally = _AckTally(run, where) if acks else None
+            connection = _WsConnection(
+                stream,
+                ClientProtocol(wsuri, subprotocols=subprotocols, max_size=_MAX_REPLY),
+                where,
+                tally,
+            )
             protocol = connection.protocol
             try:
                 with trio.fail_after(step_timeout):
@@ -762,6 +838,10 @@ async def send_websocket(
                 run.reject_unsent(reason, len(seqs))
                 run.stop(reason)
                 return
+            if acks and protocol.subprotocol != ACK_SUBPROTOCOL:
+                raise ProtocolError(
+                    f"{where}: the gateway did not select {ACK_SUBPROTOCOL} (no acks there)"
+                )
             written = 0
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(connection.read_until_closed)
@@ -770,6 +850,8 @@ async def send_websocket(
                         await run.pace(seqs.start)
                         for payload in run.payloads(seqs):
                             protocol.send_binary(payload)
+                        if tally is not None:
+                            tally.sent += len(seqs)
                         with trio.fail_after(step_timeout):
                             await connection.flush()
                         written += len(seqs)
@@ -788,7 +870,16 @@ async def send_websocket(
                     await connection.closed.wait()
                 nursery.cancel_scope.cancel()
             outcome = _ws_outcome(protocol, connection.lost, where, step_timeout)
-            if outcome is None:
+            if tally is not None:
+                # Sent, but no ack covered it: its fate is unknown (the gateway closed first;
+                # after a clean close there should be none: the last ack precedes its close).
+                reason = outcome or "unacknowledged"
+                run.reject(reason, tally.sent - tally.acked)
+                # Claimed but never handed to the protocol (the loop ended before).
+                run.reject_unsent(reason, written + len(seqs) - tally.sent)
+                if outcome is not None:
+                    run.stop(outcome)
+            elif outcome is None:
                 run.accept(written)  # sending stops early only when the server closes first
             else:
                 run.reject(outcome, written)

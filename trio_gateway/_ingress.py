@@ -154,7 +154,8 @@ class Ingress:
 
         Reasons used by the built-in sources: ``oversize``, ``malformed``, ``truncated``,
         ``unauthorized``, ``too_many_connections``, ``idle_timeout``, ``too_slow`` (a
-        message not complete within the idle timeout: slowloris), ``tls_handshake``,
+        message not complete within the idle timeout: slowloris; or a WebSocket peer that does
+        not read its acknowledgements for that long), ``tls_handshake``,
         ``not_found``, ``queue_full``, and ``internal_error`` (a handler failed: that
         connection ended, the gateway went on).
         """

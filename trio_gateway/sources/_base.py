@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -9,7 +10,7 @@ import ssl
 import sys
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import h2.config
@@ -379,6 +380,27 @@ class _Connections:
         await self._idle.wait()
 
 
+@contextlib.contextmanager
+def _fails_alone(ingress: Ingress, connection: str, work: str) -> Iterator[None]:
+    """One peer fails alone: a connection that breaks is logged (``"<connection> ended"``);
+    any other exception, a bug or a library tripped up by what a peer sent, is counted as
+    ``internal_error`` and logged with its traceback (``"<work> failed"``), rate-limited, and
+    the gateway goes on (:func:`trio.serve_listeners` would let it crash everything)."""
+    try:
+        yield
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        connection_errors.info("%s: %s ended: %r", ingress.listener, connection, exc)
+    except Exception as exc:
+        ingress.reject("internal_error")
+        connection_errors.log(
+            logging.ERROR,
+            "%s: %s failed:\n%s",
+            ingress.listener,
+            work,
+            "".join(traceback.format_exception(exc)).rstrip(),
+        )
+
+
 async def serve_connections(
     handler: Callable[[StreamT], Awaitable[None]],
     listeners: Sequence[trio.abc.Listener[StreamT]],
@@ -414,19 +436,9 @@ async def serve_connections(
         nonlocal refusing
         assert refuse is not None
         try:
-            with trio.move_on_after(refusal_timeout):
-                await refuse(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            connection_errors.info("%s: refused connection ended: %r", ingress.listener, exc)
-        except Exception as exc:
-            # A bug in refuse(): the connection is closed, the gateway goes on (as run_one).
-            ingress.reject("internal_error")
-            connection_errors.log(
-                logging.ERROR,
-                "%s: refusing a connection failed:\n%s",
-                ingress.listener,
-                "".join(traceback.format_exception(exc)).rstrip(),
-            )
+            with _fails_alone(ingress, "refused connection", "refusing a connection"):
+                with trio.move_on_after(refusal_timeout):
+                    await refuse(stream)
         finally:
             refusing -= 1
             await trio.aclose_forcefully(stream)
@@ -434,21 +446,9 @@ async def serve_connections(
     async def run_one(stream: StreamT) -> None:
         ingress.connection_opened()
         try:
-            async with stream:
-                await handler(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            connection_errors.info("%s: connection ended: %r", ingress.listener, exc)
-        except Exception as exc:
-            # A bug, or a library tripped up by what a peer sent: that connection ends, the
-            # gateway goes on (trio.serve_listeners would let it crash everything). Counted
-            # as internal_error and logged with its traceback, rate-limited.
-            ingress.reject("internal_error")
-            connection_errors.log(
-                logging.ERROR,
-                "%s: connection handler failed:\n%s",
-                ingress.listener,
-                "".join(traceback.format_exception(exc)).rstrip(),
-            )
+            with _fails_alone(ingress, "connection", "connection handler"):
+                async with stream:
+                    await handler(stream)
         finally:
             ingress.connection_closed()
             live.closed()

@@ -52,6 +52,7 @@ from ._base import (
     check_reuse_port,
     connection_errors,
     format_peer,
+    linger,
     refuse_with,
     serve_connections,
 )
@@ -599,10 +600,7 @@ class WebSocketSource(Source):
         sends, for at most a second. Closing with unread data would make the kernel send a
         reset, and the client could lose the close frame (it would see 1006, not 1009)."""
         with trio.move_on_after(1.0):
-            if isinstance(stream, trio.SocketStream):
-                await stream.send_eof()
-            while await stream.receive_some(MAX_RECV):
-                pass
+            await linger(stream)
 
     @staticmethod
     def _count_close(ingress: Ingress, protocol: ServerProtocol, partial: bool) -> None:

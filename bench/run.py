@@ -614,6 +614,13 @@ def run_case(
             continue
         rate = 1e9 / warm.ns_per_op
         result.count = measured_count(row, size, rate, mode, connections)
+    # Every implementation gets the same messages: the count the slowest was sized to. A
+    # faster one sized by its own rate would run longer, and, in the file rows, write more
+    # (its runs met the kernel's dirty-page limits where the peer's did not).
+    counts = [r.count for r in results.values() if r.status == "ok" and r.count]
+    for result in results.values():
+        if result.status == "ok" and counts:
+            result.count = min(counts)
     for _ in range(mode.repeats):
         for impl, server in servers.items():
             result = results[impl]

@@ -16,6 +16,11 @@ handler comes back for more (:meth:`GrpcStream.recv_batch` / :meth:`GrpcStream.r
 so a handler blocked on a full queue keeps the stream's window closed and the client waits.
 Bytes of a message still being assembled are acknowledged at once (they are bounded by
 ``max_message_size``), so messages larger than the window still get through.
+
+A call with ``grpc-encoding: gzip`` or ``deflate`` is a :class:`_CompressedStream`: its
+messages are held as they came (so the window still counts wire bytes) and inflated when the
+handler takes them, never past ``max_message_size`` of output. Identity calls never see that
+code.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hmac
 import math
 import os
 import struct
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +81,10 @@ _WRITE_HIGH_WATER = 512 * 1024
 """Outgoing bytes buffered before a producer (reader or handler) waits for the writer."""
 _READ_SIZE = 256 * 1024
 _GRPC_CONTENT_TYPE = "application/grpc+proto"
+_ACCEPT_ENCODING = "identity,deflate,gzip"
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+"""zlib's window bits per ``grpc-encoding``: gzip's wrapper, and zlib's (RFC 1950) for
+"deflate", as grpc-core and grpc-java write it."""
 
 
 _UNAVAILABLE_HEADERS = (
@@ -98,12 +108,19 @@ def _literal(name: bytes, value: bytes) -> bytes:
 
 
 # The constant header blocks of a successful call, encoded once: ":status: 200" is static
-# entry 8 (0x88); "content-type" is static entry 31, sent as a literal without indexing.
+# entry 8 (0x88); "content-type" is static entry 31, sent as a literal without indexing;
+# "grpc-accept-encoding" says which compressed requests we take (doc/compression.md).
 _CONTENT_TYPE_BLOCK = b"\x0f\x10" + bytes((len(_GRPC_CONTENT_TYPE),)) + _GRPC_CONTENT_TYPE.encode()
-_RESPONSE_HEADERS_BLOCK = b"\x88" + _CONTENT_TYPE_BLOCK
+_RESPONSE_HEADERS_BLOCK = (
+    b"\x88" + _CONTENT_TYPE_BLOCK + _literal(b"grpc-accept-encoding", _ACCEPT_ENCODING.encode())
+)
 _OK_TRAILERS_BLOCK = _literal(b"grpc-status", b"0")
 _OK_TRAILERS_ONLY_BLOCK = _RESPONSE_HEADERS_BLOCK + _OK_TRAILERS_BLOCK
-_RESPONSE_HEADERS = ((":status", "200"), ("content-type", _GRPC_CONTENT_TYPE))
+_RESPONSE_HEADERS = (
+    (":status", "200"),
+    ("content-type", _GRPC_CONTENT_TYPE),
+    ("grpc-accept-encoding", _ACCEPT_ENCODING),
+)
 _END_HEADERS = 0x4
 _END_STREAM = 0x1
 
@@ -524,6 +541,157 @@ class GrpcStream:
             self._conn.emit()
 
 
+def inflate_message(data: bytes, wbits: int, limit: int) -> bytes:
+    """Decompress one message (``wbits`` as for :func:`zlib.decompressobj`), never producing
+    more than ``limit`` bytes: :class:`FrameTooLarge` past it, :class:`ProtocolError` if the
+    data is not one complete stream in that format. zlib never produces more than ``limit``,
+    so a bomb costs at most about twice ``limit`` (its output blocks are joined at the end)
+    whatever it claims to inflate to."""
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, limit)
+        # At the limit with input or zlib's own output still pending, one more byte of
+        # output is one too many (the input left may also be just the gzip trailer).
+        if (
+            len(out) == limit
+            and not inflater.eof
+            and inflater.decompress(inflater.unconsumed_tail, 1)
+        ):
+            raise FrameTooLarge(limit + 1, limit)
+    except zlib.error as exc:
+        raise ProtocolError(f"corrupt compressed message: {exc}") from exc
+    if not inflater.eof:
+        raise ProtocolError("truncated compressed message")
+    if inflater.unused_data:
+        raise ProtocolError("data after the end of the compressed message")
+    return out
+
+
+class _CompressedStream(GrpcStream):
+    """A call whose client set ``grpc-encoding`` to gzip or deflate.
+
+    Messages are kept as they arrived, each with its compressed flag (a message whose flag
+    is 0 is plain, even here), so the flow-control accounting is in wire bytes as for any
+    call. They are inflated when the handler takes them: :meth:`recv_batch` inflates until
+    the batch holds a stream window's worth of output (the rest waits for the next call),
+    so a window of small compressed messages never becomes a window times the inflation
+    ratio in memory. A message that inflates past ``max_message_size`` ends the call
+    RESOURCE_EXHAUSTED (``oversize``); a corrupt one INTERNAL (``malformed``). Messages
+    before the bad one are handed over first.
+    """
+
+    __slots__ = ("_flags", "_wbits")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        stream_id: int,
+        headers: Sequence[tuple[str, str]],
+        handler: Handler,
+        timeout: float | None,
+        wbits: int,
+    ) -> None:
+        super().__init__(conn, stream_id, headers, handler, timeout)
+        self._wbits = wbits
+        self._flags: deque[bool] = deque()
+
+    async def recv_batch(self) -> list[bytes]:
+        self._release()
+        while not self._messages:
+            await self._wait_readable()
+            if self._ended and not self._messages:
+                return []
+        messages, flags = self._messages, self._flags
+        budget = self._conn.server.limits.stream_window
+        batch: list[bytes] = []
+        out = 0
+        while messages and out < budget:
+            data = messages.popleft()
+            size = len(data) + _PREFIX_SIZE
+            self._held -= size
+            self._to_release += size
+            if flags.popleft():
+                try:
+                    data = self._inflate(data)
+                except GRPCError:
+                    if not batch:
+                        raise
+                    break  # the next read raises it, after this good prefix
+            batch.append(data)
+            out += len(data)
+        return batch
+
+    async def recv_message(self) -> Any:
+        self._release()
+        while not self._messages:
+            await self._wait_readable()
+            if self._ended and not self._messages:
+                return None
+        data = self._messages.popleft()
+        size = len(data) + _PREFIX_SIZE
+        self._held -= size
+        self._to_release += size
+        if self._flags.popleft():
+            data = self._inflate(data)
+        return self.decode(data)
+
+    def _inflate(self, data: bytes) -> bytes:
+        """One message inflated; on failure the call is over: every message still held is
+        dropped (its bytes released) and the error is returned to any later read."""
+        try:
+            return inflate_message(data, self._wbits, self._decoder.max_message_size)
+        except FrameTooLarge as exc:
+            reason, error = (
+                "oversize",
+                GRPCError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"message inflates past the limit of {exc.limit} bytes",
+                ),
+            )
+        except ProtocolError as exc:
+            reason, error = "malformed", GRPCError(Status.INTERNAL, str(exc))
+        self._conn.server.reject(reason)
+        self._error = error
+        self._messages.clear()
+        self._flags.clear()
+        self._to_release += self._held
+        self._held = 0
+        raise error
+
+    def _feed(self, data: bytes, flow_len: int) -> None:
+        if self._error is not None or self._reset:
+            self._conn.h2.acknowledge_received_data(flow_len, self.stream_id)
+            return
+        self._unacked += flow_len
+        try:
+            frames = self._decoder.feed(data)
+        except FrameTooLarge as exc:
+            self._conn.server.reject("oversize")
+            self._fail(GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)))
+            return
+        except ProtocolError as exc:
+            self._conn.server.reject("malformed")
+            self._fail(GRPCError(Status.INTERNAL, str(exc)))
+            return
+        if frames:
+            messages, flags = self._messages, self._flags
+            held = _PREFIX_SIZE * len(frames)
+            for compressed, payload in frames:
+                messages.append(payload)
+                flags.append(compressed)
+                held += len(payload)
+            self._held += held
+        surplus = self._unacked - self._held - self._to_release
+        if surplus > 0:
+            self._ack(surplus)
+        if frames:
+            self._wake()
+
+    def _fail(self, error: GRPCError) -> None:
+        self._flags.clear()
+        super()._fail(error)
+
+
 class _Connection:
     """One HTTP/2 connection: a reader, a writer and a task per call, in one nursery."""
 
@@ -837,8 +1005,18 @@ class _Connection:
             if not self._calls:
                 self._close_when_flushed()
 
-    def _refuse(self, stream_id: int, status: Status, message: str, http: str = "200") -> None:
+    def _refuse(
+        self,
+        stream_id: int,
+        status: Status,
+        message: str,
+        http: str = "200",
+        *,
+        accept_encoding: bool = False,
+    ) -> None:
         headers = [(":status", http), ("content-type", _GRPC_CONTENT_TYPE)]
+        if accept_encoding:
+            headers.append(("grpc-accept-encoding", _ACCEPT_ENCODING))
         headers.append(("grpc-status", str(status.value)))
         headers.append(("grpc-message", encode_grpc_message(message)))
         self.h2.send_headers(stream_id, headers, end_stream=True)
@@ -882,9 +1060,17 @@ class _Connection:
             server.reject("unauthorized")
             self._refuse(stream_id, Status.UNAUTHENTICATED, "missing or invalid bearer token")
             return
+        wbits = 0
         if encoding is not None and encoding != "identity":
-            self._refuse(stream_id, Status.UNIMPLEMENTED, f"grpc-encoding {encoding} unsupported")
-            return
+            wbits = _WBITS.get(encoding, 0)
+            if not wbits:
+                self._refuse(
+                    stream_id,
+                    Status.UNIMPLEMENTED,
+                    f"grpc-encoding {encoding} is not supported (supported: {_ACCEPT_ENCODING})",
+                    accept_encoding=True,
+                )
+                return
         timeout = None
         if timeout_value is not None:
             try:
@@ -892,7 +1078,11 @@ class _Connection:
             except ValueError:
                 self._refuse(stream_id, Status.INTERNAL, "malformed grpc-timeout")
                 return
-        call = GrpcStream(self, stream_id, headers, handler, timeout)
+        call = (
+            GrpcStream(self, stream_id, headers, handler, timeout)
+            if not wbits
+            else _CompressedStream(self, stream_id, headers, handler, timeout, wbits)
+        )
         self._calls[stream_id] = call
         self._idle.deadline = math.inf
         assert self._nursery is not None

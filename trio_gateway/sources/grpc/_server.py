@@ -473,22 +473,28 @@ class GrpcStream:
             self._conn.server.reject("malformed")
             self._fail(GRPCError(Status.INTERNAL, str(exc)))
             return
-        if frames:
-            messages = self._messages
-            held = _PREFIX_SIZE * len(frames)
-            for compressed, payload in frames:
-                if compressed:
-                    self._fail(GRPCError(Status.INTERNAL, "compressed message, no grpc-encoding"))
-                    return
-                messages.append(payload)
-                held += len(payload)
-            self._held += held
+        if frames and not self._hold(frames):
+            return
         surplus = self._unacked - self._held - self._to_release
         if surplus > 0:
             # padding and the part of a message still being assembled: bounded, so let it in
             self._ack(surplus)
         if frames:
             self._wake()
+
+    def _hold(self, frames: list[tuple[bool, bytes]]) -> bool:
+        """Keep a DATA frame's decoded messages for the handler; False if one failed the
+        call (here: a compressed message on a call without an encoding)."""
+        messages = self._messages
+        held = _PREFIX_SIZE * len(frames)
+        for compressed, payload in frames:
+            if compressed:
+                self._fail(GRPCError(Status.INTERNAL, "compressed message, no grpc-encoding"))
+                return False
+            messages.append(payload)
+            held += len(payload)
+        self._held += held
+        return True
 
     def _fail(self, error: GRPCError) -> None:
         self._error = error
@@ -658,34 +664,17 @@ class _CompressedStream(GrpcStream):
         self._held = 0
         raise error
 
-    def _feed(self, data: bytes, flow_len: int) -> None:
-        if self._error is not None or self._reset:
-            self._conn.h2.acknowledge_received_data(flow_len, self.stream_id)
-            return
-        self._unacked += flow_len
-        try:
-            frames = self._decoder.feed(data)
-        except FrameTooLarge as exc:
-            self._conn.server.reject("oversize")
-            self._fail(GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)))
-            return
-        except ProtocolError as exc:
-            self._conn.server.reject("malformed")
-            self._fail(GRPCError(Status.INTERNAL, str(exc)))
-            return
-        if frames:
-            messages, flags = self._messages, self._flags
-            held = _PREFIX_SIZE * len(frames)
-            for compressed, payload in frames:
-                messages.append(payload)
-                flags.append(compressed)
-                held += len(payload)
-            self._held += held
-        surplus = self._unacked - self._held - self._to_release
-        if surplus > 0:
-            self._ack(surplus)
-        if frames:
-            self._wake()
+    def _hold(self, frames: list[tuple[bool, bytes]]) -> bool:
+        """Keep the messages as they arrived, each with its compressed flag: they are inflated
+        when the handler takes them."""
+        messages, flags = self._messages, self._flags
+        held = _PREFIX_SIZE * len(frames)
+        for compressed, payload in frames:
+            messages.append(payload)
+            flags.append(compressed)
+            held += len(payload)
+        self._held += held
+        return True
 
     def _fail(self, error: GRPCError) -> None:
         self._flags.clear()

@@ -786,10 +786,11 @@ def run_socat_row(mode: Mode, work: Path, log: Any, tcp: list[Result]) -> list[R
 # -- queues and the JSON Lines encoder (in their own processes) ---------------------------------
 
 
-def run_queues(mode: Mode, work: Path) -> dict[str, Any]:
-    out = work / "queues.json"
+def _run_tool(module: str, args: Sequence[str], work: Path) -> dict[str, Any]:
+    """``python -m MODULE --json FILE ARGS`` in its own process: its JSON, with a status."""
+    out = work / f"{module.rpartition('.')[2]}.json"
     done = subprocess.run(
-        [PYTHON, "-m", "bench.queues", "--json", str(out), *mode.queue_args],
+        [PYTHON, "-m", module, "--json", str(out), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -800,22 +801,14 @@ def run_queues(mode: Mode, work: Path) -> dict[str, Any]:
     document: dict[str, Any] = json.loads(out.read_text())
     document["status"] = "ok"
     return document
+
+
+def run_queues(mode: Mode, work: Path) -> dict[str, Any]:
+    return _run_tool("bench.queues", mode.queue_args, work)
 
 
 def run_jsonl(mode: Mode, work: Path) -> dict[str, Any]:
-    out = work / "jsonl.json"
-    done = subprocess.run(
-        [PYTHON, "-m", "bench.jsonl", "--json", str(out), "--messages", str(mode.jsonl_messages)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0 or not out.exists():
-        return {"status": "failed", "note": done.stderr[-500:]}
-    document: dict[str, Any] = json.loads(out.read_text())
-    document["status"] = "ok"
-    return document
+    return _run_tool("bench.jsonl", ("--messages", str(mode.jsonl_messages)), work)
 
 
 # -- the machine --------------------------------------------------------------------------------

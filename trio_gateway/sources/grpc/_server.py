@@ -335,11 +335,15 @@ class GrpcStream:
             await self._wait_readable()
             if self._ended and not self._messages:
                 return None
+        return self.decode(self._pop())
+
+    def _pop(self) -> bytes:
+        """The oldest held message, its bytes counted as ready to be released to the peer."""
         data = self._messages.popleft()
         size = len(data) + _PREFIX_SIZE
         self._held -= size
         self._to_release += size
-        return self.decode(data)
+        return data
 
     def decode(self, data: bytes) -> Any:
         """Parse one message of the request type; INVALID_ARGUMENT if it is not valid."""
@@ -607,39 +611,26 @@ class _CompressedStream(GrpcStream):
             await self._wait_readable()
             if self._ended and not self._messages:
                 return []
-        messages, flags = self._messages, self._flags
+        messages = self._messages
         budget = self._conn.server.limits.stream_window
         batch: list[bytes] = []
         out = 0
         while messages and out < budget:
-            data = messages.popleft()
-            size = len(data) + _PREFIX_SIZE
-            self._held -= size
-            self._to_release += size
-            if flags.popleft():
-                try:
-                    data = self._inflate(data)
-                except GRPCError:
-                    if not batch:
-                        raise
-                    break  # the next read raises it, after this good prefix
+            try:
+                data = self._pop()
+            except GRPCError:
+                if not batch:
+                    raise
+                break  # the next read raises it, after this good prefix
             batch.append(data)
             out += len(data)
         return batch
 
-    async def recv_message(self) -> Any:
-        self._release()
-        while not self._messages:
-            await self._wait_readable()
-            if self._ended and not self._messages:
-                return None
-        data = self._messages.popleft()
-        size = len(data) + _PREFIX_SIZE
-        self._held -= size
-        self._to_release += size
+    def _pop(self) -> bytes:
+        data = super()._pop()
         if self._flags.popleft():
             data = self._inflate(data)
-        return self.decode(data)
+        return data
 
     def _inflate(self, data: bytes) -> bytes:
         """One message inflated; on failure the call is over: every message still held is

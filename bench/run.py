@@ -664,32 +664,26 @@ def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list
     results: list[Result] = []
     parallel_modes = mode.file_parallel if row.sink == "file" else mode.parallel_modes
     impls = [impl for impl in row.impls if not missing(impl)]
+
+    def unmeasured(size: int, impls: Sequence[str], status: str, note: str) -> None:
+        """Record the cells of ``size`` not yet in ``results`` as ``status`` (not measured)."""
+        done = {(r.parallel, r.impl) for r in results if r.size == size and r.row == row.key}
+        for parallel in parallel_modes:
+            for impl in impls:
+                if (parallel, impl) not in done:
+                    connections = parallel_n if parallel else 1
+                    results.append(
+                        Result(row.key, size, parallel, connections, impl, status=status, note=note)
+                    )
+
     for impl in row.impls:
         if why := missing(impl):
             log(f"  {impl}: skipped: {why}")
             for size in mode.sizes:
-                for parallel in parallel_modes:
-                    connections = parallel_n if parallel else 1
-                    results.append(
-                        Result(
-                            row.key, size, parallel, connections, impl, status="skipped", note=why
-                        )
-                    )
+                unmeasured(size, [impl], "skipped", why)
     for size in mode.sizes:
         if row.lossy and size > MAX_UDP:
-            for parallel in parallel_modes:
-                for impl in impls:
-                    results.append(
-                        Result(
-                            row.key,
-                            size,
-                            parallel,
-                            parallel_n if parallel else 1,
-                            impl,
-                            status="n/a",
-                            note=f"a UDP datagram holds at most {MAX_UDP} bytes",
-                        )
-                    )
+            unmeasured(size, impls, "n/a", f"a UDP datagram holds at most {MAX_UDP} bytes")
             continue
         servers: dict[str, Server] = {}
         try:
@@ -703,21 +697,7 @@ def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list
                 results += run_case(row, size, parallel, connections, servers, mode, log)
         except CaseError as exc:
             log(f"  {row.title}, {size} B: {exc}")
-            done = {(r.parallel, r.impl) for r in results if r.size == size and r.row == row.key}
-            for parallel in parallel_modes:
-                for impl in impls:
-                    if (parallel, impl) not in done:
-                        results.append(
-                            Result(
-                                row.key,
-                                size,
-                                parallel,
-                                parallel_n if parallel else 1,
-                                impl,
-                                status="failed",
-                                note=str(exc),
-                            )
-                        )
+            unmeasured(size, impls, "failed", str(exc))
         finally:
             for server in servers.values():
                 server.close()

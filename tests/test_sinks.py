@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trio.testing import MockClock
 
 from trio_gateway import Batch, FileSink, Gateway, Origin, RetryPolicy, TcpSink, TcpSource
 from trio_gateway.codecs import LengthPrefixDecoder
@@ -94,6 +100,121 @@ async def test_file_sink_appends(tmp_path: Path) -> None:
         b"one",
         b"two",
     ]
+
+
+class _Ticker:
+    """Counts turns of the event loop while it runs: a write in the loop stops it."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            self.ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async def ticks_during(self, operation: Callable[[], Awaitable[None]]) -> int:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.run)
+            await trio.lowlevel.checkpoint()
+            before = self.ticks
+            await operation()
+            nursery.cancel_scope.cancel()
+        return self.ticks - before
+
+
+def _hold_the_file(path: Path) -> threading.Thread:
+    """Append 64 MiB to ``path`` from another thread and return once that write is under way.
+
+    Linux holds a file's inode lock through a buffered ``write()``, so a write of ours that
+    starts meanwhile waits for this one to finish: a real slow write, on a local filesystem.
+    """
+    started = threading.Event()
+
+    def write() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            started.set()
+            os.write(fd, bytes(64 << 20))
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    started.wait()
+    time.sleep(0.002)  # into its write()
+    return thread
+
+
+async def test_file_sink_writes_small_batches_in_the_loop_and_slow_ones_in_its_thread(
+    tmp_path: Path, mock_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(path)
+    await sink.open()
+    assert sink.inline  # a regular file on the local filesystem of tmp_path
+    batch = Batch([b"x" * 100] * 100, [(ORIGIN, 100)])
+    ticker = _Ticker()
+    try:
+        # A fast write stays in the loop; the loop does not turn during it.
+        assert await ticker.ticks_during(lambda: sink.send(batch)) < 5
+        # A slow one still runs in the loop (nothing could tell it would be slow)...
+        hog = _hold_the_file(path)
+        assert await ticker.ticks_during(lambda: sink.send(batch)) < 5
+        hog.join()
+        assert "writing from a thread for 10 s" in caplog.text
+        # ...and sends the next writes to the thread: the loop keeps turning while they wait.
+        hog = _hold_the_file(path)
+        assert await ticker.ticks_during(lambda: sink.send(batch)) > 10
+        hog.join()
+        # After the backoff the loop tries again; slow again, the backoff doubles.
+        mock_clock.jump(10.0)
+        hog = _hold_the_file(path)
+        assert await ticker.ticks_during(lambda: sink.send(batch)) < 5
+        hog.join()
+        assert "writing from a thread for 20 s" in caplog.text
+    finally:
+        await sink.aclose()
+        data = path.read_bytes()
+        os.truncate(path, 0)
+    assert data.replace(b"\0", b"") == 4 * encode_jsonl(batch)
+
+
+async def test_file_sink_never_writes_to_a_fifo_in_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    sink = FileSink(path)
+    await sink.open()
+    assert not sink.inline
+    batch = Batch([b"x" * 1000] * 200, [(ORIGIN, 200)])  # 200 KiB: more than the pipe holds
+    received = bytearray()
+
+    def read_late() -> None:
+        time.sleep(0.3)
+        os.set_blocking(reader, True)
+        while data := os.read(reader, 1 << 20):
+            received.extend(data)
+
+    thread = threading.Thread(target=read_late)
+    thread.start()
+    try:
+        with trio.fail_after(10):
+            assert await _Ticker().ticks_during(lambda: sink.send(batch)) > 10
+    finally:
+        await sink.aclose()
+        thread.join()
+        os.close(reader)
+    assert received == encode_jsonl(batch)
+
+
+async def test_file_sink_with_fsync_writes_in_its_thread(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "out.jsonl", fsync=True)
+    await sink.open()
+    assert not sink.inline
+    await sink.send(Batch([b"one"], [(ORIGIN, 1)]))
+    await sink.aclose()
+    assert decode_jsonl_record((tmp_path / "out.jsonl").read_bytes())[0] == b"one"
 
 
 class _Destination:

@@ -88,6 +88,20 @@ class Ingress:
             counters.rejected["queue_full"] += len(refused)
         return done
 
+    def offer_one_nowait(self, payload: bytes, origin: Origin) -> bool:
+        """Queue one message if the queue takes it now, without its policy dropping anything
+        new; False, with nothing counted or changed, if not (the caller then takes the
+        waiting way, :meth:`offer_or_reject`, which answers its sender)."""
+        try:
+            if not self._queue.put_many_nowait((payload,), origin, drop=False):
+                return False
+        except trio.ClosedResourceError:
+            return False
+        counters = self.counters
+        counters.received += 1
+        counters.received_bytes += len(payload)
+        return True
+
     async def offer(
         self, payloads: Sequence[bytes], origin: Origin, *, nbytes: int | None = None
     ) -> int:

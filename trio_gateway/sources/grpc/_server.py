@@ -206,9 +206,21 @@ class StreamReset(TransportError):
 
 
 class ServiceHandlers(Protocol):
-    """A service implementation as grpclib's protoc plugin generates it (``*Base``)."""
+    """A service implementation as grpclib's protoc plugin generates it (``*Base``).
+
+    A service may also have ``__inline_mapping__()``: path -> :data:`InlineHandler`, for
+    unary methods that can often answer without waiting.
+    """
 
     def __mapping__(self) -> Mapping[str, Handler]: ...
+
+
+InlineHandler = Callable[["GrpcStream", Any], Any]
+"""A unary method's synchronous fast path: ``(stream, request) -> reply``, or ``None`` to run
+the method's ``async`` handler instead (it must then have done nothing). The server calls it
+when the whole request came in one read, from the connection's reader, without a task or a
+cancel scope, and sends the reply with the response headers and trailers in one write: for
+the gateway's ``Send``, about a fifth of a unary call's CPU (docs/grpc.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +394,9 @@ class GrpcStream:
         if self._headers_sent:
             raise ValueError("initial metadata was already sent")
         self._check_open()
+        self._send_headers(metadata)
+
+    def _send_headers(self, metadata: Any = None) -> None:
         h2conn = self._conn.h2
         if metadata or not h2conn.send_encoded_headers(
             self.stream_id, _RESPONSE_HEADERS_BLOCK, end_stream=False
@@ -693,6 +708,9 @@ class _Connection:
         )
         self.h2 = _H2Connection(config=config)
         self._calls: dict[int, GrpcStream] = {}
+        self._starting: list[tuple[GrpcStream, InlineHandler | None]] = []
+        """Calls whose request headers have come and that have no task yet (see
+        :meth:`_start_calls`)."""
         self._out: list[bytes] = []
         self._out_size = 0
         self._sending = 0
@@ -719,6 +737,25 @@ class _Connection:
         self._out.append(data)
         self._out_size += len(data)
         self._wake_writer.set()
+
+    def _write_now(self) -> None:
+        """Write the queued output from the calling task, as much as the kernel takes; the
+        writer (already woken) sends the rest, or reports the error."""
+        fd = self._fd
+        if fd is None:
+            return
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = os.write(fd, data)
+        except OSError:  # BlockingIOError, or a broken connection: the writer deals with it
+            sent = 0
+        if sent == len(data):
+            self._out = []
+            self._out_size = 0
+        elif sent:
+            self._out = [data[sent:]]
+            self._out_size = len(data) - sent
 
     async def _wait_writable(self) -> None:
         while self._out_size + self._sending > _WRITE_HIGH_WATER:
@@ -904,7 +941,12 @@ class _Connection:
                         return
                 for event in events:
                     dispatch(event)
+                spawned = self._start_calls() if self._starting else False
                 self.emit()
+                if self._out and not spawned and not self._sending:
+                    # Everything this read asked for is answered (unary calls inline): write
+                    # it now rather than waking the writer (no task started will add to it).
+                    self._write_now()
                 if self._out_size + self._sending > _WRITE_HIGH_WATER:
                     await self._wait_writable()  # a peer that does not read is not read
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -1065,15 +1107,81 @@ class _Connection:
         )
         self._calls[stream_id] = call
         self._idle.deadline = math.inf
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_call, call)
+        self._starting.append((call, server.inline.get(path or "") if not wbits else None))
 
-    async def _run_call(self, call: GrpcStream) -> None:
+    def _start_calls(self) -> bool:
+        """Start the calls whose headers have come, once all the frames of the read are in.
+
+        A call to a method with an inline handler (a unary method) is answered now if its
+        whole request is here (:meth:`_answer_inline`). While none of its request has come
+        (clients often write the HEADERS and the DATA frame separately), it waits for the
+        next read without a task, unless it has a deadline to keep. Every other call gets a
+        task. True if a task was started.
+        """
+        starting, self._starting = self._starting, []
+        spawned = False
+        assert self._nursery is not None
+        for call, inline in starting:
+            if inline is not None:
+                if (
+                    not call._messages
+                    and not call._ended
+                    and call._error is None
+                    and not call._reset
+                    and call.deadline is None
+                ):
+                    self._starting.append((call, inline))
+                    continue
+                if self._answer_inline(call, inline):
+                    continue
+            self._nursery.start_soon(self._run_call, call)
+            spawned = True
+        return spawned
+
+    def _answer_inline(self, call: GrpcStream, inline: InlineHandler) -> bool:
+        """Answer a unary call without a task: the request is complete and valid, the inline
+        handler returned a reply, and the client's window takes it. False, with nothing
+        done, when any of that is not so: the call then runs its handler in a task, which
+        answers whatever the case (an invalid message, a full queue that may yet drain...)."""
+        if not call._ended or call._error is not None or call._reset or len(call._messages) != 1:
+            return False
+        h2conn = self.h2
+        try:
+            window = h2conn.local_flow_control_window(call.stream_id)
+        except h2.exceptions.StreamClosedError:
+            return False
+        try:
+            request = call._handler.request_type.FromString(call._messages[0])
+        except DecodeError:
+            return False
+        reply = inline(call, request)
+        if reply is None:
+            return False
+        call._pop()
+        body = reply.SerializeToString()
+        data = _PREFIX.pack(0, len(body)) + body
+        if len(data) > min(window, h2conn.max_outbound_frame_size):
+            # The client's window is nearly closed: send the reply from a task, which waits.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_call, call, reply)
+            return True
+        call._send_headers()
+        h2conn.send_data_frame(call.stream_id, data)
+        call.message_sent = True
+        self._end_call(call)
+        call.finish(Status.OK)
+        return True
+
+    async def _run_call(self, call: GrpcStream, reply: Any = None) -> None:
+        """Run the call's handler (or, given ``reply``, just send it) and finish the call."""
         status, message = Status.OK, None
         scope = call.cancel_scope
         try:
             with scope:
-                await call._handler.func(call)
+                if reply is None:
+                    await call._handler.func(call)
+                else:
+                    await call.send_message(reply)
             if scope.cancelled_caught:
                 if call._error is not None:
                     status, message = call._error.status, call._error.message
@@ -1094,14 +1202,18 @@ class _Connection:
             )
             status, message = Status.UNKNOWN, "internal error"
         finally:
-            call._release_all()
-            del self._calls[call.stream_id]
-            if not self._calls:
-                if self._last_stream_id is not None:
-                    self._close_when_flushed()
-                else:
-                    self._idle.deadline = trio.current_time() + self.server.limits.idle_timeout
+            self._end_call(call)
         call.finish(status, message)
+
+    def _end_call(self, call: GrpcStream) -> None:
+        """The handler is done: release the call's flow control and forget it."""
+        call._release_all()
+        del self._calls[call.stream_id]
+        if not self._calls:
+            if self._last_stream_id is not None:
+                self._close_when_flushed()
+            else:
+                self._idle.deadline = trio.current_time() + self.server.limits.idle_timeout
 
 
 class GrpcServer:
@@ -1126,8 +1238,12 @@ class GrpcServer:
         label: str = "grpc",
     ) -> None:
         self.mapping: dict[str, Handler] = {}
+        self.inline: dict[str, InlineHandler] = {}
         for service in services:
             self.mapping.update(service.__mapping__())
+            inline_mapping = getattr(service, "__inline_mapping__", None)
+            if inline_mapping is not None:
+                self.inline.update(inline_mapping())
         self.limits = limits or ServerLimits()
         self.wait_stopping = wait_stopping
         self.reject = reject

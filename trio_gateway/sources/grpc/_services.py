@@ -25,7 +25,7 @@ from ..._proto.model_grpc import (
     GrpcStreamingInputterServiceBase,
     GrpcUnaryInputterServiceBase,
 )
-from ._server import GrpcStream
+from ._server import GrpcStream, InlineHandler
 
 __all__ = (
     "GatewayService",
@@ -72,6 +72,16 @@ class GatewayService(GatewayBase):
     def __init__(self, ingress: Ingress, *, queue_timeout: float) -> None:
         self._ingress = ingress
         self._timeout = queue_timeout
+
+    def __inline_mapping__(self) -> dict[str, InlineHandler]:
+        return {"/trio_gateway.v1.Gateway/Send": self._send_inline}
+
+    def _send_inline(self, stream: GrpcStream, message: Any) -> Any:
+        """``Send`` when the queue has room now (the server's inline path); else ``None``, and
+        :meth:`Send` waits for room or answers RESOURCE_EXHAUSTED."""
+        if not self._ingress.offer_one_nowait(message.payload, _origin(self._ingress, stream)):
+            return None
+        return gateway_pb2.Ack(sequence=message.sequence, accepted=True, accepted_count=1)
 
     async def Send(self, stream: GrpcStream) -> None:  # type: ignore[override]
         message = await stream.recv_message()

@@ -1,0 +1,138 @@
+"""Unary calls answered inline (no task per call): every way a request can come in pieces, or
+not at all, still gets the answer the task path gives. A raw HTTP/2 client (h2) controls what
+is sent when; grpcio and grpclib cover the ordinary calls in test_grpc.py."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import trio
+from test_grpc import GATEWAY, serving
+from test_grpc_compression import Response, _pump, frame
+
+from trio_gateway._proto import gateway_pb2
+
+
+class Client:
+    """One HTTP/2 connection, driven step by step."""
+
+    def __init__(self, stream: trio.SocketStream, *, window: int = 1 << 24) -> None:
+        self.stream = stream
+        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.initiate_connection()
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.conn.data_to_send())
+
+    async def headers(self, stream_id: int, port: int, *extra: tuple[str, str]) -> None:
+        self.conn.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", f"127.0.0.1:{port}"),
+                (":path", GATEWAY + "Send"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                *extra,
+            ],
+        )
+        await self.flush()
+
+    async def message(self, stream_id: int, sequence: int, *, end: bool = True) -> None:
+        body = gateway_pb2.Message(payload=b"p%d" % sequence, sequence=sequence)
+        self.conn.send_data(
+            stream_id, frame(body.SerializeToString(), compressed=False), end_stream=end
+        )
+        await self.flush()
+
+    async def response(self) -> Response:
+        response = Response()
+        with trio.fail_after(5):
+            while not await _pump(self.stream, self.conn, response):
+                pass
+        return response
+
+
+def ack(response: Response) -> gateway_pb2.Ack:
+    assert response.status == 0, response
+    return gateway_pb2.Ack.FromString(response.data[5:])
+
+
+async def test_headers_and_data_in_separate_reads_are_answered() -> None:
+    async with serving(grace_period=0.1) as served:
+        client = Client(await trio.open_tcp_stream("127.0.0.1", served.port))
+        await client.headers(1, served.port)
+        await trio.sleep(0.05)  # the server reads the HEADERS alone
+        await client.message(1, 7)
+        assert ack(await client.response()).sequence == 7
+        assert served.payloads() == [b"p7"]
+
+
+async def test_a_deadline_is_kept_while_the_request_does_not_come() -> None:
+    async with serving(grace_period=0.1) as served:
+        client = Client(await trio.open_tcp_stream("127.0.0.1", served.port))
+        await client.headers(1, served.port, ("grpc-timeout", "200m"))
+        with trio.fail_after(2):
+            response = await client.response()
+        assert response.status == 4  # DEADLINE_EXCEEDED
+
+
+async def test_a_call_reset_before_its_request_is_forgotten() -> None:
+    # If the waiting call stayed, the connection would never be idle: it is, and goes.
+    async with serving(idle_timeout=0.3, grace_period=0.1) as served:
+        stream = await trio.open_tcp_stream("127.0.0.1", served.port)
+        client = Client(stream)
+        await client.headers(1, served.port)
+        await trio.sleep(0.05)
+        client.conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        await client.flush()
+        await client.headers(3, served.port)
+        await client.message(3, 3)
+        response = Response()
+        with trio.fail_after(5):
+            while not await _pump(stream, client.conn, response):
+                pass
+        assert ack(response).sequence == 3
+        goaway = False
+        with trio.fail_after(5):
+            while data := await stream.receive_some(65536):
+                for event in client.conn.receive_data(data):
+                    goaway = goaway or isinstance(event, h2.events.ConnectionTerminated)
+        assert goaway
+        assert served.ingress.counters.rejected["idle_timeout"] == 1
+
+
+async def test_a_request_without_end_stream_is_answered() -> None:
+    async with serving(grace_period=0.1) as served:
+        client = Client(await trio.open_tcp_stream("127.0.0.1", served.port))
+        await client.headers(1, served.port)
+        await client.message(1, 5, end=False)  # one message, then nothing (not valid unary)
+        response = await client.response()
+        assert ack(response).sequence == 5
+        assert served.payloads() == [b"p5"]
+
+
+async def test_the_reply_waits_for_the_clients_window() -> None:
+    async with serving(grace_period=0.1) as served:
+        stream = await trio.open_tcp_stream("127.0.0.1", served.port)
+        client = Client(stream, window=0)  # the server may send no DATA until we say so
+        await client.headers(1, served.port)
+        await client.message(1, 9)
+        response = Response()
+        with trio.fail_after(5):
+            while not response.headers:
+                assert not await _pump(stream, client.conn, response)
+        assert not response.data  # the headers came, the reply waits for the window
+        client.conn.increment_flow_control_window(64, stream_id=1)
+        await client.flush()
+        with trio.fail_after(5):
+            while not await _pump(stream, client.conn, response):
+                pass
+        assert ack(response).sequence == 9
+        assert served.payloads() == [b"p9"]

@@ -217,10 +217,10 @@ class ServiceHandlers(Protocol):
 
 InlineHandler = Callable[["GrpcStream", Any], Any]
 """A unary method's synchronous fast path: ``(stream, request) -> reply``, or ``None`` to run
-the method's ``async`` handler instead (it must then have done nothing). The server calls it
-when the whole request came in one read, from the connection's reader, without a task or a
-cancel scope, and sends the reply with the response headers and trailers in one write: for
-the gateway's ``Send``, about a fifth of a unary call's CPU (docs/grpc.md)."""
+the method's ``async`` handler instead (it must then have done nothing). Once the whole
+request has come (one message and END_STREAM), the connection's reader calls it, without a
+task or a cancel scope, and writes the reply with the response headers and trailers at once:
+for the gateway's ``Send``, about a fifth of a unary call's CPU (docs/grpc.md)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
@@ -43,94 +46,95 @@ def _client() -> socket.socket:
     return sock
 
 
-async def test_datagrams_arrive_with_their_peer() -> None:
-    sink = RecordingSink()
-    gateway = Gateway(sources=[UdpSource(port=0)], sink=sink, grace_period=0.5)
+@dataclass
+class Served:
+    gateway: Gateway
+    sink: RecordingSink
+    address: tuple[str, int]
+
+    async def received(self, count: int) -> list[Item]:
+        """Wait until the sink has ``count`` messages, then shut the gateway down."""
+        while len(self.sink.items) < count:
+            await trio.sleep(0.01)
+        self.gateway.shutdown()
+        return self.sink.items
+
+
+@asynccontextmanager
+async def serving(source: UdpSource, **options: Any) -> AsyncIterator[Served]:
+    """A gateway with ``source`` and a recording sink, for at most 10 s."""
+    sink = RecordingSink(options.pop("gate", None))
+    gateway = Gateway(sources=[source], sink=sink, grace_period=0.5, **options)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             ((address,),) = await nursery.start(gateway.run)
-            with _client() as sock:
-                sock.bind(("127.0.0.1", 0))
-                for i in range(500):
-                    sock.sendto(b"datagram %d" % i, address)
-                    if i % 50 == 0:
-                        await trio.sleep(0.001)  # stay under the socket buffer
-                peer = "127.0.0.1:%d" % sock.getsockname()[1]
-            while len(sink.items) < 500:
-                await trio.sleep(0.01)
-            gateway.shutdown()
-    assert [p for p, _ in sink.items] == [b"datagram %d" % i for i in range(500)]
-    assert {origin.peer for _, origin in sink.items} == {peer}
-    assert {origin.transport for _, origin in sink.items} == {"udp"}
-    assert gateway.ledger.balanced
+            yield Served(gateway, sink, address)
+
+
+async def test_datagrams_arrive_with_their_peer() -> None:
+    async with serving(UdpSource(port=0)) as served:
+        with _client() as sock:
+            sock.bind(("127.0.0.1", 0))
+            for i in range(500):
+                sock.sendto(b"datagram %d" % i, served.address)
+                if i % 50 == 0:
+                    await trio.sleep(0.001)  # stay under the socket buffer
+            peer = "127.0.0.1:%d" % sock.getsockname()[1]
+        items = await served.received(500)
+    assert [p for p, _ in items] == [b"datagram %d" % i for i in range(500)]
+    assert {origin.peer for _, origin in items} == {peer}
+    assert {origin.transport for _, origin in items} == {"udp"}
+    assert served.gateway.ledger.balanced
 
 
 async def test_queue_rejections_are_counted_as_drops() -> None:
     gate = trio.Event()
-    sink = RecordingSink(gate)
     queue: RingBuffer[bytes] = RingBuffer(10, policy="drop_newest")
-    gateway = Gateway(
-        sources=[UdpSource(port=0)], sink=sink, queue=queue, batch_size=5, grace_period=0.5
-    )
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            with _client() as sock:
-                for i in range(100):
-                    sock.sendto(b"%d" % i, address)
-            while gateway.ledger.received < 100:
-                await trio.sleep(0.01)
-            gate.set()
-            gateway.shutdown()
-    ledger = gateway.ledger
+    async with serving(UdpSource(port=0), gate=gate, queue=queue, batch_size=5) as served:
+        with _client() as sock:
+            for i in range(100):
+                sock.sendto(b"%d" % i, served.address)
+        while served.gateway.ledger.received < 100:
+            await trio.sleep(0.01)
+        gate.set()
+        served.gateway.shutdown()
+    ledger = served.gateway.ledger
     # The queue holds 10, plus at most one batch of 5 the pump took before the sink stalled
     # (whether it did depends on how the 100 datagrams were split into reads): the rest dropped.
     assert 10 <= ledger.delivered <= 15
     assert ledger.dropped["drop_newest"] == 100 - ledger.delivered
     assert ledger.balanced
-    assert [p for p, _ in sink.items] == [b"%d" % i for i in range(ledger.delivered)]
+    assert [p for p, _ in served.sink.items] == [b"%d" % i for i in range(ledger.delivered)]
 
 
 async def test_oversized_datagram_is_counted_and_skipped() -> None:
-    sink = RecordingSink()
-    gateway = Gateway(sources=[UdpSource(port=0, max_message_size=100)], sink=sink)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            with _client() as sock:
-                sock.sendto(b"small", address)
-                sock.sendto(b"L" * 101, address)
-                sock.sendto(b"after", address)
-            while len(sink.items) < 2:
-                await trio.sleep(0.01)
-            gateway.shutdown()
-    assert [p for p, _ in sink.items] == [b"small", b"after"]
-    assert gateway.ledger.rejected == {"oversize": 1}
+    async with serving(UdpSource(port=0, max_message_size=100)) as served:
+        with _client() as sock:
+            sock.sendto(b"small", served.address)
+            sock.sendto(b"L" * 101, served.address)
+            sock.sendto(b"after", served.address)
+        items = await served.received(2)
+    assert [p for p, _ in items] == [b"small", b"after"]
+    assert served.gateway.ledger.rejected == {"oversize": 1}
 
 
 async def test_a_burst_from_two_senders_keeps_each_senders_order_and_address() -> None:
-    sink = RecordingSink()
-    gateway = Gateway(sources=[UdpSource(port=0)], sink=sink, grace_period=0.5)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            with _client() as first, _client() as second:
-                first.bind(("127.0.0.1", 0))
-                second.bind(("127.0.0.1", 0))
-                # Sent without yielding to the loop: the source finds all 400 waiting and
-                # takes them in one drain (several recvmmsg calls, interleaved senders).
-                for i in range(200):
-                    first.sendto(b"first %d" % i, address)
-                    second.sendto(b"second %d" % i, address)
-                peers = {
-                    "127.0.0.1:%d" % first.getsockname()[1]: b"first",
-                    "127.0.0.1:%d" % second.getsockname()[1]: b"second",
-                }
-            while len(sink.items) < 400:
-                await trio.sleep(0.01)
-            gateway.shutdown()
+    async with serving(UdpSource(port=0)) as served:
+        with _client() as first, _client() as second:
+            first.bind(("127.0.0.1", 0))
+            second.bind(("127.0.0.1", 0))
+            # Sent without yielding to the loop: the source finds all 400 waiting and takes
+            # them in one drain (several recvmmsg calls, the senders interleaved).
+            for i in range(200):
+                first.sendto(b"first %d" % i, served.address)
+                second.sendto(b"second %d" % i, served.address)
+            peers = {
+                "127.0.0.1:%d" % first.getsockname()[1]: b"first",
+                "127.0.0.1:%d" % second.getsockname()[1]: b"second",
+            }
+        items = await served.received(400)
     by_peer: dict[str, list[bytes]] = {}
-    for payload, origin in sink.items:
+    for payload, origin in items:
         by_peer.setdefault(origin.peer, []).append(payload)
     assert set(by_peer) == set(peers)
     for peer, name in peers.items():
@@ -140,38 +144,28 @@ async def test_a_burst_from_two_senders_keeps_each_senders_order_and_address() -
 async def test_sizes_either_side_of_the_recvmmsg_limit_arrive_intact() -> None:
     sizes = [1, 3072, 3073, 18, 20_000, 65_507, 500]
     payloads = [bytes([65 + i % 26]) * sizes[i % len(sizes)] for i in range(70)]
-    sink = RecordingSink()
-    gateway = Gateway(sources=[UdpSource(port=0)], sink=sink, grace_period=0.5)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            with _client() as sock:
-                for i, payload in enumerate(payloads):
-                    sock.sendto(payload, address)
-                    if i % 7 == 0:
-                        await trio.sleep(0.005)  # some drains end on a large one, some small
-            while len(sink.items) < len(payloads):
-                await trio.sleep(0.01)
-            gateway.shutdown()
-    assert [p for p, _ in sink.items] == payloads
+    async with serving(UdpSource(port=0)) as served:
+        with _client() as sock:
+            for i, payload in enumerate(payloads):
+                sock.sendto(payload, served.address)
+                if i % 7 == 0:
+                    await trio.sleep(0.005)  # some drains end on a large one, some small
+        items = await served.received(len(payloads))
+    assert [p for p, _ in items] == payloads
 
 
 async def test_ipv6_sender_address_is_bracketed() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
-    sink = RecordingSink()
-    gateway = Gateway(sources=[UdpSource(host="::1", port=0)], sink=sink, grace_period=0.5)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            try:
-                ((address,),) = await nursery.start(gateway.run)
-            except OSError:
-                pytest.skip("no IPv6 loopback")
-            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-                sock.bind(("::1", 0))
-                sock.sendto(b"over six", address)
-                peer = "[::1]:%d" % sock.getsockname()[1]
-            while not sink.items:
-                await trio.sleep(0.01)
-            gateway.shutdown()
-    assert sink.items[0][0] == b"over six" and sink.items[0][1].peer == peer
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    async with serving(UdpSource(host="::1", port=0)) as served:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+            sock.sendto(b"over six", served.address)
+            peer = "[::1]:%d" % sock.getsockname()[1]
+        items = await served.received(1)
+    assert items[0][0] == b"over six" and items[0][1].peer == peer

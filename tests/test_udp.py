@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+import trio_gateway.sources._mmsg
 import trio_gateway.sources.udp
 from trio_gateway import Gateway, Item, RingBuffer, Sink, UdpSource
 from trio_gateway.sources._mmsg import available as recvmmsg_available
@@ -169,3 +172,25 @@ async def test_ipv6_sender_address_is_bracketed() -> None:
             peer = "[::1]:%d" % sock.getsockname()[1]
         items = await served.received(1)
     assert items[0][0] == b"over six" and items[0][1].peer == peer
+
+
+async def test_a_kernel_that_refuses_recvmmsg_gets_recvfrom(
+    receive_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if receive_path != "recvmmsg":
+        pytest.skip("about the recvmmsg path")
+
+    # What a seccomp filter (or an emulator without the call) answers; no test can make this
+    # kernel refuse a system call it has, so libc's function is stood in for here.
+    def refuse(*args: object) -> int:
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+
+    monkeypatch.setattr(trio_gateway.sources._mmsg, "_recvmmsg", refuse)
+    async with serving(UdpSource(port=0)) as served:
+        with _client() as sock:
+            for i in range(50):
+                sock.sendto(b"%d" % i, served.address)
+        items = await served.received(50)
+    assert [p for p, _ in items] == [b"%d" % i for i in range(50)]
+    assert caplog.text.count("recvmmsg failed") == 1

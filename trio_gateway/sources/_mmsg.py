@@ -25,6 +25,10 @@ from collections.abc import Callable
 
 __all__ = ("MultiReceiver", "available")
 
+_UNAVAILABLE = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL})
+"""Errors that say the call cannot work here (a seccomp filter, an emulator, a kernel without
+it, a structure layout it refuses), as opposed to one datagram's trouble."""
+
 _MSG_DONTWAIT = 0x40
 _NAME_SIZE = 28
 """Room for the largest address: ``struct sockaddr_in6``."""
@@ -134,6 +138,9 @@ class MultiReceiver:
         self._namelen_index = (_Mmsghdr.msg_hdr.offset + _Msghdr.msg_namelen.offset) // 4
         self.last_length = -1
         """The length of the last datagram :meth:`receive` took."""
+        self.failure: OSError | None = None
+        """Set when ``recvmmsg`` failed in a way that says it cannot work here; the caller
+        then reads with ``recvfrom``."""
         self._data_view = memoryview(self._data)
         self._names_view = memoryview(self._names)
 
@@ -141,7 +148,8 @@ class MultiReceiver:
         """One call's datagrams by raw sender address, how many of them were oversize, and
         how many the call took in all (0 when nothing is waiting).
 
-        Raises :class:`OSError` for errors other than ``EAGAIN``.
+        Raises :class:`OSError` for errors other than ``EAGAIN``, after setting
+        :attr:`failure` if the error says that ``recvmmsg`` cannot work here.
         """
         assert _recvmmsg is not None
         count = _recvmmsg(self._fd, self._headers, self.slots, _MSG_DONTWAIT, None)
@@ -149,7 +157,10 @@ class MultiReceiver:
             if count < 0:
                 code = ctypes.get_errno()
                 if code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    raise OSError(code, os.strerror(code))
+                    error = OSError(code, os.strerror(code))
+                    if code in _UNAVAILABLE:
+                        self.failure = error
+                    raise error
             return {}, 0, 0
         step = self._stride // 4
         words = self._words

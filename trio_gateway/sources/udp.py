@@ -10,12 +10,15 @@ import trio
 
 from .._errors import ConfigurationError
 from .._ingress import Ingress
+from .._log import logger
 from .._message import Origin
 from ._base import Source, check_reuse_port, format_peer
 from ._mmsg import MultiReceiver, format_address
 from ._mmsg import available as multi_receive_available
 
 __all__ = ("UdpSource",)
+
+_log = logger.getChild("sources.udp")
 
 MAX_UDP_PAYLOAD = 65_507
 _SLOTS = 64
@@ -114,10 +117,16 @@ class UdpSource(Source):
         self, sock: socket.socket, receiver: MultiReceiver | None, ingress: Ingress
     ) -> int:
         """One drain, offered; returns the length of the last datagram (-1: none came)."""
-        if receiver is None:
-            by_sender, oversize, last = self._receive_each(sock)
-        else:
+        if receiver is not None and receiver.failure is None:
             by_sender, oversize, last = self._receive_many(receiver)
+            if receiver.failure is not None:
+                _log.warning(
+                    "%s: recvmmsg failed (%s); reading one datagram a recvfrom from now on",
+                    self.label,
+                    receiver.failure,
+                )
+        else:
+            by_sender, oversize, last = self._receive_each(sock)
         if oversize:
             ingress.reject("oversize", oversize)
         if by_sender:
@@ -140,6 +149,8 @@ class UdpSource(Source):
             try:
                 senders, cut, count = receiver.receive()
             except OSError:  # e.g. an ICMP error surfacing: not our senders' data
+                if receiver.failure is not None:
+                    break  # recvmmsg cannot work here: what came stays for recvfrom
                 continue
             oversize += cut
             if count:

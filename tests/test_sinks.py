@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import threading
@@ -16,7 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from trio_gateway import Batch, FileSink, Gateway, Origin, RetryPolicy, TcpSink, TcpSource
+from trio_gateway import (
+    Batch,
+    FileSink,
+    Gateway,
+    Origin,
+    RetryPolicy,
+    StdoutSink,
+    TcpSink,
+    TcpSource,
+)
 from trio_gateway.codecs import LengthPrefixDecoder
 from trio_gateway.sinks import decode_jsonl_record, encode_jsonl
 
@@ -215,6 +225,53 @@ async def test_file_sink_with_fsync_writes_in_its_thread(tmp_path: Path) -> None
     await sink.send(Batch([b"one"], [(ORIGIN, 1)]))
     await sink.aclose()
     assert decode_jsonl_record((tmp_path / "out.jsonl").read_bytes())[0] == b"one"
+
+
+async def test_stdout_redirected_to_a_file_is_written_in_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.jsonl"
+    batch = Batch([b"x" * 100] * 100, [(ORIGIN, 100)])
+    with path.open("ab") as stream:
+        sink = StdoutSink(stream)
+        await sink.open()
+        assert sink.inline
+        assert await _Ticker().ticks_during(lambda: sink.send(batch)) < 5
+        await sink.aclose()
+    assert path.read_bytes() == encode_jsonl(batch)
+
+
+async def test_stdout_to_a_pipe_is_written_from_its_thread() -> None:
+    read_end, write_end = os.pipe()
+    batch = Batch([b"x" * 1000] * 200, [(ORIGIN, 200)])  # 200 KiB: more than the pipe holds
+    received = bytearray()
+
+    def read_late() -> None:
+        time.sleep(0.3)
+        while data := os.read(read_end, 1 << 20):
+            received.extend(data)
+
+    thread = threading.Thread(target=read_late)
+    thread.start()
+    try:
+        with os.fdopen(write_end, "wb") as stream:
+            sink = StdoutSink(stream)
+            await sink.open()
+            assert not sink.inline
+            with trio.fail_after(10):
+                assert await _Ticker().ticks_during(lambda: sink.send(batch)) > 10
+            await sink.aclose()
+    finally:
+        thread.join()
+        os.close(read_end)
+    assert received == encode_jsonl(batch)
+
+
+async def test_stdout_to_a_stream_without_a_file_descriptor() -> None:
+    stream = io.BytesIO()
+    sink = StdoutSink(stream)
+    await sink.send(Batch([b"one"], [(ORIGIN, 1)]))  # open() is implied
+    await sink.aclose()
+    assert not sink.inline
+    assert decode_jsonl_record(stream.getvalue())[0] == b"one"
 
 
 class _Destination:

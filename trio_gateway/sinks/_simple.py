@@ -22,7 +22,7 @@ from ._jsonl import encode_jsonl
 
 __all__ = ("FileSink", "NullSink", "StdoutSink")
 
-_log = logger.getChild("sinks.file")
+_log = logger.getChild("sinks.local")
 
 
 class _WriterThread:
@@ -77,54 +77,6 @@ class _WriterThread:
         self._signal.close()
 
 
-class NullSink(Sink):
-    """Discards batches, counting messages (for benchmarks and dry runs).
-
-    Bytes are not summed here: the sources already count received bytes (see /metrics).
-    """
-
-    name = "null"
-
-    def __init__(self) -> None:
-        self.messages = 0
-
-    async def send(self, batch: Batch) -> None:
-        self.messages += len(batch)
-
-
-class StdoutSink(Sink):
-    """Writes JSON Lines to standard output, one write and flush per batch.
-
-    The write runs in the sink's writer thread so a slow reader of the pipe cannot stall the
-    event loop.
-    """
-
-    name = "stdout"
-
-    def __init__(self, stream: BinaryIO | None = None) -> None:
-        self._stream = stream
-        self._writer: _WriterThread | None = None
-
-    def _write(self, data: bytes) -> None:
-        stream = self._stream if self._stream is not None else sys.stdout.buffer
-        stream.write(data)
-        stream.flush()
-
-    async def send(self, batch: Batch) -> None:
-        data = encode_jsonl(batch)
-        if self._writer is None:
-            self._writer = _WriterThread("trio_gateway stdout sink")
-        try:
-            await self._writer.run(lambda: self._write(data))
-        except OSError as exc:
-            raise SinkError(f"stdout: {exc}") from exc
-
-    async def aclose(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            await writer.aclose()
-
-
 _LOCAL_FILESYSTEMS = frozenset(
     {
         "ext2",
@@ -173,6 +125,126 @@ def _on_local_filesystem(fd: int) -> bool:
     return False
 
 
+class _BatchWriter:
+    """Runs a sink's writes of whole batches: in the event loop when the rule of
+    :class:`FileSink` allows it (small batches to a regular file on a local filesystem, while
+    such writes stay fast), otherwise in one :class:`_WriterThread`, started when first
+    needed. Like the thread, a write that started is finished even if the caller is
+    cancelled."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.inline = False
+        """Whether small batches may be written in the event loop (:meth:`decide`)."""
+        self._thread: _WriterThread | None = None
+        self._inline_from = 0.0  # trio.current_time() before which every write is threaded
+        self._backoff = _BACKOFF[0]
+
+    def decide(self, fd: int | None) -> None:
+        """Allow inline writes if ``fd`` is a regular file on a local filesystem (blocking:
+        it reads /proc; call it from a thread)."""
+        self.inline = fd is not None and _on_local_filesystem(fd)
+
+    async def write(self, data: bytes, write: Callable[[bytes], None]) -> None:
+        """``write(data)``, inline or in the thread; its exception is raised here."""
+        if self.inline and len(data) <= _INLINE_MAX and trio.current_time() >= self._inline_from:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            started = time.perf_counter()
+            write(data)
+            self._after_inline(time.perf_counter() - started)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        if self._thread is None:
+            self._thread = _WriterThread(f"trio_gateway {self.name}")
+        await self._thread.run(lambda: write(data))
+
+    def _after_inline(self, seconds: float) -> None:
+        if seconds <= _SLOW_WRITE:
+            self._backoff = _BACKOFF[0]
+            return
+        _log.warning(
+            "%s: a write took %.1f ms in the event loop; writing from a thread for %.0f s",
+            self.name,
+            seconds * 1e3,
+            self._backoff,
+        )
+        self._inline_from = trio.current_time() + self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF[1])
+
+    async def aclose(self) -> None:
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            await thread.aclose()
+
+
+class NullSink(Sink):
+    """Discards batches, counting messages (for benchmarks and dry runs).
+
+    Bytes are not summed here: the sources already count received bytes (see /metrics).
+    """
+
+    name = "null"
+
+    def __init__(self) -> None:
+        self.messages = 0
+
+    async def send(self, batch: Batch) -> None:
+        self.messages += len(batch)
+
+
+class StdoutSink(Sink):
+    """Writes JSON Lines to standard output, one write and flush per batch.
+
+    Where the write runs follows :class:`FileSink`'s rule: redirected to a regular file on a
+    local filesystem (``serve > out.jsonl``), small batches are written in the event loop;
+    to a pipe or a terminal, in the sink's writer thread, so a slow reader cannot stall the
+    event loop.
+    """
+
+    name = "stdout"
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self._stream = stream
+        self._writes = _BatchWriter("stdout sink")
+        self._decided = False
+
+    @property
+    def inline(self) -> bool:
+        """Whether small batches are written in the event loop (known after :meth:`open`)."""
+        return self._writes.inline
+
+    def _target(self) -> BinaryIO:
+        return self._stream if self._stream is not None else sys.stdout.buffer
+
+    async def open(self) -> None:
+        def decide() -> None:
+            try:
+                fd: int | None = self._target().fileno()
+            except (OSError, AttributeError, ValueError):  # io.UnsupportedOperation: no fd
+                fd = None
+            self._writes.decide(fd)
+
+        await trio.to_thread.run_sync(decide)
+        self._decided = True
+
+    def _write(self, data: bytes) -> None:
+        stream = self._target()
+        stream.write(data)
+        stream.flush()
+
+    async def send(self, batch: Batch) -> None:
+        if not self._decided:
+            await self.open()
+        data = encode_jsonl(batch)
+        try:
+            await self._writes.write(data, self._write)
+        except OSError as exc:
+            raise SinkError(f"stdout: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._writes.aclose()
+
+
 class FileSink(Sink):
     """Appends JSON Lines to a file; each batch is written and flushed (``fsync`` optional).
 
@@ -197,19 +269,21 @@ class FileSink(Sink):
         self.fsync = fsync
         self.name = f"file:{self.path}"
         self._file: BinaryIO | None = None
-        self._writer: _WriterThread | None = None
-        self.inline = False
-        """Whether small batches may be written in the event loop (set by :meth:`open`)."""
-        self._inline_from = 0.0  # trio.current_time() before which every write is threaded
-        self._backoff = _BACKOFF[0]
+        self._writes = _BatchWriter(self.name)
+
+    @property
+    def inline(self) -> bool:
+        """Whether small batches are written in the event loop (known after :meth:`open`)."""
+        return self._writes.inline
 
     async def open(self) -> None:
-        def open_file() -> tuple[BinaryIO, bool]:
+        def open_file() -> BinaryIO:
             file = open(self.path, "ab")  # noqa: SIM115 - open until aclose()
-            return file, not self.fsync and _on_local_filesystem(file.fileno())
+            self._writes.decide(None if self.fsync else file.fileno())
+            return file
 
         try:
-            self._file, self.inline = await trio.to_thread.run_sync(open_file)
+            self._file = await trio.to_thread.run_sync(open_file)
         except OSError as exc:
             raise SinkError(f"{self.name}: {exc}") from exc
 
@@ -225,40 +299,12 @@ class FileSink(Sink):
             await self.open()
         data = encode_jsonl(batch)
         try:
-            if (
-                self.inline
-                and len(data) <= _INLINE_MAX
-                and trio.current_time() >= self._inline_from
-            ):
-                await trio.lowlevel.checkpoint_if_cancelled()
-                started = time.perf_counter()
-                self._write(data)
-                self._after_inline(time.perf_counter() - started)
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return
-            if self._writer is None:
-                self._writer = _WriterThread(f"trio_gateway {self.name}")
-            await self._writer.run(lambda: self._write(data))
+            await self._writes.write(data, self._write)
         except OSError as exc:
             raise SinkError(f"{self.name}: {exc}") from exc
 
-    def _after_inline(self, seconds: float) -> None:
-        if seconds <= _SLOW_WRITE:
-            self._backoff = _BACKOFF[0]
-            return
-        _log.warning(
-            "%s: a write took %.1f ms in the event loop; writing from a thread for %.0f s",
-            self.name,
-            seconds * 1e3,
-            self._backoff,
-        )
-        self._inline_from = trio.current_time() + self._backoff
-        self._backoff = min(self._backoff * 2, _BACKOFF[1])
-
     async def aclose(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            await writer.aclose()
+        await self._writes.aclose()
         if self._file is not None:
             file, self._file = self._file, None
             await trio.to_thread.run_sync(file.close)

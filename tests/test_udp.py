@@ -174,11 +174,10 @@ async def test_ipv6_sender_address_is_bracketed() -> None:
     assert items[0][0] == b"over six" and items[0][1].peer == peer
 
 
+@pytest.mark.parametrize("receive_path", ["recvmmsg"], indirect=True)
 async def test_a_kernel_that_refuses_recvmmsg_gets_recvfrom(
     receive_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if receive_path != "recvmmsg":
-        pytest.skip("about the recvmmsg path")
 
     # What a seccomp filter (or an emulator without the call) answers; no test can make this
     # kernel refuse a system call it has, so libc's function is stood in for here.

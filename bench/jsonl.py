@@ -18,6 +18,9 @@ output buffer, whichever encoder). The figure is the median over
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.jsonl")
+
 import argparse
 import gc
 import json
@@ -32,9 +35,6 @@ from trio_gateway.sinks._jsonl import encode_jsonl
 
 from ._payloads import SIZES, payloads
 from ._servers import encode_jsonl_reference
-
-if __name__ == "__main__" and not __package__:
-    raise SystemExit("run it from the repository root as a module: python -m bench.jsonl")
 
 BATCH = 1024
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:51234", 1_700_000_000.123456)

@@ -21,6 +21,9 @@ absolute rates.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run it from the repository root as a module: python -m bench.nats_bridge")
+
 import argparse
 import asyncio
 import json

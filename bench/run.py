@@ -54,10 +54,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ._payloads import SIZES
-
 if __name__ == "__main__" and not __package__:
-    raise SystemExit("run it from the repository root as a module: python -m bench.run")
+    # `python bench/run.py`: Python runs this file alone, with bench/ first on sys.path (where
+    # http.py and grpc.py would shadow the modules of those names). Run the package instead,
+    # exactly as `python -m bench` does.
+    import runpy
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    runpy.run_module("bench", run_name="__main__", alter_sys=True)
+
+from ._payloads import SIZES
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -26,6 +26,7 @@ from trio_gateway import Gateway, RingBuffer
 from trio_gateway._cli import main
 from trio_gateway._client import (
     SendSummary,
+    _retry_after,
     make_payload,
     resolve_token,
     send_grpc,
@@ -163,6 +164,35 @@ async def test_http_full_queue_drop_newest_503_matches_the_ledger() -> None:
     assert single.accepted == 0  # the queue stayed full
     assert batched.accepted == ledger.received
     assert single.rejected["503"] + batched.rejected["503"] == ledger.rejected["queue_full"]
+
+
+async def test_http_retries_send_again_what_a_503_refused() -> None:
+    # Retry-After: 0, so that the test does not wait; without the header the client waits 1 s.
+    source = HttpSource(queue_wait=0.01, retry_after=0)
+    async with running(source, capacity=10, stalled=True) as (handle, sink):
+        url = "http://127.0.0.1:%d/ingest" % handle.address()[1]
+
+        async def recover_later() -> None:
+            await trio.sleep(0.3)
+            sink.recover()
+
+        # The queue fills, then every batch is refused (503) until the sink recovers; the
+        # refused lines are sent again, after the ones each 503 says it queued.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(recover_later)
+            summary = await send_http(url, count=100, size=18, ndjson=4, retries=1000)
+    assert_accounted(summary, 100)
+    assert summary.all_accepted and summary.resent > 0
+    assert "resent" in summary.line()
+    # Every message in the sink once; every refusal the client resent is one the gateway counted.
+    assert sorted(sink.payloads) == expected(100, 18)
+    assert handle.ledger.rejected["queue_full"] == summary.resent
+
+
+def test_retry_after_is_read_as_seconds_only() -> None:
+    assert _retry_after([(b"retry-after", b"3")]) == 3.0
+    assert _retry_after([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
+    assert _retry_after([(b"content-length", b"3")]) is None
 
 
 async def test_http_oversize_is_413_on_fresh_connections() -> None:
@@ -428,6 +458,8 @@ def test_cli_every_transport_against_serve(
     ("args", "flag"),
     [
         (["--tcp", "127.0.0.1:1", "--ndjson", "5"], "--ndjson"),
+        (["--ws", "ws://127.0.0.1:1/", "--retries", "3"], "--retries"),
+        (["--http", "http://127.0.0.1:1/", "--retries", "-1"], "--retries"),
         (["--http", "http://127.0.0.1:1/", "--mode", "bidi"], "--mode"),
         (["--udp", "127.0.0.1:1", "--token", "x"], "--token"),
         (["--tcp", "127.0.0.1:1", "--concurrency", "2"], "--concurrency"),

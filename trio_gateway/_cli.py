@@ -231,6 +231,13 @@ def _parser() -> argparse.ArgumentParser:
         "--ndjson", type=int, metavar="K", help="--http: K messages per request, as NDJSON"
     )
     send.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help="--http: send again what a 503 or 429 refused, after its Retry-After, up to N "
+        "times per request (0)",
+    )
+    send.add_argument(
         "--mode",
         choices=GRPC_MODES,
         help="--grpc: unary (a Send call per message; default), stream (one Stream call per "
@@ -429,6 +436,7 @@ def _check_send_flags(args: argparse.Namespace) -> str:
     for flag, owners, given in (
         ("--framing", ("tcp",), args.framing is not None),
         ("--ndjson", ("http",), args.ndjson is not None),
+        ("--retries", ("http",), args.retries is not None),
         ("--mode", ("grpc",), args.mode is not None),
         ("--acks", ("ws",), args.acks),
         ("--tls", ("tcp", "grpc"), args.tls),
@@ -443,6 +451,8 @@ def _check_send_flags(args: argparse.Namespace) -> str:
         raise ConfigurationError("--concurrency", f"must be 1-{MAX_CONCURRENCY}")
     if args.ndjson is not None and args.ndjson < 1:
         raise ConfigurationError("--ndjson", "must be at least 1")
+    if args.retries is not None and args.retries < 0:
+        raise ConfigurationError("--retries", "must not be negative")
     return transport
 
 
@@ -478,6 +488,7 @@ async def _send(args: argparse.Namespace) -> int:
                 size=size,
                 concurrency=concurrency,
                 ndjson=args.ndjson,
+                retries=args.retries or 0,
                 token=token,
                 cafile=args.ca,
                 rate=rate,

@@ -43,7 +43,7 @@ import ssl
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -125,6 +125,8 @@ class SendSummary:
     rejected: Mapping[str, int] = field(default_factory=dict)
     """Messages refused, by reason: an HTTP status (``"503"``), a gRPC status name
     (``"RESOURCE_EXHAUSTED"``), a bidi ack's reason (``"queue_full"``), ``"close 1009"``."""
+    resent: int = 0
+    """Messages sent again after a ``503`` or ``429`` (HTTP with ``retries``), each time."""
 
     @property
     def rejected_count(self) -> int:
@@ -149,6 +151,8 @@ class SendSummary:
         if self.rejected:
             reasons = sorted(self.rejected.items(), key=lambda item: (-item[1], item[0]))
             text += " (" + ", ".join(f"{reason}: {n}" for reason, n in reasons) + ")"
+        if self.resent:
+            text += f"; resent {self.resent} after 503/429"
         return text
 
 
@@ -249,6 +253,7 @@ class _Run:
         self.bytes = 0
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
+        self.resent = 0
         self.stopped: str | None = None
         self.start = trio.current_time()
         self.wall = time.perf_counter()
@@ -322,6 +327,7 @@ class _Run:
             time.perf_counter() - self.wall,
             accepted=self.accepted,
             rejected=dict(self.rejected),
+            resent=self.resent,
         )
 
 
@@ -491,8 +497,9 @@ class _HttpConnection:
 
     async def request(
         self, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> tuple[int, bytes, bool]:
-        """POST ``body``: returns (status, start of the answer's body, connection reusable)."""
+    ) -> tuple[int, bytes, bool, float | None]:
+        """POST ``body``: returns (status, start of the answer's body, connection reusable,
+        the answer's ``Retry-After`` in seconds if it has one in that form)."""
         conn = self.h11
         head = [*headers, (b"content-length", b"%d" % len(body))]
         out = conn.send(h11.Request(method=b"POST", target=target, headers=head)) or b""
@@ -505,6 +512,7 @@ class _HttpConnection:
             # The gateway may have answered early (413, 401) and closed: read that answer.
             send_error = exc
         status = 0
+        retry_after: float | None = None
         reply: list[bytes] = []
         kept = 0
         try:
@@ -514,6 +522,7 @@ class _HttpConnection:
                     conn.receive_data(cast(bytes, await self.stream.receive_some(_READ_SIZE)))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
+                    retry_after = _retry_after(event.headers)
                 elif isinstance(event, h11.Data):
                     if kept < _MAX_REPLY:
                         reply.append(bytes(event.data[: _MAX_REPLY - kept]))
@@ -531,10 +540,31 @@ class _HttpConnection:
         reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
         if reusable:
             conn.start_next_cycle()
-        return status, b"".join(reply), reusable
+        return status, b"".join(reply), reusable, retry_after
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+MAX_RETRY_WAIT = 30.0
+"""Longest wait for a ``Retry-After`` before sending again (``send --retries``)."""
+
+
+async def _open_http(
+    target: _HttpTarget, context: ssl.SSLContext | None, where: str, step_timeout: float
+) -> _HttpConnection:
+    stream = await _connect(
+        target.host, target.port, ssl_context=context, step_timeout=step_timeout
+    )
+    return _HttpConnection(stream, where)
+
+
+def _retry_after(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
+    """``Retry-After`` as delta-seconds (what the gateway sends); None if absent or a date."""
+    for name, value in headers:
+        if name == b"retry-after":
+            return float(value) if value.isdigit() else None
+    return None
 
 
 def _http_accepted(status: int, body: bytes, n: int) -> int:
@@ -564,11 +594,19 @@ async def send_http(
     rate: float | None = None,
     step_timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int], None] | None = None,
+    retries: int = 0,
 ) -> SendSummary:
     """``POST`` ``count`` messages to ``url`` (default path ``/ingest``), one per request or
     ``ndjson`` per request as ``application/x-ndjson``, on ``concurrency`` keep-alive
-    connections. ``https://`` verifies the gateway against the system CAs or ``cafile``."""
+    connections. ``https://`` verifies the gateway against the system CAs or ``cafile``.
+
+    With ``retries``, what a ``503`` or ``429`` refused (for an NDJSON batch: the lines after
+    the ones its body says were queued) is sent again after the answer's ``Retry-After``
+    (1 s without one, at most :data:`MAX_RETRY_WAIT`), up to ``retries`` times per request;
+    only what is still refused then counts as rejected."""
     _check_common(count, size, concurrency, step_timeout)
+    if retries < 0:
+        raise ConfigurationError("--retries", "must not be negative")
     if ndjson is not None and ndjson < 1:
         raise ConfigurationError("--ndjson", "must be at least 1")
     target = _parse_http_url(url)
@@ -595,27 +633,34 @@ async def send_http(
             while seqs := run.claim(per_request):
                 await run.pace(seqs.start)
                 payloads = run.payloads(seqs)
-                body = b"\n".join(payloads) + b"\n" if ndjson is not None else payloads[0]
-                try:
-                    with trio.fail_after(step_timeout):
-                        if conn is None:
-                            stream = await _connect(
-                                target.host,
-                                target.port,
-                                ssl_context=context,
-                                step_timeout=step_timeout,
-                            )
-                            conn = _HttpConnection(stream, where)
-                        status, reply, reusable = await conn.request(target.target, headers, body)
-                except trio.TooSlowError as exc:
-                    raise TransportError(f"{where}: no answer within {step_timeout:g} s") from exc
                 run.wrote(len(payloads))
-                accepted = _http_accepted(status, reply, len(payloads))
-                run.accept(accepted)
-                run.reject(str(status), len(payloads) - accepted)
-                if not reusable:
-                    await conn.aclose()
-                    conn = None
+                for attempt in range(retries + 1):
+                    if conn is None:
+                        conn = await _open_http(target, context, where, step_timeout)
+                    body = b"\n".join(payloads) + b"\n" if ndjson is not None else payloads[0]
+                    try:
+                        with trio.fail_after(step_timeout):
+                            status, reply, reusable, retry_after = await conn.request(
+                                target.target, headers, body
+                            )
+                    except trio.TooSlowError as exc:
+                        raise TransportError(
+                            f"{where}: no answer within {step_timeout:g} s"
+                        ) from exc
+                    if not reusable:
+                        await conn.aclose()
+                        conn = None
+                    accepted = _http_accepted(status, reply, len(payloads))
+                    run.accept(accepted)
+                    payloads = payloads[accepted:]
+                    if not payloads:
+                        break
+                    if status not in (429, 503) or attempt == retries:
+                        run.reject(str(status), len(payloads))
+                        break
+                    run.resent += len(payloads)
+                    wait = 1.0 if retry_after is None else retry_after
+                    await trio.sleep(min(wait, MAX_RETRY_WAIT))
         finally:
             if conn is not None:
                 await conn.aclose()

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from helpers import REPO, ServeProcess
+from test_send import running
 from test_websocket import in_asyncio, serving, wait_until
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
@@ -23,18 +24,17 @@ from websockets.frames import Frame, Opcode
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from trio_gateway import Gateway
 from trio_gateway._cli import main
 from trio_gateway._client import send_websocket
 from trio_gateway._errors import ProtocolError
-from trio_gateway.queues import OverflowPolicy, RingBuffer
+from trio_gateway.queues import OverflowPolicy
 from trio_gateway.sources.websocket import (
     ACK_SUBPROTOCOL,
     MAX_ACK_RANGES,
     AckState,
     WebSocketSource,
 )
-from trio_gateway.testing import GatewayHandle, RecordingSink, open_gateway
+from trio_gateway.testing import GatewayHandle, RecordingSink
 
 ACKS = [Subprotocol(ACK_SUBPROTOCOL)]
 
@@ -189,21 +189,9 @@ async def test_a_closed_queue_refuses_the_rest_as_gateway_stopping() -> None:
 async def gateway(
     *, capacity: int, policy: OverflowPolicy
 ) -> AsyncIterator[tuple[GatewayHandle, RecordingSink, str]]:
-    sink = RecordingSink()
-    source = WebSocketSource()
-    gw = Gateway(
-        sources=[source],
-        sink=sink,
-        queue=RingBuffer(capacity, policy=policy),
-        batch_size=64,
-        grace_period=1,
-        drain_timeout=5,
-    )
-    with trio.fail_after(20):
-        async with open_gateway(gw) as handle:
-            host, port = handle.address()
-            yield handle, sink, f"ws://{host}:{port}/"
-            sink.recover()
+    async with running(WebSocketSource(), capacity=capacity, policy=policy) as (handle, sink):
+        host, port = handle.address()
+        yield handle, sink, f"ws://{host}:{port}/"
 
 
 async def test_drop_newest_acks_name_exactly_the_refused_and_the_ledger_agrees() -> None:

@@ -193,10 +193,14 @@ class _Connection:
         if not writes:
             return not protocol.eof_sent
         async with self.lock:
-            out = b"".join(writes)
+            out = self._outgoing(writes)
             if out:
                 await self.stream.send_all(out)
             return not protocol.eof_sent
+
+    def _outgoing(self, writes: list[bytes]) -> bytes:
+        """What one flush writes, with the writer lock held: the protocol's bytes."""
+        return b"".join(writes)
 
 
 class _AckConnection(_Connection):
@@ -243,20 +247,14 @@ class _AckConnection(_Connection):
         self.acking = False
         self._taken.unpark_all()
 
-    async def flush(self) -> bool:
-        protocol = self.protocol
-        writes = protocol.data_to_send()
-        if not writes:
-            return not protocol.eof_sent
-        async with self.lock:
-            out = self._take() + b"".join(writes)
-            if protocol.close_sent is not None:
-                # The close frame is in this write (or an earlier one): no ack after it.
-                self._close_written = True
-                self._stop_acking()
-            if out:
-                await self.stream.send_all(out)
-            return not protocol.eof_sent
+    def _outgoing(self, writes: list[bytes]) -> bytes:
+        """The unsent ack in front of the protocol's bytes."""
+        out = self._take() + b"".join(writes)
+        if self.protocol.close_sent is not None:
+            # The close frame is in this write (or an earlier one): no ack after it.
+            self._close_written = True
+            self._stop_acking()
+        return out
 
     async def send_acks(self, stall_after: float, stalled: Callable[[], None]) -> None:
         """Write each new ack (coalesced while a write waits). A write that makes no progress

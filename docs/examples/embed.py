@@ -1,4 +1,4 @@
-"""A gateway inside your own Trio program (the README's example; tests/test_examples.py runs it)."""
+"""A gateway inside your own Trio program (the README's example; tests/unit/test_public_api.py runs it)."""
 
 import trio
 

@@ -166,7 +166,7 @@ INPUTS: dict[str, st.SearchStrategy[bytes]] = {
     ),
     "grpc": st.one_of(noise, grpc_calls(), st.builds(lambda n: H2_PREFACE + n, noise)),
 }
-"""``TRIO_GATEWAY_FUZZ_EXAMPLES=5000 pytest tests/test_reliability_fuzz.py`` for a longer hunt."""
+"""``TRIO_GATEWAY_FUZZ_EXAMPLES=5000 pytest tests/integration/test_reliability_fuzz.py`` for a longer hunt."""
 
 # -- one blocking client per example (run in a worker thread beside the gateway) ------------------
 
@@ -304,7 +304,7 @@ def test_http_rules_answer_everything_and_count_every_refusal(
 
 
 def _load_fuzz_target() -> Callable[[bytes], None]:
-    path = Path(__file__).parent / "fuzz" / "fuzz_codecs.py"
+    path = Path(__file__).parents[1] / "fuzz" / "fuzz_codecs.py"
     spec = importlib.util.spec_from_file_location("fuzz_codecs", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

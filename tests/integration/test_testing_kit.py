@@ -34,7 +34,7 @@ from trio_gateway.testing import (
     start_gateway,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- the public surface -------------------------------------------------------------------

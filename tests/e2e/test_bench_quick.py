@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("matplotlib")  # the bench extra; the charts need it
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SIZES = [18, 4266, 6786, 79435]
 PARALLEL = {"tcp-file": (False,)}
 """Rows measured without parallel connections only (the rest: both)."""

@@ -1,18 +1,104 @@
-"""Helpers shared by the tests: file-sink readers and a `serve` subprocess runner."""
+"""Helpers shared by the tests: waiting for a condition, serving one source in-process, running
+asyncio clients, file-sink readers and a `serve` subprocess runner."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
+import trio
+
+from trio_gateway import Ingress
+from trio_gateway._ledger import SourceCounters
+from trio_gateway.queues import OverflowPolicy, Queue
 from trio_gateway.sinks import decode_jsonl_record
+from trio_gateway.sources import Source
+from trio_gateway.testing import ServedSource, serve_source
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+async def wait_until(
+    condition: Callable[[], object],
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a bound on the wait, applied with fail_after
+    what: str = "",
+) -> None:
+    """Wait until ``condition()`` is true, for a counter that has no event to wait on.
+
+    Fails the test after ``timeout`` seconds (virtual ones under ``autojump_clock``), so a broken
+    feature fails fast instead of hanging, and a slow machine only makes the wait longer.
+    """
+    try:
+        with trio.fail_after(timeout):
+            while not condition():
+                await trio.sleep(0.01)
+    except trio.TooSlowError:
+        raise AssertionError(
+            f"timed out after {timeout} s waiting for {what or condition}"
+        ) from None
+
+
+@asynccontextmanager
+async def serving(
+    source: Source | type[Source],
+    queue: Queue[bytes] | None = None,
+    *,
+    capacity: int = 100_000,
+    policy: OverflowPolicy = "block",
+    grace_period: float = 1.0,
+    timeout: float = 30.0,  # noqa: ASYNC109 - applied with fail_after around the block
+    **source_options: Any,
+) -> AsyncIterator[ServedSource]:
+    """:func:`trio_gateway.testing.serve_source` with the whole block bounded by ``timeout``.
+
+    ``source`` may be a class, built with ``source_options`` (every source defaults to port 0), so a
+    transport's tests say ``serving = partial(helpers.serving, HttpSource)`` and then
+    ``serving(max_connections=1, capacity=2)``.
+    """
+    if isinstance(source, type):
+        source = source(**source_options)
+    elif source_options:
+        raise TypeError(f"options {sorted(source_options)} given with a built source")
+    with trio.fail_after(timeout):
+        async with serve_source(
+            source, queue, capacity=capacity, policy=policy, grace_period=grace_period
+        ) as served:
+            yield served
+
+
+def detached_ingress(
+    queue: Queue[bytes], transport: str, *, grace_period: float = 0.0
+) -> tuple[Ingress, trio.Event]:
+    """An :class:`~trio_gateway.Ingress` with no source or gateway behind it, and the event that
+    stops it: for internals that take an ingress but are not a source (the HTTP source's
+    sans-IO rules, ``serve_connections``). A whole source is served with :func:`serving`."""
+    stopping = trio.Event()
+    counters = SourceCounters(transport, f"{transport}:test")
+    return Ingress(queue, counters, stopping, grace_period=grace_period), stopping
+
+
+def refuses_connections(address: tuple[str, int]) -> bool:
+    """True once nothing accepts TCP connections on ``address`` (a listener has closed)."""
+    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as sock:
+        return sock.connect_ex(address[:2]) != 0
+
+
+async def in_asyncio(client: Callable[[], Awaitable[T]]) -> T:
+    """Run an asyncio client coroutine (``websockets``, ``grpc.aio``) in a worker thread with its
+    own event loop."""
+    return await trio.to_thread.run_sync(lambda: asyncio.run(client()))  # type: ignore[arg-type]
 
 
 def read_payloads(path: Path) -> list[bytes]:

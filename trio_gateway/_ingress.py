@@ -39,7 +39,8 @@ class Ingress:
         *,
         grace_period: float,
     ) -> None:
-        # A bare queue (handy in tests) gets its own buffer; the gateway passes its one buffer.
+        # The gateway passes its one buffer; a source served on its own, outside a gateway
+        # (trio_gateway.testing.serve_source), brings a bare queue, which gets its own buffer.
         self._queue = queue if isinstance(queue, MessageBuffer) else MessageBuffer(queue)
         self._stopping = stopping
         self.counters = counters

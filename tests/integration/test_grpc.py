@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
+import helpers
 import pytest
 import trio
 import trustme
@@ -17,10 +17,7 @@ from grpclib.const import Cardinality, Handler
 from grpclib.health.v1 import health_pb2
 
 from trio_gateway._errors import ConfigurationError
-from trio_gateway._ingress import Ingress
-from trio_gateway._ledger import SourceCounters
 from trio_gateway._proto import gateway_pb2, model_pb2
-from trio_gateway.queues import OverflowPolicy, RingBuffer
 from trio_gateway.sources.grpc import GrpcSource, GrpcStream
 
 T = TypeVar("T")
@@ -30,48 +27,7 @@ STREAM_MODEL = "/model.GrpcStreamingInputterService/MakeRequest"
 HEALTH = "/grpc.health.v1.Health/"
 
 
-@dataclass
-class Served:
-    source: GrpcSource
-    ingress: Ingress
-    queue: RingBuffer[bytes]
-    stopping: trio.Event
-    port: int
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def payloads(self) -> list[bytes]:
-        if not len(self.queue):
-            return []
-        return self.queue.get_batch_nowait(len(self.queue))
-
-
-@asynccontextmanager
-async def serving(
-    *,
-    capacity: int = 20_000,
-    policy: OverflowPolicy = "block",
-    grace_period: float = 1.0,
-    **options: Any,
-) -> AsyncIterator[Served]:
-    """A GrpcSource on port 0 feeding a RingBuffer through a hand-built Ingress."""
-    queue: RingBuffer[bytes] = RingBuffer(capacity, policy=policy)
-    source = GrpcSource(**options)
-    stopping = trio.Event()
-    ingress = Ingress(
-        queue,  # type: ignore[arg-type]
-        SourceCounters("grpc", source.label),
-        stopping,
-        grace_period=grace_period,
-    )
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(source.run, ingress)
-            assert bound == source.bound
-            yield Served(source, ingress, queue, stopping, bound[0][1])
-            stopping.set()
+serving = partial(helpers.serving, GrpcSource)
 
 
 async def in_thread(fn: Callable[[], T]) -> T:
@@ -397,7 +353,7 @@ async def test_health_check_and_watch_flip_to_not_serving_when_draining() -> Non
         async with trio.open_nursery() as nursery:
             nursery.start_soon(in_thread, watch)
             await in_thread(lambda: first_seen.wait(5))
-            served.stopping.set()
+            served.stop()
         assert watched == [
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,

@@ -8,55 +8,25 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
+import helpers
 import httpx
 import pytest
 import trio
 import trustme
+from helpers import refuses_connections, wait_until
 
 from trio_gateway._errors import ConfigurationError
-from trio_gateway._ingress import Ingress
-from trio_gateway._ledger import SourceCounters
-from trio_gateway.queues import OverflowPolicy, RingBuffer
+from trio_gateway.queues import RingBuffer
 from trio_gateway.sources.http import HttpSource
 
 CURL = "/usr/bin/curl"
 NDJSON = {"content-type": "application/x-ndjson"}
 
 
-@dataclass
-class Running:
-    source: HttpSource
-    ingress: Ingress
-    queue: RingBuffer[bytes]
-    url: str
-
-    def payloads(self) -> list[bytes]:
-        if not len(self.queue):
-            return []
-        return self.queue.get_batch_nowait(len(self.queue))
-
-
-@asynccontextmanager
-async def serving(
-    *, capacity: int = 100_000, policy: OverflowPolicy = "block", **options: Any
-) -> AsyncIterator[Running]:
-    queue: RingBuffer[bytes] = RingBuffer(capacity, policy=policy)
-    stopping = trio.Event()
-    ingress = Ingress(queue, SourceCounters("http", "http:test"), stopping, grace_period=1.0)
-    source = HttpSource(**options)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(source.run, ingress)
-            host, port = bound[0]
-            assert source.bound == bound
-            yield Running(source, ingress, queue, f"{source.scheme}://{host}:{port}/ingest")
-            # run() returns on its own once stopping: shutdown is tied to wait_stopping().
-            stopping.set()
+serving = partial(helpers.serving, HttpSource)
 
 
 async def curl(*args: str) -> tuple[int, dict[str, str], bytes, str]:
@@ -333,26 +303,16 @@ async def test_idle_keepalive_connection_is_closed() -> None:
 
 
 async def test_shutdown_lets_in_flight_request_finish() -> None:
-    queue: RingBuffer[bytes] = RingBuffer(10)
-    stopping = trio.Event()
-    ingress = Ingress(queue, SourceCounters("http", "http:test"), stopping, grace_period=2.0)
-    source = HttpSource()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(source.run, ingress)
-            stream = await trio.open_tcp_stream(*bound[0])
-            await stream.send_all(
-                b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nAB"
-            )
-            await trio.sleep(0.05)
-            stopping.set()  # the listener closes; the request in flight may finish
-            await trio.sleep(0.05)
-            await stream.send_all(b"CD")
-            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 202")
-            await stream.aclose()
-            with pytest.raises(OSError):
-                await trio.open_tcp_stream(*bound[0])
-    assert queue.get_batch_nowait(10) == [b"ABCD"]
+    async with serving(capacity=10, grace_period=2.0, timeout=5) as run:
+        stream = await trio.open_tcp_stream(*run.address)
+        await stream.send_all(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nAB")
+        await wait_until(lambda: run.counters.connections_active == 1)
+        run.stop()  # the listener closes; the request in flight may finish
+        await wait_until(lambda: refuses_connections(run.address))
+        await stream.send_all(b"CD")
+        assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 202")
+        await stream.aclose()
+        assert run.payloads() == [b"ABCD"]
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ unanswered) and each ends at its deadline, even when the peer never reads or nev
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -34,13 +33,13 @@ import trustme
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from helpers import detached_ingress, in_asyncio, wait_until
 from hyperframe.frame import Frame, GoAwayFrame
 from trio_websocket import open_websocket_url
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from trio_gateway import Gateway
-from trio_gateway._ingress import Ingress
 from trio_gateway._ledger import SourceCounters
 from trio_gateway._proto import gateway_grpc, gateway_pb2
 from trio_gateway.codecs import encode_grpc_message
@@ -80,17 +79,6 @@ async def limited(*sources: Source) -> AsyncIterator[tuple[GatewayHandle, Record
 
 def counters(handle: GatewayHandle, index: int = 0) -> SourceCounters:
     return handle.gateway.source_counters[index]
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll a counter that has no event to wait on (the test bounds it with fail_after)."""
-    while not condition():
-        await trio.sleep(0.01)
-
-
-async def in_asyncio(client: Callable[[], Awaitable[T]]) -> T:
-    """Run an asyncio client coroutine in a worker thread with its own event loop."""
-    return await trio.to_thread.run_sync(lambda: asyncio.run(client()))  # type: ignore[arg-type]
 
 
 async def read_until_closed(stream: trio.abc.Stream) -> bytes:
@@ -496,9 +484,8 @@ async def test_refusals_run_at_most_max_refusals_at_once_and_free_their_slots() 
     (nothing sent); all 40 are counted; the connection within the limit is still served.
     When the 8 leave, their refusals end and a new peer is answered again."""
     queue: RingBuffer[bytes] = RingBuffer(10)
-    stopping = trio.Event()
-    source_counters = SourceCounters("tcp", "tcp:refusals")
-    ingress = Ingress(queue, source_counters, stopping, grace_period=0.5)
+    ingress, stopping = detached_ingress(queue, "tcp", grace_period=0.5)
+    source_counters = ingress.counters
     listeners = await open_tcp_listeners("127.0.0.1", 0)
     address = listeners[0].socket.getsockname()[:2]
 

@@ -22,13 +22,12 @@ import h2.config
 import h2.connection
 import httpx
 import trio
+from helpers import detached_ingress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from trio_gateway import Gateway
-from trio_gateway._ingress import Ingress
-from trio_gateway._ledger import SourceCounters
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources import GrpcSource, HttpSource, WebSocketSource
 from trio_gateway.sources.http import IngestRules
@@ -257,12 +256,7 @@ STATUSES = {202, 400, 401, 404, 405, 408, 413, 503}
 
 
 def rules_with(capacity: int) -> IngestRules:
-    ingress = Ingress(
-        RingBuffer(capacity),  # type: ignore[arg-type]
-        SourceCounters("http", "http:fuzz"),
-        trio.Event(),
-        grace_period=0.0,
-    )
+    ingress, _ = detached_ingress(RingBuffer(capacity), "http")
     return IngestRules(ingress, max_body_size=500, token="s3cret", queue_wait=0)
 
 

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
+from helpers import refuses_connections, wait_until
 from trio.testing import MockClock
 
 import trio_gateway.testing
@@ -20,17 +22,20 @@ from trio_gateway import (
     ConfigurationError,
     FrameTooLarge,
     Gateway,
+    HttpSource,
     Ingress,
     RingBuffer,
     SinkError,
     Source,
     TcpSource,
+    WebSocketSource,
 )
 from trio_gateway.testing import (
     GatewayFactory,
     MemorySource,
     RecordingSink,
     open_gateway,
+    serve_source,
     start_gateway,
 )
 
@@ -47,7 +52,9 @@ def test_exported_names() -> None:
         "GatewayStatistics",
         "MemorySource",
         "RecordingSink",
+        "ServedSource",
         "open_gateway",
+        "serve_source",
         "start_gateway",
     )
     for name in trio_gateway.testing.__all__:
@@ -358,6 +365,63 @@ async def test_start_gateway_propagates_a_failing_source() -> None:
         info.value, OSError
     )
     assert gateway.state == "stopped"
+
+
+# -- serve_source: one source on its own ---------------------------------------------------
+
+
+async def test_serve_source_queues_what_a_real_client_sent() -> None:
+    with trio.fail_after(10):
+        async with serve_source(HttpSource(port=0)) as served:
+            host, port = served.address
+            assert served.bound == [(host, port)] and port != 0
+            assert served.url == f"http://{host}:{port}/ingest"
+            assert served.counters.listener == f"http:{host}:{port}"
+            async with httpx.AsyncClient() as client:
+                response = await client.post(served.url, content=b"hello")
+            assert response.status_code == 202
+            assert served.payloads() == [b"hello"]
+            assert served.payloads() == []  # taken
+            assert served.counters.received == 1
+            assert served.counters.connections_total == 1
+        with pytest.raises(OSError):  # leaving the block closed the listener
+            await trio.open_tcp_stream(host, port)
+
+
+async def test_serve_source_uses_the_queue_given_with_its_policy() -> None:
+    queue: RingBuffer[bytes] = RingBuffer(2, policy="drop_oldest")
+    with trio.fail_after(10):
+        async with serve_source(TcpSource(port=0), queue) as served:
+            assert served.queue is queue and served.ingress.buffer.queue is queue
+            stream = await trio.open_tcp_stream(*served.address)
+            await stream.send_all(b"a\nb\nc\nd\n")
+            await wait_until(lambda: served.counters.received == 4)
+            await stream.aclose()
+            assert served.payloads() == [b"c", b"d"]
+            assert queue.statistics().dropped["drop_oldest"] == 2
+        with pytest.raises(AttributeError, match="no URL"):
+            served.url  # noqa: B018 - the property raises
+
+
+async def test_serve_source_re_raises_the_body_error_as_it_is() -> None:
+    with pytest.raises(KeyError, match="boom"), trio.fail_after(10):
+        async with serve_source(TcpSource(port=0), grace_period=30) as served:
+            stream = await trio.open_tcp_stream(*served.address)
+            raise KeyError("boom")  # the open connection does not hold the exit for 30 s
+    await stream.aclose()
+
+
+async def test_serve_source_stop_closes_the_listener_before_the_block_ends() -> None:
+    with trio.fail_after(10):
+        async with serve_source(
+            WebSocketSource(port=0), capacity=1, policy="drop_newest", grace_period=0.1
+        ) as served:
+            assert served.url.startswith("ws://127.0.0.1:") and served.url.endswith("/")
+            assert served.queue.capacity == 1 and served.queue.policy == "drop_newest"
+            assert not served.stopping
+            served.stop()
+            assert served.stopping and served.ingress.stopping
+            await wait_until(lambda: refuses_connections(served.address))
 
 
 # -- the fixtures -------------------------------------------------------------------------

@@ -5,71 +5,27 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import helpers
 import pytest
 import trio
 import trustme
+from helpers import in_asyncio, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from trio_gateway._errors import ConfigurationError
-from trio_gateway._ingress import Ingress
-from trio_gateway._ledger import SourceCounters
-from trio_gateway.queues import OverflowPolicy, RingBuffer
+from trio_gateway.queues import RingBuffer
 from trio_gateway.sources.websocket import WebSocketSource
 
 T = TypeVar("T")
 
 
-@dataclass
-class Running:
-    source: WebSocketSource
-    ingress: Ingress
-    queue: RingBuffer[bytes]
-    url: str
-    stopping: trio.Event
-
-    def payloads(self) -> list[bytes]:
-        if not len(self.queue):
-            return []
-        return self.queue.get_batch_nowait(len(self.queue))
-
-
-@asynccontextmanager
-async def serving(
-    *,
-    capacity: int = 100_000,
-    policy: OverflowPolicy = "block",
-    grace: float = 1.0,
-    **options: Any,
-) -> AsyncIterator[Running]:
-    queue: RingBuffer[bytes] = RingBuffer(capacity, policy=policy)
-    stopping = trio.Event()
-    counters = SourceCounters("websocket", "websocket:test")
-    ingress = Ingress(queue, counters, stopping, grace_period=grace)
-    source = WebSocketSource(**options)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(source.run, ingress)
-            host, port = bound[0]
-            yield Running(source, ingress, queue, f"{source.scheme}://{host}:{port}/", stopping)
-            stopping.set()
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll a counter that has no event to wait on (the caller bounds it with fail_after)."""
-    while not condition():
-        await trio.sleep(0.01)
-
-
-async def in_asyncio(client: Callable[[], Awaitable[T]]) -> T:
-    """Run an asyncio client coroutine in a worker thread with its own event loop."""
-    return await trio.to_thread.run_sync(lambda: asyncio.run(client()))  # type: ignore[arg-type]
+serving = partial(helpers.serving, WebSocketSource)
 
 
 async def send_all(url: str, messages: list[str | bytes], **kwargs: Any) -> int | None:
@@ -242,7 +198,7 @@ async def test_idle_timeout_closes_1001() -> None:
 
 
 async def test_shutdown_sends_going_away() -> None:
-    async with serving(grace=2.0) as run:
+    async with serving(grace_period=2.0) as run:
         connected = trio.Event()
         token = trio.lowlevel.current_trio_token()
 
@@ -264,7 +220,7 @@ async def test_shutdown_sends_going_away() -> None:
             await connected.wait()
             with trio.fail_after(5):
                 await wait_until(lambda: len(run.queue) > 0)
-            run.stopping.set()
+            run.stop()
         assert result == [1001]
         assert run.payloads() == [b"before"]
 

@@ -7,6 +7,8 @@
   :meth:`~RecordingSink.stall` or :meth:`~RecordingSink.recover`;
 * :func:`open_gateway` / :func:`start_gateway`: run a :class:`~trio_gateway.Gateway` in the test
   and get a :class:`GatewayHandle` (bound addresses, statistics, ledger, shutdown);
+* :func:`serve_source`: run one source on its own into a queue (no gateway, no sink) and get a
+  :class:`ServedSource` (bound addresses, URL, queued payloads, counters), to test a source;
 * a pytest plugin (``trio_gateway.testing._plugin``, registered as the ``trio_gateway`` entry
   point) with the fixtures ``memory_source``, ``recording_sink`` and ``gateway_factory``.
 
@@ -19,6 +21,8 @@ from ._harness import GatewayHandle as GatewayHandle
 from ._harness import GatewayStatistics as GatewayStatistics
 from ._harness import open_gateway as open_gateway
 from ._harness import start_gateway as start_gateway
+from ._serve import ServedSource as ServedSource
+from ._serve import serve_source as serve_source
 from ._sink import RecordingSink as RecordingSink
 from ._source import MemorySource as MemorySource
 
@@ -28,6 +32,8 @@ __all__ = (
     "GatewayStatistics",
     "MemorySource",
     "RecordingSink",
+    "ServedSource",
     "open_gateway",
+    "serve_source",
     "start_gateway",
 )

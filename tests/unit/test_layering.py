@@ -1,0 +1,271 @@
+"""The allowed import directions inside trio_gateway, as one table, checked by parsing imports.
+
+Each row of ``LAYERS`` is a *unit*: a top-level module (``_gateway``), a subpackage with
+everything below it (``sources``), or a deeper part that has stricter rules than its package
+(a sans-IO protocol module inside ``sources``). A module belongs to the longest row that is a
+prefix of its dotted name. Importing within one's own unit is always allowed; importing another
+unit must be listed. A module that belongs to no row fails with "add a row": adding a package
+means adding a row here, which is where its place in the design gets decided.
+
+Imports under ``if TYPE_CHECKING:`` are checked against ``typing``, so a unit can name another's
+types without loading it (admin names the ``Gateway`` it reports on). ``sans_io`` units import
+no I/O library at all (trio, socket, ssl, asyncio, selectors): they are fed bytes and tested
+with bytes alone.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "trio_gateway"
+IO_MODULES = ("trio", "socket", "ssl", "asyncio", "selectors")
+
+
+@dataclass(frozen=True)
+class Layer:
+    imports: frozenset[str] = frozenset()
+    """Other units this one may import at run time."""
+    typing: frozenset[str] = frozenset()
+    """Other units this one may import only for type checking."""
+    sans_io: bool = False
+
+
+def layer(*imports: str, typing: tuple[str, ...] = (), sans_io: bool = False) -> Layer:
+    return Layer(frozenset(imports), frozenset(typing), sans_io)
+
+
+LAYERS: dict[str, Layer] = {
+    # foundations: data types and bookkeeping, no I/O of their own
+    "_errors": layer(),
+    "_log": layer(),
+    "_message": layer(),
+    "_histogram": layer(),
+    "_ledger": layer("_histogram"),
+    "_tls": layer("_errors"),
+    "_proto": layer(),  # generated protobuf code
+    # framing: pure, knows nothing of the package but its errors
+    "codecs": layer("_errors", sans_io=True),
+    # queues: know nothing of messages' origins, sources or sinks
+    "queues": layer("_errors"),
+    "_buffer": layer("_message", "queues"),
+    "_ingress": layer("_buffer", "_ledger", "_message", "queues"),
+    # the edges: a source reaches the queue only through its Ingress; sources and sinks never
+    # import each other
+    "sources": layer("_errors", "_ingress", "_log", "_message", "_proto", "_tls", "codecs"),
+    "sinks": layer("_errors", "_log", "_message", "codecs"),
+    # the one place that wires sources, queue, pump and sinks together
+    "_gateway": layer(
+        "_buffer",
+        "_errors",
+        "_ingress",
+        "_ledger",
+        "_log",
+        "_message",
+        "queues",
+        "sinks",
+        "sources",
+    ),
+    # admin serves any gateway Service; it names Gateway's type only
+    "admin": layer("_errors", "_histogram", "_log", typing=("_gateway",)),
+    # building a gateway from TOML and flags
+    "_config": layer("_errors", "_gateway", "admin", "queues", "sinks", "sources"),
+    # several worker processes, each running a configured gateway
+    "_workers": layer("_buffer", "_config", "_errors", "_gateway", "_ledger", "_log", "admin"),
+    "workers": layer("_buffer", "_config", "_errors", "_gateway", "_ledger", "_log", "admin"),
+    # the `send` load generator: a client, so no server module (sources, sinks, gateway, admin).
+    # `_client` still imports sources.websocket for one constant; it is moving to loadgen/,
+    # and this row goes with it.
+    "_client": layer("_errors", "_proto", "codecs", "sources"),
+    "loadgen": layer("_errors", "_proto", "codecs", "_tls"),
+    "_profile": layer("_errors", "_log"),
+    # the command line, and the only module that imports it
+    "_cli": layer(
+        "_buffer",
+        "_client",
+        "_config",
+        "_errors",
+        "_profile",
+        "_workers",
+        "admin",
+        "loadgen",
+        "queues",
+        "workers",
+    ),
+    "__main__": layer("_cli"),
+    # the test kit drives gateways and sources the way a user's tests do
+    "testing": layer(
+        "_errors", "_gateway", "_ingress", "_ledger", "_message", "queues", "sinks", "sources"
+    ),
+    # the public API re-exports; "" is trio_gateway/__init__.py
+    "": layer(
+        "_buffer",
+        "_errors",
+        "_gateway",
+        "_ingress",
+        "_ledger",
+        "_message",
+        "queues",
+        "sinks",
+        "sources",
+    ),
+}
+"""unit -> what it may import. Dotted names are relative to ``trio_gateway``."""
+
+SERVER_UNITS = {"sources", "sinks", "_gateway", "admin", "_workers", "workers", "_config"}
+
+
+def unit_of(module: str) -> str | None:
+    """The longest row that ``module`` (relative dotted name, "" for the package) belongs to."""
+    best: str | None = None
+    for name in LAYERS:
+        inside = module == name or (name == "" and module == "") or module.startswith(name + ".")
+        if inside and (best is None or len(name) > len(best)):
+            best = name
+    return best
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, root: Path) -> list[tuple[str, bool, int]]:
+    """(absolute module imported, under TYPE_CHECKING, line) for every import in ``path``."""
+    module = module_name(path, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only |= {id(sub) for stmt in node.body for sub in ast.walk(stmt)}
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".") if package else []
+                base = base[: len(base) - (node.level - 1)]
+                prefix = "trio_gateway" + "".join("." + part for part in base)
+                if node.module:
+                    names = [f"{prefix}.{node.module}"]
+                else:  # from . import x: x may be a module
+                    names = [f"{prefix}.{alias.name}" for alias in node.names]
+            elif node.module:
+                names = [node.module]
+        found += [(name, id(node) in typing_only, node.lineno) for name in names]
+    return found
+
+
+def relative(name: str) -> str | None:
+    """``trio_gateway.sources.tcp`` -> ``sources.tcp``; None outside the package."""
+    if name == "trio_gateway":
+        return ""
+    if name.startswith("trio_gateway."):
+        return name.removeprefix("trio_gateway.")
+    return None
+
+
+def violations(root: Path = PACKAGE) -> list[str]:
+    """Every import in the package at ``root`` that ``LAYERS`` does not allow."""
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(path, root)
+        where = f"trio_gateway/{path.relative_to(root)}"
+        unit = unit_of(module)
+        if unit is None:
+            problems.append(
+                f"{where}: trio_gateway.{module} is in no row of LAYERS in "
+                "tests/unit/test_layering.py: add a row saying what it may import"
+            )
+            continue
+        rules = LAYERS[unit]
+        for name, typing_only, line in imports_of(path, root):
+            target = relative(name)
+            if target is None:
+                if rules.sans_io and name.split(".")[0] in IO_MODULES:
+                    problems.append(f"{where}:{line}: {unit!r} is sans-IO but imports {name}")
+                continue
+            target_unit = unit_of(target)
+            if target_unit is None or target_unit == unit:
+                continue  # unknown targets are reported as modules of their own
+            allowed = rules.imports | (rules.typing if typing_only else frozenset())
+            if target_unit not in allowed:
+                kind = "for typing " if typing_only else ""
+                problems.append(
+                    f"{where}:{line}: {unit or 'trio_gateway'!r} may not import {kind}"
+                    f"{target_unit!r} (trio_gateway.{target}); LAYERS allows {sorted(allowed)}"
+                )
+    return problems
+
+
+def test_every_import_follows_the_layers() -> None:
+    problems = violations()
+    assert not problems, "\n".join(problems)
+
+
+# The design's rules, checked on the table itself, so a new row cannot quietly break them.
+
+
+def test_codecs_import_nothing_of_the_package_but_its_errors() -> None:
+    assert LAYERS["codecs"].imports == {"_errors"} and LAYERS["codecs"].sans_io
+
+
+def test_queues_know_nothing_of_sources_or_sinks() -> None:
+    for unit in ("queues", "_buffer", "_ingress"):
+        assert not LAYERS[unit].imports & {"sources", "sinks", "_gateway"}, unit
+
+
+def test_sources_and_sinks_never_import_each_other() -> None:
+    assert "sinks" not in LAYERS["sources"].imports
+    assert "sources" not in LAYERS["sinks"].imports
+
+
+def test_only_the_gateway_and_its_builders_wire_sources_to_sinks() -> None:
+    wiring = {unit for unit, rules in LAYERS.items() if {"sources", "sinks"} <= rules.imports}
+    assert wiring == {"", "_gateway", "_config", "testing"}
+
+
+def test_admin_depends_on_the_gateway_only_for_types() -> None:
+    assert "_gateway" not in LAYERS["admin"].imports
+    assert LAYERS["admin"].typing == {"_gateway"}
+
+
+def test_the_load_generator_imports_no_server_module() -> None:
+    assert not LAYERS["loadgen"].imports & SERVER_UNITS
+
+
+def test_only_main_imports_the_cli() -> None:
+    assert [unit for unit, rules in LAYERS.items() if "_cli" in rules.imports] == ["__main__"]
+
+
+def test_no_unit_depends_on_the_test_kit() -> None:
+    for unit, rules in LAYERS.items():
+        assert "testing" not in rules.imports | rules.typing, unit
+
+
+def test_the_table_catches_what_it_forbids(tmp_path: Path) -> None:
+    """A rule that cannot fail is worse than none: the checker flags a forbidden edge, a
+    sans-IO module importing trio, and a module in no row."""
+    fake = tmp_path / "trio_gateway"
+    (fake / "sinks").mkdir(parents=True)
+    (fake / "codecs").mkdir()
+    (fake / "newthing").mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "sinks" / "__init__.py").write_text("from ..sources import tcp\n")
+    (fake / "codecs" / "__init__.py").write_text("import trio\nfrom .._errors import X\n")
+    (fake / "newthing" / "__init__.py").write_text("")
+    (fake / "admin.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ._gateway import G\n"
+    )
+    problems = violations(fake)
+    assert len(problems) == 3, problems
+    codecs, newthing, sinks = problems  # in path order
+    assert "'codecs' is sans-IO but imports trio" in codecs
+    assert "trio_gateway.newthing is in no row" in newthing and "add a row" in newthing
+    assert "'sinks' may not import 'sources'" in sinks

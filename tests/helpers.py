@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,17 @@ from trio_gateway.testing import ServedSource, serve_source
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+
+def wait_until_sync(
+    condition: Callable[[], object], *, timeout: float = 15.0, what: str = ""
+) -> None:
+    """:func:`wait_until` for a test that drives subprocesses without an event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.02)
 
 
 async def wait_until(
@@ -134,7 +146,9 @@ class ServeProcess:
             if not line:
                 raise RuntimeError(f"serve exited early: {''.join(self.stderr_lines)}")
             self.stderr_lines.append(line)
-            match = re.search(r"listening: (\w+) on .*:(\d+)$", line.strip())
+            match = re.search(r"listening: (\w+) on .*:(\d+)$", line.strip()) or re.search(
+                r"(admin) endpoint on http://.*:(\d+)/metrics$", line.strip()
+            )
             if match:
                 self.ports.setdefault(match[1], []).append(int(match[2]))
             elif line.rstrip().endswith(": ready"):
@@ -142,7 +156,19 @@ class ServeProcess:
         raise TimeoutError("serve did not report ready")
 
     def port(self, transport: str, index: int = 0) -> int:
+        """A bound port by transport (``"tcp"``, ...; ``"admin"`` for the admin endpoint)."""
         return self.ports[transport][index]
+
+    def received(self) -> int:
+        """Messages received so far, summed over the listeners, from the admin endpoint."""
+        url = f"http://127.0.0.1:{self.port('admin')}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith("trio_gateway_received_messages_total{")
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> tuple[int, str]:
         """Send ``sig``, wait, return (exit code, all of stderr)."""

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, ServeProcess, read_payloads
+from helpers import REPO, ServeProcess, read_payloads, wait_until_sync
 
 from trio_gateway._client import make_payload
 
@@ -89,17 +89,27 @@ def test_sigterm_mid_stream_balances_and_keeps_every_delivered_message(
     assert delivered == [make_payload(64, i) for i in range(len(delivered))]
 
 
-def test_serve_embedded_defaults_and_send(tmp_path: Path, serve: type[ServeProcess]) -> None:
-    gateway = serve(["--sink", "null"])
-    # The embedded defaults: TCP 7000 and UDP 7001 on 127.0.0.1.
-    assert gateway.ports == {"tcp": [7000], "udp": [7001]}
-    sent = run_cli("send", "--tcp", "127.0.0.1:7000", "--count", "1000", "--size", "100")
+def test_embedded_defaults_listen_on_7000_and_7001(tmp_path: Path) -> None:
+    # Checked without binding them: other programs on this machine may hold those ports.
+    (tmp_path / "empty.toml").write_text("")
+    checked = run_cli("check-config", str(tmp_path / "empty.toml"))
+    assert checked.returncode == 0, checked.stderr
+    assert "source: tcp on 127.0.0.1:7000\n" in checked.stdout
+    assert "source: udp on 127.0.0.1:7001\n" in checked.stdout
+
+
+def test_serve_and_send_tcp_and_udp(serve: type[ServeProcess]) -> None:
+    gateway = serve(
+        ["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--sink", "null"]
+    )
+    tcp, udp = gateway.port("tcp"), gateway.port("udp")
+    sent = run_cli("send", "--tcp", f"127.0.0.1:{tcp}", "--count", "1000", "--size", "100")
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.startswith("sent 1000 messages, 100000 bytes in ")
     assert "msg/s" in sent.stdout and "MB/s" in sent.stdout
-    sent = run_cli("send", "--udp", "127.0.0.1:7001", "--count", "10", "--size", "30")
+    sent = run_cli("send", "--udp", f"127.0.0.1:{udp}", "--count", "10", "--size", "30")
     assert sent.returncode == 0, sent.stderr
-    time.sleep(0.2)
+    wait_until_sync(lambda: gateway.received() == 1010, what="1010 messages received")
     code, stderr = gateway.stop(signal.SIGINT)
     assert code == 0
     ledger = ledger_of(stderr)

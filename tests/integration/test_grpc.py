@@ -15,6 +15,7 @@ import trio
 import trustme
 from grpclib.const import Cardinality, Handler
 from grpclib.health.v1 import health_pb2
+from helpers import wait_until
 
 from trio_gateway._errors import ConfigurationError
 from trio_gateway._proto import gateway_pb2, model_pb2
@@ -151,8 +152,8 @@ async def test_client_streaming_full_queue_closes_the_window() -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(in_thread, call)
-            await trio.sleep(0.5)
             # the handler is parked on the full queue; the window let through at most ~1 MiB
+            await wait_until(lambda: served.queue.statistics().waiting_producers == 1)
             assert len(served.queue) == 10
             assert served.ingress.counters.received < count // 2
             received: list[bytes] = []

@@ -44,6 +44,21 @@ class Client:
         )
         await self.flush()
 
+    async def read_by_server(self) -> None:
+        """Return once the server has read everything sent so far: a PING sent after it is
+        answered only after the reads before it were handled. So what is sent next comes in
+        a read of its own, however slow the server is."""
+        self.conn.ping(b"readsync")
+        await self.flush()
+        with trio.fail_after(5):
+            while True:
+                data = await self.stream.receive_some(65536)
+                assert data, "the server closed the connection"
+                events = self.conn.receive_data(data)
+                await self.flush()
+                if any(isinstance(event, h2.events.PingAckReceived) for event in events):
+                    return
+
     async def message(self, stream_id: int, sequence: int, *, end: bool = True) -> None:
         body = gateway_pb2.Message(payload=b"p%d" % sequence, sequence=sequence)
         self.conn.send_data(
@@ -68,7 +83,7 @@ async def test_headers_and_data_in_separate_reads_are_answered() -> None:
     async with serving(grace_period=0.1) as served:
         client = Client(await trio.open_tcp_stream("127.0.0.1", served.port))
         await client.headers(1, served.port)
-        await trio.sleep(0.05)  # the server reads the HEADERS alone
+        await client.read_by_server()  # the server reads the HEADERS alone
         await client.message(1, 7)
         assert ack(await client.response()).sequence == 7
         assert served.payloads() == [b"p7"]
@@ -89,7 +104,7 @@ async def test_a_call_reset_before_its_request_is_forgotten() -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", served.port)
         client = Client(stream)
         await client.headers(1, served.port)
-        await trio.sleep(0.05)
+        await client.read_by_server()  # the call waits for its request, without a task
         client.conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
         await client.flush()
         await client.headers(3, served.port)

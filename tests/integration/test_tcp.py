@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import read_payloads
+from helpers import read_payloads, wait_until
 
 from trio_gateway import FileSink, Gateway, Item, RingBuffer, Sink, TcpSource
 from trio_gateway.codecs import encode_length_prefixed, encode_newline
@@ -118,7 +118,7 @@ async def test_block_policy_pushes_back_on_the_sender() -> None:
             nursery.start_soon(client, address)
             # The sink is stalled: the queue fills, the source stops reading, and the sender's
             # 1.6 MB cannot all leave (loopback buffers hold far less once reading stops).
-            await trio.sleep(1.0)
+            await wait_until(lambda: queue.statistics().waiting_producers == 1)
             assert not finished.is_set()
             stats = queue.statistics()
             assert stats.depth == 100

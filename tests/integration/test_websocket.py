@@ -149,10 +149,8 @@ async def test_block_policy_stops_reading_then_nothing_is_lost() -> None:
         received: list[bytes] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(in_asyncio, client)
-            with trio.fail_after(10):
-                await wait_until(lambda: len(run.queue) == 10)
-            await trio.sleep(0.3)
-            # Stalled: the queue is full and the source has stopped reading.
+            # Stalled: the queue is full and the source has stopped reading (it waits for room).
+            await wait_until(lambda: run.queue.statistics().waiting_producers == 1)
             assert len(run.queue) == 10
             assert run.ingress.counters.received < len(messages)
             with trio.fail_after(20):

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("matplotlib")  # the bench extra; the charts need it
+pytestmark = pytest.mark.slow  # about 50 s: `pytest -m "not slow"` leaves it out
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = [18, 4266, 6786, 79435]

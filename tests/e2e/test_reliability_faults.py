@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 import trio
 from helpers import ServeProcess, read_payloads
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -159,6 +160,7 @@ def delivered_by_transport(out: Path) -> dict[str, list[bytes]]:
     return delivered
 
 
+@pytest.mark.slow
 async def test_sigterm_while_four_clients_stream_loses_nothing_acknowledged(
     tmp_path: Path, serve: type[ServeProcess]
 ) -> None:
@@ -261,6 +263,7 @@ class Destination:
 RETRY_LINE = re.compile(r"sink tcp:\S+: send failed .*; retry (\d+) in ([0-9.]+) s")
 
 
+@pytest.mark.slow
 async def test_sink_outage_backs_off_applies_the_policy_and_accounts_for_everything(
     serve: type[ServeProcess],
 ) -> None:

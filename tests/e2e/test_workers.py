@@ -180,6 +180,7 @@ def test_two_workers_share_tcp_udp_and_http_ports(
     assert len(own) == 2 and sum(w["received"] for w in own) == len(sent)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_counted(
     tmp_path: Path, serve: type[ServeProcess]
 ) -> None:

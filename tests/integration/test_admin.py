@@ -258,6 +258,7 @@ trio.run(main)
 """
 
 
+@pytest.mark.slow
 async def test_sigterm_turns_readyz_503_until_the_drain_ends() -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

@@ -317,6 +317,7 @@ async def test_open_fails_fast_when_no_server_answers(tmp_path: Path) -> None:
         await sink.aclose()
 
 
+@pytest.mark.slow
 async def test_server_killed_and_restarted_mid_run_loses_nothing_acknowledged(
     nats_server: NatsServer,
 ) -> None:

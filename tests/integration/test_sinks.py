@@ -71,6 +71,7 @@ def test_jsonl_records_utf8_and_binary_payloads() -> None:
         max_size=3,
     )
 )
+@pytest.mark.slow
 def test_jsonl_fast_paths_write_what_json_writes(runs: list[list[bytes]]) -> None:
     # Short runs are escaped together, long payloads by replace, the rest by json: every
     # path must give the bytes json's own encoder gives, record by record.
@@ -159,6 +160,7 @@ def _hold_the_file(path: Path) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 async def test_file_sink_writes_small_batches_in_the_loop_and_slow_ones_in_its_thread(
     tmp_path: Path, mock_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -496,6 +496,7 @@ def _run_pytest(directory: Path, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
+@pytest.mark.slow
 def test_docs_examples_pass_without_trio_mode(tmp_path: Path) -> None:
     examples = sorted((REPO / "docs" / "examples").glob("test_*.py"))
     assert len(examples) >= 3

@@ -3,13 +3,11 @@
 Most tests run the client functions against an in-process gateway (real sockets on port 0, a
 RecordingSink) and compare the client's summary with the gateway's own ledger: what the client
 calls accepted is what the gateway counted as received, what it calls rejected is what the
-gateway refused. The CLI tests run ``main()`` against a ``serve`` subprocess.
+gateway refused. ``send`` against a ``serve`` subprocess: tests/e2e/test_send_cli.py.
 """
 
 from __future__ import annotations
 
-import json
-import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -20,20 +18,18 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from helpers import ServeProcess
 
 from trio_gateway import Gateway, RingBuffer
 from trio_gateway._cli import main
 from trio_gateway._client import (
     SendSummary,
-    _retry_after,
     make_payload,
     resolve_token,
     send_grpc,
     send_http,
     send_websocket,
 )
-from trio_gateway._errors import ConfigurationError, TransportError
+from trio_gateway._errors import TransportError
 from trio_gateway.queues import OverflowPolicy
 from trio_gateway.sources import Source
 from trio_gateway.sources.grpc import GrpcSource
@@ -82,28 +78,6 @@ def assert_accounted(summary: SendSummary, count: int) -> None:
 
 
 # -- payloads and the summary line ------------------------------------------------------------
-
-
-def test_payloads_are_exact_size_and_valid_json() -> None:
-    for size in (0, 1, 5, 18, 19, 64, 4266):
-        for seq in (0, 7, 123_456):
-            payload = make_payload(size, seq)
-            assert len(payload) == size
-            assert b"\n" not in payload
-            if size:
-                json.loads(payload)
-
-
-def test_summary_line_and_exit_rule() -> None:
-    summary = SendSummary(10, 180, 0.5, accepted=7, rejected={"503": 2, "401": 1})
-    assert summary.line() == (
-        "sent 10 messages, 180 bytes in 0.500 s: 20 msg/s, 0.00 MB/s; "
-        "accepted 7, rejected 3 (503: 2, 401: 1)"
-    )
-    assert not summary.all_accepted
-    assert SendSummary(10, 180, 0.5, accepted=10).all_accepted
-    assert SendSummary(10, 180, 0.5).line().endswith("MB/s")  # TCP/UDP: no answer to report
-    assert SendSummary(10, 180, 0.5).all_accepted
 
 
 # -- HTTP --------------------------------------------------------------------------------------
@@ -187,12 +161,6 @@ async def test_http_retries_send_again_what_a_503_refused() -> None:
     # Every message in the sink once; every refusal the client resent is one the gateway counted.
     assert sorted(sink.payloads) == expected(100, 18)
     assert handle.ledger.rejected["queue_full"] == summary.resent
-
-
-def test_retry_after_is_read_as_seconds_only() -> None:
-    assert _retry_after([(b"retry-after", b"3")]) == 3.0
-    assert _retry_after([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
-    assert _retry_after([(b"content-length", b"3")]) is None
 
 
 async def test_http_oversize_is_413_on_fresh_connections() -> None:
@@ -393,92 +361,7 @@ async def test_a_dropped_connection_is_one_transport_error(client: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_bad_urls_name_the_flag() -> None:
-    with pytest.raises(ConfigurationError, match="--http"):
-        await send_http("ftp://127.0.0.1/x", count=1, size=1)
-    with pytest.raises(ConfigurationError, match="--ws"):
-        await send_websocket("http://127.0.0.1/", count=1, size=1)
-    with pytest.raises(ConfigurationError, match="--ca"):
-        await send_http("http://127.0.0.1/", count=1, size=1, cafile="ca.pem")
-
-
 # -- the command line --------------------------------------------------------------------------
-
-
-def test_cli_every_transport_against_serve(
-    serve: type[ServeProcess], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    gateway = serve(
-        [
-            "--http",
-            "127.0.0.1:0",
-            "--ws",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--grpc-token",
-            "env:SEND_CLI_TOKEN",
-            "--sink",
-            "null",
-            "--admin",
-            "off",
-        ],
-        env={"SEND_CLI_TOKEN": TOKEN},
-    )
-    http = f"http://127.0.0.1:{gateway.port('http')}/ingest"
-    runs = [
-        (["--http", http, "--count", "100", "--ndjson", "10"], 0, "accepted 100, rejected 0"),
-        (["--ws", f"ws://127.0.0.1:{gateway.port('websocket')}/", "--count", "200"], 0, None),
-        (
-            ["--grpc", f"127.0.0.1:{gateway.port('grpc')}", "--mode", "bidi", "--count", "300"],
-            1,
-            "accepted 0, rejected 300 (UNAUTHENTICATED: 300)",
-        ),
-    ]
-    for args, code, text in runs:
-        assert main(["send", *args]) == code
-        out = capsys.readouterr().out
-        assert out.startswith("sent "), out
-        if text is not None:
-            assert text in out
-    monkeypatch.setenv("SEND_CLI_TOKEN", TOKEN)
-    grpc = ["--grpc", f"127.0.0.1:{gateway.port('grpc')}", "--token", "env:SEND_CLI_TOKEN"]
-    assert main(["send", *grpc, "--mode", "stream", "--count", "400"]) == 0
-    assert "accepted 400, rejected 0" in capsys.readouterr().out
-    code, stderr = gateway.stop(signal.SIGINT)
-    assert code == 0
-    lines = [line for line in stderr.splitlines() if line.startswith('{"ledger"')]
-    assert len(lines) == 1, stderr
-    ledger = json.loads(lines[0])["ledger"]
-    assert ledger["received"] == ledger["delivered"] == 100 + 200 + 400
-    assert ledger["rejected"]["unauthorized"] == 1  # the one bidi call without the token
-
-
-@pytest.mark.parametrize(
-    ("args", "flag"),
-    [
-        (["--tcp", "127.0.0.1:1", "--ndjson", "5"], "--ndjson"),
-        (["--ws", "ws://127.0.0.1:1/", "--retries", "3"], "--retries"),
-        (["--http", "http://127.0.0.1:1/", "--retries", "-1"], "--retries"),
-        (["--http", "http://127.0.0.1:1/", "--mode", "bidi"], "--mode"),
-        (["--udp", "127.0.0.1:1", "--token", "x"], "--token"),
-        (["--tcp", "127.0.0.1:1", "--concurrency", "2"], "--concurrency"),
-        (["--http", "http://127.0.0.1:1/", "--concurrency", "0"], "--concurrency"),
-        (["--http", "http://127.0.0.1:1/", "--tls"], "--tls"),
-        (["--http", "gopher://127.0.0.1:1/"], "--http"),
-        (["--ws", "127.0.0.1:1"], "--ws"),
-        (["--grpc", "127.0.0.1"], "--grpc"),
-        (["--http", "https://127.0.0.1:1/", "--ca", "/nonexistent/ca.pem"], "--ca"),
-        (["--grpc", "127.0.0.1:1", "--token", "env:SEND_TEST_UNSET_VARIABLE"], "--token"),
-        (["--http", "http://127.0.0.1:1/", "--timeout", "0"], "--timeout"),
-    ],
-)
-def test_cli_bad_flags_exit_2_naming_the_flag(
-    args: list[str], flag: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["send", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and flag in err[0], err
 
 
 def test_cli_connection_refused_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

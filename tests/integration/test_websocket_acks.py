@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from helpers import REPO, ServeProcess
+from helpers import REPO
 from test_send import running
 from test_websocket import in_asyncio, serving, wait_until
 from websockets.asyncio.client import connect
@@ -24,14 +24,11 @@ from websockets.frames import Frame, Opcode
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from trio_gateway._cli import main
 from trio_gateway._client import send_websocket
 from trio_gateway._errors import ProtocolError
 from trio_gateway.queues import OverflowPolicy
 from trio_gateway.sources.websocket import (
     ACK_SUBPROTOCOL,
-    MAX_ACK_RANGES,
-    AckState,
     WebSocketSource,
 )
 from trio_gateway.testing import GatewayHandle, RecordingSink
@@ -364,28 +361,6 @@ async def test_a_peer_that_stops_reading_is_dropped_after_idle_timeout() -> None
         await stream.aclose()
 
 
-def test_ack_state_coalesces_and_bounds_its_ranges() -> None:
-    state = AckState()
-    assert (state.take(), state.pending) == (b"", False)
-    for _ in range(100_000):  # all accepted: one small ack, whatever the number of reads
-        state.record(3, 0, "queue_full")
-    frame = state.take()
-    assert frame[2:] == b'{"acked":300000}' and frame[:2] == b"\x81\x10"
-    state.record(2, 3, "queue_full")  # adjacent refusals merge
-    state.record(0, 4, "queue_full")
-    state.record(1, 1, "gateway_stopping")
-    assert json.loads(state.take()[2:]) == {
-        "acked": 300011,
-        "refused": [[300003, 300009, "queue_full"], [300011, 300011, "gateway_stopping"]],
-    }
-    for _ in range(MAX_ACK_RANGES):  # alternating: one range per record, until full
-        assert not state.full
-        state.record(1, 1, "queue_full")
-    assert state.full
-    frame = state.take()
-    assert len(frame) < 64 * 40 and not state.full
-
-
 # -- the send client ----------------------------------------------------------------------------
 
 
@@ -403,18 +378,3 @@ async def test_send_acks_needs_a_gateway_that_selects_them() -> None:
     async with serving(acks=False) as run:
         with pytest.raises(ProtocolError, match="did not select"):
             await send_websocket(run.url, count=10, size=18, acks=True, step_timeout=5)
-
-
-def test_cli_send_ws_acks_against_serve(
-    serve: type[ServeProcess], capsys: pytest.CaptureFixture[str]
-) -> None:
-    gateway = serve(["--ws", "127.0.0.1:0", "--sink", "null", "--admin", "off"])
-    url = f"ws://127.0.0.1:{gateway.port('websocket')}/"
-    assert main(["send", "--ws", url, "--acks", "--count", "3000", "--concurrency", "3"]) == 0
-    assert "accepted 3000, rejected 0" in capsys.readouterr().out
-    assert main(["send", "--tcp", "127.0.0.1:1", "--acks"]) == 2
-    assert "--acks" in capsys.readouterr().err
-    code, stderr = gateway.stop()
-    assert code == 0
-    ledger = json.loads(next(ln for ln in stderr.splitlines() if ln.startswith('{"ledger"')))
-    assert ledger["ledger"]["received"] == ledger["ledger"]["delivered"] == 3000

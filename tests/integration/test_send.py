@@ -77,9 +77,6 @@ def assert_accounted(summary: SendSummary, count: int) -> None:
     assert summary.accepted + summary.rejected_count == count, summary
 
 
-# -- payloads and the summary line ------------------------------------------------------------
-
-
 # -- HTTP --------------------------------------------------------------------------------------
 
 

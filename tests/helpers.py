@@ -8,16 +8,20 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway import Ingress
 from trio_gateway._ledger import SourceCounters
@@ -180,3 +184,63 @@ class ServeProcess:
             self.proc.kill()
             _, err = self.proc.communicate()
         return self.proc.returncode, "".join(self.stderr_lines) + err.decode()
+
+
+# -- Prometheus text, gRPC compression, `top` frames ------------------------------------------
+
+Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
+
+
+def parse_samples(text: str) -> Samples:
+    """Prometheus text -> name -> labels -> value."""
+    samples: Samples = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name][frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def sample_value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for k, v in samples.get(name, {}).items() if want <= k)
+
+
+GZIP = 16 + zlib.MAX_WBITS
+DEFLATE = zlib.MAX_WBITS
+"""The ``wbits`` of gRPC's two encodings."""
+
+
+def deflate(data: bytes) -> bytes:
+    """gRPC's "deflate": the zlib format (RFC 1950), as grpc-core writes it."""
+    return zlib.compress(data)
+
+
+def bomb(size: int, *, wbits: int = GZIP) -> bytes:
+    """``size`` zero bytes (a multiple of 1 MiB) compressed, built without compressing them
+    all: one 1 MiB block from a fresh raw deflate state, repeated, then the final block."""
+    chunk = bytes(1 << 20)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+    count = size >> 20
+    body = block * count + b"\x03\x00"  # a final, empty fixed-Huffman block
+    if wbits == GZIP:
+        crc = 0
+        for _ in range(count):
+            crc = zlib.crc32(chunk, crc)
+        header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+        return header + body + struct.pack("<II", crc, size & 0xFFFFFFFF)
+    adler = 1
+    for _ in range(count):
+        adler = zlib.adler32(chunk, adler)
+    return b"\x78\xda" + body + struct.pack(">I", adler)
+
+
+def table_rows(frame: str) -> dict[str, list[str]]:
+    """First cell -> the other cells, for every table row of a rendered frame."""
+    out: dict[str, list[str]] = {}
+    for line in frame.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) > 1 and cells[0]:
+            out[cells[0]] = cells[1:]
+    return out

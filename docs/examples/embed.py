@@ -1,4 +1,7 @@
-"""A gateway inside your own Trio program (the README's example; tests/unit/test_public_api.py runs it)."""
+"""A gateway inside your own Trio program: the README's example.
+
+tests/e2e/test_docs_examples.py runs it and checks that the README shows it as it is.
+"""
 
 import trio
 

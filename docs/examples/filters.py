@@ -1,4 +1,4 @@
-"""The tutorial's processor (docs/tutorial.md, step 5); tests/unit/test_public_api.py runs it."""
+"""The tutorial's processor (docs/tutorial.md, step 5); tests/e2e/test_docs_examples.py runs it."""
 
 import json
 

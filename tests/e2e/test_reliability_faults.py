@@ -8,7 +8,7 @@
   backoff and full jitter (read back from the log and from ``/metrics``), the queue fills and
   ``drop-oldest`` applies, delivery resumes, and every message is accounted for.
 * A processor that raises on some messages: counted as failed by exception type, the rest
-  delivered (the in-process version is in tests/integration/test_gateway.py).
+  delivered (the in-process version is in tests/unit/test_gateway.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Every transport streams at a fixed rate for 30 s; after a 10 s warm-up the gateway's resident
 memory must stay flat (grow by at most ``MAX_GROWTH_MIB``), nothing may be lost on loopback, and
 the shutdown ledger must balance. The full soak (10 minutes by default) is the same program:
-``python -m bench.soak`` (see docs/reliability.md). This is the suite's only slow test:
-``pytest -m "not slow"`` leaves it out.
+``python -m bench.soak`` (see docs/reliability.md). Marked slow: ``pytest -m "not slow"`` leaves
+it out.
 """
 
 from __future__ import annotations

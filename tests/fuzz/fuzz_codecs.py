@@ -11,8 +11,8 @@ Without it (or with ``--hypothesis``) the same check runs under Hypothesis'
     python tests/fuzz/fuzz_codecs.py --hypothesis -max_total_time=60
 
 Not collected by pytest (the file name does not start with ``test_``); the suite runs the same
-``check`` for a few hundred Hypothesis examples (tests/integration/test_reliability_fuzz.py), so this
-harness cannot rot. A failure prints the input; atheris also writes it as ``crash-<sha1>``.
+``check`` for a few hundred Hypothesis examples (tests/unit/test_codec_fuzz_target.py), so
+this harness cannot rot. A failure prints the input; atheris also writes it as ``crash-<sha1>``.
 
 One input drives one decoder: its first bytes pick the codec, its size limit and where the
 stream is split into reads; the rest is the stream. The properties, for every input:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import gzip
 import os
-import random
 import struct
 import tracemalloc
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,41 +18,13 @@ import h2.settings
 import pytest
 import trio
 from grpclib.const import Cardinality, Handler
+from helpers import bomb, deflate
 from test_grpc import GATEWAY, in_thread, serving, stream_stream, stream_unary, unary
 
-from trio_gateway._errors import FrameTooLarge, ProtocolError
 from trio_gateway._proto import gateway_pb2, model_pb2
 from trio_gateway.sources.grpc import GrpcStream
-from trio_gateway.sources.grpc._server import inflate_message
 
-GZIP = 16 + zlib.MAX_WBITS
-DEFLATE = zlib.MAX_WBITS
 ACCEPTED = "identity,deflate,gzip"
-
-
-def deflate(data: bytes) -> bytes:
-    """gRPC's "deflate": the zlib format (RFC 1950), as grpc-core writes it."""
-    return zlib.compress(data)
-
-
-def bomb(size: int, *, wbits: int = GZIP) -> bytes:
-    """``size`` zero bytes (a multiple of 1 MiB) compressed, built without compressing them
-    all: one 1 MiB block from a fresh raw deflate state, repeated, then the final block."""
-    chunk = bytes(1 << 20)
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    block = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
-    count = size >> 20
-    body = block * count + b"\x03\x00"  # a final, empty fixed-Huffman block
-    if wbits == GZIP:
-        crc = 0
-        for _ in range(count):
-            crc = zlib.crc32(chunk, crc)
-        header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-        return header + body + struct.pack("<II", crc, size & 0xFFFFFFFF)
-    adler = 1
-    for _ in range(count):
-        adler = zlib.adler32(chunk, adler)
-    return b"\x78\xda" + body + struct.pack(">I", adler)
 
 
 def frame(message: bytes, *, compressed: bool = True) -> bytes:
@@ -64,57 +33,6 @@ def frame(message: bytes, *, compressed: bool = True) -> bytes:
 
 def message(payload: bytes, sequence: int = 0) -> bytes:
     return gateway_pb2.Message(payload=payload, sequence=sequence).SerializeToString()
-
-
-# -- inflate_message, without a socket ------------------------------------------------------
-
-
-@pytest.mark.parametrize(("wbits", "compress"), [(GZIP, gzip.compress), (DEFLATE, deflate)])
-def test_inflate_up_to_the_limit_and_not_a_byte_more(
-    wbits: int, compress: Callable[[bytes], bytes]
-) -> None:
-    data = os.urandom(1000) + bytes(3000)
-    assert inflate_message(compress(data), wbits, 4000) == data
-    assert inflate_message(compress(data), wbits, 4001) == data
-    with pytest.raises(FrameTooLarge):
-        inflate_message(compress(data), wbits, 3999)
-    assert inflate_message(compress(b""), wbits, 1) == b""
-
-
-@pytest.mark.parametrize("wbits", [GZIP, DEFLATE])
-def test_a_bomb_is_refused_at_the_limit_with_memory_bounded(wbits: int) -> None:
-    compressed = bomb(1 << 30, wbits=wbits)  # 1 GiB of zeros in about 1 MiB
-    assert len(compressed) < 1_100_000
-    limit = 4 << 20
-    tracemalloc.start()
-    try:
-        with pytest.raises(FrameTooLarge):
-            inflate_message(compressed, wbits, limit)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    # zlib's output blocks joined into one bytes object (2x the limit at most), plus the
-    # input left unconsumed; not the gigabyte
-    assert peak < 2 * limit + len(compressed) + (256 << 10)
-    # the same stream, inflated whole, is what the bomb claims to be
-    assert len(zlib.decompressobj(wbits).decompress(bomb(4 << 20, wbits=wbits))) == 4 << 20
-
-
-@pytest.mark.parametrize(("wbits", "compress"), [(GZIP, gzip.compress), (DEFLATE, deflate)])
-def test_inflate_refuses_corrupt_truncated_and_trailing_data(
-    wbits: int, compress: Callable[[bytes], bytes]
-) -> None:
-    good = compress(random.Random(1).randbytes(200) + b"hello " * 100)
-    with pytest.raises(ProtocolError, match="corrupt"):
-        inflate_message(good[:4] + b"\xff" * 20 + good[24:], wbits, 1 << 20)
-    with pytest.raises(ProtocolError, match="truncated"):
-        inflate_message(good[:-3], wbits, 1 << 20)
-    with pytest.raises(ProtocolError, match="after the end"):
-        inflate_message(good + b"junk", wbits, 1 << 20)
-    with pytest.raises(ProtocolError):
-        inflate_message(compress(b"x") if wbits == DEFLATE else deflate(b"x"), GZIP, 100)
-    with pytest.raises(ProtocolError):
-        inflate_message(b"", wbits, 100)
 
 
 # -- grpcio ---------------------------------------------------------------------------------

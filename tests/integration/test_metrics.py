@@ -7,33 +7,17 @@ prometheus-client's own text parser.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 
 import httpx
 import pytest
 import trio
+from helpers import Samples, parse_samples, sample_value
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway import Gateway, Item, Ledger, NullSink, RingBuffer, Sink, TcpSource, UdpSource
 from trio_gateway._client import send_tcp, send_udp
-from trio_gateway.admin import AdminServer, GatewayCollector, LatencyHistogram, make_registry
-
-Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
-
-
-def parse(text: str) -> Samples:
-    samples: Samples = defaultdict(dict)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample.name][frozenset(sample.labels.items())] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for k, v in samples.get(name, {}).items() if want <= k)
+from trio_gateway.admin import AdminServer
 
 
 async def scrape(gateway: Gateway) -> Samples:
@@ -41,7 +25,7 @@ async def scrape(gateway: Gateway) -> Samples:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://{host}:{port}/metrics")
     assert response.status_code == 200
-    return parse(response.text)
+    return parse_samples(response.text)
 
 
 class GatedSink(Sink):
@@ -78,21 +62,23 @@ async def test_tcp_and_udp_counters_equal_what_was_sent() -> None:
             gateway.shutdown()
     tcp = {"transport": "tcp"}
     udp = {"transport": "udp"}
-    assert value(m, "trio_gateway_received_messages_total", **tcp) == 2 * tcp_count
-    assert value(m, "trio_gateway_received_bytes_total", **tcp) == 2 * tcp_count * size
-    assert value(m, "trio_gateway_received_messages_total", **udp) == udp_count
-    assert value(m, "trio_gateway_received_bytes_total", **udp) == udp_count * size
-    assert value(m, "trio_gateway_connections_total", **tcp) == 2
-    assert value(m, "trio_gateway_connections_active", **tcp) == 0
-    assert value(m, "trio_gateway_delivered_messages_total") == total
-    assert value(m, "trio_gateway_sink_sent_messages_total", sink="null") == total
-    assert value(m, "trio_gateway_sink_batches_total", sink="null") >= total / 1024
-    assert value(m, "trio_gateway_dropped_messages_total") == 0
-    assert value(m, "trio_gateway_queue_depth", queue="ring") == 0
-    assert value(m, "trio_gateway_queue_capacity", queue="ring") == 10_000
-    assert value(m, "trio_gateway_accepting") == 1
+    assert sample_value(m, "trio_gateway_received_messages_total", **tcp) == 2 * tcp_count
+    assert sample_value(m, "trio_gateway_received_bytes_total", **tcp) == 2 * tcp_count * size
+    assert sample_value(m, "trio_gateway_received_messages_total", **udp) == udp_count
+    assert sample_value(m, "trio_gateway_received_bytes_total", **udp) == udp_count * size
+    assert sample_value(m, "trio_gateway_connections_total", **tcp) == 2
+    assert sample_value(m, "trio_gateway_connections_active", **tcp) == 0
+    assert sample_value(m, "trio_gateway_delivered_messages_total") == total
+    assert sample_value(m, "trio_gateway_sink_sent_messages_total", sink="null") == total
+    assert sample_value(m, "trio_gateway_sink_batches_total", sink="null") >= total / 1024
+    assert sample_value(m, "trio_gateway_dropped_messages_total") == 0
+    assert sample_value(m, "trio_gateway_queue_depth", queue="ring") == 0
+    assert sample_value(m, "trio_gateway_queue_capacity", queue="ring") == 10_000
+    assert sample_value(m, "trio_gateway_accepting") == 1
     listener = gateway.sources[0].label
-    assert value(m, "trio_gateway_received_messages_total", listener=listener) == 2 * tcp_count
+    assert (
+        sample_value(m, "trio_gateway_received_messages_total", listener=listener) == 2 * tcp_count
+    )
 
 
 async def test_drops_and_rejections_are_counted_by_reason() -> None:
@@ -117,34 +103,34 @@ async def test_drops_and_rejections_are_counted_by_reason() -> None:
                     assert await stream.receive_some(10) == b""
             m = await scrape(gateway)
             # The queue holds 50 and the stuck pump at most one batch of 10; the rest dropped.
-            dropped = value(m, "trio_gateway_dropped_messages_total", reason="drop_newest")
-            assert value(m, "trio_gateway_received_messages_total") == 1000
-            assert 0 < value(m, "trio_gateway_queue_depth") <= 50
+            dropped = sample_value(m, "trio_gateway_dropped_messages_total", reason="drop_newest")
+            assert sample_value(m, "trio_gateway_received_messages_total") == 1000
+            assert 0 < sample_value(m, "trio_gateway_queue_depth") <= 50
             assert 940 <= dropped < 1000
-            assert value(m, "trio_gateway_rejected_messages_total", reason="oversize") == 3
-            assert value(m, "trio_gateway_connections_total") == 4
-            assert value(m, "trio_gateway_delivered_messages_total") == 0
+            assert sample_value(m, "trio_gateway_rejected_messages_total", reason="oversize") == 3
+            assert sample_value(m, "trio_gateway_connections_total") == 4
+            assert sample_value(m, "trio_gateway_delivered_messages_total") == 0
             sink.release.set()
             await wait_delivered(gateway, 1000 - int(dropped))
             m = await scrape(gateway)
             # Everything that was not dropped is delivered.
-            assert value(m, "trio_gateway_delivered_messages_total") == 1000 - dropped
-            assert value(m, "trio_gateway_queue_depth") == 0
+            assert sample_value(m, "trio_gateway_delivered_messages_total") == 1000 - dropped
+            assert sample_value(m, "trio_gateway_queue_depth") == 0
             gateway.shutdown()
 
 
 def check_agreement(m: Samples, ledger: Ledger) -> None:
     """The shutdown ledger and the metrics read the same counters."""
-    assert value(m, "trio_gateway_received_messages_total") == ledger.received
-    assert value(m, "trio_gateway_delivered_messages_total") == ledger.delivered
+    assert sample_value(m, "trio_gateway_received_messages_total") == ledger.received
+    assert sample_value(m, "trio_gateway_delivered_messages_total") == ledger.delivered
     for reason, n in ledger.dropped.items():
-        assert value(m, "trio_gateway_dropped_messages_total", reason=reason) == n, reason
+        assert sample_value(m, "trio_gateway_dropped_messages_total", reason=reason) == n, reason
     for reason, n in ledger.rejected.items():
-        assert value(m, "trio_gateway_rejected_messages_total", reason=reason) == n, reason
+        assert sample_value(m, "trio_gateway_rejected_messages_total", reason=reason) == n, reason
     assert (
-        value(m, "trio_gateway_abandoned_messages_total")
-        + value(m, "trio_gateway_queue_depth")
-        + value(m, "trio_gateway_pump_in_flight_messages")
+        sample_value(m, "trio_gateway_abandoned_messages_total")
+        + sample_value(m, "trio_gateway_queue_depth")
+        + sample_value(m, "trio_gateway_pump_in_flight_messages")
         == ledger.abandoned
     )
 
@@ -173,47 +159,19 @@ async def test_final_metrics_agree_with_the_shutdown_ledger() -> None:
             await trio.sleep(0.05)
             live = await scrape(gateway)
             check_agreement(live, gateway.ledger)
-            assert value(live, "trio_gateway_pump_in_flight_messages") == 7  # one stuck batch
+            assert (
+                sample_value(live, "trio_gateway_pump_in_flight_messages") == 7
+            )  # one stuck batch
             gateway.shutdown()  # the sink never releases: the drain deadline abandons the rest
     ledger = gateway.ledger
     assert ledger.balanced
     assert ledger.abandoned > 0
     assert ledger.dropped["drop_oldest"] > 0
     assert admin.registry is not None
-    final = parse(generate_latest(admin.registry).decode())
+    final = parse_samples(generate_latest(admin.registry).decode())
     check_agreement(final, ledger)
-    assert value(final, "trio_gateway_pump_in_flight_messages") == 0
-    assert value(final, "trio_gateway_accepting") == 0
-
-
-def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
-    histogram = LatencyHistogram((0.001, 0.01, 0.1))
-    for seconds in (0.0005, 0.001, 0.002, 0.01, 0.05, 3.0):
-        histogram.observe(seconds)
-    assert histogram.counts == [2, 2, 1, 1]
-    assert histogram.cumulative() == [(0.001, 2), (0.01, 4), (0.1, 5), (float("inf"), 6)]
-    assert histogram.count == 6
-    assert histogram.sum == pytest.approx(3.0635)
-    with pytest.raises(ValueError):
-        LatencyHistogram((0.1, 0.01))
-    with pytest.raises(ValueError):
-        LatencyHistogram(())
-
-
-def test_collector_exports_the_batch_histogram() -> None:
-    histogram = LatencyHistogram((0.001, 0.01))
-    for seconds in (0.0001, 0.005, 0.005, 1.0):
-        histogram.observe(seconds)
-    gateway = Gateway(sources=[TcpSource()], sink=NullSink())
-    registry = make_registry(gateway, process_metrics=False, batch_seconds=histogram)
-    m = parse(generate_latest(registry).decode())
-    bucket = "trio_gateway_sink_batch_seconds_bucket"
-    assert value(m, bucket, le="0.001", sink="null") == 1
-    assert value(m, bucket, le="0.01", sink="null") == 3
-    assert value(m, bucket, le="+Inf", sink="null") == 4
-    assert value(m, "trio_gateway_sink_batch_seconds_count") == 4
-    assert value(m, "trio_gateway_sink_batch_seconds_sum") == pytest.approx(1.0101)
-    assert not any(name.startswith("process_") for name in m)
+    assert sample_value(final, "trio_gateway_pump_in_flight_messages") == 0
+    assert sample_value(final, "trio_gateway_accepting") == 0
 
 
 async def test_the_pump_times_every_sink_batch() -> None:
@@ -225,33 +183,10 @@ async def test_the_pump_times_every_sink_batch() -> None:
             await wait_delivered(gateway, 5000)
             m = await scrape(gateway)
             gateway.shutdown()
-    batches = value(m, "trio_gateway_sink_batches_total")
+    batches = sample_value(m, "trio_gateway_sink_batches_total")
     assert batches >= 5
-    assert value(m, "trio_gateway_sink_batch_seconds_count") == batches
-    assert value(m, "trio_gateway_sink_batch_seconds_bucket", le="+Inf") == batches
-
-
-def test_listeners_sharing_a_label_stay_distinct_series() -> None:
-    gateway = Gateway(sources=[TcpSource(), TcpSource()], sink=NullSink())
-    gateway.source_counters[0].received = 5
-    gateway.source_counters[1].received = 7
-    registry = make_registry(gateway, process_metrics=False)
-    m = parse(generate_latest(registry).decode())
-    series = m["trio_gateway_received_messages_total"]
-    assert sorted(series.values()) == [5, 7]
-    assert len({dict(k)["listener"] for k in series}) == 2
-
-
-def test_collecting_costs_nothing_until_scraped() -> None:
-    gateway = Gateway(sources=[TcpSource()], sink=NullSink())
-    collector = GatewayCollector(gateway)
-    gateway.source_counters[0].received += 3
-    first = {m.name: m for m in collector.collect()}
-    gateway.source_counters[0].received += 4
-    second = {m.name: m for m in collector.collect()}
-    name = "trio_gateway_received_messages"
-    assert first[name].samples[0].value == 3
-    assert second[name].samples[0].value == 7
+    assert sample_value(m, "trio_gateway_sink_batch_seconds_count") == batches
+    assert sample_value(m, "trio_gateway_sink_batch_seconds_bucket", le="+Inf") == batches
 
 
 async def test_a_flood_of_bad_frames_logs_a_bounded_number_of_lines(
@@ -288,8 +223,8 @@ async def test_a_flood_of_bad_frames_logs_a_bounded_number_of_lines(
             flood_lines = [r for r in caplog.records if r.name.startswith("trio_gateway.sources")]
             gateway.shutdown()
     # Every bad frame is counted...
-    assert value(m, "trio_gateway_rejected_messages_total", reason="oversize") == connections
-    assert value(m, "trio_gateway_connections_total") == connections
+    assert sample_value(m, "trio_gateway_rejected_messages_total", reason="oversize") == connections
+    assert sample_value(m, "trio_gateway_connections_total") == connections
     # ...but the log stays short: a burst of 10, refilled at one line a second.
     assert 1 <= len(flood_lines) <= 40, len(flood_lines)
     assert any("suppressed" in r.getMessage() for r in flood_lines) or len(flood_lines) <= 10

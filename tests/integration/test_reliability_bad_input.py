@@ -798,7 +798,7 @@ GOOD: dict[str, Callable[[], Good]] = {
 }
 
 
-# What a connection past the limit that sends nothing gets (tests/integration/test_refusals.py: the rest).
+# What a connection past the limit that sends nothing gets (test_refusals.py: the rest).
 REFUSED: dict[str, Callable[[bytes], bool]] = {
     "tcp": lambda answer: answer == b"",  # no protocol to answer in
     "http": lambda answer: answer == b"",  # no request, nothing to answer

@@ -5,14 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
-import trio
+from helpers import table_rows
 from rich.console import Console
 
-from trio_gateway import Gateway, NullSink, RingBuffer, TcpSource, UdpSource
-from trio_gateway._client import send_tcp, send_udp
-from trio_gateway.admin import AdminServer
 from trio_gateway.admin.progress import send_progress
-from trio_gateway.admin.top import fetch_metrics, main, parse_metrics, render_text, run_top
+from trio_gateway.admin.top import main, parse_metrics, render_text
 
 BEFORE = """\
 # TYPE trio_gateway_received_messages_total counter
@@ -63,21 +60,11 @@ AFTER = (
 )
 
 
-def rows(frame: str) -> dict[str, list[str]]:
-    """First cell -> the other cells, for every table row of a rendered frame."""
-    out: dict[str, list[str]] = {}
-    for line in frame.splitlines():
-        cells = [c.strip() for c in line.strip("│ ").split("│")]
-        if len(cells) > 1 and cells[0]:
-            out[cells[0]] = cells[1:]
-    return out
-
-
 def test_a_frame_shows_rates_from_two_scrapes() -> None:
     before = parse_metrics(BEFORE, at=100.0)
     after = parse_metrics(AFTER, at=102.0)  # two seconds later
     frame = render_text(before, after, target="gw:9100", width=140)
-    table = rows(frame)
+    table = table_rows(frame)
     # 40,000 TCP messages in 2 s; 720,000 bytes in 2 s; 4 rejected in 2 s.
     assert table["tcp"][:3] == ["20.0k", "360.0kB", "2"]
     assert table["tcp"][3:] == ["41.0k", "5", "3"]
@@ -98,7 +85,7 @@ def test_a_frame_shows_rates_from_two_scrapes() -> None:
 
 def test_the_first_frame_has_totals_but_no_rates() -> None:
     frame = render_text(None, parse_metrics(BEFORE, at=1.0), width=140)
-    table = rows(frame)
+    table = table_rows(frame)
     assert table["tcp"][0] == "-"
     assert table["tcp"][3] == "1.0k"
     assert "rates after 2 scrapes" in frame
@@ -109,7 +96,7 @@ def test_a_counter_reset_counts_from_zero() -> None:
     # The gateway restarted between the scrapes: 1,000 -> 400 means 400 new messages.
     after = BEFORE.replace('transport="tcp"} 1000', 'transport="tcp"} 400')
     frame = render_text(parse_metrics(BEFORE, at=0.0), parse_metrics(after, at=1.0), width=140)
-    assert rows(frame)["tcp"][0] == "400"
+    assert table_rows(frame)["tcp"][0] == "400"
 
 
 def test_bad_text_is_a_protocol_error() -> None:
@@ -117,57 +104,6 @@ def test_bad_text_is_a_protocol_error() -> None:
 
     with pytest.raises(ProtocolError):
         parse_metrics("trio_gateway_x{unterminated 1\n")
-
-
-async def test_once_against_a_live_gateway() -> None:
-    gateway = Gateway(
-        sources=[TcpSource(), UdpSource()],
-        sink=NullSink(),
-        queue=RingBuffer(1000),
-        services=[AdminServer(port=0)],
-    )
-    out = io.StringIO()
-    console = Console(file=out, width=140, force_terminal=False, color_system=None)
-    with trio.fail_after(15):
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(gateway.run)
-            host, port = gateway.service_values[0]
-            await send_tcp(*bound[0][0], count=2500, size=18)
-            await send_udp(*bound[1][0], count=40, size=18, rate=10_000)
-            status = await run_top(host, port, interval=0.05, once=True, console=console)
-            text = await fetch_metrics(host, port)
-            gateway.shutdown()
-    assert status == 0
-    table = rows(out.getvalue())
-    assert table["tcp"][3] == "2.5k"
-    assert table["udp"][3] == "40"
-    assert table["null"][-1] == "2.5k"  # delivered (2,540)
-    assert "accepting" in out.getvalue()
-    assert parse_metrics(text).total("trio_gateway_received_messages_total") == 2540
-
-
-async def test_live_mode_redraws_and_survives_an_unreachable_endpoint() -> None:
-    out = io.StringIO()
-    console = Console(file=out, width=100, force_terminal=True, color_system=None)
-    with trio.socket.socket() as unused:
-        await unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    with trio.fail_after(10):
-        status = await run_top("127.0.0.1", port, interval=0.01, console=console, frames=3)
-    assert status == 0
-    assert "retrying" in out.getvalue()
-
-
-async def test_once_reports_an_unreachable_endpoint() -> None:
-    out = io.StringIO()
-    console = Console(file=out, width=100, color_system=None)
-    with trio.socket.socket() as unused:
-        await unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    with trio.fail_after(10):
-        status = await run_top("127.0.0.1", port, once=True, console=console)
-    assert status == 1
-    assert f"127.0.0.1:{port}" in out.getvalue()
 
 
 def test_main_rejects_a_bad_admin_address(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,11 +20,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import HandshakeError, open_websocket_url
 
 from trio_gateway import Ingress
 from trio_gateway._ledger import SourceCounters
+from trio_gateway._proto import gateway_pb2
 from trio_gateway.queues import OverflowPolicy, Queue
 from trio_gateway.sinks import decode_jsonl_record
 from trio_gateway.sources import Source
@@ -244,3 +248,50 @@ def table_rows(frame: str) -> dict[str, list[str]]:
         if len(cells) > 1 and cells[0]:
             out[cells[0]] = cells[1:]
     return out
+
+
+# -- clients that present a bearer token: True if the listener took the message -------------
+
+
+async def http_with_token(address: tuple[str, int], token: str) -> bool:
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(
+            f"http://{address[0]}:{address[1]}/ingest",
+            content=b"t",
+            headers={"authorization": f"Bearer {token}"},
+        )
+        return reply.status_code == 202
+
+
+async def ws_with_token(address: tuple[str, int], token: str) -> bool:
+    try:
+        async with open_websocket_url(
+            f"ws://{address[0]}:{address[1]}/",
+            extra_headers=[(b"authorization", b"Bearer " + token.encode())],
+        ) as ws:
+            await ws.send_message(b"t")
+    except HandshakeError:
+        return False
+    return True
+
+
+async def grpc_with_token(address: tuple[str, int], token: str) -> bool:
+    def call() -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{address[1]}") as channel:
+            send = channel.unary_unary(
+                "/trio_gateway.v1.Gateway/Send",
+                request_serializer=gateway_pb2.Message.SerializeToString,
+                response_deserializer=gateway_pb2.Ack.FromString,
+            )
+            try:
+                send(
+                    gateway_pb2.Message(payload=b"t"),
+                    metadata=[("authorization", f"Bearer {token}")],
+                    timeout=5,
+                )
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                return False
+            return True
+
+    return await trio.to_thread.run_sync(call)

@@ -21,28 +21,11 @@ import trio
 from helpers import REPO, ServeProcess, read_payloads
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_gateway import (
-    Gateway,
-    GrpcSource,
-    HttpSource,
-    NullSink,
-    Source,
-    TcpSource,
-    TransportError,
-    UdpSource,
-    WebSocketSource,
-)
-from trio_gateway._cli import main
-from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig, load_config
+from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig
 from trio_gateway._workers import (
-    MetricsAggregate,
     RestartPolicy,
     Supervisor,
     WorkerError,
-    _Lines,
-    config_from_jsonable,
-    config_to_jsonable,
-    ledger_from_samples,
 )
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -297,20 +280,6 @@ def test_a_port_in_use_fails_once_before_any_worker_starts() -> None:
     assert "worker 0 started" not in result.stderr
 
 
-def test_workers_in_config_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "gateway.toml"
-    config.write_text('[gateway]\nworkers = 3\n[[sources]]\ntransport = "tcp"\n')
-    assert load_config(str(config)).workers == 3
-    assert main(["check-config", str(config)]) == 0
-    assert "workers: 3" in capsys.readouterr().out
-    config.write_text("[gateway]\nworkers = 0\n")
-    assert main(["check-config", str(config)]) == 2
-    assert "gateway.workers: must be at least 1" in capsys.readouterr().err
-    profile = str(tmp_path / "p.prof")
-    assert main(["serve", "--workers", "2", "--tcp", "127.0.0.1:0", "--profile", profile]) == 2
-    assert "--profile" in capsys.readouterr().err
-
-
 # -- the supervisor as a library --------------------------------------------------------------
 
 
@@ -362,130 +331,3 @@ async def test_cancelling_the_supervisor_flushes_every_worker(tmp_path: Path) ->
     ledger = supervisor.ledger
     assert (ledger.ledger.received, ledger.ledger.delivered, ledger.crashed) == (400, 400, 0)
     assert Counter(read_payloads(out)) == Counter(sent)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
-SOURCES: dict[str, Callable[..., Source]] = {
-    "tcp": TcpSource,
-    "udp": UdpSource,
-    "http": HttpSource,
-    "websocket": WebSocketSource,
-    "grpc": GrpcSource,
-}
-
-
-@pytest.mark.parametrize("transport", sorted(SOURCES))
-async def test_reuse_port_lets_two_gateways_bind_one_port(transport: str) -> None:
-    make = SOURCES[transport]
-    first = Gateway(sources=[make("127.0.0.1", 0, reuse_port=True)], sink=NullSink())
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            [[(_, port)]] = await nursery.start(first.run)
-            second = Gateway(sources=[make("127.0.0.1", port, reuse_port=True)], sink=NullSink())
-            [[(_, again)]] = await nursery.start(second.run)
-            assert again == port
-            # Without the option the port is not shared.
-            lone = Gateway(sources=[make("127.0.0.1", port)], sink=NullSink())
-            with pytest.raises(BaseException) as caught:
-                await nursery.start(lone.run)
-            assert all(isinstance(e, OSError | TransportError) for e in _leaves(caught.value))
-            if transport == "tcp":  # the kernel spreads the connections over both
-                for c in range(16):
-                    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-                        await stream.send_all(b"m%d\n" % c)
-                        await stream.send_eof()
-                        assert await stream.receive_some() == b""
-            first.shutdown()
-            second.shutdown()
-    if transport == "tcp":
-        assert first.ledger.received + second.ledger.received == 16
-        assert first.ledger.received > 0 and second.ledger.received > 0
-
-
-# -- the pieces -------------------------------------------------------------------------------
-
-
-def _exposition(received: int, depth: int, cpu: float) -> str:
-    return (
-        "# HELP trio_gateway_received_messages_total Messages.\n"
-        "# TYPE trio_gateway_received_messages_total counter\n"
-        f'trio_gateway_received_messages_total{{transport="tcp",listener="tcp:x"}} {received}\n'
-        "# HELP trio_gateway_delivered_messages_total Delivered.\n"
-        "# TYPE trio_gateway_delivered_messages_total counter\n"
-        f"trio_gateway_delivered_messages_total {received - depth}\n"
-        "# HELP trio_gateway_queue_depth Depth.\n"
-        "# TYPE trio_gateway_queue_depth gauge\n"
-        f'trio_gateway_queue_depth{{queue="ring"}} {depth}\n'
-        "# HELP trio_gateway_sink_batch_seconds Latency.\n"
-        "# TYPE trio_gateway_sink_batch_seconds histogram\n"
-        'trio_gateway_sink_batch_seconds_bucket{sink="null",le="0.1"} 1\n'
-        'trio_gateway_sink_batch_seconds_bucket{sink="null",le="+Inf"} 2\n'
-        'trio_gateway_sink_batch_seconds_count{sink="null"} 2\n'
-        'trio_gateway_sink_batch_seconds_sum{sink="null"} 0.5\n'
-        "# HELP process_cpu_seconds_total CPU.\n"
-        "# TYPE process_cpu_seconds_total counter\n"
-        f"process_cpu_seconds_total {cpu}\n"
-    )
-
-
-def test_metrics_sum_over_workers_and_survive_a_restart() -> None:
-    book = MetricsAggregate()
-    zero = book.parse(0, _exposition(received=100, depth=10, cpu=1.5))
-    one = book.parse(1, _exposition(received=50, depth=5, cpu=2.0))
-    totals = book.combine({0: zero, 1: one})
-    key = ("trio_gateway_received_messages_total", (("listener", "tcp:x"), ("transport", "tcp")))
-    assert totals["trio_gateway_received_messages"][key] == 150
-    assert (
-        totals["trio_gateway_queue_depth"][("trio_gateway_queue_depth", (("queue", "ring"),))] == 15
-    )
-    bucket = ("trio_gateway_sink_batch_seconds_bucket", (("le", "+Inf"), ("sink", "null")))
-    assert totals["trio_gateway_sink_batch_seconds"][bucket] == 4
-    cpu = totals["process_cpu_seconds"]  # per process, not summed
-    assert cpu == {
-        ("process_cpu_seconds_total", (("worker", "0"),)): 1.5,
-        ("process_cpu_seconds_total", (("worker", "1"),)): 2.0,
-    }
-
-    # Worker 0 dies; its successor starts from zero. Counters keep what it had, gauges do not.
-    book.retire(0, zero)
-    successor = book.parse(0, _exposition(received=7, depth=0, cpu=0.1))
-    totals = book.combine({0: successor, 1: one})
-    assert totals["trio_gateway_received_messages"][key] == 157
-    assert (
-        totals["trio_gateway_queue_depth"][("trio_gateway_queue_depth", (("queue", "ring"),))] == 5
-    )
-    assert totals["trio_gateway_sink_batch_seconds"][bucket] == 6
-    assert book.worker_total(0, successor, "trio_gateway_received_messages") == 107
-    names = [m.name for m in book.metrics({0: successor, 1: one})]
-    assert names.count("trio_gateway_received_messages") == 1
-
-
-def test_ledger_of_a_worker_that_left_none_comes_from_its_metrics() -> None:
-    book = MetricsAggregate()
-    ledger = ledger_from_samples(book.parse(0, _exposition(received=100, depth=10, cpu=1)))
-    assert (ledger.received, ledger.delivered, ledger.abandoned) == (100, 90, 10)
-    assert ledger.balanced
-
-
-def test_stderr_lines_are_bounded() -> None:
-    lines = _Lines(limit=10)
-    assert lines.feed(b"one\ntw") == [b"one"]
-    assert lines.feed(b"o\n" + b"x" * 20) == [b"two", b"x" * 10 + b" [line cut]"]
-    assert lines.feed(b"yyy\nthree") == []  # the rest of the cut line is dropped
-    assert lines.close() == [b"three"]
-
-
-def test_restart_backoff_and_config_round_trip() -> None:
-    policy = RestartPolicy(initial=0.5, maximum=3.0)
-    assert [policy.delay(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    config = GatewayConfig(
-        sources=(SourceConfig("tcp", "127.0.0.1", 7000, {"framing": "length"}, key="--tcp"),),
-        workers=4,
-        processor="mod:fn",
-    )
-    assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(config)))) == config

@@ -2,7 +2,8 @@
 
     python tests/grpc_clients/grpclib_client.py PORT
 
-Run as a subprocess by tests/integration/test_grpc_gateway.py (asyncio must not share the test's process).
+Run as a subprocess by tests/integration/test_grpc_gateway.py (asyncio must not share the test's
+process).
 """
 
 from __future__ import annotations

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import ServeProcess
+from jetstream import NatsServer
 
 
 @pytest.fixture
 def serve() -> Iterator[type[ServeProcess]]:
+    """``ServeProcess``, with every process started through it killed after the test."""
     started: list[ServeProcess] = []
 
     class _Tracked(ServeProcess):
@@ -22,3 +25,12 @@ def serve() -> Iterator[type[ServeProcess]]:
         if process.proc.poll() is None:
             process.proc.kill()
             process.proc.communicate()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream on loopback, port chosen by the server, stopped after."""
+    server = NatsServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

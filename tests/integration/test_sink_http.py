@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import email.utils
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,9 +25,8 @@ from trio_gateway import (
     SinkError,
     TcpSource,
 )
-from trio_gateway._config import SinkConfig, build_sink, config_from_mapping
+from trio_gateway._config import build_sink, config_from_mapping
 from trio_gateway.sinks import HttpSink, decode_jsonl_record
-from trio_gateway.sinks._http import parse_retry_after, split_body
 
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
 
@@ -99,40 +97,6 @@ async def destination(nursery: trio.Nursery) -> AsyncIterator[Destination]:
 
 def records(request: Request) -> list[bytes]:
     return [decode_jsonl_record(line)[0] for line in request.body.splitlines()]
-
-
-# -- pure parts ---------------------------------------------------------------------------------
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after(" 0 ") == 0.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("-3") is None
-    date = email.utils.formatdate(1_000_030, usegmt=True)
-    assert parse_retry_after(date, now=1_000_000) == 30.0
-    assert parse_retry_after(date, now=2_000_000) == 0.0
-
-
-def test_split_body_cuts_at_line_ends() -> None:
-    body = b"".join(b"%04d\n" % i for i in range(10))  # 5-byte lines
-    assert split_body(body, 1 << 20) == [body]
-    chunks = split_body(body, 12)
-    assert b"".join(chunks) == body and all(c.endswith(b"\n") for c in chunks)
-    assert [len(c) for c in chunks] == [10] * 5
-    long = b"x" * 40 + b"\n"
-    assert split_body(b"a\n" + long + b"b\n", 8) == [b"a\n", long, b"b\n"]
-
-
-@pytest.mark.parametrize(
-    "url", ["ftp://host/x", "http:///x", "http://host:99999/x", "nats://host/x", "host/x"]
-)
-def test_bad_http_url_is_a_config_error_naming_sink(url: str) -> None:
-    with pytest.raises(Exception) as caught:
-        HttpSink(url)
-    assert type(caught.value).__name__ == "ConfigurationError"
-    assert str(caught.value).startswith("sink: ")
 
 
 # -- against a real server ----------------------------------------------------------------------
@@ -296,12 +260,6 @@ async def test_slow_server_times_out(nursery: trio.Nursery) -> None:
     assert sink.failures == {"timeout": 1}
 
 
-def test_config_builds_the_http_sink() -> None:
-    sink = build_sink(SinkConfig(url="https://collector.example:8443/ingest"))
-    assert isinstance(sink, HttpSink) and sink.name == "https://collector.example:8443/ingest"
-    assert isinstance(build_sink(SinkConfig(url="http://127.0.0.1/x")), HttpSink)
-
-
 async def test_sink_options_from_the_config_file_reach_the_wire(
     destination: Destination, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,23 +284,6 @@ async def test_sink_options_from_the_config_file_reach_the_wire(
     assert [records(r) for r in destination.requests] == [[b"x" * 3000], [b"y" * 3000]]
     headers = destination.requests[0].headers
     assert headers["authorization"] == "Bearer from-the-env" and headers["x-tenant"] == "blue"
-
-
-@pytest.mark.parametrize(
-    ("sink", "key", "message"),
-    [
-        ({"url": "http://127.0.0.1/x", "tokn": "a"}, "sink.tokn", "unknown option"),
-        ({"url": "http://127.0.0.1/x", "timeout": "soon"}, "sink.timeout", "a number"),
-        ({"url": "http://127.0.0.1/x", "verify": 3}, "sink.verify", "true or false or a string"),
-        ({"url": "http://127.0.0.1/x", "token": "env:TG_TEST_UNSET"}, "sink.token", "not set"),
-        ({"url": "null", "fsync": True}, "sink.fsync", "unknown option for the null sink"),
-        ({"url": "tcp:127.0.0.1:9", "send_timeout": True}, "sink.send_timeout", "a number"),
-    ],
-)
-def test_bad_sink_options_name_the_key(sink: dict[str, Any], key: str, message: str) -> None:
-    with pytest.raises(ConfigurationError, match=message) as caught:
-        build_sink(config_from_mapping({"sink": sink}).sink)
-    assert caught.value.key == key
 
 
 async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> None:

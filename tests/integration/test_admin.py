@@ -161,11 +161,13 @@ async def test_connection_limit_and_idle_timeout() -> None:
         async with running(gateway) as (_, url):
             host, port = gateway.service_values[0]
             idle = [await trio.open_tcp_stream(host, port) for _ in range(2)]
-            await trio.sleep(0.05)  # both are accepted and counted
+            for stream in idle:  # an answer proves the connection was accepted and counted
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
             # A third connection is closed at once, without an answer.
             refused = await _raw_exchange(host, port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert refused == b""
-            # The silent connections are closed by the server after the timeout...
+            # The idle keep-alive connections are closed by the server after the timeout...
             start = trio.current_time()
             for stream in idle:
                 assert await stream.receive_some(100) == b""

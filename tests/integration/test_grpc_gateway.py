@@ -200,22 +200,3 @@ async def test_bytes_that_are_not_http2_close_the_connection(tmp_path: Path) -> 
                 pass
         await stream.aclose()
         assert gateway.ledger.rejected.get("malformed") == 1
-
-
-async def test_connections_past_the_limit_are_closed(tmp_path: Path) -> None:
-    source = GrpcSource(max_connections=1)
-    async with gateway_with(source, tmp_path / "out.jsonl") as gateway:
-        first = await RawClient.connect(source.bound[0][1])
-        assert await first.next_events()  # the server's SETTINGS: it is served
-        second = await RawClient.connect(source.bound[0][1])
-        await second.stream.send_eof()  # no call: GOAWAY refusing every stream, then closed
-        events: list[h2.events.Event] = []
-        with trio.fail_after(5):
-            while data := await second.stream.receive_some(65536):
-                events += second.h2.receive_data(data)
-        (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
-        assert goaway.last_stream_id == 0
-        assert goaway.additional_data == b"too many connections"
-        await second.stream.aclose()
-        await first.stream.aclose()
-        assert gateway.ledger.rejected.get("too_many_connections") == 1

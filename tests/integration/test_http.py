@@ -263,25 +263,6 @@ async def test_queue_full_block_waits_then_503_and_partial_batch() -> None:
 # -- connections ------------------------------------------------------------------------------
 
 
-async def test_max_connections() -> None:
-    async with serving(max_connections=1) as run:
-        port = run.source.bound[0][1]
-        with trio.fail_after(5):
-            first = await trio.open_tcp_stream("127.0.0.1", port)
-            await first.send_all(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nA")
-            assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 202")
-            second = await trio.open_tcp_stream("127.0.0.1", port)
-            await second.send_all(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nB")
-            refused = await second.receive_some(4096)  # answered, then closed
-            assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
-            assert b"\r\nretry-after: 1\r\n" in refused
-            assert b"\r\nconnection: close\r\n" in refused
-            await first.aclose()
-            await second.aclose()
-        assert run.payloads() == [b"A"]
-        assert run.ingress.counters.rejected["too_many_connections"] == 1
-
-
 async def test_idle_keepalive_connection_is_closed() -> None:
     async with serving(idle_timeout=0.2) as run:
         port = run.source.bound[0][1]

@@ -782,64 +782,6 @@ async def test_grpc(bad: Bad, reason: str) -> None:
     await check_case(grpc_source(), bad, good_grpc(), reason)
 
 
-# -- more connections than the limit -------------------------------------------------------------
-
-LIMITED: dict[str, Callable[[int], Source]] = {
-    "tcp": lambda n: TcpSource(max_connections=n),
-    "http": lambda n: HttpSource(max_connections=n),
-    "websocket": lambda n: WebSocketSource(max_connections=n),
-    "grpc": lambda n: GrpcSource(max_connections=n),
-}
-GOOD: dict[str, Callable[[], Good]] = {
-    "tcp": lambda: good_tcp("newline"),
-    "http": good_http,
-    "websocket": good_ws,
-    "grpc": good_grpc,
-}
-
-
-# What a connection past the limit that sends nothing gets (test_refusals.py: the rest).
-REFUSED: dict[str, Callable[[bytes], bool]] = {
-    "tcp": lambda answer: answer == b"",  # no protocol to answer in
-    "http": lambda answer: answer == b"",  # no request, nothing to answer
-    "websocket": lambda answer: answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"),
-    "grpc": lambda answer: answer.endswith(b"too many connections"),  # GOAWAY's debug data
-}
-
-
-@pytest.mark.parametrize("transport", list(LIMITED))
-async def test_connections_past_the_limit_are_refused_and_the_others_served(
-    transport: str,
-) -> None:
-    """Fill every slot, knock once more (answered where the protocol can, closed, counted),
-    then free one slot: a well-behaved client is served, and the connections that held slots
-    were never touched."""
-    slots = 3
-    sink = RecordingSink()
-    gateway = Gateway(sources=[LIMITED[transport](slots)], sink=sink, grace_period=0.5)
-    good = GOOD[transport]()
-    with trio.fail_after(20):
-        async with open_gateway(gateway) as handle:
-            address = handle.address()
-            holders = [await trio.open_tcp_stream(*address) for _ in range(slots)]
-            counters = gateway.source_counters[0]
-            await wait_until(lambda: counters.connections_active == slots)
-            for _ in range(2):
-                extra = await trio.open_tcp_stream(*address)
-                await extra.send_eof()  # says nothing: answered where the protocol can, closed
-                assert REFUSED[transport](await read_until_closed(extra))
-                await extra.aclose()
-            assert counters.rejected["too_many_connections"] == 2
-            assert counters.connections_active == slots
-            await holders.pop().aclose()
-            await wait_until(lambda: counters.connections_active == slots - 1)
-            await good.send(address)
-            await sink.wait_for(len(good.payloads))
-            for holder in holders:
-                await holder.aclose()
-    assert sorted(sink.payloads) == sorted(good.payloads)
-
-
 # -- a handler that fails ------------------------------------------------------------------------
 
 

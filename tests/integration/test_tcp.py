@@ -132,35 +132,6 @@ async def test_block_policy_pushes_back_on_the_sender() -> None:
     assert gateway.ledger.delivered == total
 
 
-async def test_max_connections_refuses_extra_connections() -> None:
-    sink = GatedSink()
-    sink.open_gate.set()
-    gateway = Gateway(sources=[TcpSource(port=0, max_connections=2)], sink=sink, grace_period=1)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            first = await trio.open_tcp_stream(*address)
-            second = await trio.open_tcp_stream(*address)
-            await first.send_all(b"one\n")
-            await second.send_all(b"two\n")
-            while len(sink.items) < 2:
-                await trio.sleep(0.01)
-            third = await trio.open_tcp_stream(*address)
-            try:
-                assert await third.receive_some(10) == b""
-            except trio.BrokenResourceError:
-                pass
-            # The first two still work.
-            await first.send_all(b"three\n")
-            while len(sink.items) < 3:
-                await trio.sleep(0.01)
-            for stream in (first, second, third):
-                await stream.aclose()
-            gateway.shutdown()
-    assert sorted(p for p, _ in sink.items) == [b"one", b"three", b"two"]
-    assert gateway.ledger.rejected == {"too_many_connections": 1}
-
-
 async def test_idle_connection_is_closed_and_counted() -> None:
     sink = GatedSink()
     sink.open_gate.set()

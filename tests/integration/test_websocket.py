@@ -159,26 +159,6 @@ async def test_block_policy_stops_reading_then_nothing_is_lost() -> None:
         assert received == messages
 
 
-async def test_max_connections() -> None:
-    async with serving(max_connections=1) as run:
-
-        async def client() -> str:
-            async with connect(run.url) as first:
-                await first.send("first")
-                try:
-                    async with connect(run.url, open_timeout=2) as second:
-                        await second.send("second")
-                except (OSError, ConnectionClosed, InvalidStatus, EOFError) as exc:
-                    return type(exc).__name__
-                except Exception as exc:  # websockets wraps EOF in InvalidMessage
-                    return type(exc).__name__
-                return "connected"
-
-        assert await in_asyncio(client) != "connected"
-        assert run.payloads() == [b"first"]
-        assert run.ingress.counters.rejected["too_many_connections"] == 1
-
-
 async def test_idle_timeout_closes_1001() -> None:
     async with serving(idle_timeout=0.2) as run:
 

@@ -8,6 +8,12 @@ counted as ``too_many_connections``; the connections holding the slots go on wor
 their messages arrive. A flood of 200 over-limit connections leaves every listener serving.
 The refusals are bounded: at most ``max_refusals`` run at once (the rest are closed
 unanswered) and each ends at its deadline, even when the peer never reads or never sends.
+And on every stream listener, parametrised: a peer past the limit that sends nothing is
+answered where the protocol can (closed otherwise) and counted, and once a slot frees a
+well-behaved client is served.
+
+This is the one home of the sources' ``max_connections`` tests (the admin endpoint's own limit
+is in test_admin.py).
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from helpers import detached_ingress, in_asyncio, wait_until
 from hyperframe.frame import Frame, GoAwayFrame
+from test_reliability_bad_input import (
+    Good,
+    good_grpc,
+    good_http,
+    good_tcp,
+    good_ws,
+)
 from trio_websocket import open_websocket_url
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -653,3 +666,73 @@ async def test_hostile_http2_on_a_refused_connection_is_closed_and_harms_nothing
         else:
             assert goaway.error_code == 0 and goaway.additional_data == b"too many connections"
     assert handle.ledger.rejected == {"too_many_connections": 2}
+
+
+# -- every stream listener: refused, counted, and the others served ---------------------------
+
+LIMITED: dict[str, Callable[[int], Source]] = {
+    "tcp": lambda n: TcpSource(max_connections=n),
+    "http": lambda n: HttpSource(max_connections=n),
+    "websocket": lambda n: WebSocketSource(max_connections=n),
+    "grpc": lambda n: GrpcSource(max_connections=n),
+}
+GOOD: dict[str, Callable[[], Good]] = {
+    "tcp": lambda: good_tcp("newline"),
+    "http": good_http,
+    "websocket": good_ws,
+    "grpc": good_grpc,
+}
+
+
+def goaway_before_any_call(answer: bytes) -> bool:
+    """The server's SETTINGS, then a GOAWAY that refuses every stream (last stream 0, no
+    error) saying why, and nothing else."""
+    frames = split_frames(answer)
+    goaways = [frame for frame in frames if isinstance(frame, GoAwayFrame)]
+    return len(goaways) == 1 and (
+        goaways[0].last_stream_id,
+        goaways[0].error_code,
+        goaways[0].additional_data,
+    ) == (0, 0, b"too many connections")
+
+
+# What a connection past the limit that sends nothing gets (real clients: the tests above).
+REFUSED: dict[str, Callable[[bytes], bool]] = {
+    "tcp": lambda answer: answer == b"",  # no protocol to answer in
+    "http": lambda answer: answer == b"",  # no request, nothing to answer
+    "websocket": lambda answer: answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"),
+    "grpc": goaway_before_any_call,
+}
+
+
+@pytest.mark.parametrize("transport", list(LIMITED))
+async def test_connections_past_the_limit_are_refused_and_the_others_served(
+    transport: str,
+) -> None:
+    """Fill every slot, knock once more (answered where the protocol can, closed, counted),
+    then free one slot: a well-behaved client is served, and the connections that held slots
+    were never touched."""
+    slots = 3
+    sink = RecordingSink()
+    gateway = Gateway(sources=[LIMITED[transport](slots)], sink=sink, grace_period=0.5)
+    good = GOOD[transport]()
+    with trio.fail_after(20):
+        async with open_gateway(gateway) as handle:
+            address = handle.address()
+            holders = [await trio.open_tcp_stream(*address) for _ in range(slots)]
+            counters = gateway.source_counters[0]
+            await wait_until(lambda: counters.connections_active == slots)
+            for _ in range(2):
+                extra = await trio.open_tcp_stream(*address)
+                await extra.send_eof()  # says nothing: answered where the protocol can, closed
+                assert REFUSED[transport](await read_until_closed(extra))
+                await extra.aclose()
+            assert counters.rejected["too_many_connections"] == 2
+            assert counters.connections_active == slots
+            await holders.pop().aclose()
+            await wait_until(lambda: counters.connections_active == slots - 1)
+            await good.send(address)
+            await sink.wait_for(len(good.payloads))
+            for holder in holders:
+                await holder.aclose()
+    assert sorted(sink.payloads) == sorted(good.payloads)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import httpx
 import pytest
 import trio
-from helpers import Samples, parse_samples, sample_value
+from helpers import Samples, parse_samples, sample_value, wait_until
 from prometheus_client import generate_latest
 
 from trio_gateway import Gateway, Item, Ledger, NullSink, RingBuffer, Sink, TcpSource, UdpSource
@@ -34,9 +34,13 @@ class GatedSink(Sink):
     def __init__(self) -> None:
         self.release = trio.Event()
         self.messages = 0
+        self.held = 0
+        """Sends waiting for the release now."""
 
     async def send(self, batch: Sequence[Item]) -> None:
+        self.held += 1
         await self.release.wait()
+        self.held -= 1
         self.messages += len(batch)
 
 
@@ -156,7 +160,7 @@ async def test_final_metrics_agree_with_the_shutdown_ledger() -> None:
             async with stream:
                 await stream.send_all(b"y" * 200)
                 assert await stream.receive_some(10) == b""
-            await trio.sleep(0.05)
+            await wait_until(lambda: sink.held == 1, what="the pump holding one batch")
             live = await scrape(gateway)
             check_agreement(live, gateway.ledger)
             assert (

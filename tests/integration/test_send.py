@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from helpers import wait_until
 
 from trio_gateway import Gateway, RingBuffer
 from trio_gateway._cli import main
@@ -144,7 +145,7 @@ async def test_http_retries_send_again_what_a_503_refused() -> None:
         url = "http://127.0.0.1:%d/ingest" % handle.address()[1]
 
         async def recover_later() -> None:
-            await trio.sleep(0.3)
+            await wait_until(lambda: handle.ledger.rejected.get("queue_full", 0) > 0, what="a 503")
             sink.recover()
 
         # The queue fills, then every batch is refused (503) until the sink recovers; the

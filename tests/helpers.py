@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zlib
 from collections import defaultdict
@@ -166,6 +167,15 @@ class ServeProcess:
     def port(self, transport: str, index: int = 0) -> int:
         """A bound port by transport (``"tcp"``, ...; ``"admin"`` for the admin endpoint)."""
         return self.ports[transport][index]
+
+    def status(self, path: str) -> int:
+        """The admin endpoint's HTTP status for ``path`` (``/readyz`` is 503 once draining)."""
+        url = f"http://127.0.0.1:{self.port('admin')}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
 
     def received(self) -> int:
         """Messages received so far, summed over the listeners, from the admin endpoint."""

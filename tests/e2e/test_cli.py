@@ -128,12 +128,14 @@ def test_second_sigint_stops_at_once(tmp_path: Path, serve: type[ServeProcess]) 
             "60",
             "--grace-period",
             "0",
+            "--admin",
+            "127.0.0.1:0",
         ]
     )
     sent = run_cli("send", "--tcp", f"127.0.0.1:{gateway.port('tcp')}", "--count", "100")
     assert sent.returncode == 0
     gateway.proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
+    wait_until_sync(lambda: gateway.status("/readyz") == 503, what="the first SIGINT's drain")
     started = time.monotonic()
     _, stderr = gateway.stop(signal.SIGINT, timeout=10)
     assert time.monotonic() - started < 5
@@ -238,6 +240,8 @@ def test_processor_from_user_code(tmp_path: Path, serve: type[ServeProcess]) -> 
             f"file:{out}",
             "--processor",
             "my_filters:upper_or_drop",
+            "--admin",
+            "127.0.0.1:0",
         ],
         env={"PYTHONPATH": str(tmp_path)},
     )
@@ -255,7 +259,7 @@ def test_processor_from_user_code(tmp_path: Path, serve: type[ServeProcess]) -> 
 
     threading.Thread(target=client).start()
     assert done.wait(10)
-    time.sleep(0.2)
+    wait_until_sync(lambda: gateway.received() == 3, what="three lines received")
     code, stderr = gateway.stop()
     assert code == 0
     assert read_payloads(out) == [b"HELLO", b"WORLD"]
@@ -287,6 +291,8 @@ def test_serve_http_and_websocket_with_tokens_from_the_environment(
             "env:GW_TOKEN",
             "--sink",
             f"file:{out}",
+            "--admin",
+            "127.0.0.1:0",
         ],
         env={"GW_TOKEN": "s3cret"},
     )
@@ -321,7 +327,7 @@ def test_serve_http_and_websocket_with_tokens_from_the_environment(
     with connect(ws_url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
         ws.send(b"over websocket")
         ws.send("text too")
-    time.sleep(0.3)
+    wait_until_sync(lambda: gateway.received() == 3, what="three messages received")
     code, stderr = gateway.stop()
     assert code == 0, stderr
     assert "s3cret" not in stderr
@@ -342,14 +348,25 @@ def test_serve_tls_on_tcp_from_flags(tmp_path: Path, serve: type[ServeProcess]) 
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     authority.cert_pem.write_to_path(str(ca_path))
     out = tmp_path / "out.jsonl"
-    gateway = serve(["--tcp", "127.0.0.1:0", "--tls-cert", str(cert_path), "--sink", f"file:{out}"])
+    gateway = serve(
+        [
+            "--tcp",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(cert_path),
+            "--sink",
+            f"file:{out}",
+            "--admin",
+            "127.0.0.1:0",
+        ]
+    )
     context = ssl.create_default_context(cafile=str(ca_path))
     with (
         socket.create_connection(("127.0.0.1", gateway.port("tcp"))) as raw,
         context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(b"secret one\nsecret two\n")
-    time.sleep(0.3)
+    wait_until_sync(lambda: gateway.received() == 2, what="two lines received")
     code, stderr = gateway.stop()
     assert code == 0, stderr
     assert read_payloads(out) == [b"secret one", b"secret two"]

@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import trio
-from helpers import REPO, ServeProcess, grpc_with_token, http_with_token, ws_with_token
+from helpers import (
+    REPO,
+    ServeProcess,
+    grpc_with_token,
+    http_with_token,
+    wait_until_sync,
+    ws_with_token,
+)
 from trio_websocket import open_websocket_url
 
 TOKEN = "tok-5up3r-s3cr3t-value"
@@ -40,6 +46,7 @@ def test_no_secret_is_ever_logged_even_at_debug(tmp_path: Path, serve: type[Serv
             *("--http", "127.0.0.1:0", "--ws", "127.0.0.1:0", "--grpc", "127.0.0.1:0"),
             *("--http-token", TOKEN, "--ws-token", TOKEN, "--grpc-token", "env:GW_GRPC_TOKEN"),
             *("--sink", f"file:{tmp_path / 'out.jsonl'}", "--log-level", "debug"),
+            *("--admin", "127.0.0.1:0"),
         ],
         env={"GW_GRPC_TOKEN": env_token},
     )
@@ -58,7 +65,7 @@ def test_no_secret_is_ever_logged_even_at_debug(tmp_path: Path, serve: type[Serv
         return results
 
     assert trio.run(exercise) == [True, True, False, False, False, False, True, False]
-    time.sleep(0.2)
+    wait_until_sync(lambda: gateway.received() == 4, what="the four accepted messages")
     code, stderr = gateway.stop()
     assert code == 0, stderr
     assert "debug" in stderr.lower(), "not running at debug level"

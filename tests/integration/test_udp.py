@@ -5,18 +5,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import trio
+from helpers import wait_until
 
 import trio_gateway.sources._mmsg
 import trio_gateway.sources.udp
-from trio_gateway import Gateway, Item, RingBuffer, Sink, UdpSource
+from trio_gateway import Gateway, Message, RingBuffer, UdpSource
 from trio_gateway.sources._mmsg import available as recvmmsg_available
+from trio_gateway.testing import RecordingSink, open_gateway
 
 
 @pytest.fixture(autouse=True, params=["recvmmsg", "recvfrom"])
@@ -28,19 +30,6 @@ def receive_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     else:
         monkeypatch.setattr(trio_gateway.sources.udp, "multi_receive_available", lambda: False)
     yield request.param
-
-
-class RecordingSink(Sink):
-    name = "recording"
-
-    def __init__(self, gate: trio.Event | None = None) -> None:
-        self.items: list[Item] = []
-        self.gate = gate
-
-    async def send(self, batch: Sequence[Item]) -> None:
-        if self.gate is not None:
-            await self.gate.wait()
-        self.items.extend(batch)
 
 
 def _client() -> socket.socket:
@@ -55,23 +44,27 @@ class Served:
     sink: RecordingSink
     address: tuple[str, int]
 
-    async def received(self, count: int) -> list[Item]:
+    async def received(self, count: int) -> list[Message]:
         """Wait until the sink has ``count`` messages, then shut the gateway down."""
-        while len(self.sink.items) < count:
-            await trio.sleep(0.01)
+        await self.sink.wait_for(count)
         self.gateway.shutdown()
         return self.sink.items
 
 
 @asynccontextmanager
-async def serving(source: UdpSource, **options: Any) -> AsyncIterator[Served]:
-    """A gateway with ``source`` and a recording sink, for at most 10 s."""
-    sink = RecordingSink(options.pop("gate", None))
+async def serving(
+    source: UdpSource, *, stalled: bool = False, **options: Any
+) -> AsyncIterator[Served]:
+    """A gateway with ``source`` and a recording sink (``stalled``: holding its first send until
+    ``sink.recover()``), for at most 10 s."""
+    sink = RecordingSink()
+    if stalled:
+        sink.stall()
     gateway = Gateway(sources=[source], sink=sink, grace_period=0.5, **options)
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            yield Served(gateway, sink, address)
+        async with open_gateway(gateway) as handle:
+            yield Served(gateway, sink, handle.address())
+            sink.recover()
 
 
 async def test_datagrams_arrive_with_their_peer() -> None:
@@ -91,15 +84,13 @@ async def test_datagrams_arrive_with_their_peer() -> None:
 
 
 async def test_queue_rejections_are_counted_as_drops() -> None:
-    gate = trio.Event()
     queue: RingBuffer[bytes] = RingBuffer(10, policy="drop_newest")
-    async with serving(UdpSource(port=0), gate=gate, queue=queue, batch_size=5) as served:
+    async with serving(UdpSource(port=0), stalled=True, queue=queue, batch_size=5) as served:
         with _client() as sock:
             for i in range(100):
                 sock.sendto(b"%d" % i, served.address)
-        while served.gateway.ledger.received < 100:
-            await trio.sleep(0.01)
-        gate.set()
+        await wait_until(lambda: served.gateway.ledger.received == 100)
+        served.sink.recover()
         served.gateway.shutdown()
     ledger = served.gateway.ledger
     # The queue holds 10, plus at most one batch of 5 the pump took before the sink stalled
@@ -107,7 +98,7 @@ async def test_queue_rejections_are_counted_as_drops() -> None:
     assert 10 <= ledger.delivered <= 15
     assert ledger.dropped["drop_newest"] == 100 - ledger.delivered
     assert ledger.balanced
-    assert [p for p, _ in served.sink.items] == [b"%d" % i for i in range(ledger.delivered)]
+    assert served.sink.payloads == [b"%d" % i for i in range(ledger.delivered)]
 
 
 async def test_oversized_datagram_is_counted_and_skipped() -> None:

@@ -7,12 +7,10 @@ what each refusal cost.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import grpc
 import httpx
 import trio
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import parse_samples, sample_value
 from trio_websocket import open_websocket_url
 
 from trio_gateway import Gateway, NullSink, TcpSource, UdpSource
@@ -22,21 +20,6 @@ from trio_gateway.admin import AdminServer
 from trio_gateway.sources.grpc import GrpcSource
 from trio_gateway.sources.http import HttpSource
 from trio_gateway.sources.websocket import WebSocketSource
-
-Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
-
-
-def parse(text: str) -> Samples:
-    samples: Samples = defaultdict(dict)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample.name][frozenset(sample.labels.items())] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for k, v in samples.get(name, {}).items() if want <= k)
 
 
 def grpc_send(port: int, count: int) -> None:
@@ -87,20 +70,29 @@ async def test_every_transport_counts_what_its_clients_sent() -> None:
                 await trio.sleep(0.01)
             host, port = gateway.service_values[0]
             async with httpx.AsyncClient() as client:
-                m = parse((await client.get(f"http://{host}:{port}/metrics")).text)
+                m = parse_samples((await client.get(f"http://{host}:{port}/metrics")).text)
             gateway.shutdown()
     for transport, n in sent.items():
-        got = value(m, "trio_gateway_received_messages_total", transport=transport)
+        got = sample_value(m, "trio_gateway_received_messages_total", transport=transport)
         assert got == n, transport
-    assert value(m, "trio_gateway_received_bytes_total", transport="http") == 5 * sent["http"]
-    assert value(m, "trio_gateway_received_bytes_total", transport="websocket") == 5 * 500
-    assert value(m, "trio_gateway_received_bytes_total", transport="grpc") == 5 * sent["grpc"]
-    http_rejected = {"transport": "http"}
-    assert value(m, "trio_gateway_rejected_messages_total", reason="oversize", **http_rejected) == 1
     assert (
-        value(m, "trio_gateway_rejected_messages_total", reason="unauthorized", **http_rejected)
+        sample_value(m, "trio_gateway_received_bytes_total", transport="http") == 5 * sent["http"]
+    )
+    assert sample_value(m, "trio_gateway_received_bytes_total", transport="websocket") == 5 * 500
+    assert (
+        sample_value(m, "trio_gateway_received_bytes_total", transport="grpc") == 5 * sent["grpc"]
+    )
+    http_rejected = {"transport": "http"}
+    assert (
+        sample_value(m, "trio_gateway_rejected_messages_total", reason="oversize", **http_rejected)
         == 1
     )
-    assert value(m, "trio_gateway_connections_total", transport="websocket") == 1
-    assert value(m, "trio_gateway_delivered_messages_total") == total
+    assert (
+        sample_value(
+            m, "trio_gateway_rejected_messages_total", reason="unauthorized", **http_rejected
+        )
+        == 1
+    )
+    assert sample_value(m, "trio_gateway_connections_total", transport="websocket") == 1
+    assert sample_value(m, "trio_gateway_delivered_messages_total") == total
     assert gateway.ledger.received == total

@@ -283,6 +283,7 @@ def test_a_port_in_use_fails_once_before_any_worker_starts() -> None:
 # -- the supervisor as a library --------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_supervisor_gives_up_on_a_worker_that_keeps_failing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,16 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from helpers import REPO, ServeProcess, read_payloads
+from helpers import REPO, ServeProcess, read_payloads, wait_until_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig
@@ -29,14 +27,6 @@ from trio_gateway._workers import (
 )
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.05)
 
 
 def admin_port(process: ServeProcess) -> int:
@@ -127,14 +117,14 @@ def test_two_workers_share_tcp_udp_and_http_ports(
             sent.append(b"http-%d" % i)
 
     # Both workers append to one file (O_APPEND, one write per batch): every line whole.
-    wait_until(lambda: len(read_payloads(out)) >= len(sent), what="every message in the file")
+    wait_until_sync(lambda: len(read_payloads(out)) >= len(sent), what="every message in the file")
     assert Counter(read_payloads(out)) == Counter(sent)
 
     def scraped_all() -> bool:
         samples = metrics(admin)
         return total(samples, "trio_gateway_delivered_messages_total") == len(sent)
 
-    wait_until(scraped_all, what="the scrape to catch up")
+    wait_until_sync(scraped_all, what="the scrape to catch up")
     samples = metrics(admin)
     received = {
         dict(labels)["transport"]: v
@@ -184,9 +174,9 @@ def test_a_killed_worker_is_restarted_and_counted(
     first = [b"before-%d-%d" % (c, i) for c in range(8) for i in range(100)]
     for c in range(8):
         send_tcp(port, first[c * 100 : (c + 1) * 100])
-    wait_until(lambda: len(read_payloads(out)) == 800, what="the first messages")
+    wait_until_sync(lambda: len(read_payloads(out)) == 800, what="the first messages")
     # The ledger of a killed worker comes from the last scrape: let it see everything.
-    wait_until(lambda: total(metrics(admin), "trio_gateway_delivered_messages_total") == 800)
+    wait_until_sync(lambda: total(metrics(admin), "trio_gateway_delivered_messages_total") == 800)
 
     os.kill(worker_pids(gateway)[0], signal.SIGKILL)
 
@@ -197,7 +187,7 @@ def test_a_killed_worker_is_restarted_and_counted(
             and per_worker(samples, "trio_gateway_worker_up")["0"] == 1
         )
 
-    wait_until(restarted, what="worker 0 to be back")
+    wait_until_sync(restarted, what="worker 0 to be back")
     assert httpx.get(f"http://127.0.0.1:{admin}/readyz", trust_env=False).status_code == 200
     # The killed worker's counters are kept: the sum did not go back.
     assert total(metrics(admin), "trio_gateway_received_messages_total") >= 800
@@ -205,9 +195,9 @@ def test_a_killed_worker_is_restarted_and_counted(
     second = [b"after-%d-%d" % (c, i) for c in range(8) for i in range(100)]
     for c in range(8):
         send_tcp(port, second[c * 100 : (c + 1) * 100])
-    wait_until(lambda: len(read_payloads(out)) == 1600, what="the second messages")
+    wait_until_sync(lambda: len(read_payloads(out)) == 1600, what="the second messages")
     assert Counter(read_payloads(out)) == Counter(first + second)
-    wait_until(lambda: total(metrics(admin), "trio_gateway_received_messages_total") == 1600)
+    wait_until_sync(lambda: total(metrics(admin), "trio_gateway_received_messages_total") == 1600)
 
     code, stderr = gateway.stop(signal.SIGINT)
     assert code == 0, stderr
@@ -240,7 +230,7 @@ def test_workers_stop_when_the_parent_is_killed(serve: type[ServeProcess]) -> No
     gateway.proc.kill()
     gateway.proc.communicate()
     # Their stdin (a pipe from the parent) reaches EOF: each shuts down cleanly on its own.
-    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=20, what="orphan workers")
+    wait_until_sync(lambda: not any(alive(pid) for pid in pids), timeout=20, what="orphan workers")
 
 
 def test_sigterm_while_the_workers_start_stops_them_cleanly() -> None:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from helpers import REPO
+from helpers import REPO, in_asyncio, wait_until
 from test_send import running
-from test_websocket import in_asyncio, serving, wait_until
+from test_websocket import serving
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed

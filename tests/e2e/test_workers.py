@@ -34,16 +34,10 @@ from trio_gateway import (
 )
 from trio_gateway._cli import main
 from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig, load_config
-from trio_gateway._workers import (
-    MetricsAggregate,
-    RestartPolicy,
-    Supervisor,
-    WorkerError,
-    _Lines,
-    config_from_jsonable,
-    config_to_jsonable,
-    ledger_from_samples,
-)
+from trio_gateway.workers import RestartPolicy, Supervisor, WorkerError
+from trio_gateway.workers._metrics import MetricsAggregate, ledger_from_samples
+from trio_gateway.workers._pipes import Lines as _Lines
+from trio_gateway.workers._spec import config_from_jsonable, config_to_jsonable
 
 # -- helpers ----------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ source, a :class:`~trio_gateway.RingBuffer` and the null or file sink, as ``serv
 ``asyncio`` (a plain asyncio implementation of the same path) or ``uvloop`` (the same asyncio
 code on uvloop's event loop). ``TRANSPORT`` is ``tcp``, ``udp``, ``http``, ``ws`` or ``grpc``
 (one gRPC server answers both the unary ``Send`` and the client-streaming ``Stream``).
-``--tune-allocator`` applies ``trio_gateway._buffer.tune_allocator`` (what ``serve`` does) to
+``--tune-allocator`` applies ``trio_gateway.tuning.tune_allocator`` (what ``serve`` does) to
 whichever implementation runs, so that the comparison is between the code, not the allocator.
 
 Every implementation has the same shape: the transport's reader hands each message to a
@@ -639,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.tune_allocator:
-        from trio_gateway._buffer import tune_allocator
+        from trio_gateway.tuning import tune_allocator
 
         tune_allocator()
     if args.impl == "trio_gateway":

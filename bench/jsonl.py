@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trio_gateway import Batch, Origin
-from trio_gateway._buffer import tune_allocator
 from trio_gateway.sinks._jsonl import encode_jsonl
+from trio_gateway.tuning import tune_allocator
 
 from ._payloads import SIZES, payloads
 from ._servers import encode_jsonl_reference

@@ -866,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--glibc-defaults",
         action="store_true",
         help="run every server with glibc's default malloc settings (by default every server, "
-        "ours and the peers, gets the settings serve applies: trio_gateway._buffer.tune_allocator)",
+        "ours and the peers, gets the settings serve applies: trio_gateway.tuning.tune_allocator)",
     )
     args = parser.parse_args(argv)
     Server.tune_allocator = not args.glibc_defaults

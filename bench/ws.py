@@ -8,7 +8,7 @@ Servers (each in its own process, each counting messages as they are parsed):
 * ``websockets``       the ``websockets`` asyncio server, ``async for message in ws``
 * ``trio-websocket``   ``trio_websocket.serve_websocket`` (wsproto), ``await ws.get_message()``
 
-Every server process applies ``trio_gateway._buffer.tune_allocator`` (what ``serve`` does), so
+Every server process applies ``trio_gateway.tuning.tune_allocator`` (what ``serve`` does), so
 that the comparison is between the code, not glibc's settings. The queue holds at most 64 MiB
 of payload (at most 65,536 messages). The client is a separate process that writes pre-masked
 frames as fast as the socket takes them, so the server is the bottleneck (where it is not, the
@@ -37,7 +37,7 @@ SERVERS = ("trio_gateway", "websockets", "trio-websocket")
 
 def serve(kind: str, port: int, count: int, size: int) -> None:
     """Serve one connection; print the seconds between the first and the count-th message."""
-    from trio_gateway._buffer import tune_allocator
+    from trio_gateway.tuning import tune_allocator
 
     tune_allocator()
     if kind == "trio_gateway":

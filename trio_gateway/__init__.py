@@ -5,7 +5,6 @@ a sink, supervised by one nursery, with a cancellation-safe flush and a ledger t
 every message.
 """
 
-from ._buffer import tune_allocator as tune_allocator
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import FrameTooLarge as FrameTooLarge
 from ._errors import GatewayError as GatewayError
@@ -79,5 +78,4 @@ __all__ = (
     "UdpSource",
     "WebSocketSource",
     "__version__",
-    "tune_allocator",
 )

@@ -10,9 +10,6 @@ observe them out of step.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +19,7 @@ import trio
 from ._message import Batch, Origin
 from .queues import Queue
 
-__all__ = ("UNKNOWN_ORIGIN", "MessageBuffer", "tune_allocator")
+__all__ = ("UNKNOWN_ORIGIN", "MessageBuffer")
 
 UNKNOWN_ORIGIN = Origin("unknown", "", "", 0.0)
 """The origin reported for items that reached the queue without going through the buffer."""
@@ -100,43 +97,3 @@ class MessageBuffer:
                 continue
             await trio.lowlevel.cancel_shielded_checkpoint()
             return batch
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_tuned: bool | None = None
-
-
-def tune_allocator(*, trim_threshold: int = 256 << 20, mmap_threshold: int = 32 << 20) -> bool:
-    """Let the process reuse freed message memory instead of handing it back after each batch.
-
-    glibc's ``free`` returns the top of the heap to the kernel whenever more than
-    ``M_TRIM_THRESHOLD`` (128 KiB by default) is free there. A gateway frees whole batches of
-    messages at once, so with large messages every batch went back to the kernel and the next
-    reads faulted it in again, page by page: 5 to 7 page faults per 79,435-byte message, which
-    cost the TCP source about 40% of its time (measured: 60 us per message instead of 36).
-    This sets glibc's trim threshold to ``trim_threshold`` (at most that much free memory is
-    kept) and its mmap threshold to ``mmap_threshold`` (larger blocks still come from ``mmap``
-    and go back at once), once per process. ``serve`` calls it; a program embedding a gateway
-    may. Returns whether the settings are in effect: False where the C library is not glibc
-    (nothing is changed there).
-    """
-    global _tuned
-    if _tuned is not None:
-        return _tuned
-    _tuned = False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): leave it be
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success. The mmap threshold first: setting it explicitly also
-    # stops glibc from moving both thresholds on its own.
-    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    )
-    return _tuned

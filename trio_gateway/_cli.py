@@ -17,7 +17,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from ._buffer import tune_allocator
 from ._client import (
     DEFAULT_TIMEOUT,
     GRPC_MODES,
@@ -45,10 +44,11 @@ from ._config import (
 )
 from ._errors import ConfigurationError, GatewayError
 from ._profile import check_profile_path, profiled
-from ._workers import serve_workers
 from .admin import top as top_view
 from .admin.progress import send_progress
 from .queues import QUEUE_KINDS
+from .tuning import tune_allocator
+from .workers import serve_workers
 
 __all__ = ("main",)
 

@@ -47,6 +47,7 @@ from typing import Any
 
 from ._errors import ConfigurationError
 from ._gateway import Gateway, Processor, RetryPolicy
+from .admin._server import DEFAULT_ADMIN
 from .queues import POLICIES, QUEUE_KINDS, OverflowPolicy, Queue
 from .sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
 from .sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
@@ -67,7 +68,6 @@ __all__ = (
 
 DEFAULT_TCP = "127.0.0.1:7000"
 DEFAULT_UDP = "127.0.0.1:7001"
-DEFAULT_ADMIN = "127.0.0.1:9100"
 
 SOURCE_KINDS: dict[str, type[Source]] = {
     "tcp": TcpSource,

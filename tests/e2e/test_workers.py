@@ -20,11 +20,7 @@ from helpers import REPO, ServeProcess, read_payloads, wait_until_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig
-from trio_gateway._workers import (
-    RestartPolicy,
-    Supervisor,
-    WorkerError,
-)
+from trio_gateway.workers import RestartPolicy, Supervisor, WorkerError
 
 # -- helpers ----------------------------------------------------------------------------------
 

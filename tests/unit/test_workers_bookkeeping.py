@@ -9,14 +9,10 @@ import pytest
 
 from trio_gateway._cli import main
 from trio_gateway._config import GatewayConfig, SourceConfig, load_config
-from trio_gateway._workers import (
-    MetricsAggregate,
-    RestartPolicy,
-    _Lines,
-    config_from_jsonable,
-    config_to_jsonable,
-    ledger_from_samples,
-)
+from trio_gateway.workers import RestartPolicy
+from trio_gateway.workers._metrics import MetricsAggregate, ledger_from_samples
+from trio_gateway.workers._pipes import Lines as _Lines
+from trio_gateway.workers._spec import config_from_jsonable, config_to_jsonable
 
 
 def test_workers_in_config_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

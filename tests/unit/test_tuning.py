@@ -1,0 +1,46 @@
+"""``trio_gateway.tuning.tune_allocator``: glibc's trim and mmap thresholds, once per process."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+# The setting shows in its effect: with glibc's default 128 KiB trim threshold, freeing what
+# sits at the top of the heap gives it back to the kernel (the break moves down); tuned, the
+# memory stays for the next batch.
+_PROBE = """
+import ctypes, sys
+from trio_gateway.tuning import tune_allocator
+if sys.argv[1] == "tuned":
+    assert tune_allocator() is True
+    assert tune_allocator() is True  # once per process; the second call changes nothing
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+# 100 KiB blocks: under the default mmap threshold too, so they come from the heap.
+blocks = [libc.malloc(100 << 10) for _ in range(80)]
+grown = libc.sbrk(0)
+for block in reversed(blocks):
+    libc.free(block)
+print(grown - libc.sbrk(0))  # bytes given back to the kernel
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.parametrize("mode", ["default", "tuned"])
+def test_freed_memory_stays_with_the_process_once_tuned(mode: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    returned = int(result.stdout)
+    if mode == "tuned":
+        assert returned == 0
+    else:
+        assert returned >= 4 << 20

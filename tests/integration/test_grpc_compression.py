@@ -26,7 +26,7 @@ from test_grpc import GATEWAY, in_thread, serving, stream_stream, stream_unary, 
 from trio_gateway._errors import FrameTooLarge, ProtocolError
 from trio_gateway._proto import gateway_pb2, model_pb2
 from trio_gateway.sources.grpc import GrpcStream
-from trio_gateway.sources.grpc._server import inflate_message
+from trio_gateway.sources.grpc._calls import inflate_message
 
 GZIP = 16 + zlib.MAX_WBITS
 DEFLATE = zlib.MAX_WBITS

@@ -247,7 +247,7 @@ class Connection:
                     )
                     self.emit()
                     return
-                if not proto.stalled:
+                if not proto.stalled_bytes:
                     self._stalled_at = None
                 elif self._stalled_at is None:
                     self._stalled_at = trio.current_time()

@@ -198,9 +198,10 @@ class GrpcProtocol:
     # -- input ------------------------------------------------------------------------------
 
     @property
-    def stalled(self) -> bool:
-        """Whether bytes have come that completed no frame yet (a partial frame or preface)."""
-        return self._stalled_bytes > 0
+    def stalled_bytes(self) -> int:
+        """Bytes received since the last that completed a frame (a partial frame, preface or
+        header block): never more than ``limits.stall_limit``."""
+        return self._stalled_bytes
 
     @property
     def highest_stream_id(self) -> int:
@@ -238,10 +239,7 @@ class GrpcProtocol:
             if isinstance(event, h2.events.DataReceived):
                 call = calls.get(event.stream_id)
                 if call is None:
-                    h2conn.acknowledge_received_data(
-                        event.flow_controlled_length,
-                        event.stream_id,
-                    )
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
                 elif call.feed(event.data, event.flow_controlled_length) and (
                     not events or events[-1] is not call.changed
                 ):
@@ -279,7 +277,7 @@ class GrpcProtocol:
         if (self.last_stream_id is not None and stream_id > self.last_stream_id) or len(
             self.calls
         ) >= 2 * self.limits.max_concurrent_streams:
-            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._send_final(stream_id, None)
             return None
         # header_encoding="utf-8" (see __init__) makes h2 hand us str pairs
         headers = cast("list[tuple[str, str]]", event.headers or [])
@@ -298,7 +296,7 @@ class GrpcProtocol:
             elif key == "authorization":
                 authorization = value
         if method != "POST":
-            self._h2.send_headers(stream_id, [(":status", "405")], end_stream=True)
+            self._send_final(stream_id, [(":status", "405")])
             return None
         if content_type is None or not content_type.startswith("application/grpc"):
             self._refuse(stream_id, Status.UNKNOWN, "content-type must be application/grpc", "415")
@@ -352,11 +350,26 @@ class GrpcProtocol:
             headers.append(("grpc-accept-encoding", ACCEPT_ENCODING))
         headers.append(("grpc-status", str(status.value)))
         headers.append(("grpc-message", encode_grpc_message(message)))
-        self._h2.send_headers(stream_id, headers, end_stream=True)
+        self._send_final(stream_id, headers)
+
+    def _send_final(self, stream_id: int, headers: list[tuple[str, str]] | None) -> None:
+        """Answer a request with ``headers`` that end its stream, or refuse it (None:
+        RST_STREAM REFUSED_STREAM). Nothing if h2 cannot send any more: a GOAWAY from the
+        client in the same read as the request closes h2's side of the connection."""
+        try:
+            if headers is None:
+                self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            else:
+                self._h2.send_headers(stream_id, headers, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            pass
 
     def acknowledge(self, stream_id: int, size: int) -> None:
-        """Give ``size`` received bytes back to the client's windows."""
-        self._h2.acknowledge_received_data(size, stream_id)
+        """Give ``size`` received bytes back to the client's windows (if it still listens)."""
+        try:
+            self._h2.acknowledge_received_data(size, stream_id)
+        except h2.exceptions.ProtocolError:  # the connection is closed (the client's GOAWAY)
+            pass
 
     def end_call(self, call: Call) -> None:
         """The handler is done: release the call's flow control and forget it."""
@@ -376,13 +389,16 @@ class GrpcProtocol:
     def send_headers(self, call: Call, metadata: Any = None) -> None:
         """The response headers (with ``metadata``, custom initial metadata)."""
         h2conn = self._h2
-        if metadata or not h2conn.send_encoded_headers(
-            call.stream_id, RESPONSE_HEADERS_BLOCK, end_stream=False
-        ):
-            headers = list(RESPONSE_HEADERS)
-            if metadata:
-                headers.extend(encode_metadata(metadata))
-            h2conn.send_headers(call.stream_id, headers)
+        try:
+            if metadata or not h2conn.send_encoded_headers(
+                call.stream_id, RESPONSE_HEADERS_BLOCK, end_stream=False
+            ):
+                headers = list(RESPONSE_HEADERS)
+                if metadata:
+                    headers.extend(encode_metadata(metadata))
+                h2conn.send_headers(call.stream_id, headers)
+        except h2.exceptions.ProtocolError as exc:  # the stream or the connection is closed
+            raise StreamReset(f"stream {call.stream_id} is closed: {exc}") from exc
         call.headers_sent = True
 
     def send_window(self, call: Call) -> int:
@@ -395,7 +411,10 @@ class GrpcProtocol:
 
     def send_data(self, call: Call, data: bytes | memoryview) -> None:
         """One DATA frame that :meth:`send_window` allows."""
-        self._h2.send_data_frame(call.stream_id, data)
+        try:
+            self._h2.send_data_frame(call.stream_id, data)
+        except h2.exceptions.ProtocolError as exc:  # the connection is closed (GOAWAY)
+            raise StreamReset(f"stream {call.stream_id} is closed: {exc}") from exc
 
     def finish(
         self, call: Call, status: Status, message: str | None = None, metadata: Any = None
@@ -422,7 +441,9 @@ class GrpcProtocol:
             if not call.ended:
                 # The client is still sending: tell it to stop (RFC 9113 section 8.1).
                 h2conn.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
+            # the stream is closed, or the whole connection (h2 closes it at the client's
+            # GOAWAY): nobody is left to tell
             return
 
     def goaway(self, last_stream_id: int, error_code: int = ErrorCodes.NO_ERROR) -> None:
@@ -439,7 +460,10 @@ class GrpcProtocol:
         """Graceful shutdown, first half: GOAWAY(max stream id) and a PING whose answer
         (:class:`PingAcked`) says the client has seen it; then :meth:`refuse_connection`."""
         self.goaway(MAX_STREAM_ID)
-        self._h2.ping(DRAIN_PING)
+        try:
+            self._h2.ping(DRAIN_PING)
+        except h2.exceptions.ProtocolError:  # the client already sent GOAWAY: no answer
+            pass
 
     def fail_all(self) -> list[Call]:
         """The connection is gone: every call in progress is reset."""

@@ -151,9 +151,10 @@ class Call:
             self._proto.reject("malformed")
             raise GRPCError(Status.INVALID_ARGUMENT, "invalid protobuf message") from exc
 
-    def release(self) -> None:
+    def release(self) -> bool:
         """Hand consumed bytes back to the client's window, in bulk: when the handler has
-        taken everything buffered (it is about to wait), or a quarter window has piled up."""
+        taken everything buffered (it is about to wait), or a quarter window has piled up.
+        True if a WINDOW_UPDATE may have been queued."""
         if self._to_release and (
             not self.messages or self._to_release >= self._proto.release_threshold
         ):
@@ -161,12 +162,17 @@ class Call:
             surplus = self._unacked - self._held
             if surplus > 0:
                 self._ack(surplus)
+                return True
+        return False
 
-    def release_all(self) -> None:
-        """The handler is done: every byte received goes back to the client's window."""
+    def release_all(self) -> bool:
+        """The handler is done: every byte received goes back to the client's window.
+        True if a WINDOW_UPDATE may have been queued."""
         self._to_release = 0
         if self._unacked > 0:
             self._ack(self._unacked)
+            return True
+        return False
 
     # -- fed by the protocol ---------------------------------------------------------------
 

@@ -63,6 +63,7 @@ class Connection:
             authorized=server.authorized,
             reject=server.reject,
         )
+        self._take_output = self.proto.data_to_send
         self._streams: dict[int, GrpcStream] = {}
         self._starting: list[tuple[GrpcStream, InlineHandler | None]] = []
         """Calls whose request headers have come and that have no task yet (see
@@ -84,9 +85,8 @@ class Connection:
 
     def emit(self) -> None:
         """Move what the protocol has produced into the output buffer and wake the writer."""
-        proto = self.proto
-        if proto.pending_output():
-            data = proto.data_to_send()
+        data = self._take_output()
+        if data:
             self._out.append(data)
             self._out_size += len(data)
             self._wake_writer.set()

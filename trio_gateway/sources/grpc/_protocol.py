@@ -2,7 +2,7 @@
 
 :class:`GrpcProtocol` is fed the bytes a client sent (:meth:`~GrpcProtocol.receive_data`) and
 returns what happened, as events; what the server must write is taken with
-:meth:`~GrpcProtocol.data_to_send`. It validates each request (method, content type, path,
+:attr:`~GrpcProtocol.data_to_send`. It validates each request (method, content type, path,
 bearer token, ``grpc-encoding``, ``grpc-timeout``) and answers a bad one itself, keeps each
 call's state (:class:`~._calls.Call`: gRPC message framing, flow control, compression) and
 frames the answers (response headers, DATA, trailers) with HPACK blocks encoded once per
@@ -194,6 +194,11 @@ class GrpcProtocol:
         h2conn.initiate_connection()
         if limits.connection_window > 65535:
             h2conn.increment_flow_control_window(limits.connection_window - 65535)
+        # h2's own methods, bound once: called after every step of every call
+        self.data_to_send: Callable[[], bytes] = h2conn.data_to_send
+        """Everything queued for the client, in order (``b""`` when nothing is)."""
+        self.pending_output: Callable[[], int] = h2conn.pending_output
+        """How many bytes :attr:`data_to_send` would return now."""
 
     # -- input ------------------------------------------------------------------------------
 
@@ -377,14 +382,6 @@ class GrpcProtocol:
         del self.calls[call.stream_id]
 
     # -- output -----------------------------------------------------------------------------
-
-    def pending_output(self) -> int:
-        """How many bytes :meth:`data_to_send` would return now."""
-        return self._h2.pending_output()
-
-    def data_to_send(self) -> bytes:
-        """Everything queued for the client, in order."""
-        return self._h2.data_to_send()
 
     def send_headers(self, call: Call, metadata: Any = None) -> None:
         """The response headers (with ``metadata``, custom initial metadata)."""

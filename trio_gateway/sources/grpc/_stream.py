@@ -77,7 +77,8 @@ class GrpcStream:
         inflates at most a stream window's worth of output per batch.
         """
         call = self._call
-        self._release()
+        if call.release():
+            self._conn.emit()
         while not call.messages:
             await self._wait_readable()
             if call.ended and not call.messages:
@@ -87,7 +88,8 @@ class GrpcStream:
     async def recv_message(self) -> Any:
         """The next message decoded as the method's request type; ``None`` at the end."""
         call = self._call
-        self._release()
+        if call.release():
+            self._conn.emit()
         while not call.messages:
             await self._wait_readable()
             if call.ended and not call.messages:
@@ -106,10 +108,6 @@ class GrpcStream:
         if message is None:
             raise StopAsyncIteration
         return message
-
-    def _release(self) -> None:
-        self._call.release()
-        self._conn.emit()
 
     async def _wait_readable(self) -> None:
         call = self._call

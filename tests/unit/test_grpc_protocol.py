@@ -28,7 +28,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame, PingFrame
 
 from trio_gateway._proto import gateway_pb2
-from trio_gateway.sources.grpc._calls import Call
+from trio_gateway.sources.grpc._calls import Call, StreamReset
 from trio_gateway.sources.grpc._limits import ServerLimits
 from trio_gateway.sources.grpc._protocol import (
     DRAIN_PING,
@@ -265,6 +265,14 @@ def test_the_clients_goaway_is_reported() -> None:
     wire.client.close_connection()
     assert any(isinstance(e, PeerGoingAway) for e in wire.send())
     assert wire.proto.last_stream_id == 1
+    # h2 has closed its side: answering raises the handler's StreamReset, finishing is quiet
+    call = wire.proto.calls[1]
+    with pytest.raises(StreamReset):
+        wire.proto.send_headers(call)
+    wire.proto.finish(call, Status.OK)
+    wire.proto.start_drain()  # no PING can go out either; the GOAWAY does
+    wire.proto.end_call(call)
+    assert wire.proto.calls == {}
 
 
 def test_calls_past_twice_the_stream_limit_are_refused() -> None:

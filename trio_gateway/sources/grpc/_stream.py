@@ -79,10 +79,8 @@ class GrpcStream:
         call = self._call
         if call.release():
             self._conn.emit()
-        while not call.messages:
-            await self._wait_readable()
-            if call.ended and not call.messages:
-                return []
+        if not call.messages and not await self._wait_messages():
+            return []
         return call.take_batch()
 
     async def recv_message(self) -> Any:
@@ -90,10 +88,8 @@ class GrpcStream:
         call = self._call
         if call.release():
             self._conn.emit()
-        while not call.messages:
-            await self._wait_readable()
-            if call.ended and not call.messages:
-                return None
+        if not call.messages and not await self._wait_messages():
+            return None
         return call.decode(call.pop())
 
     def decode(self, data: bytes) -> Any:
@@ -108,6 +104,16 @@ class GrpcStream:
         if message is None:
             raise StopAsyncIteration
         return message
+
+    async def _wait_messages(self) -> bool:
+        """Wait until a message is held (True) or the client is done (False); raises the
+        call's error or :class:`StreamReset` once the messages before it are taken."""
+        call = self._call
+        while not call.messages:
+            await self._wait_readable()
+            if call.ended and not call.messages:
+                return False
+        return True
 
     async def _wait_readable(self) -> None:
         call = self._call

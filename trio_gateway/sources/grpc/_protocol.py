@@ -208,11 +208,6 @@ class GrpcProtocol:
         header block): never more than ``limits.stall_limit``."""
         return self._stalled_bytes
 
-    @property
-    def highest_stream_id(self) -> int:
-        """The highest stream the client has opened."""
-        return self._h2.highest_inbound_stream_id
-
     def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes from the client; return what they did, in order.
 

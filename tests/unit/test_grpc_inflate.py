@@ -13,7 +13,7 @@ import pytest
 from helpers import DEFLATE, GZIP, bomb, deflate
 
 from trio_gateway._errors import FrameTooLarge, ProtocolError
-from trio_gateway.sources.grpc._server import inflate_message
+from trio_gateway.sources.grpc._calls import inflate_message
 
 
 @pytest.mark.parametrize(("wbits", "compress"), [(GZIP, gzip.compress), (DEFLATE, deflate)])

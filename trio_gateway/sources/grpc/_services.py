@@ -25,7 +25,8 @@ from ..._proto.model_grpc import (
     GrpcStreamingInputterServiceBase,
     GrpcUnaryInputterServiceBase,
 )
-from ._server import GrpcStream, InlineHandler
+from ._server import InlineHandler
+from ._stream import GrpcStream
 
 __all__ = (
     "GatewayService",

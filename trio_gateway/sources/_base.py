@@ -20,9 +20,10 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from .._errors import ConfigurationError, TransportError
+from .._errors import TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
+from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_reuse_port
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -30,7 +31,9 @@ __all__ = (
     "MAX_REFUSALS",
     "REFUSAL_DEBUG_DATA",
     "REFUSAL_TIMEOUT",
+    "ListenOptions",
     "Source",
+    "check_reuse_port",
     "linger",
     "open_tcp_listeners",
     "refuse_http2",
@@ -38,7 +41,6 @@ __all__ = (
     "serve_connections",
 )
 
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 MAX_REFUSALS = 64
 """Connections past ``max_connections`` answered at the same time; past this, closed unanswered."""
 REFUSAL_TIMEOUT = 1.0
@@ -80,25 +82,31 @@ class Source(ABC):
         idle_timeout: float = 60.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        if not 0 <= port <= 65535:
-            raise ConfigurationError(f"{self.transport}.port", f"must be 0-65535, got {port}")
-        if max_connections < 1:
-            raise ConfigurationError(f"{self.transport}.max_connections", "must be at least 1")
-        if idle_timeout <= 0:
-            raise ConfigurationError(f"{self.transport}.idle_timeout", "must be positive")
-        if max_message_size < 1:
-            raise ConfigurationError(f"{self.transport}.max_message_size", "must be positive")
-        self.host = host
-        self.port = port
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.max_message_size = max_message_size
+        self.configure(
+            ListenOptions(
+                transport=self.transport,
+                host=host,
+                port=port,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+                max_message_size=max_message_size,
+            )
+        )
+
+    def configure(self, options: ListenOptions) -> None:
+        """Take validated listen options (stream sources build theirs with TLS and token)."""
+        self.options = options
+        self.host = options.host
+        self.port = options.port
+        self.max_connections = options.max_connections
+        self.idle_timeout = options.idle_timeout
+        self.max_message_size = options.max_message_size
+        self.ssl_context: ssl.SSLContext | None = options.tls
+        """TLS for stream sources (``None``: cleartext)."""
+        self.reuse_port = options.reuse_port
+        """Bind with SO_REUSEPORT (``serve --workers``)."""
         self.bound: list[tuple[str, int]] = []
         """The addresses actually bound, once :meth:`run` has started."""
-        self.ssl_context: ssl.SSLContext | None = None
-        """TLS for stream sources (set by subclasses that offer it)."""
-        self.reuse_port = False
-        """Bind with SO_REUSEPORT (``serve --workers``); set by subclasses."""
 
     async def listen(
         self, *, https_compatible: bool = False, backlog: int | None = None
@@ -141,12 +149,6 @@ class Source(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
-
-
-def check_reuse_port(key: str, reuse_port: bool) -> None:
-    """Refuse ``reuse_port=True`` where the platform has no ``SO_REUSEPORT`` (Windows)."""
-    if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
-        raise ConfigurationError(key, "SO_REUSEPORT is not available on this platform")
 
 
 async def open_tcp_listeners(
@@ -380,6 +382,18 @@ class _Connections:
         await self._idle.wait()
 
 
+_CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""What a connection that breaks raises: the peer reset or closed it, or the network failed."""
+
+
+def _connection_ended(exc: BaseException) -> bool:
+    """Whether ``exc`` only says the connection broke: one of :data:`_CONNECTION_ENDED`, or a
+    group of nothing else (a handler's own nursery raises its tasks' errors as a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_connection_ended(inner) for inner in exc.exceptions)
+    return isinstance(exc, _CONNECTION_ENDED)
+
+
 @contextlib.contextmanager
 def _fails_alone(ingress: Ingress, connection: str, work: str) -> Iterator[None]:
     """One peer fails alone: a connection that breaks is logged (``"<connection> ended"``);
@@ -388,9 +402,10 @@ def _fails_alone(ingress: Ingress, connection: str, work: str) -> Iterator[None]
     the gateway goes on (:func:`trio.serve_listeners` would let it crash everything)."""
     try:
         yield
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        connection_errors.info("%s: %s ended: %r", ingress.listener, connection, exc)
     except Exception as exc:
+        if _connection_ended(exc):
+            connection_errors.info("%s: %s ended: %r", ingress.listener, connection, exc)
+            return
         ingress.reject("internal_error")
         connection_errors.log(
             logging.ERROR,

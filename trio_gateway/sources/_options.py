@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .._errors import ConfigurationError
 from .._tls import resolve_server_tls
 
-__all__ = ("DEFAULT_MAX_MESSAGE_SIZE", "ListenOptions", "check_reuse_port")
+__all__ = ("DEFAULT_MAX_MESSAGE_SIZE", "ListenOptions", "check_origins", "check_reuse_port")
 
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 
@@ -29,6 +29,24 @@ def check_reuse_port(key: str, reuse_port: bool) -> None:
     """Refuse ``reuse_port=True`` where the platform has no ``SO_REUSEPORT`` (Windows)."""
     if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigurationError(key, "SO_REUSEPORT is not available on this platform")
+
+
+def check_origins(key: str, origins: Sequence[str]) -> tuple[str, ...]:
+    """The allow-list as given, or a :class:`ConfigurationError` naming ``key``: each entry is
+    an origin as a browser sends it (``scheme://host[:port]``, no path), or ``*`` (any)."""
+    if isinstance(origins, str | bytes):
+        raise ConfigurationError(key, f"expected a list of origins, got {origins!r}")
+    for origin in origins:
+        if origin == "*":
+            continue
+        scheme, sep, rest = origin.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+            raise ConfigurationError(
+                key, f"expected an origin like https://app.example.com (no path), got {origin!r}"
+            )
+        if origin != origin.lower():
+            raise ConfigurationError(key, f"an origin is lowercase, got {origin!r}")
+    return tuple(origins)
 
 
 @dataclass(frozen=True, kw_only=True)

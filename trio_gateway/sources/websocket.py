@@ -29,7 +29,7 @@ import hmac
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -51,7 +51,7 @@ from ._base import (
     refuse_with,
     serve_connections,
 )
-from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions
+from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
 from ._wsack import (
     ACK_SUBPROTOCOL,
     MAX_ACK_RANGES,
@@ -91,6 +91,10 @@ class WebSocketSource(Source):
     ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can listen on the port
     (``serve --workers N``). ``acks`` (default True) selects :data:`ACK_SUBPROTOCOL` for the
     clients that offer it; False leaves it unselected (those clients get no acks).
+    ``allowed_origins`` refuses (``403``) a handshake whose ``Origin`` is not on the list
+    (``https://app.example.com``; ``*``: any), so that a page of another site cannot open a
+    connection with the user's credentials; a handshake without ``Origin`` (not a browser)
+    is not checked. No check unless given.
     """
 
     transport = "websocket"
@@ -112,6 +116,7 @@ class WebSocketSource(Source):
         handshake_timeout: float = 10.0,
         reuse_port: bool = False,
         acks: bool = True,
+        allowed_origins: Sequence[str] = (),
     ) -> None:
         self.configure(
             ListenOptions(
@@ -138,6 +143,8 @@ class WebSocketSource(Source):
         self._token = token.encode() if token is not None else None
         self.handshake_timeout = handshake_timeout
         self.acks = acks
+        self.allowed_origins = check_origins("websocket.allowed_origins", allowed_origins)
+        self._origins = frozenset(self.allowed_origins)
 
     @property
     def scheme(self) -> str:
@@ -170,6 +177,12 @@ class WebSocketSource(Source):
         path, _, query = request.path.partition("?")
         if path != self.path:
             return 404, "not found"
+        if self._origins and "*" not in self._origins:
+            # Browsers always send Origin on a WebSocket handshake; a client without one is
+            # not a page another site could use against the gateway (the token guards it).
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in self._origins:
+                return 403, "origin not allowed"
         if self._token is None:
             return None
         authorization = request.headers.get("Authorization")
@@ -237,6 +250,8 @@ class WebSocketSource(Source):
             if status == 401:
                 ingress.reject("unauthorized")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="trio_gateway"'
+            elif status == 403:
+                ingress.reject("unauthorized")
             else:
                 ingress.reject("not_found")
         else:

@@ -73,7 +73,7 @@ class IngestApp:
                     break
             if reply is None:
                 reply = await rules.ingest(b"".join(chunks), ndjson, peer)
-        headers = list(reply.headers)
+        headers = [*reply.headers, *rules.cors_headers(scope["headers"])]
         if reply.close and str(scope.get("http_version", "1.1")).startswith("1"):
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})

@@ -11,7 +11,7 @@ import trio
 
 from ..._h11server import BadRequest, BodyTooLarge, H11Server, RequestTooSlow
 from .._base import connection_errors
-from ._rules import IngestRules, Reply, json_reply
+from ._rules import Headers, IngestRules, Reply, json_reply
 
 __all__ = ("serve_http1",)
 
@@ -33,12 +33,14 @@ async def serve_http1(
     """
     http = H11Server(stream, max_header_size=max_header_size, received=received)
     ingress = rules.ingress
+    cors: Headers = ()  # the current request's CORS headers (none unless configured)
     try:
         while True:
             deadline = trio.current_time() + idle_timeout
             request = await http.receive_request(deadline)
             if request is None:
                 return  # closed, or quiet between requests
+            cors = rules.cors_headers(request.headers)
             reply, ndjson = rules.head(request.method, request.target, request.headers)
             if reply is None:
                 try:
@@ -47,7 +49,7 @@ async def serve_http1(
                     reply = rules.body_too_large()
                 else:
                     reply = await rules.ingest(body, ndjson, peer)
-            await http.respond(reply.status, reply.headers, reply.body, close=reply.close)
+            await _answer(http, reply, cors)
             if not http.next_cycle():
                 return
     except RequestTooSlow:
@@ -56,13 +58,14 @@ async def serve_http1(
             "%s: %s: request not complete within %.0f s", ingress.listener, peer, idle_timeout
         )
         if http.can_respond:
-            await _answer(http, rules.too_slow)
+            await _answer(http, rules.too_slow, cors)
     except BadRequest as exc:
         ingress.reject("malformed")
         connection_errors.info("%s: bad HTTP/1.1 from %s: %s", ingress.listener, peer, exc)
         if http.can_respond:
-            await _answer(http, json_reply(exc.status, {"error": str(exc)}, close=True))
+            await _answer(http, json_reply(exc.status, {"error": str(exc)}, close=True), cors)
 
 
-async def _answer(http: H11Server, reply: Reply) -> None:
-    await http.respond(reply.status, reply.headers, reply.body, close=reply.close)
+async def _answer(http: H11Server, reply: Reply, cors: Headers) -> None:
+    headers = reply.headers + cors if cors else reply.headers
+    await http.respond(reply.status, headers, reply.body, close=reply.close)

@@ -17,6 +17,7 @@ from typing import TypeAlias
 from ..._ingress import Ingress
 from ..._message import Origin
 from .._options import DEFAULT_MAX_MESSAGE_SIZE
+from ._cors import Cors
 
 __all__ = ("IngestRules", "Reply", "json_reply")
 
@@ -59,7 +60,9 @@ class IngestRules:
       queued in order, so a partial acceptance means "the first ``accepted`` lines are in":
       the body says ``{"accepted": k, "rejected": n - k}`` and the client resends from line k;
     * with a ``token``, ``Authorization: Bearer <token>`` is required (``401`` otherwise;
-      compared in constant time).
+      compared in constant time);
+    * with ``cors_origins``, ``OPTIONS`` is a CORS preflight (``204``, or ``403`` for an
+      origin not on the list) and every answer gets the headers of :meth:`cors_headers`.
     """
 
     def __init__(
@@ -71,8 +74,10 @@ class IngestRules:
         token: str | None = None,
         queue_wait: float = 0.5,
         retry_after: int = 1,
+        cors_origins: Sequence[str] = (),
     ) -> None:
         self.ingress = ingress
+        self.cors = Cors(cors_origins) if cors_origins else None
         self.path = path.encode()
         self.max_body_size = max_body_size
         self._token = token.encode() if token is not None else None
@@ -113,6 +118,8 @@ class IngestRules:
         path = target.partition(b"?")[0]
         if path != self.path:
             return self.not_found, False
+        if method == b"OPTIONS" and self.cors is not None:
+            return self._preflight(headers), False
         if method != b"POST":
             return self.not_allowed, False
         authorization = None
@@ -141,6 +148,18 @@ class IngestRules:
             self.ingress.reject("oversize")
             return self.too_large, ndjson
         return None, ndjson
+
+    def cors_headers(self, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+        """The CORS headers an answer to a request with ``headers`` carries (none unless
+        ``cors_origins`` was given)."""
+        return () if self.cors is None else self.cors.response_headers(headers)
+
+    def _preflight(self, headers: Sequence[tuple[bytes, bytes]]) -> Reply:
+        assert self.cors is not None
+        status, extra = self.cors.preflight(headers)
+        if status != 204:
+            return json_reply(status, {"error": "origin not allowed"})
+        return Reply(status, ((b"content-length", b"0"), *extra), b"")
 
     def _check_token(self, authorization: bytes | None) -> Reply | None:
         assert self._token is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -29,7 +29,7 @@ from .._base import (
     refuse_http2,
     serve_connections,
 )
-from .._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions
+from .._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
 from ._asgi import IngestApp, ReplayStream, hypercorn_server
 from ._h11 import serve_http1
 from ._rules import IngestRules, Reply
@@ -68,6 +68,9 @@ class HttpSource(Source):
     ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
     A connection past ``max_connections`` gets ``503`` with ``Retry-After`` before it is
     closed (on HTTP/2, as the answer to its first request, then ``GOAWAY``).
+    ``cors_origins`` lets pages from those origins (``https://app.example.com``; ``*``: any)
+    read the answers: preflight ``OPTIONS`` answered, ``Access-Control-Allow-Origin`` on every
+    answer to them (see docs/http.md); none of it unless given.
     """
 
     transport = "http"
@@ -92,6 +95,7 @@ class HttpSource(Source):
         handshake_timeout: float = 10.0,
         fast_path: bool = True,
         reuse_port: bool = False,
+        cors_origins: Sequence[str] = (),
     ) -> None:
         self.configure(
             ListenOptions(
@@ -126,6 +130,7 @@ class HttpSource(Source):
         self.retry_after = retry_after
         self.handshake_timeout = handshake_timeout
         self.fast_path = fast_path
+        self.cors_origins = check_origins("http.cors_origins", cors_origins)
 
     @property
     def scheme(self) -> str:
@@ -142,6 +147,7 @@ class HttpSource(Source):
             token=self.token,
             queue_wait=self.queue_wait,
             retry_after=self.retry_after,
+            cors_origins=self.cors_origins,
         )
         self.app = IngestApp(rules)
         serve_hypercorn, terminate = hypercorn_server(

@@ -102,7 +102,7 @@ class H11Server:
             return None
         assert isinstance(event, h11.Request), event
         # h11 bounds a head that arrives in pieces; one that arrives whole is checked here.
-        size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers.raw_items())
         if size > self.max_header_size:
             raise BadRequest("request header fields too large", 431)
         return event
@@ -156,23 +156,25 @@ class H11Server:
         head_only: bool = False,
         deadline: float = math.inf,
     ) -> bool:
-        """Send one complete response in one write. ``Content-Length`` is added if missing;
-        ``Connection: close`` with ``close`` or when the request's body was not read (the
-        connection cannot be reused then). ``head_only`` (a ``HEAD`` request) leaves the body
-        out. Returns False if the write did not finish by ``deadline``."""
+        """Send one complete response in one write. ``headers`` should hold its
+        ``Content-Length`` (without it, h11 sends the body chunked). ``Connection: close`` is
+        added with ``close`` or when the request's body was not read (the connection cannot be
+        reused then). ``head_only`` (a ``HEAD`` request) leaves the body out. Returns False if
+        the write did not finish by ``deadline``."""
         conn = self.conn
         out_headers = list(headers)
-        if not any(name.lower() == b"content-length" for name, _ in headers):
-            out_headers.append((b"content-length", b"%d" % len(body)))
         if close or conn.their_state is not h11.DONE:
             out_headers.append((b"connection", b"close"))
         response = h11.Response(
-            status_code=status, headers=out_headers, reason=reason_phrase(status)
+            status_code=status, headers=out_headers, reason=_REASONS.get(status, b"")
         )
         out = conn.send(response) or b""
         if not head_only and body:
             out += conn.send(h11.Data(data=body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
+        if deadline == math.inf:  # no cancel scope to set up on the hot path
+            await self.stream.send_all(out)
+            return True
         with trio.move_on_at(deadline):
             await self.stream.send_all(out)
             return True

@@ -19,7 +19,7 @@ async def test_keep_alive_cycle_reads_head_and_body_and_answers() -> None:
         request = await http.receive_request(trio.current_time() + 5)
         assert request is not None and request.method == b"POST"
         assert await http.receive_body(100, trio.current_time() + 5) == b"hello"
-        assert await http.respond(202, [(b"content-type", b"text/plain")], b"ok")
+        assert await http.respond(202, [(b"content-length", b"2")], b"ok")
         assert http.next_cycle()
     answers = await client.receive_some()
     assert answers.count(b"HTTP/1.1 202 Accepted\r\n") == 2

@@ -54,6 +54,7 @@ class _Reply:
         self.headers = [
             (b"content-type", content_type.encode()),
             (b"cache-control", b"no-store"),
+            (b"content-length", b"%d" % len(body)),
             *extra,
         ]
 

@@ -49,7 +49,8 @@ async def serve_http1(
                     reply = rules.body_too_large()
                 else:
                     reply = await rules.ingest(body, ndjson, peer)
-            await _answer(http, reply, cors)
+            headers = reply.headers + cors if cors else reply.headers
+            await http.respond(reply.status, headers, reply.body, close=reply.close)
             if not http.next_cycle():
                 return
     except RequestTooSlow:

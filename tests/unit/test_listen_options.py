@@ -57,6 +57,6 @@ def test_options_are_frozen_and_keyword_only() -> None:
 def test_a_source_exposes_what_it_was_given() -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     source = HttpSource(port=8080, max_connections=7, token="t", ssl_context=context)
-    assert source.options.max_connections == source.max_connections == 7
+    assert source.listen_options.max_connections == source.max_connections == 7
     assert source.ssl_context is context
     assert source.scheme == "https"

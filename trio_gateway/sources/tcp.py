@@ -57,7 +57,7 @@ class TcpSource(Source):
         backlog: int | None = None,
         reuse_port: bool = False,
     ) -> None:
-        self.configure(
+        self._configure(
             ListenOptions(
                 transport="tcp",
                 host=host,

@@ -118,7 +118,7 @@ class WebSocketSource(Source):
         acks: bool = True,
         allowed_origins: Sequence[str] = (),
     ) -> None:
-        self.configure(
+        self._configure(
             ListenOptions(
                 transport="websocket",
                 host=host,

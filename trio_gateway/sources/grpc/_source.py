@@ -68,7 +68,7 @@ class GrpcSource(Source):
         services: Sequence[ServiceHandlers] = (),
         reuse_port: bool = False,
     ) -> None:
-        self.configure(
+        self._configure(
             ListenOptions(
                 transport="grpc",
                 host=host,

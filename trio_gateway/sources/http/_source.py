@@ -97,7 +97,7 @@ class HttpSource(Source):
         reuse_port: bool = False,
         cors_origins: Sequence[str] = (),
     ) -> None:
-        self.configure(
+        self._configure(
             ListenOptions(
                 transport="http",
                 host=host,

@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         "--http-token", metavar="TOKEN|env:NAME", help="bearer token the --http listeners require"
     )
     serve.add_argument(
+        "--http-cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="pages from ORIGIN (https://app.example) may use the --http listeners (repeatable)",
+    )
+    serve.add_argument(
         "--ws-token", metavar="TOKEN|env:NAME", help="bearer token the --ws listeners require"
     )
     serve.add_argument(
@@ -303,11 +310,13 @@ def _flag_sources(args: argparse.Namespace) -> list[SourceConfig]:
         ("websocket", args.ws, args.ws_token, "--ws"),
         ("grpc", args.grpc, args.grpc_token, "--grpc"),
     ):
-        options: dict[str, str] = dict(tls)
+        options: dict[str, object] = dict(tls)
         if token:
             options["token"] = token
         elif token is not None:
             raise ConfigurationError(f"{flag}-token", "must not be empty")
+        if transport == "http" and args.http_cors_origin:
+            options["cors_origins"] = list(args.http_cors_origin)
         sources += [source_from_flag(transport, v, key=flag, **options) for v in values]
     return sources
 

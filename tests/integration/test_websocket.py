@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
+import struct
 import time
 from contextlib import suppress
 from functools import partial
@@ -201,6 +204,47 @@ async def test_shutdown_sends_going_away() -> None:
             run.stop()
         assert result == [1001]
         assert run.payloads() == [b"before"]
+
+
+def masked_frame(payload: bytes) -> bytes:
+    """A client's (masked) binary frame."""
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes((0x82, 0x80 | len(payload))) + mask + masked
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "fin"])
+@pytest.mark.parametrize("mid_frame", [False, True], ids=["between-frames", "mid-frame"])
+async def test_abrupt_client_close_is_counted_as_a_closed_connection(
+    reset: bool, mid_frame: bool
+) -> None:
+    """A client that vanishes without a close frame ends its connection only: the messages
+    before are kept, a frame it cut short is ``truncated``, and nothing is ``internal_error``
+    (issue 16: a reset used to escape the handler as an exception group)."""
+    async with serving() as run:
+        host, port = run.source.bound[0]
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        with trio.fail_after(5):
+            assert b" 101 " in await stream.receive_some(4096)
+        data = masked_frame(b"one") + masked_frame(b"two")
+        if mid_frame:
+            data += masked_frame(b"three")[:4]
+        await stream.send_all(data)
+        counters = run.ingress.counters
+        with trio.fail_after(5):
+            await wait_until(lambda: counters.received == 2)
+        if reset:  # SO_LINGER 0: close() sends a reset
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+        with trio.fail_after(5):
+            await wait_until(lambda: counters.connections_active == 0)
+        assert run.payloads() == [b"one", b"two"]
+        expected = {"truncated": 1} if mid_frame else {}
+        assert dict(counters.rejected) == expected
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from .._errors import ConfigurationError, TransportError
+from .._h11server import BadRequest, H11Server, RequestTooSlow
 from .._log import RateLimitedLogger, logger
 from ._collector import make_registry
 
@@ -34,8 +35,7 @@ _log = logger.getChild("admin")
 _connection_errors = RateLimitedLogger(_log)
 _scrape_errors = RateLimitedLogger(_log)
 
-_READ_SIZE = 16 * 1024
-_ALLOWED = "GET, HEAD"
+_ALLOWED = b"GET, HEAD"
 _INDEX = b"trio_gateway admin endpoint: /metrics /healthz /readyz\n"
 
 
@@ -47,11 +47,16 @@ class _Reply:
         status: int,
         body: bytes,
         content_type: str = "text/plain; charset=utf-8",
-        extra: tuple[tuple[str, str], ...] = (),
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self.status = status
         self.body = body
-        self.headers = [("content-type", content_type), ("cache-control", "no-store"), *extra]
+        self.headers = [
+            (b"content-type", content_type.encode()),
+            (b"cache-control", b"no-store"),
+            (b"content-length", b"%d" % len(body)),
+            *extra,
+        ]
 
 
 class AdminServer:
@@ -172,59 +177,29 @@ class AdminServer:
     async def _exchange(
         self, stream: trio.SocketStream, gateway: Gateway, registry: CollectorRegistry
     ) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_size)
+        http = H11Server(stream, max_header_size=self.max_header_size)
         while True:
-            request: h11.Request | None = None
             try:
-                with trio.move_on_after(self.timeout):
-                    request = await self._next_request(conn, stream)
-            except h11.RemoteProtocolError as exc:
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    status = exc.error_status_hint
-                    await self._send(stream, conn, None, _Reply(status, f"{exc}\n".encode()))
+                request = await http.receive_request(trio.current_time() + self.timeout)
+            except RequestTooSlow:
+                return
+            except BadRequest as exc:
+                if http.can_respond:
+                    await self._send(http, None, _Reply(exc.status, f"{exc}\n".encode()))
                 return
             if request is None:
                 return  # timed out or the peer closed between requests
-            head_size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
-            if head_size > self.max_header_size:
-                # h11 bounds a head that arrives in pieces; one that arrives whole is checked here.
-                reply = _Reply(431, b"request header fields too large\n")
-                await self._send(stream, conn, request, reply, close=True)
-                return
-            await self._send(stream, conn, request, self._route(request, gateway, registry))
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+            http.skip_buffered_body()  # our endpoints take none
+            await self._send(http, request, self._route(request, gateway, registry))
+            if not http.next_cycle():
                 return  # asked to close, or a request body we did not read
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
-
-    async def _next_request(
-        self, conn: h11.Connection, stream: trio.SocketStream
-    ) -> h11.Request | None:
-        request: h11.Request | None = None
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if request is not None and conn.their_state is h11.SEND_BODY:
-                    return request  # answer without reading a body (we never need one)
-                data = await stream.receive_some(_READ_SIZE)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
-            # h11.Data (a body): ignored; our endpoints take none.
 
     def _route(self, request: h11.Request, gateway: Gateway, registry: CollectorRegistry) -> _Reply:
         path = request.target.split(b"?", 1)[0]
         if path not in (b"/metrics", b"/healthz", b"/readyz", b"/"):
             return _Reply(404, b"not found\n")
         if request.method not in (b"GET", b"HEAD"):
-            return _Reply(405, b"method not allowed\n", extra=(("allow", _ALLOWED),))
+            return _Reply(405, b"method not allowed\n", extra=((b"allow", _ALLOWED),))
         if path == b"/metrics":
             accept = b",".join(v for k, v in request.headers if k == b"accept")
             try:
@@ -243,28 +218,18 @@ class AdminServer:
             if gateway.accepting:
                 return _Reply(200, b"ready\n")
             body = f"not ready: {gateway.state}\n".encode()
-            return _Reply(503, body, extra=(("retry-after", "5"),))
+            return _Reply(503, body, extra=((b"retry-after", b"5"),))
         return _Reply(200, _INDEX)
 
-    async def _send(
-        self,
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        request: h11.Request | None,
-        reply: _Reply,
-        *,
-        close: bool = False,
-    ) -> None:
-        headers = [*reply.headers, ("content-length", str(len(reply.body)))]
-        if close or request is None or conn.their_state is not h11.DONE:
-            headers.append(("connection", "close"))
-        head_only = request is not None and request.method == b"HEAD"
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
-        if not head_only:
-            data += conn.send(h11.Data(data=reply.body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        with trio.move_on_after(self.timeout):
-            await stream.send_all(data)
+    async def _send(self, http: H11Server, request: h11.Request | None, reply: _Reply) -> None:
+        await http.respond(
+            reply.status,
+            reply.headers,
+            reply.body,
+            close=request is None,
+            head_only=request is not None and request.method == b"HEAD",
+            deadline=trio.current_time() + self.timeout,
+        )
         if _log.isEnabledFor(logging.DEBUG) and request is not None:
             _log.debug(
                 "admin: %s %s -> %d", request.method.decode(), request.target.decode(), reply.status

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import socket
 import ssl
-import sys
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -20,9 +18,11 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from .._errors import ConfigurationError, TransportError
+from .._errors import TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
+from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_reuse_port
+from ._sockets import format_peer, open_tcp_listeners, peer_of
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -30,15 +30,18 @@ __all__ = (
     "MAX_REFUSALS",
     "REFUSAL_DEBUG_DATA",
     "REFUSAL_TIMEOUT",
+    "ListenOptions",
     "Source",
+    "check_reuse_port",
+    "format_peer",
     "linger",
     "open_tcp_listeners",
+    "peer_of",
     "refuse_http2",
     "refuse_with",
     "serve_connections",
 )
 
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 MAX_REFUSALS = 64
 """Connections past ``max_connections`` answered at the same time; past this, closed unanswered."""
 REFUSAL_TIMEOUT = 1.0
@@ -80,25 +83,31 @@ class Source(ABC):
         idle_timeout: float = 60.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        if not 0 <= port <= 65535:
-            raise ConfigurationError(f"{self.transport}.port", f"must be 0-65535, got {port}")
-        if max_connections < 1:
-            raise ConfigurationError(f"{self.transport}.max_connections", "must be at least 1")
-        if idle_timeout <= 0:
-            raise ConfigurationError(f"{self.transport}.idle_timeout", "must be positive")
-        if max_message_size < 1:
-            raise ConfigurationError(f"{self.transport}.max_message_size", "must be positive")
-        self.host = host
-        self.port = port
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.max_message_size = max_message_size
+        self._configure(
+            ListenOptions(
+                transport=self.transport,
+                host=host,
+                port=port,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+                max_message_size=max_message_size,
+            )
+        )
+
+    def _configure(self, options: ListenOptions) -> None:
+        """Take validated listen options (stream sources build theirs with TLS and token)."""
+        self.listen_options = options
+        self.host = options.host
+        self.port = options.port
+        self.max_connections = options.max_connections
+        self.idle_timeout = options.idle_timeout
+        self.max_message_size = options.max_message_size
+        self.ssl_context: ssl.SSLContext | None = options.tls
+        """TLS for stream sources (``None``: cleartext)."""
+        self.reuse_port = options.reuse_port
+        """Bind with SO_REUSEPORT (``serve --workers``)."""
         self.bound: list[tuple[str, int]] = []
         """The addresses actually bound, once :meth:`run` has started."""
-        self.ssl_context: ssl.SSLContext | None = None
-        """TLS for stream sources (set by subclasses that offer it)."""
-        self.reuse_port = False
-        """Bind with SO_REUSEPORT (``serve --workers``); set by subclasses."""
 
     async def listen(
         self, *, https_compatible: bool = False, backlog: int | None = None
@@ -141,82 +150,6 @@ class Source(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
-
-
-def check_reuse_port(key: str, reuse_port: bool) -> None:
-    """Refuse ``reuse_port=True`` where the platform has no ``SO_REUSEPORT`` (Windows)."""
-    if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
-        raise ConfigurationError(key, "SO_REUSEPORT is not available on this platform")
-
-
-async def open_tcp_listeners(
-    host: str, port: int, *, reuse_port: bool = False, backlog: int | None = None
-) -> list[trio.SocketListener]:
-    """:func:`trio.open_tcp_listeners`, plus ``SO_REUSEPORT`` set before ``bind`` if asked.
-
-    With ``reuse_port=True`` several sockets (in several processes of the same user) can listen
-    on one port and the kernel spreads new connections across them (``serve --workers N``).
-    Otherwise the same as trio's: one listener per address ``host`` resolves to,
-    ``SO_REUSEADDR``, IPv6 sockets ``IPV6_V6ONLY``, the backlog capped at 65535 (``None``:
-    the system's maximum). Raises :class:`OSError` when binding fails.
-    """
-    check_reuse_port("reuse_port", reuse_port)
-    computed_backlog = 0xFFFF if backlog is None else min(backlog, 0xFFFF)
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    listeners: list[trio.SocketListener] = []
-    unsupported: list[OSError] = []
-    try:
-        for family, type_, proto, _, address in infos:
-            try:
-                sock = trio.socket.socket(family, type_, proto)
-            except OSError as exc:
-                if exc.errno == errno.EAFNOSUPPORT:  # e.g. no IPv6: the other family may do
-                    unsupported.append(exc)
-                    continue
-                raise
-            try:
-                if sys.platform != "win32":  # there it would let others steal the port
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                await sock.bind(address)
-                sock.listen(computed_backlog)
-                listeners.append(trio.SocketListener(sock))
-            except BaseException:
-                sock.close()
-                raise
-    except BaseException:
-        for listener in listeners:
-            listener.socket.close()
-        raise
-    if not listeners:
-        message = f"no usable address family for {host!r}"
-        raise OSError(errno.EAFNOSUPPORT, message) from (unsupported[0] if unsupported else None)
-    return listeners
-
-
-def format_peer(address: object) -> str:
-    """``("127.0.0.1", 5000)`` -> ``"127.0.0.1:5000"``; IPv6 in brackets."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
-
-
-def peer_of(stream: trio.abc.Stream) -> str:
-    """The remote address of a socket stream (through TLS) as ``host:port``; ``""`` if gone."""
-    inner: Any = stream
-    while isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    sock = getattr(inner, "socket", None)
-    try:
-        return format_peer(sock.getpeername()) if sock is not None else ""
-    except OSError:
-        return ""
 
 
 async def linger(stream: trio.abc.Stream, *, max_bytes: int = LINGER_MAX_BYTES) -> None:
@@ -380,6 +313,18 @@ class _Connections:
         await self._idle.wait()
 
 
+_CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""What a connection that breaks raises: the peer reset or closed it, or the network failed."""
+
+
+def _connection_ended(exc: BaseException) -> bool:
+    """Whether ``exc`` only says the connection broke: one of :data:`_CONNECTION_ENDED`, or a
+    group of nothing else (a handler's own nursery raises its tasks' errors as a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_connection_ended(inner) for inner in exc.exceptions)
+    return isinstance(exc, _CONNECTION_ENDED)
+
+
 @contextlib.contextmanager
 def _fails_alone(ingress: Ingress, connection: str, work: str) -> Iterator[None]:
     """One peer fails alone: a connection that breaks is logged (``"<connection> ended"``);
@@ -388,9 +333,10 @@ def _fails_alone(ingress: Ingress, connection: str, work: str) -> Iterator[None]
     the gateway goes on (:func:`trio.serve_listeners` would let it crash everything)."""
     try:
         yield
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        connection_errors.info("%s: %s ended: %r", ingress.listener, connection, exc)
     except Exception as exc:
+        if _connection_ended(exc):
+            connection_errors.info("%s: %s ended: %r", ingress.listener, connection, exc)
+            return
         ingress.reject("internal_error")
         connection_errors.log(
             logging.ERROR,

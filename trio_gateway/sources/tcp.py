@@ -11,15 +11,9 @@ import trio
 from .._errors import ConfigurationError, FrameTooLarge, ProtocolError
 from .._ingress import Ingress
 from .._message import Origin
-from .._tls import resolve_server_tls
 from ..codecs import FRAMINGS, NewlineDecoder
-from ._base import (
-    Source,
-    check_reuse_port,
-    connection_errors,
-    peer_of,
-    serve_connections,
-)
+from ._base import Source, connection_errors, peer_of, serve_connections
+from ._options import ListenOptions
 
 __all__ = ("TcpSource",)
 
@@ -63,12 +57,20 @@ class TcpSource(Source):
         backlog: int | None = None,
         reuse_port: bool = False,
     ) -> None:
-        super().__init__(
-            host,
-            port,
-            max_connections=max_connections,
-            idle_timeout=idle_timeout,
-            max_message_size=max_message_size,
+        self._configure(
+            ListenOptions(
+                transport="tcp",
+                host=host,
+                port=port,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+                max_message_size=max_message_size,
+                reuse_port=reuse_port,
+                ssl_context=ssl_context,
+                certfile=certfile,
+                keyfile=keyfile,
+                client_ca=client_ca,
+            )
         )
         if framing not in FRAMINGS:
             choices = ", ".join(FRAMINGS)
@@ -77,13 +79,7 @@ class TcpSource(Source):
             raise ConfigurationError("tcp.read_size", "must be positive")
         self.framing = framing
         self.read_size = read_size
-        self.ssl_context = resolve_server_tls(
-            "tcp", ssl_context, certfile, keyfile, client_ca, alpn=None
-        )
         self.backlog = backlog
-        check_reuse_port("tcp.reuse_port", reuse_port)
-        self.reuse_port = reuse_port
-        self.bound: list[tuple[str, int]] = []
 
     async def run(
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED

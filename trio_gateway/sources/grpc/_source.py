@@ -10,13 +10,8 @@ import trio
 
 from ..._errors import ConfigurationError
 from ..._ingress import Ingress
-from ..._tls import resolve_server_tls
-from .._base import (
-    Source,
-    check_reuse_port,
-    peer_of,
-    serve_connections,
-)
+from .._base import Source, peer_of, serve_connections
+from .._options import ListenOptions
 from ._server import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer, ServerLimits, ServiceHandlers
 from ._services import (
     GatewayService,
@@ -73,32 +68,33 @@ class GrpcSource(Source):
         services: Sequence[ServiceHandlers] = (),
         reuse_port: bool = False,
     ) -> None:
-        super().__init__(
-            host,
-            port,
-            max_connections=max_connections,
-            idle_timeout=idle_timeout,
-            max_message_size=max_message_size,
+        self._configure(
+            ListenOptions(
+                transport="grpc",
+                host=host,
+                port=port,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+                max_message_size=max_message_size,
+                token=token,
+                reuse_port=reuse_port,
+                ssl_context=ssl_context,
+                certfile=certfile,
+                keyfile=keyfile,
+                client_ca=client_ca,
+                alpn=("h2",),
+            )
         )
         if max_concurrent_streams < 1:
             raise ConfigurationError("grpc.max_concurrent_streams", "must be at least 1")
         if queue_timeout < 0:
             raise ConfigurationError("grpc.queue_timeout", "must not be negative")
-        if token is not None and not token:
-            raise ConfigurationError("grpc.token", "must not be empty")
-        ssl_context = resolve_server_tls(
-            "grpc", ssl_context, certfile, keyfile, client_ca, alpn=("h2",)
-        )
-        if ssl_context is not None:
-            ssl_context.set_alpn_protocols(["h2"])
+        if self.ssl_context is not None:
+            self.ssl_context.set_alpn_protocols(["h2"])
         self.max_concurrent_streams = max_concurrent_streams
-        self.ssl_context = ssl_context
         self.token = token
         self.queue_timeout = queue_timeout
         self.services = tuple(services)
-        check_reuse_port("grpc.reuse_port", reuse_port)
-        self.reuse_port = reuse_port
-        self.bound: list[tuple[str, int]] = []
 
     def limits(self) -> ServerLimits:
         return ServerLimits(

@@ -1,0 +1,21 @@
+"""Unary HTTP source: ``POST /ingest`` over HTTP/1.1, HTTP/2 (h2c and TLS/ALPN).
+
+The request rules (path, method, token, size limit, NDJSON batches, what each refusal looks
+like) live in :class:`IngestRules` (:mod:`._rules`), which knows nothing about the wire. Two
+front ends apply them:
+
+* :class:`IngestApp` (:mod:`._asgi`), a plain ASGI application served by hypercorn's Trio
+  support. It serves HTTP/2 (prior knowledge on cleartext, or ALPN ``h2`` on TLS), and every
+  connection when ``fast_path=False``. It is also usable on its own under any ASGI server.
+* a lean HTTP/1.1 path (:mod:`._h11`) that drives h11 directly on the Trio stream, taken by
+  HTTP/1.1 (cleartext or TLS) by default.
+
+:class:`HttpSource` (:mod:`._source`) owns the listener and routes each connection.
+"""
+
+from ._asgi import IngestApp as IngestApp
+from ._rules import IngestRules as IngestRules
+from ._rules import Reply as Reply
+from ._source import HttpSource as HttpSource
+
+__all__ = ("HttpSource", "IngestApp", "IngestRules", "Reply")

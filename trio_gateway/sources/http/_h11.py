@@ -1,0 +1,72 @@
+"""The HTTP source's direct HTTP/1.1 path: :class:`IngestRules` over :class:`H11Server`.
+
+Hypercorn's Trio worker spends most of its time per request in its task and event machinery
+(measured in ``bench/http.py`` and ``docs/http.md``), so HTTP/1.1 (cleartext or TLS) takes
+this path by default: h11 driven on the Trio stream, one ``send_all`` per response.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..._h11server import BadRequest, BodyTooLarge, H11Server, RequestTooSlow
+from .._base import connection_errors
+from ._rules import Headers, IngestRules, Reply, json_reply
+
+__all__ = ("serve_http1",)
+
+
+async def serve_http1(
+    rules: IngestRules,
+    stream: trio.abc.Stream,
+    received: bytes,
+    peer: str,
+    *,
+    idle_timeout: float,
+    max_header_size: int,
+) -> None:
+    """Serve ``POST`` requests with keep-alive until the peer closes or goes quiet.
+
+    ``received``: the bytes already read to route the connection. A request (head and body)
+    must be complete within ``idle_timeout`` of the end of the previous response: bytes
+    trickling in do not extend it (slowloris; ``408`` and ``too_slow``).
+    """
+    http = H11Server(stream, max_header_size=max_header_size, received=received)
+    ingress = rules.ingress
+    cors: Headers = ()  # the current request's CORS headers (none unless configured)
+    try:
+        while True:
+            deadline = trio.current_time() + idle_timeout
+            request = await http.receive_request(deadline)
+            if request is None:
+                return  # closed, or quiet between requests
+            cors = rules.cors_headers(request.headers)
+            reply, ndjson = rules.head(request.method, request.target, request.headers)
+            if reply is None:
+                try:
+                    body = await http.receive_body(rules.max_body_size, deadline)
+                except BodyTooLarge:
+                    reply = rules.body_too_large()
+                else:
+                    reply = await rules.ingest(body, ndjson, peer)
+            headers = reply.headers + cors if cors else reply.headers
+            await http.respond(reply.status, headers, reply.body, close=reply.close)
+            if not http.next_cycle():
+                return
+    except RequestTooSlow:
+        ingress.reject("too_slow")
+        connection_errors.info(
+            "%s: %s: request not complete within %.0f s", ingress.listener, peer, idle_timeout
+        )
+        if http.can_respond:
+            await _answer(http, rules.too_slow, cors)
+    except BadRequest as exc:
+        ingress.reject("malformed")
+        connection_errors.info("%s: bad HTTP/1.1 from %s: %s", ingress.listener, peer, exc)
+        if http.can_respond:
+            await _answer(http, json_reply(exc.status, {"error": str(exc)}, close=True), cors)
+
+
+async def _answer(http: H11Server, reply: Reply, cors: Headers) -> None:
+    headers = reply.headers + cors if cors else reply.headers
+    await http.respond(reply.status, headers, reply.body, close=reply.close)

@@ -1,0 +1,259 @@
+"""HttpSource: the listener, its accept loop, and the routing of each connection.
+
+The source owns the listening sockets and the accept loop (:func:`serve_connections`), so
+``max_connections``, the shutdown grace period and the per-connection counters are the same
+for both front ends. Each connection is routed on its first bytes: the HTTP/2 connection
+preface (or ALPN ``h2``) goes to hypercorn (:mod:`._asgi`), anything else to the direct h11
+path (:mod:`._h11`).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+import h2.connection
+import trio
+
+from ..._errors import ConfigurationError
+from ..._h11server import reason_phrase
+from ..._ingress import Ingress
+from .._base import (
+    Source,
+    connection_errors,
+    format_peer,
+    linger,
+    refuse_http2,
+    serve_connections,
+)
+from .._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
+from ._asgi import IngestApp, ReplayStream, hypercorn_server
+from ._h11 import serve_http1
+from ._rules import IngestRules, Reply
+
+__all__ = ("HttpSource",)
+
+_log = logging.getLogger("trio_gateway.sources.http")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_RECV = 64 * 1024
+
+
+def _http1_bytes(reply: Reply) -> bytes:
+    """``reply`` as an HTTP/1.1 response that closes the connection (as h11 writes it)."""
+    head = [b"HTTP/1.1 %d %s\r\n" % (reply.status, reason_phrase(reply.status))]
+    head += [name + b": " + value + b"\r\n" for name, value in reply.headers]
+    head.append(b"connection: close\r\n\r\n")
+    return b"".join(head) + reply.body
+
+
+def _send_http2(reply: Reply, h2conn: h2.connection.H2Connection, stream_id: int) -> None:
+    """``reply`` as a complete HTTP/2 response on ``stream_id`` (no connection headers)."""
+    h2conn.send_headers(stream_id, ((b":status", b"%d" % reply.status), *reply.headers))
+    h2conn.send_data(stream_id, reply.body, end_stream=True)
+
+
+class HttpSource(Source):
+    """``POST /ingest`` on HTTP/1.1 (keep-alive), HTTP/2 cleartext (prior knowledge) and TLS.
+
+    ``max_message_size`` bounds the request body (default 1 MiB). ``token`` requires
+    ``Authorization: Bearer <token>``. ``queue_wait`` is how long a request may wait for room
+    under the ``block`` policy before it gets ``503``; ``retry_after`` is the ``Retry-After``
+    value (seconds) sent with it. TLS comes from ``ssl_context`` or ``certfile``/``keyfile``
+    (``client_ca`` for mutual TLS); ALPN offers ``h2`` and ``http/1.1``. ``fast_path=False``
+    sends HTTP/1.1 through hypercorn too (slower; see docs/http.md). ``reuse_port`` sets
+    ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
+    A connection past ``max_connections`` gets ``503`` with ``Retry-After`` before it is
+    closed (on HTTP/2, as the answer to its first request, then ``GOAWAY``).
+    ``cors_origins`` lets pages from those origins (``https://app.example.com``; ``*``: any)
+    read the answers: preflight ``OPTIONS`` answered, ``Access-Control-Allow-Origin`` on every
+    answer to them (see docs/http.md); none of it unless given.
+    """
+
+    transport = "http"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        path: str = "/ingest",
+        max_connections: int = 1024,
+        idle_timeout: float = 60.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_header_size: int = 16 * 1024,
+        token: str | None = None,
+        queue_wait: float = 0.5,
+        retry_after: int = 1,
+        ssl_context: ssl.SSLContext | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        client_ca: str | None = None,
+        handshake_timeout: float = 10.0,
+        fast_path: bool = True,
+        reuse_port: bool = False,
+        cors_origins: Sequence[str] = (),
+    ) -> None:
+        self._configure(
+            ListenOptions(
+                transport="http",
+                host=host,
+                port=port,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+                max_message_size=max_message_size,
+                token=token,
+                handshake_timeout=handshake_timeout,
+                reuse_port=reuse_port,
+                ssl_context=ssl_context,
+                certfile=certfile,
+                keyfile=keyfile,
+                client_ca=client_ca,
+                alpn=("h2", "http/1.1"),
+            )
+        )
+        if not path.startswith("/"):
+            raise ConfigurationError("http.path", f"must start with '/', got {path!r}")
+        if max_header_size < 1024:
+            raise ConfigurationError("http.max_header_size", "must be at least 1024")
+        if queue_wait < 0:
+            raise ConfigurationError("http.queue_wait", "must not be negative")
+        if retry_after < 0:
+            raise ConfigurationError("http.retry_after", "must not be negative")
+        self.path = path
+        self.max_header_size = max_header_size
+        self.token = token
+        self.queue_wait = queue_wait
+        self.retry_after = retry_after
+        self.handshake_timeout = handshake_timeout
+        self.fast_path = fast_path
+        self.cors_origins = check_origins("http.cors_origins", cors_origins)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
+
+    async def run(
+        self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await self.listen(https_compatible=True)
+        rules = IngestRules(
+            ingress,
+            path=self.path,
+            max_body_size=self.max_message_size,
+            token=self.token,
+            queue_wait=self.queue_wait,
+            retry_after=self.retry_after,
+            cors_origins=self.cors_origins,
+        )
+        self.app = IngestApp(rules)
+        serve_hypercorn, terminate = hypercorn_server(
+            self.app,
+            idle_timeout=self.idle_timeout,
+            grace_period=ingress.grace_period,
+            max_header_size=self.max_header_size,
+            handshake_timeout=self.handshake_timeout,
+        )
+        handler = partial(self._connection, rules, serve_hypercorn)
+        refuse = partial(self._refuse, rules.too_many_connections)
+
+        async def announce_stop() -> None:
+            await ingress.wait_stopping()
+            await terminate()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(announce_stop)
+            await nursery.start(
+                partial(
+                    serve_connections,
+                    handler,
+                    listeners,
+                    ingress,
+                    max_connections=self.max_connections,
+                    refuse=refuse,
+                )
+            )
+            task_status.started(list(self.bound))
+        _log.debug("%s: stopped", self.label)
+
+    # -- one connection -------------------------------------------------------------------
+
+    @staticmethod
+    async def _refuse(reply: Reply, stream: trio.abc.Stream) -> None:
+        """Answer a connection past ``max_connections`` with ``reply`` (``503``) in the
+        protocol it speaks: HTTP/1.1 with ``Connection: close``, or on HTTP/2 (ALPN ``h2``,
+        or the preface on cleartext) as the response to its first request, then ``GOAWAY``.
+        ``serve_connections`` bounds the time (TLS handshake included)."""
+        data = b""
+        if isinstance(stream, trio.SSLStream):
+            await stream.do_handshake()
+            http2 = stream.selected_alpn_protocol() == "h2"
+        else:
+            # Cleartext: the first bytes tell HTTP/2 with prior knowledge from HTTP/1.1.
+            while len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                chunk = await stream.receive_some(MAX_RECV)
+                if not chunk:
+                    return  # connected and left
+                data += chunk
+            http2 = data.startswith(H2_PREFACE)
+        if http2:
+            await refuse_http2(stream, data, partial(_send_http2, reply), whole_requests=True)
+            return
+        # Answered before the request is read: linger reads it, so that the client can
+        # finish sending and then read the answer (a close with unread bytes would reset).
+        await stream.send_all(_http1_bytes(reply))
+        await linger(stream)
+
+    async def _connection(
+        self,
+        rules: IngestRules,
+        serve_hypercorn: Callable[[trio.abc.Stream], Awaitable[None]],
+        stream: trio.abc.Stream,
+    ) -> None:
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(self.handshake_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                rules.ingress.reject("tls_handshake")
+                connection_errors.info("%s: TLS handshake failed: %r", self.label, exc)
+                return
+            if stream.selected_alpn_protocol() == "h2":
+                await serve_hypercorn(stream)
+                return
+            sock = stream.transport_stream.socket
+        else:
+            assert isinstance(stream, trio.SocketStream)
+            sock = stream.socket
+        try:
+            peer = format_peer(sock.getpeername())
+        except OSError:
+            return  # already gone
+        # Route on the first bytes: the HTTP/2 preface (prior knowledge) goes to hypercorn.
+        data = b""
+        with trio.move_on_after(self.idle_timeout):
+            while len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                chunk = await stream.receive_some(MAX_RECV)
+                if not chunk:
+                    return
+                data += chunk
+        if not data:
+            rules.ingress.reject("idle_timeout")  # connected, then sent nothing
+            return
+        if data.startswith(H2_PREFACE) or not self.fast_path:
+            await serve_hypercorn(ReplayStream(stream, data, sock))
+            return
+        if H2_PREFACE.startswith(data):
+            rules.ingress.reject("too_slow")  # timed out in the middle of a preface
+            return
+        await serve_http1(
+            rules,
+            stream,
+            data,
+            peer,
+            idle_timeout=self.idle_timeout,
+            max_header_size=self.max_header_size,
+        )

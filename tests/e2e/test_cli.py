@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, ServeProcess, read_payloads
 
-from trio_gateway._client import make_payload
+from trio_gateway.loadgen import make_payload
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

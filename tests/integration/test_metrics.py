@@ -17,8 +17,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway import Gateway, Item, Ledger, NullSink, RingBuffer, Sink, TcpSource, UdpSource
-from trio_gateway._client import send_tcp, send_udp
 from trio_gateway.admin import AdminServer, GatewayCollector, LatencyHistogram, make_registry
+from trio_gateway.loadgen import send_tcp, send_udp
 
 Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
 

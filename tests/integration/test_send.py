@@ -24,16 +24,16 @@ from helpers import ServeProcess
 
 from trio_gateway import Gateway, RingBuffer
 from trio_gateway._cli import main
-from trio_gateway._client import (
+from trio_gateway._errors import ConfigurationError, TransportError
+from trio_gateway.loadgen import (
     SendSummary,
-    _retry_after,
     make_payload,
     resolve_token,
     send_grpc,
     send_http,
     send_websocket,
 )
-from trio_gateway._errors import ConfigurationError, TransportError
+from trio_gateway.loadgen._http import retry_after
 from trio_gateway.queues import OverflowPolicy
 from trio_gateway.sources import Source
 from trio_gateway.sources.grpc import GrpcSource
@@ -190,9 +190,9 @@ async def test_http_retries_send_again_what_a_503_refused() -> None:
 
 
 def test_retry_after_is_read_as_seconds_only() -> None:
-    assert _retry_after([(b"retry-after", b"3")]) == 3.0
-    assert _retry_after([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
-    assert _retry_after([(b"content-length", b"3")]) is None
+    assert retry_after([(b"retry-after", b"3")]) == 3.0
+    assert retry_after([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
+    assert retry_after([(b"content-length", b"3")]) is None
 
 
 async def test_http_oversize_is_413_on_fresh_connections() -> None:
@@ -366,9 +366,9 @@ async def test_connection_refused_is_one_transport_error() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        with pytest.raises(TransportError, match="cannot connect"):
+        with pytest.raises(TransportError, match="connection refused: is the gRPC listener"):
             await send_grpc("127.0.0.1", port, count=1, size=1)
-        with pytest.raises(TransportError, match="cannot connect"):
+        with pytest.raises(TransportError, match="connection refused: is the HTTP listener"):
             await send_http(f"http://127.0.0.1:{port}/", count=1, size=1)
 
 
@@ -487,4 +487,4 @@ def test_cli_connection_refused_exits_1_with_one_line(capsys: pytest.CaptureFixt
         port = sock.getsockname()[1]
         assert main(["send", "--http", f"http://127.0.0.1:{port}/", "--count", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot connect" in err[0], err
+    assert len(err) == 1 and "connection refused: is the HTTP listener enabled on" in err[0], err

@@ -9,10 +9,10 @@ import trio
 from rich.console import Console
 
 from trio_gateway import Gateway, NullSink, RingBuffer, TcpSource, UdpSource
-from trio_gateway._client import send_tcp, send_udp
 from trio_gateway.admin import AdminServer
 from trio_gateway.admin.progress import send_progress
 from trio_gateway.admin.top import fetch_metrics, main, parse_metrics, render_text, run_top
+from trio_gateway.loadgen import send_tcp, send_udp
 
 BEFORE = """\
 # TYPE trio_gateway_received_messages_total counter

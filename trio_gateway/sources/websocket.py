@@ -46,6 +46,7 @@ from .._errors import ConfigurationError
 from .._ingress import Ingress
 from .._message import Origin
 from .._tls import resolve_server_tls
+from .._wire import ACK_SUBPROTOCOL
 from ._base import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Source,
@@ -95,8 +96,6 @@ _TOO_MANY_CONNECTIONS = (  # the answer past max_connections (serve_connections(
 )
 
 
-ACK_SUBPROTOCOL = "trio-gateway.ack.v1"
-"""The WebSocket subprotocol a client offers (``Sec-WebSocket-Protocol``) to receive acks."""
 MAX_ACK_RANGES = 64
 """The most refused ranges one ack carries. When a connection's unsent ack holds this many
 (its refusals keep alternating with acceptances and the peer does not read its acks), the

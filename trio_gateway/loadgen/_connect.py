@@ -19,10 +19,22 @@ import trio
 from .._errors import ConfigurationError, TransportError
 from ._options import FIRST_ANSWER_TIMEOUT
 
-__all__ = ("Peer", "client_ssl_context", "connect", "looks_like_tls")
+__all__ = ("Misdirected", "Peer", "client_ssl_context", "connect", "looks_like_tls")
+
+
+class Misdirected(TransportError):
+    """The peer is not what the run expects (another protocol, not a gRPC endpoint): the
+    run's error whenever it shows, never a sign of the gateway going away."""
+
 
 _LISTENERS = {"tcp": "TCP", "udp": "UDP", "http": "HTTP", "ws": "WebSocket", "grpc": "gRPC"}
-_PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "http": "HTTP", "ws": "WebSocket", "grpc": "HTTP/2"}
+_PROTOCOLS = {
+    "tcp": "a TCP",
+    "udp": "a UDP",
+    "http": "an HTTP",
+    "ws": "a WebSocket",
+    "grpc": "an HTTP/2",
+}
 _USE_TLS = {"tcp": "--tls", "grpc": "--tls", "http": "an https:// URL", "ws": "a wss:// URL"}
 _NO_TLS = {"tcp": "no --tls", "grpc": "no --tls", "http": "an http:// URL", "ws": "a ws:// URL"}
 
@@ -86,7 +98,7 @@ class Peer:
         """Silence where the gateway answers at once: another protocol on that port."""
         protocol = _PROTOCOLS[self.transport]
         return TransportError(
-            f"{self.where}: no {protocol} answer within {seconds:g} s: wrong transport? "
+            f"{self.where}: no {protocol.split()[1]} answer within {seconds:g} s: wrong transport? "
             f"(is it the gateway's {_LISTENERS[self.transport]} listener?)"
         )
 
@@ -95,19 +107,21 @@ class Peer:
         if not self.secure and looks_like_tls(data):
             return self.tls_mismatch()
         protocol = _PROTOCOLS[self.transport]
-        return TransportError(
-            f"{self.where}: not a {protocol} answer: wrong transport? ({detail}; "
+        return Misdirected(
+            f"{self.where}: not {protocol} answer: wrong transport? ({detail}; "
             f"starts {data[:16]!r})"
         )
 
-    def closed_before_answer(self, *, received: bytes = b"") -> TransportError:
-        """The connection ended before any answer: a TLS listener (a plaintext hello is
-        refused), a listener that refused what we sent, or another protocol."""
+    async def closed_before_answer(self, *, received: bytes = b"") -> TransportError:
+        """The connection ended before any answer: a TLS listener (it drops a plaintext
+        hello without a word: a second connection asks it for a TLS handshake to tell), a
+        listener that refused what we sent, or another protocol."""
         if received:
             return self.not_ours(received, "then the connection closed")
-        hint = "" if self.secure else f"a TLS listener (use {_USE_TLS[self.transport]}), or "
+        if not self.secure and await _speaks_tls(self):
+            return self.tls_mismatch()
         return TransportError(
-            f"{self.where}: connection closed before any answer: {hint}wrong transport?"
+            f"{self.where}: connection closed before any answer: wrong transport?"
         )
 
     def tls_mismatch(self) -> TransportError:
@@ -120,6 +134,28 @@ class Peer:
             f"TLS mismatch: {self.where} speaks TLS: use {_USE_TLS[self.transport]}"
             " (and --ca for a private CA)"
         )
+
+
+async def _speaks_tls(peer: Peer) -> bool:
+    """Whether ``peer`` completes a TLS handshake (unverified: this only asks whether the port
+    speaks TLS, and sends nothing over it)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with trio.move_on_after(FIRST_ANSWER_TIMEOUT):
+        try:
+            tcp = await trio.open_tcp_stream(peer.host, peer.port)
+        except OSError:
+            return False
+        tls = trio.SSLStream(tcp, context, server_hostname=peer.host)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError:
+            return False
+        finally:
+            await trio.aclose_forcefully(tls)
+        return True
+    return False
 
 
 async def connect(

@@ -12,7 +12,7 @@ import trio
 from .._errors import ConfigurationError, TransportError
 from .._proto import gateway_pb2
 from .._wire import GRPC_METHODS
-from ._connect import Peer
+from ._connect import Misdirected, Peer
 from ._h2 import CONNECTION_LOST, GrpcCall, grpc_connection, grpc_frame
 from ._options import DEFAULT_TIMEOUT, GRPC_MODES, check_common
 from ._run import Run, SendSummary, make_payload, run_workers
@@ -68,8 +68,16 @@ async def send_grpc(
             grpc_frame(message(payload=make_payload(size, seq), sequence=seq)) for seq in seqs
         )
 
-    def lost(call: GrpcCall) -> TransportError:
-        return TransportError(call.detail)
+    def failed(call: GrpcCall) -> TransportError | None:
+        """The connection's failure, or the endpoint's not being gRPC, as the run's error."""
+        if call.status == CONNECTION_LOST:
+            return TransportError(call.detail)
+        if call.status is not None and call.status.startswith("HTTP "):
+            return Misdirected(
+                f"{peer.where}: answered {call.status} ({call.detail}): wrong transport? "
+                "(is it the gateway's gRPC listener?)"
+            )
+        return None
 
     async def unary() -> None:
         seqs = run.claim(1)
@@ -90,8 +98,8 @@ async def send_grpc(
                         except trio.TooSlowError as exc:
                             raise peer.error(f"no progress for {step_timeout:g} s") from exc
                         status, replies = await _finish(call, peer, step_timeout)
-                        if status == CONNECTION_LOST:
-                            raise lost(call)
+                        if error := failed(call):
+                            raise error
                         if status == "UNAVAILABLE" and conn.terminated:
                             break  # refused by a GOAWAY: resend on a new connection
                         run.wrote(1)
@@ -153,8 +161,8 @@ async def send_grpc(
                     except trio.TooSlowError as exc:
                         raise peer.error(f"no answer within {step_timeout:g} s") from exc
                 status, replies = await _finish(call, peer, step_timeout)
-                if status == CONNECTION_LOST:
-                    raise lost(call)
+                if error := failed(call):
+                    raise error
         except TransportError as exc:
             run.gone(exc, written=written - answered, unsent=len(seqs))
             return

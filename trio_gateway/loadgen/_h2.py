@@ -60,6 +60,25 @@ def _status_name(code: int) -> str:
         return f"status {code}"
 
 
+class _GoawayWatch:
+    """Walks the server's frame headers to notice a GOAWAY. ``h2`` raises a protocol error on
+    any frame after one (the PING of a graceful shutdown), and then never reports the GOAWAY
+    that came in the same read: this says the gateway was leaving, not misbehaving."""
+
+    def __init__(self) -> None:
+        self._skip = 0  # bytes of the current frame's body still to come
+        self._head = b""  # a frame header cut by the end of the last read
+
+    def feed(self, data: bytes | bytearray) -> bool:
+        view = self._head + data if self._head else data
+        pos, end, found = self._skip, len(view), False
+        while pos + 9 <= end:
+            found = found or view[pos + 3] == 0x7  # the frame type: GOAWAY
+            pos += 9 + int.from_bytes(view[pos : pos + 3], "big")
+        self._head, self._skip = (view[pos:], 0) if pos <= end else (b"", pos - end)
+        return found
+
+
 class GrpcCall:
     """One call's stream, as the client sees it: replies in, a status at the end."""
 
@@ -78,7 +97,12 @@ class GrpcCall:
 
     # fed by the connection's reader
     def _on_headers(self, headers: list[tuple[str, str]]) -> None:
+        first = not self.headers
         self.headers.update(headers)
+        content_type = self.headers.get("content-type", "")
+        if first and not content_type.startswith("application/grpc"):
+            status = self.headers.get(":status", "?")
+            self._finish(f"HTTP {status}", f"{content_type or 'no content-type'}, not gRPC")
 
     def _on_data(self, data: bytes, flow_len: int) -> None:
         self.unacked += flow_len
@@ -156,6 +180,7 @@ class H2Client:
         self.lost: TransportError | None = None
         self.answered = trio.Event()  # the server's preface (its SETTINGS) arrived
         self._received = b""  # the first bytes, to name a wrong protocol
+        self._goaway = _GoawayWatch()
         self._out: list[bytes] = []
         self._out_size = 0
         self._wake_writer = trio.Event()
@@ -200,18 +225,19 @@ class H2Client:
                     self._received += data[:16]
                 if not data:
                     if not self.answered.is_set():
-                        self._lose(peer.closed_before_answer(received=self._received))
+                        self._lose(await peer.closed_before_answer(received=self._received))
                     else:
                         self._lose(peer.error("connection closed by the gateway"))
                     return
+                leaving = self._goaway.feed(data)
                 try:
                     events = h2conn.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
                     self.emit()
                     if not self.answered.is_set():
                         self._lose(peer.not_ours(self._received, f"bad HTTP/2: {exc}"))
-                    elif self.terminated:
-                        self._lose(peer.error("the gateway is going away (GOAWAY)"))
+                    elif self.terminated or leaving:
+                        self._lose(peer.error("the gateway closed the connection (GOAWAY)"))
                     else:
                         self._lose(peer.error(f"HTTP/2 protocol error: {exc}"))
                     return

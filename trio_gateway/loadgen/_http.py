@@ -130,13 +130,15 @@ class _HttpConnection:
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     if not self.answered:
-                        raise self.peer.closed_before_answer(received=self.received)
+                        raise await self.peer.closed_before_answer(received=self.received)
                     raise self.peer.error("connection closed before an answer")
         except h11.RemoteProtocolError as exc:
+            if not self.received:  # h11's word for an end before any byte of an answer
+                raise await self.peer.closed_before_answer() from exc
             raise self.peer.not_ours(self.received, f"bad HTTP answer: {exc}") from exc
         except (trio.BrokenResourceError, OSError) as exc:
             if not self.answered:
-                raise self.peer.closed_before_answer(received=self.received) from exc
+                raise await self.peer.closed_before_answer(received=self.received) from exc
             raise self.peer.error(f"connection lost before an answer: {send_error or exc}") from exc
         self.answered = True
         reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE

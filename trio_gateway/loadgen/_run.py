@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .._errors import GatewayError, TransportError
+from ._connect import Misdirected
 
 __all__ = ("LOST", "Run", "SendSummary", "make_payload", "run_workers", "unwrapped_errors")
 
@@ -59,6 +60,9 @@ class SendSummary:
     (``"RESOURCE_EXHAUSTED"``), a bidi ack's reason (``"queue_full"``), ``"close 1009"``."""
     resent: int = 0
     """Messages sent again after a ``503`` or ``429`` (HTTP with ``retries``), each time."""
+    sent: int | None = None
+    """Messages written, when fewer than ``messages`` (a refusal or the gateway's going away
+    stopped the run first); ``None`` when every message was written."""
     stopped: str | None = None
     """Why the run ended early, when the gateway went away during it (its connection lost or
     refused after it had answered); the messages it left unsettled count as ``LOST``."""
@@ -78,9 +82,11 @@ class SendSummary:
 
     def line(self) -> str:
         seconds = max(self.seconds, 1e-9)
+        sent = self.messages if self.sent is None else self.sent
+        of = "" if sent == self.messages else f" of {self.messages}"
         text = (
-            f"sent {self.messages} messages, {self.bytes} bytes in {self.seconds:.3f} s: "
-            f"{self.messages / seconds:,.0f} msg/s, {self.bytes / seconds / 1e6:,.2f} MB/s"
+            f"sent {sent}{of} messages, {self.bytes} bytes in {self.seconds:.3f} s: "
+            f"{sent / seconds:,.0f} msg/s, {self.bytes / seconds / 1e6:,.2f} MB/s"
         )
         if self.accepted is not None:
             text += f"; accepted {self.accepted}, rejected {self.rejected_count}"
@@ -194,7 +200,7 @@ class Run:
         transport): raised. After it, the gateway went away (it stopped, or something cut the
         connection): those messages and every one not claimed yet count as :data:`LOST`, the
         run stops, and the summary says why."""
-        if not self.reached:
+        if not self.reached or isinstance(exc, Misdirected):
             raise exc
         if self.error is None:
             self.error = str(exc)
@@ -219,6 +225,7 @@ class Run:
             accepted=self.accepted,
             rejected=dict(self.rejected),
             resent=self.resent,
+            sent=self.written if self.written < self.count else None,
             stopped=self.error,
         )
 

@@ -134,10 +134,12 @@ class _WsConnection:
             for event in protocol.events_received():
                 if isinstance(event, WsResponse):
                     return event
+            if not received:
+                raise await self.peer.closed_before_answer()
             if protocol.handshake_exc is not None:  # not an HTTP answer at all
                 raise self.peer.not_ours(received, str(protocol.handshake_exc))
             if not data:
-                raise self.peer.closed_before_answer(received=received)
+                raise await self.peer.closed_before_answer(received=received)
 
     async def read_until_closed(self) -> None:
         """Feed the protocol (it answers pings and the close frame) until the closing
@@ -253,7 +255,7 @@ async def send_websocket(
             raise peer.no_answer(first_answer) from exc
         except _BROKEN as exc:
             await trio.aclose_forcefully(stream)
-            raise peer.closed_before_answer() from exc
+            raise await peer.closed_before_answer() from exc
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise

@@ -75,7 +75,7 @@ class _GoawayWatch:
         while pos + 9 <= end:
             found = found or view[pos + 3] == 0x7  # the frame type: GOAWAY
             pos += 9 + int.from_bytes(view[pos : pos + 3], "big")
-        self._head, self._skip = (view[pos:], 0) if pos <= end else (b"", pos - end)
+        self._head, self._skip = (bytes(view[pos:]), 0) if pos <= end else (b"", pos - end)
         return found
 
 

@@ -488,3 +488,20 @@ def test_cli_connection_refused_exits_1_with_one_line(capsys: pytest.CaptureFixt
         assert main(["send", "--http", f"http://127.0.0.1:{port}/", "--count", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "connection refused: is the HTTP listener enabled on" in err[0], err
+
+
+def test_cli_wrong_path_and_wrong_transport_exit_1_with_one_line(
+    serve: type[ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = serve(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0", "--admin", "off"])
+    ws, tcp = gateway.port("websocket"), gateway.port("tcp")
+    runs = [
+        (["--ws", f"ws://127.0.0.1:{ws}/nope"], "handshake was refused with 404 (wrong path?)"),
+        (["--http", f"http://127.0.0.1:{tcp}/ingest", "--timeout", "1"], "wrong transport?"),
+        (["--grpc", f"127.0.0.1:{ws}"], "not an HTTP/2 answer: wrong transport?"),
+    ]
+    for args, says in runs:
+        assert main(["send", *args, "--count", "3"]) == 1
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert captured.out == "" and len(err) == 1 and says in err[0], captured

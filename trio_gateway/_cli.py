@@ -34,7 +34,7 @@ from ._errors import ConfigurationError, GatewayError
 from ._profile import check_profile_path, profiled
 from ._workers import serve_workers
 from .admin import top as top_view
-from .loadgen import DEFAULT_TIMEOUT, GRPC_MODES, TRANSPORTS
+from .loadgen import DEFAULT_TIMEOUT, FIRST_ANSWER_TIMEOUT, GRPC_MODES, TRANSPORTS
 from .queues import QUEUE_KINDS
 
 __all__ = ("main",)
@@ -189,8 +189,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 when the gateway accepted every message (TCP, UDP: when every "
-            "message was written), 1 when some were rejected or the connection failed, "
-            "2 for a bad flag (the message names it)."
+            "message was written), 1 when some were rejected, the gateway went away during "
+            "the run or could not be reached (one line names the likely cause), 2 for a bad "
+            "flag (the message names it)."
         ),
     )
     target = send.add_mutually_exclusive_group(required=True)
@@ -256,7 +257,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"bound on each connect, write and answer ({DEFAULT_TIMEOUT:g})",
+        help=f"bound on each connect, write and answer ({DEFAULT_TIMEOUT:g}; "
+        f"a new connection's first answer: at most {FIRST_ANSWER_TIMEOUT:g})",
     )
     return parser
 

@@ -156,6 +156,14 @@ async def test_websocket_404_is_a_refused_handshake_not_rejected_messages() -> N
     assert summary.accepted == 3 and len(sink.payloads) == 3
 
 
+async def test_http_404_is_a_wrong_path_not_rejected_messages() -> None:
+    async with running(HttpSource()) as (handle, _):
+        port = handle.address()[1]
+        with trio.fail_after(10), pytest.raises(TransportError) as caught:
+            await send("http", target("http", port, path="/nope"), count=3, size=18)
+    assert str(caught.value) == f"127.0.0.1:{port}: POST /nope answered 404 (wrong path?)"
+
+
 # -- the gateway goes away mid-run ----------------------------------------------------------------
 
 CLIENTS: dict[str, tuple[str, dict[str, object]]] = {

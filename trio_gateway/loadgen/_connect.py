@@ -28,13 +28,7 @@ class Misdirected(TransportError):
 
 
 _LISTENERS = {"tcp": "TCP", "udp": "UDP", "http": "HTTP", "ws": "WebSocket", "grpc": "gRPC"}
-_PROTOCOLS = {
-    "tcp": "a TCP",
-    "udp": "a UDP",
-    "http": "an HTTP",
-    "ws": "a WebSocket",
-    "grpc": "an HTTP/2",
-}
+_PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "http": "HTTP", "ws": "WebSocket", "grpc": "HTTP/2"}
 _USE_TLS = {"tcp": "--tls", "grpc": "--tls", "http": "an https:// URL", "ws": "a wss:// URL"}
 _NO_TLS = {"tcp": "no --tls", "grpc": "no --tls", "http": "an http:// URL", "ws": "a ws:// URL"}
 
@@ -98,7 +92,7 @@ class Peer:
         """Silence where the gateway answers at once: another protocol on that port."""
         protocol = _PROTOCOLS[self.transport]
         return TransportError(
-            f"{self.where}: no {protocol.split()[1]} answer within {seconds:g} s: wrong transport? "
+            f"{self.where}: no {protocol} answer within {seconds:g} s: wrong transport? "
             f"(is it the gateway's {_LISTENERS[self.transport]} listener?)"
         )
 
@@ -107,8 +101,9 @@ class Peer:
         if not self.secure and looks_like_tls(data):
             return self.tls_mismatch()
         protocol = _PROTOCOLS[self.transport]
+        article = "an" if protocol.startswith("HTTP") else "a"
         return Misdirected(
-            f"{self.where}: not {protocol} answer: wrong transport? ({detail}; "
+            f"{self.where}: not {article} {protocol} answer: wrong transport? ({detail}; "
             f"starts {data[:16]!r})"
         )
 

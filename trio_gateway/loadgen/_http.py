@@ -22,7 +22,7 @@ import trio
 
 from .._errors import ConfigurationError, TransportError
 from .._wire import DEFAULT_HTTP_PATH
-from ._connect import Peer, client_ssl_context, connect
+from ._connect import Misdirected, Peer, client_ssl_context, connect
 from ._options import (
     DEFAULT_TIMEOUT,
     FIRST_ANSWER_TIMEOUT,
@@ -238,6 +238,11 @@ async def send_http(
                         conn = _HttpConnection(stream, peer)
                     body = b"\n".join(payloads) + b"\n" if ndjson is not None else payloads[0]
                     answer = await exchange(conn, body)
+                    if answer.status in (404, 405):  # every message would meet it
+                        raise Misdirected(
+                            f"{peer.where}: POST {target.target.decode()} answered "
+                            f"{answer.status} (wrong path?)"
+                        )
                     run.reached = True
                     if not answer.reusable:
                         await conn.aclose()

@@ -192,8 +192,9 @@ def _ws_outcome(
 def _refusal(response: WsResponse, failure: Exception) -> tuple[str, str | None]:
     """(the reason to count the run's messages under, the run's error if it is one).
 
-    ``401``/``403`` are the gateway's answers to a bad token or origin: counted refusals. Any
-    other status means no WebSocket endpoint there (a wrong path: ``404``)."""
+    ``401``/``403`` (a bad token or origin) and ``429``/``503`` (too many connections) are the
+    gateway's refusals: counted. Any other status means no WebSocket endpoint there (a wrong
+    path: ``404``)."""
     if not isinstance(failure, InvalidStatus):
         return f"handshake failed: {failure}", None
     status = response.status_code

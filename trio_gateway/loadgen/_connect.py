@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from .._errors import ConfigurationError, TransportError
-from ._options import FIRST_ANSWER_TIMEOUT
+from ._options import FIRST_ANSWER_TIMEOUT, answer_timeout
 
 __all__ = ("Misdirected", "Peer", "client_ssl_context", "connect", "looks_like_tls")
 
@@ -154,9 +154,16 @@ async def _speaks_tls(peer: Peer) -> bool:
 
 
 async def connect(
-    peer: Peer, *, ssl_context: ssl.SSLContext | None, step_timeout: float
+    peer: Peer,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    step_timeout: float,
+    first: bool = True,
 ) -> trio.abc.Stream:
-    """A TCP (or TLS) stream with TCP_NODELAY; every failure becomes a TransportError."""
+    """A TCP (or TLS) stream with TCP_NODELAY; every failure becomes a TransportError.
+
+    On the ``first`` connection of a run, silence in the TLS handshake past
+    :data:`FIRST_ANSWER_TIMEOUT` means no TLS listener there (see :func:`answer_timeout`)."""
     where = peer.where
     try:
         with trio.fail_after(step_timeout):
@@ -171,12 +178,14 @@ async def connect(
     if ssl_context is None:
         return tcp
     tls = trio.SSLStream(tcp, ssl_context, server_hostname=peer.host, https_compatible=True)
-    seconds = min(step_timeout, FIRST_ANSWER_TIMEOUT)
+    seconds = answer_timeout(step_timeout, first=first)
     try:
         with trio.fail_after(seconds):
             await tls.do_handshake()
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(tcp)
+        if not first:
+            raise peer.error(f"no TLS answer within {seconds:g} s") from exc
         raise TransportError(
             f"TLS mismatch: no TLS answer from {where} within {seconds:g} s "
             f"(not a TLS listener? use {_NO_TLS[peer.transport]})"

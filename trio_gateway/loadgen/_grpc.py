@@ -84,7 +84,10 @@ async def send_grpc(
         try:
             while seqs:
                 async with grpc_connection(
-                    peer, ssl_context=ssl_context, step_timeout=step_timeout
+                    peer,
+                    ssl_context=ssl_context,
+                    step_timeout=step_timeout,
+                    first=not run.reached,
                 ) as conn:
                     run.reached = True
                     while seqs and not conn.terminated:
@@ -121,7 +124,10 @@ async def send_grpc(
         written = answered = 0
         try:
             async with grpc_connection(
-                peer, ssl_context=ssl_context, step_timeout=step_timeout
+                peer,
+                ssl_context=ssl_context,
+                step_timeout=step_timeout,
+                first=not run.reached,
             ) as conn:
                 run.reached = True
                 method = GRPC_METHODS["bidi" if acked else "stream"]

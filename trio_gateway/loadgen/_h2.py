@@ -35,7 +35,7 @@ from .._errors import ProtocolError, TransportError
 from .._wire import GRPC_CONTENT_TYPE, GRPC_SERVICE
 from ..codecs import GrpcMessageDecoder, encode_grpc_message
 from ._connect import Peer, connect
-from ._options import FIRST_ANSWER_TIMEOUT
+from ._options import answer_timeout
 from ._run import MAX_REPLY, USER_AGENT, unwrapped_errors
 
 __all__ = ("CONNECTION_LOST", "GrpcCall", "H2Client", "grpc_connection", "grpc_frame")
@@ -381,26 +381,28 @@ class H2Client:
 
 @asynccontextmanager
 async def grpc_connection(
-    peer: Peer, *, ssl_context: ssl.SSLContext | None, step_timeout: float
+    peer: Peer, *, ssl_context: ssl.SSLContext | None, step_timeout: float, first: bool
 ) -> AsyncIterator[H2Client]:
-    """A connection whose server has answered the HTTP/2 preface (within
-    :data:`FIRST_ANSWER_TIMEOUT`: silence there means another protocol on the port)."""
-    stream = await connect(peer, ssl_context=ssl_context, step_timeout=step_timeout)
+    """A connection whose server has answered the HTTP/2 preface (for the ``first`` of a run
+    within :func:`answer_timeout`: silence then means another protocol on the port)."""
+    stream = await connect(peer, ssl_context=ssl_context, step_timeout=step_timeout, first=first)
+    answer_within = answer_timeout(step_timeout, first=first)
     if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() != "h2":
         await trio.aclose_forcefully(stream)
         raise peer.error("the TLS server did not agree to HTTP/2 (ALPN h2): wrong transport?")
     client = H2Client(stream, peer)
-    first_answer = min(step_timeout, FIRST_ANSWER_TIMEOUT)
     with unwrapped_errors():
         async with stream, trio.open_nursery() as nursery:
             client.start()
             nursery.start_soon(client.reader)
             nursery.start_soon(client.writer)
             try:
-                with trio.move_on_after(first_answer):
+                with trio.move_on_after(answer_within):
                     await client.answered.wait()
                 if not client.answered.is_set():
-                    raise peer.no_answer(first_answer)
+                    if first:
+                        raise peer.no_answer(answer_within)
+                    raise peer.error(f"no HTTP/2 answer within {step_timeout:g} s")
                 if client.lost is not None:
                     raise client.lost
                 yield client

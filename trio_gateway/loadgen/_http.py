@@ -25,8 +25,8 @@ from .._wire import DEFAULT_HTTP_PATH
 from ._connect import Misdirected, Peer, client_ssl_context, connect
 from ._options import (
     DEFAULT_TIMEOUT,
-    FIRST_ANSWER_TIMEOUT,
     MAX_RETRY_WAIT,
+    answer_timeout,
     check_common,
 )
 from ._run import MAX_REPLY, READ_SIZE, USER_AGENT, Run, SendSummary, run_workers
@@ -188,8 +188,8 @@ async def send_http(
     With ``retries``, what a ``503`` or ``429`` refused (for an NDJSON batch: the lines after
     the ones its body says were queued) is sent again after the answer's ``Retry-After``
     (1 s without one, at most :data:`MAX_RETRY_WAIT`), up to ``retries`` times per request;
-    only what is still refused then counts as rejected. The first answer on a connection must
-    come within :data:`FIRST_ANSWER_TIMEOUT`: silence means another protocol on that port."""
+    only what is still refused then counts as rejected. The run's first answer must come
+    within :data:`FIRST_ANSWER_TIMEOUT`: silence means another protocol on that port."""
     check_common(count, size, concurrency, step_timeout, rate)
     if retries < 0:
         raise ConfigurationError("--retries", "must not be negative")
@@ -211,18 +211,18 @@ async def send_http(
     if token is not None:
         headers.append((b"authorization", b"Bearer " + token.encode()))
     per_request = ndjson or 1
-    first_answer = min(step_timeout, FIRST_ANSWER_TIMEOUT)
     run = Run(count, size, rate=rate, progress=progress)
 
     async def exchange(conn: _HttpConnection, body: bytes) -> _Answer:
-        seconds = step_timeout if conn.answered else first_answer
+        first = not (conn.answered or run.reached)
+        seconds = answer_timeout(step_timeout, first=first)
         try:
             with trio.fail_after(seconds):
                 return await conn.request(target.target, headers, body)
         except trio.TooSlowError as exc:
-            if conn.answered:
-                raise peer.error(f"no answer within {step_timeout:g} s") from exc
-            raise peer.no_answer(seconds) from exc
+            if first:
+                raise peer.no_answer(seconds) from exc
+            raise peer.error(f"no answer within {step_timeout:g} s") from exc
 
     async def worker() -> None:
         conn: _HttpConnection | None = None
@@ -234,7 +234,12 @@ async def send_http(
                 run.wrote(len(payloads))
                 for attempt in range(retries + 1):
                     if conn is None:
-                        stream = await connect(peer, ssl_context=context, step_timeout=step_timeout)
+                        stream = await connect(
+                            peer,
+                            ssl_context=context,
+                            step_timeout=step_timeout,
+                            first=not run.reached,
+                        )
                         conn = _HttpConnection(stream, peer)
                     body = b"\n".join(payloads) + b"\n" if ndjson is not None else payloads[0]
                     answer = await exchange(conn, body)

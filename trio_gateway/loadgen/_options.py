@@ -15,6 +15,7 @@ __all__ = (
     "MAX_CONCURRENCY",
     "MAX_RETRY_WAIT",
     "TRANSPORTS",
+    "answer_timeout",
     "check_common",
     "resolve_token",
 )
@@ -33,6 +34,13 @@ MAX_CONCURRENCY = 1024
 MAX_RETRY_WAIT = 30.0
 """Longest wait for a ``Retry-After`` before sending again (``send --retries``)."""
 GRPC_MODES = tuple(GRPC_METHODS)
+
+
+def answer_timeout(step_timeout: float, *, first: bool) -> float:
+    """How long an answer on a new connection may take: at most :data:`FIRST_ANSWER_TIMEOUT`
+    for the ``first`` of a run (silence then means another protocol on the port), the step
+    timeout after it (a busy gateway may be slow to take a new connection)."""
+    return min(step_timeout, FIRST_ANSWER_TIMEOUT) if first else step_timeout
 
 
 def check_common(

@@ -30,7 +30,7 @@ from websockets.uri import WebSocketURI, parse_uri
 from .._errors import ConfigurationError, ProtocolError, TransportError
 from .._wire import ACK_SUBPROTOCOL
 from ._connect import Peer, client_ssl_context, connect
-from ._options import DEFAULT_TIMEOUT, FIRST_ANSWER_TIMEOUT, check_common
+from ._options import DEFAULT_TIMEOUT, answer_timeout, check_common
 from ._run import MAX_REPLY, READ_SIZE, USER_AGENT, Run, SendSummary, run_workers
 
 __all__ = ("send_websocket",)
@@ -235,11 +235,11 @@ async def send_websocket(
     run = Run(count, size, rate=rate, progress=progress, progress_on_write=not acks)
     per_write = run.chunk()
     subprotocols = [Subprotocol(ACK_SUBPROTOCOL)] if acks else None
-    first_answer = min(step_timeout, FIRST_ANSWER_TIMEOUT)
 
     async def open_connection(seqs: range) -> _WsConnection | None:
         """Connect and shake hands; None when the handshake was refused (counted)."""
-        stream = await connect(peer, ssl_context=context, step_timeout=step_timeout)
+        first = not run.reached
+        stream = await connect(peer, ssl_context=context, step_timeout=step_timeout, first=first)
         tally = _AckTally(run, peer.where) if acks else None
         connection = _WsConnection(
             stream,
@@ -249,11 +249,13 @@ async def send_websocket(
         )
         protocol = connection.protocol
         try:
-            with trio.fail_after(first_answer):
+            with trio.fail_after(answer_timeout(step_timeout, first=first)):
                 response = await connection.handshake(token)
         except trio.TooSlowError as exc:
             await trio.aclose_forcefully(stream)
-            raise peer.no_answer(first_answer) from exc
+            if first:
+                raise peer.no_answer(answer_timeout(step_timeout, first=True)) from exc
+            raise peer.error(f"no handshake answer within {step_timeout:g} s") from exc
         except _BROKEN as exc:
             await trio.aclose_forcefully(stream)
             raise await peer.closed_before_answer() from exc

@@ -26,6 +26,14 @@ like ``socat``, needs the end of stream to finish).
 
 Payloads come from :mod:`bench._payloads` (deterministic JSON of the exact size); client
 ``--index I`` numbers its messages from ``I * count`` so parallel clients send distinct ones.
+
+Why not :mod:`trio_gateway.loadgen` (what ``send`` and ``bench.soak`` use): this benchmark
+measures servers side by side (trio_gateway, asyncio, uvloop), so its client must cost as
+little as a Python client can, and the same against each of them: no event loop, nothing
+built or parsed per message while the clock runs, answers read only as far as counting them
+needs. The load generator does the opposite on purpose (a payload per sequence number, every
+answer parsed and counted, pacing, TLS and tokens), and that work would be timed as the
+server's.
 """
 
 from __future__ import annotations

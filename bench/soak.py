@@ -5,15 +5,16 @@
 
 Starts ``python -m trio_gateway serve`` as a subprocess with a TCP, UDP, HTTP, WebSocket and
 gRPC listener (sink ``null`` unless ``--sink``), and one client per transport in this process,
-each sending ``--rate`` messages per second of ``--size`` bytes, paced in 10 ms slices:
+each sending ``--rate`` messages per second of ``--size`` bytes. The clients are
+:mod:`trio_gateway.loadgen`, what ``python -m trio_gateway send`` runs, each on one connection:
 
-* tcp: newline-framed payloads on one connection;
+* tcp: newline-framed payloads;
 * udp: one datagram per message;
 * http: ``POST /ingest`` with an NDJSON body of ``--http-batch`` lines, HTTP/1.1 keep-alive,
-  one request in flight, every answer checked (202 counts the lines as accepted);
-* websocket: masked binary frames on one connection;
-* grpc: one client-streaming ``Stream`` call for the whole run over HTTP/2 (h2), within the
-  server's flow-control windows; its final Ack says how many were accepted.
+  every answer checked (202 counts the lines as accepted);
+* websocket: binary messages, then a clean close;
+* grpc: one client-streaming ``Stream`` call for the whole run; its final Ack says how many
+  were accepted.
 
 Every ``--sample`` seconds it reads the server's resident memory (``VmRSS`` in
 ``/proc/PID/status``) and CPU time, and scrapes ``/metrics`` for what each listener received
@@ -37,26 +38,21 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 if __name__ == "__main__" and not __package__:
     raise SystemExit("run it from the repository root as a module: python -m bench.soak")
 
-import h2.config
-import h2.connection
-import h2.events
 import trio
 
-from trio_gateway._proto import gateway_pb2
-
-from ._clients import ws_frame
-from ._payloads import payload
+from trio_gateway.loadgen import send
 
 REPO = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc")
-TICK = 0.01
-"""Seconds per pacing slice: each client sends ``rate * TICK`` messages per slice."""
+ANSWERED = ("http", "grpc")
+"""The transports whose acceptance the report records (HTTP 202 lines, the gRPC final Ack)."""
 PAGE = 4096
 
 
@@ -184,188 +180,26 @@ class Server:
         return ledger
 
 
-# -- paced clients ---------------------------------------------------------------------------------
+# -- the clients: trio_gateway.loadgen, what `send` runs ----------------------------------------
 
 
-class Pacer:
-    """How many messages are due at each 10 ms tick for ``rate`` msg/s, without drift."""
-
-    def __init__(self, rate: int, deadline: float) -> None:
-        self.rate = rate
-        self.deadline = deadline
-        self.start = trio.current_time()
-        self.sent = 0
-
-    async def due(self) -> int | None:
-        """Wait for the next tick; how many are due now (None once the run is over)."""
-        now = trio.current_time()
-        if now >= self.deadline:
-            return None
-        next_tick = now + TICK - (now - self.start) % TICK
-        await trio.sleep_until(min(next_tick, self.deadline))
-        target = math.floor((min(trio.current_time(), self.deadline) - self.start) * self.rate)
-        return max(0, target - self.sent)
-
-
-class Messages:
-    """Distinct payloads of one size, cycled (building one per message would cost the client)."""
-
-    def __init__(self, size: int, transport: str) -> None:
-        self.items = [payload(size, i) for i in range(512)]
-        self.transport = transport
-        self.n = 0
-
-    def take(self, count: int) -> list[bytes]:
-        items, start = self.items, self.n
-        self.n += count
-        return [items[(start + i) % len(items)] for i in range(count)]
-
-
-async def tcp_client(port: int, pacer: Pacer, messages: Messages, report: Report) -> None:
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        while (due := await pacer.due()) is not None:
-            await stream.send_all(b"\n".join(messages.take(due)) + b"\n")
-            pacer.sent += due
-        report.sent["tcp"] = pacer.sent
-
-
-async def udp_client(port: int, pacer: Pacer, messages: Messages, report: Report) -> None:
-    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
-        await sock.connect(("127.0.0.1", port))
-        while (due := await pacer.due()) is not None:
-            for datagram in messages.take(due):
-                await sock.send(datagram)
-            pacer.sent += due
-        report.sent["udp"] = pacer.sent
-
-
-async def http_client(
-    port: int, pacer: Pacer, messages: Messages, report: Report, batch: int
+async def run_client(
+    transport: str, port: int, report: Report, *, duration: float, http_batch: int
 ) -> None:
-    accepted = 0
-    head = (
-        b"POST /ingest HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/x-ndjson\r\n"
-        % port
-    )
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        buffer = bytearray()
-
-        async def answer() -> int:
-            while b"\r\n\r\n" not in buffer:
-                buffer.extend(await stream.receive_some(65536))
-            head_end = buffer.index(b"\r\n\r\n") + 4
-            length = int(re.search(rb"(?i)content-length: (\d+)", buffer[:head_end])[1])  # type: ignore[index]
-            while len(buffer) < head_end + length:
-                buffer.extend(await stream.receive_some(65536))
-            status = int(buffer[9:12])
-            body = bytes(buffer[head_end : head_end + length])
-            del buffer[: head_end + length]
-            return int(json.loads(body).get("accepted", 0)) if status in (202, 503) else 0
-
-        while (due := await pacer.due()) is not None:
-            while due >= batch:  # what is not due as a whole batch yet stays due
-                body = b"\n".join(messages.take(batch)) + b"\n"
-                await stream.send_all(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-                accepted += await answer()
-                pacer.sent += batch
-                due -= batch
-    report.sent["http"], report.accepted["http"] = pacer.sent, accepted
-
-
-async def ws_client(port: int, pacer: Pacer, messages: Messages, report: Report) -> None:
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        await stream.send_all(
-            b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n" % port
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += await stream.receive_some(4096)
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError(f"websocket handshake refused: {head[:60]!r}")
-        frames = {p: ws_frame(p) for p in messages.items}
-        while (due := await pacer.due()) is not None:
-            await stream.send_all(b"".join(frames[p] for p in messages.take(due)))
-            pacer.sent += due
-        await stream.send_all(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # close 1000, masked
-        with trio.move_on_after(5):
-            while await stream.receive_some(4096):
-                pass
-    report.sent["websocket"] = pacer.sent
-
-
-async def grpc_client(port: int, pacer: Pacer, messages: Messages, report: Report) -> None:
-    """One client-streaming ``Stream`` call over HTTP/2, within the server's windows."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    call = 1
-    conn.send_headers(
-        call,
-        [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/trio_gateway.v1.Gateway/Stream"),
-            (":authority", f"127.0.0.1:{port}"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ],
-    )
-    window = trio.Event()
-    ack: dict[str, int] = {}
-    done = trio.Event()
-    encoded: dict[bytes, bytes] = {}
-    for p in messages.items:
-        body = gateway_pb2.Message(payload=p).SerializeToString()
-        encoded[p] = b"\x00" + len(body).to_bytes(4, "big") + body
-    send_lock = trio.Lock()  # the reader answers (acks, window updates) too
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-
-        async def flush() -> None:
-            async with send_lock:
-                if data := conn.data_to_send():
-                    await stream.send_all(data)
-
-        async def read() -> None:
-            nonlocal window
-            while data := await stream.receive_some(65536):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-                        window.set()
-                    elif isinstance(event, h2.events.DataReceived):
-                        conn.acknowledge_received_data(event.flow_controlled_length, call)
-                        reply = gateway_pb2.Ack.FromString(event.data[5:])
-                        ack["accepted"] = reply.accepted_count
-                    elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                        done.set()
-                await flush()
-            done.set()
-
-        async with trio.open_nursery() as nursery:
-            await flush()
-            nursery.start_soon(read)
-            while (due := await pacer.due()) is not None:
-                data = b"".join(encoded[p] for p in messages.take(due))
-                while data:
-                    size = min(
-                        conn.local_flow_control_window(call),
-                        conn.max_outbound_frame_size,
-                        len(data),
-                    )
-                    if size <= 0:
-                        window = trio.Event()
-                        await window.wait()
-                        continue
-                    conn.send_data(call, data[:size])
-                    data = data[size:]
-                    await flush()
-                pacer.sent += due
-            conn.end_stream(call)
-            await flush()
-            with trio.move_on_after(10):
-                await done.wait()
-            nursery.cancel_scope.cancel()
-    report.sent["grpc"], report.accepted["grpc"] = pacer.sent, ack.get("accepted", 0)
+    """``rate * duration`` messages at the report's rate and size over one connection."""
+    targets: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "tcp": ("tcp", f"127.0.0.1:{port}", {}),
+        "udp": ("udp", f"127.0.0.1:{port}", {}),
+        "http": ("http", f"http://127.0.0.1:{port}/ingest", {"ndjson": http_batch}),
+        "websocket": ("ws", f"ws://127.0.0.1:{port}/", {}),
+        "grpc": ("grpc", f"127.0.0.1:{port}", {"mode": "stream"}),
+    }
+    kind, target, options = targets[transport]
+    count = math.floor(report.rate * duration)
+    summary = await send(kind, target, count=count, size=report.size, rate=report.rate, **options)
+    report.sent[transport] = summary.messages if summary.sent is None else summary.sent
+    if transport in ANSWERED:
+        report.accepted[transport] = summary.accepted or 0
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -434,27 +268,18 @@ async def soak(
         )
         started = trio.current_time()
         deadline = started + duration
-        ports = server.ports
-        clients = [
-            (tcp_client, ports["tcp"]),
-            (udp_client, ports["udp"]),
-            (ws_client, ports["websocket"]),
-            (grpc_client, ports["grpc"]),
-        ]
         async with trio.open_nursery() as nursery:
-            for client, port in clients:
-                transport = client.__name__.removesuffix("_client").replace("ws", "websocket")
+            for transport in TRANSPORTS:
                 nursery.start_soon(
-                    client, port, Pacer(rate, deadline), Messages(size, transport), report
+                    partial(
+                        run_client,
+                        transport,
+                        server.ports[transport],
+                        report,
+                        duration=duration,
+                        http_batch=http_batch,
+                    )
                 )
-            nursery.start_soon(
-                http_client,
-                ports["http"],
-                Pacer(rate, deadline),
-                Messages(size, "http"),
-                report,
-                http_batch,
-            )
             last_cpu, last_t, last_received = 0.0, 0.0, dict.fromkeys(TRANSPORTS, 0.0)
             while trio.current_time() < deadline + sample / 2:
                 await trio.sleep(sample)

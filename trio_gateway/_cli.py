@@ -12,23 +12,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from ._client import (
-    DEFAULT_TIMEOUT,
-    GRPC_MODES,
-    MAX_CONCURRENCY,
-    client_ssl_context,
-    resolve_token,
-    send_grpc,
-    send_http,
-    send_tcp,
-    send_udp,
-    send_websocket,
-)
 from ._config import (
     DEFAULT_TCP,
     DEFAULT_UDP,
@@ -38,14 +26,13 @@ from ._config import (
     build_gateway,
     load_config,
     normalize_policy,
-    parse_hostport,
     sink_kind,
     source_from_flag,
 )
 from ._errors import ConfigurationError, GatewayError
 from ._profile import check_profile_path, profiled
 from .admin import top as top_view
-from .admin.progress import send_progress
+from .loadgen import DEFAULT_TIMEOUT, FIRST_ANSWER_TIMEOUT, GRPC_MODES, TRANSPORTS
 from .queues import QUEUE_KINDS
 from .tuning import tune_allocator
 from .workers import serve_workers
@@ -209,8 +196,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 when the gateway accepted every message (TCP, UDP: when every "
-            "message was written), 1 when some were rejected or the connection failed, "
-            "2 for a bad flag (the message names it)."
+            "message was written), 1 when some were rejected, the gateway went away during "
+            "the run or could not be reached (one line names the likely cause), 2 for a bad "
+            "flag (the message names it)."
         ),
     )
     target = send.add_mutually_exclusive_group(required=True)
@@ -276,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"bound on each connect, write and answer ({DEFAULT_TIMEOUT:g})",
+        help=f"bound on each connect, write and answer ({DEFAULT_TIMEOUT:g}; "
+        f"a new connection's first answer: at most {FIRST_ANSWER_TIMEOUT:g})",
     )
     return parser
 
@@ -431,107 +420,55 @@ def _describe(config: GatewayConfig) -> str:
     return "\n".join(lines)
 
 
-def _check_send_flags(args: argparse.Namespace) -> str:
-    """Which transport, after checking that every flag given applies to it."""
-    if args.count < 0:
-        raise ConfigurationError("--count", "must not be negative")
-    if args.size < 0:
-        raise ConfigurationError("--size", "must not be negative")
-    if args.rate is not None and args.rate <= 0:
-        raise ConfigurationError("--rate", "must be positive")
-    if args.timeout <= 0:
-        raise ConfigurationError("--timeout", "must be positive")
-    transport = next(name for name in ("tcp", "udp", "http", "ws", "grpc") if getattr(args, name))
-    for flag, owners, given in (
-        ("--framing", ("tcp",), args.framing is not None),
-        ("--ndjson", ("http",), args.ndjson is not None),
-        ("--retries", ("http",), args.retries is not None),
-        ("--mode", ("grpc",), args.mode is not None),
-        ("--acks", ("ws",), args.acks),
-        ("--tls", ("tcp", "grpc"), args.tls),
-        ("--ca", ("tcp", "http", "ws", "grpc"), args.ca is not None),
-        ("--token", ("http", "ws", "grpc"), args.token is not None),
-        ("--concurrency", ("http", "ws", "grpc"), args.concurrency is not None),
-    ):
-        if given and transport not in owners:
+_SEND_OPTIONS = (  # flag, its argparse dest, the transports it applies to
+    ("--framing", "framing", ("tcp",)),
+    ("--ndjson", "ndjson", ("http",)),
+    ("--retries", "retries", ("http",)),
+    ("--mode", "mode", ("grpc",)),
+    ("--acks", "acks", ("ws",)),
+    ("--tls", "tls", ("tcp", "grpc")),
+    ("--ca", "ca", ("tcp", "http", "ws", "grpc")),
+    ("--token", "token", ("http", "ws", "grpc")),
+    ("--concurrency", "concurrency", ("http", "ws", "grpc")),
+)
+
+
+def _check_send_flags(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Which transport, and the options given for it (a flag given to a transport it does
+    not apply to is an error); the values themselves are checked by the load generator."""
+    transport = next(name for name in TRANSPORTS if getattr(args, name))
+    options: dict[str, Any] = {}
+    for flag, dest, owners in _SEND_OPTIONS:
+        value = getattr(args, dest)
+        if value is None or value is False:
+            continue
+        if transport not in owners:
             allowed = "/".join(f"--{name}" for name in owners)
             raise ConfigurationError(flag, f"applies to {allowed}, not --{transport}")
-    if args.concurrency is not None and not 1 <= args.concurrency <= MAX_CONCURRENCY:
-        raise ConfigurationError("--concurrency", f"must be 1-{MAX_CONCURRENCY}")
-    if args.ndjson is not None and args.ndjson < 1:
-        raise ConfigurationError("--ndjson", "must be at least 1")
-    if args.retries is not None and args.retries < 0:
-        raise ConfigurationError("--retries", "must not be negative")
-    return transport
+        options[dest] = value
+    return transport, options
 
 
 async def _send(args: argparse.Namespace) -> int:
-    transport = _check_send_flags(args)
-    token = resolve_token(args.token, key="--token")
-    count, size, rate, step = args.count, args.size, args.rate, args.timeout
-    concurrency = args.concurrency or 1
-    tls = client_ssl_context(args.ca) if args.tls or args.ca else None
-    with send_progress(count) as advance:
-        if transport == "tcp":
-            host, port = parse_hostport(args.tcp, key="--tcp")
-            summary = await send_tcp(
-                host,
-                port,
-                count=count,
-                size=size,
-                framing=args.framing or "newline",
-                rate=rate,
-                progress=advance,
-                ssl_context=tls,
-                step_timeout=step,
-            )
-        elif transport == "udp":
-            host, port = parse_hostport(args.udp, key="--udp")
-            summary = await send_udp(
-                host, port, count=count, size=size, rate=rate, progress=advance
-            )
-        elif transport == "http":
-            summary = await send_http(
-                args.http,
-                count=count,
-                size=size,
-                concurrency=concurrency,
-                ndjson=args.ndjson,
-                retries=args.retries or 0,
-                token=token,
-                cafile=args.ca,
-                rate=rate,
-                step_timeout=step,
-                progress=advance,
-            )
-        elif transport == "ws":
-            summary = await send_websocket(
-                args.ws,
-                count=count,
-                size=size,
-                concurrency=concurrency,
-                token=token,
-                cafile=args.ca,
-                rate=rate,
-                step_timeout=step,
-                progress=advance,
-                acks=args.acks,
-            )
-        else:
-            host, port = parse_hostport(args.grpc, key="--grpc")
-            summary = await send_grpc(
-                host,
-                port,
-                count=count,
-                size=size,
-                mode=args.mode or "unary",
-                concurrency=concurrency,
-                token=token,
-                ssl_context=tls,
-                rate=rate,
-                step_timeout=step,
-                progress=advance,
-            )
+    # Imported here: the other commands (and --help) need neither the client nor rich.
+    from .admin.progress import send_progress
+    from .loadgen import resolve_token, send
+
+    transport, options = _check_send_flags(args)
+    if "token" in options:
+        options["token"] = resolve_token(args.token, key="--token")
+    options["cafile"] = options.pop("ca", None)
+    with send_progress(args.count) as advance:
+        summary = await send(
+            transport,
+            getattr(args, transport),
+            count=args.count,
+            size=args.size,
+            rate=args.rate,
+            step_timeout=args.timeout,
+            progress=advance,
+            **options,
+        )
     print(summary.line(), flush=True)
     return 0 if summary.all_accepted else 1
 

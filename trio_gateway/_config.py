@@ -47,6 +47,7 @@ from typing import Any
 
 from ._errors import ConfigurationError
 from ._gateway import Gateway, Processor, RetryPolicy
+from ._wire import parse_hostport as parse_hostport
 from .admin._server import DEFAULT_ADMIN
 from .queues import POLICIES, QUEUE_KINDS, OverflowPolicy, Queue
 from .sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
@@ -141,19 +142,6 @@ class GatewayConfig:
 
 
 # -- parsing helpers ----------------------------------------------------------------------
-
-
-def parse_hostport(value: str, *, key: str) -> tuple[str, int]:
-    """``"127.0.0.1:7000"``, ``"[::1]:7000"``, ``":7000"`` (-> 127.0.0.1) -> (host, port)."""
-    text = value.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ConfigurationError(key, f"expected HOST:PORT, got {value!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    port = int(port_text)
-    if port > 65535:
-        raise ConfigurationError(key, f"port must be 0-65535, got {port}")
-    return host, port
 
 
 def normalize_policy(value: object, *, key: str) -> OverflowPolicy:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, ServeProcess, read_payloads, wait_until_sync
 
-from trio_gateway._client import make_payload
+from trio_gateway.loadgen import make_payload
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -87,6 +87,47 @@ def test_sigterm_mid_stream_balances_and_keeps_every_delivered_message(
     assert len(delivered) == ledger["delivered"]
     # Byte-exact, in order, no gaps: exactly the first N messages the client sent.
     assert delivered == [make_payload(64, i) for i in range(len(delivered))]
+
+
+def test_send_ends_with_its_summary_when_serve_stops(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    """SIGTERM to the gateway mid-run: each client prints its summary (what was accepted, and
+    why it stopped) and exits 1, without a traceback."""
+    out = tmp_path / "out.jsonl"
+    gateway = serve(["--ws", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--sink", f"file:{out}"])
+    ws, grpc = gateway.port("websocket"), gateway.port("grpc")
+    runs = {
+        "ws": ["--ws", f"ws://127.0.0.1:{ws}/"],
+        "bidi": ["--grpc", f"127.0.0.1:{grpc}", "--mode", "bidi"],
+    }
+    send = [sys.executable, "-m", "trio_gateway", "send", "--count", "10000000", "--rate", "5000"]
+    senders = {
+        name: subprocess.Popen(
+            [*send, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for name, args in runs.items()
+    }
+    # Stop once both have delivered something (the file sink writes what the gateway took).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        written = out.read_text() if out.exists() else ""
+        if '"transport":"websocket"' in written and '"transport":"grpc"' in written:
+            break
+        time.sleep(0.05)
+    code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    for name, sender in senders.items():
+        stdout, err = sender.communicate(timeout=60)
+        assert sender.returncode == 1, (name, stdout, err)
+        assert stdout.startswith("sent ") and stdout.count("\n") == 1, (name, stdout)
+        assert "Traceback" not in err and err == "", (name, err)
+        expected = "close 1001" if name == "ws" else "; stopped: 127.0.0.1:"
+        assert expected in stdout, (name, stdout)
 
 
 def test_embedded_defaults_listen_on_7000_and_7001(tmp_path: Path) -> None:

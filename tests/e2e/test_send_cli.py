@@ -75,3 +75,20 @@ def test_cli_send_ws_acks_against_serve(
     assert code == 0
     ledger = json.loads(next(ln for ln in stderr.splitlines() if ln.startswith('{"ledger"')))
     assert ledger["ledger"]["received"] == ledger["ledger"]["delivered"] == 3000
+
+
+def test_cli_wrong_path_and_wrong_transport_exit_1_with_one_line(
+    serve: type[ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = serve(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0", "--admin", "off"])
+    ws, tcp = gateway.port("websocket"), gateway.port("tcp")
+    runs = [
+        (["--ws", f"ws://127.0.0.1:{ws}/nope"], "handshake was refused with 404 (wrong path?)"),
+        (["--http", f"http://127.0.0.1:{tcp}/ingest", "--timeout", "1"], "wrong transport?"),
+        (["--grpc", f"127.0.0.1:{ws}"], "not an HTTP/2 answer: wrong transport?"),
+    ]
+    for args, says in runs:
+        assert main(["send", *args, "--count", "3"]) == 1
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert captured.out == "" and len(err) == 1 and says in err[0], captured

@@ -12,8 +12,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway import Gateway, Item, NullSink, Sink, TcpSource, TransportError
-from trio_gateway._client import send_tcp
 from trio_gateway.admin import AdminServer
+from trio_gateway.loadgen import send_tcp
 
 
 class GatedSink(Sink):

@@ -16,8 +16,8 @@ from helpers import Samples, parse_samples, sample_value, wait_until
 from prometheus_client import generate_latest
 
 from trio_gateway import Gateway, Item, Ledger, NullSink, RingBuffer, Sink, TcpSource, UdpSource
-from trio_gateway._client import send_tcp, send_udp
 from trio_gateway.admin import AdminServer
+from trio_gateway.loadgen import send_tcp, send_udp
 
 
 async def scrape(gateway: Gateway) -> Samples:

@@ -14,9 +14,9 @@ from helpers import parse_samples, sample_value
 from trio_websocket import open_websocket_url
 
 from trio_gateway import Gateway, NullSink, TcpSource, UdpSource
-from trio_gateway._client import send_tcp, send_udp
 from trio_gateway._proto import gateway_pb2
 from trio_gateway.admin import AdminServer
+from trio_gateway.loadgen import send_tcp, send_udp
 from trio_gateway.sources.grpc import GrpcSource
 from trio_gateway.sources.http import HttpSource
 from trio_gateway.sources.websocket import WebSocketSource

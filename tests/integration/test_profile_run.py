@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from trio_gateway import Gateway, NullSink, TcpSource
-from trio_gateway._client import send_tcp
 from trio_gateway._profile import main, profiled, summary
+from trio_gateway.loadgen import send_tcp
 
 
 async def _short_run() -> int:

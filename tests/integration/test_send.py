@@ -22,7 +22,8 @@ from helpers import wait_until
 
 from trio_gateway import Gateway, RingBuffer
 from trio_gateway._cli import main
-from trio_gateway._client import (
+from trio_gateway._errors import TransportError
+from trio_gateway.loadgen import (
     SendSummary,
     make_payload,
     resolve_token,
@@ -30,7 +31,6 @@ from trio_gateway._client import (
     send_http,
     send_websocket,
 )
-from trio_gateway._errors import TransportError
 from trio_gateway.queues import OverflowPolicy
 from trio_gateway.sources import Source
 from trio_gateway.sources.grpc import GrpcSource
@@ -332,9 +332,9 @@ async def test_connection_refused_is_one_transport_error() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        with pytest.raises(TransportError, match="cannot connect"):
+        with pytest.raises(TransportError, match="connection refused: is the gRPC listener"):
             await send_grpc("127.0.0.1", port, count=1, size=1)
-        with pytest.raises(TransportError, match="cannot connect"):
+        with pytest.raises(TransportError, match="connection refused: is the HTTP listener"):
             await send_http(f"http://127.0.0.1:{port}/", count=1, size=1)
 
 
@@ -368,4 +368,4 @@ def test_cli_connection_refused_exits_1_with_one_line(capsys: pytest.CaptureFixt
         port = sock.getsockname()[1]
         assert main(["send", "--http", f"http://127.0.0.1:{port}/", "--count", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot connect" in err[0], err
+    assert len(err) == 1 and "connection refused: is the HTTP listener enabled on" in err[0], err

@@ -9,9 +9,9 @@ from helpers import table_rows
 from rich.console import Console
 
 from trio_gateway import Gateway, NullSink, RingBuffer, TcpSource, UdpSource
-from trio_gateway._client import send_tcp, send_udp
 from trio_gateway.admin import AdminServer
 from trio_gateway.admin.top import fetch_metrics, parse_metrics, run_top
+from trio_gateway.loadgen import send_tcp, send_udp
 
 
 async def test_once_against_a_live_gateway() -> None:

@@ -24,8 +24,8 @@ from websockets.frames import Frame, Opcode
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from trio_gateway._client import send_websocket
 from trio_gateway._errors import ProtocolError
+from trio_gateway.loadgen import send_websocket
 from trio_gateway.queues import OverflowPolicy
 from trio_gateway.sources.websocket import (
     ACK_SUBPROTOCOL,

@@ -9,7 +9,17 @@ def test_exported_names() -> None:
     assert isinstance(trio_gateway.__all__, tuple)
     public = {n for n in dir(trio_gateway) if not n.startswith(("_", "@"))}
     # Subpackages are reachable as attributes once imported; they are not part of __all__.
-    modules = {"admin", "codecs", "queues", "sinks", "sources", "testing", "tuning", "workers"}
+    modules = {
+        "admin",
+        "codecs",
+        "loadgen",
+        "queues",
+        "sinks",
+        "sources",
+        "testing",
+        "tuning",
+        "workers",
+    }
     assert set(trio_gateway.__all__) - {"__version__"} == public - modules
     assert {
         "Gateway",

@@ -7,14 +7,14 @@ import json
 import pytest
 
 from trio_gateway._cli import main
-from trio_gateway._client import (
+from trio_gateway._errors import ConfigurationError
+from trio_gateway.loadgen import (
     SendSummary,
-    _retry_after,
     make_payload,
     send_http,
     send_websocket,
 )
-from trio_gateway._errors import ConfigurationError
+from trio_gateway.loadgen._http import retry_after
 
 
 def test_payloads_are_exact_size_and_valid_json() -> None:
@@ -40,9 +40,9 @@ def test_summary_line_and_exit_rule() -> None:
 
 
 def test_retry_after_is_read_as_seconds_only() -> None:
-    assert _retry_after([(b"retry-after", b"3")]) == 3.0
-    assert _retry_after([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
-    assert _retry_after([(b"content-length", b"3")]) is None
+    assert retry_after([(b"retry-after", b"3")]) == 3.0
+    assert retry_after([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
+    assert retry_after([(b"content-length", b"3")]) is None
 
 
 async def test_bad_urls_name_the_flag() -> None:

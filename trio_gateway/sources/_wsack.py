@@ -18,6 +18,7 @@ from websockets.typing import Subprotocol
 
 from .._ingress import Ingress
 from .._message import Origin
+from .._wire import ACK_SUBPROTOCOL
 
 __all__ = (
     "ACK_SUBPROTOCOL",
@@ -29,8 +30,6 @@ __all__ = (
     "select_ack",
 )
 
-ACK_SUBPROTOCOL = "trio-gateway.ack.v1"
-"""The WebSocket subprotocol a client offers (``Sec-WebSocket-Protocol``) to receive acks."""
 MAX_ACK_RANGES = 64
 """The most refused ranges one ack carries. When a connection's unsent ack holds this many
 (its refusals keep alternating with acceptances and the peer does not read its acks), the

@@ -1,0 +1,46 @@
+"""What both sides of the wire agree on: names, paths and address syntax that the gateway's
+listeners and the ``send`` client (:mod:`trio_gateway.loadgen`) must spell the same way.
+
+It imports nothing but the error type, so the client can use it without loading a server.
+"""
+
+from __future__ import annotations
+
+from ._errors import ConfigurationError
+
+__all__ = (
+    "ACK_SUBPROTOCOL",
+    "DEFAULT_HTTP_PATH",
+    "GRPC_CONTENT_TYPE",
+    "GRPC_METHODS",
+    "GRPC_SERVICE",
+    "parse_hostport",
+)
+
+ACK_SUBPROTOCOL = "trio-gateway.ack.v1"
+"""The WebSocket subprotocol a client offers (``Sec-WebSocket-Protocol``) to receive acks."""
+
+DEFAULT_HTTP_PATH = "/ingest"
+"""Where the HTTP listener takes ``POST`` requests unless configured otherwise."""
+
+GRPC_SERVICE = "/trio_gateway.v1.Gateway/"
+"""The gateway's gRPC service (``protos/gateway.proto``): a method's path is this + its name."""
+
+GRPC_METHODS = {"unary": "Send", "stream": "Stream", "bidi": "StreamAcked"}
+"""The service's methods by call shape: one message per call, a client stream with one final
+``Ack``, a bidirectional stream with an ``Ack`` per message."""
+
+GRPC_CONTENT_TYPE = "application/grpc+proto"
+
+
+def parse_hostport(value: str, *, key: str) -> tuple[str, int]:
+    """``"127.0.0.1:7000"``, ``"[::1]:7000"``, ``":7000"`` (-> 127.0.0.1) -> (host, port)."""
+    text = value.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigurationError(key, f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigurationError(key, f"port must be 0-65535, got {port}")
+    return host, port

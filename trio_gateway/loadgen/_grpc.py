@@ -1,0 +1,191 @@
+"""gRPC: the gateway's own ``trio_gateway.v1.Gateway`` service (``Send``, ``Stream``,
+``StreamAcked``) over :mod:`._h2`, with the generated message classes of
+``trio_gateway/_proto``; statuses and timeouts use grpclib's codecs."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+import trio
+
+from .._errors import ConfigurationError, TransportError
+from .._proto import gateway_pb2
+from .._wire import GRPC_METHODS
+from ._connect import Misdirected, Peer
+from ._h2 import CONNECTION_LOST, GrpcCall, grpc_connection, grpc_frame
+from ._options import DEFAULT_TIMEOUT, GRPC_MODES, check_common
+from ._run import Run, SendSummary, make_payload, run_workers
+
+__all__ = ("send_grpc",)
+
+
+async def _finish(call: GrpcCall, peer: Peer, step_timeout: float) -> tuple[str, list[bytes]]:
+    """Wait for the end of the call: its status and every reply not read yet."""
+    replies: list[bytes] = []
+    try:
+        with trio.fail_after(step_timeout):
+            while batch := await call.recv_batch():
+                replies += batch
+    except trio.TooSlowError as exc:
+        raise peer.error(f"no answer within {step_timeout:g} s") from exc
+    assert call.status is not None
+    return call.status, replies
+
+
+async def send_grpc(
+    host: str,
+    port: int,
+    *,
+    count: int,
+    size: int,
+    mode: str = "unary",
+    concurrency: int = 1,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    rate: float | None = None,
+    step_timeout: float = DEFAULT_TIMEOUT,
+    progress: Callable[[int], None] | None = None,
+) -> SendSummary:
+    """Send ``count`` messages to the gateway's ``trio_gateway.v1.Gateway`` service.
+
+    ``mode``: ``unary`` (one ``Send`` call per message; its status is the answer), ``stream``
+    (one ``Stream`` call per connection; the final ``Ack`` counts accepted and rejected) or
+    ``bidi`` (one ``StreamAcked`` call per connection; an ``Ack`` per message). Each message's
+    ``sequence`` is its number in the run. TLS when ``ssl_context`` is given (ALPN ``h2``).
+    """
+    check_common(count, size, concurrency, step_timeout, rate)
+    if mode not in GRPC_MODES:
+        raise ConfigurationError("--mode", f"must be one of {', '.join(GRPC_MODES)}")
+    if ssl_context is not None:
+        ssl_context.set_alpn_protocols(["h2"])
+    peer = Peer("grpc", host, port, secure=ssl_context is not None)
+    run = Run(count, size, rate=rate, progress=progress, progress_on_write=mode == "stream")
+    message = gateway_pb2.Message
+
+    def frames(seqs: range) -> bytes:
+        return b"".join(
+            grpc_frame(message(payload=make_payload(size, seq), sequence=seq)) for seq in seqs
+        )
+
+    def failed(call: GrpcCall) -> TransportError | None:
+        """The connection's failure, or the endpoint's not being gRPC, as the run's error."""
+        if call.status == CONNECTION_LOST:
+            return TransportError(call.detail)
+        if call.status is not None and call.status.startswith("HTTP "):
+            return Misdirected(
+                f"{peer.where}: answered {call.status} ({call.detail}): wrong transport? "
+                "(is it the gateway's gRPC listener?)"
+            )
+        return None
+
+    async def unary() -> None:
+        seqs = run.claim(1)
+        try:
+            while seqs:
+                async with grpc_connection(
+                    peer,
+                    ssl_context=ssl_context,
+                    step_timeout=step_timeout,
+                    first=not run.reached,
+                ) as conn:
+                    run.reached = True
+                    while seqs and not conn.terminated:
+                        await run.pace(seqs.start)
+                        call = conn.open_call(
+                            GRPC_METHODS["unary"], token=token, step_timeout=step_timeout
+                        )
+                        try:
+                            with trio.fail_after(step_timeout):
+                                await call.send(frames(seqs), end=True)
+                        except trio.TooSlowError as exc:
+                            raise peer.error(f"no progress for {step_timeout:g} s") from exc
+                        status, replies = await _finish(call, peer, step_timeout)
+                        if error := failed(call):
+                            raise error
+                        if status == "UNAVAILABLE" and conn.terminated:
+                            break  # refused by a GOAWAY: resend on a new connection
+                        run.wrote(1)
+                        accepted = status == "OK" and bool(replies)
+                        if accepted:
+                            accepted = gateway_pb2.Ack.FromString(replies[0]).accepted
+                        run.accept(1 if accepted else 0)
+                        reason = status if status != "OK" else "not accepted"
+                        run.reject(reason, 0 if accepted else 1)
+                        seqs = run.claim(1)
+        except TransportError as exc:
+            run.gone(exc, written=0, unsent=len(seqs))
+
+    async def streaming(acked: bool) -> None:
+        per_write = run.chunk()
+        seqs = run.claim(per_write)
+        if not seqs:
+            return
+        written = answered = 0
+        try:
+            async with grpc_connection(
+                peer,
+                ssl_context=ssl_context,
+                step_timeout=step_timeout,
+                first=not run.reached,
+            ) as conn:
+                run.reached = True
+                method = GRPC_METHODS["bidi" if acked else "stream"]
+                call = conn.open_call(method, token=token, step_timeout=step_timeout)
+
+                async def read_acks() -> None:
+                    nonlocal answered
+                    while batch := await call.recv_batch():
+                        for data in batch:
+                            ack = gateway_pb2.Ack.FromString(data)
+                            answered += 1
+                            if ack.accepted:
+                                run.accept(1)
+                            else:
+                                run.reject(ack.reason or "not accepted", 1)
+
+                async with trio.open_nursery() as nursery:
+                    if acked:
+                        nursery.start_soon(read_acks)
+                    try:
+                        while seqs:
+                            await run.pace(seqs.start)
+                            with trio.fail_after(step_timeout):
+                                if not await call.send(frames(seqs)):
+                                    break
+                            written += len(seqs)
+                            run.wrote(len(seqs))
+                            seqs = run.claim(per_write)
+                        else:
+                            with trio.fail_after(step_timeout):
+                                await call.send(b"", end=True)
+                    except trio.TooSlowError as exc:
+                        raise peer.error(f"no progress for {step_timeout:g} s") from exc
+                    try:
+                        with trio.fail_after(step_timeout):
+                            await call.done.wait()
+                    except trio.TooSlowError as exc:
+                        raise peer.error(f"no answer within {step_timeout:g} s") from exc
+                status, replies = await _finish(call, peer, step_timeout)
+                if error := failed(call):
+                    raise error
+        except TransportError as exc:
+            run.gone(exc, written=written - answered, unsent=len(seqs))
+            return
+        if status == "OK" and not acked and replies:
+            ack = gateway_pb2.Ack.FromString(replies[-1])
+            run.accept(ack.accepted_count)
+            run.reject("dropped", ack.rejected_count)
+            answered = ack.accepted_count + ack.rejected_count
+        reason = "no ack" if status == "OK" else status
+        run.reject(reason, written - answered)
+        run.reject_unsent(reason, len(seqs))
+        if status != "OK":
+            run.stop(status)
+
+    if mode == "unary":
+        await run_workers(concurrency, unary)
+    else:
+        acked = mode == "bidi"
+        await run_workers(concurrency, lambda: streaming(acked))
+    return run.summary()

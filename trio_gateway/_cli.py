@@ -1,58 +1,45 @@
-"""The command line: ``serve``, ``check-config`` and ``send``.
+"""The command line: ``serve``, ``check-config``, ``top`` and ``send``.
 
 Every configuration error is one line on stderr naming the key, and exit status 2.
+
+Start-up is kept short (``--help`` in well under 0.3 s): this module imports no server, no
+Trio and no configuration builder at import time, and only the chosen command's flags are
+defined (each command's ``_*_parser`` function), so ``--help`` loads none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import trio
-
-from ._buffer import tune_allocator
-from ._client import (
-    DEFAULT_TIMEOUT,
-    GRPC_MODES,
-    MAX_CONCURRENCY,
-    client_ssl_context,
-    resolve_token,
-    send_grpc,
-    send_http,
-    send_tcp,
-    send_udp,
-    send_websocket,
-)
-from ._config import (
+from ._config._schema import (
     DEFAULT_TCP,
     DEFAULT_UDP,
-    GatewayConfig,
-    QueueConfig,
-    SourceConfig,
-    build_gateway,
-    load_config,
-    normalize_policy,
+    POLICY_NAMES,
+    QUEUE_NAMES,
     parse_hostport,
-    sink_kind,
-    source_from_flag,
 )
-from ._errors import ConfigurationError, GatewayError
-from ._profile import check_profile_path, profiled
-from ._workers import serve_workers
-from .admin import top as top_view
-from .admin.progress import send_progress
-from .queues import QUEUE_KINDS
+from ._errors import ConfigurationError, GatewayError, SinkUnavailable
+from ._names import canonical
+
+if TYPE_CHECKING:
+    from ._config import GatewayConfig
+    from ._ledger import Ledger
 
 __all__ = ("main",)
 
 PROG = "trio_gateway"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""A runtime failure (a port in use, the sink lost while running) or an unbalanced ledger."""
+EXIT_USAGE = 2
+"""A bad flag or key, or a sink that cannot work at start: nothing ran."""
+EXIT_ABANDONED = 3
+"""``serve`` stopped, but messages were abandoned (drain deadline, a second Ctrl-C)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,35 +49,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+class _Version(argparse.Action):
+    """``--version``: ``trio_gateway 0.1.0``, from the installed package's metadata."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version(PROG)
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from . import __version__ as number
+        print(f"{PROG} {number}")  # on stdout, as argparse's own version action does
+        parser.exit(0)
 
 
-def _setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("trio_gateway")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Real-time data-pipeline gateway on Trio.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _serve_parser(commands: Any, full: bool) -> None:
     serve = commands.add_parser(
         "serve",
         help="run a gateway",
@@ -98,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
             f"Run a gateway. With no source in flags or config: TCP on {DEFAULT_TCP}, "
             f"UDP on {DEFAULT_UDP}, sink stdout."
         ),
+        epilog="exit status: 0 stopped with every message accounted for, 1 runtime error, "
+        "2 bad flag or key or a sink that cannot work at start, 3 stopped with messages "
+        "abandoned (docs/cli.md).",
     )
+    if not full:
+        return
     serve.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     serve.add_argument(
         "--tcp",
@@ -109,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--tcp-framing",
+        type=canonical,
         choices=("newline", "length"),
         help="framing of the --tcp listeners (default newline)",
     )
@@ -118,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST:PORT",
         help="a UDP listener (repeatable)",
+    )
+    serve.add_argument(
+        "--udp-framing",
+        type=canonical,
+        choices=("raw", "newline"),
+        help="framing of the --udp listeners: raw (one datagram = one message, as sent) or "
+        "newline (one message per line; a trailing newline is stripped) (raw)",
     )
     for flag, text in (
         ("--http", "an HTTP listener: POST /ingest"),
@@ -143,17 +132,29 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
     )
-    serve.add_argument("--queue", choices=tuple(QUEUE_KINDS), help="queue structure (ring)")
+    serve.add_argument(
+        "--queue", type=canonical, choices=QUEUE_NAMES, help="queue structure (ring)"
+    )
     serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
     serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
     serve.add_argument(
-        "--policy", choices=("block", "drop-newest", "drop-oldest"), help="overflow policy (block)"
+        "--policy",
+        type=canonical,
+        choices=POLICY_NAMES,
+        help="overflow policy (block; drop-oldest is drop_oldest)",
     )
     serve.add_argument(
         "--sink",
         metavar="URL",
         help="stdout | null | file:PATH | tcp:HOST:PORT | http(s)://HOST/PATH | "
         "nats://HOST:PORT/SUBJECT[?stream=NAME&create=true] (stdout)",
+    )
+    serve.add_argument(
+        "--sink-wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long at start for a sink destination that is not there yet, "
+        "/readyz answering 503 meanwhile (0: fail at once, exit 2)",
     )
     serve.add_argument(
         "--processor", metavar="MODULE:FUNCTION", help="a function applied to every message"
@@ -186,12 +187,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_logging(serve)
 
+
+def _top_parser(commands: Any, full: bool) -> None:
     top = commands.add_parser("top", help="live view of a running gateway's /metrics")
-    top_view.add_arguments(top)
+    if full:
+        from .admin import top as top_view
 
-    check = commands.add_parser("check-config", help="validate a TOML file and print it resolved")
-    check.add_argument("file", metavar="FILE.toml")
+        top_view.add_arguments(top)
 
+
+def _check_parser(commands: Any, full: bool) -> None:
+    check = commands.add_parser(
+        "check-config", help="validate a TOML file and print it resolved (secrets redacted)"
+    )
+    if full:
+        check.add_argument("file", metavar="FILE.toml")
+
+
+def _send_parser(commands: Any, full: bool) -> None:
     send = commands.add_parser(
         "send",
         help="send test messages to a gateway",
@@ -206,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
             "2 for a bad flag (the message names it)."
         ),
     )
+    if not full:
+        return
+    from ._client import DEFAULT_TIMEOUT, GRPC_MODES
+
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--tcp", metavar="HOST:PORT", help="stream frames to a TCP listener")
     target.add_argument("--udp", metavar="HOST:PORT", help="one datagram per message")
@@ -271,7 +288,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"bound on each connect, write and answer ({DEFAULT_TIMEOUT:g})",
     )
-    return parser
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -281,145 +297,25 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
 
 
-def _tls_options(args: argparse.Namespace) -> dict[str, str]:
-    if args.tls_cert is None:
-        if args.tls_key or args.tls_client_ca:
-            raise ConfigurationError("--tls-cert", "required with --tls-key / --tls-client-ca")
-        return {}
-    names = (
-        ("certfile", args.tls_cert),
-        ("keyfile", args.tls_key),
-        ("client_ca", args.tls_client_ca),
+_COMMANDS: dict[str, Callable[[Any, bool], None]] = {
+    "serve": _serve_parser,
+    "check-config": _check_parser,
+    "send": _send_parser,
+    "top": _top_parser,
+}
+
+
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser, with the flags of the command ``argv`` names (the others only listed)."""
+    parser = _Parser(prog=PROG, description="Real-time data-pipeline gateway on Trio.")
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
-    return {name: value for name, value in names if value}
-
-
-def _flag_sources(args: argparse.Namespace) -> list[SourceConfig]:
-    """The --http, --ws and --grpc listeners (TCP's TLS goes with the other --tcp options)."""
-    tls = _tls_options(args)
-    sources: list[SourceConfig] = []
-    for transport, values, token, flag in (
-        ("http", args.http, args.http_token, "--http"),
-        ("websocket", args.ws, args.ws_token, "--ws"),
-        ("grpc", args.grpc, args.grpc_token, "--grpc"),
-    ):
-        options: dict[str, str] = dict(tls)
-        if token:
-            options["token"] = token
-        elif token is not None:
-            raise ConfigurationError(f"{flag}-token", "must not be empty")
-        sources += [source_from_flag(transport, v, key=flag, **options) for v in values]
-    return sources
-
-
-def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """The TOML file (if any) with the flags applied on top, then the embedded defaults."""
-    config = load_config(args.config) if args.config else GatewayConfig()
-    sources: list[SourceConfig] = list(config.sources)
-    framing = {"framing": args.tcp_framing} if args.tcp_framing else {}
-    tcp_options = {**framing, **_tls_options(args)}
-    sources += [source_from_flag("tcp", v, key="--tcp", **tcp_options) for v in args.tcp]
-    sources += [source_from_flag("udp", v, key="--udp") for v in args.udp]
-    sources += _flag_sources(args)
-    if args.tcp_framing and not args.tcp:
-        sources = [
-            replace(s, options={**s.options, "framing": args.tcp_framing})
-            if s.transport == "tcp"
-            else s
-            for s in sources
-        ]
-        if not sources:
-            sources = [source_from_flag("tcp", DEFAULT_TCP, key="--tcp-framing", **framing)]
-    queue = config.queue
-    queue = QueueConfig(
-        kind=args.queue or queue.kind,
-        capacity=args.capacity if args.capacity is not None else queue.capacity,
-        policy=normalize_policy(args.policy, key="--policy") if args.policy else queue.policy,
-        max_bytes=args.max_bytes if args.max_bytes is not None else queue.max_bytes,
-    )
-    sink = config.sink
-    if args.sink:
-        if sink.options and sink_kind(args.sink) != sink_kind(sink.url):
-            raise ConfigurationError(
-                "--sink",
-                f"the config's [sink] options ({', '.join(sink.options)}) are for its "
-                f"{sink_kind(sink.url)} sink, not {sink_kind(args.sink)}",
-            )
-        sink = replace(sink, url=args.sink)
-    changes = {
-        name: getattr(args, name)
-        for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")
-        if getattr(args, name) is not None
-    }
-    return replace(
-        config, sources=tuple(sources), queue=queue, sink=sink, **changes
-    ).with_default_sources()
-
-
-async def _serve(config: GatewayConfig) -> int:
-    tune_allocator()  # reuse freed message memory (see its docstring; docs/benchmarks.md)
-    gateway = build_gateway(config, handle_signals=True)
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(gateway.run)
-        log = logging.getLogger("trio_gateway")
-        for source, addresses in zip(gateway.sources, bound, strict=True):
-            for host, port in addresses:
-                log.info("listening: %s on %s:%d", source.transport, host, port)
-        log.info("ready")
-    ledger = gateway.ledger
-    print(ledger.to_json(), file=sys.stderr, flush=True)
-    return 0 if ledger.balanced else 1
-
-
-_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key")
-
-
-def _shown(name: str, value: object) -> str:
-    """An option as check-config prints it: a secret only by its ``env:NAME``."""
-    if isinstance(value, str) and value.startswith("env:"):
-        return repr(value)
-    if name == "token":
-        return "'<redacted>'"
-    if name == "headers" and isinstance(value, dict):
-        return repr(
-            {
-                k: v
-                if str(v).startswith("env:") or k.lower() not in _SECRET_HEADERS
-                else "<redacted>"
-                for k, v in value.items()
-            }
-        )
-    return repr(value)
-
-
-def _shown_url(url: str) -> str:
-    """A sink URL as check-config prints it: the password of ``scheme://user:pass@host`` is
-    redacted."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:<redacted>@{host}"))
-
-
-def _describe(config: GatewayConfig) -> str:
-    lines = [
-        f"queue: {config.queue.kind}, capacity {config.queue.capacity}, "
-        f"policy {config.queue.policy.replace('_', '-')}"
-        + (f", max {config.queue.max_bytes} bytes" if config.queue.max_bytes else ""),
-        f"sink: {_shown_url(config.sink.url)}"
-        + "".join(f", {k}={_shown(k, v)}" for k, v in config.sink.options.items()),
-        f"drain timeout {config.drain_timeout} s, grace period {config.grace_period} s, "
-        f"batch size {config.batch_size}",
-    ]
-    if config.processor:
-        lines.append(f"processor: {config.processor}")
-    if config.workers > 1:
-        lines.append(f"workers: {config.workers}")
-    for source in config.sources:
-        options = "".join(f", {k}={_shown(k, v)}" for k, v in source.options.items())
-        lines.append(f"source: {source.transport} on {source.host}:{source.port}{options}")
-    return "\n".join(lines)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for name, add in _COMMANDS.items():
+        add(commands, name == chosen)
+    return parser
 
 
 def _check_send_flags(args: argparse.Namespace) -> str:
@@ -432,6 +328,8 @@ def _check_send_flags(args: argparse.Namespace) -> str:
         raise ConfigurationError("--rate", "must be positive")
     if args.timeout <= 0:
         raise ConfigurationError("--timeout", "must be positive")
+    from ._client import MAX_CONCURRENCY
+
     transport = next(name for name in ("tcp", "udp", "http", "ws", "grpc") if getattr(args, name))
     for flag, owners, given in (
         ("--framing", ("tcp",), args.framing is not None),
@@ -457,6 +355,17 @@ def _check_send_flags(args: argparse.Namespace) -> str:
 
 
 async def _send(args: argparse.Namespace) -> int:
+    from ._client import (
+        client_ssl_context,
+        resolve_token,
+        send_grpc,
+        send_http,
+        send_tcp,
+        send_udp,
+        send_websocket,
+    )
+    from .admin.progress import send_progress
+
     transport = _check_send_flags(args)
     token = resolve_token(args.token, key="--token")
     count, size, rate, step = args.count, args.size, args.rate, args.timeout
@@ -527,46 +436,112 @@ async def _send(args: argparse.Namespace) -> int:
     return 0 if summary.all_accepted else 1
 
 
+async def _serve(config: GatewayConfig) -> int:
+    import logging
+
+    import trio
+
+    from ._buffer import tune_allocator
+    from ._config import build_gateway
+
+    tune_allocator()  # reuse freed message memory (see its docstring; docs/benchmarks.md)
+    gateway = build_gateway(config, handle_signals=True)
+    log = logging.getLogger("trio_gateway")
+    ready = False
+    try:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(gateway.run)
+            if gateway.state != "stopped":  # else stopped while waiting for the sink
+                for source, addresses in zip(gateway.sources, bound, strict=True):
+                    for host, port in addresses:
+                        log.info("listening: %s on %s:%d", source.transport, host, port)
+                log.info("ready")
+                ready = True
+    except BaseException as exc:
+        lost = [leaf for leaf in _leaves(exc) if isinstance(leaf, SinkUnavailable)]
+        if not (ready and lost):
+            raise  # nothing ran: one line, no ledger (main)
+        # The sink went away while running (a closed pipe): say so, then the ledger.
+        print(f"{PROG}: error: {lost[0]}", file=sys.stderr, flush=True)
+        print(gateway.ledger.to_json(), file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    print(gateway.ledger.to_json(), file=sys.stderr, flush=True)
+    return exit_status(gateway.ledger)
+
+
+def exit_status(ledger: Ledger) -> int:
+    """``serve``'s exit status for a gateway that ran: 0, 1 (unbalanced) or 3 (abandoned)."""
+    if not ledger.balanced:
+        return EXIT_FAILED
+    return EXIT_ABANDONED if ledger.abandoned else EXIT_OK
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc]
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from ._config import build_gateway
+    from ._config._flags import config_from_args
+    from ._log import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    config = config_from_args(args)
+    build_gateway(config)  # validate everything before binding anything
+    if config.workers > 1:
+        if args.profile:
+            raise ConfigurationError("--profile", "profiles one process: use --workers 1")
+        from ._workers import serve_workers
+
+        return trio.run(serve_workers, config)
+    # (Not before the workers branch: children would inherit SIG_IGN.)
+    # The gateway's own receiver handles SIGINT/SIGTERM while it runs. Outside that window
+    # (the first milliseconds, and after the ledger) they are ignored rather than killing
+    # the process mid-flush or re-raised as a traceback after it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.profile:
+        from ._profile import check_profile_path, profiled
+
+        check_profile_path(args.profile)
+        with profiled(args.profile):
+            return trio.run(_serve, config)
+    return trio.run(_serve, config)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        _setup_logging(args.log_level, args.log_format)
-        config = config_from_args(args)
-        build_gateway(config)  # validate everything before binding anything
-        if config.workers > 1:
-            if args.profile:
-                raise ConfigurationError("--profile", "profiles one process: use --workers 1")
-            return trio.run(serve_workers, config)
-        # (Not before the workers branch: children would inherit SIG_IGN.)
-        # The gateway's own receiver handles SIGINT/SIGTERM while it runs. Outside that window
-        # (the first milliseconds, and after the ledger) they are ignored rather than killing
-        # the process mid-flush or re-raised as a traceback after it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if args.profile:
-            check_profile_path(args.profile)
-            with profiled(args.profile):
-                return trio.run(_serve, config)
-        return trio.run(_serve, config)
+        return _run_serve(args)
     if args.command == "check-config":
-        config = load_config(args.file).with_default_sources()
+        from ._config import build_gateway, load_config
+        from ._config._describe import describe
+
+        config = load_config(args.file, flag=None).with_default_sources()
         build_gateway(config)
-        print(_describe(config))
+        print(describe(config))
         return 0
     if args.command == "send":
+        import trio
+
         return trio.run(_send, args)
     if args.command == "top":
+        from .admin import top as top_view
+
         return top_view.run_from_args(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(argv)
+    if not argv:  # a bare call: what there is to run, not just an error
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
         return _run(args)
     except BaseException as exc:
@@ -577,4 +552,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         first = leaves[0]
         print(f"{PROG}: error: {first}", file=sys.stderr)
-        return 2 if isinstance(first, ConfigurationError) else 1
+        usage = isinstance(first, ConfigurationError | SinkUnavailable)
+        return EXIT_USAGE if usage else EXIT_FAILED

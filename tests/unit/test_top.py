@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import trio
@@ -12,7 +13,14 @@ from trio_gateway import Gateway, NullSink, RingBuffer, TcpSource, UdpSource
 from trio_gateway._client import send_tcp, send_udp
 from trio_gateway.admin import AdminServer
 from trio_gateway.admin.progress import send_progress
-from trio_gateway.admin.top import fetch_metrics, main, parse_metrics, render_text, run_top
+from trio_gateway.admin.top import (
+    fetch_metrics,
+    main,
+    parse_metrics,
+    render,
+    render_text,
+    run_top,
+)
 
 BEFORE = """\
 # TYPE trio_gateway_received_messages_total counter
@@ -64,10 +72,11 @@ AFTER = (
 
 
 def rows(frame: str) -> dict[str, list[str]]:
-    """First cell -> the other cells, for every table row of a rendered frame."""
+    """First cell -> the other cells, for every table row of a rendered frame (borderless
+    tables: cells are at least two spaces apart, words within a cell one)."""
     out: dict[str, list[str]] = {}
     for line in frame.splitlines():
-        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        cells = re.split(r"\s{2,}", line.strip())
         if len(cells) > 1 and cells[0]:
             out[cells[0]] = cells[1:]
     return out
@@ -87,11 +96,12 @@ def test_a_frame_shows_rates_from_two_scrapes() -> None:
     assert table["tcp:0.0.0.0:7002"][0] == "0"
     # Queue: depth over capacity, fill, 300 drops a second, by reason.
     assert table["ring"][0] == "750/1.0k"
-    assert "75%" in table["ring"][1]
-    assert table["ring"][3:] == ["300", "drop_newest 600"]
-    # Sink: 19,625 msg/s, 20 batches/s, 0.1 s over 40 batches = 2.5 ms per batch.
-    assert table["null"][:3] == ["19.6k", "20", "2.50 ms"]
-    assert "draining" in frame
+    assert "75%" in table["ring"][2]  # after the bar
+    assert table["ring"][-2:] == ["300", "drop_newest 600"]
+    # Sink: 19,625 msg/s; 39,250 messages in 40 batches = 981 a batch; 0.1 s over 40
+    # batches = 2.5 ms per batch. No sink_up gauge in these scrapes: state unknown.
+    assert table["null"][:4] == ["-", "19.6k", "981", "2.50"]
+    assert "not ready" in frame
     assert "cpu 50%" in frame
     assert "rates over 2.0 s" in frame
 
@@ -156,6 +166,44 @@ async def test_live_mode_redraws_and_survives_an_unreachable_endpoint() -> None:
         status = await run_top("127.0.0.1", port, interval=0.01, console=console, frames=3)
     assert status == 0
     assert "retrying" in out.getvalue()
+
+
+async def test_live_mode_gives_up_on_an_endpoint_unreachable_past_the_grace() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=True, color_system=None)
+    with trio.socket.socket() as unused:
+        await unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with trio.fail_after(10):
+        status = await run_top(
+            "127.0.0.1", port, interval=0.01, console=console, unreachable_grace=0.2
+        )
+    assert status == 1
+    assert "unreachable for 0.2 s" in out.getvalue()
+
+
+def test_a_frame_fits_80_by_24_with_the_sink_row_and_a_quit_hint() -> None:
+    sink = "file:/var/lib/trio_gateway/a/long/path/out.jsonl"
+    up = f'# TYPE trio_gateway_sink_up gauge\ntrio_gateway_sink_up{{sink="{sink}"}} 0\n'
+    before = BEFORE.replace('sink="null"', f'sink="{sink}"') + up
+    after = AFTER.replace('sink="null"', f'sink="{sink}"') + up
+    console = Console(width=80, height=24, force_terminal=True, color_system=None)
+    with console.capture() as capture:
+        console.print(
+            render(
+                parse_metrics(before, at=1.0),
+                parse_metrics(after, at=3.0),
+                target="127.0.0.1:9100",
+                hint="q quit",
+            )
+        )
+    lines = capture.get().splitlines()
+    assert len(lines) <= 23, lines  # the last line of the terminal stays for the cursor
+    assert max(len(line) for line in lines) <= 80
+    header = lines[0]
+    assert "not ready" in header and "sink down" in header and "q quit" in header
+    sink_row = next(line for line in lines if line.startswith("file:/var/lib"))
+    assert "…" in sink_row and "down" in sink_row and sink_row.rstrip().endswith("40.2k")
 
 
 async def test_once_reports_an_unreachable_endpoint() -> None:

@@ -242,7 +242,9 @@ class AdminServer:
         if path == b"/readyz":
             if gateway.accepting:
                 return _Reply(200, b"ready\n")
-            body = f"not ready: {gateway.state}\n".encode()
+            # The reason (``readiness``: "waiting for the sink: ..."); the workers' supervisor,
+            # which serves this endpoint too, has only its state.
+            body = f"not ready: {getattr(gateway, 'readiness', gateway.state)}\n".encode()
             return _Reply(503, body, extra=(("retry-after", "5"),))
         return _Reply(200, _INDEX)
 

@@ -5,20 +5,29 @@ prometheus-client's text parser and shows rates (from the difference between two
 transport and listener, the queue's depth and drops, and the sink. :func:`render` builds one
 frame from two scrapes without a terminal, so it is tested like any function; ``--once`` prints
 one frame (two scrapes ``--interval`` apart) and exits, for scripts.
+
+The live view fits an 80x24 terminal (one header line, four borderless tables, names cut
+with an ellipsis rather than wrapped), quits on ``q`` (or Ctrl-C), and exits 1 when the
+endpoint has been unreachable for ``UNREACHABLE_GRACE`` seconds (or three intervals, if
+longer) in a row: at start, a gateway still starting gets that long; later, a restart
+shorter than that is ridden out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -41,6 +50,8 @@ __all__ = (
 )
 
 P = "trio_gateway_"
+UNREACHABLE_GRACE = 5.0
+"""Seconds the live view keeps retrying an unreachable endpoint before it exits 1."""
 
 Labels = frozenset[tuple[str, str]]
 
@@ -131,11 +142,41 @@ def _bytes(value: float | None) -> str:
     return "-" if value is None else _num(value, "B")
 
 
+def _table(
+    title: str, headers: Sequence[str], left: Sequence[str], wide: Sequence[str] = ()
+) -> Table:
+    """A borderless table (title, header, rule, rows): four of them fit 24 lines. Cells never
+    wrap; the ``wide`` columns (names, reasons) share what room is left and are cut with an
+    ellipsis."""
+    table = Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        expand=True,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    for header in headers:
+        table.add_column(
+            header,
+            justify="left" if header in left else "right",
+            no_wrap=True,
+            overflow="ellipsis",
+            ratio=1 if header in wide else None,
+        )
+    return table
+
+
 def _transport_table(r: _Rates) -> Table:
     cur = r.current
-    table = Table(title="by transport", title_justify="left", expand=True)
-    for header in ("transport", "msg/s", "bytes/s", "rejected/s", "received", "rejected", "conns"):
-        table.add_column(header, justify="left" if header == "transport" else "right")
+    table = _table(
+        "by transport",
+        ("transport", "msg/s", "bytes/s", "rejected/s", "received", "rejected", "conns"),
+        ("transport",),
+        ("transport",),
+    )
     received = cur.by(P + "received_messages_total", "transport")
     for (transport,) in sorted(received):
         table.add_row(
@@ -152,10 +193,12 @@ def _transport_table(r: _Rates) -> Table:
 
 def _listener_table(r: _Rates) -> Table:
     cur = r.current
-    table = Table(title="by listener", title_justify="left", expand=True)
-    for header in ("listener", "msg/s", "bytes/s", "received", "rejected (by reason)", "conns"):
-        left = header.startswith(("listener", "rejected"))
-        table.add_column(header, justify="left" if left else "right")
+    table = _table(
+        "by listener",
+        ("listener", "msg/s", "bytes/s", "received", "rejected (by reason)", "conns"),
+        ("listener", "rejected (by reason)"),
+        ("listener", "rejected (by reason)"),
+    )
     keys = ("transport", "listener")
     received = cur.by(P + "received_messages_total", *keys)
     rates = r.rate_by(P + "received_messages_total", *keys)
@@ -181,9 +224,12 @@ def _listener_table(r: _Rates) -> Table:
 
 def _queue_panel(r: _Rates) -> Table:
     cur = r.current
-    table = Table(title="queue", title_justify="left", expand=True, show_header=True)
-    for header in ("queue", "depth", "fill", "blocked", "dropped/s", "dropped (by reason)"):
-        table.add_column(header, justify="left" if header in ("queue", "fill") else "right")
+    table = _table(
+        "queue",
+        ("queue", "depth", "fill", "blocked", "dropped/s", "dropped (by reason)"),
+        ("queue", "fill", "dropped (by reason)"),
+        ("dropped (by reason)",),
+    )
     drops = cur.by(P + "dropped_messages_total", "reason")
     drop_rate = r.rate(P + "dropped_messages_total")
     reasons = ", ".join(f"{reason} {_num(n)}" for (reason,), n in sorted(drops.items()) if n)
@@ -191,7 +237,7 @@ def _queue_panel(r: _Rates) -> Table:
         capacity = cur.total(P + "queue_capacity", queue=queue)
         fill = depth / capacity if capacity else 0.0
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=100, completed=fill * 100, width=20), f"{fill:4.0%}")
+        bar.add_row(ProgressBar(total=100, completed=fill * 100, width=8), f"{fill:4.0%}")
         table.add_row(
             queue,
             f"{_num(depth)}/{_num(capacity)}",
@@ -205,11 +251,15 @@ def _queue_panel(r: _Rates) -> Table:
 
 def _sink_panel(r: _Rates) -> Table:
     cur = r.current
-    table = Table(title="sink", title_justify="left", expand=True)
-    for header in ("sink", "msg/s", "batches/s", "mean batch", "failed", "retries", "delivered"):
-        table.add_column(header, justify="left" if header == "sink" else "right")
+    table = _table(
+        "sink",
+        ("sink", "state", "msg/s", "msg/batch", "ms/batch", "failed", "delivered"),
+        ("sink",),
+        ("sink",),
+    )
+    up = cur.by(P + "sink_up", "sink")
     for (sink,), sent in sorted(cur.by(P + "sink_sent_messages_total", "sink").items()):
-        latency = "-"
+        size = latency = "-"
         if r.known and cur.has(P + "sink_batch_seconds_count"):
             assert r.previous is not None
             count = _increase(
@@ -220,42 +270,53 @@ def _sink_panel(r: _Rates) -> Table:
                 r.previous.total(P + "sink_batch_seconds_sum", sink=sink),
                 cur.total(P + "sink_batch_seconds_sum", sink=sink),
             )
+            delivered = _increase(r.previous.total(P + "sink_sent_messages_total", sink=sink), sent)
             if count:
-                latency = f"{total / count * 1000:.2f} ms"
+                # Messages per batch (the size), and the mean time the sink took for one.
+                size = _num(delivered / count)
+                latency = f"{total / count * 1000:.2f}"
+        state = "-" if (sink,) not in up else ("up" if up[(sink,)] else "down")
         table.add_row(
             sink,
+            Text(state, style="bold red" if state == "down" else ""),
             _num(r.rate(P + "sink_sent_messages_total", sink=sink)),
-            _num(r.rate(P + "sink_batches_total", sink=sink)),
+            size,
             latency,
             _num(cur.total(P + "sink_failed_total", sink=sink)),
-            _num(cur.total(P + "sink_retries_total", sink=sink)),
             _num(sent),
         )
     return table
 
 
-def _header(r: _Rates, target: str) -> Text:
+def _header(r: _Rates, target: str, *, hint: str = "") -> Text:
+    """One line, cut rather than wrapped on a narrow terminal."""
     cur = r.current
-    text = Text(f"trio_gateway top  {target}  ", style="bold")
+    text = Text(f"top {target}  ", style="bold", no_wrap=True, overflow="ellipsis")
     if cur.has(P + "accepting"):
         if cur.total(P + "accepting"):
             text.append("accepting", style="bold green")
         else:
-            text.append("draining / not ready", style="bold yellow")
+            text.append("not ready", style="bold yellow")
+    if cur.has(P + "sink_up") and any(not v for v in cur.by(P + "sink_up", "sink").values()):
+        text.append("  sink down", style="bold red")
     cpu = r.rate("process_cpu_seconds_total") if cur.has("process_cpu_seconds_total") else None
     if cpu is not None:
         text.append(f"  cpu {cpu:.0%}")
     if cur.has("process_resident_memory_bytes"):
         text.append(f"  rss {_bytes(cur.total('process_resident_memory_bytes'))}")
     text.append(f"  rates over {r.seconds:.1f} s" if r.known else "  (rates after 2 scrapes)")
+    if hint:
+        text.append(f"  {hint}", style="dim")
     return text
 
 
-def render(previous: Scrape | None, current: Scrape, *, target: str = "") -> RenderableType:
+def render(
+    previous: Scrape | None, current: Scrape, *, target: str = "", hint: str = ""
+) -> RenderableType:
     """One frame: rates are the difference between ``previous`` and ``current``."""
     r = _Rates(previous, current)
     return Group(
-        _header(r, target),
+        _header(r, target, hint=hint),
         _transport_table(r),
         _listener_table(r),
         _queue_panel(r),
@@ -280,6 +341,33 @@ def _error_frame(target: str, message: str) -> RenderableType:
 # -- scraping ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _keys_from(fd: int | None) -> Iterator[int | None]:
+    """Single key presses from the terminal ``fd`` (cbreak mode: no Enter needed, no echo),
+    restored on the way out; None when there is no terminal to read."""
+    if fd is None or not os.isatty(fd):
+        yield None
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def _quit_on_q(fd: int, scope: trio.CancelScope) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        pressed = os.read(fd, 64)
+        if not pressed or b"q" in pressed.lower():
+            scope.cancel()
+            return
+
+
 async def run_top(
     host: str,
     port: int,
@@ -288,11 +376,15 @@ async def run_top(
     once: bool = False,
     console: Console | None = None,
     frames: int | None = None,
+    keys: int | None = None,
+    unreachable_grace: float | None = None,
 ) -> int:
     """Scrape every ``interval`` seconds and draw; ``once``: one frame and exit.
 
-    ``frames`` stops after that many redraws (for tests). Returns an exit status: 1 when
-    ``once`` could not reach the endpoint, else 0.
+    ``frames`` stops after that many redraws (for tests). ``keys``: a terminal file
+    descriptor to read ``q`` from. Returns an exit status: 1 when the endpoint could not be
+    reached (``once``), or stayed unreachable for ``unreachable_grace`` seconds (by default
+    :data:`UNREACHABLE_GRACE` or three intervals, whichever is longer), else 0.
     """
     console = console or Console()
     target = f"{host}:{port}"
@@ -306,21 +398,49 @@ async def run_top(
             return 1
         console.print(render(first, second, target=target))
         return 0
+    grace = max(UNREACHABLE_GRACE, 3 * interval) if unreachable_grace is None else unreachable_grace
+    hint = "q quit" if keys is not None else "Ctrl-C quit"
     previous: Scrape | None = None
     drawn = 0
-    with Live(console=console, auto_refresh=False, transient=False) as live:
-        while frames is None or drawn < frames:
-            deadline = trio.current_time() + interval
-            try:
-                current = parse_metrics(await fetch_metrics(host, port))
-            except (TransportError, ProtocolError) as exc:
-                live.update(_error_frame(target, f"{exc}; retrying"), refresh=True)
-                previous = None
-            else:
-                live.update(render(previous, current, target=target), refresh=True)
-                previous = current
-            drawn += 1
-            await trio.sleep_until(deadline)
+    failing_since: float | None = None
+    failure = ""
+    gave_up = False
+    with (
+        Live(console=console, auto_refresh=False, transient=False) as live,
+        trio.CancelScope() as quit_scope,
+    ):
+        async with trio.open_nursery() as nursery:
+            if keys is not None:
+                nursery.start_soon(_quit_on_q, keys, quit_scope)
+            while frames is None or drawn < frames:
+                deadline = trio.current_time() + interval
+                try:
+                    current = parse_metrics(await fetch_metrics(host, port))
+                except (TransportError, ProtocolError) as exc:
+                    now = trio.current_time()
+                    failing_since = now if failing_since is None else failing_since
+                    failure = str(exc)
+                    left = grace - (now - failing_since)
+                    if left <= 0:
+                        gave_up = True
+                        break
+                    message = f"{exc}; retrying for {left:.0f} s more  ({hint})"
+                    live.update(_error_frame(target, message), refresh=True)
+                    previous = None
+                else:
+                    failing_since = None
+                    live.update(render(previous, current, target=target, hint=hint), refresh=True)
+                    previous = current
+                drawn += 1
+                await trio.sleep_until(deadline)
+            nursery.cancel_scope.cancel()
+    if gave_up:
+        console.print(
+            f"trio_gateway top: {failure} (unreachable for {grace:g} s)",
+            style="red",
+            soft_wrap=True,
+        )
+        return 1
     return 0
 
 
@@ -354,10 +474,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     host, port = _parse_admin(args.admin)
     if args.interval <= 0:
         raise ConfigurationError("--interval", "must be positive")
+    with _keys_from(None if args.once else _stdin_fd()) as keys:
+        try:
+            return trio.run(
+                lambda: run_top(host, port, interval=args.interval, once=args.once, keys=keys)
+            )
+        except KeyboardInterrupt:
+            return 0
+
+
+def _stdin_fd() -> int | None:
     try:
-        return trio.run(lambda: run_top(host, port, interval=args.interval, once=args.once))
-    except KeyboardInterrupt:
-        return 0
+        return sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):  # no stdin, or not a real file
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
-from .._errors import ConfigurationError, SinkError
+from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import RateLimitedLogger, logger
 from .._message import Batch, Origin
 from ._base import Sink
@@ -329,6 +329,17 @@ class NatsSink(Sink):
     # -- Trio side ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Connect (and create the stream if asked): a server that cannot be reached, refuses
+        the credentials or the stream is :class:`SinkUnavailable`."""
+        try:
+            await self._open()
+        except SinkUnavailable:
+            raise
+        except SinkError as exc:
+            cause = str(exc).removeprefix(f"{self.name}: ")
+            raise SinkUnavailable(self.name, cause) from exc
+
+    async def _open(self) -> None:
         if not self._loop.running:
             self._loop.start()
         if self._nc is None:
@@ -337,7 +348,7 @@ class NatsSink(Sink):
 
     async def send(self, batch: Batch) -> None:
         if self._nc is None:
-            await self.open()
+            await self._open()
         # A retry of the batch that failed last gets the same sequence numbers, so the same
         # Nats-Msg-Ids; a new batch gets the next ones.
         if batch is not self._retrying:

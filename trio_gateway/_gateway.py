@@ -214,13 +214,18 @@ class Gateway:
                 raise
         pump_done = trio.Event()
         async with trio.open_nursery() as root:
+            try:
+                for service in self.services:
+                    self.service_values.append(await root.start(service.run, self))
+                if self.handle_signals:
+                    await root.start(self._watch_signals)
+            except BaseException:
+                if not self.sink_wait:  # opened above, and no pump to close it
+                    await self._close_sink()
+                raise
             if not self.sink_wait:
-                root.start_soon(self._pump, pump_done)  # it closes the open sink, whatever happens
-            for service in self.services:
-                self.service_values.append(await root.start(service.run, self))
-            if self.handle_signals:
-                await root.start(self._watch_signals)
-            if self.sink_wait:
+                root.start_soon(self._pump, pump_done)
+            else:
                 try:
                     opened = await self._wait_for_sink()
                 except SinkUnavailable as exc:
@@ -375,12 +380,15 @@ class Gateway:
         finally:
             counters.abandoned += self._in_flight
             self._in_flight = 0
-            with trio.CancelScope(shield=True), trio.move_on_after(max(self.drain_timeout, 1.0)):
-                try:
-                    await self.sink.aclose()
-                except Exception as exc:
-                    _log.error("sink %s failed to close: %r", self.sink.name, exc)
+            await self._close_sink()
             done.set()
+
+    async def _close_sink(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(max(self.drain_timeout, 1.0)):
+            try:
+                await self.sink.aclose()
+            except Exception as exc:
+                _log.error("sink %s failed to close: %r", self.sink.name, exc)
 
     async def _process(self, batch: Batch) -> Batch:
         processor = self.processor

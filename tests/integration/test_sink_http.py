@@ -24,6 +24,7 @@ from trio_gateway import (
     Origin,
     RetryPolicy,
     SinkError,
+    SinkUnavailable,
     TcpSource,
 )
 from trio_gateway._config import SinkConfig, build_sink, config_from_mapping
@@ -371,3 +372,48 @@ async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> 
     assert doubting.failures.total() == 1
     with pytest.raises(ConfigurationError, match="cannot load CA"):
         HttpSink(url, verify=str(tmp_path / "missing.pem"))
+
+
+async def test_ca_and_timeouts_from_the_config_file_and_the_check_at_open(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``[sink] verify = "ca.pem"`` and the timeouts come from TOML; ``open()`` (the check the
+    gateway makes before it is ready) shakes hands over TLS, so an untrusted certificate is
+    found at start, not at the first batch."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    app = Destination()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.certfile = config.keyfile = str(tmp_path / "server.pem")
+    config.accesslog = config.errorlog = None
+    shutdown = trio.Event()
+    binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
+    url = binds[0].replace("http://", "https://") + "/ingest"
+    sink_config = config_from_mapping(
+        {
+            "sink": {
+                "url": url,
+                "verify": str(tmp_path / "ca.pem"),
+                "timeout": 4,
+                "connect_timeout": 2.5,
+                "max_retry_after": 9,
+            }
+        }
+    ).sink
+    trusting = build_sink(sink_config)
+    assert isinstance(trusting, HttpSink)
+    assert (trusting.timeout, trusting.connect_timeout, trusting.max_retry_after) == (4, 2.5, 9)
+    with trio.fail_after(10):
+        await trusting.open()
+        await trusting.send(Batch([b"over tls"], [(ORIGIN, 1)]))
+        await trusting.aclose()
+        doubting = build_sink(config_from_mapping({"sink": {"url": url}}).sink)
+        with pytest.raises(SinkUnavailable, match="TLS handshake failed") as caught:
+            await doubting.open()
+        await doubting.aclose()
+    shutdown.set()
+    assert caught.value.sink == f"https://127.0.0.1:{url.split(':')[2].split('/')[0]}/ingest"
+    assert [records(r) for r in app.requests] == [[b"over tls"]]

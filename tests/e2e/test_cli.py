@@ -605,3 +605,75 @@ def test_policies_and_queue_kinds_are_read_in_both_spellings(tmp_path: Path) -> 
     result = run_cli("serve", "--help")
     assert "{block,drop_newest,drop_oldest}" in result.stdout
     assert "{ring,locked_ring,channel,locked_list}" in result.stdout
+
+
+def test_top_on_an_80x24_terminal_fits_and_quits_on_q(serve: type[ServeProcess]) -> None:
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    admin = socket.create_server(("127.0.0.1", 0))
+    admin_port = admin.getsockname()[1]
+    admin.close()
+    serve(["--tcp", "127.0.0.1:0", "--sink", "null", "--admin", f"127.0.0.1:{admin_port}"])
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    top = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "trio_gateway", "top"),
+            *("--admin", f"127.0.0.1:{admin_port}", "--interval", "0.2"),
+        ],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        cwd=REPO,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "", "LINES": ""},
+    )
+    os.close(follower)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"msg/batch" not in screen or screen.count(b"q quit") < 2:
+            assert time.monotonic() < deadline, screen.decode(errors="replace")
+            screen += os.read(leader, 65536)
+        os.write(leader, b"q")
+        assert top.wait(timeout=10) == 0
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+        os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    lines = [line for line in re.split(r"[\r\n]+", text) if line.strip()]
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    frame = lines[lines.index(next(ln for ln in reversed(lines) if ln.startswith("top "))) :]
+    assert len(frame) <= 23, frame  # one frame: header, four tables, the sink row last
+    assert frame[0].startswith(f"top 127.0.0.1:{admin_port}") and "q quit" in frame[0]
+    assert any(line.startswith("null") and " up " in line for line in frame), frame
+
+
+def test_udp_framing_flag(tmp_path: Path, serve: type[ServeProcess]) -> None:
+    out = tmp_path / "out.jsonl"
+    gateway = serve(
+        [
+            "--udp",
+            "127.0.0.1:0",
+            "--udp-framing",
+            "newline",
+            "--sink",
+            f"file:{out}",
+            "--admin",
+            "off",
+        ]
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"x\n", ("127.0.0.1", gateway.port("udp")))  # as `echo x | nc -u` sends
+        sock.sendto(b"a\nb\n", ("127.0.0.1", gateway.port("udp")))
+    deadline = time.monotonic() + 10
+    while len(read_payloads(out)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    code, stderr = gateway.stop()
+    assert code == 0, stderr
+    assert read_payloads(out) == [b"x", b"a", b"b"]

@@ -1,5 +1,6 @@
-"""``serve``'s flags on top of the TOML file: flags override values, listener flags add
-listeners. Errors name the flag (``--tcp``, ``--http-token``)."""
+"""``serve``'s flags: their definitions (:func:`add_serve_arguments`) and how they apply on top of
+the TOML file (:func:`config_from_args`: flags override values, listener flags add listeners).
+Errors name the flag (``--tcp``, ``--http-token``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import argparse
 from dataclasses import replace
 
 from .._errors import ConfigurationError
+from .._names import canonical
 from ._schema import (
     DEFAULT_TCP,
     DEFAULT_UDP,
+    POLICY_NAMES,
+    QUEUE_NAMES,
     GatewayConfig,
     QueueConfig,
     SourceConfig,
@@ -19,7 +23,116 @@ from ._schema import (
 )
 from ._toml import load_config
 
-__all__ = ("config_from_args",)
+__all__ = ("add_serve_arguments", "config_from_args")
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s configuration flags (logging and the rest are the CLI's)."""
+    serve.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    serve.add_argument(
+        "--tcp",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a TCP listener (repeatable)",
+    )
+    serve.add_argument(
+        "--tcp-framing",
+        type=canonical,
+        choices=("newline", "length"),
+        help="framing of the --tcp listeners (default newline)",
+    )
+    serve.add_argument(
+        "--udp",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a UDP listener (repeatable)",
+    )
+    serve.add_argument(
+        "--udp-framing",
+        type=canonical,
+        choices=("raw", "newline"),
+        help="framing of the --udp listeners: raw (one datagram = one message, as sent) or "
+        "newline (one message per line; a trailing newline is stripped) (raw)",
+    )
+    for flag, text in (
+        ("--http", "an HTTP listener: POST /ingest"),
+        ("--ws", "a WebSocket listener"),
+        ("--grpc", "a gRPC listener"),
+    ):
+        serve.add_argument(
+            flag, action="append", default=[], metavar="HOST:PORT", help=f"{text} (repeatable)"
+        )
+    serve.add_argument(
+        "--http-token", metavar="TOKEN|env:NAME", help="bearer token the --http listeners require"
+    )
+    serve.add_argument(
+        "--ws-token", metavar="TOKEN|env:NAME", help="bearer token the --ws listeners require"
+    )
+    serve.add_argument(
+        "--grpc-token", metavar="TOKEN|env:NAME", help="bearer token the --grpc listeners require"
+    )
+    serve.add_argument(
+        "--tls-cert", metavar="PEM", help="serve TLS on the flag-defined listeners with this cert"
+    )
+    serve.add_argument("--tls-key", metavar="PEM", help="its private key (if not in --tls-cert)")
+    serve.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
+    )
+    serve.add_argument(
+        "--queue", type=canonical, choices=QUEUE_NAMES, help="queue structure (ring)"
+    )
+    serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
+    serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
+    serve.add_argument(
+        "--policy",
+        type=canonical,
+        choices=POLICY_NAMES,
+        help="overflow policy (block; drop-oldest is drop_oldest)",
+    )
+    serve.add_argument(
+        "--sink",
+        metavar="URL",
+        help="stdout | null | file:PATH | tcp:HOST:PORT | http(s)://HOST/PATH | "
+        "nats://HOST:PORT/SUBJECT[?stream=NAME&create=true] (stdout)",
+    )
+    serve.add_argument(
+        "--sink-wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long at start for a sink destination that is not there yet, "
+        "/readyz answering 503 meanwhile (0: fail at once, exit 2)",
+    )
+    serve.add_argument(
+        "--processor", metavar="MODULE:FUNCTION", help="a function applied to every message"
+    )
+    serve.add_argument("--batch-size", type=int, metavar="N", help="messages per sink batch")
+    serve.add_argument(
+        "--drain-timeout", type=float, metavar="SECONDS", help="bound on the flush at shutdown (10)"
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=float,
+        metavar="SECONDS",
+        help="time open connections get at shutdown (2)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the ports with SO_REUSEPORT (1; docs/workers.md)",
+    )
+    serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT|off",
+        help="serve /metrics, /healthz, /readyz here (on at 127.0.0.1:9100 with the defaults)",
+    )
+    serve.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="profile the run: pyinstrument HTML if FILE ends in .html, else cProfile stats",
+    )
 
 
 def _tls_options(args: argparse.Namespace) -> dict[str, str]:

@@ -346,7 +346,11 @@ def test_bad_sink_options_name_the_key(sink: dict[str, Any], key: str, message: 
     assert caught.value.key == key
 
 
-async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def _https_destination(
+    nursery: trio.Nursery, tmp_path: Path
+) -> tuple[Destination, str, trio.Event]:
+    """A destination on HTTPS with a certificate of a private CA (``tmp_path/ca.pem``): the
+    app, its URL, and the event that stops it."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
@@ -359,6 +363,11 @@ async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> 
     shutdown = trio.Event()
     binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
     url = binds[0].replace("http://", "https://") + "/ingest"
+    return app, url, shutdown
+
+
+async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app, url, shutdown = await _https_destination(nursery, tmp_path)
     with trio.fail_after(10):
         trusting = HttpSink(url, verify=str(tmp_path / "ca.pem"))
         await trusting.send(Batch([b"secret"], [(ORIGIN, 1)]))
@@ -380,18 +389,7 @@ async def test_ca_and_timeouts_from_the_config_file_and_the_check_at_open(
     """``[sink] verify = "ca.pem"`` and the timeouts come from TOML; ``open()`` (the check the
     gateway makes before it is ready) shakes hands over TLS, so an untrusted certificate is
     found at start, not at the first batch."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
-    app = Destination()
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.certfile = config.keyfile = str(tmp_path / "server.pem")
-    config.accesslog = config.errorlog = None
-    shutdown = trio.Event()
-    binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
-    url = binds[0].replace("http://", "https://") + "/ingest"
+    app, url, shutdown = await _https_destination(nursery, tmp_path)
     sink_config = config_from_mapping(
         {
             "sink": {

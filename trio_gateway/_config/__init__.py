@@ -93,22 +93,11 @@ __all__ = (
     "source_from_flag",
 )
 
-_BUILDERS = frozenset(
-    (
-        "SINK_KINDS",
-        "SOURCE_KINDS",
-        "build_gateway",
-        "build_queue",
-        "build_sink",
-        "build_source",
-        "checked_options",
-        "load_processor",
-    )
-)
-
 
 def __getattr__(name: str) -> Any:
-    # The builders import every source and sink (hypercorn, h2, ...): loaded on first use.
-    if name in _BUILDERS:
-        return getattr(importlib.import_module("._build", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # The builders (the names imported under TYPE_CHECKING above) import every source and
+    # sink (hypercorn, h2, ...): loaded on first use.
+    build = importlib.import_module("._build", __name__)
+    if name.startswith("_") or name not in build.__all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(build, name)

@@ -372,6 +372,22 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+async def _check_sink(config: GatewayConfig) -> None:
+    """Open and close the sink once, as each worker will: a destination that cannot work is
+    :class:`SinkUnavailable` here, not N workers failing one after the other."""
+    from ._config import build_sink
+
+    sink = build_sink(config.sink)
+    try:
+        await sink.open()
+    except SinkUnavailable:
+        raise
+    except Exception as exc:
+        raise SinkUnavailable(sink.name, str(exc) or repr(exc)) from exc
+    finally:
+        await sink.aclose()
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     import trio
 
@@ -387,6 +403,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             raise ConfigurationError("--profile", "profiles one process: use --workers 1")
         from ._workers import serve_workers
 
+        if not config.sink.wait:
+            trio.run(_check_sink, config)  # one line and exit 2 before any worker starts
         return trio.run(serve_workers, config)
     # (Not before the workers branch: children would inherit SIG_IGN.)
     # The gateway's own receiver handles SIGINT/SIGTERM while it runs. Outside that window

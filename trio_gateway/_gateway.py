@@ -342,7 +342,8 @@ class Gateway:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if not self._stopping.is_set():
-                    _log.warning("%s: shutting down (again to stop at once)", name)
+                    # Asked for (a deploy, Ctrl-C): normal operation, not a warning.
+                    _log.info("%s: shutting down (again to stop at once)", name)
                     self.shutdown()
                 elif self.state != "stopped":
                     _log.warning("%s: stopping at once", name)

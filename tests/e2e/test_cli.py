@@ -339,6 +339,8 @@ def test_serve_http_and_websocket_with_tokens_from_the_environment(
     code, stderr = gateway.stop()
     assert code == 0, stderr
     assert "s3cret" not in stderr
+    assert "connection open" not in stderr  # websockets' INFO line per connection: kept quiet
+    assert "WARNING" not in stderr
     assert sorted(read_payloads(out)) == [b"over http", b"over websocket", b"text too"]
     ledger = ledger_of(stderr)
     assert ledger["rejected"] == {"unauthorized": 1}
@@ -677,3 +679,17 @@ def test_udp_framing_flag(tmp_path: Path, serve: type[ServeProcess]) -> None:
     code, stderr = gateway.stop()
     assert code == 0, stderr
     assert read_payloads(out) == [b"x", b"a", b"b"]
+
+
+def test_error_lines_redact_passwords_and_workers_check_the_sink_first(tmp_path: Path) -> None:
+    for url in ("kafka://bob:pw123@host/topic", "nats://bob:pw123@host", "https://bob:pw123@"):
+        result = run_cli("serve", "--sink", url)
+        assert result.returncode == 2
+        line = _one_error_line(result)
+        assert "pw123" not in line and "bob:<redacted>@" in line, line
+    missing = tmp_path / "missing" / "out.jsonl"
+    result = run_cli("serve", "--workers", "2", "--tcp", "127.0.0.1:0", "--sink", f"file:{missing}")
+    assert result.returncode == 2
+    assert _one_error_line(result) == (
+        f"sink file:{missing}: directory {missing.parent} does not exist"
+    )

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 
 from .._errors import ConfigurationError
 from .._names import canonical
+from .._secrets import redact_url
 
 __all__ = (
     "DEFAULT_ADMIN",
@@ -146,5 +147,5 @@ def sink_kind(url: str) -> str:
     raise ConfigurationError(
         "sink",
         "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH or "
-        f"nats://HOST:PORT/SUBJECT, got {url!r}",
+        f"nats://HOST:PORT/SUBJECT, got {redact_url(url)!r}",
     )

@@ -21,6 +21,7 @@ import trio
 
 from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._message import Batch
+from .._secrets import redact_url
 from ._base import Sink, connect_failure
 from ._jsonl import encode_jsonl
 
@@ -116,12 +117,12 @@ class HttpSink(Sink):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigurationError(
-                "sink", f"http sink needs http(s)://HOST[:PORT]/PATH, got {url!r}"
+                "sink", f"http sink needs http(s)://HOST[:PORT]/PATH, got {redact_url(url)!r}"
             )
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError as exc:
-            raise ConfigurationError("sink", f"http sink: {exc}: {url!r}") from exc
+            raise ConfigurationError("sink", f"http sink: {exc}: {redact_url(url)!r}") from exc
         if timeout <= 0 or connect_timeout <= 0:
             raise ConfigurationError("sink", "http sink: timeouts must be positive")
         if max_body_bytes < 1024:

@@ -32,6 +32,7 @@ import trio
 from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import RateLimitedLogger, logger
 from .._message import Batch, Origin
+from .._secrets import redact_url
 from ._base import Sink
 
 if TYPE_CHECKING:
@@ -103,15 +104,18 @@ def parse_nats_url(url: str) -> NatsTarget:
     """
     parts = urlsplit(url)
     if parts.scheme != "nats":
-        raise ConfigurationError("sink", f"nats sink URL must start with nats://, got {url!r}")
+        raise ConfigurationError(
+            "sink", f"nats sink URL must start with nats://, got {redact_url(url)!r}"
+        )
     userinfo, _, hosts = parts.netloc.rpartition("@")
     if not hosts:
-        raise ConfigurationError("sink", f"nats sink needs a host: {url!r}")
+        raise ConfigurationError("sink", f"nats sink needs a host: {redact_url(url)!r}")
     servers = tuple(_server(h) for h in hosts.split(","))
     subject = unquote(parts.path.lstrip("/"))
     if not subject or any(c in subject for c in " \t\r\n*>") or "/" in subject:
         raise ConfigurationError(
-            "sink", f"nats sink needs one literal subject after the host (no * or >): {url!r}"
+            "sink",
+            f"nats sink needs one literal subject after the host (no * or >): {redact_url(url)!r}",
         )
     if ".." in subject or subject.startswith(".") or subject.endswith("."):
         raise ConfigurationError("sink", f"nats sink: malformed subject {subject!r}")

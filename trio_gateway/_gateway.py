@@ -255,9 +255,11 @@ class Gateway:
         try:
             await self.sink.open()
         except SinkUnavailable as exc:
+            self.pump_counters.sink_errors += 1  # sink_failed_total counts open failures too
             self.sink_problem = exc
             raise
         except Exception as exc:  # a sink that raised something else: name it all the same
+            self.pump_counters.sink_errors += 1
             self.sink_problem = SinkUnavailable(self.sink.name, str(exc) or repr(exc))
             raise self.sink_problem from exc
         self.sink_problem = None

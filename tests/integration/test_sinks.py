@@ -430,6 +430,7 @@ async def test_sink_wait_keeps_the_gateway_not_ready_until_the_destination_comes
             while not gateway.accepting:
                 await trio.sleep(0.01)
             assert gateway.readiness == "ready" and gateway.sink_problem is None
+            assert gateway.pump_counters.sink_errors >= 1  # the refused opens, on /metrics
             gateway.shutdown()
             nursery.cancel_scope.deadline = trio.current_time() + 5
     assert destination.connections == 1

@@ -47,9 +47,9 @@ GO_QUEUES: dict[str, list[int]] = {
     "Ring Buffer & Atomics": [6339, 6199, 6317, 6177],
 }
 QUEUE_ROWS = (
-    ("locked-list", "LockedListQueue (array + lock)", "Array & Mutices"),
+    ("locked_list", "LockedListQueue (array + lock)", "Array & Mutices"),
     ("channel", "ChannelQueue (memory channel)", "Channel"),
-    ("locked-ring", "LockedRingBuffer (ring + lock)", "Ring Buffer & Mutices"),
+    ("locked_ring", "LockedRingBuffer (ring + lock)", "Ring Buffer & Mutices"),
     ("ring", "RingBuffer (ring, no lock)", "Ring Buffer & Atomics"),
     ("deque", "collections.deque (floor, no policy)", ""),
 )
@@ -400,7 +400,7 @@ def summary_block(res: Results, document: dict[str, Any]) -> str:
             (r["queue"], r["mode"], r["size"]): r["ns_per_message"] for r in queues["results"]
         }
         ring = values.get(("ring", "sync", 18))
-        locked = values.get(("locked-ring", "sync", 18))
+        locked = values.get(("locked_ring", "sync", 18))
         if ring and locked:
             items.append(
                 f"Ring buffer vs the same ring with a lock, 18 B, one message at a time: "

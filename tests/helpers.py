@@ -251,10 +251,11 @@ def bomb(size: int, *, wbits: int = GZIP) -> bytes:
 
 
 def table_rows(frame: str) -> dict[str, list[str]]:
-    """First cell -> the other cells, for every table row of a rendered frame."""
+    """First cell -> the other cells, for every table row of a rendered ``top`` frame
+    (borderless tables: cells are at least two spaces apart, words within a cell one)."""
     out: dict[str, list[str]] = {}
     for line in frame.splitlines():
-        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        cells = re.split(r"\s{2,}", line.strip())
         if len(cells) > 1 and cells[0]:
             out[cells[0]] = cells[1:]
     return out

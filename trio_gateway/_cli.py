@@ -1,45 +1,39 @@
-"""The command line: ``serve``, ``check-config`` and ``send``.
+"""The command line: ``serve``, ``check-config``, ``top`` and ``send``.
 
 Every configuration error is one line on stderr naming the key, and exit status 2.
+
+Start-up is kept short (``--help`` in well under 0.3 s): this module imports no server, no
+Trio and no configuration builder at import time, and only the chosen command's flags are
+defined (each command's ``_*_parser`` function), so ``--help`` loads none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import trio
+from ._config._flags import add_serve_arguments
+from ._config._schema import DEFAULT_TCP, DEFAULT_UDP
+from ._errors import ConfigurationError, GatewayError, SinkUnavailable
 
-from ._config import (
-    DEFAULT_TCP,
-    DEFAULT_UDP,
-    GatewayConfig,
-    QueueConfig,
-    SourceConfig,
-    build_gateway,
-    load_config,
-    normalize_policy,
-    sink_kind,
-    source_from_flag,
-)
-from ._errors import ConfigurationError, GatewayError
-from ._profile import check_profile_path, profiled
-from .admin import top as top_view
-from .loadgen import DEFAULT_TIMEOUT, FIRST_ANSWER_TIMEOUT, GRPC_MODES, TRANSPORTS
-from .queues import QUEUE_KINDS
-from .tuning import tune_allocator
-from .workers import serve_workers
+if TYPE_CHECKING:
+    from ._config import GatewayConfig
+    from ._ledger import Ledger
 
 __all__ = ("main",)
 
 PROG = "trio_gateway"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""A runtime failure (a port in use, the sink lost while running) or an unbalanced ledger."""
+EXIT_USAGE = 2
+"""A bad flag or key, or a sink that cannot work at start: nothing ran."""
+EXIT_ABANDONED = 3
+"""``serve`` stopped, but messages were abandoned (drain deadline, a second Ctrl-C)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,35 +43,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+class _Version(argparse.Action):
+    """``--version``: ``trio_gateway 0.1.0``, from the installed package's metadata."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version(PROG)
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from . import __version__ as number
+        print(f"{PROG} {number}")  # on stdout, as argparse's own version action does
+        parser.exit(0)
 
 
-def _setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("trio_gateway")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Real-time data-pipeline gateway on Trio.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _serve_parser(commands: Any, full: bool) -> None:
     serve = commands.add_parser(
         "serve",
         help="run a gateway",
@@ -85,107 +68,33 @@ def _parser() -> argparse.ArgumentParser:
             f"Run a gateway. With no source in flags or config: TCP on {DEFAULT_TCP}, "
             f"UDP on {DEFAULT_UDP}, sink stdout."
         ),
+        epilog="exit status: 0 stopped with every message accounted for, 1 runtime error, "
+        "2 bad flag or key or a sink that cannot work at start, 3 stopped with messages "
+        "abandoned (docs/cli.md).",
     )
-    serve.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
-    serve.add_argument(
-        "--tcp",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a TCP listener (repeatable)",
-    )
-    serve.add_argument(
-        "--tcp-framing",
-        choices=("newline", "length"),
-        help="framing of the --tcp listeners (default newline)",
-    )
-    serve.add_argument(
-        "--udp",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a UDP listener (repeatable)",
-    )
-    for flag, text in (
-        ("--http", "an HTTP listener: POST /ingest"),
-        ("--ws", "a WebSocket listener"),
-        ("--grpc", "a gRPC listener"),
-    ):
-        serve.add_argument(
-            flag, action="append", default=[], metavar="HOST:PORT", help=f"{text} (repeatable)"
-        )
-    serve.add_argument(
-        "--http-token", metavar="TOKEN|env:NAME", help="bearer token the --http listeners require"
-    )
-    serve.add_argument(
-        "--http-cors-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="pages from ORIGIN (https://app.example) may use the --http listeners (repeatable)",
-    )
-    serve.add_argument(
-        "--ws-token", metavar="TOKEN|env:NAME", help="bearer token the --ws listeners require"
-    )
-    serve.add_argument(
-        "--grpc-token", metavar="TOKEN|env:NAME", help="bearer token the --grpc listeners require"
-    )
-    serve.add_argument(
-        "--tls-cert", metavar="PEM", help="serve TLS on the flag-defined listeners with this cert"
-    )
-    serve.add_argument("--tls-key", metavar="PEM", help="its private key (if not in --tls-cert)")
-    serve.add_argument(
-        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
-    )
-    serve.add_argument("--queue", choices=tuple(QUEUE_KINDS), help="queue structure (ring)")
-    serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
-    serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
-    serve.add_argument(
-        "--policy", choices=("block", "drop-newest", "drop-oldest"), help="overflow policy (block)"
-    )
-    serve.add_argument(
-        "--sink",
-        metavar="URL",
-        help="stdout | null | file:PATH | tcp:HOST:PORT | http(s)://HOST/PATH | "
-        "nats://HOST:PORT/SUBJECT[?stream=NAME&create=true] (stdout)",
-    )
-    serve.add_argument(
-        "--processor", metavar="MODULE:FUNCTION", help="a function applied to every message"
-    )
-    serve.add_argument("--batch-size", type=int, metavar="N", help="messages per sink batch")
-    serve.add_argument(
-        "--drain-timeout", type=float, metavar="SECONDS", help="bound on the flush at shutdown (10)"
-    )
-    serve.add_argument(
-        "--grace-period",
-        type=float,
-        metavar="SECONDS",
-        help="time open connections get at shutdown (2)",
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="worker processes sharing the ports with SO_REUSEPORT (1; docs/workers.md)",
-    )
-    serve.add_argument(
-        "--admin",
-        metavar="HOST:PORT|off",
-        help="serve /metrics, /healthz, /readyz here (on at 127.0.0.1:9100 with the defaults)",
-    )
-    serve.add_argument(
-        "--profile",
-        metavar="FILE",
-        help="profile the run: pyinstrument HTML if FILE ends in .html, else cProfile stats",
-    )
+    if not full:
+        return
+    add_serve_arguments(serve)
     _add_logging(serve)
 
+
+def _top_parser(commands: Any, full: bool) -> None:
     top = commands.add_parser("top", help="live view of a running gateway's /metrics")
-    top_view.add_arguments(top)
+    if full:
+        from .admin import top as top_view
 
-    check = commands.add_parser("check-config", help="validate a TOML file and print it resolved")
-    check.add_argument("file", metavar="FILE.toml")
+        top_view.add_arguments(top)
 
+
+def _check_parser(commands: Any, full: bool) -> None:
+    check = commands.add_parser(
+        "check-config", help="validate a TOML file and print it resolved (secrets redacted)"
+    )
+    if full:
+        check.add_argument("file", metavar="FILE.toml")
+
+
+def _send_parser(commands: Any, full: bool) -> None:
     send = commands.add_parser(
         "send",
         help="send test messages to a gateway",
@@ -201,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
             "flag (the message names it)."
         ),
     )
+    if not full:
+        return
+    from .loadgen import DEFAULT_TIMEOUT, FIRST_ANSWER_TIMEOUT, GRPC_MODES
+
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--tcp", metavar="HOST:PORT", help="stream frames to a TCP listener")
     target.add_argument("--udp", metavar="HOST:PORT", help="one datagram per message")
@@ -267,7 +180,6 @@ def _parser() -> argparse.ArgumentParser:
         help=f"bound on each connect, write and answer ({DEFAULT_TIMEOUT:g}; "
         f"a new connection's first answer: at most {FIRST_ANSWER_TIMEOUT:g})",
     )
-    return parser
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -277,147 +189,25 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
 
 
-def _tls_options(args: argparse.Namespace) -> dict[str, str]:
-    if args.tls_cert is None:
-        if args.tls_key or args.tls_client_ca:
-            raise ConfigurationError("--tls-cert", "required with --tls-key / --tls-client-ca")
-        return {}
-    names = (
-        ("certfile", args.tls_cert),
-        ("keyfile", args.tls_key),
-        ("client_ca", args.tls_client_ca),
+_COMMANDS: dict[str, Callable[[Any, bool], None]] = {
+    "serve": _serve_parser,
+    "check-config": _check_parser,
+    "send": _send_parser,
+    "top": _top_parser,
+}
+
+
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser, with the flags of the command ``argv`` names (the others only listed)."""
+    parser = _Parser(prog=PROG, description="Real-time data-pipeline gateway on Trio.")
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
-    return {name: value for name, value in names if value}
-
-
-def _flag_sources(args: argparse.Namespace) -> list[SourceConfig]:
-    """The --http, --ws and --grpc listeners (TCP's TLS goes with the other --tcp options)."""
-    tls = _tls_options(args)
-    sources: list[SourceConfig] = []
-    for transport, values, token, flag in (
-        ("http", args.http, args.http_token, "--http"),
-        ("websocket", args.ws, args.ws_token, "--ws"),
-        ("grpc", args.grpc, args.grpc_token, "--grpc"),
-    ):
-        options: dict[str, object] = dict(tls)
-        if token:
-            options["token"] = token
-        elif token is not None:
-            raise ConfigurationError(f"{flag}-token", "must not be empty")
-        if transport == "http" and args.http_cors_origin:
-            options["cors_origins"] = list(args.http_cors_origin)
-        sources += [source_from_flag(transport, v, key=flag, **options) for v in values]
-    return sources
-
-
-def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """The TOML file (if any) with the flags applied on top, then the embedded defaults."""
-    config = load_config(args.config) if args.config else GatewayConfig()
-    sources: list[SourceConfig] = list(config.sources)
-    framing = {"framing": args.tcp_framing} if args.tcp_framing else {}
-    tcp_options = {**framing, **_tls_options(args)}
-    sources += [source_from_flag("tcp", v, key="--tcp", **tcp_options) for v in args.tcp]
-    sources += [source_from_flag("udp", v, key="--udp") for v in args.udp]
-    sources += _flag_sources(args)
-    if args.tcp_framing and not args.tcp:
-        sources = [
-            replace(s, options={**s.options, "framing": args.tcp_framing})
-            if s.transport == "tcp"
-            else s
-            for s in sources
-        ]
-        if not sources:
-            sources = [source_from_flag("tcp", DEFAULT_TCP, key="--tcp-framing", **framing)]
-    queue = config.queue
-    queue = QueueConfig(
-        kind=args.queue or queue.kind,
-        capacity=args.capacity if args.capacity is not None else queue.capacity,
-        policy=normalize_policy(args.policy, key="--policy") if args.policy else queue.policy,
-        max_bytes=args.max_bytes if args.max_bytes is not None else queue.max_bytes,
-    )
-    sink = config.sink
-    if args.sink:
-        if sink.options and sink_kind(args.sink) != sink_kind(sink.url):
-            raise ConfigurationError(
-                "--sink",
-                f"the config's [sink] options ({', '.join(sink.options)}) are for its "
-                f"{sink_kind(sink.url)} sink, not {sink_kind(args.sink)}",
-            )
-        sink = replace(sink, url=args.sink)
-    changes = {
-        name: getattr(args, name)
-        for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")
-        if getattr(args, name) is not None
-    }
-    return replace(
-        config, sources=tuple(sources), queue=queue, sink=sink, **changes
-    ).with_default_sources()
-
-
-async def _serve(config: GatewayConfig) -> int:
-    tune_allocator()  # reuse freed message memory (see its docstring; docs/benchmarks.md)
-    gateway = build_gateway(config, handle_signals=True)
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(gateway.run)
-        log = logging.getLogger("trio_gateway")
-        for source, addresses in zip(gateway.sources, bound, strict=True):
-            for host, port in addresses:
-                log.info("listening: %s on %s:%d", source.transport, host, port)
-        log.info("ready")
-    ledger = gateway.ledger
-    print(ledger.to_json(), file=sys.stderr, flush=True)
-    return 0 if ledger.balanced else 1
-
-
-_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key")
-
-
-def _shown(name: str, value: object) -> str:
-    """An option as check-config prints it: a secret only by its ``env:NAME``."""
-    if isinstance(value, str) and value.startswith("env:"):
-        return repr(value)
-    if name == "token":
-        return "'<redacted>'"
-    if name == "headers" and isinstance(value, dict):
-        return repr(
-            {
-                k: v
-                if str(v).startswith("env:") or k.lower() not in _SECRET_HEADERS
-                else "<redacted>"
-                for k, v in value.items()
-            }
-        )
-    return repr(value)
-
-
-def _shown_url(url: str) -> str:
-    """A sink URL as check-config prints it: the password of ``scheme://user:pass@host`` is
-    redacted."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:<redacted>@{host}"))
-
-
-def _describe(config: GatewayConfig) -> str:
-    lines = [
-        f"queue: {config.queue.kind}, capacity {config.queue.capacity}, "
-        f"policy {config.queue.policy.replace('_', '-')}"
-        + (f", max {config.queue.max_bytes} bytes" if config.queue.max_bytes else ""),
-        f"sink: {_shown_url(config.sink.url)}"
-        + "".join(f", {k}={_shown(k, v)}" for k, v in config.sink.options.items()),
-        f"drain timeout {config.drain_timeout} s, grace period {config.grace_period} s, "
-        f"batch size {config.batch_size}",
-    ]
-    if config.processor:
-        lines.append(f"processor: {config.processor}")
-    if config.workers > 1:
-        lines.append(f"workers: {config.workers}")
-    for source in config.sources:
-        options = "".join(f", {k}={_shown(k, v)}" for k, v in source.options.items())
-        lines.append(f"source: {source.transport} on {source.host}:{source.port}{options}")
-    return "\n".join(lines)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for name, add in _COMMANDS.items():
+        add(commands, name == chosen)
+    return parser
 
 
 _SEND_OPTIONS = (  # flag, its argparse dest, the transports it applies to
@@ -436,6 +226,8 @@ _SEND_OPTIONS = (  # flag, its argparse dest, the transports it applies to
 def _check_send_flags(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Which transport, and the options given for it (a flag given to a transport it does
     not apply to is an error); the values themselves are checked by the load generator."""
+    from .loadgen import TRANSPORTS
+
     transport = next(name for name in TRANSPORTS if getattr(args, name))
     options: dict[str, Any] = {}
     for flag, dest, owners in _SEND_OPTIONS:
@@ -473,46 +265,130 @@ async def _send(args: argparse.Namespace) -> int:
     return 0 if summary.all_accepted else 1
 
 
+async def _serve(config: GatewayConfig) -> int:
+    import logging
+
+    import trio
+
+    from .tuning import tune_allocator
+    from ._config import build_gateway
+
+    tune_allocator()  # reuse freed message memory (see its docstring; docs/benchmarks.md)
+    gateway = build_gateway(config, handle_signals=True)
+    log = logging.getLogger("trio_gateway")
+    ready = False
+    try:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(gateway.run)
+            if gateway.state != "stopped":  # else stopped while waiting for the sink
+                for source, addresses in zip(gateway.sources, bound, strict=True):
+                    for host, port in addresses:
+                        log.info("listening: %s on %s:%d", source.transport, host, port)
+                log.info("ready")
+                ready = True
+    except BaseException as exc:
+        lost = [leaf for leaf in _leaves(exc) if isinstance(leaf, SinkUnavailable)]
+        if not (ready and lost):
+            raise  # nothing ran: one line, no ledger (main)
+        # The sink went away while running (a closed pipe): say so, then the ledger.
+        print(f"{PROG}: error: {lost[0]}", file=sys.stderr, flush=True)
+        print(gateway.ledger.to_json(), file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    print(gateway.ledger.to_json(), file=sys.stderr, flush=True)
+    return exit_status(gateway.ledger)
+
+
+def exit_status(ledger: Ledger) -> int:
+    """``serve``'s exit status for a gateway that ran: 0, 1 (unbalanced) or 3 (abandoned)."""
+    if not ledger.balanced:
+        return EXIT_FAILED
+    return EXIT_ABANDONED if ledger.abandoned else EXIT_OK
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc]
 
 
+async def _check_sink(config: GatewayConfig) -> None:
+    """Open and close the sink once, as each worker will: a destination that cannot work is
+    :class:`SinkUnavailable` here, not N workers failing one after the other."""
+    from ._config import build_sink
+
+    sink = build_sink(config.sink)
+    try:
+        await sink.open()
+    except SinkUnavailable:
+        raise
+    except Exception as exc:
+        raise SinkUnavailable(sink.name, str(exc) or repr(exc)) from exc
+    finally:
+        await sink.aclose()
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from ._config import build_gateway
+    from ._config._flags import config_from_args
+    from ._log import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    config = config_from_args(args)
+    build_gateway(config)  # validate everything before binding anything
+    if config.workers > 1:
+        if args.profile:
+            raise ConfigurationError("--profile", "profiles one process: use --workers 1")
+        from .workers import serve_workers
+
+        if not config.sink.wait:
+            trio.run(_check_sink, config)  # one line and exit 2 before any worker starts
+        return trio.run(serve_workers, config)
+    # (Not before the workers branch: children would inherit SIG_IGN.)
+    # The gateway's own receiver handles SIGINT/SIGTERM while it runs. Outside that window
+    # (the first milliseconds, and after the ledger) they are ignored rather than killing
+    # the process mid-flush or re-raised as a traceback after it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.profile:
+        from ._profile import check_profile_path, profiled
+
+        check_profile_path(args.profile)
+        with profiled(args.profile):
+            return trio.run(_serve, config)
+    return trio.run(_serve, config)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        _setup_logging(args.log_level, args.log_format)
-        config = config_from_args(args)
-        build_gateway(config)  # validate everything before binding anything
-        if config.workers > 1:
-            if args.profile:
-                raise ConfigurationError("--profile", "profiles one process: use --workers 1")
-            return trio.run(serve_workers, config)
-        # (Not before the workers branch: children would inherit SIG_IGN.)
-        # The gateway's own receiver handles SIGINT/SIGTERM while it runs. Outside that window
-        # (the first milliseconds, and after the ledger) they are ignored rather than killing
-        # the process mid-flush or re-raised as a traceback after it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if args.profile:
-            check_profile_path(args.profile)
-            with profiled(args.profile):
-                return trio.run(_serve, config)
-        return trio.run(_serve, config)
+        return _run_serve(args)
     if args.command == "check-config":
-        config = load_config(args.file).with_default_sources()
+        from ._config import build_gateway, load_config
+        from ._config._describe import describe
+
+        config = load_config(args.file, flag=None).with_default_sources()
         build_gateway(config)
-        print(_describe(config))
+        print(describe(config))
         return 0
     if args.command == "send":
+        import trio
+
         return trio.run(_send, args)
     if args.command == "top":
+        from .admin import top as top_view
+
         return top_view.run_from_args(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(argv)
+    if not argv:  # a bare call: what there is to run, not just an error
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
         return _run(args)
     except BaseException as exc:
@@ -523,4 +399,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         first = leaves[0]
         print(f"{PROG}: error: {first}", file=sys.stderr)
-        return 2 if isinstance(first, ConfigurationError) else 1
+        usage = isinstance(first, ConfigurationError | SinkUnavailable)
+        return EXIT_USAGE if usage else EXIT_FAILED

@@ -10,6 +10,7 @@ __all__ = (
     "GatewayError",
     "ProtocolError",
     "SinkError",
+    "SinkUnavailable",
     "TransportError",
 )
 
@@ -63,3 +64,18 @@ class SinkError(GatewayError):
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SinkUnavailable(SinkError):
+    """A sink's destination cannot be used: retrying the same batch cannot help.
+
+    Raised by :meth:`Sink.open <trio_gateway.Sink.open>`, which the gateway calls before it is
+    ready (a missing directory, no permission, a refused connection), and by a sink whose
+    destination went away for good while it ran (the reader of a pipe exited). ``sink`` names
+    the sink, ``cause`` says what is wrong in a few words; ``str()`` is one line with both.
+    """
+
+    def __init__(self, sink: str, cause: str) -> None:
+        super().__init__(f"sink {sink}: {cause}")
+        self.sink = sink
+        self.cause = cause

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 import trio
 
 from ._buffer import MessageBuffer
-from ._errors import ConfigurationError, SinkError
+from ._errors import ConfigurationError, SinkError, SinkUnavailable
 from ._ingress import Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
@@ -34,7 +34,7 @@ Processor: TypeAlias = Callable[[Message], "ProcessorResult | Awaitable[Processo
 """A user function called once per message: return the (new) payload or Message to pass it on,
 ``None`` to filter it out; raising counts the message as failed. Sync or ``async def``."""
 
-State = Literal["created", "running", "draining", "stopped"]
+State = Literal["created", "starting", "running", "draining", "stopped"]
 
 
 class Service(Protocol):
@@ -89,6 +89,14 @@ class Gateway:
     :meth:`run` returns the shutdown :class:`Ledger` after a :meth:`shutdown`. If the scope
     around it is cancelled instead, it still flushes (shielded, bounded by ``drain_timeout``)
     before the cancellation propagates; the ledger is then in :attr:`ledger`.
+
+    Before any source starts, :meth:`run` opens the sink (:meth:`Sink.open`, which checks that
+    the destination can work). If it cannot, ``run`` raises :class:`SinkUnavailable` naming
+    the cause, at once, or after waiting up to ``sink_wait`` seconds for the destination to
+    appear (services such as the admin endpoint run meanwhile, and :attr:`readiness` says what
+    the gateway waits for). A sink that is lost for good while running (it raises
+    :class:`SinkUnavailable` from ``send``: a closed pipe) stops the gateway at once; ``run``
+    then raises that error after the ledger is final.
     """
 
     def __init__(
@@ -104,6 +112,7 @@ class Gateway:
         retry: RetryPolicy | None = None,
         handle_signals: bool = False,
         services: Sequence[Service] = (),
+        sink_wait: float = 0.0,
     ) -> None:
         if not sources:
             raise ConfigurationError("sources", "a gateway needs at least one source")
@@ -113,6 +122,8 @@ class Gateway:
             raise ConfigurationError("drain_timeout", "must not be negative")
         if grace_period < 0:
             raise ConfigurationError("grace_period", "must not be negative")
+        if sink_wait < 0:
+            raise ConfigurationError("sink_wait", "must not be negative")
         self.sources = tuple(sources)
         self.sink = sink
         self.queue: Queue[bytes] = queue if queue is not None else RingBuffer(10_000)
@@ -131,6 +142,7 @@ class Gateway:
         self.grace_period = grace_period
         self.retry = retry or RetryPolicy()
         self.handle_signals = handle_signals
+        self.sink_wait = sink_wait
         self.services = tuple(services)
         self.service_values: list[Any] = []
         """What each service reported through ``task_status.started`` (e.g. bound addresses)."""
@@ -143,6 +155,9 @@ class Gateway:
         self._in_flight = 0
         self._final_ledger: Ledger | None = None
         self._serving = False
+        self.sink_problem: SinkError | None = None
+        """Why the sink's last attempt (open or send) failed; None while it works."""
+        self._sink_lost: SinkUnavailable | None = None
 
     # -- control --------------------------------------------------------------------------
 
@@ -163,6 +178,15 @@ class Gateway:
         return self.state == "running" and self._serving and not self._stopping.is_set()
 
     @property
+    def readiness(self) -> str:
+        """``"ready"``, or why the gateway is not (what ``/readyz`` answers with its 503)."""
+        if self.accepting:
+            return "ready"
+        if self.state == "starting" and self.sink_problem is not None:
+            return f"waiting for the sink: {self.sink_problem}"
+        return self.state
+
+    @property
     def ledger(self) -> Ledger:
         """Where every message went so far (final once :meth:`run` has finished)."""
         if self._final_ledger is not None:
@@ -181,21 +205,97 @@ class Gateway:
         """Serve until :meth:`shutdown` (or cancellation), then flush; return the ledger."""
         if self.state != "created":
             raise RuntimeError("a Gateway runs once; create a new one")
-        self.state = "running"
+        self.state = "starting"
+        if not self.sink_wait:
+            try:
+                await self._open_sink()  # nothing runs yet: fail before anything binds
+            except SinkUnavailable:
+                self.state = "stopped"
+                raise
         pump_done = trio.Event()
         async with trio.open_nursery() as root:
-            for service in self.services:
-                self.service_values.append(await root.start(service.run, self))
-            root.start_soon(self._pump, pump_done)
-            if self.handle_signals:
-                await root.start(self._watch_signals)
             try:
-                await self._serve_sources(task_status)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self._finish(pump_done)
-                root.cancel_scope.cancel()
+                for service in self.services:
+                    self.service_values.append(await root.start(service.run, self))
+                if self.handle_signals:
+                    await root.start(self._watch_signals)
+            except BaseException:
+                if not self.sink_wait:  # opened above, and no pump to close it
+                    await self._close_sink()
+                raise
+            if not self.sink_wait:
+                root.start_soon(self._pump, pump_done)
+            else:
+                try:
+                    opened = await self._wait_for_sink()
+                except SinkUnavailable as exc:
+                    self._sink_lost, opened = exc, False  # raised below, outside the nursery
+                if opened:
+                    root.start_soon(self._pump, pump_done)
+                else:
+                    # Given up (raised below), or shut down before ready: nothing was received.
+                    self.state = "stopped"
+                    if self._sink_lost is None:
+                        task_status.started(tuple(() for _ in self.sources))
+                    root.cancel_scope.cancel()
+            if self.state == "starting":
+                self.state = "running"
+                try:
+                    await self._serve_sources(task_status)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._finish(pump_done)
+                    root.cancel_scope.cancel()
+        if self._sink_lost is not None:
+            raise self._sink_lost
         return self.ledger
+
+    async def _open_sink(self) -> None:
+        """``sink.open()``, any failure as a :class:`SinkUnavailable` naming the sink."""
+        try:
+            await self.sink.open()
+        except SinkUnavailable as exc:
+            self.pump_counters.sink_errors += 1  # sink_failed_total counts open failures too
+            self.sink_problem = exc
+            raise
+        except Exception as exc:  # a sink that raised something else: name it all the same
+            self.pump_counters.sink_errors += 1
+            self.sink_problem = SinkUnavailable(self.sink.name, str(exc) or repr(exc))
+            raise self.sink_problem from exc
+        self.sink_problem = None
+
+    async def _wait_for_sink(self) -> bool:
+        """Open the sink, trying again with backoff for up to ``sink_wait`` seconds.
+
+        True once it is open; False when :meth:`shutdown` came first; raises the last
+        :class:`SinkUnavailable` (with how long it waited) when the time is up.
+        """
+        deadline = trio.current_time() + self.sink_wait
+        attempt = 0
+        while not self._stopping.is_set():
+            attempt += 1
+            try:
+                await self._open_sink()
+            except SinkUnavailable as exc:
+                if trio.current_time() >= deadline:
+                    raise SinkUnavailable(
+                        exc.sink, f"{exc.cause} (waited {self.sink_wait:g} s)"
+                    ) from exc
+                if attempt == 1:
+                    _log.warning(
+                        "%s; waiting up to %g s for it (/readyz answers 503 meanwhile)",
+                        exc,
+                        self.sink_wait,
+                    )
+                with trio.move_on_at(
+                    min(deadline, trio.current_time() + self.retry.delay(attempt))
+                ):
+                    await self._stopping.wait()
+            else:
+                if attempt > 1:
+                    _log.info("sink %s: open after %d attempts", self.sink.name, attempt)
+                return True
+        return False
 
     async def _serve_sources(self, task_status: trio.TaskStatus[Any]) -> None:
         bound: list[list[tuple[str, int]]] = []
@@ -231,7 +331,8 @@ class Gateway:
             await pump_done.wait()
         self.state = "stopped"
         self._final_ledger = self.ledger
-        _log.info("shutdown ledger: %s", self._final_ledger.to_json())
+        # DEBUG: whoever runs the gateway shows the ledger (``serve`` prints it as one line).
+        _log.debug("shutdown ledger: %s", self._final_ledger.to_json())
 
     async def _watch_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -243,7 +344,8 @@ class Gateway:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if not self._stopping.is_set():
-                    _log.warning("%s: shutting down (again to stop at once)", name)
+                    # Asked for (a deploy, Ctrl-C): normal operation, not a warning.
+                    _log.info("%s: shutting down (again to stop at once)", name)
                     self.shutdown()
                 elif self.state != "stopped":
                     _log.warning("%s: stopping at once", name)
@@ -257,7 +359,6 @@ class Gateway:
         buffer = self.buffer
         try:
             with self._pump_scope:
-                await self._with_retry(self.sink.open, what="open", limited=False)
                 while True:
                     try:
                         batch = await buffer.get_batch(self.batch_size)
@@ -274,15 +375,23 @@ class Gateway:
                         else:
                             counters.sink_failed += len(items)
                     self._in_flight = 0
+        except SinkUnavailable as exc:
+            # Gone for good (a closed pipe): retrying cannot help, and neither can a drain.
+            self._sink_lost = exc
+            _log.error("%s; stopping (what is queued is abandoned)", exc)
+            self.abort()
         finally:
             counters.abandoned += self._in_flight
             self._in_flight = 0
-            with trio.CancelScope(shield=True), trio.move_on_after(max(self.drain_timeout, 1.0)):
-                try:
-                    await self.sink.aclose()
-                except Exception as exc:
-                    _log.error("sink %s failed to close: %r", self.sink.name, exc)
+            await self._close_sink()
             done.set()
+
+    async def _close_sink(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(max(self.drain_timeout, 1.0)):
+            try:
+                await self.sink.aclose()
+            except Exception as exc:
+                _log.error("sink %s failed to close: %r", self.sink.name, exc)
 
     async def _process(self, batch: Batch) -> Batch:
         processor = self.processor
@@ -321,13 +430,10 @@ class Gateway:
                 )
         return Batch(payloads, runs)
 
-    async def _with_retry(
-        self, operation: Callable[[], Awaitable[None]], *, what: str, limited: bool = True
-    ) -> bool:
+    async def _with_retry(self, operation: Callable[[], Awaitable[None]], *, what: str) -> bool:
         """Run ``operation`` until it succeeds (True) or the retry budget is spent (False).
 
-        Opening the sink is retried without limit: nothing can be delivered without it, and the
-        queue's policy decides meanwhile what happens to new messages.
+        :class:`SinkUnavailable` is not retried: it propagates (the destination is gone).
         """
         counters = self.pump_counters
         attempt = 0
@@ -336,9 +442,14 @@ class Gateway:
             started = time.perf_counter()
             try:
                 await operation()
+            except SinkUnavailable as exc:
+                counters.sink_errors += 1
+                self.sink_problem = exc
+                raise
             except Exception as exc:
                 counters.sink_errors += 1
-                limit = self.retry.max_attempts if limited else None
+                self.sink_problem = exc if isinstance(exc, SinkError) else SinkError(repr(exc))
+                limit = self.retry.max_attempts
                 if limit is not None and attempt >= limit:
                     _sink_errors.warning(
                         "sink %s: %s failed %d times, giving up: %r",
@@ -362,6 +473,7 @@ class Gateway:
                 counters.sink_retries += 1
                 await trio.sleep(delay)
             else:
+                self.sink_problem = None
                 if what == "send":
                     counters.sink_batches += 1
                     counters.batch_seconds.observe(time.perf_counter() - started)

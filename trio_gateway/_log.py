@@ -1,11 +1,20 @@
-"""Logging helpers: one logger tree, and a rate limit so a flood of bad peers cannot flood logs."""
+"""Logging helpers: one logger tree, a rate limit so a flood of bad peers cannot flood logs, and
+the command line's set-up (text or JSON lines on stderr, chatty libraries kept quiet)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
 
-__all__ = ("RateLimitedLogger", "logger")
+__all__ = (
+    "CHATTY_LOGGERS",
+    "JsonFormatter",
+    "RateLimitedLogger",
+    "configure_logging",
+    "logger",
+)
 
 logger = logging.getLogger("trio_gateway")
 
@@ -44,3 +53,41 @@ class RateLimitedLogger:
 
     def info(self, msg: str, *args: object) -> None:
         self.log(logging.INFO, msg, *args)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``message`` (and ``exc``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+CHATTY_LOGGERS = ("trio_gateway.sources.websocket.protocol", "websockets")
+"""Libraries that log routine events at INFO (``websockets``: "connection open" for every
+connection): kept at WARNING unless the level asked for is DEBUG."""
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """The command line's logging: ``trio_gateway``'s records on stderr, as text or JSON.
+
+    Normal operation is quiet at INFO: a WARNING means someone should act.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    for name in CHATTY_LOGGERS:
+        chatty = logging.getLogger(name)
+        chatty.setLevel(logging.NOTSET if logger.level <= logging.DEBUG else logging.WARNING)

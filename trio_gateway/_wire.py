@@ -10,6 +10,7 @@ from ._errors import ConfigurationError
 
 __all__ = (
     "ACK_SUBPROTOCOL",
+    "DEFAULT_ADMIN",
     "DEFAULT_HTTP_PATH",
     "GRPC_CONTENT_TYPE",
     "GRPC_METHODS",
@@ -19,6 +20,10 @@ __all__ = (
 
 ACK_SUBPROTOCOL = "trio-gateway.ack.v1"
 """The WebSocket subprotocol a client offers (``Sec-WebSocket-Protocol``) to receive acks."""
+
+DEFAULT_ADMIN = "127.0.0.1:9100"
+"""Where ``serve`` puts its admin endpoint (``/metrics``, ``/healthz``, ``/readyz``) by default,
+and where ``top`` looks for it."""
 
 DEFAULT_HTTP_PATH = "/ingest"
 """Where the HTTP listener takes ``POST`` requests unless configured otherwise."""

@@ -96,7 +96,7 @@ def test_results_json_has_every_case(quick: tuple[Path, str]) -> None:
     queues = document["queues"]
     assert queues["status"] == "ok"
     kinds = {(r["queue"], r["mode"]) for r in queues["results"]}
-    for queue in ("deque", "ring", "locked-ring", "channel", "locked-list"):
+    for queue in ("deque", "ring", "locked_ring", "channel", "locked_list"):
         assert {(queue, mode) for mode in ("sync", "await", "batched")} <= kinds
     assert document["jsonl"]["status"] == "ok"
     assert [r["size"] for r in document["jsonl"]["results"]] == [18, 4266, 6786, 79435]

@@ -23,6 +23,7 @@ from trio_gateway import (
     Origin,
     RetryPolicy,
     SinkError,
+    SinkUnavailable,
     TcpSource,
 )
 from trio_gateway._config import build_sink, config_from_mapping
@@ -286,7 +287,11 @@ async def test_sink_options_from_the_config_file_reach_the_wire(
     assert headers["authorization"] == "Bearer from-the-env" and headers["x-tenant"] == "blue"
 
 
-async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def _https_destination(
+    nursery: trio.Nursery, tmp_path: Path
+) -> tuple[Destination, str, trio.Event]:
+    """A destination on HTTPS with a certificate of a private CA (``tmp_path/ca.pem``): the
+    app, its URL, and the event that stops it."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
@@ -299,6 +304,11 @@ async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> 
     shutdown = trio.Event()
     binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
     url = binds[0].replace("http://", "https://") + "/ingest"
+    return app, url, shutdown
+
+
+async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app, url, shutdown = await _https_destination(nursery, tmp_path)
     with trio.fail_after(10):
         trusting = HttpSink(url, verify=str(tmp_path / "ca.pem"))
         await trusting.send(Batch([b"secret"], [(ORIGIN, 1)]))
@@ -312,3 +322,37 @@ async def test_https_with_a_ca_bundle(nursery: trio.Nursery, tmp_path: Path) -> 
     assert doubting.failures.total() == 1
     with pytest.raises(ConfigurationError, match="cannot load CA"):
         HttpSink(url, verify=str(tmp_path / "missing.pem"))
+
+
+async def test_ca_and_timeouts_from_the_config_file_and_the_check_at_open(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``[sink] verify = "ca.pem"`` and the timeouts come from TOML; ``open()`` (the check the
+    gateway makes before it is ready) shakes hands over TLS, so an untrusted certificate is
+    found at start, not at the first batch."""
+    app, url, shutdown = await _https_destination(nursery, tmp_path)
+    sink_config = config_from_mapping(
+        {
+            "sink": {
+                "url": url,
+                "verify": str(tmp_path / "ca.pem"),
+                "timeout": 4,
+                "connect_timeout": 2.5,
+                "max_retry_after": 9,
+            }
+        }
+    ).sink
+    trusting = build_sink(sink_config)
+    assert isinstance(trusting, HttpSink)
+    assert (trusting.timeout, trusting.connect_timeout, trusting.max_retry_after) == (4, 2.5, 9)
+    with trio.fail_after(10):
+        await trusting.open()
+        await trusting.send(Batch([b"over tls"], [(ORIGIN, 1)]))
+        await trusting.aclose()
+        doubting = build_sink(config_from_mapping({"sink": {"url": url}}).sink)
+        with pytest.raises(SinkUnavailable, match="TLS handshake failed") as caught:
+            await doubting.open()
+        await doubting.aclose()
+    shutdown.set()
+    assert caught.value.sink == f"https://127.0.0.1:{url.split(':')[2].split('/')[0]}/ingest"
+    assert [records(r) for r in app.requests] == [[b"over tls"]]

@@ -41,24 +41,39 @@ async def test_once_against_a_live_gateway() -> None:
     assert parse_metrics(text).total("trio_gateway_received_messages_total") == 2540
 
 
+async def _unused_port() -> int:
+    with trio.socket.socket() as unused:
+        await unused.bind(("127.0.0.1", 0))
+        port: int = unused.getsockname()[1]
+    return port  # closed: nothing listens there
+
+
 async def test_live_mode_redraws_and_survives_an_unreachable_endpoint() -> None:
     out = io.StringIO()
     console = Console(file=out, width=100, force_terminal=True, color_system=None)
-    with trio.socket.socket() as unused:
-        await unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+    port = await _unused_port()
     with trio.fail_after(10):
         status = await run_top("127.0.0.1", port, interval=0.01, console=console, frames=3)
     assert status == 0
     assert "retrying" in out.getvalue()
 
 
+async def test_live_mode_gives_up_on_an_endpoint_unreachable_past_the_grace() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=True, color_system=None)
+    port = await _unused_port()
+    with trio.fail_after(10):
+        status = await run_top(
+            "127.0.0.1", port, interval=0.01, console=console, unreachable_grace=0.2
+        )
+    assert status == 1
+    assert "unreachable for 0.2 s" in out.getvalue()
+
+
 async def test_once_reports_an_unreachable_endpoint() -> None:
     out = io.StringIO()
     console = Console(file=out, width=100, color_system=None)
-    with trio.socket.socket() as unused:
-        await unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+    port = await _unused_port()
     with trio.fail_after(10):
         status = await run_top("127.0.0.1", port, once=True, console=console)
     assert status == 1

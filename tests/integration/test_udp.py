@@ -186,3 +186,52 @@ async def test_a_kernel_that_refuses_recvmmsg_gets_recvfrom(
         items = await served.received(50)
     assert [p for p, _ in items] == [b"%d" % i for i in range(50)]
     assert caplog.text.count("recvmmsg failed") == 1
+
+
+async def test_raw_framing_keeps_a_trailing_newline_as_sent() -> None:
+    # What `echo x | nc -u HOST PORT` sends: the newline is part of the datagram.
+    async with serving(UdpSource(port=0)) as served:
+        with _client() as sock:
+            sock.sendto(b"x\n", served.address)
+        items = await served.received(1)
+    assert [p for p, _ in items] == [b"x\n"]
+
+
+async def test_newline_framing_strips_the_newline_and_splits_lines() -> None:
+    async with serving(UdpSource(port=0, framing="newline")) as served:
+        with _client() as sock:
+            for datagram in (b"x\n", b"a\nb\n\nc", b"", b"\n", b"last"):
+                sock.sendto(datagram, served.address)
+        items = await served.received(5)
+    # Empty lines (and so an empty datagram) are no message, as with TCP's newline framing.
+    assert [p for p, _ in items] == [b"x", b"a", b"b", b"c", b"last"]
+    ledger = served.gateway.ledger
+    assert ledger.received == ledger.delivered == 5 and ledger.balanced
+
+
+def test_framing_is_checked_and_read_in_either_spelling() -> None:
+    from trio_gateway import ConfigurationError
+    from trio_gateway._config import SourceConfig, build_source
+
+    with pytest.raises(ConfigurationError, match=r"udp\.framing: must be one of raw, newline"):
+        UdpSource(framing="lines")  # type: ignore[arg-type]
+    built = build_source(SourceConfig("udp", "127.0.0.1", 0, {"framing": "newline"}))
+    assert isinstance(built, UdpSource) and built.framing == "newline"
+    with pytest.raises(ConfigurationError, match=r"sources\.framing"):
+        build_source(SourceConfig("udp", "127.0.0.1", 0, {"framing": "xml"}))
+
+
+async def test_a_port_in_use_names_the_listener() -> None:
+    from trio_gateway import TransportError
+
+    with _client() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        gateway = Gateway(sources=[UdpSource(port=port)], sink=RecordingSink())
+        with pytest.RaisesGroup(
+            pytest.RaisesExc(
+                TransportError, match=f"^udp 127.0.0.1:{port}: address already in use$"
+            ),
+            flatten_subgroups=True,
+        ):
+            await gateway.run()

@@ -22,9 +22,13 @@ from trio_gateway.queues import (
     POLICIES,
     QUEUE_KINDS,
     ChannelQueue,
+    LockedListQueue,
+    LockedRingBuffer,
     OverflowPolicy,
     Queue,
+    RingBuffer,
 )
+from trio_gateway.queues import queue_class as lookup_queue
 
 # -- the reference model -----------------------------------------------------------------
 
@@ -245,7 +249,41 @@ KINDS = list(QUEUE_KINDS)
 
 
 def make(kind: str, capacity: int, **options: Any) -> Queue[bytes]:
-    return QUEUE_KINDS[kind](capacity, **options)  # type: ignore[return-value]
+    cls = lookup_queue(kind)
+    assert cls is not None, kind
+    return cls(capacity, **options)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("cls", "spelled", "shown"),
+    [
+        (RingBuffer, "drop-oldest", "drop_oldest"),
+        (RingBuffer, "drop_oldest", "drop_oldest"),
+        (LockedRingBuffer, "drop-newest", "drop_newest"),
+        (ChannelQueue, "drop-newest", "drop_newest"),
+        (LockedListQueue, "block", "block"),
+    ],
+)
+def test_a_policy_is_accepted_in_both_spellings_and_shown_in_one(
+    cls: type[Queue[bytes]], spelled: str, shown: str
+) -> None:
+    queue = cls(10, policy=spelled)  # type: ignore[arg-type]
+    assert queue.policy == shown
+    assert queue.statistics().policy == shown
+    assert f"policy={shown}" in repr(queue)
+
+
+def test_queue_kinds_are_shown_with_underscores_and_found_in_both_spellings() -> None:
+    assert list(QUEUE_KINDS) == ["ring", "locked_ring", "channel", "locked_list"]
+    assert [cls.kind for cls in QUEUE_KINDS.values()] == list(QUEUE_KINDS)
+    assert lookup_queue("locked-ring") is lookup_queue("locked_ring") is LockedRingBuffer
+    assert lookup_queue("locked-list") is LockedListQueue
+    assert lookup_queue("deque") is None
+
+
+def test_an_unknown_policy_still_names_the_choices() -> None:
+    with pytest.raises(ConfigurationError, match="drop_newest; got 'drop-sometimes'"):
+        ChannelQueue(10, policy="drop-sometimes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -326,7 +364,7 @@ async def test_wait_not_full(kind: str) -> None:
 
 
 async def test_wait_not_full_counts_bytes() -> None:
-    for kind in ("ring", "locked-ring", "locked-list"):
+    for kind in ("ring", "locked_ring", "locked_list"):
         queue = make(kind, 10, max_bytes=4)
         queue.put_nowait(b"abcd")
         with trio.move_on_after(0.05) as scope:
@@ -518,7 +556,7 @@ async def test_synchronous_puts_never_fail_while_consumers_await(kind: str) -> N
     assert len(received) == sent == 900
 
 
-@pytest.mark.parametrize("kind", ["ring", "locked-ring", "locked-list"])
+@pytest.mark.parametrize("kind", ["ring", "locked_ring", "locked_list"])
 async def test_wait_not_full_waits_for_room_for_the_refused_item(kind: str) -> None:
     # 8 of 10 bytes used: a 5-byte item does not fit although the queue is not "full".
     # wait_not_full must sleep until a consumer frees room for it, not return at once (which
@@ -546,7 +584,7 @@ async def test_wait_not_full_waits_for_room_for_the_refused_item(kind: str) -> N
     assert queue.get_batch_nowait(5) == [b"b" * 4, item]
 
 
-@pytest.mark.parametrize("kind", ["ring", "locked-ring", "locked-list"])
+@pytest.mark.parametrize("kind", ["ring", "locked_ring", "locked_list"])
 async def test_an_item_that_can_never_fit_does_not_stall_other_producers(kind: str) -> None:
     queue = make(kind, 10, max_bytes=10)
     assert not queue.put_nowait(b"x" * 11)  # larger than max_bytes: refused under block

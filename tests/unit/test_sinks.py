@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -159,6 +160,7 @@ def _hold_the_file(path: Path) -> threading.Thread:
 async def test_file_sink_writes_small_batches_in_the_loop_and_slow_ones_in_its_thread(
     tmp_path: Path, mock_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="trio_gateway")
     path = tmp_path / "out.jsonl"
     sink = FileSink(path)
     await sink.open()
@@ -173,7 +175,10 @@ async def test_file_sink_writes_small_batches_in_the_loop_and_slow_ones_in_its_t
         hog = _hold_the_file(path)
         assert await ticker.ticks_during(lambda: sink.send(batch)) < 5
         hog.join()
-        assert "writing from a thread for 10 s" in caplog.text
+        # One slow write is routine on a busy machine: INFO, not a WARNING.
+        (first,) = [r for r in caplog.records if "writing from a thread" in r.message]
+        assert first.levelno == logging.INFO
+        assert "writing from a thread for 10 s" in first.message
         # ...and sends the next writes to the thread: the loop keeps turning while they wait.
         hog = _hold_the_file(path)
         assert await ticker.ticks_during(lambda: sink.send(batch)) > 10
@@ -183,7 +188,10 @@ async def test_file_sink_writes_small_batches_in_the_loop_and_slow_ones_in_its_t
         hog = _hold_the_file(path)
         assert await ticker.ticks_during(lambda: sink.send(batch)) < 5
         hog.join()
-        assert "writing from a thread for 20 s" in caplog.text
+        # Slow again after the stay in the thread: that persists, and is a WARNING.
+        second = [r for r in caplog.records if "writing from a thread" in r.message][-1]
+        assert second.levelno == logging.WARNING
+        assert "in the event loop again; writing from a thread for 20 s" in second.message
     finally:
         await sink.aclose()
         data = path.read_bytes()

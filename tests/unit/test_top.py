@@ -9,7 +9,12 @@ from helpers import table_rows
 from rich.console import Console
 
 from trio_gateway.admin.progress import send_progress
-from trio_gateway.admin.top import main, parse_metrics, render_text
+from trio_gateway.admin.top import (
+    main,
+    parse_metrics,
+    render,
+    render_text,
+)
 
 BEFORE = """\
 # TYPE trio_gateway_received_messages_total counter
@@ -74,11 +79,12 @@ def test_a_frame_shows_rates_from_two_scrapes() -> None:
     assert table["tcp:0.0.0.0:7002"][0] == "0"
     # Queue: depth over capacity, fill, 300 drops a second, by reason.
     assert table["ring"][0] == "750/1.0k"
-    assert "75%" in table["ring"][1]
-    assert table["ring"][3:] == ["300", "drop_newest 600"]
-    # Sink: 19,625 msg/s, 20 batches/s, 0.1 s over 40 batches = 2.5 ms per batch.
-    assert table["null"][:3] == ["19.6k", "20", "2.50 ms"]
-    assert "draining" in frame
+    assert "75%" in table["ring"][2]  # after the bar
+    assert table["ring"][-2:] == ["300", "drop_newest 600"]
+    # Sink: 19,625 msg/s; 39,250 messages in 40 batches = 981 a batch; 0.1 s over 40
+    # batches = 2.5 ms per batch. No sink_up gauge in these scrapes: state unknown.
+    assert table["null"][:4] == ["-", "19.6k", "981", "2.50"]
+    assert "not ready" in frame
     assert "cpu 50%" in frame
     assert "rates over 2.0 s" in frame
 
@@ -130,3 +136,27 @@ def test_send_progress_draws_on_a_terminal() -> None:
     drawn = out.getvalue()
     assert "sending" in drawn
     assert "1000000/1000000" in drawn
+
+
+def test_a_frame_fits_80_by_24_with_the_sink_row_and_a_quit_hint() -> None:
+    sink = "file:/var/lib/trio_gateway/a/long/path/out.jsonl"
+    up = f'# TYPE trio_gateway_sink_up gauge\ntrio_gateway_sink_up{{sink="{sink}"}} 0\n'
+    before = BEFORE.replace('sink="null"', f'sink="{sink}"') + up
+    after = AFTER.replace('sink="null"', f'sink="{sink}"') + up
+    console = Console(width=80, height=24, force_terminal=True, color_system=None)
+    with console.capture() as capture:
+        console.print(
+            render(
+                parse_metrics(before, at=1.0),
+                parse_metrics(after, at=3.0),
+                target="127.0.0.1:9100",
+                hint="q quit",
+            )
+        )
+    lines = capture.get().splitlines()
+    assert len(lines) <= 23, lines  # the last line of the terminal stays for the cursor
+    assert max(len(line) for line in lines) <= 80
+    header = lines[0]
+    assert "not ready" in header and "sink down" in header and "q quit" in header
+    sink_row = next(line for line in lines if line.startswith("file:/var/lib"))
+    assert "…" in sink_row and "down" in sink_row and sink_row.rstrip().endswith("40.2k")

@@ -213,6 +213,13 @@ class GatewayCollector(Collector):
             family.add_metric(sink, buckets, histogram.sum)
             yield family
 
+        up = GaugeMetricFamily(
+            f"{PREFIX}_sink_up",
+            "1 while the sink's destination works (its last open or send succeeded), else 0.",
+            labels=["sink"],
+        )
+        up.add_metric(sink, 0 if gateway.sink_problem is not None else 1)
+        yield up
         yield GaugeMetricFamily(
             f"{PREFIX}_accepting",
             "1 while the gateway accepts messages, 0 from the moment shutdown starts.",

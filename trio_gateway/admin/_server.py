@@ -23,6 +23,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from .._errors import ConfigurationError, TransportError
 from .._h11server import BadRequest, H11Server, RequestTooSlow
 from .._log import RateLimitedLogger, logger
+from .._wire import DEFAULT_ADMIN
 from ._collector import make_registry
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ("DEFAULT_ADMIN", "AdminServer")
 
-DEFAULT_ADMIN = "127.0.0.1:9100"
 _log = logger.getChild("admin")
 _connection_errors = RateLimitedLogger(_log)
 _scrape_errors = RateLimitedLogger(_log)
@@ -217,7 +217,9 @@ class AdminServer:
         if path == b"/readyz":
             if gateway.accepting:
                 return _Reply(200, b"ready\n")
-            body = f"not ready: {gateway.state}\n".encode()
+            # The reason (``readiness``: "waiting for the sink: ..."); the workers' supervisor,
+            # which serves this endpoint too, has only its state.
+            body = f"not ready: {getattr(gateway, 'readiness', gateway.state)}\n".encode()
             return _Reply(503, body, extra=((b"retry-after", b"5"),))
         return _Reply(200, _INDEX)
 

@@ -1,5 +1,6 @@
 """Bounded queues with an explicit overflow policy: the four structures the talk compared."""
 
+from .._names import canonical
 from ._base import POLICIES as POLICIES
 from ._base import OverflowPolicy as OverflowPolicy
 from ._base import Queue as Queue
@@ -11,11 +12,18 @@ from ._ring import RingBuffer as RingBuffer
 
 QUEUE_KINDS: dict[str, type[Queue[object]]] = {
     "ring": RingBuffer,
-    "locked-ring": LockedRingBuffer,
+    "locked_ring": LockedRingBuffer,
     "channel": ChannelQueue,
-    "locked-list": LockedListQueue,
+    "locked_list": LockedListQueue,
 }
-"""The queue classes by the name used in configuration (``--queue``)."""
+"""The queue classes by the name used in configuration (``--queue``), in the shown spelling
+(``locked_ring``; :func:`queue_class` also takes ``locked-ring``)."""
+
+
+def queue_class(kind: str) -> type[Queue[object]] | None:
+    """The queue class ``kind`` names, in either spelling; None if it names none."""
+    return QUEUE_KINDS.get(canonical(kind))
+
 
 __all__ = (
     "POLICIES",
@@ -27,4 +35,5 @@ __all__ = (
     "Queue",
     "QueueStatistics",
     "RingBuffer",
+    "queue_class",
 )

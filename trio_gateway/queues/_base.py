@@ -7,6 +7,9 @@ overflow policy when a producer offers more than fits:
 * ``"drop_newest"``: the offered items that do not fit are dropped and counted.
 * ``"drop_oldest"``: the oldest queued items are evicted (and counted) to make room.
 
+``policy="drop-oldest"`` is accepted too: one spelling rule for every enum-like value
+(:mod:`trio_gateway._names`); the policy is always reported as ``drop_oldest``.
+
 Producers on the hot path call :meth:`put_many_nowait` once per read; consumers call
 :meth:`get_batch`. Neither costs a checkpoint per message. Waiting uses Trio parking lots, so a
 consumer of an empty queue sleeps instead of polling.
@@ -27,13 +30,16 @@ import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 from .._errors import ConfigurationError
+from .._names import canonical
 
-__all__ = ("POLICIES", "OverflowPolicy", "Queue", "QueueStatistics")
+__all__ = ("POLICIES", "OverflowPolicy", "PolicyName", "Queue", "QueueStatistics")
 
 T = TypeVar("T")
 
 OverflowPolicy = Literal["block", "drop_newest", "drop_oldest"]
 POLICIES: tuple[OverflowPolicy, ...] = get_args(OverflowPolicy)
+PolicyName = Literal[OverflowPolicy, "drop-newest", "drop-oldest"]
+"""What a queue's ``policy=`` takes: the shown spelling or the hyphenated one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +74,20 @@ class Queue(ABC, Generic[T]):
         self,
         capacity: int,
         *,
-        policy: OverflowPolicy = "block",
+        policy: PolicyName = "block",
         max_bytes: int | None = None,
         size_of: Callable[[T], int] = len,  # type: ignore[assignment]
     ) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ConfigurationError("capacity", f"must be a positive integer, got {capacity!r}")
-        if policy not in self.supported_policies:
+        spelled = canonical(policy) if isinstance(policy, str) else policy
+        if spelled not in self.supported_policies:
             choices = ", ".join(self.supported_policies)
             raise ConfigurationError("policy", f"{self.kind} supports {choices}; got {policy!r}")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
             raise ConfigurationError("max_bytes", f"must be a positive integer, got {max_bytes!r}")
         self._capacity = capacity
-        self._policy: OverflowPolicy = policy
+        self._policy: OverflowPolicy = spelled
         self._max_bytes = max_bytes
         self._size_of = size_of
         self._bytes = 0

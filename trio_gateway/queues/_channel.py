@@ -8,7 +8,7 @@ from typing import TypeVar
 import trio
 
 from .._errors import ConfigurationError
-from ._base import OverflowPolicy, Queue
+from ._base import OverflowPolicy, PolicyName, Queue
 
 __all__ = ("ChannelQueue",)
 
@@ -30,7 +30,7 @@ class ChannelQueue(Queue[T]):
         self,
         capacity: int,
         *,
-        policy: OverflowPolicy = "block",
+        policy: PolicyName = "block",
         max_bytes: int | None = None,
         size_of: Callable[[T], int] = len,  # type: ignore[assignment]
     ) -> None:

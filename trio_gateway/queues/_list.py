@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import trio
 
-from ._base import OverflowPolicy, Queue
+from ._base import PolicyName, Queue
 
 __all__ = ("LockedListQueue",)
 
@@ -22,13 +22,13 @@ class LockedListQueue(Queue[T]):
     (the talk's version grew without limit).
     """
 
-    kind = "locked-list"
+    kind = "locked_list"
 
     def __init__(
         self,
         capacity: int,
         *,
-        policy: OverflowPolicy = "block",
+        policy: PolicyName = "block",
         max_bytes: int | None = None,
         size_of: Callable[[T], int] = len,  # type: ignore[assignment]
     ) -> None:

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._base import OverflowPolicy, Queue
+from ._base import PolicyName, Queue
 
 __all__ = ("LockedRingBuffer", "RingBuffer")
 
@@ -28,7 +28,7 @@ class RingBuffer(Queue[T]):
         self,
         capacity: int,
         *,
-        policy: OverflowPolicy = "block",
+        policy: PolicyName = "block",
         max_bytes: int | None = None,
         size_of: Callable[[T], int] = len,  # type: ignore[assignment]
     ) -> None:
@@ -131,13 +131,13 @@ class LockedRingBuffer(RingBuffer[T]):
     and ``get_batch`` would mistake it for an empty queue and park past the last wake-up.
     """
 
-    kind = "locked-ring"
+    kind = "locked_ring"
 
     def __init__(
         self,
         capacity: int,
         *,
-        policy: OverflowPolicy = "block",
+        policy: PolicyName = "block",
         max_bytes: int | None = None,
         size_of: Callable[[T], int] = len,  # type: ignore[assignment]
     ) -> None:

@@ -17,9 +17,12 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .._errors import ConfigurationError, SinkError
+import trio
+
+from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._message import Batch
-from ._base import Sink
+from .._secrets import redact_url
+from ._base import Sink, connect_failure
 from ._jsonl import encode_jsonl
 
 if TYPE_CHECKING:
@@ -114,12 +117,12 @@ class HttpSink(Sink):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigurationError(
-                "sink", f"http sink needs http(s)://HOST[:PORT]/PATH, got {url!r}"
+                "sink", f"http sink needs http(s)://HOST[:PORT]/PATH, got {redact_url(url)!r}"
             )
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError as exc:
-            raise ConfigurationError("sink", f"http sink: {exc}: {url!r}") from exc
+            raise ConfigurationError("sink", f"http sink: {exc}: {redact_url(url)!r}") from exc
         if timeout <= 0 or connect_timeout <= 0:
             raise ConfigurationError("sink", "http sink: timeouts must be positive")
         if max_body_bytes < 1024:
@@ -157,8 +160,52 @@ class HttpSink(Sink):
         """The batch that failed last: (batch, its number, its bodies, the first body not sent)."""
 
     async def open(self) -> None:
+        """Check that the destination answers (a TCP connection, and the TLS handshake for
+        ``https://``), then make the client; a refusal is :class:`SinkUnavailable`."""
         if self._client is not None:
             return
+        await self._check_reachable()
+        self._make_client()
+
+    async def _check_reachable(self) -> None:
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                try:
+                    if parts.scheme == "https":
+                        stream = trio.SSLStream(
+                            stream, self._ssl_context(), server_hostname=host, https_compatible=True
+                        )
+                        await stream.do_handshake()
+                finally:
+                    await trio.aclose_forcefully(stream)
+        except trio.TooSlowError as exc:
+            raise SinkUnavailable(
+                self.name, f"no answer within {self.connect_timeout:g} s"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise SinkUnavailable(self.name, f"TLS handshake failed: {exc.reason or exc}") from exc
+        except (OSError, trio.BrokenResourceError) as exc:
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if isinstance(cause, ssl.SSLError):
+                reason = f"TLS handshake failed: {cause.reason or cause}"
+            else:
+                reason = connect_failure(cause or exc)
+            raise SinkUnavailable(self.name, reason) from exc
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if isinstance(self._verify, ssl.SSLContext):
+            return self._verify
+        context = ssl.create_default_context()
+        if not self._verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _make_client(self) -> None:
         httpx = _import_httpx()
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
@@ -172,7 +219,7 @@ class HttpSink(Sink):
 
     async def send(self, batch: Batch) -> None:
         if self._client is None:
-            await self.open()
+            self._make_client()
         if self._resume is not None and self._resume[0] is batch:
             _, number, bodies, first = self._resume
         else:

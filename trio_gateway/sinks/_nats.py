@@ -29,9 +29,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
-from .._errors import ConfigurationError, SinkError
+from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import RateLimitedLogger, logger
 from .._message import Batch, Origin
+from .._secrets import redact_url
 from ._base import Sink
 
 if TYPE_CHECKING:
@@ -103,15 +104,18 @@ def parse_nats_url(url: str) -> NatsTarget:
     """
     parts = urlsplit(url)
     if parts.scheme != "nats":
-        raise ConfigurationError("sink", f"nats sink URL must start with nats://, got {url!r}")
+        raise ConfigurationError(
+            "sink", f"nats sink URL must start with nats://, got {redact_url(url)!r}"
+        )
     userinfo, _, hosts = parts.netloc.rpartition("@")
     if not hosts:
-        raise ConfigurationError("sink", f"nats sink needs a host: {url!r}")
+        raise ConfigurationError("sink", f"nats sink needs a host: {redact_url(url)!r}")
     servers = tuple(_server(h) for h in hosts.split(","))
     subject = unquote(parts.path.lstrip("/"))
     if not subject or any(c in subject for c in " \t\r\n*>") or "/" in subject:
         raise ConfigurationError(
-            "sink", f"nats sink needs one literal subject after the host (no * or >): {url!r}"
+            "sink",
+            f"nats sink needs one literal subject after the host (no * or >): {redact_url(url)!r}",
         )
     if ".." in subject or subject.startswith(".") or subject.endswith("."):
         raise ConfigurationError("sink", f"nats sink: malformed subject {subject!r}")
@@ -329,6 +333,17 @@ class NatsSink(Sink):
     # -- Trio side ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Connect (and create the stream if asked): a server that cannot be reached, refuses
+        the credentials or the stream is :class:`SinkUnavailable`."""
+        try:
+            await self._open()
+        except SinkUnavailable:
+            raise
+        except SinkError as exc:
+            cause = str(exc).removeprefix(f"{self.name}: ")
+            raise SinkUnavailable(self.name, cause) from exc
+
+    async def _open(self) -> None:
         if not self._loop.running:
             self._loop.start()
         if self._nc is None:
@@ -337,7 +352,7 @@ class NatsSink(Sink):
 
     async def send(self, batch: Batch) -> None:
         if self._nc is None:
-            await self.open()
+            await self._open()
         # A retry of the batch that failed last gets the same sequence numbers, so the same
         # Nats-Msg-Ids; a new batch gets the next ones.
         if batch is not self._retrying:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import queue
 import socket
@@ -14,7 +16,7 @@ from typing import BinaryIO
 
 import trio
 
-from .._errors import ConfigurationError, SinkError
+from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import logger
 from .._message import Batch
 from ._base import Sink
@@ -162,10 +164,16 @@ class _BatchWriter:
         if seconds <= _SLOW_WRITE:
             self._backoff = _BACKOFF[0]
             return
-        _log.warning(
-            "%s: a write took %.1f ms in the event loop; writing from a thread for %.0f s",
+        # One slow write is routine (a busy machine): INFO. WARNING only when the writes tried
+        # after a stay in the thread are slow again (the backoff has grown): a disk that
+        # keeps throttling writers is something to look at.
+        persistent = self._backoff > _BACKOFF[0]
+        _log.log(
+            logging.WARNING if persistent else logging.INFO,
+            "%s: a write took %.1f ms in the event loop%s; writing from a thread for %.0f s",
             self.name,
             seconds * 1e3,
+            " again" if persistent else "",
             self._backoff,
         )
         self._inline_from = trio.current_time() + self._backoff
@@ -175,6 +183,41 @@ class _BatchWriter:
         if self._thread is not None:
             thread, self._thread = self._thread, None
             await thread.aclose()
+
+
+def _file_failure(path: str, exc: OSError) -> str:
+    """Why ``open(path, "ab")`` failed, in a few words naming what to fix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if isinstance(exc, FileNotFoundError) and not os.path.isdir(directory):
+        return f"directory {directory} does not exist"
+    if isinstance(exc, PermissionError):
+        return "permission denied (not writable by this user)"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    reason = exc.strerror or str(exc)
+    return reason[:1].lower() + reason[1:]
+
+
+def _check_writable(fd: int, name: str) -> None:
+    """Raise :class:`SinkUnavailable` unless ``fd`` is open for writing."""
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as exc:  # EBADF: closed
+        raise SinkUnavailable(name, "standard output is closed") from exc
+    if mode == os.O_RDONLY:
+        raise SinkUnavailable(name, "standard output is open for reading only")
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null once its reader is gone, so the interpreter's
+    last flush of ``sys.stdout`` at exit does not fail on the broken pipe again (the
+    recipe of Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 class NullSink(Sink):
@@ -214,14 +257,22 @@ class StdoutSink(Sink):
         return self._writes.inline
 
     def _target(self) -> BinaryIO:
-        return self._stream if self._stream is not None else sys.stdout.buffer
+        if self._stream is not None:
+            return self._stream
+        if sys.stdout is None:  # started with stdout closed (``>&-``)
+            raise SinkUnavailable(self.name, "standard output is closed")
+        return sys.stdout.buffer
 
     async def open(self) -> None:
+        """Check that standard output is open for writing, and decide where writes run."""
+
         def decide() -> None:
             try:
                 fd: int | None = self._target().fileno()
             except (OSError, AttributeError, ValueError):  # io.UnsupportedOperation: no fd
                 fd = None
+            if fd is not None:
+                _check_writable(fd, self.name)
             self._writes.decide(fd)
 
         await trio.to_thread.run_sync(decide)
@@ -238,6 +289,11 @@ class StdoutSink(Sink):
         data = encode_jsonl(batch)
         try:
             await self._writes.write(data, self._write)
+        except BrokenPipeError as exc:
+            # ``serve | head -2``: the reader is gone, and no retry brings it back.
+            if self._stream is None:
+                _discard_stdout()
+            raise SinkUnavailable(self.name, "broken pipe: its reader has exited") from exc
         except OSError as exc:
             raise SinkError(f"stdout: {exc}") from exc
 
@@ -277,6 +333,9 @@ class FileSink(Sink):
         return self._writes.inline
 
     async def open(self) -> None:
+        """Open the file for appending: a missing directory, a path without write permission
+        or a read-only filesystem is :class:`SinkUnavailable`, naming the cause."""
+
         def open_file() -> BinaryIO:
             file = open(self.path, "ab")  # noqa: SIM115 - open until aclose()
             self._writes.decide(None if self.fsync else file.fileno())
@@ -285,7 +344,7 @@ class FileSink(Sink):
         try:
             self._file = await trio.to_thread.run_sync(open_file)
         except OSError as exc:
-            raise SinkError(f"{self.name}: {exc}") from exc
+            raise SinkUnavailable(self.name, _file_failure(self.path, exc)) from exc
 
     def _write(self, data: bytes) -> None:
         assert self._file is not None

@@ -6,10 +6,10 @@ import select
 
 import trio
 
-from .._errors import ConfigurationError, SinkError
+from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._message import Batch
 from ..codecs import encode_length_prefixed
-from ._base import Sink
+from ._base import Sink, connect_failure
 
 __all__ = ("TcpSink",)
 
@@ -55,7 +55,16 @@ class TcpSink(Sink):
         return stream
 
     async def open(self) -> None:
-        self._stream = await self._connect()
+        """Connect: a destination that refuses (or does not answer) is :class:`SinkUnavailable`."""
+        try:
+            self._stream = await self._connect()
+        except SinkError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, trio.TooSlowError):
+                reason = f"no answer within {self.connect_timeout:g} s"
+            else:
+                reason = connect_failure(cause if cause is not None else exc)
+            raise SinkUnavailable(self.name, reason) from exc
 
     @staticmethod
     def _peer_closed(stream: trio.SocketStream) -> bool:

@@ -1,14 +1,15 @@
-"""UDP: one datagram is one message; the socket is drained in batches."""
+"""UDP: one datagram is one message (or one message per line); the socket is drained in
+batches."""
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, TransportError
 from .._ingress import Ingress
 from .._log import logger
 from .._message import Origin
@@ -27,6 +28,19 @@ _MULTI_MAX = 3072
 """Datagrams up to this long are read with ``recvmmsg``, longer ones with ``recvfrom``."""
 
 
+UdpFraming = Literal["raw", "newline"]
+FRAMINGS: tuple[UdpFraming, ...] = ("raw", "newline")
+
+
+def split_lines(datagrams: list[bytes]) -> list[bytes]:
+    """``newline`` framing: every line of every datagram, without its ``\n``; empty lines
+    are skipped (as the TCP newline decoder does), so a trailing newline adds nothing."""
+    lines: list[bytes] = []
+    for datagram in datagrams:
+        lines += datagram.split(b"\n")
+    return [line for line in lines if line]
+
+
 def format_sender(sender: object) -> str:
     """A sender as ``host:port``: raw (``recvmmsg``) or an address tuple (``recvfrom``)."""
     return format_address(sender) if isinstance(sender, bytes) else format_peer(sender)
@@ -43,6 +57,11 @@ class UdpSource(Source):
     and the kernel's receive buffer (``receive_buffer`` bytes) absorbs what it can; past it the
     kernel drops.
     A datagram over ``max_message_size`` is counted as ``oversize`` and discarded.
+
+    ``framing``: ``"raw"`` (the default) takes each datagram as it came, a trailing newline
+    included (``echo x | nc -u`` sends ``b"x\n"``); ``"newline"`` splits each datagram into
+    lines and drops the ``\n`` (``b"a\nb\n"`` is two messages, ``a`` and ``b``; empty lines,
+    and so an empty datagram, give none).
     ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can bind the port
     (``serve --workers N``; the kernel spreads senders across them by address).
     """
@@ -58,8 +77,14 @@ class UdpSource(Source):
         batch_limit: int = 512,
         receive_buffer: int = 4 << 20,
         reuse_port: bool = False,
+        framing: UdpFraming = "raw",
     ) -> None:
         super().__init__(host, port, max_message_size=max_message_size)
+        if framing not in FRAMINGS:
+            raise ConfigurationError(
+                "udp.framing", f"must be one of {', '.join(FRAMINGS)}, got {framing!r}"
+            )
+        self.framing = framing
         if max_message_size > MAX_UDP_PAYLOAD:
             raise ConfigurationError(
                 "udp.max_message_size", f"a UDP payload is at most {MAX_UDP_PAYLOAD} bytes"
@@ -86,7 +111,14 @@ class UdpSource(Source):
                 pass
             if self.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                # One line naming the listener, like the stream sources' bind failures.
+                reason = exc.strerror or str(exc)
+                raise TransportError(
+                    f"udp {format_peer((self.host, self.port))}: {reason[:1].lower() + reason[1:]}"
+                ) from exc
             self.bound = [tuple(sock.getsockname()[:2])]
             receiver = None
             if multi_receive_available():
@@ -132,11 +164,12 @@ class UdpSource(Source):
         if by_sender:
             listener = ingress.listener
             now = time.time()
+            newline = self.framing == "newline"
             for sender, payloads in by_sender.items():
                 # Waits only under ``block`` with a full queue: then the kernel buffers,
                 # then drops.
                 origin = Origin("udp", listener, format_sender(sender), now)
-                await ingress.offer(payloads, origin)
+                await ingress.offer(split_lines(payloads) if newline else payloads, origin)
         return last
 
     def _receive_many(self, receiver: MultiReceiver) -> tuple[dict[bytes, list[bytes]], int, int]:

@@ -1,0 +1,139 @@
+"""The configuration's shape: frozen dataclasses, the embedded defaults, and the small value
+parsers (``HOST:PORT``, policies, sink URLs) that the TOML reader and the flags share.
+
+Nothing here imports a server, a queue or Trio: the command line reads it to build its parser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
+
+from .._errors import ConfigurationError
+from .._names import canonical
+from .._secrets import redact_url
+from .._wire import DEFAULT_ADMIN as DEFAULT_ADMIN
+from .._wire import parse_hostport as parse_hostport
+
+__all__ = (
+    "DEFAULT_ADMIN",
+    "DEFAULT_TCP",
+    "DEFAULT_UDP",
+    "POLICY_NAMES",
+    "QUEUE_NAMES",
+    "TRANSPORTS",
+    "GatewayConfig",
+    "QueueConfig",
+    "SinkConfig",
+    "SourceConfig",
+    "normalize_policy",
+    "parse_hostport",
+    "sink_kind",
+    "source_from_flag",
+)
+
+DEFAULT_TCP = "127.0.0.1:7000"
+DEFAULT_UDP = "127.0.0.1:7001"
+
+Policy = Literal["block", "drop_newest", "drop_oldest"]
+POLICY_NAMES: tuple[Policy, ...] = get_args(Policy)
+"""The overflow policies (the queues' ``OverflowPolicy``, without importing Trio)."""
+QUEUE_NAMES = ("ring", "locked_ring", "channel", "locked_list")
+"""The queue kinds (the keys of ``queues.QUEUE_KINDS``, without importing Trio)."""
+TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc")
+"""The source transports (``[[sources]] transport = ...``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    transport: str
+    host: str
+    port: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+    key: str = "sources"
+    """Where this source came from, for error messages (``sources[0]``, ``--tcp``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    kind: str = "ring"
+    capacity: int = 10_000
+    policy: Policy = "block"
+    max_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    url: str = "stdout"
+    retry_max_attempts: int = 0
+    wait: float = 0.0
+    """Seconds ``serve`` waits at start for a sink whose destination is not there yet (0: it
+    fails at once); ``/readyz`` answers 503 with the reason meanwhile."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the sink class the URL names (``fsync``, ``token``, ``timeout``
+    ...), checked against its signature like a source's options; ``env:NAME`` reads a secret."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    queue: QueueConfig = QueueConfig()
+    sink: SinkConfig = SinkConfig()
+    drain_timeout: float = 10.0
+    grace_period: float = 2.0
+    batch_size: int = 1024
+    processor: str | None = None
+    admin: str | None = None
+    """The admin endpoint's HOST:PORT; ``None`` = not asked; ``"off"`` = explicitly off."""
+    workers: int = 1
+    """Worker processes sharing the ports (``serve --workers N``; see ``workers/``)."""
+
+    def with_default_sources(self) -> GatewayConfig:
+        """The embedded defaults: TCP on 127.0.0.1:7000, UDP on 127.0.0.1:7001, and the admin
+        endpoint on 127.0.0.1:9100 unless it was turned off."""
+        if self.sources:
+            return self
+        return replace(
+            self,
+            sources=(
+                source_from_flag("tcp", DEFAULT_TCP, key="default tcp"),
+                source_from_flag("udp", DEFAULT_UDP, key="default udp"),
+            ),
+            admin=self.admin or DEFAULT_ADMIN,
+        )
+
+
+def normalize_policy(value: object, *, key: str) -> Policy:
+    """A policy in either spelling (``drop-oldest``, ``drop_oldest``) -> the shown one."""
+    text = canonical(str(value))
+    for policy in POLICY_NAMES:
+        if text == policy:
+            return policy
+    raise ConfigurationError(key, f"must be one of {', '.join(POLICY_NAMES)}, got {value!r}")
+
+
+def source_from_flag(transport: str, listen: str, *, key: str, **options: Any) -> SourceConfig:
+    host, port = parse_hostport(listen, key=key)
+    return SourceConfig(transport, host, port, options, key=key)
+
+
+def sink_kind(url: str) -> str:
+    """The kind of sink ``url`` names (``stdout``, ``null``, ``file``, ``tcp``, ``http``,
+    ``nats``)."""
+    if url in ("stdout", "null"):
+        return url
+    for prefix, kind in (
+        ("file:", "file"),
+        ("tcp:", "tcp"),
+        ("http://", "http"),
+        ("https://", "http"),
+        ("nats://", "nats"),
+    ):
+        if url.startswith(prefix):
+            return kind
+    raise ConfigurationError(
+        "sink",
+        "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH or "
+        f"nats://HOST:PORT/SUBJECT, got {redact_url(url)!r}",
+    )

@@ -1,4 +1,7 @@
-"""A gateway inside your own Trio program (the README's example; tests/unit/test_public_api.py runs it)."""
+"""A gateway inside your own Trio program.
+
+The README shows this file; tests/unit/test_public_api.py runs it.
+"""
 
 import trio
 

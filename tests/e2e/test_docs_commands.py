@@ -11,7 +11,7 @@ What runs (the fence's info string decides):
   bashism in an ``sh`` block fails) and must exit 0;
 * ```` ```python ````: the block runs as a script with ``python`` and must exit 0;
 * any other fence (``text``, ``console``, ``json``, ``toml``, ...) is output or illustration
-  and never runs.
+  and never runs. Every fence names its language, so that choice is always made.
 
 Two markers, an HTML comment on the line right before a block (invisible on GitHub):
 
@@ -129,7 +129,7 @@ def shell_commands(text: str) -> list[str]:
         if "<<" in line:
             raise AssertionError("here-documents are not supported: use <!-- file: PATH -->")
         if line.endswith("\\"):
-            pending += line[:-1] + " "
+            pending += line[:-1].rstrip() + " "
             continue
         commands.append(pending + line)
         pending = ""
@@ -425,6 +425,7 @@ def test_blocks_and_markers_are_read_as_documented() -> None:
     """The parser sees what the module docstring promises, so a page cannot slip past it."""
     for page in PAGES:
         for block in read_blocks(page):
+            assert block.language, f"{block.where}: name the fence's language (text for output)"
             if block.marker is None:
                 continue
             kind, value = block.marker

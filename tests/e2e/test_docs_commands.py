@@ -281,23 +281,21 @@ class Terminal:
         cut = assignments.end() if assignments else 0
         script = f"{command[:cut]}exec {command[cut:]}"  # SIGINT reaches the program itself
         stdout, stderr = self._next("out"), self._next("err")
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            if kind == "top":  # a terminal, as `top` expects (it draws nothing into a pipe)
-                terminal, screen = pty.openpty()
-                process = subprocess.Popen(
-                    self._argv(shell, script),
-                    cwd=self.cwd,
-                    env=self.env,
-                    stdout=screen,
-                    stderr=err,
-                    stdin=subprocess.DEVNULL,
-                )
-                os.close(screen)
-                threading.Thread(target=_copy_screen, args=(terminal, stdout), daemon=True).start()
-            else:
-                process = subprocess.Popen(
-                    self._argv(shell, script), cwd=self.cwd, env=self.env, stdout=out, stderr=err
-                )
+        screen = None
+        if kind == "top":  # a terminal, as `top` expects (it draws nothing into a pipe)
+            terminal, screen = pty.openpty()
+            threading.Thread(target=_copy_screen, args=(terminal, stdout), daemon=True).start()
+        with stdout.open("ab") as out, stderr.open("wb") as err:
+            process = subprocess.Popen(
+                self._argv(shell, script),
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out if screen is None else screen,
+                stderr=err,
+            )
+        if screen is not None:
+            os.close(screen)
         background = Background(command, block, kind, process, stdout, stderr)
         self.running.append(background)
         deadline = time.monotonic() + START_TIMEOUT

@@ -58,8 +58,6 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-pytestmark = pytest.mark.slow  # about a minute: every page starts real gateways
-
 PAGES = ("README.md", "docs/tutorial.md", "docs/cli.md")
 SHELLS = {"sh": "sh", "bash": "bash"}
 COMMAND_TIMEOUT = 120.0
@@ -379,6 +377,7 @@ def _page_directory(tmp_path: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow  # 15 to 70 s in all: every page starts real gateways
 @pytest.mark.parametrize("page", PAGES)
 def test_every_documented_command_runs_as_written(
     page: str, tmp_path: Path, namespace: Namespace | None

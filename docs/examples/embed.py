@@ -1,6 +1,6 @@
-"""A gateway inside your own Trio program: the README's example.
+"""A gateway inside your own Trio program.
 
-tests/e2e/test_docs_examples.py runs it and checks that the README shows it as it is.
+The README shows this file; tests/e2e/test_docs_examples.py runs it.
 """
 
 import trio

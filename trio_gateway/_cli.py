@@ -270,8 +270,8 @@ async def _serve(config: GatewayConfig) -> int:
 
     import trio
 
-    from .tuning import tune_allocator
     from ._config import build_gateway
+    from .tuning import tune_allocator
 
     tune_allocator()  # reuse freed message memory (see its docstring; docs/benchmarks.md)
     gateway = build_gateway(config, handle_signals=True)

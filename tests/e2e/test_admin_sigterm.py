@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from trio_gateway._client import send_tcp
+from trio_gateway.loadgen import send_tcp
 
 _SIGTERM_GATEWAY = """
 import sys, trio

@@ -66,7 +66,7 @@ def test_docs_examples_pass_without_trio_mode(tmp_path: Path) -> None:
         shutil.copy(example, tmp_path)
     result = _run_pytest(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout
+    assert "6 passed" in result.stdout
 
 
 def test_fixture_fails_a_test_whose_ledger_does_not_balance(tmp_path: Path) -> None:

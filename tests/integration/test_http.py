@@ -21,6 +21,7 @@ from helpers import refuses_connections, wait_until
 from trio_gateway._errors import ConfigurationError
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources.http import HttpSource
+from trio_gateway.testing import serve_source
 
 CURL = "/usr/bin/curl"
 NDJSON = {"content-type": "application/x-ndjson"}
@@ -413,3 +414,21 @@ async def test_through_the_gateway_into_a_file(tmp_path: Path) -> None:
     assert sorted(payload for payload, *_ in records) == sorted(expected_payloads(4, 2500))
     assert gateway.ledger.delivered == 10_000
     assert gateway.ledger.balanced
+
+
+async def test_an_ndjson_batch_longer_than_a_drop_oldest_queue_is_received_and_dropped() -> None:
+    """drop_oldest takes every line and drops the oldest: the batch's head when it alone is
+    longer than the queue. Each line is counted once (received, then dropped), none refused,
+    and the answer is 202: the sender's lines were all accepted under that policy."""
+    queue = RingBuffer[bytes](3, policy="drop_oldest")
+    lines = b"".join(b'{"n":%d}\n' % i for i in range(10))
+    async with serve_source(HttpSource(port=0), queue) as served:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            answer = await client.post(
+                served.url, content=lines, headers={"content-type": "application/x-ndjson"}
+            )
+        assert answer.status_code == 202, answer.text
+        assert served.payloads() == [b'{"n":7}', b'{"n":8}', b'{"n":9}']
+        assert served.counters.received == 10
+        assert served.counters.rejected == {}
+        assert queue.statistics().dropped["drop_oldest"] == 7

@@ -45,16 +45,50 @@ LAYERS: dict[str, Layer] = {
     "_ledger": layer("_histogram"),
     "_tls": layer("_errors"),
     "_proto": layer(),  # generated protobuf code
+    "_names": layer(),  # one spelling rule for enum-like values
+    "_secrets": layer(),  # redaction for printouts
+    "tuning": layer(),  # the process's allocator (glibc mallopt)
+    # what both ends of the wire agree on (the servers and the `send` client)
+    "_wire": layer("_errors", sans_io=True),
+    # one HTTP/1.1 server driver (h11 on a Trio stream): the HTTP source and the admin endpoint
+    "_h11server": layer("_errors"),
     # framing: pure, knows nothing of the package but its errors
     "codecs": layer("_errors", sans_io=True),
     # queues: know nothing of messages' origins, sources or sinks
-    "queues": layer("_errors"),
+    "queues": layer("_errors", "_names"),
     "_buffer": layer("_message", "queues"),
     "_ingress": layer("_buffer", "_ledger", "_message", "queues"),
     # the edges: a source reaches the queue only through its Ingress; sources and sinks never
     # import each other
-    "sources": layer("_errors", "_ingress", "_log", "_message", "_proto", "_tls", "codecs"),
-    "sinks": layer("_errors", "_log", "_message", "codecs"),
+    "sources": layer(
+        "_errors",
+        "_h11server",
+        "_ingress",
+        "_log",
+        "_message",
+        "_proto",
+        "_tls",
+        "_wire",
+        "codecs",
+        "sources.grpc._calls",
+        "sources.grpc._limits",
+        "sources.grpc._protocol",
+    ),
+    # the gRPC server's sans-IO HTTP/2 + gRPC layer: fed bytes, tested with bytes alone; the
+    # Trio I/O (sources.grpc._connection, _stream, _server) is around it
+    "sources.grpc._limits": layer(sans_io=True),
+    "sources.grpc._h2shim": layer(sans_io=True),
+    "sources.grpc._calls": layer(
+        "_errors", "codecs", typing=("sources.grpc._protocol",), sans_io=True
+    ),
+    "sources.grpc._protocol": layer(
+        "_errors",
+        "sources.grpc._calls",
+        "sources.grpc._h2shim",
+        "sources.grpc._limits",
+        sans_io=True,
+    ),
+    "sinks": layer("_errors", "_log", "_message", "_secrets", "codecs"),
     # the one place that wires sources, queue, pump and sinks together
     "_gateway": layer(
         "_buffer",
@@ -68,30 +102,30 @@ LAYERS: dict[str, Layer] = {
         "sources",
     ),
     # admin serves any gateway Service; it names Gateway's type only
-    "admin": layer("_errors", "_histogram", "_log", typing=("_gateway",)),
+    "admin": layer("_errors", "_h11server", "_histogram", "_log", "_wire", typing=("_gateway",)),
     # building a gateway from TOML and flags
-    "_config": layer("_errors", "_gateway", "admin", "queues", "sinks", "sources"),
+    "_config": layer(
+        "_errors", "_gateway", "_names", "_secrets", "_wire", "admin", "queues", "sinks", "sources"
+    ),
     # several worker processes, each running a configured gateway
-    "_workers": layer("_buffer", "_config", "_errors", "_gateway", "_ledger", "_log", "admin"),
-    "workers": layer("_buffer", "_config", "_errors", "_gateway", "_ledger", "_log", "admin"),
-    # the `send` load generator: a client, so no server module (sources, sinks, gateway, admin).
-    # `_client` still imports sources.websocket for one constant; it is moving to loadgen/,
-    # and this row goes with it.
-    "_client": layer("_errors", "_proto", "codecs", "sources"),
-    "loadgen": layer("_errors", "_proto", "codecs", "_tls"),
+    "workers": layer(
+        "_buffer", "_config", "_errors", "_gateway", "_ledger", "_log", "admin", "tuning"
+    ),
+    # the `send` load generator: a client, so no server module (sources, sinks, gateway, admin)
+    "loadgen": layer("_errors", "_proto", "_tls", "_wire", "codecs"),
     "_profile": layer("_errors", "_log"),
     # the command line, and the only module that imports it
     "_cli": layer(
-        "_buffer",
-        "_client",
         "_config",
         "_errors",
+        "_log",
         "_profile",
-        "_workers",
         "admin",
         "loadgen",
         "queues",
+        "tuning",
         "workers",
+        typing=("_ledger",),
     ),
     "__main__": layer("_cli"),
     # the test kit drives gateways and sources the way a user's tests do
@@ -113,7 +147,7 @@ LAYERS: dict[str, Layer] = {
 }
 """unit -> what it may import. Dotted names are relative to ``trio_gateway``."""
 
-SERVER_UNITS = {"sources", "sinks", "_gateway", "admin", "_workers", "workers", "_config"}
+SERVER_UNITS = {"sources", "sinks", "_gateway", "admin", "workers", "_config"}
 
 
 def unit_of(module: str) -> str | None:

@@ -192,13 +192,18 @@ class AckConnection(Connection):
     async def send_acks(self, stall_after: float, stalled: Callable[[], None]) -> None:
         """Write each new ack (coalesced while a write waits). A write that makes no progress
         for ``stall_after`` seconds (the peer does not read) calls ``stalled`` and ends."""
+        closing = False
         try:
             while True:
                 while not self.acks.pending:
                     await self._wake.park()
                 async with self.lock:
                     if self.protocol.close_sent is not None:
-                        return  # the write with the close frame carries the last ack
+                        # The close frame is queued, maybe not written yet: the write that
+                        # carries it takes the last ack, so the reader's records until then
+                        # must still count (acking stays on until _outgoing writes it).
+                        closing = not self._close_written
+                        return
                     frame = self._take()
                     if frame:
                         with trio.move_on_after(stall_after) as scope:
@@ -209,7 +214,8 @@ class AckConnection(Connection):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return  # the reader finds the connection broken by itself
         finally:
-            self._stop_acking()
+            if not closing:
+                self._stop_acking()
 
 
 def acked_offer(

@@ -83,6 +83,7 @@ LAYERS: dict[str, Layer] = {
     ),
     "sources.grpc._protocol": layer(
         "_errors",
+        "_wire",
         "sources.grpc._calls",
         "sources.grpc._h2shim",
         "sources.grpc._limits",

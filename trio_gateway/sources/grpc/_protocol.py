@@ -32,6 +32,7 @@ from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from ..._errors import ProtocolError
+from ..._wire import GRPC_CONTENT_TYPE
 from ._calls import Call, CallChanged, CompressedCall, StreamReset
 from ._h2shim import ShimmedH2Connection
 from ._limits import ServerLimits
@@ -51,7 +52,6 @@ __all__ = (
 
 MAX_STREAM_ID = 2**31 - 1
 DRAIN_PING = b"tgdrain!"
-GRPC_CONTENT_TYPE = "application/grpc+proto"
 ACCEPT_ENCODING = "identity,deflate,gzip"
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 """zlib's window bits per ``grpc-encoding``: gzip's wrapper, and zlib's (RFC 1950) for

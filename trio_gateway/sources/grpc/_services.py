@@ -25,6 +25,7 @@ from ..._proto.model_grpc import (
     GrpcStreamingInputterServiceBase,
     GrpcUnaryInputterServiceBase,
 )
+from ..._wire import GRPC_METHODS, GRPC_SERVICE
 from ._server import InlineHandler
 from ._stream import GrpcStream
 
@@ -75,7 +76,7 @@ class GatewayService(GatewayBase):
         self._timeout = queue_timeout
 
     def __inline_mapping__(self) -> dict[str, InlineHandler]:
-        return {"/trio_gateway.v1.Gateway/Send": self._send_inline}
+        return {GRPC_SERVICE + GRPC_METHODS["unary"]: self._send_inline}
 
     def _send_inline(self, stream: GrpcStream, message: Any) -> Any:
         """``Send`` when the queue has room now (the server's inline path); else ``None``, and

@@ -16,6 +16,7 @@ from typing import TypeAlias
 
 from ..._ingress import Ingress
 from ..._message import Origin
+from ..._wire import DEFAULT_HTTP_PATH
 from .._options import DEFAULT_MAX_MESSAGE_SIZE
 from ._cors import Cors
 
@@ -69,7 +70,7 @@ class IngestRules:
         self,
         ingress: Ingress,
         *,
-        path: str = "/ingest",
+        path: str = DEFAULT_HTTP_PATH,
         max_body_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         token: str | None = None,
         queue_wait: float = 0.5,

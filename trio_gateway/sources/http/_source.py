@@ -21,6 +21,7 @@ import trio
 from ..._errors import ConfigurationError
 from ..._h11server import reason_phrase
 from ..._ingress import Ingress
+from ..._wire import DEFAULT_HTTP_PATH
 from .._base import (
     Source,
     connection_errors,
@@ -80,7 +81,7 @@ class HttpSource(Source):
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        path: str = "/ingest",
+        path: str = DEFAULT_HTTP_PATH,
         max_connections: int = 1024,
         idle_timeout: float = 60.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,

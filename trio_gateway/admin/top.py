@@ -185,6 +185,13 @@ def run_from_args(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:
             return 0
+        except BaseExceptionGroup as group:
+            # Ctrl-C lands inside run_top's nursery (the key reader is its task), so it comes
+            # out grouped: still a plain quit.
+            interrupted, rest = group.split(KeyboardInterrupt)
+            if interrupted is not None and rest is None:
+                return 0
+            raise
 
 
 def _stdin_fd() -> int | None:

@@ -185,12 +185,20 @@ async def test_websocket_accepts_any_origin_unless_configured() -> None:
 
 
 def test_cors_is_a_toml_and_cli_option() -> None:
-    from trio_gateway._cli import _parser, config_from_args
+    from trio_gateway._cli import _parser
     from trio_gateway._config import config_from_mapping
+    from trio_gateway._config._flags import config_from_args
 
-    args = _parser().parse_args(
-        ["serve", "--http", "127.0.0.1:0", "--http-cors-origin", APP, "--http-cors-origin", OTHER]
-    )
+    argv = [
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--http-cors-origin",
+        APP,
+        "--http-cors-origin",
+        OTHER,
+    ]
+    args = _parser(argv).parse_args(argv)
     (source,) = config_from_args(args).sources
     assert source.options["cors_origins"] == [APP, OTHER]
     config = config_from_mapping(

@@ -43,4 +43,6 @@ def test_freed_memory_stays_with_the_process_once_tuned(mode: str) -> None:
     if mode == "tuned":
         assert returned == 0
     else:
-        assert returned >= 4 << 20
+        # How much goes back depends on what else the interpreter left at the top of the heap
+        # (4 MiB or more with an eagerly imported package, 200 KiB with the lazy one): some.
+        assert returned > 0

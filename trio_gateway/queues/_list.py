@@ -5,16 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-import trio
-
 from ._base import PolicyName, Queue
+from ._locked import Locked
 
 __all__ = ("LockedListQueue",)
 
 T = TypeVar("T")
 
 
-class LockedListQueue(Queue[T]):
+class LockedListQueue(Locked[T], Queue[T]):
     """A list with ``append``/``del lst[:n]`` and a :class:`trio.Lock` taken per operation.
 
     Removing from the front of a list moves every remaining element, so a batch dequeue is
@@ -32,9 +31,8 @@ class LockedListQueue(Queue[T]):
         max_bytes: int | None = None,
         size_of: Callable[[T], int] = len,  # type: ignore[assignment]
     ) -> None:
-        super().__init__(capacity, policy=policy, max_bytes=max_bytes, size_of=size_of)
         self._items: list[T] = []
-        self._lock = trio.Lock()
+        super().__init__(capacity, policy=policy, max_bytes=max_bytes, size_of=size_of)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -46,22 +44,3 @@ class LockedListQueue(Queue[T]):
         out = self._items[:n]
         del self._items[:n]
         return out
-
-    def put_many_nowait(self, items: Sequence[T], *, drop: bool = True) -> int:
-        self._lock.acquire_nowait()
-        try:
-            return super().put_many_nowait(items, drop=drop)
-        finally:
-            self._lock.release()
-
-    def get_batch_nowait(self, max_items: int) -> list[T]:
-        self._lock.acquire_nowait()
-        try:
-            return super().get_batch_nowait(max_items)
-        finally:
-            self._lock.release()
-
-    # The awaiting operations (put, get, get_batch) are the base class's: they checkpoint and
-    # run the synchronous operations above, so they too take the lock with acquire_nowait and
-    # never hold it across a schedule point (see LockedRingBuffer for what goes wrong if
-    # they do).

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import trio
-
 from ._base import PolicyName, Queue
+from ._locked import Locked
 
 __all__ = ("LockedRingBuffer", "RingBuffer")
 
@@ -119,44 +118,16 @@ class RingBuffer(Queue[T]):
         return out
 
 
-class LockedRingBuffer(RingBuffer[T]):
+class LockedRingBuffer(Locked[T], RingBuffer[T]):
     """The same ring guarded by a :class:`trio.Lock` per operation: the talk's "ring + mutex".
 
     The lock protects nothing Trio does not already guarantee; it is kept as a baseline that
     shows the price of locking: every operation, synchronous or awaiting, pays
     ``acquire_nowait``/``release`` around the change. The lock is never held across a
-    schedule point. ``async with lock`` would hold it across the checkpoint inside
-    :meth:`trio.Lock.acquire`, and a synchronous operation from another task arriving then
-    would find it taken: ``put_many_nowait`` would raise :class:`trio.WouldBlock` to a source,
-    and ``get_batch`` would mistake it for an empty queue and park past the last wake-up.
+    schedule point (:class:`~trio_gateway.queues._locked.Locked` says why).
     """
 
     kind = "locked_ring"
-
-    def __init__(
-        self,
-        capacity: int,
-        *,
-        policy: PolicyName = "block",
-        max_bytes: int | None = None,
-        size_of: Callable[[T], int] = len,  # type: ignore[assignment]
-    ) -> None:
-        super().__init__(capacity, policy=policy, max_bytes=max_bytes, size_of=size_of)
-        self._lock = trio.Lock()
-
-    def put_many_nowait(self, items: Sequence[T], *, drop: bool = True) -> int:
-        self._lock.acquire_nowait()
-        try:
-            return super().put_many_nowait(items, drop=drop)
-        finally:
-            self._lock.release()
-
-    def get_batch_nowait(self, max_items: int) -> list[T]:
-        self._lock.acquire_nowait()
-        try:
-            return super().get_batch_nowait(max_items)
-        finally:
-            self._lock.release()
 
     def put_nowait(self, item: T) -> bool:
         self._lock.acquire_nowait()

@@ -471,4 +471,8 @@ async def serve_workers(config: GatewayConfig) -> int:
     finally:
         if supervisor.state == "stopped" and any(slot.runs for slot in supervisor.slots):
             print(supervisor.ledger.to_json(), file=sys.stderr, flush=True)
-    return 0 if supervisor.ledger.balanced else 1
+    # serve's exit statuses (docs/cli.md): 1 unbalanced, 3 stopped with messages abandoned.
+    combined = supervisor.ledger
+    if not combined.balanced:
+        return 1
+    return 3 if combined.ledger.abandoned else 0

@@ -23,17 +23,15 @@ import ssl
 import threading
 from collections import Counter
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import RateLimitedLogger, logger
 from .._message import Batch, Origin
-from .._secrets import redact_url
 from ._base import Sink
+from ._nats_url import NatsTarget, parse_nats_url
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -43,132 +41,6 @@ __all__ = ("NatsSink", "NatsTarget", "parse_nats_url")
 
 _log = logger.getChild("sinks.nats")
 _T = TypeVar("_T")
-
-DEFAULT_PORT = 4222
-_QUERY_KEYS = ("stream", "create", "storage", "replicas", "duplicate_window", "creds", "tls", "ca")
-
-
-@dataclass(frozen=True, slots=True)
-class NatsTarget:
-    """What a ``nats://`` sink URL says: servers, subject, the stream to expect or create."""
-
-    servers: tuple[str, ...]
-    """``nats://host:port`` for each server given (several seed a cluster connection)."""
-    subject: str
-    stream: str | None = None
-    """Publishes are checked against it (``Nats-Expected-Stream``); created when ``create``."""
-    create: bool = False
-    storage: Literal["file", "memory"] = "file"
-    replicas: int = 1
-    duplicate_window: float = 120.0
-    """Seconds JetStream remembers a ``Nats-Msg-Id`` (only used when creating the stream)."""
-    user: str | None = None
-    password: str | None = None
-    token: str | None = None
-    creds: str | None = None
-    """Path of a NATS ``.creds`` file (JWT + NKey), the usual credentials of a NATS deployment."""
-    tls: bool = False
-    ca: str | None = None
-
-
-def _bool(value: str, key: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError("sink", f"nats sink: {key} must be true or false, got {value!r}")
-
-
-def _server(hostport: str) -> str:
-    host, sep, port_text = hostport.rpartition(":")
-    if not sep or (hostport.startswith("[") and hostport.endswith("]")):
-        host, port_text = hostport, str(DEFAULT_PORT)
-    if not host.strip("[]"):
-        raise ConfigurationError("sink", f"nats sink: empty host in {hostport!r}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigurationError("sink", f"nats sink: bad port in {hostport!r}") from None
-    if not 0 < port <= 65535:
-        raise ConfigurationError("sink", f"nats sink: port out of range in {hostport!r}")
-    return f"nats://{host}:{port}"
-
-
-def parse_nats_url(url: str) -> NatsTarget:
-    """Parse ``nats://[user:password@|token@]host[:port][,host[:port]...]/SUBJECT[?options]``.
-
-    Options: ``stream=NAME``, ``create=true`` (create the stream for SUBJECT if it is missing),
-    ``storage=file|memory``, ``replicas=N``, ``duplicate_window=SECONDS``, ``creds=PATH``,
-    ``tls=true``, ``ca=PATH``. Every error is a :class:`ConfigurationError` naming ``sink``.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "nats":
-        raise ConfigurationError(
-            "sink", f"nats sink URL must start with nats://, got {redact_url(url)!r}"
-        )
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    if not hosts:
-        raise ConfigurationError("sink", f"nats sink needs a host: {redact_url(url)!r}")
-    servers = tuple(_server(h) for h in hosts.split(","))
-    subject = unquote(parts.path.lstrip("/"))
-    if not subject or any(c in subject for c in " \t\r\n*>") or "/" in subject:
-        raise ConfigurationError(
-            "sink",
-            f"nats sink needs one literal subject after the host (no * or >): {redact_url(url)!r}",
-        )
-    if ".." in subject or subject.startswith(".") or subject.endswith("."):
-        raise ConfigurationError("sink", f"nats sink: malformed subject {subject!r}")
-    user = password = token = None
-    if userinfo:
-        name, colon, secret = userinfo.partition(":")
-        if colon:
-            user, password = unquote(name), unquote(secret)
-        else:
-            token = unquote(name)
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key not in _QUERY_KEYS:
-            raise ConfigurationError(
-                "sink",
-                f"nats sink: unknown option {key!r} (expected one of {', '.join(_QUERY_KEYS)})",
-            )
-        if key in ("create", "tls"):
-            options[key] = _bool(value, key)
-        elif key == "storage":
-            if value not in ("file", "memory"):
-                raise ConfigurationError(
-                    "sink", f"nats sink: storage must be file or memory, got {value!r}"
-                )
-            options[key] = value
-        elif key == "replicas":
-            if not value.isdigit() or not 1 <= int(value) <= 5:
-                raise ConfigurationError(
-                    "sink", f"nats sink: replicas must be 1 to 5, got {value!r}"
-                )
-            options[key] = int(value)
-        elif key == "duplicate_window":
-            try:
-                window = float(value)
-            except ValueError:
-                window = -1.0
-            if not 0 < window <= 86400:
-                raise ConfigurationError(
-                    "sink",
-                    f"nats sink: duplicate_window must be 0 < seconds <= 86400, got {value!r}",
-                )
-            options[key] = window
-        elif key == "stream":
-            if not value or any(c in value for c in " \t.*>/\\"):
-                raise ConfigurationError("sink", f"nats sink: bad stream name {value!r}")
-            options[key] = value
-        else:
-            options[key] = value
-    if options.get("create") and not options.get("stream"):
-        raise ConfigurationError("sink", "nats sink: create=true needs stream=NAME")
-    return NatsTarget(
-        servers=servers, subject=subject, user=user, password=password, token=token, **options
-    )
 
 
 def _import_nats() -> Any:

@@ -85,6 +85,7 @@ async def test_unary_send_80kb_arrives_byte_exact() -> None:
         assert served.ingress.counters.received_bytes == len(payload)
 
 
+@pytest.mark.slow
 async def test_stream_of_10000_messages_in_order() -> None:
     async with serving() as served:
 

@@ -98,6 +98,7 @@ async def test_tls_to_a_plaintext_listener_is_a_tls_mismatch(
     assert str(caught.value).startswith(f"TLS mismatch: 127.0.0.1:{port} does not speak TLS")
 
 
+@pytest.mark.slow
 async def test_http_to_a_tcp_listener_says_wrong_transport_without_waiting_the_timeout() -> None:
     """A TCP listener reads the request as lines and never answers: the first answer on a
     connection has FIRST_ANSWER_TIMEOUT, not the 30 s step timeout."""

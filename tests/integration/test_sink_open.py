@@ -58,6 +58,7 @@ async def test_run_fails_fast_naming_a_sink_that_cannot_work(
     assert gateway.state == "stopped"
 
 
+@pytest.mark.slow
 async def test_sink_wait_keeps_the_gateway_not_ready_until_the_destination_comes() -> None:
     destination = _Destination()
     destination.port = _refused_port()

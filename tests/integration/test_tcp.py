@@ -53,6 +53,7 @@ async def test_100k_newline_messages_arrive_byte_exact(tmp_path: Path) -> None:
     assert ledger.balanced
 
 
+@pytest.mark.slow
 async def test_2000_large_length_prefixed_messages(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     # 79,435 bytes each: the size the talk's 1024-byte reads could not frame.

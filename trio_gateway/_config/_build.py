@@ -141,7 +141,9 @@ def _describe(hint: Any) -> str:
     )
 
 
-def build_queue(config: QueueConfig) -> Queue[bytes]:
+def build_queue(config: QueueConfig, *, max_memory: int | None = None) -> Queue[bytes]:
+    """The queue ``config`` describes; without ``max_bytes``, half of ``max_memory`` (the
+    memory budget's share for the queue) bounds its payload bytes."""
     cls = queue_class(config.kind)
     if cls is None:
         raise ConfigurationError(
@@ -149,7 +151,11 @@ def build_queue(config: QueueConfig) -> Queue[bytes]:
         )
     try:
         queue: Queue[bytes] = cls(  # type: ignore[assignment]
-            config.capacity, policy=config.policy, max_bytes=config.max_bytes
+            config.capacity,
+            policy=config.policy,
+            max_bytes=config.max_bytes
+            if config.max_bytes is not None or max_memory is None
+            else max_memory // 2,
         )
     except ConfigurationError as exc:
         raise ConfigurationError(f"queue.{exc.key}", exc.message) from exc
@@ -242,7 +248,7 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
     return Gateway(
         sources=[build_source(s) for s in config.sources],
         services=services,
-        queue=build_queue(config.queue),
+        queue=build_queue(config.queue, max_memory=config.max_memory),
         sink=build_sink(config.sink),
         processor=load_processor(config.processor) if config.processor else None,
         batch_size=config.batch_size,
@@ -251,4 +257,5 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         retry=RetryPolicy(max_attempts=config.sink.retry_max_attempts or None),
         sink_wait=config.sink.wait,
         handle_signals=handle_signals,
+        max_memory=config.max_memory,
     )

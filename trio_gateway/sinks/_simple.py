@@ -20,7 +20,7 @@ from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import logger
 from .._message import Batch
 from ._base import Sink
-from ._jsonl import encode_jsonl
+from ._jsonl import iter_jsonl
 
 __all__ = ("FileSink", "NullSink", "StdoutSink")
 
@@ -286,9 +286,9 @@ class StdoutSink(Sink):
     async def send(self, batch: Batch) -> None:
         if not self._decided:
             await self.open()
-        data = encode_jsonl(batch)
         try:
-            await self._writes.write(data, self._write)
+            for piece in iter_jsonl(batch):  # never the whole batch's encoding at once
+                await self._writes.write(piece, self._write)
         except BrokenPipeError as exc:
             # ``serve | head -2``: the reader is gone, and no retry brings it back.
             if self._stream is None:
@@ -350,15 +350,25 @@ class FileSink(Sink):
         assert self._file is not None
         self._file.write(data)
         self._file.flush()
-        if self.fsync:
+
+    def _write_last(self, data: bytes) -> None:
+        self._write(data)
+        if self.fsync:  # once per batch, after its last piece
+            assert self._file is not None
             os.fsync(self._file.fileno())
 
     async def send(self, batch: Batch) -> None:
         if self._file is None:
             await self.open()
-        data = encode_jsonl(batch)
         try:
-            await self._writes.write(data, self._write)
+            # Piece by piece, never the whole batch's encoding at once; one piece ahead, to
+            # know which is the last.
+            pieces = iter_jsonl(batch)
+            piece = next(pieces, b"")
+            for after in pieces:
+                await self._writes.write(piece, self._write)
+                piece = after
+            await self._writes.write(piece, self._write_last)
         except OSError as exc:
             raise SinkError(f"{self.name}: {exc}") from exc
 

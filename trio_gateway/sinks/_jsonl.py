@@ -37,7 +37,7 @@ from .._message import Batch, Origin
 
 __all__ = ("PIECE_BYTES", "decode_jsonl_record", "encode_jsonl", "iter_jsonl")
 
-PIECE_BYTES = 256 << 10
+PIECE_BYTES = 192 << 10
 """About how much of a batch's JSON Lines :func:`iter_jsonl` yields at a time."""
 _CONTROLS = bytes(c for c in range(0x20) if c not in b"\t\n\r")
 """Bytes that make a payload not clean text (UTF-8 never uses them inside a character)."""

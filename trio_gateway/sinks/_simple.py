@@ -236,7 +236,8 @@ class NullSink(Sink):
 
 
 class StdoutSink(Sink):
-    """Writes JSON Lines to standard output, one write and flush per batch.
+    """Writes JSON Lines to standard output, one write and flush per piece of a batch
+    (about 192 KiB: ``_jsonl.iter_jsonl``).
 
     Where the write runs follows :class:`FileSink`'s rule: redirected to a regular file on a
     local filesystem (``serve > out.jsonl``), small batches are written in the event loop;
@@ -306,13 +307,15 @@ class FileSink(Sink):
 
     Where the write goes:
 
-    * A batch of at most 256 KiB of JSON Lines, to a regular file on a local filesystem
+    A batch is written in pieces of about 192 KiB of JSON Lines (``_jsonl.iter_jsonl``).
+
+    * A piece of at most 256 KiB, to a regular file on a local filesystem
       (ext4, xfs, btrfs, tmpfs, overlay, ...) and without ``fsync``, is written in the event
       loop: the kernel copies it into the page cache and returns, in about 0.1 ms. The hop to
       a thread would cost more than the write: two threads taking turns at the GIL made the
       whole server use 1.4x the CPU per 18-byte record (measured; docs/sinks.md).
-    * Anything else (a larger batch, ``fsync``, a FIFO or device, NFS, SMB, FUSE: a write
-      that can wait on someone else) goes to the sink's writer thread, one hop per batch.
+    * Anything else (a larger piece, ``fsync``, a FIFO or device, NFS, SMB, FUSE: a write
+      that can wait on someone else) goes to the sink's writer thread, one hop per piece.
     * An inline write that takes more than 1 ms (a disk that is throttling writers) sends the
       next writes to the thread for 10 s, doubling up to 5 min while the next inline write
       tried is slow again, so a slow disk stalls the loop for one write at a time, rarely.

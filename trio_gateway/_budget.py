@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import TracebackType
 
+import trio
 from trio.lowlevel import ParkingLot
 
 from ._errors import ConfigurationError
@@ -159,18 +160,17 @@ class ConnectionShare:
         self._set(n)
         return True
 
-    async def hold(self, n: int) -> bool:
+    async def hold(self, n: int) -> None:
         """Hold ``n`` bytes in all, waiting for room in the budget (a stream source stops
-        reading meanwhile). Returns True if it had to wait. A connection is charged at most
-        its share: the gateway checks that the largest message fits in half of it, and a read
-        size that would not leaves the reads themselves to bound the rest."""
+        reading meanwhile; it tries :meth:`hold_nowait` first, to count the pause). A
+        connection is charged at most its share: the gateway checks that the largest message
+        fits in half of it, and a read size that would not leaves the reads themselves to
+        bound the rest."""
         budget = self.budget
         n = min(n, budget.connection_share)
-        if self.hold_nowait(n):
-            return False
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not self.hold_nowait(n):
             await budget._room.park()
-        return True
 
     def close(self) -> None:
         """Release everything this connection held."""

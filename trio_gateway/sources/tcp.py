@@ -138,8 +138,10 @@ class TcpSource(Source):
         while True:
             # Over the memory budget, stop reading (counted once per pause) until room frees:
             # what a read can bring in is charged before it, with the partial frame.
-            if await share.hold(2 * read_size + decoder.buffered):
+            holding = 2 * read_size + decoder.buffered
+            if not share.hold_nowait(holding):
                 ingress.reject("over_budget")
+                await share.hold(holding)
                 deadline = trio.current_time() + idle_timeout  # the pause was ours
             use_buffer = sock is not None and newline is not None and newline.long_frames
             with trio.move_on_at(deadline) as idle:

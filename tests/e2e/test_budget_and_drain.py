@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import ServeProcess
+from helpers import REPO, ServeProcess
 
 MiB = 1 << 20
 
@@ -161,3 +163,53 @@ def test_a_slow_processor_does_not_hold_the_drain_past_its_deadline(
     ledger = ledger_of(stderr)
     assert ledger["balanced"] and ledger["abandoned"] > 0 and code == 3
     assert took < 0.2 + 1.0 + 0.6, took  # the deadline, plus at most a checkpoint and exit
+
+
+@pytest.mark.slow  # about 12 s: six clients start as subprocesses
+def test_send_ends_with_its_summary_on_every_transport_when_serve_stops(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    """The transports ``tests/e2e/test_cli.py::test_send_ends_with_its_summary_when_serve_stops``
+    leaves out: SIGTERM to the gateway mid-run, each ``send`` prints its one-line summary
+    (why it stopped) and exits 1, no traceback."""
+    out = tmp_path / "out.jsonl"
+    gateway = serve(
+        [
+            *("--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--http", "127.0.0.1:0"),
+            *("--ws", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--sink", f"file:{out}"),
+            *("--admin", "off"),
+        ]
+    )
+    grpc = f"127.0.0.1:{gateway.port('grpc')}"
+    runs = {
+        "tcp": ["--tcp", f"127.0.0.1:{gateway.port('tcp')}"],
+        "udp": ["--udp", f"127.0.0.1:{gateway.port('udp')}"],
+        "http": ["--http", f"http://127.0.0.1:{gateway.port('http')}/ingest"],
+        "ws-acks": ["--ws", f"ws://127.0.0.1:{gateway.port('websocket')}/", "--acks"],
+        "unary": ["--grpc", grpc],
+        "stream": ["--grpc", grpc, "--mode", "stream"],
+    }
+    send = [sys.executable, "-m", "trio_gateway", "send", "--count", "10000000", "--rate", "2000"]
+    senders = {
+        name: subprocess.Popen(
+            [*send, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        )
+        for name, args in runs.items()
+    }
+    transports = ("tcp", "udp", "http", "websocket", "grpc")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        written = out.read_text() if out.exists() else ""
+        if all(f'"transport":"{t}"' in written for t in transports):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # the client-streaming call has sent more than its first message
+    code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    for name, sender in senders.items():
+        stdout, err = sender.communicate(timeout=60)
+        assert sender.returncode == 1, (name, stdout, err)
+        assert stdout.startswith("sent ") and stdout.count("\n") == 1, (name, stdout)
+        assert err == "", (name, err)
+        expected = "close 1001" if name == "ws-acks" else "; stopped: "
+        assert expected in stdout, (name, stdout)

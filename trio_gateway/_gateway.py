@@ -392,17 +392,15 @@ class Gateway:
     async def _pump(self, done: trio.Event) -> None:
         """Queue -> processor -> sink, in batches, until the queue ends or the drain deadline."""
         counters = self.pump_counters
-        buffer = self.buffer
         budget = self.budget
         held = 0  # the batch in hand, charged to the memory budget
         try:
             with self._pump_scope:
                 while True:
                     try:
-                        batch = await buffer.get_batch(self._batch_items())
+                        batch, held = await self._take_batch()
                     except trio.EndOfChannel:
                         break
-                    held = sum(map(len, batch.payloads))
                     budget.charge(held)
                     self._in_flight = len(batch)
                     items = batch if self.processor is None else await self._process(batch)
@@ -429,14 +427,34 @@ class Gateway:
             await self._close_sink()
             done.set()
 
-    def _batch_items(self) -> int:
-        """``batch_size``, or fewer when the queue holds large messages: the batch in hand
-        takes at most half of the budget's held pool, leaving the rest to the connections."""
-        stats = self.queue.statistics()
-        limit = self.budget.pool // 2
-        if stats.bytes <= limit or not stats.depth:
-            return self.batch_size
-        return max(1, min(self.batch_size, limit * stats.depth // stats.bytes))
+    async def _take_batch(self) -> tuple[Batch, int]:
+        """Wait for messages and take a batch, with its payload bytes.
+
+        ``batch_size`` messages, or fewer when they are large: the batch in hand takes at most
+        half of the budget's held pool, leaving the rest to the connections. A byte-bounded
+        queue says what a batch weighs (its byte count before and after), so the payloads are
+        not summed again here. The discipline is :meth:`MessageBuffer.get_batch`'s.
+        """
+        queue = self.queue
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            stats = queue.statistics()
+            limit = self.budget.pool // 2
+            n = self.batch_size
+            if stats.bytes > limit and stats.depth:
+                n = max(1, min(n, limit * stats.depth // stats.bytes))
+            try:
+                batch = self.buffer.get_batch_nowait(n)
+            except trio.WouldBlock:
+                await queue.wait_not_empty()
+                continue
+            held = (
+                stats.bytes - queue.statistics().bytes
+                if queue.max_bytes is not None
+                else sum(map(len, batch.payloads))
+            )
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return batch, held
 
     async def _close_sink(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(max(self.drain_timeout, 1.0)):

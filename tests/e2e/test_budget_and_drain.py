@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, ServeProcess
+from helpers import REPO, WS_HANDSHAKE, ServeProcess
 
 MiB = 1 << 20
 
@@ -50,10 +50,7 @@ def flood(connect: socket.socket, chunk: bytes, limit: int) -> None:
 
 def ws_connection(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+    sock.sendall(WS_HANDSHAKE)
     assert b" 101 " in sock.recv(4096)
     return sock
 

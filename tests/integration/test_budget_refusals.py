@@ -10,7 +10,7 @@ import helpers
 import httpx
 import pytest
 import trio
-from helpers import wait_until
+from helpers import WS_HANDSHAKE, wait_until, ws_client_frame
 
 from trio_gateway import HttpSource, TcpSource
 from trio_gateway._budget import MemoryBudget
@@ -74,13 +74,10 @@ async def test_websocket_closes_1013_over_the_budget(fragmented: bool) -> None:
         budget = run.ingress.budget = MemoryBudget(64 * MiB)  # share: 2 MiB
         host, port = run.source.bound[0]
         stream = await trio.open_tcp_stream(host, port)
-        await stream.send_all(
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
+        await stream.send_all(WS_HANDSHAKE)
         with trio.fail_after(5):
             assert b" 101 " in await stream.receive_some(4096)
-        await stream.send_all(frame(b"first", opcode=0x82))
+        await stream.send_all(ws_client_frame(b"first"))
         counters = run.ingress.counters
         await wait_until(lambda: counters.received == 1)
         if fragmented:
@@ -89,15 +86,15 @@ async def test_websocket_closes_1013_over_the_budget(fragmented: bool) -> None:
             charged = budget.pool - 512 * 1024
             budget.charge(charged)
             piece = os.urandom(60_000)
-            await stream.send_all(frame(piece, opcode=0x02, fin=False))
+            await stream.send_all(ws_client_frame(piece, fin=False))
             for _ in range(12):
-                await stream.send_all(frame(piece, opcode=0x00, fin=False))
+                await stream.send_all(ws_client_frame(piece, opcode=0x0, fin=False))
         else:
             # A connection keeps what it holds (small messages go on); a large message makes
             # its receive buffer grow, and that growth has no room.
             charged = budget.pool
             budget.charge(charged)
-            await stream.send_all(frame(os.urandom(200_000), opcode=0x82))
+            await stream.send_all(ws_client_frame(os.urandom(200_000)))
         answer = b""
         with trio.fail_after(5):
             while b"\x88" not in answer[:1]:
@@ -108,18 +105,3 @@ async def test_websocket_closes_1013_over_the_budget(fragmented: bool) -> None:
         await wait_until(lambda: counters.connections_active == 0)
         assert budget.held == charged  # the connection's share was released
         await stream.aclose()
-
-
-def frame(payload: bytes, *, opcode: int, fin: bool = True) -> bytes:
-    """A client's (masked) frame."""
-    mask = os.urandom(4)
-    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
-    n = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 1 << 16:
-        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
-    return head + mask + masked

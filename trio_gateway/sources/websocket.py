@@ -361,10 +361,7 @@ class WebSocketSource(Source):
             if not share.hold_nowait(reader.held):
                 # Over the memory budget: refuse in WebSocket's terms, "try again later".
                 ingress.reject("over_budget")
-                if protocol.state is State.OPEN:
-                    protocol.send_close(CloseCode.TRY_AGAIN_LATER, "over the memory budget")
-                    await connection.flush()
-                    await self._linger(stream)
+                await self._close(connection, CloseCode.TRY_AGAIN_LATER, "over the memory budget")
                 return
             with trio.move_on_at(deadline):
                 try:
@@ -386,10 +383,7 @@ class WebSocketSource(Source):
                 continue
             if partial:
                 ingress.reject("too_slow")
-                if protocol.state is State.OPEN:
-                    protocol.send_close(CloseCode.POLICY_VIOLATION, "too slow")
-                    await connection.flush()
-                    await self._linger(stream)
+                await self._close(connection, CloseCode.POLICY_VIOLATION, "too slow")
                 return
             # Nothing for idle_timeout seconds.
             ingress.reject("idle_timeout")
@@ -397,6 +391,13 @@ class WebSocketSource(Source):
                 protocol.send_close(CloseCode.GOING_AWAY, "idle timeout")
                 await connection.flush()
             return
+
+    async def _close(self, connection: Connection, code: CloseCode, reason: str) -> None:
+        """Our close frame (if the connection is still open), then the linger."""
+        if connection.protocol.state is State.OPEN:
+            connection.protocol.send_close(code, reason)
+            await connection.flush()
+            await self._linger(connection.stream)
 
     @staticmethod
     async def _linger(stream: trio.abc.Stream) -> None:

@@ -106,6 +106,12 @@ def test_limits_max_memory_in_toml(value: object, expected: int) -> None:
     assert gateway.budget.max_memory == expected and gateway.queue.max_bytes == expected // 2
 
 
+def test_the_channel_queue_counts_items_only_and_gets_no_byte_bound() -> None:
+    config = config_from_mapping({"queue": {"kind": "channel"}, "sink": {"url": "null"}})
+    gateway = build_gateway(config.with_default_sources())
+    assert gateway.queue.max_bytes is None
+
+
 @pytest.mark.parametrize(
     ("limits", "key"),
     [

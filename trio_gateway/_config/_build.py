@@ -17,7 +17,7 @@ from typing import Any
 from .._errors import ConfigurationError
 from .._gateway import Gateway, Processor, RetryPolicy
 from .._names import canonical
-from ..queues import QUEUE_KINDS, Queue, queue_class
+from ..queues import QUEUE_KINDS, ChannelQueue, Queue, queue_class
 from ..sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
 from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
 from ._schema import GatewayConfig, QueueConfig, SinkConfig, SourceConfig, parse_hostport, sink_kind
@@ -143,7 +143,8 @@ def _describe(hint: Any) -> str:
 
 def build_queue(config: QueueConfig, *, max_memory: int | None = None) -> Queue[bytes]:
     """The queue ``config`` describes; without ``max_bytes``, half of ``max_memory`` (the
-    memory budget's share for the queue) bounds its payload bytes."""
+    memory budget's share for the queue) bounds its payload bytes, except on the channel
+    queue, which counts items only."""
     cls = queue_class(config.kind)
     if cls is None:
         raise ConfigurationError(
@@ -154,7 +155,7 @@ def build_queue(config: QueueConfig, *, max_memory: int | None = None) -> Queue[
             config.capacity,
             policy=config.policy,
             max_bytes=config.max_bytes
-            if config.max_bytes is not None or max_memory is None
+            if config.max_bytes is not None or max_memory is None or cls is ChannelQueue
             else max_memory // 2,
         )
     except ConfigurationError as exc:

@@ -306,3 +306,27 @@ async def grpc_with_token(address: tuple[str, int], token: str) -> bool:
             return True
 
     return await trio.to_thread.run_sync(call)
+
+
+# -- WebSocket by hand -------------------------------------------------------------------------
+
+WS_HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+"""A client's opening handshake for path ``/``, as raw bytes."""
+
+
+def ws_client_frame(payload: bytes, *, opcode: int = 0x2, fin: bool = True) -> bytes:
+    """A client's (masked) frame, any length: binary by default; ``fin=False`` for a fragment."""
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 1 << 16:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + mask + masked

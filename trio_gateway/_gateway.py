@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import random
 import signal
 import time
@@ -13,6 +14,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 import trio
 
+from ._budget import DEFAULT_MAX_MEMORY, MemoryBudget
 from ._buffer import MessageBuffer
 from ._errors import ConfigurationError, SinkError, SinkUnavailable
 from ._ingress import Ingress
@@ -28,6 +30,9 @@ __all__ = ("Gateway", "Processor", "RetryPolicy", "Service")
 _log = logger.getChild("gateway")
 _processor_errors = RateLimitedLogger(_log)
 _sink_errors = RateLimitedLogger(_log)
+_PROCESS_SLICE = 0.02
+"""Seconds a synchronous processor may run before the pump yields (a checkpoint, where the
+drain deadline can land and the sources can run)."""
 
 ProcessorResult: TypeAlias = "bytes | Message | None"
 Processor: TypeAlias = Callable[[Message], "ProcessorResult | Awaitable[ProcessorResult]"]
@@ -97,6 +102,10 @@ class Gateway:
     the gateway waits for). A sink that is lost for good while running (it raises
     :class:`SinkUnavailable` from ``send``: a closed pipe) stops the gateway at once; ``run``
     then raises that error after the ledger is final.
+
+    ``max_memory`` is the gateway's memory budget (:mod:`trio_gateway._budget`): half of it
+    bounds the default queue's payload bytes (``max_bytes``), the rest what connections hold
+    before their messages are queued and the batch the sink has in hand.
     """
 
     def __init__(
@@ -113,6 +122,7 @@ class Gateway:
         handle_signals: bool = False,
         services: Sequence[Service] = (),
         sink_wait: float = 0.0,
+        max_memory: int = DEFAULT_MAX_MEMORY,
     ) -> None:
         if not sources:
             raise ConfigurationError("sources", "a gateway needs at least one source")
@@ -126,9 +136,18 @@ class Gateway:
             raise ConfigurationError("sink_wait", "must not be negative")
         self.sources = tuple(sources)
         self.sink = sink
-        self.queue: Queue[bytes] = queue if queue is not None else RingBuffer(10_000)
+        self.budget = MemoryBudget(
+            max_memory, queue_bytes=queue.max_bytes if queue is not None else None
+        )
+        """The memory budget every connection and the pump charge what they hold to."""
+        self.queue: Queue[bytes] = (
+            queue if queue is not None else RingBuffer(10_000, max_bytes=self.budget.queue_bytes)
+        )
         max_bytes = self.queue.max_bytes
         for source in self.sources:
+            self.budget.check_message_size(
+                f"{source.transport}.max_message_size", source.max_message_size
+            )
             if max_bytes is not None and source.max_message_size > max_bytes:
                 # Under block, such a message could never fit: its sender would wait forever.
                 raise ConfigurationError(
@@ -153,6 +172,9 @@ class Gateway:
         self._pump_scope = trio.CancelScope(shield=True)
         self._sources_scope: trio.CancelScope | None = None
         self._in_flight = 0
+        self._ingresses: list[Ingress] = []
+        self._drain_deadline = math.inf
+        """When what is read, queued or in the sink's hands is abandoned (set at shutdown)."""
         self._final_ledger: Ledger | None = None
         self._serving = False
         self.sink_problem: SinkError | None = None
@@ -168,6 +190,8 @@ class Gateway:
     def abort(self) -> None:
         """Stop now: cut the grace period and the drain short (what is left is abandoned)."""
         self._stopping.set()
+        self._drain_deadline = -math.inf
+        self.queue.close()  # ends the connections' last waits for room (see Ingress.offer)
         if self._sources_scope is not None:
             self._sources_scope.cancel()
         self._pump_scope.cancel()
@@ -303,8 +327,13 @@ class Gateway:
             self._sources_scope = sources.cancel_scope
             for source, counters in zip(self.sources, self.source_counters, strict=True):
                 ingress = Ingress(
-                    self.buffer, counters, self._stopping, grace_period=self.grace_period
+                    self.buffer,
+                    counters,
+                    self._stopping,
+                    grace_period=self.grace_period,
+                    budget=self.budget,
                 )
+                self._ingresses.append(ingress)
                 addresses = await sources.start(source.run, ingress)
                 bound.append(list(addresses))
                 # Name the listener by the port it got, so port-0 listeners stay distinct.
@@ -315,6 +344,12 @@ class Gateway:
             await self._stopping.wait()
             self.state = "draining"
             _log.info("shutting down: listeners closing, %.1f s grace", self.grace_period)
+            # What connections have read may wait for room until the drain deadline: it is
+            # abandoned then, not when their grace period ends.
+            if self._drain_deadline == math.inf:
+                self._drain_deadline = trio.current_time() + self.grace_period + self.drain_timeout
+            for ingress in self._ingresses:
+                ingress.drain_deadline = self._drain_deadline
             # Each source closes its listeners and gives its connections the grace period;
             # the margin covers the time to cancel them.
             sources.cancel_scope.deadline = trio.current_time() + self.grace_period + 1.0
@@ -323,7 +358,8 @@ class Gateway:
         self._stopping.set()
         self.state = "draining"
         self.queue.close()
-        with trio.move_on_after(self.drain_timeout) as drain:
+        deadline = min(trio.current_time() + self.drain_timeout, self._drain_deadline)
+        with trio.move_on_at(deadline) as drain:
             await pump_done.wait()
         if drain.cancelled_caught:
             _log.warning("drain deadline (%.1f s) passed; abandoning the rest", self.drain_timeout)
@@ -356,14 +392,16 @@ class Gateway:
     async def _pump(self, done: trio.Event) -> None:
         """Queue -> processor -> sink, in batches, until the queue ends or the drain deadline."""
         counters = self.pump_counters
-        buffer = self.buffer
+        budget = self.budget
+        held = 0  # the batch in hand, charged to the memory budget
         try:
             with self._pump_scope:
                 while True:
                     try:
-                        batch = await buffer.get_batch(self.batch_size)
+                        batch, held = await self._take_batch()
                     except trio.EndOfChannel:
                         break
+                    budget.charge(held)
                     self._in_flight = len(batch)
                     items = batch if self.processor is None else await self._process(batch)
                     self._in_flight = len(items)
@@ -375,16 +413,48 @@ class Gateway:
                         else:
                             counters.sink_failed += len(items)
                     self._in_flight = 0
+                    budget.release(held)
+                    held = 0
         except SinkUnavailable as exc:
             # Gone for good (a closed pipe): retrying cannot help, and neither can a drain.
             self._sink_lost = exc
             _log.error("%s; stopping (what is queued is abandoned)", exc)
             self.abort()
         finally:
+            budget.release(held)
             counters.abandoned += self._in_flight
             self._in_flight = 0
             await self._close_sink()
             done.set()
+
+    async def _take_batch(self) -> tuple[Batch, int]:
+        """Wait for messages and take a batch, with its payload bytes.
+
+        ``batch_size`` messages, or fewer when they are large: the batch in hand takes at most
+        half of the budget's held pool, leaving the rest to the connections. A byte-bounded
+        queue says what a batch weighs (its byte count before and after), so the payloads are
+        not summed again here. The discipline is :meth:`MessageBuffer.get_batch`'s.
+        """
+        queue = self.queue
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            stats = queue.statistics()
+            limit = self.budget.pool // 2
+            n = self.batch_size
+            if stats.bytes > limit and stats.depth:
+                n = max(1, min(n, limit * stats.depth // stats.bytes))
+            try:
+                batch = self.buffer.get_batch_nowait(n)
+            except trio.WouldBlock:
+                await queue.wait_not_empty()
+                continue
+            held = (
+                stats.bytes - queue.statistics().bytes
+                if queue.max_bytes is not None
+                else sum(map(len, batch.payloads))
+            )
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return batch, held
 
     async def _close_sink(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(max(self.drain_timeout, 1.0)):
@@ -408,10 +478,21 @@ class Gateway:
                 runs.append((origin, 1))
 
         is_async = inspect.iscoroutinefunction(processor)
+        clock = time.monotonic
+        yield_at = clock() + _PROCESS_SLICE
+        remaining = len(batch)
         for message in batch:
+            # Where the pump can be cancelled (an await), what is in flight is what is not
+            # processed yet plus what came out of the processor.
+            if clock() >= yield_at:
+                self._in_flight = remaining + len(payloads)
+                await trio.lowlevel.checkpoint()  # a slow sync processor: the deadline lands
+                yield_at = clock() + _PROCESS_SLICE
+            remaining -= 1
             try:
                 result = processor(message)
                 if is_async or inspect.isawaitable(result):
+                    self._in_flight = remaining + 1 + len(payloads)
                     result = await result  # type: ignore[misc]
             except Exception as exc:
                 counters.failed[type(exc).__name__] += 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import trio
 
+from ._budget import MemoryBudget
 from ._buffer import MessageBuffer
 from ._ledger import SourceCounters
 from ._message import Origin
@@ -29,7 +31,7 @@ class Ingress:
       RESOURCE_EXHAUSTED, a negative ack). Under ``drop_oldest`` everything is accepted.
     """
 
-    __slots__ = ("_queue", "_stopping", "counters", "grace_period")
+    __slots__ = ("_queue", "_stopping", "budget", "counters", "drain_deadline", "grace_period")
 
     def __init__(
         self,
@@ -38,10 +40,17 @@ class Ingress:
         stopping: trio.Event,
         *,
         grace_period: float,
+        budget: MemoryBudget | None = None,
     ) -> None:
         # The gateway passes its one buffer; a source served on its own, outside a gateway
         # (trio_gateway.testing.serve_source), brings a bare queue, which gets its own buffer.
         self._queue = queue if isinstance(queue, MessageBuffer) else MessageBuffer(queue)
+        self.budget = budget if budget is not None else MemoryBudget(1 << 62)
+        """The gateway's memory budget: each connection charges what it holds to its share
+        (``with ingress.budget.connection() as share``). Outside a gateway: no limit."""
+        self.drain_deadline = -math.inf
+        """Until when (``trio.current_time()``) messages already read may still wait for room
+        after their connection was cancelled at shutdown; set by the gateway when it stops."""
         self._stopping = stopping
         self.counters = counters
         self.grace_period = grace_period
@@ -112,7 +121,10 @@ class Ingress:
         payload lengths for the byte counter.
 
         Only waits when the queue is full, so a source that keeps up costs no checkpoint here.
-        If cancelled while waiting, the messages not yet queued are counted as abandoned.
+        Cancelled while waiting at shutdown (the connection's grace period is over), it goes
+        on waiting, shielded, until :attr:`drain_deadline`: what was read is abandoned only
+        when the drain deadline passes. The messages still not queued then (or at any other
+        cancellation) are counted as abandoned, and the cancellation goes on.
         """
         if not payloads:
             return 0
@@ -127,9 +139,27 @@ class Ingress:
                     done += buffer.put_many_nowait(payloads[done:], origin)
         except trio.ClosedResourceError:
             self.counters.abandoned += len(payloads) - done
+        except trio.Cancelled:
+            if self._stopping.is_set():
+                done += await self._wait_until_drain_deadline(payloads[done:], origin)
+            self.counters.abandoned += len(payloads) - done
+            raise
         except BaseException:
             self.counters.abandoned += len(payloads) - done
             raise
+        return done
+
+    async def _wait_until_drain_deadline(self, payloads: Sequence[bytes], origin: Origin) -> int:
+        """Queue what was read (block policy) while the pump drains; how many got in."""
+        buffer = self._queue
+        done = 0
+        with trio.CancelScope(deadline=self.drain_deadline, shield=True):
+            try:
+                while done < len(payloads):
+                    await buffer.queue.wait_not_full()
+                    done += buffer.put_many_nowait(payloads[done:], origin)
+            except trio.ClosedResourceError:
+                pass  # the gateway stopped at once (abort): the rest is abandoned
         return done
 
     async def offer_or_reject(
@@ -175,8 +205,9 @@ class Ingress:
         ``unauthorized``, ``too_many_connections``, ``idle_timeout``, ``too_slow`` (a
         message not complete within the idle timeout: slowloris; or a WebSocket peer that does
         not read its acknowledgements for that long), ``tls_handshake``,
-        ``not_found``, ``queue_full``, and ``internal_error`` (a handler failed: that
-        connection ended, the gateway went on).
+        ``not_found``, ``queue_full``, ``over_budget`` (the memory budget had no room for
+        what the connection holds: HTTP 503, WebSocket close 1013, TCP paused), and
+        ``internal_error`` (a handler failed: that connection ended, the gateway went on).
         """
         self.counters.rejected[reason] += count
 

@@ -376,6 +376,62 @@ async def test_drain_deadline_abandons_the_rest_and_returns_in_time(
     assert recording_sink.closed
 
 
+async def test_read_messages_wait_for_room_until_the_drain_deadline_not_the_grace_period(
+    autojump_clock: MockClock,
+    gateway_factory: GatewayFactory,
+    memory_source: MemorySource,
+    recording_sink: RecordingSink,
+) -> None:
+    """Messages a connection has read are abandoned only at the drain deadline (issue 16: a
+    TCP stream's last read was abandoned when its grace period ended, the drain 8 s short)."""
+    recording_sink.latency = 0.5  # 5 batches of 2: 2.5 s, past the 1 s grace period
+    handle = await gateway_factory(
+        queue=RingBuffer(2), batch_size=2, grace_period=1.0, drain_timeout=5.0
+    )
+    results: list[int] = []
+
+    async def connection() -> None:
+        results.append(await memory_source.send_many([b"%d" % i for i in range(10)]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        ledger = await handle.shutdown()
+    assert trio.current_time() - start == pytest.approx(2.5)  # five sends of 0.5 s
+    assert (ledger.received, ledger.delivered, ledger.abandoned) == (10, 10, 0)
+    assert recording_sink.payloads == [b"%d" % i for i in range(10)]
+    assert results == [10]
+
+
+async def test_a_slow_sync_processor_cannot_hold_the_drain_past_its_deadline(
+    autojump_clock: MockClock,
+    gateway_factory: GatewayFactory,
+    memory_source: MemorySource,
+    recording_sink: RecordingSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A synchronous processor runs a whole batch without an await; the pump yields between
+    messages once it has run for a while (here at once), so the deadline lands mid-batch and
+    the ledger still balances (filtered, abandoned)."""
+    monkeypatch.setattr("trio_gateway._gateway._PROCESS_SLICE", 0.0)
+
+    def slow(message: Message) -> bytes | None:
+        autojump_clock.jump(0.01)  # 10 ms of (virtual) work per message
+        return None if message.payload.endswith(b"5") else message.payload
+
+    handle = await gateway_factory(
+        queue=RingBuffer(2000), processor=slow, grace_period=0.0, drain_timeout=1.0
+    )
+    assert await memory_source.send_many([b"%d" % i for i in range(1000)]) == 1000
+    start = trio.current_time()
+    ledger = await handle.shutdown()
+    assert trio.current_time() - start <= 1.0 + 0.02  # not 1000 x 10 ms
+    assert ledger.delivered == 0 and 0 < ledger.dropped["filtered"] < 100
+    assert ledger.abandoned == 1000 - ledger.dropped["filtered"]
+    assert ledger.balanced
+
+
 async def test_shutdown_with_a_retrying_sink_abandons_at_the_deadline(
     autojump_clock: MockClock,
     gateway_factory: GatewayFactory,

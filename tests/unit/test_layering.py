@@ -57,10 +57,13 @@ LAYERS: dict[str, Layer] = {
     # queues: know nothing of messages' origins, sources or sinks
     "queues": layer("_errors", "_names"),
     "_buffer": layer("_message", "queues"),
-    "_ingress": layer("_buffer", "_ledger", "_message", "queues"),
+    # the memory budget: one account that connections and the pump charge what they hold to
+    "_budget": layer("_errors"),
+    "_ingress": layer("_budget", "_buffer", "_ledger", "_message", "queues"),
     # the edges: a source reaches the queue only through its Ingress; sources and sinks never
     # import each other
     "sources": layer(
+        "_budget",
         "_errors",
         "_h11server",
         "_ingress",
@@ -92,6 +95,7 @@ LAYERS: dict[str, Layer] = {
     "sinks": layer("_errors", "_log", "_message", "_secrets", "codecs"),
     # the one place that wires sources, queue, pump and sinks together
     "_gateway": layer(
+        "_budget",
         "_buffer",
         "_errors",
         "_ingress",

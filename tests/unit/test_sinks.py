@@ -27,6 +27,7 @@ from trio_gateway import (
     StdoutSink,
 )
 from trio_gateway.sinks import decode_jsonl_record, encode_jsonl
+from trio_gateway.sinks._jsonl import PIECE_BYTES, iter_jsonl
 from trio_gateway.sinks._simple import _on_local_filesystem
 
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
@@ -82,12 +83,42 @@ def test_jsonl_fast_paths_write_what_json_writes(runs: list[list[bytes]]) -> Non
             "peer": origin.peer,
             "received_at": origin.received_at,
         }
+        # Clean text (UTF-8 without control characters but tab, newline and return) as a
+        # string, non-ASCII as it is; anything else as base64.
+        clean = not any(c < 0x20 and c not in b"\t\n\r" for c in payload)
         try:
-            record = {**head, "payload": payload.decode()}
+            record = {**head, "payload": payload.decode()} if clean else {}
         except UnicodeDecodeError:
+            clean = False
+        if not clean:
             record = {**head, "payload_b64": base64.b64encode(payload).decode()}
-        expected.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        expected.append(
+            json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        )
     assert encode_jsonl(batch) == b"".join(expected)
+    # In pieces (here of about 100 bytes), the same bytes, cut between records only.
+    pieces = list(iter_jsonl(batch, piece_bytes=100))
+    assert b"".join(pieces) == b"".join(expected)
+    assert all(piece.endswith(b"\n") for piece in pieces)
+
+
+def test_jsonl_binary_payloads_go_out_as_base64_never_grown_sixfold() -> None:
+    """A NUL byte is valid UTF-8, but JSON would write it as six bytes: a payload of control
+    characters goes out as ``payload_b64`` (4/3), clean non-ASCII text as it is."""
+    zeros, mixed, text = b"\0" * 100_000, b"abc\x01def", "caf\u00e9 \u2603\tok\n".encode()
+    lines = encode_jsonl(Batch([zeros, mixed, text], [(ORIGIN, 3)])).splitlines()
+    assert len(lines[0]) < 100_000 * 4 // 3 + 200
+    assert [decode_jsonl_record(line)[0] for line in lines] == [zeros, mixed, text]
+    assert b"payload_b64" in lines[1] and "caf\u00e9 \u2603".encode() in lines[2]
+
+
+def test_jsonl_pieces_are_bounded_for_a_large_batch() -> None:
+    payloads = [b"x" * 100] * 20_000 + [b"\0" * 3000] * 300 + [b"y" * 2000] * 300
+    batch = Batch(payloads, [(ORIGIN, 10_000), (OTHER, len(payloads) - 10_000)])
+    pieces = list(iter_jsonl(batch))
+    assert len(pieces) > 10
+    assert max(map(len, pieces)) < 2 * PIECE_BYTES
+    assert b"".join(pieces) == encode_jsonl(batch)
 
 
 def test_batch_iterates_and_indexes_as_messages() -> None:

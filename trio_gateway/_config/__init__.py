@@ -18,6 +18,9 @@ The TOML layout (every key optional; see docs/reference.md)::
     processor = "mypkg.filters:drop_debug"
     workers = 1               # processes sharing the ports with SO_REUSEPORT (docs/workers.md)
 
+    [limits]
+    max_memory = "256MiB"     # the memory budget (bytes, or KiB/MiB/GiB); the queue gets half
+
     [queue]
     kind = "ring"             # ring | locked_ring | channel | locked_list
     capacity = 10000

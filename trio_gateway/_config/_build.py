@@ -17,7 +17,7 @@ from typing import Any
 from .._errors import ConfigurationError
 from .._gateway import Gateway, Processor, RetryPolicy
 from .._names import canonical
-from ..queues import QUEUE_KINDS, Queue, queue_class
+from ..queues import QUEUE_KINDS, ChannelQueue, Queue, queue_class
 from ..sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
 from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
 from ._schema import GatewayConfig, QueueConfig, SinkConfig, SourceConfig, parse_hostport, sink_kind
@@ -141,7 +141,10 @@ def _describe(hint: Any) -> str:
     )
 
 
-def build_queue(config: QueueConfig) -> Queue[bytes]:
+def build_queue(config: QueueConfig, *, max_memory: int | None = None) -> Queue[bytes]:
+    """The queue ``config`` describes; without ``max_bytes``, half of ``max_memory`` (the
+    memory budget's share for the queue) bounds its payload bytes, except on the channel
+    queue, which counts items only."""
     cls = queue_class(config.kind)
     if cls is None:
         raise ConfigurationError(
@@ -149,7 +152,11 @@ def build_queue(config: QueueConfig) -> Queue[bytes]:
         )
     try:
         queue: Queue[bytes] = cls(  # type: ignore[assignment]
-            config.capacity, policy=config.policy, max_bytes=config.max_bytes
+            config.capacity,
+            policy=config.policy,
+            max_bytes=config.max_bytes
+            if config.max_bytes is not None or max_memory is None or cls is ChannelQueue
+            else max_memory // 2,
         )
     except ConfigurationError as exc:
         raise ConfigurationError(f"queue.{exc.key}", exc.message) from exc
@@ -242,7 +249,7 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
     return Gateway(
         sources=[build_source(s) for s in config.sources],
         services=services,
-        queue=build_queue(config.queue),
+        queue=build_queue(config.queue, max_memory=config.max_memory),
         sink=build_sink(config.sink),
         processor=load_processor(config.processor) if config.processor else None,
         batch_size=config.batch_size,
@@ -251,4 +258,5 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         retry=RetryPolicy(max_attempts=config.sink.retry_max_attempts or None),
         sink_wait=config.sink.wait,
         handle_signals=handle_signals,
+        max_memory=config.max_memory,
     )

@@ -13,6 +13,13 @@ def _options(options: object) -> str:
     return "".join(f", {k}={redact_option(k, v)!r}" for k, v in options.items())
 
 
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and not n % size:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
 def describe(config: GatewayConfig) -> str:
     """What ``config`` resolves to: queue, sink, timings, admin endpoint, sources."""
     queue = config.queue
@@ -26,6 +33,8 @@ def describe(config: GatewayConfig) -> str:
         + _options(dict(sink.options)),
         f"drain timeout {config.drain_timeout} s, grace period {config.grace_period} s, "
         f"batch size {config.batch_size}",
+        f"memory budget {_size(config.max_memory)}, the queue's share "
+        f"{_size(queue.max_bytes or config.max_memory // 2)}",
     ]
     if config.processor:
         lines.append(f"processor: {config.processor}")

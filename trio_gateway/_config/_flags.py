@@ -18,6 +18,7 @@ from ._schema import (
     QueueConfig,
     SourceConfig,
     normalize_policy,
+    parse_size,
     sink_kind,
     source_from_flag,
 )
@@ -92,6 +93,12 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
     serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
+    serve.add_argument(
+        "--max-memory",
+        metavar="BYTES",
+        help="memory budget: what peers can make the gateway hold, queue included "
+        "(256MiB; KiB, MiB, GiB suffixes)",
+    )
     serve.add_argument(
         "--policy",
         type=canonical,
@@ -232,6 +239,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")
         if getattr(args, name) is not None
     }
+    if args.max_memory is not None:
+        changes["max_memory"] = parse_size(args.max_memory, key="--max-memory")
     return replace(
         config, sources=tuple(sources), queue=queue, sink=sink, **changes
     ).with_default_sources()

@@ -18,6 +18,7 @@ from .._wire import parse_hostport as parse_hostport
 
 __all__ = (
     "DEFAULT_ADMIN",
+    "DEFAULT_MAX_MEMORY",
     "DEFAULT_TCP",
     "DEFAULT_UDP",
     "POLICY_NAMES",
@@ -29,11 +30,16 @@ __all__ = (
     "SourceConfig",
     "normalize_policy",
     "parse_hostport",
+    "parse_size",
     "sink_kind",
     "source_from_flag",
 )
 
 DEFAULT_TCP = "127.0.0.1:7000"
+DEFAULT_MAX_MEMORY = 256 * 1024 * 1024
+"""``limits.max_memory``: the gateway's memory budget (``_budget.DEFAULT_MAX_MEMORY``, without
+importing Trio)."""
+_SIZE_UNITS = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 DEFAULT_UDP = "127.0.0.1:7001"
 
 Policy = Literal["block", "drop_newest", "drop_oldest"]
@@ -88,6 +94,9 @@ class GatewayConfig:
     """The admin endpoint's HOST:PORT; ``None`` = not asked; ``"off"`` = explicitly off."""
     workers: int = 1
     """Worker processes sharing the ports (``serve --workers N``; see ``workers/``)."""
+    max_memory: int = DEFAULT_MAX_MEMORY
+    """``limits.max_memory`` / ``--max-memory``: bytes peers can make the gateway hold (the
+    queue's payload bytes, half of it by default, and what is read but not queued yet)."""
 
     def with_default_sources(self) -> GatewayConfig:
         """The embedded defaults: TCP on 127.0.0.1:7000, UDP on 127.0.0.1:7001, and the admin
@@ -111,6 +120,27 @@ def normalize_policy(value: object, *, key: str) -> Policy:
         if text == policy:
             return policy
     raise ConfigurationError(key, f"must be one of {', '.join(POLICY_NAMES)}, got {value!r}")
+
+
+def parse_size(value: object, *, key: str) -> int:
+    """A positive size in bytes: an integer, or a string such as ``"512MiB"`` (``KiB``,
+    ``MiB``, ``GiB``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip()
+        digits = text.rstrip("KMGiB").strip()
+        unit = text[len(text.rstrip("KMGiB")) :]
+        if not digits.isdigit() or unit not in _SIZE_UNITS:
+            raise ConfigurationError(
+                key, f"expected a size in bytes (268435456, or 256MiB), got {value!r}"
+            )
+        number = int(digits) * _SIZE_UNITS[unit]
+    else:
+        raise ConfigurationError(key, f"expected a size in bytes, got {value!r}")
+    if number < 1:
+        raise ConfigurationError(key, f"must be positive, got {value!r}")
+    return number
 
 
 def source_from_flag(transport: str, listen: str, *, key: str, **options: Any) -> SourceConfig:

@@ -18,6 +18,7 @@ from ._schema import (
     SourceConfig,
     normalize_policy,
     parse_hostport,
+    parse_size,
 )
 
 __all__ = ("config_from_mapping", "load_config")
@@ -110,8 +111,14 @@ def _sources(raw_sources: object) -> tuple[SourceConfig, ...]:
 
 def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     """Validate a parsed TOML document into a :class:`GatewayConfig`."""
-    _check_keys(data, ("gateway", "queue", "sink", "sources", "admin"), "config")
+    _check_keys(data, ("gateway", "queue", "sink", "sources", "admin", "limits"), "config")
     changes = _gateway_changes(data.get("gateway", {}))
+    limits = data.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ConfigurationError("limits", "expected a table ([limits])")
+    _check_keys(limits, ("max_memory",), "limits")
+    if "max_memory" in limits:
+        changes["max_memory"] = parse_size(limits["max_memory"], key="limits.max_memory")
     admin = data.get("admin", {})
     _check_keys(admin, ("listen",), "admin")
     if "listen" in admin:

@@ -133,7 +133,9 @@ class _HttpConnection:
                         raise await self.peer.closed_before_answer(received=self.received)
                     raise self.peer.error("connection closed before an answer")
         except h11.RemoteProtocolError as exc:
-            if self.answered:  # an HTTP server before: it broke off (or went away)
+            if self.answered and not status:  # an HTTP server before, gone (it stopped)
+                raise self.peer.error("connection closed before an answer") from exc
+            if self.answered:  # an HTTP server before: it broke off inside an answer
                 raise self.peer.error(f"the answer broke off (h11: {exc})") from exc
             if not self.received:  # h11's word for an end before any byte of an answer
                 raise await self.peer.closed_before_answer() from exc

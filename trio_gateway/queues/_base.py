@@ -194,8 +194,22 @@ class Queue(ABC, Generic[T]):
         # when max_bytes is configured.
         assert self._max_bytes is not None
         size_of = self._size_of
-        sizes = list(map(size_of, items))
         limit = self._max_bytes
+        # The usual case: what the count allows also fits in bytes. One C-level sum over it,
+        # no loop per item (a full queue re-offered a read's 14,000 frames per wake-up).
+        n = len(items)
+        room = self._capacity - len(self)
+        if n <= room or self._policy != "drop_oldest":
+            head = items if n <= room else items[:room]
+            total = sum(map(size_of, head))
+            if self._bytes + total <= limit:
+                if head:
+                    self._append(head)
+                    self._bytes += total
+                if drop and self._policy == "drop_newest":
+                    self._dropped_newest += n - len(head)
+                return len(head)
+        sizes = list(map(size_of, items))
         if self._policy == "drop_oldest":
             # Keep the longest suffix of the batch that fits alone, then evict old items.
             start, total = len(items), 0

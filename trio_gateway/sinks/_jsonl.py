@@ -1,8 +1,15 @@
 """JSON Lines encoding of a batch, shared by the stdout and file sinks.
 
 A record is ``{"transport", "peer", "received_at", "payload"}``, with ``"payload_b64"`` instead
-of ``"payload"`` when the bytes are not UTF-8. The per-origin prefix is encoded once per run of
-messages from the same read, and the batch is joined once.
+of ``"payload"`` when the bytes are not clean text: not UTF-8, or holding a control character
+other than tab, newline and carriage return (JSON would write each as ``\\u00XX``, six bytes for
+one: a payload of NUL bytes would grow sixfold; base64 grows by a third). Clean text keeps its
+non-ASCII characters as they are (UTF-8), so no payload grows by more than its quotes and
+backslashes. The per-origin prefix is encoded once per run of messages from the same read.
+
+:func:`iter_jsonl` yields a batch's records in pieces of about :data:`PIECE_BYTES` (a record
+larger than that is a piece of its own), so that a sink writes a large batch piece by piece
+and never holds its whole encoding; :func:`encode_jsonl` joins them.
 
 Printable ASCII payloads (``0x20``-``0x7e``: what JSON documents and log lines usually are;
 one ``bytes.translate`` checks) are encoded without a Python step per byte or per message:
@@ -15,19 +22,26 @@ one ``bytes.translate`` checks) are encoded without a Python step per byte or pe
 * long payloads only need ``"`` and ``\\`` escaped: two ``bytes.replace``, about 0.5 ns a
   byte, where ``json``'s string encoder takes 3 to 4.
 
-Anything else (control characters, other Unicode, invalid UTF-8) goes through ``json``'s
-encoder payload by payload as before. The output is byte for byte the same on every path.
+Anything else (other Unicode, control characters, invalid UTF-8) goes through ``json``'s
+encoder or base64 payload by payload. The output is byte for byte the same on every path.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from json.encoder import encode_basestring_ascii
+from collections.abc import Iterator
+from json.encoder import encode_basestring, encode_basestring_ascii
 
 from .._message import Batch, Origin
 
-__all__ = ("decode_jsonl_record", "encode_jsonl")
+__all__ = ("PIECE_BYTES", "decode_jsonl_record", "encode_jsonl", "iter_jsonl")
+
+PIECE_BYTES = 192 << 10
+"""About how much of a batch's JSON Lines :func:`iter_jsonl` yields at a time."""
+_CONTROLS = bytes(c for c in range(0x20) if c not in b"\t\n\r")
+"""Bytes that make a payload not clean text (UTF-8 never uses them inside a character)."""
+_NOT_CONTROLS = bytes(c for c in range(256) if c not in _CONTROLS)
 
 _PRINTABLE = bytes(range(0x20, 0x7F))
 """Bytes a JSON string may carry as they are, but for ``"`` and ``\\`` (escaped by replace)."""
@@ -54,13 +68,16 @@ def _escape(data: bytes) -> bytes:
 
 
 def _record(prefix: str, payload: bytes) -> bytes:
-    """One record through the ``json`` string encoder (any payload)."""
-    try:
-        text = payload.decode()
-    except UnicodeDecodeError:
-        encoded = base64.b64encode(payload).decode("ascii")
-        return (prefix + '"payload_b64":"' + encoded + '"}\n').encode("ascii")
-    return (prefix + '"payload":' + encode_basestring_ascii(text) + "}\n").encode("ascii")
+    """One record through the ``json`` string encoder, or base64 (any payload)."""
+    if not payload.translate(None, _NOT_CONTROLS):
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            pass
+        else:
+            return (prefix + '"payload":' + encode_basestring(text) + "}\n").encode()
+    encoded = base64.b64encode(payload).decode("ascii")
+    return (prefix + '"payload_b64":"' + encoded + '"}\n').encode("ascii")
 
 
 def _short_run(run: list[bytes], head: bytes) -> bytes | None:
@@ -80,32 +97,58 @@ def _short_run(run: list[bytes], head: bytes) -> bytes | None:
 
 def encode_jsonl(batch: Batch) -> bytes:
     """Encode a batch as JSON Lines (one record per message, each ending in ``\\n``)."""
+    return b"".join(iter_jsonl(batch))
+
+
+def iter_jsonl(batch: Batch, *, piece_bytes: int = PIECE_BYTES) -> Iterator[bytes]:
+    """A batch's JSON Lines in pieces of whole records, each about ``piece_bytes`` (more only
+    when a single record is larger)."""
     parts: list[bytes] = []
     append = parts.append
+    size = 0
     payloads = batch.payloads
     start = 0
+    # Short payloads are escaped together by the slice: at most this many records at a time
+    # (512 bytes each, escaped at most twice over, fit in a piece).
+    step = max(1, piece_bytes // (4 * _SHORT))
     for origin, count in batch.runs:
         if not count:
             continue
-        run = payloads[start : start + count]
-        start += count
         prefix = _prefix(origin)
         head = (prefix + '"payload":"').encode("ascii")
-        # Short or long: the two ends of the run decide (any choice is correct, the sum of
-        # every length would cost 25 ns a message).
-        if len(run[0]) + len(run[-1]) < 2 * _SHORT:
-            records = _short_run(run, head)
+        for first in range(start, start + count, step):
+            run = payloads[first : min(first + step, start + count)]
+            records = None
+            # Short or long: the two ends of the run decide (any choice is correct, the sum
+            # of every length would cost 25 ns a message).
+            if len(run[0]) + len(run[-1]) < 2 * _SHORT:
+                records = _short_run(run, head)
             if records is not None:
                 append(records)
-                continue
-        for payload in run:
-            if payload.translate(None, _PRINTABLE):
-                append(_record(prefix, payload))
+                size += len(records)
             else:
-                append(head)
-                append(_escape(payload))
-                append(_END)
-    return b"".join(parts)
+                for payload in run:
+                    if payload.translate(None, _PRINTABLE):
+                        record = _record(prefix, payload)
+                        append(record)
+                        size += len(record)
+                    else:
+                        escaped = _escape(payload)
+                        append(head)
+                        append(escaped)
+                        append(_END)
+                        size += len(head) + len(escaped) + 3
+                    if size >= piece_bytes:
+                        yield b"".join(parts)
+                        parts.clear()
+                        size = 0
+            if size >= piece_bytes:
+                yield b"".join(parts)
+                parts.clear()
+                size = 0
+        start += count
+    if parts:
+        yield b"".join(parts)
 
 
 def decode_jsonl_record(line: bytes | str) -> tuple[bytes, dict[str, object]]:

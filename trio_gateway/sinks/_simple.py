@@ -20,7 +20,7 @@ from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import logger
 from .._message import Batch
 from ._base import Sink
-from ._jsonl import encode_jsonl
+from ._jsonl import iter_jsonl
 
 __all__ = ("FileSink", "NullSink", "StdoutSink")
 
@@ -236,7 +236,8 @@ class NullSink(Sink):
 
 
 class StdoutSink(Sink):
-    """Writes JSON Lines to standard output, one write and flush per batch.
+    """Writes JSON Lines to standard output, one write and flush per piece of a batch
+    (about 192 KiB: ``_jsonl.iter_jsonl``).
 
     Where the write runs follows :class:`FileSink`'s rule: redirected to a regular file on a
     local filesystem (``serve > out.jsonl``), small batches are written in the event loop;
@@ -286,9 +287,9 @@ class StdoutSink(Sink):
     async def send(self, batch: Batch) -> None:
         if not self._decided:
             await self.open()
-        data = encode_jsonl(batch)
         try:
-            await self._writes.write(data, self._write)
+            for piece in iter_jsonl(batch):  # never the whole batch's encoding at once
+                await self._writes.write(piece, self._write)
         except BrokenPipeError as exc:
             # ``serve | head -2``: the reader is gone, and no retry brings it back.
             if self._stream is None:
@@ -306,13 +307,15 @@ class FileSink(Sink):
 
     Where the write goes:
 
-    * A batch of at most 256 KiB of JSON Lines, to a regular file on a local filesystem
+    A batch is written in pieces of about 192 KiB of JSON Lines (``_jsonl.iter_jsonl``).
+
+    * A piece of at most 256 KiB, to a regular file on a local filesystem
       (ext4, xfs, btrfs, tmpfs, overlay, ...) and without ``fsync``, is written in the event
       loop: the kernel copies it into the page cache and returns, in about 0.1 ms. The hop to
       a thread would cost more than the write: two threads taking turns at the GIL made the
       whole server use 1.4x the CPU per 18-byte record (measured; docs/sinks.md).
-    * Anything else (a larger batch, ``fsync``, a FIFO or device, NFS, SMB, FUSE: a write
-      that can wait on someone else) goes to the sink's writer thread, one hop per batch.
+    * Anything else (a larger piece, ``fsync``, a FIFO or device, NFS, SMB, FUSE: a write
+      that can wait on someone else) goes to the sink's writer thread, one hop per piece.
     * An inline write that takes more than 1 ms (a disk that is throttling writers) sends the
       next writes to the thread for 10 s, doubling up to 5 min while the next inline write
       tried is slow again, so a slow disk stalls the loop for one write at a time, rarely.
@@ -350,15 +353,25 @@ class FileSink(Sink):
         assert self._file is not None
         self._file.write(data)
         self._file.flush()
-        if self.fsync:
+
+    def _write_last(self, data: bytes) -> None:
+        self._write(data)
+        if self.fsync:  # once per batch, after its last piece
+            assert self._file is not None
             os.fsync(self._file.fileno())
 
     async def send(self, batch: Batch) -> None:
         if self._file is None:
             await self.open()
-        data = encode_jsonl(batch)
         try:
-            await self._writes.write(data, self._write)
+            # Piece by piece, never the whole batch's encoding at once; one piece ahead, to
+            # know which is the last.
+            pieces = iter_jsonl(batch)
+            piece = next(pieces, b"")
+            for after in pieces:
+                await self._writes.write(piece, self._write)
+                piece = after
+            await self._writes.write(piece, self._write_last)
         except OSError as exc:
             raise SinkError(f"{self.name}: {exc}") from exc
 

@@ -112,8 +112,10 @@ class MessageReader:
         "_fast_limit",
         "_fed",
         "_filled",
+        "_fragment_bytes",
         "_fragment_is_text",
         "_fragments",
+        "_frame",
         "_initial",
         "_limit",
         "_min_read",
@@ -165,7 +167,9 @@ class MessageReader:
         self._filled = False  # the last read filled all the space it was given
         self._through = False  # everything goes to the protocol from now on
         self._fragments: list[bytes] = []
+        self._fragment_bytes = 0
         self._fragment_is_text = False
+        self._frame = 0  # size of the frame being handed to the protocol (while _owed)
         self._payloads: list[bytes] = []
         self._texts: list[int] = []
         self.frames = 0
@@ -175,6 +179,16 @@ class MessageReader:
     def buffered(self) -> int:
         """Bytes of a frame received but not complete yet (here or in the protocol)."""
         return self._end - self._start + self._owed
+
+    @property
+    def held(self) -> int:
+        """Bytes this connection holds for its next messages: the receive buffer, the fragments
+        of a message not complete, and the part of a large frame the protocol has (what the
+        memory budget is charged)."""
+        held = len(self._buffer) + self._fragment_bytes
+        if self._owed:
+            held += self._frame - self._owed
+        return held
 
     @property
     def passing_through(self) -> bool:
@@ -337,6 +351,7 @@ class MessageReader:
             self._fed = 0
             return end
         self._owed = head + length - self._fed
+        self._frame = head + length
         start += self._fed
         self._fed = 0
         return self._hand_over(start, min(end, start + self._owed))
@@ -366,14 +381,17 @@ class MessageReader:
                     payloads.append(cast(bytes, frame.data))
                 else:
                     self._fragments = [cast(bytes, frame.data)]
+                    self._fragment_bytes = len(frame.data)
                     self._fragment_is_text = opcode is _TEXT
             elif opcode is _CONT:
                 self._fragments.append(cast(bytes, frame.data))
+                self._fragment_bytes += len(frame.data)
                 if frame.fin:
                     if self._fragment_is_text:
                         self._texts.append(len(payloads))
                     payloads.append(b"".join(self._fragments))
                     self._fragments = []
+                    self._fragment_bytes = 0
 
     def _eof(self) -> None:
         """End of stream: the protocol gets what is left (a frame cut short) and the EOF."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from .._budget import ConnectionShare
 from .._errors import ConfigurationError, FrameTooLarge, ProtocolError
 from .._ingress import Ingress
 from .._message import Origin
@@ -87,7 +88,8 @@ class TcpSource(Source):
         listeners = await self.listen(backlog=self.backlog)
 
         async def handle(stream: trio.abc.Stream) -> None:
-            await self._handle(stream, ingress)
+            with ingress.budget.connection() as share:
+                await self._handle(stream, ingress, share)
 
         await serve_connections(
             handle,
@@ -98,7 +100,9 @@ class TcpSource(Source):
             task_status=task_status,
         )
 
-    async def _handle(self, stream: trio.abc.Stream, ingress: Ingress) -> None:
+    async def _handle(
+        self, stream: trio.abc.Stream, ingress: Ingress, share: ConnectionShare
+    ) -> None:
         peer = peer_of(stream)
         listener = ingress.listener
         idle_timeout = self.idle_timeout
@@ -132,6 +136,13 @@ class TcpSource(Source):
         # a client trickling one byte at a time (slowloris) cannot hold the connection.
         deadline = trio.current_time() + idle_timeout
         while True:
+            # Over the memory budget, stop reading (counted once per pause) until room frees:
+            # what a read can bring in is charged before it, with the partial frame.
+            holding = 2 * read_size + decoder.buffered
+            if not share.hold_nowait(holding):
+                ingress.reject("over_budget")
+                await share.hold(holding)
+                deadline = trio.current_time() + idle_timeout  # the pause was ours
             use_buffer = sock is not None and newline is not None and newline.long_frames
             with trio.move_on_at(deadline) as idle:
                 if use_buffer:

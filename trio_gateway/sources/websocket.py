@@ -40,6 +40,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from .._budget import ConnectionShare
 from .._errors import ConfigurationError
 from .._ingress import Ingress
 from .._message import Origin
@@ -156,7 +157,8 @@ class WebSocketSource(Source):
         listeners = await self.listen(https_compatible=True)
 
         async def handler(stream: trio.abc.Stream) -> None:
-            await self._connection(ingress, stream)
+            with ingress.budget.connection() as share:
+                await self._connection(ingress, stream, share)
 
         async with trio.open_nursery() as nursery:
             await nursery.start(
@@ -266,7 +268,9 @@ class WebSocketSource(Source):
 
     # -- messages -------------------------------------------------------------------------
 
-    async def _connection(self, ingress: Ingress, stream: trio.abc.Stream) -> None:
+    async def _connection(
+        self, ingress: Ingress, stream: trio.abc.Stream, share: ConnectionShare
+    ) -> None:
         if isinstance(stream, trio.SSLStream):
             try:
                 with trio.fail_after(self.handshake_timeout):
@@ -317,7 +321,7 @@ class WebSocketSource(Source):
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(acked.send_acks, self.idle_timeout, stalled)
-            await self._read_messages(ingress, connection, reader, peer, early, offer)
+            await self._read_messages(ingress, connection, reader, peer, early, offer, share)
             nursery.cancel_scope.cancel()
 
     async def _read_messages(
@@ -328,6 +332,7 @@ class WebSocketSource(Source):
         peer: str,
         early: list[Any],
         offer: Callable[[list[bytes], Origin], Awaitable[int]],
+        share: ConnectionShare,
     ) -> None:
         protocol = connection.protocol
         stream = connection.stream
@@ -353,6 +358,11 @@ class WebSocketSource(Source):
                 return
             if reader.frames:
                 deadline = trio.current_time() + idle
+            if not share.hold_nowait(reader.held):
+                # Over the memory budget: refuse in WebSocket's terms, "try again later".
+                ingress.reject("over_budget")
+                await self._close(connection, CloseCode.TRY_AGAIN_LATER, "over the memory budget")
+                return
             with trio.move_on_at(deadline):
                 try:
                     if sock is not None:
@@ -373,10 +383,7 @@ class WebSocketSource(Source):
                 continue
             if partial:
                 ingress.reject("too_slow")
-                if protocol.state is State.OPEN:
-                    protocol.send_close(CloseCode.POLICY_VIOLATION, "too slow")
-                    await connection.flush()
-                    await self._linger(stream)
+                await self._close(connection, CloseCode.POLICY_VIOLATION, "too slow")
                 return
             # Nothing for idle_timeout seconds.
             ingress.reject("idle_timeout")
@@ -384,6 +391,13 @@ class WebSocketSource(Source):
                 protocol.send_close(CloseCode.GOING_AWAY, "idle timeout")
                 await connection.flush()
             return
+
+    async def _close(self, connection: Connection, code: CloseCode, reason: str) -> None:
+        """Our close frame (if the connection is still open), then the linger."""
+        if connection.protocol.state is State.OPEN:
+            connection.protocol.send_close(code, reason)
+            await connection.flush()
+            await self._linger(connection.stream)
 
     @staticmethod
     async def _linger(stream: trio.abc.Stream) -> None:

@@ -7,6 +7,7 @@ this path by default: h11 driven on the Trio stream, one ``send_all`` per respon
 
 from __future__ import annotations
 
+import h11
 import trio
 
 from ..._h11server import BadRequest, BodyTooLarge, H11Server, RequestTooSlow
@@ -33,6 +34,7 @@ async def serve_http1(
     """
     http = H11Server(stream, max_header_size=max_header_size, received=received)
     ingress = rules.ingress
+    share = ingress.budget.connection()  # the body being read, charged to the memory budget
     cors: Headers = ()  # the current request's CORS headers (none unless configured)
     try:
         while True:
@@ -42,6 +44,9 @@ async def serve_http1(
                 return  # closed, or quiet between requests
             cors = rules.cors_headers(request.headers)
             reply, ndjson = rules.head(request.method, request.target, request.headers)
+            if reply is None and not share.hold_nowait(_body_bytes(request, rules.max_body_size)):
+                ingress.reject("over_budget")
+                reply = rules.over_budget  # 503 + Retry-After before the body is read
             if reply is None:
                 try:
                     body = await http.receive_body(rules.max_body_size, deadline)
@@ -49,6 +54,7 @@ async def serve_http1(
                     reply = rules.body_too_large()
                 else:
                     reply = await rules.ingest(body, ndjson, peer)
+                share.close()  # queued now (or refused): the queue's share holds it
             headers = reply.headers + cors if cors else reply.headers
             await http.respond(reply.status, headers, reply.body, close=reply.close)
             if not http.next_cycle():
@@ -65,6 +71,16 @@ async def serve_http1(
         connection_errors.info("%s: bad HTTP/1.1 from %s: %s", ingress.listener, peer, exc)
         if http.can_respond:
             await _answer(http, json_reply(exc.status, {"error": str(exc)}, close=True), cors)
+    finally:
+        share.close()
+
+
+def _body_bytes(request: h11.Request, limit: int) -> int:
+    """What reading the request's body holds at most: its chunks and the joined body."""
+    for name, value in request.headers:
+        if name == b"content-length":
+            return 2 * min(int(value), limit)  # h11 has checked it is a number
+    return 2 * limit if request.method == b"POST" else 0  # chunked: up to the limit
 
 
 async def _answer(http: H11Server, reply: Reply, cors: Headers) -> None:

@@ -99,6 +99,9 @@ class IngestRules:
             (b"www-authenticate", b'Bearer realm="trio_gateway", error="invalid_token"'),
         )
         self.queue_full = json_reply(503, {"accepted": 0, "error": "queue full"}, retry)
+        self.over_budget = json_reply(
+            503, {"accepted": 0, "error": "over the memory budget"}, retry, close=True
+        )
         self.accepted_one = json_reply(202, {"accepted": 1})
         self.empty = json_reply(400, {"error": "empty body"})
         self.ambiguous_length = json_reply(

@@ -1,0 +1,107 @@
+"""Over the memory budget, each transport refuses in its own protocol and counts
+``over_budget``: HTTP ``503`` + ``Retry-After``, WebSocket close ``1013``, TCP stops reading
+(the kernel's window pushes back) and goes on once there is room. Real sockets, port 0."""
+
+from __future__ import annotations
+
+import os
+
+import helpers
+import httpx
+import pytest
+import trio
+from helpers import WS_HANDSHAKE, wait_until, ws_client_frame
+
+from trio_gateway import HttpSource, TcpSource
+from trio_gateway._budget import MemoryBudget
+from trio_gateway.sources.websocket import WebSocketSource
+
+MiB = 1 << 20
+
+
+def full_budget() -> MemoryBudget:
+    """A 64 MiB budget whose held pool is all taken (as by a large batch the sink holds)."""
+    budget = MemoryBudget(64 * MiB)
+    budget.charge(budget.pool)
+    return budget
+
+
+async def test_tcp_stops_reading_over_the_budget_and_resumes_when_room_frees() -> None:
+    async with helpers.serving(TcpSource) as run:
+        budget = run.ingress.budget = full_budget()
+        stream = await trio.open_tcp_stream(*run.source.bound[0])
+        await stream.send_all(b"one\ntwo\n")
+        counters = run.ingress.counters
+        await wait_until(lambda: counters.rejected["over_budget"] == 1)
+        assert counters.received == 0 and budget.statistics().waiting == 1
+        budget.release(budget.pool)  # the batch was delivered
+        await wait_until(lambda: counters.received == 2)
+        assert run.payloads() == [b"one", b"two"]
+        await stream.aclose()
+
+
+async def test_http_answers_503_with_retry_after_over_the_budget() -> None:
+    async with helpers.serving(HttpSource) as run:
+        budget = run.ingress.budget = full_budget()
+        host, port = run.source.bound[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            refused = await client.post("/ingest", content=b"x" * 1000)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"] == "over the memory budget"
+            budget.release(budget.pool)
+            accepted = await client.post("/ingest", content=b"x" * 1000)
+            assert accepted.status_code == 202
+        counters = run.ingress.counters
+        assert counters.rejected["over_budget"] == 1 and counters.received == 1
+        assert budget.held == 0  # the body's charge went with the request
+
+
+async def test_http_body_charge_is_per_connection_so_one_peer_cannot_take_it_all() -> None:
+    """A connection may hold at most 1/16 of the pool: a body declared larger than half of a
+    share (chunks and the joined body) is refused, while small ones pass."""
+    async with helpers.serving(HttpSource, max_message_size=4 * MiB) as run:
+        run.ingress.budget = MemoryBudget(64 * MiB)  # share: 2 MiB
+        host, port = run.source.bound[0]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            big = await client.post("/ingest", content=b"x" * (MiB + 1))
+            small = await client.post("/ingest", content=b"x" * 1000)
+        assert (big.status_code, small.status_code) == (503, 202)
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["whole", "fragments"])
+async def test_websocket_closes_1013_over_the_budget(fragmented: bool) -> None:
+    async with helpers.serving(WebSocketSource) as run:
+        budget = run.ingress.budget = MemoryBudget(64 * MiB)  # share: 2 MiB
+        host, port = run.source.bound[0]
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(WS_HANDSHAKE)
+        with trio.fail_after(5):
+            assert b" 101 " in await stream.receive_some(4096)
+        await stream.send_all(ws_client_frame(b"first"))
+        counters = run.ingress.counters
+        await wait_until(lambda: counters.received == 1)
+        if fragmented:
+            # Fragments of one message pile up on the connection, within max_message_size
+            # (1 MiB), until they would pass what the budget has left.
+            charged = budget.pool - 512 * 1024
+            budget.charge(charged)
+            piece = os.urandom(60_000)
+            await stream.send_all(ws_client_frame(piece, fin=False))
+            for _ in range(12):
+                await stream.send_all(ws_client_frame(piece, opcode=0x0, fin=False))
+        else:
+            # A connection keeps what it holds (small messages go on); a large message makes
+            # its receive buffer grow, and that growth has no room.
+            charged = budget.pool
+            budget.charge(charged)
+            await stream.send_all(ws_client_frame(os.urandom(200_000)))
+        answer = b""
+        with trio.fail_after(5):
+            while b"\x88" not in answer[:1]:
+                answer += await stream.receive_some(4096)
+        assert answer[2:4] == (1013).to_bytes(2, "big")  # close: try again later
+        await wait_until(lambda: counters.rejected["over_budget"] == 1)
+        assert counters.received == 1
+        await wait_until(lambda: counters.connections_active == 0)
+        assert budget.held == charged  # the connection's share was released
+        await stream.aclose()

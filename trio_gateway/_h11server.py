@@ -13,8 +13,9 @@ A plain TCP connection (a :class:`trio.SocketStream`, on POSIX) is read and writ
 non-blocking ``os.read``/``os.write`` on its socket: :class:`trio.SocketStream` follows every
 call that succeeds at once with a trip through the scheduler, three per request of a client
 that writes the head and the body separately, about a third of the server's time per request.
-Here a connection waits only when its socket is not ready, and one that did not wait for a
-whole request yields once before the next (a pipelining client cannot starve the others).
+Here a connection waits only when its socket is not ready, and one that served
+:data:`_UNWAITED` requests in a row without waiting yields (a pipelining client cannot
+starve the others).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY = frozenset({204, 304})
 _POSIX = os.name == "posix"
+_UNWAITED = 16
+"""Requests a connection may serve in a row without waiting before it yields to the others
+(a keep-alive client often has its next request in before the answer to the last is out)."""
 HeaderList = Sequence[tuple[bytes, bytes]]
 
 
@@ -69,7 +73,7 @@ class H11Server:
         self._responded = False
         self._continued = False
         self._must_close = False
-        self._waited = True  # whether this connection waited since the last request began
+        self._unwaited = 0  # requests served since this connection last waited or yielded
         self._socket = stream.socket if type(stream) is trio.SocketStream and _POSIX else None
         self._fd = self._socket.fileno() if self._socket is not None else -1
 
@@ -98,7 +102,7 @@ class H11Server:
                 pass
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
-            self._waited = True
+            self._unwaited = 0
             with trio.CancelScope(deadline=deadline):
                 await trio.lowlevel.wait_readable(self._socket)
                 continue
@@ -119,7 +123,7 @@ class H11Server:
                     raise trio.BrokenResourceError(f"send failed: {exc!r}") from exc
                 if sent == len(data):
                     return
-                self._waited = True
+                self._unwaited = 0
                 await trio.lowlevel.wait_writable(self._socket)
 
     async def receive_request(self, deadline: float) -> Request | None:
@@ -127,9 +131,11 @@ class H11Server:
         ``deadline``. Raises :class:`RequestTooSlow` (begun, not complete by ``deadline``) or
         :class:`BadRequest` (``431`` for a head over ``max_header_size``)."""
         parser = self.parser
-        if not self._waited:
-            await trio.lowlevel.checkpoint()  # a whole request served without waiting: yield
-        self._waited = self._socket is None  # (a stream's calls are checkpoints)
+        if self._socket is not None:  # (a stream's calls are checkpoints)
+            self._unwaited += 1
+            if self._unwaited > _UNWAITED:
+                self._unwaited = 0
+                await trio.lowlevel.checkpoint()
         while True:
             request = parser.head()
             if request is not None:

@@ -7,7 +7,8 @@ colon, duplicate ``Content-Length`` refused). llhttp streams without keeping a b
 own, so the bounds live here: :class:`RequestParser` keeps the unparsed bytes and feeds the
 parser no further than the end of the current message, so that a pipelined next request
 stays in that buffer (at most ``max_header_size`` bytes of an unfinished head are kept,
-whether it trickles in or arrives whole: ``431``). A message ends right after its head when
+whether it trickles in or arrives whole: ``431``; the same for a chunked body's trailers,
+plus a few bytes of framing per chunk). A message ends right after its head when
 it has no body, after ``Content-Length`` bytes, or, chunked, right after a ``CRLF CRLF``
 (the last chunk and the trailers): the feed is cut at each of those points.
 
@@ -27,6 +28,9 @@ from ._errors import ProtocolError
 __all__ = ("BadRequest", "BodyTooLarge", "Request", "RequestParser")
 
 _HEAD_END = b"\r\n\r\n"
+_PER_CHUNK = 32
+"""Bytes of framing allowed per chunk of a chunked body: its size line, CRLF and a short
+extension."""
 
 
 def _safe_end(buffer: bytearray) -> int:
@@ -95,6 +99,8 @@ class RequestParser:
         self.body_size = 0
         self._body_left = 0  # bytes of a Content-Length body still to feed
         self._chunked = False
+        self._chunks = 0
+        self._framing = 0  # bytes of a chunked body fed that were not body: sizes, trailers
 
     # -- httptools' callbacks -------------------------------------------------------------
 
@@ -116,6 +122,9 @@ class RequestParser:
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
         self.body_size += len(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -219,10 +228,17 @@ class RequestParser:
                 end = _safe_end(buffer) if end < 0 else end + len(_HEAD_END)
                 if not end:
                     break
+                before = self.body_size
+                self._feed(end)
+                # Trailer fields are held by llhttp until each is complete: bound them, with
+                # the chunk sizes, as a head is bounded (plus a few bytes a chunk).
+                self._framing += end - (self.body_size - before)
+                if self._framing > self.max_header_size + _PER_CHUNK * self._chunks:
+                    raise BadRequest("chunked framing or trailers too large", 431)
             else:
                 end = min(len(buffer), self._body_left)
                 self._body_left -= end
-            self._feed(end)
+                self._feed(end)
             if self.body_size > max_size:
                 raise BodyTooLarge(f"body over {max_size} bytes")
         if not self.complete and self.eof:

@@ -62,6 +62,16 @@ def test_a_chunked_body_growing_past_the_limit() -> None:
         p.body(1000)
 
 
+def test_trailers_are_bounded_like_a_head() -> None:
+    p = parser(CHUNKED + b"2\r\nab\r\n0\r\nX-Trailer: ")
+    p.head()
+    with pytest.raises(BadRequest) as info:
+        for _ in range(20):
+            p.receive_data(b"t" * 100)
+            assert not p.body(100)
+    assert info.value.status == 431
+
+
 def test_a_head_over_the_limit_is_431_whole_or_trickled() -> None:
     big = b"POST / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000
     with pytest.raises(BadRequest) as whole:

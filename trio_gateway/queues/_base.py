@@ -13,8 +13,8 @@ overflow policy when a producer offers more than fits:
 Producers on the hot path call :meth:`put_many_nowait` once per read; consumers call
 :meth:`get_batch`. Neither costs a checkpoint per message. Waiting uses Trio parking lots, so a
 consumer of an empty queue sleeps instead of polling. Every waiting method is one checkpoint:
-parked, the park is it (a second trip through the scheduler after each wake-up cost a
-one-request-at-a-time HTTP client about a tenth of the server's time per request).
+parked, the park is it (with a second trip through the scheduler after each wake-up, a pump
+woken once per request of a one-request-at-a-time HTTP client made two trips more per request).
 
 Under Trio a synchronous section with no ``await`` cannot be interrupted, so a queue needs no
 lock: :class:`LockedListQueue` and :class:`LockedRingBuffer` take one anyway, as the talk's

@@ -89,11 +89,14 @@ class MessageBuffer:
         them (the same discipline as :meth:`trio.MemoryReceiveChannel.receive`).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             try:
                 batch = self.get_batch_nowait(max_items)
             except trio.WouldBlock:
                 await self.queue.wait_not_empty()
+                waited = True
                 continue
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not waited:  # the wait was the checkpoint
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return batch

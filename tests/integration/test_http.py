@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import sys
 import textwrap
@@ -19,6 +20,7 @@ import trustme
 from helpers import refuses_connections, wait_until
 
 from trio_gateway._errors import ConfigurationError
+from trio_gateway._h11server import H11Server
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources.http import HttpSource
 from trio_gateway.testing import serve_source
@@ -111,6 +113,37 @@ async def test_pipelined_requests_on_one_connection() -> None:
                 while received.count(b"HTTP/1.1 202") < 2:
                     received += await stream.receive_some(4096)
         assert run.payloads() == [b"one", b"two"]
+
+
+async def test_a_pipelining_client_does_not_starve_the_others() -> None:
+    """Requests already buffered are served without waiting on the socket; the connection
+    still yields once per such request, so other tasks run in the middle of a flood."""
+    count = 2000
+    request = b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz"
+    client, server = trio.socket.socketpair()
+    for sock in (client, server):  # room for every request and every answer: nothing waits
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    assert await client.send(request * count) == len(request) * count
+    http = H11Server(trio.SocketStream(server), max_header_size=1024)
+    served = 0
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while served < count:
+            seen.append(served)
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(10), client, server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            while served < count:
+                assert await http.receive_request(trio.current_time() + 5) is not None
+                assert await http.receive_body(10, trio.current_time() + 5) == b"z"
+                await http.respond(202, [], b"")
+                assert http.next_cycle()
+                served += 1
+    assert any(0 < n < count for n in seen)  # the watcher ran during the flood
 
 
 # -- every refusal ---------------------------------------------------------------------------

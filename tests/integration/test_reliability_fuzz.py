@@ -191,7 +191,8 @@ def exchange(port: int, data: bytes) -> bytes:
 
 ANSWERS = {101, 202, 400, 401, 404, 405, 408, 413, 426, 431, 501, 505}
 """Statuses a listener may answer fuzz with: never 500 (an internal error), nor 503 (the queue
-is far from full here). 501 is h11's answer to a Transfer-Encoding other than chunked."""
+is far from full here). 501 answers a Transfer-Encoding other than chunked, 505 an HTTP version
+other than 1.0 and 1.1."""
 
 
 def check_answer(transport: str, data: bytes, reply: bytes) -> None:

@@ -50,8 +50,10 @@ LAYERS: dict[str, Layer] = {
     "tuning": layer(),  # the process's allocator (glibc mallopt)
     # what both ends of the wire agree on (the servers and the `send` client)
     "_wire": layer("_errors", sans_io=True),
-    # one HTTP/1.1 server driver (h11 on a Trio stream): the HTTP source and the admin endpoint
-    "_h11server": layer("_errors"),
+    # HTTP/1.1 requests, sans-IO (llhttp through httptools), and the one server driver around
+    # it on a Trio stream: the HTTP source and the admin endpoint
+    "_http1": layer("_errors", sans_io=True),
+    "_h11server": layer("_errors", "_http1"),
     # framing: pure, knows nothing of the package but its errors
     "codecs": layer("_errors", sans_io=True),
     # queues: know nothing of messages' origins, sources or sinks

@@ -1,6 +1,6 @@
 """The admin endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP/1.1.
 
-A small h11-on-Trio server (low traffic: a scraper every few seconds and a load balancer's
+A small HTTP/1.1-on-Trio server (low traffic: a scraper every few seconds and a load balancer's
 probes), run as a gateway :class:`~trio_gateway._gateway.Service` so it lives in the gateway's
 root nursery and keeps answering ``/readyz`` with 503 through the whole drain. Bounded: at most
 ``max_connections`` connections, ``max_header_size`` bytes of request head, ``timeout`` seconds
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import (
@@ -21,7 +20,7 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from .._errors import ConfigurationError, TransportError
-from .._h11server import BadRequest, H11Server, RequestTooSlow
+from .._h11server import BadRequest, H11Server, Request, RequestTooSlow
 from .._log import RateLimitedLogger, logger
 from .._wire import DEFAULT_ADMIN
 from ._collector import make_registry
@@ -194,7 +193,7 @@ class AdminServer:
             if not http.next_cycle():
                 return  # asked to close, or a request body we did not read
 
-    def _route(self, request: h11.Request, gateway: Gateway, registry: CollectorRegistry) -> _Reply:
+    def _route(self, request: Request, gateway: Gateway, registry: CollectorRegistry) -> _Reply:
         path = request.target.split(b"?", 1)[0]
         if path not in (b"/metrics", b"/healthz", b"/readyz", b"/"):
             return _Reply(404, b"not found\n")
@@ -223,7 +222,7 @@ class AdminServer:
             return _Reply(503, body, extra=((b"retry-after", b"5"),))
         return _Reply(200, _INDEX)
 
-    async def _send(self, http: H11Server, request: h11.Request | None, reply: _Reply) -> None:
+    async def _send(self, http: H11Server, request: Request | None, reply: _Reply) -> None:
         await http.respond(
             reply.status,
             reply.headers,

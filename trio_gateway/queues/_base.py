@@ -12,7 +12,9 @@ overflow policy when a producer offers more than fits:
 
 Producers on the hot path call :meth:`put_many_nowait` once per read; consumers call
 :meth:`get_batch`. Neither costs a checkpoint per message. Waiting uses Trio parking lots, so a
-consumer of an empty queue sleeps instead of polling.
+consumer of an empty queue sleeps instead of polling. Every waiting method is one checkpoint:
+parked, the park is it (with a second trip through the scheduler after each wake-up, a pump
+woken once per request of a one-request-at-a-time HTTP client made two trips more per request).
 
 Under Trio a synchronous section with no ``await`` cannot be interrupted, so a queue needs no
 lock: :class:`LockedListQueue` and :class:`LockedRingBuffer` take one anyway, as the talk's
@@ -254,9 +256,11 @@ class Queue(ABC, Generic[T]):
     async def wait_not_full(self) -> None:
         """Wait until there is room for at least one more item (or the queue is closed)."""
         await checkpoint_if_cancelled()
+        if self._closed or not self._is_full():
+            await cancel_shielded_checkpoint()
+            return
         while not self._closed and self._is_full():
-            await self._producers.park()
-        await cancel_shielded_checkpoint()
+            await self._producers.park()  # (a checkpoint: no second one after it)
 
     def _is_full(self) -> bool:
         # Bounded in bytes, "full" means "no room for the item last refused for bytes": a
@@ -309,22 +313,27 @@ class Queue(ABC, Generic[T]):
     async def wait_not_empty(self) -> None:
         """Wait until there is at least one item to take (or the queue is closed)."""
         await checkpoint_if_cancelled()
+        if self._closed or len(self):
+            await cancel_shielded_checkpoint()
+            return
         while not self._closed and not len(self):
-            await self._consumers.park()
-        await cancel_shielded_checkpoint()
+            await self._consumers.park()  # (a checkpoint: no second one after it)
 
     async def get_batch(self, max_items: int) -> list[T]:
         """Wait for at least one item, then take up to ``max_items`` of them."""
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         await checkpoint_if_cancelled()
+        parked = False
         while True:
             try:
                 batch = self.get_batch_nowait(max_items)
             except trio.WouldBlock:
                 await self._consumers.park()
+                parked = True
                 continue
-            await cancel_shielded_checkpoint()
+            if not parked:  # parking was the checkpoint; one per call is enough
+                await cancel_shielded_checkpoint()
             return batch
 
     async def get(self) -> T:

@@ -2,7 +2,8 @@
 
 Hypercorn's Trio worker spends most of its time per request in its task and event machinery
 (measured in ``bench/http.py`` and ``docs/http.md``), so HTTP/1.1 (cleartext or TLS) takes
-this path by default: h11 driven on the Trio stream, one ``send_all`` per response.
+this path by default: llhttp (:mod:`trio_gateway._http1`) on the Trio stream, one
+``send_all`` per response.
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ MAX_RESETS = 200
 """Streams a client may reset within :data:`RESET_WINDOW` seconds (rapid reset)."""
 RESET_WINDOW = 1.0
 MAX_RECV = 64 * 1024
+LINGER_SECONDS = 2.0
+"""At most this long (and ``idle_timeout``) the last answers and GOAWAY get to be read."""
 _MAX_STREAM_ID = 2**31 - 1
 
 
@@ -105,6 +107,7 @@ class _Http2Connection:
         self.quiet_since = trio.current_time()
         self.send_lock = trio.Lock()
         self.reading = trio.CancelScope()
+        self.reader: trio.lowlevel.Task | None = None
         self.done = trio.Event()  # nothing in flight after a GOAWAY
 
     # -- the connection's life ------------------------------------------------------------
@@ -121,17 +124,22 @@ class _Http2Connection:
                     await self.done.wait()  # the answers in flight (bounded by queue_wait)
                 nursery.cancel_scope.cancel()
             await self._flush()
-            await linger(self.stream, max_bytes=MAX_RECV)
+            # so that the GOAWAY is read, not lost to the reset of a close with unread bytes
+            with trio.move_on_after(min(self.idle_timeout, LINGER_SECONDS)):
+                await linger(self.stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
     async def _read(self, data: bytes) -> None:
         ingress = self.rules.ingress
+        self.reader = trio.lowlevel.current_task()
         while True:
             if data:
                 if not self._receive(data):
                     return
                 await self._flush()
+                if self.done.is_set():
+                    return
             deadline, reason = self._deadline()
             with trio.move_on_at(deadline):
                 data = bytes(await self.stream.receive_some(MAX_RECV))
@@ -143,7 +151,6 @@ class _Http2Connection:
                 self._goaway(ErrorCodes.NO_ERROR)
             else:
                 self._too_slow()
-            await self._flush()
             return
 
     def _receive(self, data: bytes) -> bool:
@@ -235,9 +242,12 @@ class _Http2Connection:
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
 
     def _check_done(self) -> None:
+        """After a GOAWAY, once nothing is in flight: stop reading (the reader itself returns
+        by its own loop, so that what it has queued is written first)."""
         if self.goaway_sent is not None and not self.requests and not self.answering:
-            self.reading.cancel()
             self.done.set()
+            if trio.lowlevel.current_task() is not self.reader:
+                self.reading.cancel()
 
     # -- h2's events ----------------------------------------------------------------------
 
@@ -320,7 +330,6 @@ class _Http2Connection:
         """A request leaves (answered, refused or dropped): its bytes are no longer held, and
         the requests whose DATA waited for room are acknowledged, oldest first."""
         self.requests.pop(stream_id, None)
-        self.answering.pop(stream_id, None)
         self.held -= request.size
         request.chunks = []
         for index, (waiting_id, waiting) in enumerate(self.requests.items()):
@@ -337,13 +346,16 @@ class _Http2Connection:
         body = b"".join(request.chunks)
         request.chunks = [body]
         try:
-            reply = await self.rules.ingest(body, request.ndjson, self.peer)
+            try:
+                reply = await self.rules.ingest(body, request.ndjson, self.peer)
+            finally:
+                self._release(stream_id, request)
+            self.quiet_since = trio.current_time()
+            self._respond(stream_id, reply, request.cors, reset=False)
+            await self._flush()
         finally:
-            self._release(stream_id, request)
-        self.quiet_since = trio.current_time()
-        self._respond(stream_id, reply, request.cors, reset=False)
-        self._check_done()
-        await self._flush()
+            self.answering.pop(stream_id, None)  # in flight until written
+            self._check_done()
 
     def _respond(self, stream_id: int, reply: Reply, cors: Headers, *, reset: bool) -> None:
         """Send ``reply`` on ``stream_id``; with ``reset``, the request is still coming and is
@@ -380,16 +392,18 @@ class _Http2Connection:
             pass  # closed already
 
     async def _flush(self) -> None:
-        """Write what h2 and :meth:`_goaway` have queued, in order. A client that does not
-        read stops this connection's reading too (bounded output); past ``idle_timeout``
-        without progress the connection is cancelled."""
-        data = self.h2.data_to_send() + self.extra
-        self.extra = b""
-        if not data:
-            return
-        async with self.send_lock:
+        """Write what h2 and :meth:`_goaway` have queued, in order. Shielded: bytes taken from
+        h2 are written whole or the connection is dead, so a cancellation (the connection
+        ending) waits for a write in progress, at most ``idle_timeout``. A client that does
+        not read stops this connection's reading too (bounded output); one that reads
+        nothing for ``idle_timeout`` is cut (``too_slow``)."""
+        with trio.CancelScope(shield=True):
             with trio.move_on_after(self.idle_timeout) as stalled:
-                await self.stream.send_all(data)
+                async with self.send_lock:
+                    data = self.h2.data_to_send() + self.extra
+                    self.extra = b""
+                    if data:
+                        await self.stream.send_all(data)
         if stalled.cancelled_caught:
             self.rules.ingress.reject("too_slow")
             self.nursery.cancel_scope.cancel()

@@ -7,7 +7,8 @@
 For each attack and scale, a fresh ``python -m trio_gateway serve`` (every listener on, sink
 ``null``, the admin endpoint; ``--idle-timeout`` on the stream listeners, 5 s by default so
 that deadlines come within the run; ``max_connections`` 1,024) is started. A well-behaved
-client (HTTP/1.1 ``POST``, a new connection per request, one at a time) runs alone for
+client (HTTP/1.1 ``POST``, a new connection per request, one at a time, in a process of its
+own so that the attackers' CPU does not show in its figures) runs alone for
 ``--baseline`` seconds, then beside the attack for ``--duration`` seconds. Printed per row:
 the gateway's peak RSS (``VmHWM``), the good client's p50/p99 alone and under attack and its
 failures, what the attackers saw (cut, and when), the refusal counters from ``/metrics`` and
@@ -126,7 +127,7 @@ async def _measure(name: str, scale: int, args: argparse.Namespace, directory: P
     gateway = Gateway(directory, idle_timeout=args.idle_timeout, max_connections=1024)
     try:
         alone = GoodClient(gateway.address("http"))
-        await alone.run(args.baseline)
+        await alone.run_elsewhere(args.baseline)
         row.good_alone_ms = _ms(alone)
         row.resting_rss_mib = gateway.rss_mib()
         gateway.reset_peak_rss()
@@ -140,7 +141,7 @@ async def _measure(name: str, scale: int, args: argparse.Namespace, directory: P
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(attack)
-            nursery.start_soon(good.run, args.duration)
+            nursery.start_soon(good.run_elsewhere, args.duration)
         row.peak_rss_mib = gateway.peak_rss_mib()
         row.good_attacked_ms = _ms(good)
         row.good_served = len(good.latencies)

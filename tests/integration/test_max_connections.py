@@ -744,7 +744,7 @@ async def test_at_the_limit_the_longest_silent_connection_makes_room(transport: 
     """No lockout: every slot is held by a connection that sends nothing; once they have been
     silent ``EVICT_AFTER`` seconds, a newcomer takes the slot of the longest-silent one (closed,
     counted ``evicted``) and a well-behaved client is served at once, not after the idle
-    timeout; the connection that talked last keeps its slot."""
+    timeout."""
     slots = 3
     sink = RecordingSink()
     gateway = Gateway(sources=[LIMITED[transport](slots)], sink=sink, grace_period=0.5)

@@ -232,9 +232,6 @@ class HttpSource(Source):
                 connection_errors.info("%s: TLS handshake failed: %r", self.label, exc)
                 return
             sock = stream.transport_stream.socket
-            if stream.selected_alpn_protocol() == "h2":
-                await self._http2(rules, stream, b"", sock)
-                return
         else:
             assert isinstance(stream, trio.SocketStream)
             sock = stream.socket
@@ -242,6 +239,9 @@ class HttpSource(Source):
             peer = format_peer(sock.getpeername())
         except OSError:
             return  # already gone
+        if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() == "h2":
+            await self._http2(rules, stream, b"", peer)
+            return
         # Route on the first bytes: the HTTP/2 preface (prior knowledge) goes to serve_http2.
         data = b""
         with trio.move_on_after(self.idle_timeout):
@@ -254,7 +254,7 @@ class HttpSource(Source):
             rules.ingress.reject("idle_timeout")  # connected, then sent nothing
             return
         if data.startswith(H2_PREFACE):
-            await self._http2(rules, stream, data, sock)
+            await self._http2(rules, stream, data, peer)
             return
         if not self.fast_path:
             await serve_hypercorn(ReplayStream(stream, data, sock))
@@ -272,12 +272,8 @@ class HttpSource(Source):
         )
 
     async def _http2(
-        self, rules: IngestRules, stream: trio.abc.Stream, data: bytes, sock: trio.socket.SocketType
+        self, rules: IngestRules, stream: trio.abc.Stream, data: bytes, peer: str
     ) -> None:
-        try:
-            peer = format_peer(sock.getpeername())
-        except OSError:
-            return  # already gone
         await serve_http2(
             rules,
             stream,

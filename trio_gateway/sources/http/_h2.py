@@ -11,7 +11,8 @@ closes h2's state machine while a request is in flight, which then is never answ
   a frame or header block within ``idle_timeout`` of its first byte (:class:`FrameScanner`);
   PINGs, SETTINGS and WINDOW_UPDATE extend neither, nor the idle deadline of a connection with
   no request. Past it: the slow requests get ``408``, ``GOAWAY(ENHANCE_YOUR_CALM)``,
-  ``too_slow`` (``idle_timeout`` for a quiet connection, with ``GOAWAY(NO_ERROR)``);
+  ``too_slow``; a quiet connection gets ``GOAWAY(NO_ERROR)`` (counted ``idle_timeout`` if it
+  never sent a request, as on HTTP/1.1);
 * the body bytes a connection holds (being received or waiting for the queue) are bounded by
   ``max_held`` plus one request and one flow-control window: past ``max_held`` only the
   oldest request's DATA is acknowledged, so it can finish while the others wait;
@@ -147,7 +148,8 @@ class _Http2Connection:
                     return  # the client closed its side
                 continue
             if reason == "idle_timeout":
-                ingress.reject("idle_timeout")
+                if not self.last_stream:  # as on HTTP/1.1: counted if it never sent a request
+                    ingress.reject("idle_timeout")
                 self._goaway(ErrorCodes.NO_ERROR)
             else:
                 self._too_slow()

@@ -93,6 +93,16 @@ async def test_a_body_that_never_finishes_is_cut_and_holds_little(gateway: Gatew
     check_good(good)
 
 
+async def test_pings_alone_do_not_keep_a_connection_open(gateway: Gateway) -> None:
+    """A connection that sends PINGs and no request is closed at ``idle_timeout`` with
+    GOAWAY(NO_ERROR), counted ``idle_timeout``: PINGs are not activity."""
+    before = gateway.rejected("idle_timeout", "http")
+    outcome = await h2_body_stall(gateway.address("http"), streams=0, duration=3 * IDLE_TIMEOUT)
+    assert outcome.goaway_code == h2.errors.ErrorCodes.NO_ERROR
+    assert outcome.cut_after is not None and outcome.cut_after < 2 * IDLE_TIMEOUT
+    assert gateway.rejected("idle_timeout", "http") == before + 1
+
+
 @pytest.mark.slow
 async def test_http2_slowloris_connections_are_cut_and_good_clients_served(
     gateway: Gateway,

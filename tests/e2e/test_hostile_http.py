@@ -27,6 +27,7 @@ from hostile_kit import (
     h2_sequential,
     h2_slowloris,
     ledger_of,
+    split_frames,
 )
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame
 
@@ -181,17 +182,17 @@ async def test_shutdown_goaway_names_the_last_stream_and_finishes_it(tmp_path: P
                 client.send_headers(3, headers)
                 client.send_data(3, b"half")
                 await stream.send_all(client.data_to_send())
-                reader = FrameReader(stream)
+                buffer = bytearray()
                 while not any(isinstance(f, HeadersFrame) and f.stream_id == 1 for f in frames):
-                    frames += await reader.next_frames()
+                    frames += await next_frames(stream, buffer)
                 gateway.proc.send_signal(signal.SIGTERM)
                 while not any(isinstance(f, GoAwayFrame) for f in frames):
-                    frames += await reader.next_frames()
+                    frames += await next_frames(stream, buffer)
                 # h2's client side refuses to send after a GOAWAY: the frame is written by hand
                 rest = DataFrame(3, data=b"-and-the-rest", flags=["END_STREAM"])
                 await stream.send_all(rest.serialize())
                 while not any(isinstance(f, HeadersFrame) and f.stream_id == 3 for f in frames):
-                    more = await reader.next_frames()
+                    more = await next_frames(stream, buffer)
                     assert more, frames
                     frames += more
         goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
@@ -208,24 +209,10 @@ async def test_shutdown_goaway_names_the_last_stream_and_finishes_it(tmp_path: P
     assert ledger["received"] == 2 and ledger["balanced"], ledger
 
 
-class FrameReader:
-    """Raw HTTP/2 frames from the server, whole ones, in order."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    async def next_frames(self) -> list[Frame]:
-        data = await self.stream.receive_some(65536)
-        if not data:
-            return []
-        self.buffer += data
-        frames = []
-        while len(self.buffer) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
-            if len(self.buffer) < 9 + length:
-                break
-            frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
-            frames.append(frame)
-            self.buffer = self.buffer[9 + length :]
-        return frames
+async def next_frames(stream: trio.abc.Stream, buffer: bytearray) -> list[Frame]:
+    """The whole frames the server has sent so far (``[]`` once it has closed)."""
+    data = await stream.receive_some(65536)
+    if not data:
+        return []
+    buffer += data
+    return split_frames(buffer)

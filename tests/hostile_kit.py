@@ -266,6 +266,8 @@ def _absorb(client: h2.connection.H2Connection, data: bytes, outcome: Outcome) -
             outcome.statuses[int(dict(event.headers)[":status"])] += 1  # type: ignore[arg-type]
         elif isinstance(event, h2.events.StreamEnded):
             outcome.ended += 1
+        elif isinstance(event, h2.events.DataReceived):  # as a client does: window reopened
+            client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
 
 async def _receive(stream: trio.abc.Stream, seconds: float) -> bytes | None:

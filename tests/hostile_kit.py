@@ -350,31 +350,32 @@ async def _read_to_end(
 async def h2_slowloris(
     address: Address, *, interval: float = 2.0, duration: float = 10.0
 ) -> Outcome:
-    """The connection preface and a request's HEADERS frame, one byte every ``interval``."""
+    """The connection preface and SETTINGS at once, then a request's HEADERS frame one byte
+    every ``interval`` (the request never completes; nothing else is sent)."""
     outcome = Outcome()
     client = _h2_client()
+    preface = client.data_to_send()
     client.send_headers(1, _request_headers(), end_stream=True)
     data = client.data_to_send()
     start = trio.current_time()
     async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(preface)
         for index in range(len(data)):
             if trio.current_time() - start >= duration:
+                return outcome
+            answer = await _receive(stream, interval)
+            if answer:
+                _absorb(client, answer, outcome)
+            if answer is None or outcome.goaway_code is not None:
                 break
             try:
                 await stream.send_all(data[index : index + 1])
             except (trio.BrokenResourceError, OSError):
                 break
-            answer = await _receive(stream, interval)
-            if answer is None:
-                break
-            if answer:
-                _absorb(client, answer, outcome)
-                if outcome.goaway_code is not None:
-                    break
         else:
             return outcome
-        if trio.current_time() - start < duration:
-            outcome.cut_after = trio.current_time() - start
+        outcome.cut_after = trio.current_time() - start
+        await _read_to_end(client, stream, outcome)
     return outcome
 
 

@@ -108,9 +108,9 @@ async def test_pings_alone_do_not_keep_a_connection_open(gateway: Gateway) -> No
 async def test_http2_slowloris_connections_are_cut_and_good_clients_served(
     gateway: Gateway,
 ) -> None:
-    """50 connections trickle a preface and a HEADERS frame, one byte every 0.25 s: each is
-    cut within the deadline of its first byte, counted ``too_slow``; new clients are served
-    all along."""
+    """50 connections send the preface, then trickle a HEADERS frame one byte every 0.25 s:
+    each is cut within the deadline of the frame's first byte (``408`` is not possible: no
+    request yet), counted ``too_slow``; new clients are served all along."""
     before = gateway.rejected("too_slow", "http")
     outcomes = []
 

@@ -58,8 +58,8 @@ from trio_gateway._proto import gateway_grpc, gateway_pb2
 from trio_gateway.codecs import encode_grpc_message
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources import GrpcSource, HttpSource, Source, TcpSource, WebSocketSource
+from trio_gateway.sources import _base as sources_base
 from trio_gateway.sources._base import (
-    EVICT_AFTER,
     MAX_REFUSALS,
     REFUSAL_TIMEOUT,
     open_tcp_listeners,
@@ -80,6 +80,13 @@ OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 # -- plumbing ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_eviction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests here hold the limit with connections that stay silent; however slow the
+    machine, none is evicted to make room (eviction has its own test, which turns it on)."""
+    monkeypatch.setattr(sources_base, "EVICT_AFTER", None)
 
 
 @asynccontextmanager
@@ -739,12 +746,18 @@ async def test_connections_past_the_limit_are_refused_and_the_others_served(
     assert sorted(sink.payloads) == sorted(good.payloads)
 
 
+EVICT_AFTER = 0.5
+
+
 @pytest.mark.parametrize("transport", list(LIMITED))
-async def test_at_the_limit_the_longest_silent_connection_makes_room(transport: str) -> None:
+async def test_at_the_limit_the_longest_silent_connection_makes_room(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No lockout: every slot is held by a connection that sends nothing; once they have been
     silent ``EVICT_AFTER`` seconds, a newcomer takes the slot of the longest-silent one (closed,
     counted ``evicted``) and a well-behaved client is served at once, not after the idle
     timeout."""
+    monkeypatch.setattr(sources_base, "EVICT_AFTER", EVICT_AFTER)
     slots = 3
     sink = RecordingSink()
     gateway = Gateway(sources=[LIMITED[transport](slots)], sink=sink, grace_period=0.5)

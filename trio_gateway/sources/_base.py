@@ -9,6 +9,7 @@ import ssl
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import EllipsisType
 from typing import Any, ClassVar, TypeVar
 
 import h2.config
@@ -21,15 +22,9 @@ from h2.errors import ErrorCodes
 from .._errors import TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
+from ._live import LiveConnection, LiveConnections
 from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_reuse_port
-from ._sockets import (
-    format_peer,
-    open_tcp_listeners,
-    peer_of,
-    silence,
-    socket_of,
-    unread_bytes,
-)
+from ._sockets import format_peer, open_tcp_listeners, peer_of
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -57,12 +52,10 @@ REFUSAL_TIMEOUT = 1.0
 LINGER_MAX_BYTES = 1 << 20
 """Bytes a refusal reads (and discards) at most: :func:`linger`, and the requests that
 :func:`refuse_http2` waits for."""
-EVICT_AFTER = 1.0
+EVICT_AFTER: float | None = 1.0
 """Seconds of silence after which a connection may be closed to make room for a new one when
-the listener is at ``max_connections`` (``serve_connections``' ``evict_after``)."""
-_RANKING_TTL = 0.5
-"""Seconds one ranking of the live connections by silence serves evictions (see
-``_Connections.evict``)."""
+the listener is at ``max_connections``: the default of ``serve_connections``' ``evict_after``,
+read when it starts (``None``: never)."""
 REFUSAL_DEBUG_DATA = b"too many connections"
 """The debug data of the GOAWAY that ends a refused HTTP/2 connection."""
 _GOAWAY_MARGIN = 0.1
@@ -305,81 +298,6 @@ async def refuse_http2(
     await linger(stream)
 
 
-class _Live:
-    """One served connection, as the accept loop sees it: what cancels it, and its socket
-    (through TLS), which the kernel can tell about (:func:`silence`)."""
-
-    __slots__ = ("evicted", "scope", "socket")
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.scope = trio.CancelScope()
-        self.socket = socket_of(stream)
-        self.evicted = False
-
-
-class _Connections:
-    """The live connections: counted so shutdown can wait for them, and ranked by silence so
-    that the longest-silent one can make room for a newcomer at ``max_connections``."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.live: set[_Live] = set()
-        self._idle = trio.Event()
-        self._idle.set()
-        self._ranked: list[_Live] = []
-        """The connections silent long enough at the last scan, longest-silent last."""
-        self._ranked_until = -float("inf")
-
-    def opened(self, stream: trio.abc.Stream) -> _Live:
-        self.active += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
-        live = _Live(stream)
-        self.live.add(live)
-        return live
-
-    def closed(self, live: _Live) -> None:
-        self.live.discard(live)
-        if not live.evicted:  # an evicted one gave its slot up already
-            self.active -= 1
-        if not self.live:
-            self._idle.set()
-
-    def evict(self, silent_for: float) -> bool:
-        """Cancel the connection whose peer has sent nothing for longest, if that is at least
-        ``silent_for`` seconds and the gateway has read all it sent (one held back by the
-        gateway, a queue full under ``block``, keeps its slot); its slot is free at once.
-        Returns whether one was.
-
-        Silence is the kernel's figure (``TCP_INFO``), whatever the handler reads with. One
-        scan ranks every connection; a flood of newcomers then takes from that ranking (each
-        checked again) for :data:`_RANKING_TTL` seconds, so eviction costs two system calls
-        per newcomer, not two per live connection.
-        """
-        now = trio.current_time()
-        if now >= self._ranked_until:
-            timed = [(silence(live.socket), live) for live in self.live if not live.evicted]
-            known = [(quiet, live) for quiet, live in timed if quiet is not None]
-            known.sort(key=lambda pair: pair[0])
-            self._ranked = [live for quiet, live in known if quiet >= silent_for]
-            self._ranked_until = now + _RANKING_TTL
-        while self._ranked:
-            live = self._ranked.pop()
-            if live.evicted or live not in self.live:
-                continue
-            quiet = silence(live.socket)
-            if quiet is None or quiet < silent_for or unread_bytes(live.socket):
-                continue
-            live.evicted = True
-            live.scope.cancel()
-            self.active -= 1
-            return True
-        return False
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
 _CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 """What a connection that breaks raises: the peer reset or closed it, or the network failed."""
 
@@ -423,7 +341,7 @@ async def serve_connections(
     refuse: Callable[[StreamT], Awaitable[None]] | None = None,
     max_refusals: int = MAX_REFUSALS,
     refusal_timeout: float = REFUSAL_TIMEOUT,
-    evict_after: float | None = EVICT_AFTER,
+    evict_after: float | EllipsisType | None = ...,
     bound: object = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -441,7 +359,7 @@ async def serve_connections(
     clients out for a whole idle timeout, while a connection that is sending, or that the
     gateway holds back (a queue full under ``block``), keeps its slot. ``None``: never evict;
     where the kernel does not say how long a peer has been silent (``TCP_INFO``: Linux),
-    nothing is evicted either.
+    nothing is evicted either. Not given: :data:`EVICT_AFTER`.
 
     Otherwise a connection past ``max_connections`` is counted as ``too_many_connections``. Without
     ``refuse`` it is closed at once. With ``refuse``, ``refuse(stream)`` answers it in the
@@ -452,7 +370,9 @@ async def serve_connections(
     closed. ``refuse`` should end with :func:`linger`, so that its answer is not lost to a
     reset.
     """
-    live = _Connections()
+    live = LiveConnections()
+    if evict_after is ...:
+        evict_after = EVICT_AFTER
     refusing = 0  # refusal tasks running
 
     async def refuse_one(stream: StreamT) -> None:
@@ -466,7 +386,7 @@ async def serve_connections(
             refusing -= 1
             await trio.aclose_forcefully(stream)
 
-    async def run_one(stream: StreamT, entry: _Live) -> None:
+    async def run_one(stream: StreamT, entry: LiveConnection) -> None:
         ingress.connection_opened()
         try:
             with _fails_alone(ingress, "connection", "connection handler"):

@@ -265,8 +265,8 @@ class _Http2Connection:
                 self.quiet_since = now
                 self.nursery.start_soon(self._answer, event.stream_id, request)
         elif isinstance(event, h2.events.StreamReset):
-            request = self.requests.get(event.stream_id) or self.answering.get(event.stream_id)
-            if request is not None and event.stream_id in self.requests:
+            request = self.requests.get(event.stream_id)
+            if request is not None:  # still coming: dropped (an answer in flight goes on)
                 self._release(event.stream_id, request)
             self.unsent.pop(event.stream_id, None)
             self._check_done()
@@ -310,13 +310,13 @@ class _Http2Connection:
             return
         data = event.data
         request.size += len(data)
+        self.held += len(data)
         if request.size > self.rules.max_body_size:
             self._release(stream_id, request)
             self._acknowledge(stream_id, length)
             self._respond(stream_id, self.rules.body_too_large(), request.cors, reset=True)
             return
         request.chunks.append(data)
-        self.held += len(data)
         if self.held <= self.max_held or request is next(iter(self.requests.values())):
             self._acknowledge(stream_id, length)
         else:

@@ -58,6 +58,7 @@ from trio_gateway._proto import gateway_grpc, gateway_pb2
 from trio_gateway.codecs import encode_grpc_message
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources import GrpcSource, HttpSource, Source, TcpSource, WebSocketSource
+from trio_gateway.sources import _base as sources_base
 from trio_gateway.sources._base import (
     MAX_REFUSALS,
     REFUSAL_TIMEOUT,
@@ -79,6 +80,13 @@ OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 # -- plumbing ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_eviction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests here hold the limit with connections that stay silent; however slow the
+    machine, none is evicted to make room (eviction has its own test, which turns it on)."""
+    monkeypatch.setattr(sources_base, "EVICT_AFTER", None)
 
 
 @asynccontextmanager
@@ -733,6 +741,43 @@ async def test_connections_past_the_limit_are_refused_and_the_others_served(
             await wait_until(lambda: counters.connections_active == slots - 1)
             await good.send(address)
             await sink.wait_for(len(good.payloads))
+            for holder in holders:
+                await holder.aclose()
+    assert sorted(sink.payloads) == sorted(good.payloads)
+
+
+EVICT_AFTER = 0.5
+
+
+@pytest.mark.parametrize("transport", list(LIMITED))
+async def test_at_the_limit_the_longest_silent_connection_makes_room(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No lockout: every slot is held by a connection that sends nothing; once they have been
+    silent ``EVICT_AFTER`` seconds, a newcomer takes the slot of the longest-silent one (closed,
+    counted ``evicted``) and a well-behaved client is served at once, not after the idle
+    timeout."""
+    monkeypatch.setattr(sources_base, "EVICT_AFTER", EVICT_AFTER)
+    slots = 3
+    sink = RecordingSink()
+    gateway = Gateway(sources=[LIMITED[transport](slots)], sink=sink, grace_period=0.5)
+    good = GOOD[transport]()
+    with trio.fail_after(20):
+        async with open_gateway(gateway) as handle:
+            address = handle.address()
+            holders = []
+            for _ in range(slots):
+                holders.append(await trio.open_tcp_stream(*address))
+                await trio.sleep(0.05)  # so that "longest silent" is the first
+            counters = gateway.source_counters[0]
+            await wait_until(lambda: counters.connections_active == slots)
+            await trio.sleep(EVICT_AFTER)
+            await good.send(address)
+            await sink.wait_for(len(good.payloads))
+            assert counters.rejected["evicted"] >= 1
+            assert counters.rejected["too_many_connections"] == 0
+            with trio.fail_after(5):  # the longest-silent holder is closed (gRPC: after its
+                await read_until_closed(holders[0])  # preface; the others: with nothing)
             for holder in holders:
                 await holder.aclose()
     assert sorted(sink.payloads) == sorted(good.payloads)

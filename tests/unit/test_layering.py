@@ -78,7 +78,10 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._calls",
         "sources.grpc._limits",
         "sources.grpc._protocol",
+        "sources.http._h2scan",
     ),
+    # the HTTP source's frame scanner (slowloris deadlines, rapid reset): bytes in, no I/O
+    "sources.http._h2scan": layer(sans_io=True),
     # the gRPC server's sans-IO HTTP/2 + gRPC layer: fed bytes, tested with bytes alone; the
     # Trio I/O (sources.grpc._connection, _stream, _server) is around it
     "sources.grpc._limits": layer(sans_io=True),

@@ -9,6 +9,7 @@ import ssl
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import EllipsisType
 from typing import Any, ClassVar, TypeVar
 
 import h2.config
@@ -21,11 +22,13 @@ from h2.errors import ErrorCodes
 from .._errors import TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
+from ._live import LiveConnection, LiveConnections
 from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_reuse_port
 from ._sockets import format_peer, open_tcp_listeners, peer_of
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "EVICT_AFTER",
     "LINGER_MAX_BYTES",
     "MAX_REFUSALS",
     "REFUSAL_DEBUG_DATA",
@@ -49,6 +52,10 @@ REFUSAL_TIMEOUT = 1.0
 LINGER_MAX_BYTES = 1 << 20
 """Bytes a refusal reads (and discards) at most: :func:`linger`, and the requests that
 :func:`refuse_http2` waits for."""
+EVICT_AFTER: float | None = 1.0
+"""Seconds of silence after which a connection may be closed to make room for a new one when
+the listener is at ``max_connections``: the default of ``serve_connections``' ``evict_after``,
+read when it starts (``None``: never)."""
 REFUSAL_DEBUG_DATA = b"too many connections"
 """The debug data of the GOAWAY that ends a refused HTTP/2 connection."""
 _GOAWAY_MARGIN = 0.1
@@ -291,28 +298,6 @@ async def refuse_http2(
     await linger(stream)
 
 
-class _Connections:
-    """Counts live connections so shutdown can wait for them to finish."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self._idle = trio.Event()
-        self._idle.set()
-
-    def opened(self) -> None:
-        self.active += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
-
-    def closed(self) -> None:
-        self.active -= 1
-        if not self.active:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
 _CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 """What a connection that breaks raises: the peer reset or closed it, or the network failed."""
 
@@ -356,6 +341,7 @@ async def serve_connections(
     refuse: Callable[[StreamT], Awaitable[None]] | None = None,
     max_refusals: int = MAX_REFUSALS,
     refusal_timeout: float = REFUSAL_TIMEOUT,
+    evict_after: float | EllipsisType | None = ...,
     bound: object = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -366,7 +352,16 @@ async def serve_connections(
     connections get ``ingress.grace_period`` to finish, and the rest are cancelled.
     ``task_status.started(bound)`` is called once the accept loops run.
 
-    A connection past ``max_connections`` is counted as ``too_many_connections``. Without
+    At ``max_connections``, a new connection first takes the slot of the connection whose
+    peer has sent nothing for longest, if that is ``evict_after`` seconds or more and the
+    gateway has read everything it sent: that one is cancelled (its handler's cancel scope;
+    the stream closes) and counted as ``evicted``. So idle connections cannot lock good
+    clients out for a whole idle timeout, while a connection that is sending, or that the
+    gateway holds back (a queue full under ``block``), keeps its slot. ``None``: never evict;
+    where the kernel does not say how long a peer has been silent (``TCP_INFO``: Linux),
+    nothing is evicted either. Not given: :data:`EVICT_AFTER`.
+
+    Otherwise a connection past ``max_connections`` is counted as ``too_many_connections``. Without
     ``refuse`` it is closed at once. With ``refuse``, ``refuse(stream)`` answers it in the
     transport's terms (an HTTP ``503``, gRPC ``UNAVAILABLE``) in a task of its own, so the
     accept loop never waits on it; at most ``max_refusals`` run at a time (past that, closed
@@ -375,7 +370,9 @@ async def serve_connections(
     closed. ``refuse`` should end with :func:`linger`, so that its answer is not lost to a
     reset.
     """
-    live = _Connections()
+    live = LiveConnections()
+    if evict_after is ...:
+        evict_after = EVICT_AFTER
     refusing = 0  # refusal tasks running
 
     async def refuse_one(stream: StreamT) -> None:
@@ -389,15 +386,16 @@ async def serve_connections(
             refusing -= 1
             await trio.aclose_forcefully(stream)
 
-    async def run_one(stream: StreamT) -> None:
+    async def run_one(stream: StreamT, entry: LiveConnection) -> None:
         ingress.connection_opened()
         try:
             with _fails_alone(ingress, "connection", "connection handler"):
                 async with stream:
-                    await handler(stream)
+                    with entry.scope:
+                        await handler(stream)
         finally:
             ingress.connection_closed()
-            live.closed()
+            live.closed(entry)
 
     async def accept_loop(listener: trio.abc.Listener[StreamT]) -> None:
         nonlocal refusing
@@ -413,6 +411,15 @@ async def serve_connections(
                     )
                     await trio.sleep(0.1)
                     continue
+                if (
+                    live.active >= max_connections
+                    and evict_after is not None
+                    and live.evict(evict_after)
+                ):
+                    ingress.reject("evicted")
+                    connection_errors.info(
+                        "%s: longest-silent connection closed to make room", ingress.listener
+                    )
                 if live.active >= max_connections:
                     ingress.reject("too_many_connections")
                     if refuse is not None and refusing < max_refusals:
@@ -429,8 +436,7 @@ async def serve_connections(
                         )
                         await trio.aclose_forcefully(stream)
                     continue
-                live.opened()
-                connections.start_soon(run_one, stream)
+                connections.start_soon(run_one, stream, live.opened(stream))
 
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as acceptors:

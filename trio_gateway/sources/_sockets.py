@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
+import struct
 import sys
+import termios
 from typing import Any
 
 import trio
 
 from ._options import check_reuse_port
 
-__all__ = ("format_peer", "open_tcp_listeners", "peer_of")
+__all__ = (
+    "format_peer",
+    "open_tcp_listeners",
+    "peer_of",
+    "silence",
+    "socket_of",
+    "unread_bytes",
+)
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_LAST_DATA_RECV = 52
+"""Offset of ``tcpi_last_data_recv`` (milliseconds, ``u32``) in Linux's ``struct tcp_info``:
+8 bytes of ``u8`` fields, then the ``u32`` fields rto, ato, snd_mss, rcv_mss, unacked, sacked,
+lost, retrans, fackets, last_data_sent, last_ack_sent, last_data_recv."""
 
 
 async def open_tcp_listeners(
@@ -72,12 +88,44 @@ def format_peer(address: object) -> str:
     return str(address)
 
 
-def peer_of(stream: trio.abc.Stream) -> str:
-    """The remote address of a socket stream (through TLS) as ``host:port``; ``""`` if gone."""
+def socket_of(stream: trio.abc.Stream) -> Any:
+    """The socket under a socket stream (through TLS); ``None`` for other streams."""
     inner: Any = stream
     while isinstance(inner, trio.SSLStream):
         inner = inner.transport_stream
-    sock = getattr(inner, "socket", None)
+    return getattr(inner, "socket", None)
+
+
+def silence(sock: Any) -> float | None:
+    """Seconds since the peer last sent data on TCP socket ``sock``, as the kernel counts
+    them (whatever read it), or ``None`` where it does not say (not Linux, not TCP, closed)."""
+    if _TCP_INFO is None or sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _LAST_DATA_RECV + 4:
+        return None
+    millis: int = struct.unpack_from("I", info, _LAST_DATA_RECV)[0]
+    return millis / 1000
+
+
+def unread_bytes(sock: Any) -> int:
+    """Bytes the peer sent that sit unread in the kernel (``FIONREAD``); 0 if unknown."""
+    if sock is None:
+        return 0
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    count: int = struct.unpack("i", buf)[0]
+    return count
+
+
+def peer_of(stream: trio.abc.Stream) -> str:
+    """The remote address of a socket stream (through TLS) as ``host:port``; ``""`` if gone."""
+    sock = socket_of(stream)
     try:
         return format_peer(sock.getpeername()) if sock is not None else ""
     except OSError:

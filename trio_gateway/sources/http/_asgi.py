@@ -1,10 +1,11 @@
 """The ingest endpoint as an ASGI application, and its serving through hypercorn.
 
 :class:`IngestApp` applies :class:`IngestRules` to ASGI's HTTP scope; it runs under any ASGI
-server. The HTTP source serves it with hypercorn's Trio worker for HTTP/2 (prior knowledge on
-cleartext, ALPN ``h2`` on TLS) and, with ``fast_path=False``, for HTTP/1.1 too:
-:func:`hypercorn_server` builds the per-connection runner, :class:`ReplayStream` gives it a
-connection whose first bytes were already read to route it.
+server. The HTTP source serves it with hypercorn's Trio worker for HTTP/1.1 when
+``fast_path=False`` (HTTP/2 is served by :mod:`._h2`, which hypercorn could not be made safe
+against hostile peers for; see docs/http.md): :func:`hypercorn_server` builds the
+per-connection runner, :class:`ReplayStream` gives it a connection whose first bytes were
+already read to route it.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The source owns the listening sockets and the accept loop (:func:`serve_connections`), so
 ``max_connections``, the shutdown grace period and the per-connection counters are the same
-for both front ends. Each connection is routed on its first bytes: the HTTP/2 connection
-preface (or ALPN ``h2``) goes to hypercorn (:mod:`._asgi`), anything else to the direct h11
-path (:mod:`._h11`).
+for every front end. Each connection is routed on its first bytes: the HTTP/2 connection
+preface (or ALPN ``h2``) goes to our HTTP/2 server (:mod:`._h2`), anything else to the
+direct h11 path (:mod:`._h11`), or to hypercorn (:mod:`._asgi`) with ``fast_path=False``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from .._base import (
 )
 from .._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
 from ._asgi import IngestApp, ReplayStream, hypercorn_server
+from ._h2 import serve_http2
+from ._h2scan import PREFACE as H2_PREFACE
 from ._h11 import serve_http1
 from ._rules import IngestRules, Reply
 
@@ -39,7 +41,6 @@ __all__ = ("HttpSource",)
 
 _log = logging.getLogger("trio_gateway.sources.http")
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_RECV = 64 * 1024
 
 
@@ -64,8 +65,12 @@ class HttpSource(Source):
     ``Authorization: Bearer <token>``. ``queue_wait`` is how long a request may wait for room
     under the ``block`` policy before it gets ``503``; ``retry_after`` is the ``Retry-After``
     value (seconds) sent with it. TLS comes from ``ssl_context`` or ``certfile``/``keyfile``
-    (``client_ca`` for mutual TLS); ALPN offers ``h2`` and ``http/1.1``. ``fast_path=False``
-    sends HTTP/1.1 through hypercorn too (slower; see docs/http.md). ``reuse_port`` sets
+    (``client_ca`` for mutual TLS); ALPN offers ``h2`` and ``http/1.1``. HTTP/2 is served on
+    h2 directly (:mod:`._h2`: deadlines, bounded bodies, rapid-reset limit, graceful GOAWAY);
+    ``fast_path=False`` sends HTTP/1.1 through hypercorn (slower; see docs/http.md). A
+    request must be complete within ``idle_timeout`` of its start, on either version;
+    ``max_held`` bounds the body bytes one HTTP/2 connection holds (default: one
+    ``max_message_size``; see :func:`~._h2.serve_http2`). ``reuse_port`` sets
     ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
     A connection past ``max_connections`` gets ``503`` with ``Retry-After`` before it is
     closed (on HTTP/2, as the answer to its first request, then ``GOAWAY``).
@@ -97,6 +102,7 @@ class HttpSource(Source):
         fast_path: bool = True,
         reuse_port: bool = False,
         cors_origins: Sequence[str] = (),
+        max_held: int | None = None,
     ) -> None:
         self._configure(
             ListenOptions(
@@ -124,6 +130,9 @@ class HttpSource(Source):
             raise ConfigurationError("http.queue_wait", "must not be negative")
         if retry_after < 0:
             raise ConfigurationError("http.retry_after", "must not be negative")
+        if max_held is not None and max_held < 1:
+            raise ConfigurationError("http.max_held", "must be positive")
+        self.max_held = max_held if max_held is not None else self.max_message_size
         self.path = path
         self.max_header_size = max_header_size
         self.token = token
@@ -222,9 +231,6 @@ class HttpSource(Source):
                 rules.ingress.reject("tls_handshake")
                 connection_errors.info("%s: TLS handshake failed: %r", self.label, exc)
                 return
-            if stream.selected_alpn_protocol() == "h2":
-                await serve_hypercorn(stream)
-                return
             sock = stream.transport_stream.socket
         else:
             assert isinstance(stream, trio.SocketStream)
@@ -233,7 +239,10 @@ class HttpSource(Source):
             peer = format_peer(sock.getpeername())
         except OSError:
             return  # already gone
-        # Route on the first bytes: the HTTP/2 preface (prior knowledge) goes to hypercorn.
+        if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() == "h2":
+            await self._http2(rules, stream, b"", peer)
+            return
+        # Route on the first bytes: the HTTP/2 preface (prior knowledge) goes to serve_http2.
         data = b""
         with trio.move_on_after(self.idle_timeout):
             while len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
@@ -244,7 +253,10 @@ class HttpSource(Source):
         if not data:
             rules.ingress.reject("idle_timeout")  # connected, then sent nothing
             return
-        if data.startswith(H2_PREFACE) or not self.fast_path:
+        if data.startswith(H2_PREFACE):
+            await self._http2(rules, stream, data, peer)
+            return
+        if not self.fast_path:
             await serve_hypercorn(ReplayStream(stream, data, sock))
             return
         if H2_PREFACE.startswith(data):
@@ -257,4 +269,17 @@ class HttpSource(Source):
             peer,
             idle_timeout=self.idle_timeout,
             max_header_size=self.max_header_size,
+        )
+
+    async def _http2(
+        self, rules: IngestRules, stream: trio.abc.Stream, data: bytes, peer: str
+    ) -> None:
+        await serve_http2(
+            rules,
+            stream,
+            data,
+            peer,
+            idle_timeout=self.idle_timeout,
+            max_header_size=self.max_header_size,
+            max_held=self.max_held,
         )

@@ -222,11 +222,19 @@ def run(data: bytes, cuts: list[int]) -> tuple[list[tuple[Any, ...]], str | None
     return events, reason, (state, rejected if reason is None else None)
 
 
+STALL_LIMIT = LIMITS.max_frame_size + 9 + LIMITS.max_header_list_size + 1024
+"""A frame's header and body, or a header block (and its slack), at most."""
+
+
 def check_bounds(proto: GrpcProtocol) -> None:
-    assert proto.stalled_bytes <= LIMITS.stall_limit
+    assert proto.stalled_bytes <= STALL_LIMIT
     assert len(proto.calls) <= 2 * LIMITS.max_concurrent_streams
     for call in proto.calls.values():
         assert call.buffered <= LIMITS.stream_window + LIMITS.max_message_size + 5
+    # what the connection is charged is what its calls hold, within the budget
+    assert proto.held == sum(call.buffered for call in proto.calls.values())
+    assert proto.held <= LIMITS.budget
+    assert all(call.buffered for call in proto.partial)
 
 
 def consume(proto: GrpcProtocol) -> None:
@@ -241,6 +249,7 @@ def consume(proto: GrpcProtocol) -> None:
         proto.end_call(call)
         proto.finish(call, call.error.status if call.error else Status.OK)
     proto.data_to_send()
+    assert proto.held == 0 and not proto.partial
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

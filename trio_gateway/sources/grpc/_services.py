@@ -37,6 +37,7 @@ __all__ = (
 )
 
 _QUEUE_FULL = "queue_full"
+_EMPTY = model_pb2.Empty()
 _ServingStatus: TypeAlias = "health_pb2.HealthCheckResponse.ServingStatus.ValueType"
 
 
@@ -148,6 +149,16 @@ class UnaryInputterService(GrpcUnaryInputterServiceBase):
         self._ingress = ingress
         self._timeout = queue_timeout
 
+    def __inline_mapping__(self) -> dict[str, InlineHandler]:
+        return {"/model.GrpcUnaryInputterService/MakeRequest": self._make_request_inline}
+
+    def _make_request_inline(self, stream: GrpcStream, request: Any) -> Any:
+        """``MakeRequest`` when the queue has room now; else ``None`` (the task path)."""
+        payload = request.message.encode()
+        if not self._ingress.offer_one_nowait(payload, _origin(self._ingress, stream)):
+            return None
+        return _EMPTY
+
     async def MakeRequest(self, stream: GrpcStream) -> None:  # type: ignore[override]
         request = await stream.recv_message()
         if request is None:
@@ -185,6 +196,15 @@ class HealthService(HealthBase):
     def __init__(self, ingress: Ingress, services: Sequence[str]) -> None:
         self._ingress = ingress
         self._services = frozenset(("", *services))
+
+    def __inline_mapping__(self) -> dict[str, InlineHandler]:
+        return {"/grpc.health.v1.Health/Check": self._check_inline}
+
+    def _check_inline(self, stream: GrpcStream, request: Any) -> Any:
+        """``Check`` for a known service (an unknown one takes the task path: NOT_FOUND)."""
+        if request.service not in self._services:
+            return None
+        return health_pb2.HealthCheckResponse(status=self._status(request.service))
 
     def _status(self, service: str) -> _ServingStatus:
         if service not in self._services:

@@ -304,3 +304,51 @@ def test_events_are_the_protocols_own() -> None:
     wire = Wire()
     events = wire.call(1, SEND, body=message(b""))
     assert [type(e) for e in events][:1] == [CallStarted]
+
+
+def test_partial_messages_past_the_connection_budget_are_refused() -> None:
+    """Bytes of partial messages are let in at once (flow control does not bound them), so
+    the connection's budget does: the call that would take it past is refused."""
+    limits = ServerLimits(max_message_size=10_000, stream_window=4000, connection_budget=5000)
+    wire = Wire(limits)
+    first = first_call(wire.call(1, STREAM, body=message(b"a" * 9000)[:3000], end=False))
+    assert wire.proto.held == 3000 and not first.cancelled
+    second = first_call(wire.call(3, STREAM, body=message(b"b" * 9000)[:3000], end=False))
+    assert second.cancelled and second.error is not None
+    assert second.error.status is Status.RESOURCE_EXHAUSTED
+    assert wire.rejected == ["over_budget"] and wire.proto.held == 3000
+    assert list(wire.proto.partial) == [first]
+
+
+def test_a_compressed_batch_in_hand_is_charged_until_the_next_read() -> None:
+    limits = ServerLimits(max_message_size=3000, connection_budget=5000)
+    wire = Wire(limits)
+    body = message(b"a" * 2000, compressed=True) * 3
+    events = wire.call(1, STREAM, body=body, extra=[("grpc-encoding", "gzip")])
+    call = first_call(events)
+    # 4000 inflated in hand: the third would take the connection past 5000, so the call
+    # fails after the good prefix (the handler's next read raises the error)
+    assert call.take_batch() == [b"a" * 2000, b"a" * 2000]
+    assert wire.proto.held >= 4000
+    assert call.error is not None and call.error.status is Status.RESOURCE_EXHAUSTED
+    assert wire.rejected == ["over_budget"]
+    call.release()
+    assert wire.proto.held == 0
+
+
+def test_overdue_partial_messages_are_cut_oldest_first() -> None:
+    now = [100.0]
+    wire = Wire()
+    wire.proto.clock = lambda: now[0]
+    old = first_call(wire.call(1, STREAM, body=message(b"x" * 50)[:20], end=False))
+    now[0] = 105.0
+    young = first_call(wire.call(3, STREAM, body=message(b"y" * 50)[:20], end=False))
+    done = first_call(wire.call(5, STREAM, body=message(b"z" * 5), end=False))
+    assert wire.proto.oldest_partial() == 100.0 and done not in wire.proto.partial
+    assert wire.proto.overdue(started_before=104.0) == [old]
+    assert old.cancelled and old.error is not None
+    assert old.error.status is Status.DEADLINE_EXCEEDED
+    assert wire.rejected == ["too_slow"] and wire.proto.oldest_partial() == 105.0
+    wire.client.send_data(3, message(b"y" * 50)[20:])  # the message completes: not partial
+    wire.send()
+    assert wire.proto.partial == {} and young.messages

@@ -370,6 +370,9 @@ class Connection:
         spawned = False
         assert self._nursery is not None
         for stream, inline in starting:
+            if stream._call.reset:  # reset in the read that started it (rapid reset)
+                self._end_call(stream)
+                continue
             if inline is not None:
                 if not stream._call.ready and stream.deadline is None:
                     self._starting.append((stream, inline))

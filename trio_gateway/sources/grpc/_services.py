@@ -63,6 +63,16 @@ def _decode_all(
         return good, GRPCError(Status.INVALID_ARGUMENT, "invalid protobuf message")
 
 
+def _payloads(
+    ingress: Ingress, batch: Sequence[bytes]
+) -> tuple[list[bytes], list[int], GRPCError | None]:
+    """The payloads and sequence numbers of a batch of ``gateway.v1.Message`` (the decoded
+    messages are dropped at once: a payload is the one copy kept), and the error to raise
+    after them if one was invalid."""
+    messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
+    return [m.payload for m in messages], [m.sequence for m in messages], error
+
+
 async def _offer_one(ingress: Ingress, stream: GrpcStream, payload: bytes, wait: float) -> None:
     accepted = await ingress.offer_or_reject([payload], _origin(ingress, stream), timeout=wait)
     if not accepted:
@@ -99,14 +109,14 @@ class GatewayService(GatewayBase):
         ingress = self._ingress
         accepted = received = last_sequence = 0
         while batch := await stream.recv_batch():
-            messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
-            if messages:
+            payloads, sequences, error = _payloads(ingress, batch)
+            del batch  # only the payloads go on: a waiting handler holds one copy of each
+            if payloads:
+                received += len(payloads)
+                last_sequence = sequences[-1]
                 # under `block` this waits while the queue is full: the window stays closed
-                accepted += await ingress.offer(
-                    [m.payload for m in messages], _origin(ingress, stream)
-                )
-                received += len(messages)
-                last_sequence = messages[-1].sequence
+                accepted += await ingress.offer(payloads, _origin(ingress, stream))
+                del payloads
             if error is not None:
                 raise error
         await stream.send_message(
@@ -122,20 +132,19 @@ class GatewayService(GatewayBase):
         ingress = self._ingress
         ack = gateway_pb2.Ack
         while batch := await stream.recv_batch():
-            messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
-            if messages:
+            payloads, sequences, error = _payloads(ingress, batch)
+            del batch
+            if payloads:
                 accepted = await ingress.offer_or_reject(
-                    [m.payload for m in messages],
-                    _origin(ingress, stream),
-                    timeout=self._timeout,
+                    payloads, _origin(ingress, stream), timeout=self._timeout
                 )
+                del payloads  # queued or refused: not held while the acks wait for a window
                 acks = [
-                    ack(sequence=m.sequence, accepted=True, accepted_count=1)
-                    for m in messages[:accepted]
+                    ack(sequence=s, accepted=True, accepted_count=1) for s in sequences[:accepted]
                 ]
                 acks.extend(
-                    ack(sequence=m.sequence, reason=_QUEUE_FULL, rejected_count=1)
-                    for m in messages[accepted:]
+                    ack(sequence=s, reason=_QUEUE_FULL, rejected_count=1)
+                    for s in sequences[accepted:]
                 )
                 await stream.send_messages(acks)
             if error is not None:

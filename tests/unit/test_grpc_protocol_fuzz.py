@@ -222,12 +222,8 @@ def run(data: bytes, cuts: list[int]) -> tuple[list[tuple[Any, ...]], str | None
     return events, reason, (state, rejected if reason is None else None)
 
 
-STALL_LIMIT = LIMITS.max_frame_size + 9 + LIMITS.max_header_list_size + 1024
-"""A frame's header and body, or a header block (and its slack), at most."""
-
-
 def check_bounds(proto: GrpcProtocol) -> None:
-    assert proto.stalled_bytes <= STALL_LIMIT
+    assert proto.stalled_bytes <= LIMITS.stall_limit
     assert len(proto.calls) <= 2 * LIMITS.max_concurrent_streams
     for call in proto.calls.values():
         assert call.buffered <= LIMITS.stream_window + LIMITS.max_message_size + 5

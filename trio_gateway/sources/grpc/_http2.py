@@ -198,7 +198,7 @@ class Http2Server:
         self._on_data = listener.on_data
         self.max_concurrent_streams = max_concurrent_streams
         self.max_frame_size = max_frame_size
-        self.max_header_block = max_header_list_size + 1024
+        self.max_header_block = max_header_list_size + 1024  # as ServerLimits.stall_limit
         self._stream_window = stream_window
         # until the client acknowledges our SETTINGS it may assume RFC 9113's default window
         self._initial_in_window = DEFAULT_WINDOW

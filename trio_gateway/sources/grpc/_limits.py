@@ -43,3 +43,10 @@ class ServerLimits:
         if self.connection_budget is not None:
             return self.connection_budget
         return self.connection_window + 4 * self.max_message_size
+
+    @property
+    def stall_limit(self) -> int:
+        """The most a connection may have sent that completes no frame or header block: one
+        frame's header and body (a longer frame is refused from its header) plus one header
+        block with its slack (a longer block is refused when it passes it)."""
+        return self.max_frame_size + 9 + self.max_header_list_size + 1024

@@ -437,3 +437,22 @@ def test_any_cut_of_the_same_bytes_is_heard_the_same(
         assert h2.partial_bytes == 0
         heard.append([item for item in rec.heard if item != ("window",)])
     assert heard[0] == heard[1]
+
+
+def test_a_read_that_completes_a_frame_is_progress_even_if_it_ends_inside_the_next() -> None:
+    """What the slowloris clock watches: a busy stream's reads rarely end on a frame
+    boundary, a trickle completes nothing, and an open header block is never progress."""
+    h2, rec = server()
+    opened(h2, rec, 1)
+    frames = frame(DATA, 0, 1, grpc(b"a" * 20)) * 2
+    h2.receive_data(frames[:40])  # the first frame and part of the second
+    assert h2.stalled_bytes == 0 and h2.partial_bytes == 40 - 34
+    h2.receive_data(frames[40:50])  # completes nothing
+    assert h2.stalled_bytes == h2.partial_bytes == 16
+    block = hpack.Encoder().encode(REQUEST)
+    h2.receive_data(frames[50:] + frame(HEADERS, 0, 3, block[:3]))
+    assert h2.stalled_bytes == 3  # frames completed, but a header block is open
+    h2.receive_data(frame(CONTINUATION, 0, 3, block[3:5]))
+    assert h2.stalled_bytes == 5
+    h2.receive_data(frame(CONTINUATION, END_HEADERS, 3, block[5:]))
+    assert h2.stalled_bytes == 0 and rec.heard[-1][:2] == ("request", 3)

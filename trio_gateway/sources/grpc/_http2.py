@@ -230,6 +230,7 @@ class Http2Server:
         self._block_stream = 0
         self._block_end = False
         self._in_receive = False
+        self._progressed = False
         self._first_block = True
         self._dirty: set[int] = set()
         self.output = bytearray()
@@ -255,6 +256,12 @@ class Http2Server:
         """Bytes received that complete no frame yet (plus an unfinished header block)."""
         return self._pending_size + self._block_size
 
+    @property
+    def stalled_bytes(self) -> int:
+        """:attr:`partial_bytes` if the last read completed no frame, or left a header
+        block open; else 0 (a busy connection's reads often end inside a frame)."""
+        return 0 if self._progressed else self._pending_size + self._block_size
+
     # -- input ------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray) -> None:
@@ -264,6 +271,7 @@ class Http2Server:
         """
         if type(data) is not bytes:
             data = bytes(data)  # (a TLS stream's bytearray): payloads are handed on as bytes
+        self._progressed = False
         if self._pending:
             self._pending.append(data)
             self._pending_size += len(data)
@@ -280,6 +288,7 @@ class Http2Server:
             raise
         finally:
             self._in_receive = False
+        self._progressed = pos > 0 and not self._block_stream
         rest = len(data) - pos
         if rest:
             self._pending = [data[pos:] if pos else data]

@@ -193,8 +193,9 @@ class GrpcProtocol:
 
     @property
     def stalled_bytes(self) -> int:
-        """Bytes received that complete no frame or header block yet."""
-        return self._h2.partial_bytes
+        """Bytes received since the last read that completed a frame (and left no header
+        block open): never more than ``limits.stall_limit``."""
+        return self._h2.stalled_bytes
 
     def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes from the client; return what they did, in order.

@@ -325,7 +325,10 @@ class Connection:
                 if any(call.ended and not call.cancelled for call in proto.calls.values()):
                     self._last_active = now  # a handler at work on a whole request
                 else:
-                    self._refuse_connection("idle_timeout", ErrorCode.NO_ERROR)
+                    if self._stalled_at is not None:  # trickling a frame: not idle, too slow
+                        self._refuse_connection("too_slow", ErrorCode.ENHANCE_YOUR_CALM)
+                    else:
+                        self._refuse_connection("idle_timeout", ErrorCode.NO_ERROR)
                     for call in proto.fail_all():
                         self._streams[call.stream_id]._changed()
                     self._close_when_flushed()

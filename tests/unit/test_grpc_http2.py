@@ -456,3 +456,16 @@ def test_a_read_that_completes_a_frame_is_progress_even_if_it_ends_inside_the_ne
     assert h2.stalled_bytes == 5
     h2.receive_data(frame(CONTINUATION, END_HEADERS, 3, block[5:]))
     assert h2.stalled_bytes == 0 and rec.heard[-1][:2] == ("request", 3)
+
+
+def test_an_hpack_bomb_is_refused_as_oversize() -> None:
+    """A small block that decodes to a huge header list (one large table entry, indexed
+    again and again) is refused before the list is built."""
+    h2, rec = server(max_header_list_size=1024)
+    opened(h2, rec)
+    encoder = hpack.Encoder()
+    first = encoder.encode([("x-big", "v" * 900)])  # inserted into the dynamic table
+    bomb = first + encoder.encode([("x-big", "v" * 900)]) * 50  # 50 one-byte references
+    with pytest.raises(Http2Error) as caught:
+        h2.receive_data(frame(HEADERS, END_HEADERS, 1, bomb))
+    assert (caught.value.reason, caught.value.code) == ("oversize", ErrorCode.ENHANCE_YOUR_CALM)

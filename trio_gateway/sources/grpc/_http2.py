@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import hpack
-from hpack import HPACKError
+from hpack import HPACKError, OversizedHeaderListError
 
 __all__ = (
     "PREFACE",
@@ -505,6 +505,12 @@ class Http2Server:
             self._decoded.clear()
         try:
             headers = [(str(k), str(v)) for k, v in self._decoder.decode(block)]
+        except OversizedHeaderListError as exc:  # an HPACK bomb: small block, huge list
+            raise Http2Error(
+                f"a header list over {self._decoder.max_header_list_size} bytes",
+                ErrorCode.ENHANCE_YOUR_CALM,
+                "oversize",
+            ) from exc
         except (HPACKError, UnicodeDecodeError, IndexError, ValueError) as exc:
             raise Http2Error(
                 f"bad header block: {exc!r}", ErrorCode.COMPRESSION_ERROR, "malformed"

@@ -1,10 +1,10 @@
 """Hostile gRPC peers against ``serve`` (issue 16): each attack is a small raw HTTP/2 client.
 
-Every test checks the same four things: the server's peak RSS (``VmHWM``) grew by no more than
-the connection budget (``ServerLimits.budget``, 32 MiB by default) plus 64 MiB, the attack was
-counted under its reason on ``/metrics``, a good grpcio client on another connection was served
-meanwhile, and nothing was counted ``internal_error``. One ``serve`` process (``idle_timeout``
-1 s, so the deadlines come quickly) serves the whole module.
+Every test checks the same four things: the server's peak RSS (``VmHWM``) grew by no more
+than the connection budget (``ServerLimits.connection_budget``, 32 MiB by default) plus
+64 MiB, the attack was counted under its reason on ``/metrics``, a good grpcio client on
+another connection was served meanwhile, and nothing was counted ``internal_error``. One
+``serve`` process (``idle_timeout`` 1 s, so the deadlines come quickly) serves the module.
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ def check_bounds(proto: GrpcProtocol) -> None:
         assert call.buffered <= LIMITS.stream_window + LIMITS.max_message_size + 5
     # what the connection is charged is what its calls hold, within the budget
     assert proto.held == sum(call.buffered for call in proto.calls.values())
-    assert proto.held <= LIMITS.budget
+    assert proto.held <= LIMITS.connection_budget
     assert all(call.buffered for call in proto.partial)
 
 

@@ -31,18 +31,11 @@ class ServerLimits:
     """Streams reset (the client's RST_STREAM on a call in progress, or refused here) allowed
     within :attr:`reset_window` before GOAWAY(ENHANCE_YOUR_CALM): "rapid reset"."""
     reset_window: float = 1.0
-    connection_budget: int | None = None
+    connection_budget: int = 32 << 20
     """Bytes one connection may make the server hold in its calls: messages received and not
     yet taken, partial messages, and inflated batches in a handler's hands. Past it the call
-    that asked for more ends RESOURCE_EXHAUSTED (``over_budget``). None: the connection
-    window plus four messages of ``max_message_size`` (32 MiB by default)."""
-
-    @property
-    def budget(self) -> int:
-        """:attr:`connection_budget`, or its default."""
-        if self.connection_budget is not None:
-            return self.connection_budget
-        return self.connection_window + 4 * self.max_message_size
+    that asked for more ends RESOURCE_EXHAUSTED (``over_budget``). The default is the
+    connection window plus four messages of the default ``max_message_size``."""
 
     @property
     def stall_limit(self) -> int:

@@ -12,8 +12,8 @@ process. It counts what the bytes say is wrong through ``reject(reason)``; what 
 HTTP/2 itself is :mod:`._http2` (our own, sans-IO): it parses a read's frames in one pass and
 calls this class back (the :class:`~._http2.Listener` methods ``on_*``); a DATA frame's payload
 goes straight into its call. This class also keeps the bounds on partial work: bytes held per
-connection (:attr:`ServerLimits.budget`), and when each call's partial message began, so the
-I/O layer can cut one that takes too long (PINGs reset nothing here).
+connection (:attr:`ServerLimits.connection_budget`), and when each call's partial message
+began, so the I/O layer can cut one that takes too long (PINGs reset nothing here).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class GrpcProtocol:
     Bounds: a frame at most ``limits.max_frame_size`` and a header block at most
     ``max_header_list_size`` (plus a little) are buffered; at most ``max_concurrent_streams``
     streams open and ``2 * max_concurrent_streams`` calls in progress (more are refused with
-    REFUSED_STREAM); at most ``limits.budget`` bytes held in the calls of the connection
+    REFUSED_STREAM); at most ``limits.connection_budget`` bytes held in the calls of the connection
     (messages not taken, partial messages, inflated batches).
     """
 
@@ -164,9 +164,9 @@ class GrpcProtocol:
         self.reject = reject
         self.clock = clock
         self.release_threshold = limits.stream_window // 4
-        self.budget = limits.budget
+        self.budget = limits.connection_budget
         self.held = 0
-        """Bytes held in this connection's calls (see :attr:`ServerLimits.budget`)."""
+        """Bytes held in this connection's calls (see :attr:`ServerLimits.connection_budget`)."""
         self.calls: dict[int, Call] = {}
         """Calls whose handler is not done (:meth:`end_call`), by stream id."""
         self.partial: dict[Call, float] = {}

@@ -24,6 +24,7 @@ the protocol reports it changed.
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ __all__ = ("Call", "CallChanged", "CompressedCall", "StreamReset", "inflate_mess
 
 PREFIX_SIZE = 5
 """gRPC's message prefix: a compressed flag byte and a 4-byte big-endian length."""
+_PREFIX = struct.Struct(">BL")
 
 
 class StreamReset(TransportError):
@@ -74,6 +76,7 @@ class Call:
         "_decoder",
         "_held",
         "_in_partial",
+        "_limit",
         "_proto",
         "_to_release",
         "_unacked",
@@ -110,7 +113,8 @@ class Call:
         self.timeout = timeout
         """Seconds from ``grpc-timeout``, or None."""
         self.changed = CallChanged(self)
-        self._decoder = GrpcMessageDecoder(proto.limits.max_message_size)
+        self._limit = proto.limits.max_message_size
+        self._decoder = GrpcMessageDecoder(self._limit)
         self.messages: deque[bytes] = deque()
         self._held = 0  # wire bytes of complete messages not yet taken by the handler
         self._to_release = 0  # wire bytes taken, acknowledged when the handler asks again
@@ -213,52 +217,54 @@ class Call:
             proto.acknowledge(self.stream_id, flow_len)
             return False
         self._unacked += flow_len
-        decoder = self._decoder
         size = len(data)
-        if (
-            size >= PREFIX_SIZE
-            and not data[0]
-            and not decoder.buffered
-            and int.from_bytes(data[1:5], "big") == size - PREFIX_SIZE
-            and size - PREFIX_SIZE <= decoder.max_message_size
-            and self._whole_messages_fast
-        ):
-            # the fast path: a DATA frame carrying one whole message, as grpc clients send
-            self.messages.append(data[PREFIX_SIZE:])
-            self._held += size
-            completed = True
-        else:
-            try:
-                frames = decoder.feed(data)
-            except FrameTooLarge as exc:
-                proto.reject("oversize")
-                self.fail(GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)))
+        # the fast path: a DATA frame carrying one whole plain message, as grpc clients send
+        # it, and no partial message before it (the decoder is empty iff not _in_partial)
+        if not self._in_partial and size >= PREFIX_SIZE and self._whole_messages_fast:
+            flag, length = _PREFIX.unpack_from(data)
+            if not flag and length == size - PREFIX_SIZE and length <= self._limit:
+                self.messages.append(data[PREFIX_SIZE:])
+                self._held += size
+                surplus = self._unacked - self._held - self._to_release
+                if surplus > 0:  # padding
+                    self._ack(surplus)
+                proto.held += size
+                self._charged += size
+                if proto.held > proto.budget:
+                    proto.over_budget(self)
                 return True
-            except ProtocolError as exc:
-                proto.reject("malformed")
-                self.fail(GRPCError(Status.INTERNAL, str(exc)))
-                return True
-            if frames and not self._hold(frames):
-                return True
-            completed = bool(frames)
-            if decoder.buffered:
-                if not self._in_partial:
-                    self._in_partial = True
-                    proto.partial[self] = proto.clock()
-            elif self._in_partial:
-                self._in_partial = False
-                del proto.partial[self]
+        decoder = self._decoder
+        try:
+            frames = decoder.feed(data)
+        except FrameTooLarge as exc:
+            proto.reject("oversize")
+            self.fail(GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)))
+            return True
+        except ProtocolError as exc:
+            proto.reject("malformed")
+            self.fail(GRPCError(Status.INTERNAL, str(exc)))
+            return True
+        if frames and not self._hold(frames):
+            return True
+        partial = decoder.buffered
+        if partial:
+            if not self._in_partial:
+                self._in_partial = True
+                proto.partial[self] = proto.clock()
+        elif self._in_partial:
+            self._in_partial = False
+            del proto.partial[self]
         surplus = self._unacked - self._held - self._to_release
         if surplus > 0:
             # padding and the part of a message still being assembled: bounded, so let it in
             self._ack(surplus)
-        charge = self._held + decoder.buffered
+        charge = self._held + partial
         proto.held += charge - self._charged
         self._charged = charge
         if proto.held > proto.budget:
             proto.over_budget(self)
             return True
-        return completed
+        return bool(frames)
 
     def _hold(self, frames: list[tuple[bool, bytes]]) -> bool:
         """Keep a DATA frame's decoded messages for the handler; False if one failed the

@@ -331,17 +331,14 @@ class Http2Server:
                 stream = streams.get(stream_id)
                 if (
                     stream is not None
+                    and not flags & (PADDED | END_STREAM)
                     and not stream.remote_closed
-                    and length <= min(stream.in_window, self._in_window)
-                    and not flags & PADDED
+                    and length <= stream.in_window
+                    and length <= self._in_window
                 ):
                     self._in_window -= length
                     stream.in_window -= length
-                    if flags & END_STREAM:
-                        stream.remote_closed = True
-                        if stream.local_closed:
-                            del streams[stream_id]
-                    on_data(stream_id, data[pos + 9 : stop], length, bool(flags & END_STREAM))
+                    on_data(stream_id, data[pos + 9 : stop], length, False)
                 else:
                     self._data(stream_id, flags, data[pos + 9 : stop])
             else:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "trio_gateway"
-SANS_IO = ("_protocol", "_calls", "_limits", "_h2shim")  # as tests/unit/test_grpc_protocol.py
+SANS_IO = ("_protocol", "_calls", "_limits", "_http2")  # as tests/unit/test_grpc_protocol.py
 
 
 def test_the_protocol_layer_loads_with_trio_blocked() -> None:

@@ -9,11 +9,14 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import pytest
 import trio
+from grpclib.health.v1 import health_pb2
 from test_grpc import GATEWAY, serving
 from test_grpc_compression import Response, _pump, frame
 
-from trio_gateway._proto import gateway_pb2
+from trio_gateway._proto import gateway_pb2, model_pb2
+from trio_gateway.sources.grpc._connection import Connection
 
 
 class Client:
@@ -29,14 +32,16 @@ class Client:
     async def flush(self) -> None:
         await self.stream.send_all(self.conn.data_to_send())
 
-    async def headers(self, stream_id: int, port: int, *extra: tuple[str, str]) -> None:
+    async def headers(
+        self, stream_id: int, port: int, *extra: tuple[str, str], path: str = GATEWAY + "Send"
+    ) -> None:
         self.conn.send_headers(
             stream_id,
             [
                 (":method", "POST"),
                 (":scheme", "http"),
                 (":authority", f"127.0.0.1:{port}"),
-                (":path", GATEWAY + "Send"),
+                (":path", path),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
                 *extra,
@@ -151,3 +156,43 @@ async def test_the_reply_waits_for_the_clients_window() -> None:
                 pass
         assert ack(response).sequence == 9
         assert served.payloads() == [b"p9"]
+
+
+async def test_every_unary_service_is_answered_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send, the talk's MakeRequest and health Check: no call gets a task of its own."""
+    tasks: list[str] = []
+    run_call = Connection._run_call
+
+    async def spy(self: Connection, stream: object, reply: object = None) -> None:
+        tasks.append(stream._call.path)  # type: ignore[attr-defined]
+        await run_call(self, stream, reply)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Connection, "_run_call", spy)
+    cases = [
+        (GATEWAY + "Send", gateway_pb2.Message(payload=b"p1", sequence=1), gateway_pb2.Ack),
+        (
+            "/model.GrpcUnaryInputterService/MakeRequest",
+            model_pb2.Request(message="talk"),
+            model_pb2.Empty,
+        ),
+        (
+            "/grpc.health.v1.Health/Check",
+            health_pb2.HealthCheckRequest(service=""),
+            health_pb2.HealthCheckResponse,
+        ),
+    ]
+    async with serving(grace_period=0.1) as served:
+        client = Client(await trio.open_tcp_stream("127.0.0.1", served.port))
+        replies = []
+        for stream_id, (path, request, reply_type) in zip((1, 3, 5), cases, strict=True):
+            await client.headers(stream_id, served.port, path=path)
+            body = frame(request.SerializeToString(), compressed=False)
+            client.conn.send_data(stream_id, body, end_stream=True)
+            await client.flush()
+            response = await client.response()
+            assert response.status == 0, response
+            replies.append(reply_type.FromString(response.data[5:]))
+        assert served.payloads() == [b"p1", b"talk"]
+    assert tasks == []
+    assert replies[0].sequence == 1 and replies[0].accepted
+    assert replies[2].status == health_pb2.HealthCheckResponse.SERVING

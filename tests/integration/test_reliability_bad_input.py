@@ -653,18 +653,17 @@ async def grpc_random_bytes(address: Address) -> None:
 
 
 async def grpc_random_frames(address: Address) -> None:
-    """A valid preface, then random bytes: they never make a frame, so the connection is
-    refused as too slow once idle_timeout has passed without one (h2 would otherwise wait
-    for the up-to-16-MiB frame the first random header announces)."""
+    """A valid preface, then random bytes: the first random frame header announces a frame
+    over the 1 MiB SETTINGS_MAX_FRAME_SIZE, refused from its header at once."""
     client = await RawH2.connect(address)
     await client.stream.send_all(client.pending() + noise(2000, 6))
     end = goaway(await client.events_until_closed())
-    assert end.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert end.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
 
 
 async def grpc_overlong_frame(address: Address) -> None:
-    """A frame header announcing 16 MiB, then its body: refused once more than one frame
-    plus one header block has arrived without completing a frame (memory stays bounded)."""
+    """A frame header announcing 16 MiB, then its body: refused from the header (over the 1 MiB
+    SETTINGS_MAX_FRAME_SIZE), so none of the body is buffered."""
     client = await RawH2.connect(address)
     # length 0xFFFFFF (16 MiB - 1), type DATA, no flags, stream 1
     header = b"\xff\xff\xff\x00\x00\x00\x00\x00\x01"
@@ -746,7 +745,7 @@ BROKEN = b"\xff\xff"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 GRPC_CASES = [
     ("random-bytes", grpc_random_bytes, "malformed"),
-    ("random-frames", grpc_random_frames, "too_slow"),
+    ("random-frames", grpc_random_frames, "oversize"),
     ("overlong-frame", grpc_overlong_frame, "oversize"),
     ("invalid-protobuf-unary", grpc_call_expecting("Send", [BROKEN], INVALID), "malformed"),
     (

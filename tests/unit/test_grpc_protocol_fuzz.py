@@ -227,6 +227,10 @@ def check_bounds(proto: GrpcProtocol) -> None:
     assert len(proto.calls) <= 2 * LIMITS.max_concurrent_streams
     for call in proto.calls.values():
         assert call.buffered <= LIMITS.stream_window + LIMITS.max_message_size + 5
+    # what the connection is charged is what its calls hold, within the budget
+    assert proto.held == sum(call.buffered for call in proto.calls.values())
+    assert proto.held <= LIMITS.connection_budget
+    assert all(call.buffered for call in proto.partial)
 
 
 def consume(proto: GrpcProtocol) -> None:
@@ -241,6 +245,7 @@ def consume(proto: GrpcProtocol) -> None:
         proto.end_call(call)
         proto.finish(call, call.error.status if call.error else Status.OK)
     proto.data_to_send()
+    assert proto.held == 0 and not proto.partial
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -76,6 +76,7 @@ LAYERS: dict[str, Layer] = {
         "_wire",
         "codecs",
         "sources.grpc._calls",
+        "sources.grpc._http2",
         "sources.grpc._limits",
         "sources.grpc._protocol",
         "sources.http._h2scan",
@@ -85,7 +86,7 @@ LAYERS: dict[str, Layer] = {
     # the gRPC server's sans-IO HTTP/2 + gRPC layer: fed bytes, tested with bytes alone; the
     # Trio I/O (sources.grpc._connection, _stream, _server) is around it
     "sources.grpc._limits": layer(sans_io=True),
-    "sources.grpc._h2shim": layer(sans_io=True),
+    "sources.grpc._http2": layer(sans_io=True),
     "sources.grpc._calls": layer(
         "_errors", "codecs", typing=("sources.grpc._protocol",), sans_io=True
     ),
@@ -93,7 +94,7 @@ LAYERS: dict[str, Layer] = {
         "_errors",
         "_wire",
         "sources.grpc._calls",
-        "sources.grpc._h2shim",
+        "sources.grpc._http2",
         "sources.grpc._limits",
         sans_io=True,
     ),

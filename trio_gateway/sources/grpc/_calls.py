@@ -12,12 +12,19 @@ Bytes of a message still being assembled are acknowledged at once (they are boun
 so the window still counts wire bytes, and inflates them when the handler takes them, never
 past ``max_message_size`` of output. Identity calls never see that code.
 
+Every byte a call holds (messages not taken, a partial message, an inflated batch in the
+handler's hands) is charged to its connection (``GrpcProtocol.held``), which refuses the call
+that would take it past ``ServerLimits.connection_budget`` (RESOURCE_EXHAUSTED,
+``over_budget``). A call holding part of a message is listed, with when that message
+began, in ``GrpcProtocol.partial``, so that the I/O layer can cut it if it takes too long.
+
 No trio here: the handler-facing :class:`~._stream.GrpcStream` waits on a call and wakes when
 the protocol reports it changed.
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -37,6 +44,7 @@ __all__ = ("Call", "CallChanged", "CompressedCall", "StreamReset", "inflate_mess
 
 PREFIX_SIZE = 5
 """gRPC's message prefix: a compressed flag byte and a 4-byte big-endian length."""
+_PREFIX = struct.Struct(">BL")
 
 
 class StreamReset(TransportError):
@@ -64,8 +72,11 @@ class Call:
     """
 
     __slots__ = (
+        "_charged",
         "_decoder",
         "_held",
+        "_in_partial",
+        "_limit",
         "_proto",
         "_to_release",
         "_unacked",
@@ -102,11 +113,14 @@ class Call:
         self.timeout = timeout
         """Seconds from ``grpc-timeout``, or None."""
         self.changed = CallChanged(self)
-        self._decoder = GrpcMessageDecoder(proto.limits.max_message_size)
+        self._limit = proto.limits.max_message_size
+        self._decoder = GrpcMessageDecoder(self._limit)
         self.messages: deque[bytes] = deque()
         self._held = 0  # wire bytes of complete messages not yet taken by the handler
         self._to_release = 0  # wire bytes taken, acknowledged when the handler asks again
         self._unacked = 0  # flow-controlled bytes received and not yet acknowledged
+        self._charged = 0  # bytes charged to the connection (see the module docstring)
+        self._in_partial = False
         self.ended = False
         self.reset = False
         self.cancelled = False
@@ -133,6 +147,7 @@ class Call:
         self.messages.clear()
         self._to_release += self._held
         self._held = 0
+        self.recharge()
         return batch
 
     def pop(self) -> bytes:
@@ -141,6 +156,7 @@ class Call:
         size = len(data) + PREFIX_SIZE
         self._held -= size
         self._to_release += size
+        self.recharge()
         return data
 
     def decode(self, data: bytes) -> Any:
@@ -174,31 +190,80 @@ class Call:
             return True
         return False
 
+    def recharge(self) -> None:
+        """Charge the connection with what the call holds now."""
+        charge = self._held + self._decoder.buffered
+        self._proto.held += charge - self._charged
+        self._charged = charge
+
+    def discharge(self) -> None:
+        """The call holds nothing more: its charge and its partial message are forgotten."""
+        self._proto.held -= self._charged
+        self._charged = 0
+        if self._in_partial:
+            self._in_partial = False
+            del self._proto.partial[self]
+
     # -- fed by the protocol ---------------------------------------------------------------
+
+    _whole_messages_fast = True
+    """Whether :meth:`feed` may take a frame holding exactly one plain message as is."""
 
     def feed(self, data: bytes, flow_len: int) -> bool:
         """One DATA frame's payload (``flow_len`` counts its padding too); True if the call
         changed (messages completed, or the call failed)."""
+        proto = self._proto
         if self.error is not None or self.reset:
-            self._proto.acknowledge(self.stream_id, flow_len)
+            proto.acknowledge(self.stream_id, flow_len)
             return False
         self._unacked += flow_len
+        size = len(data)
+        # the fast path: a DATA frame carrying one whole plain message, as grpc clients send
+        # it, and no partial message before it (the decoder is empty iff not _in_partial)
+        if not self._in_partial and size >= PREFIX_SIZE and self._whole_messages_fast:
+            flag, length = _PREFIX.unpack_from(data)
+            if not flag and length == size - PREFIX_SIZE and length <= self._limit:
+                self.messages.append(data[PREFIX_SIZE:])
+                self._held += size
+                surplus = self._unacked - self._held - self._to_release
+                if surplus > 0:  # padding
+                    self._ack(surplus)
+                proto.held += size
+                self._charged += size
+                if proto.held > proto.budget:
+                    proto.over_budget(self)
+                return True
+        decoder = self._decoder
         try:
-            frames = self._decoder.feed(data)
+            frames = decoder.feed(data)
         except FrameTooLarge as exc:
-            self._proto.reject("oversize")
+            proto.reject("oversize")
             self.fail(GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)))
             return True
         except ProtocolError as exc:
-            self._proto.reject("malformed")
+            proto.reject("malformed")
             self.fail(GRPCError(Status.INTERNAL, str(exc)))
             return True
         if frames and not self._hold(frames):
             return True
+        partial = decoder.buffered
+        if partial:
+            if not self._in_partial:
+                self._in_partial = True
+                proto.partial[self] = proto.clock()
+        elif self._in_partial:
+            self._in_partial = False
+            del proto.partial[self]
         surplus = self._unacked - self._held - self._to_release
         if surplus > 0:
             # padding and the part of a message still being assembled: bounded, so let it in
             self._ack(surplus)
+        charge = self._held + partial
+        proto.held += charge - self._charged
+        self._charged = charge
+        if proto.held > proto.budget:
+            proto.over_budget(self)
+            return True
         return bool(frames)
 
     def _hold(self, frames: list[tuple[bool, bytes]]) -> bool:
@@ -220,8 +285,10 @@ class Call:
         self.error = error
         self.messages.clear()
         self._held = 0
+        self._decoder = GrpcMessageDecoder(self._decoder.max_message_size)
         self.cancelled = True
         self.release_all()
+        self.discharge()
 
     def end(self) -> None:
         """The client ended its side (END_STREAM)."""
@@ -230,12 +297,25 @@ class Call:
             # over, then the call fails (INTERNAL, as grpc-go and grpc-java answer).
             self._proto.reject("truncated")
             self.error = GRPCError(Status.INTERNAL, "the stream ended inside a message")
+            self._drop_partial()
         self.ended = True
 
+    def _drop_partial(self) -> None:
+        self._decoder = GrpcMessageDecoder(self._decoder.max_message_size)
+        self.recharge()
+        if self._in_partial:
+            self._in_partial = False
+            del self._proto.partial[self]
+
     def on_reset(self) -> None:
-        """The client reset the stream, or the connection went away."""
+        """The client reset the stream, or the connection went away: what the call holds is
+        dropped (the handler is cancelled) and its bytes go back to the connection window."""
         self.reset = True
         self.cancelled = True
+        self.messages.clear()
+        self._held = 0
+        self._drop_partial()
+        self.release_all()
 
     def _ack(self, size: int) -> None:
         self._unacked -= size
@@ -281,7 +361,9 @@ class CompressedCall(Call):
     before the bad one are handed over first.
     """
 
-    __slots__ = ("_flags", "_wbits")
+    __slots__ = ("_flags", "_inflated", "_wbits")
+
+    _whole_messages_fast = False
 
     def __init__(
         self,
@@ -296,6 +378,18 @@ class CompressedCall(Call):
         super().__init__(proto, stream_id, path, headers, handler, timeout)
         self._wbits = wbits
         self._flags: deque[bool] = deque()
+        self._inflated = 0  # bytes of the last batch inflated, charged until the next read
+
+    def recharge(self) -> None:
+        charge = self._held + self._decoder.buffered + self._inflated
+        self._proto.held += charge - self._charged
+        self._charged = charge
+
+    def release(self) -> bool:
+        if self._inflated:
+            self._inflated = 0
+            self.recharge()
+        return super().release()
 
     def take_batch(self) -> list[bytes]:
         messages = self.messages
@@ -320,26 +414,46 @@ class CompressedCall(Call):
         return data
 
     def _inflate(self, data: bytes) -> bytes:
-        """One message inflated; on failure the call is over: every message still held is
+        """One message inflated, within ``max_message_size`` and what is left of the
+        connection's budget; on failure the call is over: every message still held is
         dropped (its bytes released) and the error is returned to any later read."""
+        proto = self._proto
+        limit = self._decoder.max_message_size
+        room = proto.budget - proto.held
         try:
-            return inflate_message(data, self._wbits, self._decoder.max_message_size)
+            if room <= 0:  # (zlib reads a max_length of 0 as "no limit")
+                raise FrameTooLarge(len(data), 0)
+            out = inflate_message(data, self._wbits, min(limit, room))
         except FrameTooLarge as exc:
-            reason, error = (
-                "oversize",
-                GRPCError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"message inflates past the limit of {exc.limit} bytes",
-                ),
-            )
+            if room < limit:
+                reason, error = (
+                    "over_budget",
+                    GRPCError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"the connection holds more than its {proto.budget} bytes of partial work",
+                    ),
+                )
+            else:
+                reason, error = (
+                    "oversize",
+                    GRPCError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"message inflates past the limit of {exc.limit} bytes",
+                    ),
+                )
         except ProtocolError as exc:
             reason, error = "malformed", GRPCError(Status.INTERNAL, str(exc))
-        self._proto.reject(reason)
+        else:
+            self._inflated += len(out)
+            self.recharge()
+            return out
+        proto.reject(reason)
         self.error = error
         self.messages.clear()
         self._flags.clear()
         self._to_release += self._held
         self._held = 0
+        self.recharge()
         raise error
 
     def _hold(self, frames: list[tuple[bool, bytes]]) -> bool:
@@ -356,4 +470,10 @@ class CompressedCall(Call):
 
     def fail(self, error: GRPCError) -> None:
         self._flags.clear()
+        self._inflated = 0
         super().fail(error)
+
+    def on_reset(self) -> None:
+        self._flags.clear()
+        self._inflated = 0
+        super().on_reset()

@@ -6,8 +6,13 @@
 * one task per call runs the handler inside its stream's cancel scope (deadline from
   ``grpc-timeout``, cancelled by the client's RST_STREAM), except a unary call whose whole
   request came in one read and whose method has an inline handler: the reader answers it;
-* the clock: a connection with no call idles out, a partial frame must complete within
-  ``idle_timeout``, and a draining server's GOAWAYs wait for the client's PING reply.
+* one clock task: every deadline is ``idle_timeout`` after something began, and PINGs,
+  SETTINGS and WINDOW_UPDATEs move none of them. A connection on which no HEADERS or DATA
+  came for that long idles out (``idle_timeout``), calls waiting for their client or not,
+  unless a call's handler is at work on a complete request; a partial frame or header
+  block must complete in time, else the connection is cut (``too_slow``); so must a partial
+  gRPC message, else its call is cut (``too_slow``, DEADLINE_EXCEEDED). A draining
+  server's GOAWAYs wait for the client's PING reply.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import trio
 from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from h2.errors import ErrorCodes
 
 from ..._log import RateLimitedLogger, logger
 from ._calls import CallChanged, CompressedCall, StreamReset
+from ._http2 import ErrorCode
 from ._protocol import (
     CallStarted,
     ConnectionBroken,
@@ -62,6 +67,7 @@ class Connection:
             routes=server.mapping,
             authorized=server.authorized,
             reject=server.reject,
+            clock=trio.current_time,
         )
         self._take_output = self.proto.data_to_send
         self._streams: dict[int, GrpcStream] = {}
@@ -76,10 +82,11 @@ class Connection:
         self._window_opened = trio.Event()
         self._ping_acked = trio.Event()
         self._closing = False
-        self._idle = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._stalled_at: float | None = None
         """When bytes began to arrive that completed no frame (None: not stalled)."""
+        self._last_active = 0.0
+        """When HEADERS or DATA last came, or a call ended."""
 
     # -- output -----------------------------------------------------------------------------
 
@@ -211,7 +218,7 @@ class Connection:
             self._nursery = nursery
             nursery.start_soon(self._writer)
             nursery.start_soon(self._drain_on_stop)
-            nursery.start_soon(self._close_when_idle)
+            nursery.start_soon(self._clock)
             await self._reader()
             # The peer closed its side or broke the protocol: flush what is queued and stop.
             self._close_when_flushed()
@@ -220,20 +227,10 @@ class Connection:
         stream = self._stream
         proto = self.proto
         dispatch = self._dispatch
-        idle_timeout = self.server.limits.idle_timeout
-        # A partial frame (or preface) must complete within idle_timeout (slowloris); its
-        # size is bounded by the protocol (ServerLimits.stall_limit).
-        self._stalled_at = None
+        activity = proto.activity
         try:
             while True:
-                if self._stalled_at is None:
-                    data = await self._receive(stream)
-                else:
-                    with trio.move_on_at(self._stalled_at + idle_timeout) as slow:
-                        data = await self._receive(stream)
-                    if slow.cancelled_caught:
-                        self._refuse_connection("too_slow", ErrorCodes.ENHANCE_YOUR_CALM)
-                        return
+                data = await self._receive(stream)
                 if not data:
                     return
                 try:
@@ -247,6 +244,9 @@ class Connection:
                     )
                     self.emit()
                     return
+                if proto.activity != activity:
+                    activity = proto.activity
+                    self._last_active = trio.current_time()
                 if not proto.stalled_bytes:
                     self._stalled_at = None
                 elif self._stalled_at is None:
@@ -268,7 +268,7 @@ class Connection:
             for call in proto.fail_all():
                 self._streams[call.stream_id]._changed()
 
-    def _refuse_connection(self, reason: str, error_code: ErrorCodes) -> None:
+    def _refuse_connection(self, reason: str, error_code: int) -> None:
         """Count a connection-level refusal and queue a GOAWAY with ``error_code``; the
         reader then returns, so the connection closes once the GOAWAY is flushed."""
         if self._closing:
@@ -288,25 +288,57 @@ class Connection:
         self.emit()
         with trio.move_on_after(self.server.limits.drain_notice):
             await self._ping_acked.wait()
-        proto.refuse_connection(ErrorCodes.NO_ERROR)
+        proto.refuse_connection(ErrorCode.NO_ERROR)
         self.emit()
         if not proto.calls:
             self._close_when_flushed()
 
-    async def _close_when_idle(self) -> None:
-        self._idle.deadline = trio.current_time() + self.server.limits.idle_timeout
-        with self._idle:
-            await trio.sleep_forever()
-        if self._idle.cancelled_caught and not self.proto.calls and not self._closing:
-            if self._stalled_at is not None:
-                # trickling its preface or headers: too slow, whichever deadline came first
-                self._refuse_connection("too_slow", ErrorCodes.ENHANCE_YOUR_CALM)
+    async def _clock(self) -> None:
+        """The connection's deadlines (see the module docstring), checked when the earliest
+        one may have come: each is ``idle_timeout`` after its start, and starts only move
+        later, so sleeping until the earliest one known never misses one."""
+        timeout = self.server.limits.idle_timeout
+        proto = self.proto
+        self._last_active = trio.current_time()
+        deadline = self._last_active + timeout
+        while True:
+            await trio.sleep_until(deadline)
+            now = trio.current_time()
+            if self._closing:
+                return
+            if self._stalled_at is not None and now >= self._stalled_at + timeout:
+                # trickling a frame, a header block or the preface
+                self._refuse_connection("too_slow", ErrorCode.ENHANCE_YOUR_CALM)
                 self._close_when_flushed()
                 return
-            self.server.reject("idle_timeout")
-            self.proto.refuse_connection(ErrorCodes.NO_ERROR)
+            for call in proto.overdue(now - timeout):
+                _errors.info(
+                    "%s: grpc connection from %s: a message on stream %d took over %s s, cut",
+                    self.server.label,
+                    self.peer,
+                    call.stream_id,
+                    timeout,
+                )
+                self._streams[call.stream_id]._changed()
             self.emit()
-            self._close_when_flushed()
+            if now >= self._last_active + timeout:
+                if any(call.ended and not call.cancelled for call in proto.calls.values()):
+                    self._last_active = now  # a handler at work on a whole request
+                else:
+                    if self._stalled_at is not None:  # trickling a frame: not idle, too slow
+                        self._refuse_connection("too_slow", ErrorCode.ENHANCE_YOUR_CALM)
+                    else:
+                        self._refuse_connection("idle_timeout", ErrorCode.NO_ERROR)
+                    for call in proto.fail_all():
+                        self._streams[call.stream_id]._changed()
+                    self._close_when_flushed()
+                    return
+            deadline = self._last_active + timeout
+            if self._stalled_at is not None:
+                deadline = min(deadline, self._stalled_at + timeout)
+            oldest = proto.oldest_partial()
+            if oldest is not None:
+                deadline = min(deadline, oldest + timeout)
 
     # -- the protocol's events --------------------------------------------------------------
 
@@ -319,7 +351,6 @@ class Connection:
             call = event.call
             stream = GrpcStream(self, call)
             self._streams[call.stream_id] = stream
-            self._idle.deadline = float("inf")
             inline = self.server.inline.get(call.path) if type(call) is not CompressedCall else None
             self._starting.append((stream, inline))
         elif type(event) is WindowOpened:
@@ -342,6 +373,9 @@ class Connection:
         spawned = False
         assert self._nursery is not None
         for stream, inline in starting:
+            if stream._call.reset:  # reset in the read that started it (rapid reset)
+                self._end_call(stream)
+                continue
             if inline is not None:
                 if not stream._call.ready and stream.deadline is None:
                     self._starting.append((stream, inline))
@@ -421,8 +455,6 @@ class Connection:
         proto = self.proto
         proto.end_call(stream._call)
         del self._streams[stream.stream_id]
-        if not proto.calls:
-            if proto.last_stream_id is not None:
-                self._close_when_flushed()
-            else:
-                self._idle.deadline = trio.current_time() + self.server.limits.idle_timeout
+        self._last_active = trio.current_time()
+        if not proto.calls and proto.last_stream_id is not None:
+            self._close_when_flushed()

@@ -9,33 +9,32 @@ frames the answers (response headers, DATA, trailers) with HPACK blocks encoded 
 process. It counts what the bytes say is wrong through ``reject(reason)``; what the clock says
 (idle, too slow) is the I/O layer's business (``_connection``), as are tasks and waiting.
 
-HTTP/2 itself is ``h2``'s state machine, through :mod:`._h2shim`. Everything the client sends
-goes in through :meth:`~GrpcProtocol.receive_data`, so a faster parser of DATA frames can take
-over there without the I/O layer or the handlers noticing.
+HTTP/2 itself is :mod:`._http2` (our own, sans-IO): it parses a read's frames in one pass and
+calls this class back (the :class:`~._http2.Listener` methods ``on_*``); a DATA frame's payload
+goes straight into its call. This class also keeps the bounds on partial work: bytes held per
+connection (:attr:`ServerLimits.connection_budget`), and when each call's partial message
+began, so the I/O layer can cut one that takes too long (PINGs reset nothing here).
 """
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
-import h2.config
-import h2.events
-import h2.exceptions
-import h2.settings
-import hpack
 from grpclib.const import Handler, Status
+from grpclib.exceptions import GRPCError
 from grpclib.metadata import decode_timeout, encode_grpc_message, encode_metadata
-from h2.errors import ErrorCodes
-from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
 
 from ..._errors import ProtocolError
 from ..._wire import GRPC_CONTENT_TYPE
 from ._calls import Call, CallChanged, CompressedCall, StreamReset
-from ._h2shim import ShimmedH2Connection
+from ._http2 import ErrorCode, Http2Error, Http2Server, StreamClosed, encode_headers
 from ._limits import ServerLimits
+
+if TYPE_CHECKING:
+    import h2.connection
 
 __all__ = (
     "DRAIN_PING",
@@ -74,11 +73,6 @@ RESPONSE_HEADERS_BLOCK = (
 )
 OK_TRAILERS_BLOCK = _literal(b"grpc-status", b"0")
 OK_TRAILERS_ONLY_BLOCK = RESPONSE_HEADERS_BLOCK + OK_TRAILERS_BLOCK
-RESPONSE_HEADERS = (
-    (":status", "200"),
-    ("content-type", GRPC_CONTENT_TYPE),
-    ("grpc-accept-encoding", ACCEPT_ENCODING),
-)
 
 _UNAVAILABLE_HEADERS = (
     (b":status", b"200"),
@@ -144,14 +138,15 @@ class GrpcProtocol:
     """One connection's HTTP/2 and gRPC state, fed bytes, producing events and bytes.
 
     ``routes`` maps a method path to its handler; ``authorized(path, authorization)`` checks
-    a request's bearer token; ``reject(reason)`` counts a refusal. The connection preface
-    (our SETTINGS and connection window) is queued at once.
+    a request's bearer token; ``reject(reason)`` counts a refusal; ``clock`` is the time in
+    seconds (the I/O layer's clock). The connection preface (our SETTINGS and connection
+    window) is queued at once.
 
-    Bounds: bytes that complete no frame (a trickled preface or header block) at most
-    ``limits.stall_limit`` (:class:`ConnectionBroken`, ``oversize``, past it); at most
-    ``2 * max_concurrent_streams`` calls in progress (more are refused); per call, one
-    partial message of ``max_message_size`` plus the complete messages the stream window let
-    in.
+    Bounds: a frame at most ``limits.max_frame_size`` and a header block at most
+    ``max_header_list_size`` (plus a little) are buffered; at most ``max_concurrent_streams``
+    streams open and ``2 * max_concurrent_streams`` calls in progress (more are refused with
+    REFUSED_STREAM); at most ``limits.connection_budget`` bytes held in the calls of the connection
+    (messages not taken, partial messages, inflated batches).
     """
 
     def __init__(
@@ -161,126 +156,124 @@ class GrpcProtocol:
         routes: Mapping[str, Handler],
         authorized: Callable[[str, str | None], bool] = lambda path, authorization: True,
         reject: Callable[[str], None] = lambda reason: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self.routes = routes
         self.authorized = authorized
         self.reject = reject
+        self.clock = clock
         self.release_threshold = limits.stream_window // 4
+        self.budget = limits.connection_budget
+        self.held = 0
+        """Bytes held in this connection's calls (see :attr:`ServerLimits.connection_budget`)."""
         self.calls: dict[int, Call] = {}
         """Calls whose handler is not done (:meth:`end_call`), by stream id."""
+        self.partial: dict[Call, float] = {}
+        """Calls holding part of a message, with when that message began (oldest first)."""
+        self.activity = 0
+        """Counts HEADERS and DATA received: what PINGs and SETTINGS do not move."""
         self.last_stream_id: int | None = None
         """Set once a final GOAWAY is sent or received: later streams are refused."""
-        self._stalled_bytes = 0
-        # outbound headers are ours (metadata is validated by grpclib.metadata): skip the
-        # re-validation, which costs as much as the rest of a unary call's header handling
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding="utf-8",
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
+        self._events: list[Event] = []
+        self._h2 = Http2Server(
+            self,
+            max_concurrent_streams=limits.max_concurrent_streams,
+            stream_window=limits.stream_window,
+            connection_window=limits.connection_window,
+            max_frame_size=limits.max_frame_size,
+            max_header_list_size=limits.max_header_list_size,
+            max_resets=limits.max_resets,
+            reset_window=limits.reset_window,
+            clock=clock,
         )
-        self._h2 = h2conn = ShimmedH2Connection(config=config)
-        h2conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-                SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
-                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-                SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
-            },
-        )
-        h2conn.max_inbound_frame_size = limits.max_frame_size
-        h2conn.initiate_connection()
-        if limits.connection_window > 65535:
-            h2conn.increment_flow_control_window(limits.connection_window - 65535)
-        # h2's own methods, bound once: called after every step of every call
-        self.data_to_send: Callable[[], bytes] = h2conn.data_to_send
-        """Everything queued for the client, in order (``b""`` when nothing is)."""
-        self.pending_output: Callable[[], int] = h2conn.pending_output
-        """How many bytes :attr:`data_to_send` would return now."""
+        self._output = self._h2.output
 
     # -- input ------------------------------------------------------------------------------
 
     @property
     def stalled_bytes(self) -> int:
-        """Bytes received since the last that completed a frame (a partial frame, preface or
-        header block): never more than ``limits.stall_limit``."""
-        return self._stalled_bytes
+        """Bytes received since the last read that completed a frame (and left no header
+        block open): never more than ``limits.stall_limit``."""
+        return self._h2.stalled_bytes
 
     def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes from the client; return what they did, in order.
 
         Raises :class:`ConnectionBroken` (a GOAWAY queued, the refusal counted) when the
-        bytes are not HTTP/2 or break its rules or :attr:`~ServerLimits.stall_limit`.
+        bytes are not HTTP/2 or break its rules or a connection limit.
         """
-        h2conn = self._h2
-        before = h2conn.pending_output()
-        try:
-            h2_events = h2conn.receive_data(data)
-        except (h2.exceptions.ProtocolError, hpack.HPACKError, UnicodeDecodeError) as exc:
-            self.reject("malformed")
-            if h2conn.pending_output() == before:  # no GOAWAY from h2 (a bad preface)
-                self.goaway(h2conn.highest_inbound_stream_id, ErrorCodes.PROTOCOL_ERROR)
-            raise ConnectionBroken(f"HTTP/2 error: {exc}", "malformed") from exc
-        if h2_events or h2conn.pending_output() > before:
-            self._stalled_bytes = 0
-        else:
-            self._stalled_bytes += len(data)
-            if self._stalled_bytes > self.limits.stall_limit:
-                self.refuse_connection(ErrorCodes.FRAME_SIZE_ERROR)
-                self.reject("oversize")
-                raise ConnectionBroken(
-                    f"{self._stalled_bytes} bytes complete no HTTP/2 frame", "oversize"
-                )
         events: list[Event] = []
-        calls = self.calls
-        for event in h2_events:
-            if isinstance(event, h2.events.DataReceived):
-                call = calls.get(event.stream_id)
-                if call is None:
-                    self.acknowledge(event.stream_id, event.flow_controlled_length)
-                elif call.feed(event.data, event.flow_controlled_length) and (
-                    not events or events[-1] is not call.changed
-                ):
-                    events.append(call.changed)
-            elif isinstance(event, h2.events.RequestReceived):
-                call = self._on_request(event)
-                if call is not None:
-                    events.append(CallStarted(call))
-            elif isinstance(event, h2.events.StreamEnded):
-                call = calls.get(event.stream_id)
-                if call is not None:
-                    call.end()
-                    if not events or events[-1] is not call.changed:
-                        events.append(call.changed)
-            elif isinstance(event, h2.events.StreamReset):
-                call = calls.get(event.stream_id)
-                if call is not None:
-                    call.on_reset()
-                    events.append(call.changed)
-                events.append(_WINDOW_OPENED)
-            elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-                if not events or events[-1] is not _WINDOW_OPENED:
-                    events.append(_WINDOW_OPENED)
-            elif isinstance(event, h2.events.PingAckReceived):
-                if event.ping_data == DRAIN_PING:
-                    events.append(_PING_ACKED)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.last_stream_id = h2conn.highest_inbound_stream_id
-                events.append(_PEER_GOING_AWAY)
+        self._events = events
+        try:
+            self._h2.receive_data(data)
+        except Http2Error as exc:
+            self.last_stream_id = self._h2.highest_stream_id
+            self.reject(exc.reason)
+            raise ConnectionBroken(f"HTTP/2 error: {exc}", exc.reason) from exc
         return events
 
-    def _on_request(self, event: h2.events.RequestReceived) -> Call | None:
+    # the Listener methods: called by Http2Server while it parses a read
+
+    def on_data(self, stream_id: int, data: bytes, flow_len: int, end: bool) -> None:
+        self.activity += 1
+        call = self.calls.get(stream_id)
+        if call is None:
+            self._h2.acknowledge(stream_id, flow_len)
+            return
+        events = self._events
+        if call.feed(data, flow_len) or end:
+            if end:
+                call.end()
+            if not events or events[-1] is not call.changed:
+                events.append(call.changed)
+
+    def on_request(self, stream_id: int, headers: list[tuple[str, str]], end: bool) -> None:
+        self.activity += 1
+        call = self._on_request(stream_id, headers)
+        if call is not None:
+            self._events.append(CallStarted(call))
+            if end:
+                call.end()
+
+    def on_end(self, stream_id: int) -> None:
+        call = self.calls.get(stream_id)
+        if call is not None:
+            call.end()
+            events = self._events
+            if not events or events[-1] is not call.changed:
+                events.append(call.changed)
+
+    def on_reset(self, stream_id: int) -> None:
+        call = self.calls.get(stream_id)
+        if call is not None:
+            call.on_reset()
+            self._events.append(call.changed)
+
+    def on_refused(self, stream_id: int, reason: str) -> None:
+        self.reject(reason)
+
+    def on_window(self) -> None:
+        events = self._events
+        if not events or events[-1] is not _WINDOW_OPENED:
+            events.append(_WINDOW_OPENED)
+
+    def on_ping_ack(self, data: bytes) -> None:
+        if data == DRAIN_PING:
+            self._events.append(_PING_ACKED)
+
+    def on_goaway(self, last_stream_id: int) -> None:
+        if self.last_stream_id is None:
+            self.last_stream_id = self._h2.highest_stream_id
+        self._events.append(_PEER_GOING_AWAY)
+
+    def _on_request(self, stream_id: int, headers: list[tuple[str, str]]) -> Call | None:
         """Validate a request's headers: its call, or None when it was answered here."""
-        stream_id = event.stream_id
         if (self.last_stream_id is not None and stream_id > self.last_stream_id) or len(
             self.calls
         ) >= 2 * self.limits.max_concurrent_streams:
-            self._send_final(stream_id, None)
+            self._h2.refuse_stream(stream_id)
             return None
-        # header_encoding="utf-8" (see __init__) makes h2 hand us str pairs
-        headers = cast("list[tuple[str, str]]", event.headers or [])
         method = path = content_type = timeout_value = encoding = authorization = None
         for key, value in headers:
             if key == ":path":
@@ -352,61 +345,96 @@ class GrpcProtocol:
         headers.append(("grpc-message", encode_grpc_message(message)))
         self._send_final(stream_id, headers)
 
-    def _send_final(self, stream_id: int, headers: list[tuple[str, str]] | None) -> None:
-        """Answer a request with ``headers`` that end its stream, or refuse it (None:
-        RST_STREAM REFUSED_STREAM). Nothing if h2 cannot send any more: a GOAWAY from the
-        client in the same read as the request closes h2's side of the connection."""
-        try:
-            if headers is None:
-                self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            else:
-                self._h2.send_headers(stream_id, headers, end_stream=True)
-        except h2.exceptions.ProtocolError:
-            pass
+    def _send_final(self, stream_id: int, headers: list[tuple[str, str]]) -> None:
+        """Answer a request with ``headers`` that end its stream; if the client is still
+        sending, tell it to stop (RFC 9113 section 8.1)."""
+        h2 = self._h2
+        h2.send_headers(stream_id, encode_headers(headers), end_stream=True)
+        h2.reset_stream(stream_id, ErrorCode.NO_ERROR)
 
     def acknowledge(self, stream_id: int, size: int) -> None:
-        """Give ``size`` received bytes back to the client's windows (if it still listens)."""
-        try:
-            self._h2.acknowledge_received_data(size, stream_id)
-        except h2.exceptions.ProtocolError:  # the connection is closed (the client's GOAWAY)
-            pass
+        """Give ``size`` received bytes back to the client's windows (in bulk)."""
+        self._h2.acknowledge(stream_id, size)
 
     def end_call(self, call: Call) -> None:
-        """The handler is done: release the call's flow control and forget it."""
+        """The handler is done: release the call's flow control and bytes, and forget it."""
         call.release_all()
+        call.discharge()
+        self.partial.pop(call, None)
         del self.calls[call.stream_id]
+
+    # -- the bounds on partial work ---------------------------------------------------------
+
+    def over_budget(self, call: Call) -> None:
+        """The connection holds more than its budget: ``call``, which asked for more, ends
+        RESOURCE_EXHAUSTED (``over_budget``) and lets go of what it held."""
+        self.reject("over_budget")
+        call.fail(
+            GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"the connection holds more than its {self.budget} bytes of partial work",
+            )
+        )
+        self._events.append(call.changed)
+
+    def overdue(self, started_before: float) -> list[Call]:
+        """Cut the calls whose partial message began before ``started_before`` (counted
+        ``too_slow``; they end DEADLINE_EXCEEDED and their streams are reset); return them."""
+        cut = []
+        for call, since in self.partial.items():
+            if since >= started_before:
+                break  # oldest first
+            cut.append(call)
+        for call in cut:
+            self.reject("too_slow")
+            call.fail(GRPCError(Status.DEADLINE_EXCEEDED, "a message took too long to arrive"))
+        return cut
+
+    def oldest_partial(self) -> float | None:
+        """When the oldest partial message began, or None."""
+        for since in self.partial.values():
+            return since
+        return None
 
     # -- output -----------------------------------------------------------------------------
 
+    def data_to_send(self) -> bytes:
+        """Everything queued for the client, in order (``b""`` when nothing is)."""
+        out = self._output
+        if not out:
+            return b""
+        data = bytes(out)
+        out.clear()
+        return data
+
+    def pending_output(self) -> int:
+        """How many bytes :meth:`data_to_send` would return now."""
+        return len(self._output)
+
     def send_headers(self, call: Call, metadata: Any = None) -> None:
         """The response headers (with ``metadata``, custom initial metadata)."""
-        h2conn = self._h2
+        block = RESPONSE_HEADERS_BLOCK
+        if metadata:
+            block += encode_headers(encode_metadata(metadata))
         try:
-            if metadata or not h2conn.send_encoded_headers(
-                call.stream_id, RESPONSE_HEADERS_BLOCK, end_stream=False
-            ):
-                headers = list(RESPONSE_HEADERS)
-                if metadata:
-                    headers.extend(encode_metadata(metadata))
-                h2conn.send_headers(call.stream_id, headers)
-        except h2.exceptions.ProtocolError as exc:  # the stream or the connection is closed
-            raise StreamReset(f"stream {call.stream_id} is closed: {exc}") from exc
+            self._h2.send_headers(call.stream_id, block)
+        except StreamClosed as exc:
+            raise StreamReset(str(exc)) from exc
         call.headers_sent = True
 
     def send_window(self, call: Call) -> int:
         """How many bytes of DATA may go to the call now (both windows, one frame)."""
         try:
-            window = self._h2.local_flow_control_window(call.stream_id)
-        except h2.exceptions.StreamClosedError as exc:
-            raise StreamReset(f"stream {call.stream_id} is closed") from exc
-        return min(window, self._h2.max_outbound_frame_size)
+            return self._h2.send_window(call.stream_id)
+        except StreamClosed as exc:
+            raise StreamReset(str(exc)) from exc
 
     def send_data(self, call: Call, data: bytes | memoryview) -> None:
         """One DATA frame that :meth:`send_window` allows."""
         try:
-            self._h2.send_data_frame(call.stream_id, data)
-        except h2.exceptions.ProtocolError as exc:  # the connection is closed (GOAWAY)
-            raise StreamReset(f"stream {call.stream_id} is closed: {exc}") from exc
+            self._h2.send_data(call.stream_id, data)
+        except StreamClosed as exc:
+            raise StreamReset(str(exc)) from exc
 
     def finish(
         self, call: Call, status: Status, message: str | None = None, metadata: Any = None
@@ -416,46 +444,39 @@ class GrpcProtocol:
         if call.trailers_sent or call.reset:
             return
         call.trailers_sent = True
-        h2conn = self._h2
-        try:
-            simple = status is Status.OK and not message and not metadata
+        if status is Status.OK and not message and not metadata:
             block = OK_TRAILERS_BLOCK if call.headers_sent else OK_TRAILERS_ONLY_BLOCK
-            if not simple or not h2conn.send_encoded_headers(
-                call.stream_id, block, end_stream=True
-            ):
-                headers = [] if call.headers_sent else list(RESPONSE_HEADERS)
-                headers.append(("grpc-status", str(status.value)))
-                if message:
-                    headers.append(("grpc-message", encode_grpc_message(message)))
-                if metadata:
-                    headers.extend(encode_metadata(metadata))
-                h2conn.send_headers(call.stream_id, headers, end_stream=True)
-            if not call.ended:
-                # The client is still sending: tell it to stop (RFC 9113 section 8.1).
-                h2conn.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
-        except h2.exceptions.ProtocolError:
-            # the stream is closed, or the whole connection (h2 closes it at the client's
-            # GOAWAY): nobody is left to tell
-            return
+        else:
+            block = b"" if call.headers_sent else RESPONSE_HEADERS_BLOCK
+            headers = [("grpc-status", str(status.value))]
+            if message:
+                headers.append(("grpc-message", encode_grpc_message(message)))
+            if metadata:
+                headers.extend(encode_metadata(metadata))
+            block += encode_headers(headers)
+        h2 = self._h2
+        try:
+            h2.send_headers(call.stream_id, block, end_stream=True)
+        except StreamClosed:
+            return  # reset meanwhile: nobody is left to tell
+        if not call.ended:
+            # The client is still sending: tell it to stop (RFC 9113 section 8.1).
+            h2.reset_stream(call.stream_id, ErrorCode.NO_ERROR)
 
-    def goaway(self, last_stream_id: int, error_code: int = ErrorCodes.NO_ERROR) -> None:
-        """Queue a GOAWAY frame without closing h2's state machine (streams keep running)."""
-        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code)
-        self._h2.append_output(frame.serialize())
+    def goaway(self, last_stream_id: int, error_code: int = ErrorCode.NO_ERROR) -> None:
+        """Queue a GOAWAY frame (streams up to ``last_stream_id`` keep running)."""
+        self._h2.goaway(last_stream_id, error_code)
 
     def refuse_connection(self, error_code: int) -> None:
         """Final GOAWAY with ``error_code``: no stream past the highest one opened is served."""
-        self.last_stream_id = self._h2.highest_inbound_stream_id
+        self.last_stream_id = self._h2.highest_stream_id
         self.goaway(self.last_stream_id, error_code)
 
     def start_drain(self) -> None:
         """Graceful shutdown, first half: GOAWAY(max stream id) and a PING whose answer
         (:class:`PingAcked`) says the client has seen it; then :meth:`refuse_connection`."""
         self.goaway(MAX_STREAM_ID)
-        try:
-            self._h2.ping(DRAIN_PING)
-        except h2.exceptions.ProtocolError:  # the client already sent GOAWAY: no answer
-            pass
+        self._h2.ping(DRAIN_PING)
 
     def fail_all(self) -> list[Call]:
         """The connection is gone: every call in progress is reset."""

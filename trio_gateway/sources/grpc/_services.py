@@ -37,6 +37,7 @@ __all__ = (
 )
 
 _QUEUE_FULL = "queue_full"
+_EMPTY = model_pb2.Empty()
 _ServingStatus: TypeAlias = "health_pb2.HealthCheckResponse.ServingStatus.ValueType"
 
 
@@ -60,6 +61,16 @@ def _decode_all(
                 break
         ingress.reject("malformed")
         return good, GRPCError(Status.INVALID_ARGUMENT, "invalid protobuf message")
+
+
+def _payloads(
+    ingress: Ingress, batch: Sequence[bytes]
+) -> tuple[list[bytes], list[int], GRPCError | None]:
+    """The payloads and sequence numbers of a batch of ``gateway.v1.Message`` (the decoded
+    messages are dropped at once: a payload is the one copy kept), and the error to raise
+    after them if one was invalid."""
+    messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
+    return [m.payload for m in messages], [m.sequence for m in messages], error
 
 
 async def _offer_one(ingress: Ingress, stream: GrpcStream, payload: bytes, wait: float) -> None:
@@ -98,14 +109,14 @@ class GatewayService(GatewayBase):
         ingress = self._ingress
         accepted = received = last_sequence = 0
         while batch := await stream.recv_batch():
-            messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
-            if messages:
+            payloads, sequences, error = _payloads(ingress, batch)
+            del batch  # only the payloads go on: a waiting handler holds one copy of each
+            if payloads:
+                received += len(payloads)
+                last_sequence = sequences[-1]
                 # under `block` this waits while the queue is full: the window stays closed
-                accepted += await ingress.offer(
-                    [m.payload for m in messages], _origin(ingress, stream)
-                )
-                received += len(messages)
-                last_sequence = messages[-1].sequence
+                accepted += await ingress.offer(payloads, _origin(ingress, stream))
+                del payloads
             if error is not None:
                 raise error
         await stream.send_message(
@@ -121,20 +132,19 @@ class GatewayService(GatewayBase):
         ingress = self._ingress
         ack = gateway_pb2.Ack
         while batch := await stream.recv_batch():
-            messages, error = _decode_all(ingress, gateway_pb2.Message, batch)
-            if messages:
+            payloads, sequences, error = _payloads(ingress, batch)
+            del batch
+            if payloads:
                 accepted = await ingress.offer_or_reject(
-                    [m.payload for m in messages],
-                    _origin(ingress, stream),
-                    timeout=self._timeout,
+                    payloads, _origin(ingress, stream), timeout=self._timeout
                 )
+                del payloads  # queued or refused: not held while the acks wait for a window
                 acks = [
-                    ack(sequence=m.sequence, accepted=True, accepted_count=1)
-                    for m in messages[:accepted]
+                    ack(sequence=s, accepted=True, accepted_count=1) for s in sequences[:accepted]
                 ]
                 acks.extend(
-                    ack(sequence=m.sequence, reason=_QUEUE_FULL, rejected_count=1)
-                    for m in messages[accepted:]
+                    ack(sequence=s, reason=_QUEUE_FULL, rejected_count=1)
+                    for s in sequences[accepted:]
                 )
                 await stream.send_messages(acks)
             if error is not None:
@@ -147,6 +157,16 @@ class UnaryInputterService(GrpcUnaryInputterServiceBase):
     def __init__(self, ingress: Ingress, *, queue_timeout: float) -> None:
         self._ingress = ingress
         self._timeout = queue_timeout
+
+    def __inline_mapping__(self) -> dict[str, InlineHandler]:
+        return {"/model.GrpcUnaryInputterService/MakeRequest": self._make_request_inline}
+
+    def _make_request_inline(self, stream: GrpcStream, request: Any) -> Any:
+        """``MakeRequest`` when the queue has room now; else ``None`` (the task path)."""
+        payload = request.message.encode()
+        if not self._ingress.offer_one_nowait(payload, _origin(self._ingress, stream)):
+            return None
+        return _EMPTY
 
     async def MakeRequest(self, stream: GrpcStream) -> None:  # type: ignore[override]
         request = await stream.recv_message()
@@ -185,6 +205,15 @@ class HealthService(HealthBase):
     def __init__(self, ingress: Ingress, services: Sequence[str]) -> None:
         self._ingress = ingress
         self._services = frozenset(("", *services))
+
+    def __inline_mapping__(self) -> dict[str, InlineHandler]:
+        return {"/grpc.health.v1.Health/Check": self._check_inline}
+
+    def _check_inline(self, stream: GrpcStream, request: Any) -> Any:
+        """``Check`` for a known service (an unknown one takes the task path: NOT_FOUND)."""
+        if request.service not in self._services:
+            return None
+        return health_pb2.HealthCheckResponse(status=self._status(request.service))
 
     def _status(self, service: str) -> _ServingStatus:
         if service not in self._services:

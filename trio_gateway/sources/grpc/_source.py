@@ -97,10 +97,17 @@ class GrpcSource(Source):
         self.services = tuple(services)
 
     def limits(self) -> ServerLimits:
+        """The server's bounds; a connection's budget grows with ``max_message_size`` (the
+        connection window plus four messages, 32 MiB at the default 4 MiB)."""
+        defaults = ServerLimits()
         return ServerLimits(
             max_message_size=self.max_message_size,
             max_concurrent_streams=self.max_concurrent_streams,
             idle_timeout=self.idle_timeout,
+            connection_budget=max(
+                defaults.connection_budget,
+                defaults.connection_window + 4 * self.max_message_size,
+            ),
         )
 
     def server(self, ingress: Ingress) -> GrpcServer:

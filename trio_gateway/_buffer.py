@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from ._message import Batch, Origin
-from .queues import Queue
+from .queues import DiskQueue, Queue
 
 __all__ = ("UNKNOWN_ORIGIN", "MessageBuffer")
 
@@ -28,10 +28,12 @@ UNKNOWN_ORIGIN = Origin("unknown", "", "", 0.0)
 class MessageBuffer:
     """A queue of payloads with their origins kept as runs (see the module docstring)."""
 
-    __slots__ = ("_held", "_runs", "queue")
+    __slots__ = ("_disk", "_held", "_runs", "queue")
 
     def __init__(self, queue: Queue[bytes]) -> None:
         self.queue = queue
+        self._disk = queue if isinstance(queue, DiskQueue) else None
+        """A disk queue keeps the origins itself, on disk beside the payloads."""
         self._runs: deque[list[Any]] = deque()  # [origin, count], mutable to trim in place
         self._held = 0
 
@@ -46,6 +48,8 @@ class MessageBuffer:
         self, payloads: Sequence[bytes], origin: Origin, *, drop: bool = True
     ) -> int:
         """Offer ``payloads`` (all from ``origin``); returns how many the queue accepted."""
+        if self._disk is not None:
+            return self._disk.put_many_nowait(payloads, drop=drop, origin=origin)
         accepted = self.queue.put_many_nowait(payloads, drop=drop)
         if accepted:
             self._runs.append([origin, accepted])
@@ -78,9 +82,29 @@ class MessageBuffer:
         return taken
 
     def get_batch_nowait(self, max_items: int) -> Batch:
-        """Take up to ``max_items``; :class:`trio.WouldBlock` / :class:`trio.EndOfChannel`."""
+        """Take up to ``max_items``; :class:`trio.WouldBlock` / :class:`trio.EndOfChannel`.
+
+        Call :meth:`settle` once the batch is delivered or given up for good."""
+        if self._disk is not None:
+            return self._disk.take_batch_nowait(max_items)
         payloads = self.queue.get_batch_nowait(max_items)
         return Batch(payloads, self._drop_head(len(payloads)))
+
+    def settle(self) -> None:
+        """The oldest batch taken is done with: a disk queue may forget it (memory queues
+        forgot it when it was taken)."""
+        if self._disk is not None:
+            self._disk.settle()
+
+    @property
+    def durable(self) -> bool:
+        """Whether an accepted message is only acknowledged once on disk (a disk queue)."""
+        return self._disk is not None
+
+    async def wait_stored(self) -> None:
+        """Wait until every message accepted so far is on disk (a disk queue; else at once)."""
+        if self._disk is not None:
+            await self._disk.wait_stored()
 
     async def get_batch(self, max_items: int) -> Batch:
         """Wait for at least one message, then take up to ``max_items``.

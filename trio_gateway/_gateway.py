@@ -19,7 +19,7 @@ from ._ingress import Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
 from ._message import Batch, Message, Origin
-from .queues import Queue, RingBuffer
+from .queues import DiskQueue, Queue, RingBuffer
 from .sinks._base import Sink
 from .sources._base import Source
 
@@ -153,6 +153,7 @@ class Gateway:
         self._pump_scope = trio.CancelScope(shield=True)
         self._sources_scope: trio.CancelScope | None = None
         self._in_flight = 0
+        self._kept_in_flight = 0
         self._final_ledger: Ledger | None = None
         self._serving = False
         self.sink_problem: SinkError | None = None
@@ -192,12 +193,18 @@ class Gateway:
         if self._final_ledger is not None:
             return self._final_ledger
         stats = self.queue.statistics()
-        return Ledger.compute(
-            self.source_counters,
-            self.pump_counters,
-            stats.dropped,
-            stats.depth + self._in_flight,
-        )
+        held = stats.depth + self._in_flight + self._kept_in_flight
+        if isinstance(self.queue, DiskQueue):
+            # On disk, what is queued or in flight is kept for the next start, not abandoned.
+            return Ledger.compute(
+                self.source_counters,
+                self.pump_counters,
+                stats.dropped,
+                0,
+                recovered=self.queue.recovered,
+                kept=held,
+            )
+        return Ledger.compute(self.source_counters, self.pump_counters, stats.dropped, held)
 
     # -- running --------------------------------------------------------------------------
 
@@ -205,6 +212,19 @@ class Gateway:
         """Serve until :meth:`shutdown` (or cancellation), then flush; return the ledger."""
         if self.state != "created":
             raise RuntimeError("a Gateway runs once; create a new one")
+        disk = self.queue if isinstance(self.queue, DiskQueue) else None
+        if disk is None:
+            return await self._run(task_status)
+        # A disk queue is opened (what it holds comes back first) before anything binds, and
+        # closed (what is left stays on disk) after the pump has finished.
+        await disk.open()
+        try:
+            return await self._run(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await disk.aclose()
+
+    async def _run(self, task_status: trio.TaskStatus[Any]) -> Ledger:
         self.state = "starting"
         if not self.sink_wait:
             try:
@@ -375,13 +395,17 @@ class Gateway:
                         else:
                             counters.sink_failed += len(items)
                     self._in_flight = 0
+                    buffer.settle()
         except SinkUnavailable as exc:
             # Gone for good (a closed pipe): retrying cannot help, and neither can a drain.
             self._sink_lost = exc
             _log.error("%s; stopping (what is queued is abandoned)", exc)
             self.abort()
         finally:
-            counters.abandoned += self._in_flight
+            if isinstance(self.queue, DiskQueue):
+                self._kept_in_flight = self._in_flight  # not settled: still on disk
+            else:
+                counters.abandoned += self._in_flight
             self._in_flight = 0
             await self._close_sink()
             done.set()

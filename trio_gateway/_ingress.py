@@ -93,6 +93,8 @@ class Ingress:
         """Queue one message if the queue takes it now, without its policy dropping anything
         new; False, with nothing counted or changed, if not (the caller then takes the
         waiting way, :meth:`offer_or_reject`, which answers its sender)."""
+        if self._queue.durable:
+            return False  # its answer waits for the disk: offer_or_reject does that
         try:
             if not self._queue.put_many_nowait((payload,), origin, drop=False):
                 return False
@@ -141,7 +143,9 @@ class Ingress:
     ) -> int:
         """Enqueue what fits within ``timeout``; the rest is rejected as ``queue_full``.
 
-        Returns how many were accepted; the caller answers its sender accordingly.
+        Returns how many were accepted; the caller answers its sender accordingly. With a
+        disk queue it returns once they are on disk (committed as its ``fsync`` policy says),
+        so an answer sent then means "on disk".
         """
         if not payloads:
             return 0
@@ -166,6 +170,8 @@ class Ingress:
             counters.received_bytes += sum(map(len, payloads[:done]))
             if done < len(payloads):
                 counters.rejected["queue_full"] += len(payloads) - done
+        if done:
+            await buffer.wait_stored()
         return done
 
     def reject(self, reason: str, count: int = 1) -> None:

@@ -55,7 +55,9 @@ LAYERS: dict[str, Layer] = {
     # framing: pure, knows nothing of the package but its errors
     "codecs": layer("_errors", sans_io=True),
     # queues: know nothing of messages' origins, sources or sinks
-    "queues": layer("_errors", "_names"),
+    "queues": layer("_errors", "_names", "queues._disk"),
+    # the disk queue stores each run's origin beside its payloads, so it knows what one is
+    "queues._disk": layer("_errors", "_names", "_log", "_message", "queues"),
     "_buffer": layer("_message", "queues"),
     "_ingress": layer("_buffer", "_ledger", "_message", "queues"),
     # the edges: a source reaches the queue only through its Ingress; sources and sinks never

@@ -17,10 +17,18 @@ from typing import Any
 from .._errors import ConfigurationError
 from .._gateway import Gateway, Processor, RetryPolicy
 from .._names import canonical
-from ..queues import QUEUE_KINDS, Queue, queue_class
+from ..queues import QUEUE_KINDS, DiskQueue, Queue, queue_class
 from ..sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
 from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
-from ._schema import GatewayConfig, QueueConfig, SinkConfig, SourceConfig, parse_hostport, sink_kind
+from ._schema import (
+    DISK_QUEUE,
+    GatewayConfig,
+    QueueConfig,
+    SinkConfig,
+    SourceConfig,
+    parse_hostport,
+    sink_kind,
+)
 
 __all__ = (
     "SINK_KINDS",
@@ -142,6 +150,23 @@ def _describe(hint: Any) -> str:
 
 
 def build_queue(config: QueueConfig) -> Queue[bytes]:
+    disk_keys = config.dir is not None or config.fsync != "batch" or config.fsync_interval != 1.0
+    if config.kind == DISK_QUEUE:
+        if not config.dir:
+            raise ConfigurationError("queue.dir", 'kind = "disk" needs a directory')
+        try:
+            return DiskQueue(
+                config.dir,
+                capacity=config.capacity,
+                policy=config.policy,
+                max_bytes=config.max_bytes,
+                fsync=config.fsync,
+                fsync_interval=config.fsync_interval,
+            )
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"queue.{exc.key}", exc.message) from exc
+    if disk_keys:
+        raise ConfigurationError("queue.dir", 'dir and fsync are for kind = "disk" only')
     cls = queue_class(config.kind)
     if cls is None:
         raise ConfigurationError(
@@ -227,6 +252,8 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("gateway.batch_size", "must be at least 1")
     if config.workers < 1:
         raise ConfigurationError("gateway.workers", "must be at least 1")
+    if config.workers > 1 and config.queue.kind == DISK_QUEUE:
+        raise ConfigurationError("gateway.workers", "the disk queue serves one process")
     if config.sink.wait < 0:
         raise ConfigurationError("sink.wait", "must not be negative")
     if config.sink.retry_max_attempts < 0:

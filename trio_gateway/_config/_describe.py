@@ -19,7 +19,8 @@ def describe(config: GatewayConfig) -> str:
     sink = config.sink
     lines = [
         f"queue: {queue.kind}, capacity {queue.capacity}, policy {queue.policy}"
-        + (f", max {queue.max_bytes} bytes" if queue.max_bytes else ""),
+        + (f", max {queue.max_bytes} bytes" if queue.max_bytes else "")
+        + (f", dir {queue.dir}, fsync {queue.fsync}" if queue.kind == "disk" else ""),
         f"sink: {redact_url(sink.url)}"
         + (f", wait {sink.wait:g} s" if sink.wait else "")
         + (f", retry_max_attempts={sink.retry_max_attempts}" if sink.retry_max_attempts else "")

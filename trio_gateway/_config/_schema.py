@@ -41,6 +41,10 @@ POLICY_NAMES: tuple[Policy, ...] = get_args(Policy)
 """The overflow policies (the queues' ``OverflowPolicy``, without importing Trio)."""
 QUEUE_NAMES = ("ring", "locked_ring", "channel", "locked_list")
 """The queue kinds (the keys of ``queues.QUEUE_KINDS``, without importing Trio)."""
+DISK_QUEUE = "disk"
+"""The disk queue's kind (``--queue disk:DIR``, ``[queue] kind = "disk"`` with ``dir``)."""
+FSYNC_NAMES = ("always", "batch", "interval")
+"""The disk queue's fsync policies (``queues.FSYNC_POLICIES``, without importing Trio)."""
 TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc")
 """The source transports (``[[sources]] transport = ...``)."""
 
@@ -61,6 +65,12 @@ class QueueConfig:
     capacity: int = 10_000
     policy: Policy = "block"
     max_bytes: int | None = None
+    dir: str | None = None
+    """The disk queue's directory (``kind = "disk"`` only)."""
+    fsync: str = "batch"
+    """The disk queue's fsync policy: ``always``, ``batch`` or ``interval``."""
+    fsync_interval: float = 1.0
+    """Seconds between fsyncs under ``fsync = "interval"``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,8 +63,20 @@ def _gateway_changes(gateway: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _queue(queue: Mapping[str, Any]) -> QueueConfig:
-    _check_keys(queue, ("kind", "capacity", "policy", "max_bytes"), "queue")
+    _check_keys(
+        queue,
+        ("kind", "capacity", "policy", "max_bytes", "dir", "fsync", "fsync_interval"),
+        "queue",
+    )
+    disk: dict[str, Any] = {}
+    if "dir" in queue:
+        disk["dir"] = _expect(queue, "dir", str, "queue")
+    if "fsync" in queue:
+        disk["fsync"] = canonical(_expect(queue, "fsync", str, "queue"))
+    if "fsync_interval" in queue:
+        disk["fsync_interval"] = float(_expect(queue, "fsync_interval", (int, float), "queue"))
     return QueueConfig(
+        **disk,
         kind=canonical(_expect(queue, "kind", str, "queue")) if "kind" in queue else "ring",
         capacity=_expect(queue, "capacity", int, "queue") if "capacity" in queue else 10_000,
         policy=normalize_policy(queue["policy"], key="queue.policy")

@@ -14,13 +14,14 @@ from typing import Any, Literal, Protocol, TypeAlias
 import trio
 
 from ._buffer import MessageBuffer
-from ._errors import ConfigurationError, SinkError, SinkUnavailable
+from ._errors import ConfigurationError, SinkError, SinkRefused, SinkUnavailable
 from ._ingress import Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
 from ._message import Batch, Message, Origin
 from .queues import DiskQueue, Queue, RingBuffer
 from .sinks._base import Sink
+from .sinks._deadletter import DeadLetter
 from .sources._base import Source
 
 __all__ = ("Gateway", "Processor", "RetryPolicy", "Service")
@@ -113,6 +114,7 @@ class Gateway:
         handle_signals: bool = False,
         services: Sequence[Service] = (),
         sink_wait: float = 0.0,
+        dead_letter: Sink | str | None = None,
     ) -> None:
         if not sources:
             raise ConfigurationError("sources", "a gateway needs at least one source")
@@ -143,6 +145,9 @@ class Gateway:
         self.retry = retry or RetryPolicy()
         self.handle_signals = handle_signals
         self.sink_wait = sink_wait
+        self.dead_letter = None if dead_letter is None else DeadLetter(dead_letter)
+        """Where messages the sink refused for good go (a path means a file sink)."""
+        self._refused: SinkRefused | None = None
         self.services = tuple(services)
         self.service_values: list[Any] = []
         """What each service reported through ``task_status.started`` (e.g. bound addresses)."""
@@ -283,6 +288,15 @@ class Gateway:
             self.sink_problem = SinkUnavailable(self.sink.name, str(exc) or repr(exc))
             raise self.sink_problem from exc
         self.sink_problem = None
+        if self.dead_letter is not None:
+            try:
+                await self.dead_letter.open()
+            except Exception as exc:
+                await self._close_sink()
+                self.sink_problem = SinkUnavailable(
+                    f"{self.dead_letter.name} (dead letter)", str(exc) or repr(exc)
+                )
+                raise self.sink_problem from exc
 
     async def _wait_for_sink(self) -> bool:
         """Open the sink, trying again with backoff for up to ``sink_wait`` seconds.
@@ -391,7 +405,13 @@ class Gateway:
                         if await self._with_retry(
                             functools.partial(self.sink.send, items), what="send"
                         ):
+                            refused, self._refused = self._refused, None
                             counters.delivered += len(items)
+                            if refused is not None:
+                                counters.delivered -= len(refused.indices)
+                                await self._dead_letter(items, refused.indices, refused.reason)
+                        elif self.dead_letter is not None:
+                            await self._dead_letter(items, range(len(items)), "retries spent")
                         else:
                             counters.sink_failed += len(items)
                     self._in_flight = 0
@@ -416,6 +436,29 @@ class Gateway:
                 await self.sink.aclose()
             except Exception as exc:
                 _log.error("sink %s failed to close: %r", self.sink.name, exc)
+            if self.dead_letter is not None:
+                try:
+                    await self.dead_letter.aclose()
+                except Exception as exc:
+                    _log.error("dead letter %s failed to close: %r", self.dead_letter.name, exc)
+
+    async def _dead_letter(self, batch: Batch, indices: Sequence[int], reason: str) -> None:
+        """Hand the messages of ``batch`` at ``indices`` to the dead letter, and count them."""
+        counters = self.pump_counters
+        if self.dead_letter is None:
+            counters.refused += len(indices)
+            _sink_errors.warning(
+                "sink %s: %d messages refused for good (%s); no dead letter: dropped",
+                self.sink.name,
+                len(indices),
+                reason,
+            )
+            return
+        refused = Batch.of([batch[i] for i in indices])
+        if await self.dead_letter.put(refused, reason):
+            counters.dead_lettered += len(indices)
+        else:
+            counters.refused += len(indices)
 
     async def _process(self, batch: Batch) -> Batch:
         processor = self.processor
@@ -470,6 +513,12 @@ class Gateway:
                 counters.sink_errors += 1
                 self.sink_problem = exc
                 raise
+            except SinkRefused as exc:
+                # Delivered, except what is refused for good: the pump routes that (no retry).
+                self._refused = exc
+                self.sink_problem = None
+                counters.sink_batches += 1
+                return True
             except Exception as exc:
                 counters.sink_errors += 1
                 self.sink_problem = exc if isinstance(exc, SinkError) else SinkError(repr(exc))

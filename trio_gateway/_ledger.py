@@ -44,6 +44,10 @@ class PumpCounters:
     """Messages the processor raised on, by exception type name."""
     sink_failed: int = 0
     """Messages given up after the sink's retry budget ran out."""
+    dead_lettered: int = 0
+    """Messages the destination refused for good (or given up), written to the dead letter."""
+    refused: int = 0
+    """Messages the destination refused for good, with no dead letter to take them."""
     sink_batches: int = 0
     sink_errors: int = 0
     """Failed attempts to send a batch (each retry that failed counts once)."""
@@ -122,6 +126,11 @@ class Ledger:
             "processor_error": sum(pump.failed.values()),
             "sink_failed": pump.sink_failed,
         }
+        # Shown when not 0, so a gateway without poison batches prints the ledger it always did.
+        if pump.dead_lettered:
+            dropped["dead_letter"] = pump.dead_lettered
+        if pump.refused:
+            dropped["refused"] = pump.refused
         return cls(
             received=received,
             delivered=pump.delivered,

@@ -242,6 +242,20 @@ def load_processor(spec: str) -> Processor:
     return processor
 
 
+def _dead_letter(spec: str | None) -> Sink | None:
+    """``[sink] dead_letter``: a path is a file sink; a URL names any sink."""
+    if spec is None:
+        return None
+    if not spec:
+        raise ConfigurationError("sink.dead_letter", "needs a path or a sink URL")
+    if "://" in spec or spec in ("stdout", "null") or spec.startswith(("file:", "tcp:")):
+        try:
+            return build_sink(SinkConfig(url=spec))
+        except ConfigurationError as exc:
+            raise ConfigurationError("sink.dead_letter", exc.message) from exc
+    return FileSink(spec)
+
+
 def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gateway:
     """Instantiate everything a config describes (no I/O happens until ``Gateway.run``)."""
     if config.drain_timeout < 0:
@@ -277,5 +291,6 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         grace_period=config.grace_period,
         retry=RetryPolicy(max_attempts=config.sink.retry_max_attempts or None),
         sink_wait=config.sink.wait,
+        dead_letter=_dead_letter(config.sink.dead_letter),
         handle_signals=handle_signals,
     )

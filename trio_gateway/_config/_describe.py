@@ -24,6 +24,7 @@ def describe(config: GatewayConfig) -> str:
         f"sink: {redact_url(sink.url)}"
         + (f", wait {sink.wait:g} s" if sink.wait else "")
         + (f", retry_max_attempts={sink.retry_max_attempts}" if sink.retry_max_attempts else "")
+        + (f", dead letter {redact_url(sink.dead_letter)}" if sink.dead_letter else "")
         + _options(dict(sink.options)),
         f"drain timeout {config.drain_timeout} s, grace period {config.grace_period} s, "
         f"batch size {config.batch_size}",

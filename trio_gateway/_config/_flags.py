@@ -135,6 +135,11 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "/readyz answering 503 meanwhile (0: fail at once, exit 2)",
     )
     serve.add_argument(
+        "--dead-letter",
+        metavar="PATH|URL",
+        help="where messages the destination refuses for good go (a file, or a sink URL)",
+    )
+    serve.add_argument(
         "--processor", metavar="MODULE:FUNCTION", help="a function applied to every message"
     )
     serve.add_argument("--batch-size", type=int, metavar="N", help="messages per sink batch")
@@ -254,6 +259,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         sink = replace(sink, url=args.sink)
     if args.sink_wait is not None:
         sink = replace(sink, wait=args.sink_wait)
+    if args.dead_letter is not None:
+        sink = replace(sink, dead_letter=args.dead_letter)
     changes = {
         name: getattr(args, name)
         for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")

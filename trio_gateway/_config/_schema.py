@@ -80,6 +80,9 @@ class SinkConfig:
     wait: float = 0.0
     """Seconds ``serve`` waits at start for a sink whose destination is not there yet (0: it
     fails at once); ``/readyz`` answers 503 with the reason meanwhile."""
+    dead_letter: str | None = None
+    """Where messages the destination refused for good go: a path (a file sink) or a sink
+    URL; None: they are dropped and counted ``refused``."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for the sink class the URL names (``fsync``, ``token``, ``timeout``
     ...), checked against its signature like a source's options; ``env:NAME`` reads a secret."""

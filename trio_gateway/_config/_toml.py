@@ -25,7 +25,7 @@ __all__ = ("config_from_mapping", "load_config")
 # Keys every source section has that are not constructor options.
 _SOURCE_META = ("transport", "listen")
 # The [sink] keys that are not options of the sink class.
-_SINK_META = ("url", "retry_max_attempts", "wait")
+_SINK_META = ("url", "retry_max_attempts", "wait", "dead_letter")
 
 
 def _expect(section: Mapping[str, Any], name: str, kind: type | tuple[type, ...], key: str) -> Any:
@@ -95,6 +95,7 @@ def _sink(sink: object) -> SinkConfig:
         if "retry_max_attempts" in sink
         else 0,
         wait=float(_expect(sink, "wait", (int, float), "sink")) if "wait" in sink else 0.0,
+        dead_letter=_expect(sink, "dead_letter", str, "sink") if "dead_letter" in sink else None,
         # Everything else is an option of the sink the URL names, checked when it is built.
         options={k: v for k, v in sink.items() if k not in _SINK_META},
     )

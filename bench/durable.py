@@ -165,15 +165,17 @@ class _Serve:
         )
         assert self.proc.stderr is not None
         self.port = 0
+        self.ports: dict[str, int] = {}
         self.stderr: list[str] = []
         while True:
             line = self.proc.stderr.readline().decode()
             if not line:
                 raise RuntimeError("serve exited: " + "".join(self.stderr))
             self.stderr.append(line)
-            match = re.search(r"listening: http on .*:(\d+)$", line.strip())
+            match = re.search(r"listening: (\w+) on .*:(\d+)$", line.strip())
             if match:
-                self.port = int(match[1])
+                self.ports.setdefault(match[1], int(match[2]))
+                self.port = self.ports.get("http", 0)
             if line.rstrip().endswith(": ready"):
                 break
         # Keep reading stderr so the pipe never fills.
@@ -249,6 +251,53 @@ def kill9(restarts: int, fsync: str) -> dict[str, object]:
     return result
 
 
+def _send(gateway: _Serve, transport: str, extra: list[str], count: int) -> float:
+    """msg/s of ``send`` with 64 concurrent clients against ``gateway``."""
+    address = {
+        "http": f"http://127.0.0.1:{gateway.ports['http']}/ingest",
+        "grpc": f"127.0.0.1:{gateway.ports['grpc']}",
+        "ws": f"ws://127.0.0.1:{gateway.ports['websocket']}/",
+    }[transport]
+    command = [sys.executable, "-m", "trio_gateway", "send", f"--{transport}", address]
+    result = subprocess.run(
+        [*command, *extra, "--count", str(count), "--concurrency", "64"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    match = re.search(r"([\d,]+) msg/s", result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    return float(match[1].replace(",", ""))
+
+
+def acks(quick: bool) -> dict[str, object]:
+    """``ack = "queued"`` against ``"delivered"``, the file sink fsyncing each batch."""
+    rows: dict[str, object] = {}
+    count = 3_000 if quick else 20_000
+    cases = (("http", []), ("grpc", ["--mode", "bidi"]), ("ws", ["--acks"]))
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        config = Path(tmp) / "gateway.toml"
+        config.write_text(f'[sink]\nurl = "file:{Path(tmp) / "out.jsonl"}"\nfsync = true\n')
+        for ack in ("queued", "delivered"):
+            listeners = ["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--ws", "127.0.0.1:0"]
+            gateway = _Serve(["--config", str(config), "--ack", ack, *listeners])
+            try:
+                for transport, extra in cases:
+                    rate = _send(gateway, transport, extra, count)
+                    rows[f"{transport} {ack}"] = round(rate)
+                    print(f"{transport:<5} ack={ack:<10} {rate:>8,.0f} msg/s (64 clients)")
+            finally:
+                gateway.proc.send_signal(signal.SIGTERM)
+                gateway.proc.wait()
+    for transport, _ in cases:
+        queued, delivered = rows[f"{transport} queued"], rows[f"{transport} delivered"]
+        assert isinstance(queued, int) and isinstance(delivered, int)
+        rows[f"{transport} ratio"] = round(delivered / queued, 2)
+        print(f"{transport:<5} delivered / queued: {delivered / queued:.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.durable", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer messages")
@@ -259,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {}
     if not args.no_throughput:
         results["throughput"] = throughput(args.quick)
+    if not args.no_throughput:
+        results["acks"] = acks(args.quick)
     if args.restarts:
         results["kill9"] = [kill9(args.restarts, fsync) for fsync in ("batch", "interval")]
     if args.json:

@@ -7,7 +7,7 @@ import inspect
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias
 
@@ -15,7 +15,7 @@ import trio
 
 from ._buffer import MessageBuffer
 from ._errors import ConfigurationError, SinkError, SinkRefused, SinkUnavailable
-from ._ingress import Ingress
+from ._ingress import ACK_MODES, Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
 from ._message import Batch, Message, Origin
@@ -115,6 +115,7 @@ class Gateway:
         services: Sequence[Service] = (),
         sink_wait: float = 0.0,
         dead_letter: Sink | str | None = None,
+        ack: str | Mapping[Source, str] = "queued",
     ) -> None:
         if not sources:
             raise ConfigurationError("sources", "a gateway needs at least one source")
@@ -145,9 +146,12 @@ class Gateway:
         self.retry = retry or RetryPolicy()
         self.handle_signals = handle_signals
         self.sink_wait = sink_wait
+        self.acks = self._check_acks(ack)
+        """What each source's answer to its sender means: ``queued`` or ``delivered``."""
         self.dead_letter = None if dead_letter is None else DeadLetter(dead_letter)
         """Where messages the sink refused for good go (a path means a file sink)."""
         self._refused: SinkRefused | None = None
+        self._kept: list[int] = []  # the processor's output -> the batch's indices
         self.services = tuple(services)
         self.service_values: list[Any] = []
         """What each service reported through ``task_status.started`` (e.g. bound addresses)."""
@@ -164,6 +168,19 @@ class Gateway:
         self.sink_problem: SinkError | None = None
         """Why the sink's last attempt (open or send) failed; None while it works."""
         self._sink_lost: SinkUnavailable | None = None
+
+    def _check_acks(self, ack: str | Mapping[Source, str]) -> dict[Source, str]:
+        acks = {s: ack if isinstance(ack, str) else ack.get(s, "queued") for s in self.sources}
+        for source, mode in acks.items():
+            if mode not in ACK_MODES:
+                raise ConfigurationError(
+                    f"{source.transport}.ack", f"must be one of {', '.join(ACK_MODES)}"
+                )
+            if mode == "delivered" and source.transport in ("tcp", "udp"):
+                raise ConfigurationError(
+                    f"{source.transport}.ack", "delivered needs a transport that answers"
+                )
+        return acks
 
     # -- control --------------------------------------------------------------------------
 
@@ -337,7 +354,11 @@ class Gateway:
             self._sources_scope = sources.cancel_scope
             for source, counters in zip(self.sources, self.source_counters, strict=True):
                 ingress = Ingress(
-                    self.buffer, counters, self._stopping, grace_period=self.grace_period
+                    self.buffer,
+                    counters,
+                    self._stopping,
+                    grace_period=self.grace_period,
+                    ack=self.acks[source],
                 )
                 addresses = await sources.start(source.run, ingress)
                 bound.append(list(addresses))
@@ -399,7 +420,8 @@ class Gateway:
                     except trio.EndOfChannel:
                         break
                     self._in_flight = len(batch)
-                    items = batch if self.processor is None else await self._process(batch)
+                    failed: list[int] = []  # indices in the batch of what was not delivered
+                    items = batch if self.processor is None else await self._process(batch, failed)
                     self._in_flight = len(items)
                     if items:
                         if await self._with_retry(
@@ -410,12 +432,15 @@ class Gateway:
                             if refused is not None:
                                 counters.delivered -= len(refused.indices)
                                 await self._dead_letter(items, refused.indices, refused.reason)
-                        elif self.dead_letter is not None:
-                            await self._dead_letter(items, range(len(items)), "retries spent")
+                                failed += self._batch_indices(refused.indices)
                         else:
-                            counters.sink_failed += len(items)
+                            if self.dead_letter is not None:
+                                await self._dead_letter(items, range(len(items)), "retries spent")
+                            else:
+                                counters.sink_failed += len(items)
+                            failed += self._batch_indices(range(len(items)))
                     self._in_flight = 0
-                    buffer.settle()
+                    buffer.settle(failed)
         except SinkUnavailable as exc:
             # Gone for good (a closed pipe): retrying cannot help, and neither can a drain.
             self._sink_lost = exc
@@ -460,7 +485,15 @@ class Gateway:
         else:
             counters.refused += len(indices)
 
-    async def _process(self, batch: Batch) -> Batch:
+    def _batch_indices(self, indices: Sequence[int]) -> list[int]:
+        """Indices in the processor's output -> in the batch taken from the queue."""
+        if self.processor is None:
+            return list(indices)
+        return [self._kept[i] for i in indices]
+
+    async def _process(self, batch: Batch, failed: list[int]) -> Batch:
+        """Run the processor over ``batch``; the indices of the messages it raised on (or
+        answered wrongly) are appended to ``failed``."""
         processor = self.processor
         assert processor is not None
         counters = self.pump_counters
@@ -475,23 +508,29 @@ class Gateway:
                 runs.append((origin, 1))
 
         is_async = inspect.iscoroutinefunction(processor)
-        for message in batch:
+        kept: list[int] = []
+        self._kept = kept
+        for index, message in enumerate(batch):
             try:
                 result = processor(message)
                 if is_async or inspect.isawaitable(result):
                     result = await result  # type: ignore[misc]
             except Exception as exc:
                 counters.failed[type(exc).__name__] += 1
+                failed.append(index)
                 _processor_errors.warning("processor failed on a message: %r", exc)
                 continue
             if result is None:
                 counters.filtered += 1
             elif isinstance(result, Message):
                 out(result.payload, result.origin)
+                kept.append(index)
             elif isinstance(result, bytes | bytearray | memoryview):
                 out(bytes(result), message.origin)
+                kept.append(index)
             else:
                 counters.failed["TypeError"] += 1
+                failed.append(index)
                 _processor_errors.warning(
                     "processor returned %s; expected bytes, Message or None", type(result).__name__
                 )

@@ -58,7 +58,9 @@ LAYERS: dict[str, Layer] = {
     "queues": layer("_errors", "_names", "queues._disk"),
     # the disk queue stores each run's origin beside its payloads, so it knows what one is
     "queues._disk": layer("_errors", "_names", "_log", "_message", "queues"),
-    "_buffer": layer("_message", "queues"),
+    # positions and delivery receipts: what the pump settles and an ack=delivered source awaits
+    "_receipts": layer(),
+    "_buffer": layer("_message", "_receipts", "queues"),
     "_ingress": layer("_buffer", "_ledger", "_message", "queues"),
     # the edges: a source reaches the queue only through its Ingress; sources and sinks never
     # import each other

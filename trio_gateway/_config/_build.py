@@ -280,8 +280,10 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
 
         host, port = parse_hostport(config.admin, key="admin.listen")
         services.append(AdminServer(host, port))
+    sources = [build_source(s) for s in config.sources]
     return Gateway(
-        sources=[build_source(s) for s in config.sources],
+        sources=sources,
+        ack={source: s.ack for source, s in zip(sources, config.sources, strict=True)},
         services=services,
         queue=build_queue(config.queue),
         sink=build_sink(config.sink),

@@ -135,6 +135,11 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "/readyz answering 503 meanwhile (0: fail at once, exit 2)",
     )
     serve.add_argument(
+        "--ack",
+        choices=("queued", "delivered"),
+        help="what the HTTP, WebSocket and gRPC listeners' answers mean (queued)",
+    )
+    serve.add_argument(
         "--dead-letter",
         metavar="PATH|URL",
         help="where messages the destination refuses for good go (a file, or a sink URL)",
@@ -261,6 +266,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         sink = replace(sink, wait=args.sink_wait)
     if args.dead_letter is not None:
         sink = replace(sink, dead_letter=args.dead_letter)
+    if args.ack is not None:
+        answering = ("http", "websocket", "grpc")
+        sources = [replace(s, ack=args.ack) if s.transport in answering else s for s in sources]
     changes = {
         name: getattr(args, name)
         for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")

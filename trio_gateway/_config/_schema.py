@@ -57,6 +57,9 @@ class SourceConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     key: str = "sources"
     """Where this source came from, for error messages (``sources[0]``, ``--tcp``)."""
+    ack: str = "queued"
+    """What an answer to the sender means: ``queued`` (in the queue; on disk with the disk
+    queue) or ``delivered`` (the sink confirmed it)."""
 
 
 @dataclass(frozen=True, slots=True)

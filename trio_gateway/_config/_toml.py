@@ -23,7 +23,7 @@ from ._schema import (
 __all__ = ("config_from_mapping", "load_config")
 
 # Keys every source section has that are not constructor options.
-_SOURCE_META = ("transport", "listen")
+_SOURCE_META = ("transport", "listen", "ack")
 # The [sink] keys that are not options of the sink class.
 _SINK_META = ("url", "retry_max_attempts", "wait", "dead_letter")
 
@@ -117,7 +117,8 @@ def _sources(raw_sources: object) -> tuple[SourceConfig, ...]:
         listen = _expect(section, "listen", str, key) if "listen" in section else "127.0.0.1:0"
         host, port = parse_hostport(listen, key=f"{key}.listen")
         options = {k: v for k, v in section.items() if k not in _SOURCE_META}
-        sources.append(SourceConfig(transport, host, port, options, key=key))
+        ack = _expect(section, "ack", str, key) if "ack" in section else "queued"
+        sources.append(SourceConfig(transport, host, port, options, key=key, ack=ack))
     return tuple(sources)
 
 

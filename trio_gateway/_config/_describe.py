@@ -42,6 +42,7 @@ def describe(config: GatewayConfig) -> str:
     for source in config.sources:
         lines.append(
             f"source: {source.transport} on {source.host}:{source.port}"
+            + (f", ack={source.ack}" if source.ack != "queued" else "")
             + _options(dict(source.options))
         )
     return "\n".join(lines)

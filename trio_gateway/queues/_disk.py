@@ -22,293 +22,42 @@ Who does what:
 * Runs beyond ``memory_bytes`` are written and then dropped from memory; the consumer reads
   them back from the database when it reaches them.
 
-One class, one state machine (runs, takes, settles, the writer's hand-off), so it is longer
-than most modules here.
+The storage (schema, row format, the writer thread) is in :mod:`._sqlite`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import sqlite3
-import sys
-import threading
-import time
-from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import trio
-from trio.lowlevel import ParkingLot, TrioToken
+from trio.lowlevel import ParkingLot
 
 from .._errors import ConfigurationError
 from .._log import logger
 from .._message import Batch, Origin
 from .._names import canonical
 from ._base import PolicyName, Queue
+from ._sqlite import FSYNC_POLICIES, FsyncPolicy, Run, Writer, unpack
 
 __all__ = ("FSYNC_POLICIES", "DiskQueue", "FsyncPolicy")
 
 _log = logger.getChild("queues.disk")
 
-FsyncPolicy = Literal["always", "batch", "interval"]
-FSYNC_POLICIES: tuple[FsyncPolicy, ...] = get_args(FsyncPolicy)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    count INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    skip INTEGER NOT NULL DEFAULT 0,
-    transport TEXT NOT NULL,
-    listener TEXT NOT NULL,
-    peer TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    lengths BLOB NOT NULL,
-    data BLOB NOT NULL
-)
-"""
-_INSERT = (
-    # OR IGNORE: a group that failed part-way under "always" is tried again whole.
-    "INSERT OR IGNORE INTO runs (id, count, nbytes, skip, transport, listener, peer, received_at,"
-    " lengths, data) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?)"
-)
 _NO_ORIGIN = Origin("unknown", "", "", 0.0)
-_RETRY_DELAY = (0.05, 2.0)
-"""Seconds the writer waits before trying a failed commit again: the first time, and at most."""
-
-
-class _Run:
-    """One row: a run of messages from one origin, and how far it has been taken and settled."""
-
-    __slots__ = (
-        "count",
-        "freed",
-        "id",
-        "nbytes",
-        "origin",
-        "payloads",
-        "seq_end",
-        "settled",
-        "spill",
-        "stored",
-        "taken",
-    )
-
-    def __init__(
-        self,
-        run_id: int,
-        origin: Origin,
-        payloads: list[bytes] | None,
-        count: int,
-        nbytes: int,
-        seq_end: int,
-    ) -> None:
-        self.id = run_id
-        self.origin = origin
-        self.payloads = payloads
-        """None while only on disk (read back when the consumer reaches it)."""
-        self.count = count
-        self.nbytes = nbytes
-        self.seq_end = seq_end
-        """The queue position just after this run's last message (``wait_stored`` compares)."""
-        self.settled = 0
-        """Messages at this run's head that are done (delivered, given up or evicted)."""
-        self.taken = 0
-        """Messages at this run's head handed to the consumer or evicted."""
-        self.stored = False
-        """Committed to the database (its payloads may then leave memory)."""
-        self.freed = False
-        """Its bytes no longer count against ``max_bytes`` (evicted whole)."""
-        self.spill = False
-        """Drop the payloads from memory once committed (memory is over ``memory_bytes``)."""
 
 
 @dataclass(slots=True)
 class _Piece:
     """Part of a run taken by the consumer (or evicted by ``drop_oldest``), not yet settled."""
 
-    run: _Run
+    run: Run
     count: int
     done: bool
-
-
-def _pack(payloads: Sequence[bytes]) -> tuple[bytes, bytes]:
-    lengths = array("I", map(len, payloads))
-    if sys.byteorder == "big":
-        lengths.byteswap()  # stored little-endian, so a database moves between machines
-    return lengths.tobytes(), b"".join(payloads)
-
-
-def _unpack(lengths_blob: bytes, data: bytes) -> list[bytes]:
-    lengths = array("I")
-    lengths.frombytes(lengths_blob)
-    if sys.byteorder == "big":
-        lengths.byteswap()
-    out: list[bytes] = []
-    pos = 0
-    view = memoryview(data)
-    for length in lengths:
-        out.append(bytes(view[pos : pos + length]))
-        pos += length
-    return out
-
-
-class _Writer:
-    """The thread that owns the database's write connection and commits in groups.
-
-    The event loop hands it new runs, finished run ids and the head's progress under one
-    lock; the thread takes everything handed over since its last commit and writes it in one
-    transaction (``always``: one transaction per run), then reports the runs back to the loop.
-    A commit that fails (a full disk, an I/O error) is rolled back and tried again with
-    backoff: the runs stay in memory meanwhile, and acknowledgements waiting on them wait.
-    """
-
-    def __init__(self, path: str, fsync: FsyncPolicy, interval: float) -> None:
-        self.path = path
-        self.fsync = fsync
-        self.interval = interval
-        self.lock = threading.Condition()
-        self.inserts: list[_Run] = []
-        self.deletes: list[int] = []
-        self.skips: dict[int, int] = {}
-        self.stopping = False
-        self.commits = 0
-        self.failures = 0
-        self.problem: str | None = None
-        self._report: Any = None  # set by start(): the loop-side callback
-        self._token: TrioToken | None = None
-        self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    def connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: every commit fsyncs the log. NORMAL (interval): commits reach the page cache,
-        # which a killed process cannot lose; this thread fsyncs the log every interval.
-        conn.execute(f"PRAGMA synchronous={'NORMAL' if self.fsync == 'interval' else 'FULL'}")
-        conn.execute("PRAGMA journal_size_limit=67108864")
-        return conn
-
-    def start(self, report: Any, token: TrioToken) -> None:
-        self._conn = self.connect()
-        self._conn.execute(_SCHEMA)
-        self._report = report
-        self._token = token
-        self._thread = threading.Thread(target=self._loop, name="trio_gateway disk queue")
-        self._thread.start()
-
-    def hand(self, inserts: list[_Run], deletes: list[int], skips: dict[int, int]) -> None:
-        with self.lock:
-            self.inserts += inserts
-            self.deletes += deletes
-            self.skips.update(skips)
-            self.lock.notify()
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopping = True
-            self.lock.notify()
-        if self._thread is not None:
-            self._thread.join()
-        if self._conn is not None:
-            self._conn.close()
-
-    def _loop(self) -> None:
-        last_sync = time.monotonic()
-        delay = _RETRY_DELAY[0]
-        inserts: list[_Run] = []
-        deletes: list[int] = []
-        skips: dict[int, int] = {}
-        while True:
-            with self.lock:
-                while not (self.inserts or self.deletes or self.skips or inserts or deletes):
-                    if self.stopping:
-                        break
-                    timeout = None
-                    if self.fsync == "interval":
-                        timeout = max(self.interval - (time.monotonic() - last_sync), 0.001)
-                    if not self.lock.wait(timeout) and self.fsync == "interval":
-                        break  # the interval passed with nothing new: sync below
-                inserts += self.inserts
-                deletes += self.deletes
-                skips.update(self.skips)
-                self.inserts, self.deletes, self.skips = [], [], {}
-                stopping = self.stopping
-            if inserts or deletes or skips:
-                try:
-                    self._commit(inserts, deletes, skips)
-                except (sqlite3.Error, OSError) as exc:
-                    self.failures += 1
-                    self.problem = str(exc)
-                    _log.log(
-                        logging.ERROR if self.failures == 1 else logging.DEBUG,
-                        "disk queue %s: commit failed (%s); retrying",
-                        self.path,
-                        exc,
-                    )
-                    with self.lock:
-                        self.lock.wait(delay)
-                    delay = min(delay * 2, _RETRY_DELAY[1])
-                    if stopping and self.failures > 3:
-                        return  # closing: what is not committed was never acknowledged
-                    continue
-                delay = _RETRY_DELAY[0]
-                self.problem = None
-                committed, inserts, deletes, skips = inserts, [], [], {}
-                if committed:
-                    assert self._token is not None
-                    with contextlib.suppress(trio.RunFinishedError):
-                        self._token.run_sync_soon(self._report, committed)
-            if self.fsync == "interval" and time.monotonic() - last_sync >= self.interval:
-                self._sync_log()
-                last_sync = time.monotonic()
-            if stopping and not (self.inserts or self.deletes or self.skips):
-                if self.fsync == "interval":
-                    self._sync_log()
-                return
-
-    def _commit(self, inserts: list[_Run], deletes: list[int], skips: dict[int, int]) -> None:
-        conn = self._conn
-        assert conn is not None
-        rows = []
-        for run in inserts:
-            assert run.payloads is not None
-            o = run.origin
-            lengths, data = _pack(run.payloads)
-            where = (o.transport, o.listener, o.peer, o.received_at)
-            rows.append((run.id, run.count, run.nbytes, *where, lengths, data))
-        try:
-            if self.fsync == "always":
-                # One transaction (one fsync) per run: what "fsync every put" costs.
-                for row in rows:
-                    conn.execute("BEGIN")
-                    conn.execute(_INSERT, row)
-                    conn.execute("COMMIT")
-                rows = []
-            conn.execute("BEGIN")
-            conn.executemany(_INSERT, rows)
-            conn.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in deletes])
-            conn.executemany(
-                "UPDATE runs SET skip = ? WHERE id = ?", [(s, i) for i, s in skips.items()]
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.commits += 1
-
-    def _sync_log(self) -> None:
-        with contextlib.suppress(OSError):
-            fd = os.open(self.path + "-wal", os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 class DiskQueue(Queue[bytes]):
@@ -363,7 +112,7 @@ class DiskQueue(Queue[bytes]):
         self.fsync_interval = fsync_interval
         self.memory_bytes = memory_bytes
         self.path = os.path.join(self.directory, "queue.sqlite3")
-        self._rows: deque[_Run] = deque()  # runs with messages not yet taken, oldest first
+        self._rows: deque[Run] = deque()  # runs with messages not yet taken, oldest first
         self._depth = 0
         self._pieces: deque[_Piece] = deque()  # taken or evicted, not yet settled (FIFO)
         self._takes: deque[list[_Piece]] = deque()  # per take_batch_nowait, for settle()
@@ -373,7 +122,7 @@ class DiskQueue(Queue[bytes]):
         self._stored = ParkingLot()
         self._loaded = 0
         self._reader: sqlite3.Connection | None = None
-        self._writer = _Writer(self.path, self.fsync, fsync_interval)
+        self._writer = Writer(self.path, self.fsync, fsync_interval)
         self._opened = False
         self.recovered = 0
         """Messages found on disk by :meth:`open` (queued before a crash or a stop)."""
@@ -390,7 +139,6 @@ class DiskQueue(Queue[bytes]):
         def load() -> tuple[sqlite3.Connection, list[tuple[Any, ...]]]:
             os.makedirs(self.directory, exist_ok=True)
             conn = self._writer.connect()
-            conn.execute(_SCHEMA)
             rows = conn.execute(
                 "SELECT id, count, nbytes, skip, transport, listener, peer, received_at"
                 " FROM runs ORDER BY id"
@@ -410,7 +158,7 @@ class DiskQueue(Queue[bytes]):
         for run_id, count, nbytes, skip, *where in rows:
             origin = origins.setdefault(tuple(where), Origin(*where))
             self._seq += count - skip
-            run = _Run(run_id, origin, None, count, nbytes, self._seq)
+            run = Run(run_id, origin, None, count, nbytes, self._seq)
             run.stored = True
             run.settled = run.taken = skip
             self._rows.append(run)
@@ -478,7 +226,7 @@ class DiskQueue(Queue[bytes]):
             raise RuntimeError("open the disk queue first (await queue.open())")
         n = len(items)
         self._seq += n
-        run = _Run(self._next_id, origin or _NO_ORIGIN, list(items), n, nbytes, self._seq)
+        run = Run(self._next_id, origin or _NO_ORIGIN, list(items), n, nbytes, self._seq)
         self._next_id += 1
         if self._loaded + nbytes > self.memory_bytes:
             run.spill = True
@@ -489,7 +237,7 @@ class DiskQueue(Queue[bytes]):
         self._put += n
         self._writer.hand([run], [], {})
 
-    def _on_stored(self, runs: list[_Run]) -> None:
+    def _on_stored(self, runs: list[Run]) -> None:
         """In the event loop: the writer committed ``runs``."""
         for run in runs:
             run.stored = True
@@ -640,14 +388,14 @@ class DiskQueue(Queue[bytes]):
         self.settle()
         return batch.payloads
 
-    def _load(self, run: _Run) -> None:
+    def _load(self, run: Run) -> None:
         assert self._reader is not None
         row = self._reader.execute(
             "SELECT lengths, data FROM runs WHERE id = ?", (run.id,)
         ).fetchone()
         if row is None:
             raise RuntimeError(f"disk queue {self.path}: run {run.id} is missing")
-        run.payloads = _unpack(row[0], row[1])
+        run.payloads = unpack(row[0], row[1])
         self._loaded += run.nbytes
 
     def _advance(self) -> None:

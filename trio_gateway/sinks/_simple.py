@@ -367,10 +367,15 @@ class FileSink(Sink):
             raise SinkUnavailable(self.name, _file_failure(self.path, exc)) from exc
 
     def _open_path(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        readable = True
+        try:
+            fd = os.open(self.path, os.O_RDWR | flags, 0o666)
+        except PermissionError:  # writable, not readable: no torn-line check at open
+            fd, readable = os.open(self.path, os.O_WRONLY | flags, 0o666), False
         try:
             st = os.fstat(fd)
-            size = _cut_torn_line(fd, st.st_size, self.name)
+            size = _cut_torn_line(fd, st.st_size, self.name) if readable else st.st_size
         except BaseException:
             os.close(fd)
             raise

@@ -34,9 +34,10 @@ class Ingress:
     ``ack`` says what an answer means. ``"queued"`` (the default): the messages are in the
     queue (on disk, with a disk queue). ``"delivered"``: :meth:`offer_or_reject` and
     :meth:`offer` return only once the sink has confirmed every message of the call (the pump
-    settles each batch after its send), and return 0 when any of them failed for good (given
-    up, refused by the destination, evicted by ``drop_oldest``, or a processor error), so the
-    sender gets a negative answer and can send again.
+    settles each batch after its send), and return how many of them, from the first, were
+    delivered before one failed for good (given up, refused by the destination, evicted by
+    ``drop_oldest``, or a processor error): the source acknowledges that prefix and refuses
+    the rest, which the sender can send again.
     """
 
     __slots__ = ("_queue", "_stopping", "ack", "counters", "grace_period")
@@ -147,8 +148,8 @@ class Ingress:
         except BaseException:
             self.counters.abandoned += len(payloads) - done
             raise
-        if ranges and await buffer.receipts.wait(ranges):
-            return 0
+        if ranges:
+            return await buffer.receipts.wait(ranges)
         return done
 
     def _put(
@@ -204,7 +205,7 @@ class Ingress:
             if done < len(payloads):
                 counters.rejected["queue_full"] += len(payloads) - done
         if ranges:
-            return 0 if await buffer.receipts.wait(ranges) else done
+            return await buffer.receipts.wait(ranges)
         if done:
             await buffer.wait_stored()
         return done

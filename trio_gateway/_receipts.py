@@ -9,7 +9,9 @@ every receipt that batch completes: many clients share one sink confirmation (gr
 
 Failures are recorded as position ranges: a batch the sink gave up on, messages it refused
 for good, messages the processor raised on, and messages ``drop_oldest`` evicted from the
-head. A receipt reports how many of its messages failed. Nothing is recorded while no receipt
+head. A receipt reports how many of its messages, from the first, were delivered before the
+first that failed: the prefix a source can acknowledge (a bidi stream's positive acks, an
+NDJSON batch's ``accepted``); the sender sends the rest again. Nothing is recorded while no receipt
 is waiting, so a gateway without ``ack = "delivered"`` pays a counter update per put.
 """
 
@@ -23,19 +25,25 @@ __all__ = ("Receipt", "Receipts")
 
 
 class Receipt:
-    """The positions of one answer's messages, and, once settled, how many failed."""
+    """The positions of one answer's messages (in the order the sender sent them), and,
+    once settled, how many of them from the first were delivered before one failed."""
 
-    __slots__ = ("done", "end", "failed", "ranges")
+    __slots__ = ("delivered", "done", "end", "ranges")
 
     def __init__(self, ranges: list[tuple[int, int]]) -> None:
         self.ranges = ranges
         self.end = max(end for _, end in ranges)
-        self.failed = 0
+        self.delivered = sum(end - start for start, end in ranges)
         self.done = trio.Event()
 
-    @property
-    def count(self) -> int:
-        return sum(end - start for start, end in self.ranges)
+    def resolve(self, failed: list[tuple[int, int]]) -> None:
+        offset = 0
+        for start, end in self.ranges:
+            for f_start, f_end in failed:
+                if f_start < end and f_end > start:
+                    self.delivered = min(self.delivered, offset + max(f_start, start) - start)
+            offset += end - start
+        self.done.set()
 
 
 class Receipts:
@@ -80,12 +88,7 @@ class Receipts:
         still: list[Receipt] = []
         for receipt in self._waiting:
             if receipt.end <= self._settled:
-                receipt.failed = sum(
-                    max(0, min(end, f_end) - max(start_, f_start))
-                    for start_, end in receipt.ranges
-                    for f_start, f_end in self._failed
-                )
-                receipt.done.set()
+                receipt.resolve(self._failed)
             else:
                 still.append(receipt)
         self._waiting = still
@@ -93,15 +96,16 @@ class Receipts:
         self._failed = [(s, e) for s, e in self._failed if e > oldest]
 
     async def wait(self, ranges: list[tuple[int, int]]) -> int:
-        """Wait until the messages at ``ranges`` are settled; how many of them failed."""
+        """Wait until the messages at ``ranges`` are settled; how many of them, from the
+        first, were delivered before the first that failed."""
         receipt = Receipt(ranges)
         if receipt.end <= self._settled:
             await trio.lowlevel.checkpoint()
-            return 0
+            return receipt.delivered
         self._waiting.append(receipt)
         try:
             await receipt.done.wait()
         finally:
             if not receipt.done.is_set():
                 self._waiting.remove(receipt)
-        return receipt.failed
+        return receipt.delivered

@@ -3,6 +3,9 @@ many clients sharing one confirmation, and a negative answer for what fails for 
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
 import httpx
 import pytest
 import trio
@@ -11,10 +14,12 @@ from trio_gateway import (
     Batch,
     ConfigurationError,
     Gateway,
+    GrpcSource,
     HttpSource,
     SinkRefused,
     TcpSource,
 )
+from trio_gateway._proto import gateway_pb2
 from trio_gateway.sinks import Sink
 
 
@@ -82,3 +87,44 @@ async def test_a_message_refused_for_good_gets_a_negative_answer() -> None:
 def test_delivered_is_refused_where_the_transport_cannot_answer() -> None:
     with pytest.raises(ConfigurationError, match=r"tcp\.ack"):
         Gateway(sources=[TcpSource(port=0)], sink=GatedSink(), ack="delivered")
+
+
+async def test_grpc_bidi_acks_wait_for_the_sink_and_refusals_are_negative() -> None:
+    sink = GatedSink()
+    gateway = Gateway(sources=[GrpcSource(port=0)], sink=sink, ack="delivered")
+    payloads = [b"bad-%d" % i if i % 5 == 4 else b"ok-%d" % i for i in range(50)]
+
+    def call(target: str) -> list[Any]:
+        with grpc.insecure_channel(target) as channel:
+            acked = channel.stream_stream(
+                "/trio_gateway.v1.Gateway/StreamAcked",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=gateway_pb2.Ack.FromString,
+            )
+            messages = (gateway_pb2.Message(payload=p, sequence=i) for i, p in enumerate(payloads))
+            return list(acked(messages, timeout=10))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            target = f"{address[0]}:{address[1]}"
+            async with trio.open_nursery() as client:
+                results: list[list[Any]] = []
+                client.start_soon(
+                    lambda: trio.to_thread.run_sync(lambda: results.append(call(target)))
+                )
+                while gateway.ledger.received < 1:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)
+                assert not sink.batches  # nothing confirmed, nothing answered yet
+                sink.gate.set()
+            gateway.shutdown()
+    (acks,) = results
+    assert [a.sequence for a in acks] == list(range(50))
+    # No refused message is acknowledged; what is acknowledged was delivered. (A message
+    # after a refused one in the same read is refused too: the sender sends it again.)
+    accepted = {a.sequence for a in acks if a.accepted}
+    assert {0, 1, 2, 3} <= accepted and not accepted & set(range(4, 50, 5))
+    delivered = {int(p.split(b"-")[1]) for batch in sink.batches for p in batch}
+    assert accepted <= delivered
+    assert gateway.ledger.delivered == 40 and gateway.ledger.dropped["refused"] == 10

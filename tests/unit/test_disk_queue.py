@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -15,7 +18,7 @@ from trio_gateway import ConfigurationError
 from trio_gateway._ingress import Ingress
 from trio_gateway._ledger import SourceCounters
 from trio_gateway._message import Origin
-from trio_gateway.queues import DiskQueue
+from trio_gateway.queues import DiskQueue, _sqlite
 
 A = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1.5)
 B = Origin("http", "http:127.0.0.1:8000", "127.0.0.1:6000", 2.5)
@@ -72,8 +75,8 @@ async def test_runs_beyond_memory_bytes_are_read_back_from_disk(tmp_path: Path) 
     async with DiskQueue(tmp_path, memory_bytes=100) as queue:
         runs = [[b"%03d-%d" % (r, i) for i in range(20)] for r in range(10)]
         for run in runs:
-            queue.put_many_nowait(run, origin=A)
-        await queue.wait_stored()
+            assert queue.put_many_nowait(run, origin=A) == 20
+            await queue.wait_stored()  # memory_bytes also bounds what waits for the disk
         assert queue._loaded < 10 * 20 * 5  # most runs left memory once committed
         out: list[bytes] = []
         while len(queue):
@@ -131,3 +134,37 @@ def test_bad_options_name_their_key(tmp_path: Path) -> None:
         DiskQueue(tmp_path, fsync="interval", fsync_interval=0)
     with pytest.raises(ConfigurationError, match="dir"):
         DiskQueue("")
+
+
+async def test_a_failing_disk_holds_producers_once_memory_bytes_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits fail (a full disk) and are tried again; meanwhile at most ``memory_bytes``
+    wait in memory: ``block`` refuses more until the disk takes them."""
+    failing = threading.Event()
+    failing.set()
+    real_commit = _sqlite.Writer._commit
+
+    def commit(self: _sqlite.Writer, *args: Any) -> None:
+        if failing.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        real_commit(self, *args)
+
+    monkeypatch.setattr(_sqlite.Writer, "_commit", commit)
+    async with DiskQueue(tmp_path, memory_bytes=1000) as queue:
+        assert queue.put_many_nowait([b"x" * 600], origin=A) == 1
+        assert queue.put_many_nowait([b"y" * 600], origin=A) == 1
+        assert queue.put_many_nowait([b"z"], origin=A) == 0  # 1,200 bytes not on disk
+        with trio.move_on_after(0.2):
+            await queue.wait_not_full()
+            raise AssertionError("room while nothing reached the disk")
+        await trio.sleep(0.1)
+        assert queue.problem is not None and "full" in queue.problem
+        failing.clear()
+        with trio.fail_after(10):
+            await queue.wait_not_full()
+            await queue.wait_stored()
+        assert queue.problem is None
+        assert queue.put_many_nowait([b"z"], origin=A) == 1
+    async with DiskQueue(tmp_path) as again:
+        assert again.take_batch_nowait(10).payloads == [b"x" * 600, b"y" * 600, b"z"]

@@ -20,7 +20,10 @@ Who does what:
   :meth:`settles <DiskQueue.settle>` it (delivered, or given up for good). A crash between the
   two delivers that batch again after the restart: at-least-once.
 * Runs beyond ``memory_bytes`` are written and then dropped from memory; the consumer reads
-  them back from the database when it reaches them.
+  them back from the database when it reaches them. ``memory_bytes`` also bounds what waits
+  for the writer: a disk that is slow or failing holds the producers (``block``) or drops
+  what they offer, instead of growing memory; one transaction takes at most a sixteenth of
+  it, so the producers fill the next group while one commits.
 
 The storage (schema, row format, the writer thread) is in :mod:`._sqlite`.
 """
@@ -93,7 +96,7 @@ class DiskQueue(Queue[bytes]):
         max_bytes: int | None = 1 << 30,
         fsync: str = "batch",
         fsync_interval: float = 1.0,
-        memory_bytes: int = 32 << 20,
+        memory_bytes: int = 64 << 20,
     ) -> None:
         super().__init__(capacity, policy=policy, max_bytes=max_bytes or 1 << 30)
         self.directory = os.fspath(directory)
@@ -121,8 +124,11 @@ class DiskQueue(Queue[bytes]):
         self._stored_seq = 0
         self._stored = ParkingLot()
         self._loaded = 0
+        self._unstored = 0  # bytes handed to the writer and not committed yet
         self._reader: sqlite3.Connection | None = None
-        self._writer = Writer(self.path, self.fsync, fsync_interval)
+        self._writer = Writer(
+            self.path, self.fsync, fsync_interval, group_bytes=max(memory_bytes // 16, 1)
+        )
         self._opened = False
         self.recovered = 0
         """Messages found on disk by :meth:`open` (queued before a crash or a stop)."""
@@ -231,6 +237,7 @@ class DiskQueue(Queue[bytes]):
         if self._loaded + nbytes > self.memory_bytes:
             run.spill = True
         self._loaded += nbytes
+        self._unstored += nbytes
         self._rows.append(run)
         self._depth += n
         self._bytes += nbytes
@@ -245,7 +252,13 @@ class DiskQueue(Queue[bytes]):
                 run.payloads = None
                 self._loaded -= run.nbytes
         self._stored_seq = max(self._stored_seq, runs[-1].seq_end)
+        self._unstored -= sum(run.nbytes for run in runs)
         self._stored.unpark_all()
+        if self._producers:
+            self._producers.unpark_all()
+
+    def _is_full(self) -> bool:
+        return self._unstored >= self.memory_bytes or super()._is_full()
 
     async def wait_stored(self, position: int | None = None) -> None:
         """Wait until every message up to ``position`` (default: all accepted so far) is
@@ -270,6 +283,13 @@ class DiskQueue(Queue[bytes]):
         nbytes = sum(map(len, items))
         max_bytes = self._max_bytes
         assert max_bytes is not None
+        if self._unstored >= self.memory_bytes:
+            # The writer is a whole memory budget behind (a slow or failing disk): what is
+            # not on disk yet must not grow without bound. ``block`` waits, the drop policies
+            # drop what is offered (the queued messages wait for the disk, not for room).
+            if drop and self._policy != "block":
+                self._dropped_newest += n
+            return 0
         if self._depth + n <= self._capacity and self._bytes + nbytes <= max_bytes:
             self._add_run(items, nbytes, origin)
             accepted = n

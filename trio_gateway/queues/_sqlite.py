@@ -131,8 +131,13 @@ class Writer:
     backoff: the runs stay in memory meanwhile, and acknowledgements waiting on them wait.
     """
 
-    def __init__(self, path: str, fsync: FsyncPolicy, interval: float) -> None:
+    def __init__(
+        self, path: str, fsync: FsyncPolicy, interval: float, *, group_bytes: int = 8 << 20
+    ) -> None:
         self.path = path
+        self.group_bytes = group_bytes
+        """Payload bytes one transaction takes at most (at least one run): while it commits,
+        the producers fill the next group, so the disk and the event loop work at once."""
         self.fsync = fsync
         self.interval = interval
         self.lock = threading.Condition()
@@ -190,7 +195,9 @@ class Writer:
         skips: dict[int, int] = {}
         while True:
             with self.lock:
-                while not (self.inserts or self.deletes or self.skips or inserts or deletes):
+                while not (
+                    self.inserts or self.deletes or self.skips or inserts or deletes or skips
+                ):
                     if self.stopping:
                         break
                     timeout = None
@@ -198,10 +205,25 @@ class Writer:
                         timeout = max(self.interval - (time.monotonic() - last_sync), 0.001)
                     if not self.lock.wait(timeout) and self.fsync == "interval":
                         break  # the interval passed with nothing new: sync below
-                inserts += self.inserts
-                deletes += self.deletes
-                skips.update(self.skips)
-                self.inserts, self.deletes, self.skips = [], [], {}
+                taken, total = 0, 0
+                for run in self.inserts:
+                    if taken and total + run.nbytes > self.group_bytes:
+                        break
+                    taken += 1
+                    total += run.nbytes
+                inserts += self.inserts[:taken]
+                if taken == len(self.inserts):
+                    deletes += self.deletes
+                    skips.update(self.skips)
+                    self.inserts, self.deletes, self.skips = [], [], {}
+                else:
+                    # Runs not inserted yet keep their deletes and skips for a later group.
+                    first = self.inserts[taken].id
+                    self.inserts = self.inserts[taken:]
+                    deletes += [i for i in self.deletes if i < first]
+                    self.deletes = [i for i in self.deletes if i >= first]
+                    skips.update((i, k) for i, k in self.skips.items() if i < first)
+                    self.skips = {i: k for i, k in self.skips.items() if i >= first}
                 stopping = self.stopping
             if inserts or deletes or skips:
                 try:

@@ -104,7 +104,7 @@ def _dd(directory: Path) -> float:
 
 def throughput(quick: bool) -> dict[str, object]:
     rows: dict[str, object] = {}
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory(prefix="trio_gateway-durable-") as tmp:
         base = Path(tmp)
         rows["dd_MBps"] = round(_dd(base), 1)
         cases = ((18, 600_000 if quick else 3_000_000), (4266, 20_000 if quick else 100_000))
@@ -212,7 +212,7 @@ with ack = queued (what a crash cost before: acknowledged messages are lost)."""
 
 
 def kill9(restarts: int, mode: str) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory(prefix="trio_gateway-durable-") as tmp:
         base = Path(tmp)
         out = base / "out.jsonl"
         queue, how = mode.split()
@@ -290,7 +290,7 @@ def acks(quick: bool) -> dict[str, object]:
     rows: dict[str, object] = {}
     count = 3_000 if quick else 20_000
     cases = (("http", []), ("grpc", ["--mode", "bidi"]), ("ws", ["--acks"]))
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory(prefix="trio_gateway-durable-") as tmp:
         config = Path(tmp) / "gateway.toml"
         config.write_text(f'[sink]\nurl = "file:{Path(tmp) / "out.jsonl"}"\nfsync = true\n')
         for ack in ("queued", "delivered"):

@@ -4,6 +4,7 @@ asyncio clients, file-sink readers and a `serve` subprocess runner."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -128,6 +129,14 @@ def read_payloads(path: Path) -> list[bytes]:
         return []
     with path.open("rb") as file:
         return [decode_jsonl_record(line)[0] for line in file]
+
+
+def ledger_of(stderr: str) -> dict[str, object]:
+    """The one ledger line ``serve`` printed on stderr, parsed."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith('{"ledger"')]
+    assert len(lines) == 1, stderr
+    ledger: dict[str, object] = json.loads(lines[0])["ledger"]
+    return ledger
 
 
 class ServeProcess:

@@ -14,6 +14,7 @@ if _typing.TYPE_CHECKING:
     from ._errors import GatewayError as GatewayError
     from ._errors import ProtocolError as ProtocolError
     from ._errors import SinkError as SinkError
+    from ._errors import SinkRefused as SinkRefused
     from ._errors import SinkUnavailable as SinkUnavailable
     from ._errors import TransportError as TransportError
     from ._gateway import Gateway as Gateway
@@ -75,6 +76,7 @@ __all__ = (
     "RingBuffer",
     "Sink",
     "SinkError",
+    "SinkRefused",
     "SinkUnavailable",
     "Source",
     "StdoutSink",
@@ -92,6 +94,7 @@ _WHERE = {
     "GatewayError": "._errors",
     "ProtocolError": "._errors",
     "SinkError": "._errors",
+    "SinkRefused": "._errors",
     "SinkUnavailable": "._errors",
     "TransportError": "._errors",
     "Gateway": "._gateway",

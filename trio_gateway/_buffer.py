@@ -17,7 +17,8 @@ from typing import Any
 import trio
 
 from ._message import Batch, Origin
-from .queues import Queue
+from ._receipts import Receipts
+from .queues import DiskQueue, Queue
 
 __all__ = ("UNKNOWN_ORIGIN", "MessageBuffer")
 
@@ -28,10 +29,14 @@ UNKNOWN_ORIGIN = Origin("unknown", "", "", 0.0)
 class MessageBuffer:
     """A queue of payloads with their origins kept as runs (see the module docstring)."""
 
-    __slots__ = ("_held", "_runs", "queue")
+    __slots__ = ("_disk", "_held", "_runs", "queue", "receipts")
 
     def __init__(self, queue: Queue[bytes]) -> None:
         self.queue = queue
+        self._disk = queue if isinstance(queue, DiskQueue) else None
+        """A disk queue keeps the origins itself, on disk beside the payloads."""
+        self.receipts = Receipts()
+        """Positions, for sources that answer only after delivery (``ack = "delivered"``)."""
         self._runs: deque[list[Any]] = deque()  # [origin, count], mutable to trim in place
         self._held = 0
 
@@ -45,7 +50,25 @@ class MessageBuffer:
     def put_many_nowait(
         self, payloads: Sequence[bytes], origin: Origin, *, drop: bool = True
     ) -> int:
-        """Offer ``payloads`` (all from ``origin``); returns how many the queue accepted."""
+        """Offer ``payloads`` (all from ``origin``); returns how many the queue accepted.
+
+        They are the last ``accepted`` before :attr:`end_position`."""
+        before = len(self.queue)
+        if self._disk is not None:
+            accepted = self._disk.put_many_nowait(payloads, drop=drop, origin=origin)
+        else:
+            accepted = self._put(payloads, origin, drop)
+        evicted = before + accepted - len(self.queue)
+        if evicted > 0:  # drop_oldest made room at the head
+            self.receipts.evicted(evicted)
+        return accepted
+
+    @property
+    def end_position(self) -> int:
+        """The position just after the last message queued."""
+        return self.receipts.head + len(self.queue)
+
+    def _put(self, payloads: Sequence[bytes], origin: Origin, drop: bool) -> int:
         accepted = self.queue.put_many_nowait(payloads, drop=drop)
         if accepted:
             self._runs.append([origin, accepted])
@@ -78,9 +101,34 @@ class MessageBuffer:
         return taken
 
     def get_batch_nowait(self, max_items: int) -> Batch:
-        """Take up to ``max_items``; :class:`trio.WouldBlock` / :class:`trio.EndOfChannel`."""
-        payloads = self.queue.get_batch_nowait(max_items)
-        return Batch(payloads, self._drop_head(len(payloads)))
+        """Take up to ``max_items``; :class:`trio.WouldBlock` / :class:`trio.EndOfChannel`.
+
+        Call :meth:`settle` once the batch is delivered or given up for good."""
+        if self._disk is not None:
+            batch = self._disk.take_batch_nowait(max_items)
+        else:
+            payloads = self.queue.get_batch_nowait(max_items)
+            batch = Batch(payloads, self._drop_head(len(payloads)))
+        self.receipts.taken(len(batch))
+        return batch
+
+    def settle(self, failed: Sequence[int] = ()) -> None:
+        """The oldest batch taken is done with: a disk queue may forget it (memory queues
+        forgot it when it was taken); ``failed`` are the indices (in the batch) of the
+        messages that were not delivered, for the receipts waiting on them."""
+        if self._disk is not None:
+            self._disk.settle()
+        self.receipts.settle(failed)
+
+    @property
+    def durable(self) -> bool:
+        """Whether an accepted message is only acknowledged once on disk (a disk queue)."""
+        return self._disk is not None
+
+    async def wait_stored(self) -> None:
+        """Wait until every message accepted so far is on disk (a disk queue; else at once)."""
+        if self._disk is not None:
+            await self._disk.wait_stored()
 
     async def get_batch(self, max_items: int) -> Batch:
         """Wait for at least one message, then take up to ``max_items``.

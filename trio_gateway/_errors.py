@@ -66,6 +66,22 @@ class SinkError(GatewayError):
         self.retry_after = retry_after
 
 
+class SinkRefused(SinkError):
+    """The destination refused some messages of a batch for good (an HTTP 400 or 413 for a
+    single record): sending them again cannot help, so the pump does not retry them.
+
+    Everything else of the batch was delivered. ``indices`` are the refused messages'
+    positions in the batch; ``reason`` says why in a word (``http_413``). The pump hands them
+    to the dead-letter sink when there is one (ledger ``dead_letter``), else drops them
+    (ledger ``refused``).
+    """
+
+    def __init__(self, message: str, *, indices: list[int], reason: str) -> None:
+        super().__init__(message)
+        self.indices = indices
+        self.reason = reason
+
+
 class SinkUnavailable(SinkError):
     """A sink's destination cannot be used: retrying the same batch cannot help.
 

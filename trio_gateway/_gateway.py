@@ -8,7 +8,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias
 
@@ -16,13 +16,14 @@ import trio
 
 from ._budget import DEFAULT_MAX_MEMORY, MemoryBudget
 from ._buffer import MessageBuffer
-from ._errors import ConfigurationError, SinkError, SinkUnavailable
-from ._ingress import Ingress
+from ._errors import ConfigurationError, SinkError, SinkRefused, SinkUnavailable
+from ._ingress import ACK_MODES, Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
 from ._message import Batch, Message, Origin
-from .queues import Queue, RingBuffer
+from .queues import DiskQueue, Queue, RingBuffer
 from .sinks._base import Sink
+from .sinks._deadletter import DeadLetter
 from .sources._base import Source
 
 __all__ = ("Gateway", "Processor", "RetryPolicy", "Service")
@@ -40,6 +41,16 @@ Processor: TypeAlias = Callable[[Message], "ProcessorResult | Awaitable[Processo
 ``None`` to filter it out; raising counts the message as failed. Sync or ``async def``."""
 
 State = Literal["created", "starting", "running", "draining", "stopped"]
+
+
+def _queue_share(queue: Queue[bytes] | None) -> int | None:
+    """What the queue may hold in memory, for the budget: a disk queue's ``max_bytes`` is on
+    disk, so its share is what waits in memory for the writer (``memory_bytes``)."""
+    if queue is None:
+        return None
+    if isinstance(queue, DiskQueue):
+        return queue.memory_bytes
+    return queue.max_bytes
 
 
 class Service(Protocol):
@@ -123,6 +134,8 @@ class Gateway:
         services: Sequence[Service] = (),
         sink_wait: float = 0.0,
         max_memory: int = DEFAULT_MAX_MEMORY,
+        dead_letter: Sink | str | None = None,
+        ack: str | Mapping[Source, str] = "queued",
     ) -> None:
         if not sources:
             raise ConfigurationError("sources", "a gateway needs at least one source")
@@ -136,9 +149,7 @@ class Gateway:
             raise ConfigurationError("sink_wait", "must not be negative")
         self.sources = tuple(sources)
         self.sink = sink
-        self.budget = MemoryBudget(
-            max_memory, queue_bytes=queue.max_bytes if queue is not None else None
-        )
+        self.budget = MemoryBudget(max_memory, queue_bytes=_queue_share(queue))
         """The memory budget every connection and the pump charge what they hold to."""
         self.queue: Queue[bytes] = (
             queue if queue is not None else RingBuffer(10_000, max_bytes=self.budget.queue_bytes)
@@ -162,6 +173,12 @@ class Gateway:
         self.retry = retry or RetryPolicy()
         self.handle_signals = handle_signals
         self.sink_wait = sink_wait
+        self.acks = self._check_acks(ack)
+        """What each source's answer to its sender means: ``queued`` or ``delivered``."""
+        self.dead_letter = None if dead_letter is None else DeadLetter(dead_letter)
+        """Where messages the sink refused for good go (a path means a file sink)."""
+        self._refused: SinkRefused | None = None
+        self._kept: list[int] = []  # the processor's output -> the batch's indices
         self.services = tuple(services)
         self.service_values: list[Any] = []
         """What each service reported through ``task_status.started`` (e.g. bound addresses)."""
@@ -175,11 +192,25 @@ class Gateway:
         self._ingresses: list[Ingress] = []
         self._drain_deadline = math.inf
         """When what is read, queued or in the sink's hands is abandoned (set at shutdown)."""
+        self._kept_in_flight = 0
         self._final_ledger: Ledger | None = None
         self._serving = False
         self.sink_problem: SinkError | None = None
         """Why the sink's last attempt (open or send) failed; None while it works."""
         self._sink_lost: SinkUnavailable | None = None
+
+    def _check_acks(self, ack: str | Mapping[Source, str]) -> dict[Source, str]:
+        acks = {s: ack if isinstance(ack, str) else ack.get(s, "queued") for s in self.sources}
+        for source, mode in acks.items():
+            if mode not in ACK_MODES:
+                raise ConfigurationError(
+                    f"{source.transport}.ack", f"must be one of {', '.join(ACK_MODES)}"
+                )
+            if mode == "delivered" and source.transport in ("tcp", "udp"):
+                raise ConfigurationError(
+                    f"{source.transport}.ack", "delivered needs a transport that answers"
+                )
+        return acks
 
     # -- control --------------------------------------------------------------------------
 
@@ -216,12 +247,18 @@ class Gateway:
         if self._final_ledger is not None:
             return self._final_ledger
         stats = self.queue.statistics()
-        return Ledger.compute(
-            self.source_counters,
-            self.pump_counters,
-            stats.dropped,
-            stats.depth + self._in_flight,
-        )
+        held = stats.depth + self._in_flight + self._kept_in_flight
+        if isinstance(self.queue, DiskQueue):
+            # On disk, what is queued or in flight is kept for the next start, not abandoned.
+            return Ledger.compute(
+                self.source_counters,
+                self.pump_counters,
+                stats.dropped,
+                0,
+                recovered=self.queue.recovered,
+                kept=held,
+            )
+        return Ledger.compute(self.source_counters, self.pump_counters, stats.dropped, held)
 
     # -- running --------------------------------------------------------------------------
 
@@ -229,6 +266,19 @@ class Gateway:
         """Serve until :meth:`shutdown` (or cancellation), then flush; return the ledger."""
         if self.state != "created":
             raise RuntimeError("a Gateway runs once; create a new one")
+        disk = self.queue if isinstance(self.queue, DiskQueue) else None
+        if disk is None:
+            return await self._run(task_status)
+        # A disk queue is opened (what it holds comes back first) before anything binds, and
+        # closed (what is left stays on disk) after the pump has finished.
+        await disk.open()
+        try:
+            return await self._run(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await disk.aclose()
+
+    async def _run(self, task_status: trio.TaskStatus[Any]) -> Ledger:
         self.state = "starting"
         if not self.sink_wait:
             try:
@@ -287,6 +337,15 @@ class Gateway:
             self.sink_problem = SinkUnavailable(self.sink.name, str(exc) or repr(exc))
             raise self.sink_problem from exc
         self.sink_problem = None
+        if self.dead_letter is not None:
+            try:
+                await self.dead_letter.open()
+            except Exception as exc:
+                await self._close_sink()
+                self.sink_problem = SinkUnavailable(
+                    f"{self.dead_letter.name} (dead letter)", str(exc) or repr(exc)
+                )
+                raise self.sink_problem from exc
 
     async def _wait_for_sink(self) -> bool:
         """Open the sink, trying again with backoff for up to ``sink_wait`` seconds.
@@ -332,6 +391,7 @@ class Gateway:
                     self._stopping,
                     grace_period=self.grace_period,
                     budget=self.budget,
+                    ack=self.acks[source],
                 )
                 self._ingresses.append(ingress)
                 addresses = await sources.start(source.run, ingress)
@@ -393,6 +453,7 @@ class Gateway:
         """Queue -> processor -> sink, in batches, until the queue ends or the drain deadline."""
         counters = self.pump_counters
         budget = self.budget
+        buffer = self.buffer
         held = 0  # the batch in hand, charged to the memory budget
         try:
             with self._pump_scope:
@@ -403,18 +464,29 @@ class Gateway:
                         break
                     budget.charge(held)
                     self._in_flight = len(batch)
-                    items = batch if self.processor is None else await self._process(batch)
+                    failed: list[int] = []  # indices in the batch of what was not delivered
+                    items = batch if self.processor is None else await self._process(batch, failed)
                     self._in_flight = len(items)
                     if items:
                         if await self._with_retry(
                             functools.partial(self.sink.send, items), what="send"
                         ):
+                            refused, self._refused = self._refused, None
                             counters.delivered += len(items)
+                            if refused is not None:
+                                counters.delivered -= len(refused.indices)
+                                await self._dead_letter(items, refused.indices, refused.reason)
+                                failed += self._batch_indices(refused.indices)
                         else:
-                            counters.sink_failed += len(items)
+                            if self.dead_letter is not None:
+                                await self._dead_letter(items, range(len(items)), "retries spent")
+                            else:
+                                counters.sink_failed += len(items)
+                            failed += self._batch_indices(range(len(items)))
                     self._in_flight = 0
                     budget.release(held)
                     held = 0
+                    buffer.settle(failed)
         except SinkUnavailable as exc:
             # Gone for good (a closed pipe): retrying cannot help, and neither can a drain.
             self._sink_lost = exc
@@ -422,7 +494,10 @@ class Gateway:
             self.abort()
         finally:
             budget.release(held)
-            counters.abandoned += self._in_flight
+            if isinstance(self.queue, DiskQueue):
+                self._kept_in_flight = self._in_flight  # not settled: still on disk
+            else:
+                counters.abandoned += self._in_flight
             self._in_flight = 0
             await self._close_sink()
             done.set()
@@ -462,8 +537,39 @@ class Gateway:
                 await self.sink.aclose()
             except Exception as exc:
                 _log.error("sink %s failed to close: %r", self.sink.name, exc)
+            if self.dead_letter is not None:
+                try:
+                    await self.dead_letter.aclose()
+                except Exception as exc:
+                    _log.error("dead letter %s failed to close: %r", self.dead_letter.name, exc)
 
-    async def _process(self, batch: Batch) -> Batch:
+    async def _dead_letter(self, batch: Batch, indices: Sequence[int], reason: str) -> None:
+        """Hand the messages of ``batch`` at ``indices`` to the dead letter, and count them."""
+        counters = self.pump_counters
+        if self.dead_letter is None:
+            counters.refused += len(indices)
+            _sink_errors.warning(
+                "sink %s: %d messages refused for good (%s); no dead letter: dropped",
+                self.sink.name,
+                len(indices),
+                reason,
+            )
+            return
+        refused = Batch.of([batch[i] for i in indices])
+        if await self.dead_letter.put(refused, reason):
+            counters.dead_lettered += len(indices)
+        else:
+            counters.refused += len(indices)
+
+    def _batch_indices(self, indices: Sequence[int]) -> list[int]:
+        """Indices in the processor's output -> in the batch taken from the queue."""
+        if self.processor is None:
+            return list(indices)
+        return [self._kept[i] for i in indices]
+
+    async def _process(self, batch: Batch, failed: list[int]) -> Batch:
+        """Run the processor over ``batch``; the indices of the messages it raised on (or
+        answered wrongly) are appended to ``failed``."""
         processor = self.processor
         assert processor is not None
         counters = self.pump_counters
@@ -481,7 +587,9 @@ class Gateway:
         clock = time.monotonic
         yield_at = clock() + _PROCESS_SLICE
         remaining = len(batch)
-        for message in batch:
+        kept: list[int] = []
+        self._kept = kept
+        for index, message in enumerate(batch):
             # Where the pump can be cancelled (an await), what is in flight is what is not
             # processed yet plus what came out of the processor.
             if clock() >= yield_at:
@@ -496,16 +604,20 @@ class Gateway:
                     result = await result  # type: ignore[misc]
             except Exception as exc:
                 counters.failed[type(exc).__name__] += 1
+                failed.append(index)
                 _processor_errors.warning("processor failed on a message: %r", exc)
                 continue
             if result is None:
                 counters.filtered += 1
             elif isinstance(result, Message):
                 out(result.payload, result.origin)
+                kept.append(index)
             elif isinstance(result, bytes | bytearray | memoryview):
                 out(bytes(result), message.origin)
+                kept.append(index)
             else:
                 counters.failed["TypeError"] += 1
+                failed.append(index)
                 _processor_errors.warning(
                     "processor returned %s; expected bytes, Message or None", type(result).__name__
                 )
@@ -527,6 +639,12 @@ class Gateway:
                 counters.sink_errors += 1
                 self.sink_problem = exc
                 raise
+            except SinkRefused as exc:
+                # Delivered, except what is refused for good: the pump routes that (no retry).
+                self._refused = exc
+                self.sink_problem = None
+                counters.sink_batches += 1
+                return True
             except Exception as exc:
                 counters.sink_errors += 1
                 self.sink_problem = exc if isinstance(exc, SinkError) else SinkError(repr(exc))

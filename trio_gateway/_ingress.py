@@ -13,7 +13,10 @@ from ._ledger import SourceCounters
 from ._message import Origin
 from .queues import Queue
 
-__all__ = ("Ingress",)
+__all__ = ("ACK_MODES", "Ingress")
+
+ACK_MODES = ("queued", "delivered")
+"""What a source's answer to its sender means (``ack =``): see :class:`Ingress`."""
 
 
 class Ingress:
@@ -29,9 +32,25 @@ class Ingress:
     * :meth:`offer_or_reject`: waits at most ``timeout`` for room; what is not accepted is
       *rejected* (counted as ``queue_full``) and the source tells its sender (HTTP 503, gRPC
       RESOURCE_EXHAUSTED, a negative ack). Under ``drop_oldest`` everything is accepted.
+
+    ``ack`` says what an answer means. ``"queued"`` (the default): the messages are in the
+    queue (on disk, with a disk queue). ``"delivered"``: :meth:`offer_or_reject` and
+    :meth:`offer` return only once the sink has confirmed every message of the call (the pump
+    settles each batch after its send), and return how many of them, from the first, were
+    delivered before one failed for good (given up, refused by the destination, evicted by
+    ``drop_oldest``, or a processor error): the source acknowledges that prefix and refuses
+    the rest, which the sender can send again.
     """
 
-    __slots__ = ("_queue", "_stopping", "budget", "counters", "drain_deadline", "grace_period")
+    __slots__ = (
+        "_queue",
+        "_stopping",
+        "ack",
+        "budget",
+        "counters",
+        "drain_deadline",
+        "grace_period",
+    )
 
     def __init__(
         self,
@@ -41,7 +60,11 @@ class Ingress:
         *,
         grace_period: float,
         budget: MemoryBudget | None = None,
+        ack: str = "queued",
     ) -> None:
+        if ack not in ACK_MODES:
+            raise ValueError(f"ack must be one of {', '.join(ACK_MODES)}, got {ack!r}")
+        self.ack = ack
         # The gateway passes its one buffer; a source served on its own, outside a gateway
         # (trio_gateway.testing.serve_source), brings a bare queue, which gets its own buffer.
         self._queue = queue if isinstance(queue, MessageBuffer) else MessageBuffer(queue)
@@ -102,6 +125,8 @@ class Ingress:
         """Queue one message if the queue takes it now, without its policy dropping anything
         new; False, with nothing counted or changed, if not (the caller then takes the
         waiting way, :meth:`offer_or_reject`, which answers its sender)."""
+        if self._queue.durable or self.ack == "delivered":
+            return False  # its answer waits (disk, delivery): offer_or_reject does that
         try:
             if not self._queue.put_many_nowait((payload,), origin, drop=False):
                 return False
@@ -131,12 +156,13 @@ class Ingress:
         self._count(payloads, nbytes)
         buffer = self._queue
         done = 0
+        ranges: list[tuple[int, int]] = []
         try:
-            done = buffer.put_many_nowait(payloads, origin)
+            done = self._put(payloads, origin, True, ranges)
             if done < len(payloads) and buffer.policy == "block":
                 while done < len(payloads):
                     await buffer.queue.wait_not_full()
-                    done += buffer.put_many_nowait(payloads[done:], origin)
+                    done += self._put(payloads[done:], origin, True, ranges)
         except trio.ClosedResourceError:
             self.counters.abandoned += len(payloads) - done
         except trio.Cancelled:
@@ -147,6 +173,23 @@ class Ingress:
         except BaseException:
             self.counters.abandoned += len(payloads) - done
             raise
+        if ranges:
+            return await buffer.receipts.wait(ranges)
+        return done
+
+    def _put(
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        drop: bool,
+        ranges: list[tuple[int, int]],
+    ) -> int:
+        """``put_many_nowait``, noting the positions taken when the answer waits for them."""
+        buffer = self._queue
+        done = buffer.put_many_nowait(payloads, origin, drop=drop)
+        if done and self.ack == "delivered":
+            end = buffer.end_position
+            ranges.append((end - done, end))
         return done
 
     async def _wait_until_drain_deadline(self, payloads: Sequence[bytes], origin: Origin) -> int:
@@ -171,14 +214,17 @@ class Ingress:
     ) -> int:
         """Enqueue what fits within ``timeout``; the rest is rejected as ``queue_full``.
 
-        Returns how many were accepted; the caller answers its sender accordingly.
+        Returns how many were accepted; the caller answers its sender accordingly. With a
+        disk queue it returns once they are on disk (committed as its ``fsync`` policy says),
+        so an answer sent then means "on disk".
         """
         if not payloads:
             return 0
         buffer = self._queue
         done = 0
+        ranges: list[tuple[int, int]] = []
         try:
-            done = buffer.put_many_nowait(payloads, origin, drop=False)
+            done = self._put(payloads, origin, False, ranges)
             if done < len(payloads) and buffer.policy == "drop_oldest":
                 # A batch longer than the queue: the queue took all of it and dropped its head
                 # as the oldest (counted there), so all of it was received, none refused.
@@ -187,7 +233,7 @@ class Ingress:
                 with trio.move_on_after(timeout):
                     while done < len(payloads):
                         await buffer.queue.wait_not_full()
-                        done += buffer.put_many_nowait(payloads[done:], origin, drop=False)
+                        done += self._put(payloads[done:], origin, False, ranges)
         except trio.ClosedResourceError:
             pass
         finally:
@@ -196,6 +242,10 @@ class Ingress:
             counters.received_bytes += sum(map(len, payloads[:done]))
             if done < len(payloads):
                 counters.rejected["queue_full"] += len(payloads) - done
+        if ranges:
+            return await buffer.receipts.wait(ranges)
+        if done:
+            await buffer.wait_stored()
         return done
 
     def reject(self, reason: str, count: int = 1) -> None:

@@ -44,6 +44,10 @@ class PumpCounters:
     """Messages the processor raised on, by exception type name."""
     sink_failed: int = 0
     """Messages given up after the sink's retry budget ran out."""
+    dead_lettered: int = 0
+    """Messages the destination refused for good (or given up), written to the dead letter."""
+    refused: int = 0
+    """Messages the destination refused for good, with no dead letter to take them."""
     sink_batches: int = 0
     sink_errors: int = 0
     """Failed attempts to send a batch (each retry that failed counts once)."""
@@ -66,20 +70,31 @@ class Ledger:
     abandoned: int
     rejected: Mapping[str, int]
     """Refused at the door with an answer to the sender (never counted as received)."""
+    recovered: int = 0
+    """Messages a disk queue held from before this start (received by an earlier run)."""
+    kept: int = 0
+    """Messages a disk queue keeps for the next start (not lost: not abandoned)."""
 
     @property
     def balanced(self) -> bool:
-        return self.received == self.delivered + sum(self.dropped.values()) + self.abandoned
+        return self.received + self.recovered == (
+            self.delivered + sum(self.dropped.values()) + self.abandoned + self.kept
+        )
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "received": self.received,
             "delivered": self.delivered,
             "dropped": dict(self.dropped),
             "abandoned": self.abandoned,
             "rejected": dict(self.rejected),
-            "balanced": self.balanced,
         }
+        # Only a disk queue has these: a memory queue's ledger reads as it always did.
+        if self.recovered or self.kept:
+            out["recovered"] = self.recovered
+            out["kept"] = self.kept
+        out["balanced"] = self.balanced
+        return out
 
     def to_json(self) -> str:
         return json.dumps({"ledger": self.as_dict()}, sort_keys=False)
@@ -91,8 +106,12 @@ class Ledger:
         pump: PumpCounters,
         queue_dropped: Mapping[str, int],
         queue_depth: int,
+        *,
+        recovered: int = 0,
+        kept: int = 0,
     ) -> Ledger:
-        """Build the ledger from the live counters (``queue_depth`` counts as abandoned)."""
+        """Build the ledger from the live counters (``queue_depth`` counts as abandoned;
+        a disk queue's ``recovered`` and ``kept`` balance as described on the fields)."""
         received = 0
         abandoned = pump.abandoned + queue_depth
         rejected: Counter[str] = Counter()
@@ -107,10 +126,17 @@ class Ledger:
             "processor_error": sum(pump.failed.values()),
             "sink_failed": pump.sink_failed,
         }
+        # Shown when not 0, so a gateway without poison batches prints the ledger it always did.
+        if pump.dead_lettered:
+            dropped["dead_letter"] = pump.dead_lettered
+        if pump.refused:
+            dropped["refused"] = pump.refused
         return cls(
             received=received,
             delivered=pump.delivered,
             dropped=dropped,
             abandoned=abandoned,
             rejected=dict(rejected),
+            recovered=recovered,
+            kept=kept,
         )

@@ -638,7 +638,20 @@ def test_policies_and_queue_kinds_are_read_in_both_spellings(tmp_path: Path) -> 
         assert "queue: locked_list, capacity 10000, policy drop_newest" in result.stdout
     result = run_cli("serve", "--help")
     assert "{block,drop_newest,drop_oldest}" in result.stdout
-    assert "{ring,locked_ring,channel,locked_list}" in result.stdout
+    assert "ring|locked_ring|channel|locked_list|disk:DIR" in result.stdout
+    path.write_text(f"[queue]\nkind = 'disk'\ndir = '{tmp_path}/q'\nfsync = 'interval'\n")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"queue: disk, capacity 10000, policy block, dir {tmp_path}/q, fsync interval" in (
+        result.stdout
+    )
+    path.write_text("[queue]\nkind = 'disk'\n")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert "queue.dir" in result.stderr
+    result = run_cli("serve", "--queue", "disk", "--sink", "null")
+    assert result.returncode == 2
+    assert "--queue: the disk queue needs a directory: disk:DIR" in result.stderr
 
 
 def test_top_on_an_80x24_terminal_fits_and_quits_on_q(serve: type[ServeProcess]) -> None:

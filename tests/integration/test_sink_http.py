@@ -23,6 +23,7 @@ from trio_gateway import (
     Origin,
     RetryPolicy,
     SinkError,
+    SinkRefused,
     SinkUnavailable,
     TcpSource,
 )
@@ -37,6 +38,22 @@ class Request:
     body: bytes
     headers: dict[str, str]
     at: float
+
+
+async def request_body(scope: dict[str, Any], receive: Any, send: Any) -> bytes | None:
+    """An ASGI request's whole body; None for the lifespan scope (answered here)."""
+    if scope["type"] == "lifespan":
+        while True:
+            kind = (await receive())["type"]  # lifespan.startup, then lifespan.shutdown
+            await send({"type": kind + ".complete"})
+            if kind == "lifespan.shutdown":
+                return None
+    body = bytearray()
+    while True:
+        event = await receive()
+        body += event.get("body", b"")
+        if not event.get("more_body"):
+            return bytes(body)
 
 
 @dataclass
@@ -54,20 +71,11 @@ class Destination:
     statuses: list[int] = field(default_factory=list)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]  # lifespan.startup, then lifespan.shutdown
-                await send({"type": kind + ".complete"})
-                if kind == "lifespan.shutdown":
-                    return
-        body = bytearray()
-        while True:
-            event = await receive()
-            body += event.get("body", b"")
-            if not event.get("more_body"):
-                break
+        body = await request_body(scope, receive, send)
+        if body is None:
+            return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.requests.append(Request(bytes(body), headers, trio.current_time()))
+        self.requests.append(Request(body, headers, trio.current_time()))
         status, extra = self.script.pop(0) if self.script else (200, {})
         self.statuses.append(status)
         answer = json.dumps({"status": status}).encode()
@@ -82,16 +90,21 @@ class Destination:
         await send({"type": "http.response.body", "body": answer})
 
 
-@pytest.fixture
-async def destination(nursery: trio.Nursery) -> AsyncIterator[Destination]:
-    app = Destination()
+async def serve_app(nursery: trio.Nursery, app: Any) -> tuple[str, trio.Event]:
+    """Serve the ASGI ``app`` with hypercorn on a free port: its URL, and the event to stop."""
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = None
     shutdown = trio.Event()
     binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
-    app.url = binds[0] + "/ingest"
+    return binds[0] + "/ingest", shutdown
+
+
+@pytest.fixture
+async def destination(nursery: trio.Nursery) -> AsyncIterator[Destination]:
+    app = Destination()
+    app.url, shutdown = await serve_app(nursery, app)
     yield app
     shutdown.set()
 
@@ -234,11 +247,13 @@ async def test_large_batch_is_split_and_a_retry_resumes_where_it_failed(
     assert delivered == payloads  # nothing twice, nothing lost, in order
 
 
-async def test_4xx_fails_and_is_counted_with_the_answer(destination: Destination) -> None:
+async def test_4xx_is_a_refusal_for_good_counted_with_the_answer(
+    destination: Destination,
+) -> None:
     destination.script = [(401, {})]
     sink = HttpSink(destination.url)
     with trio.fail_after(10):
-        with pytest.raises(SinkError, match=r'answered 401 Unauthorized: \{"status": 401\}'):
+        with pytest.raises(SinkRefused, match=r'answered 401 Unauthorized: \{"status": 401\}'):
             await sink.send(Batch([b"x"], [(ORIGIN, 1)]))
         await sink.aclose()
     assert sink.failures == {"http_401": 1}
@@ -356,3 +371,86 @@ async def test_ca_and_timeouts_from_the_config_file_and_the_check_at_open(
     shutdown.set()
     assert caught.value.sink == f"https://127.0.0.1:{url.split(':')[2].split('/')[0]}/ingest"
     assert [records(r) for r in app.requests] == [[b"over tls"]]
+
+
+# -- poison batches -----------------------------------------------------------------------------
+
+
+@dataclass
+class Picky:
+    """Answers 413 to bodies over ``limit`` bytes, 400 to a body with a ``poison`` record, and
+    200 to the rest; records the bodies it took."""
+
+    limit: int = 1200
+    delivered: list[bytes] = field(default_factory=list)
+    url: str = ""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await request_body(scope, receive, send)
+        if body is None:
+            return
+        status = 413 if len(body) > self.limit else 400 if b"poison" in body else 200
+        if status == 200:
+            self.delivered += [decode_jsonl_record(line)[0] for line in body.splitlines()]
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.fixture
+async def picky(nursery: trio.Nursery) -> AsyncIterator[Picky]:
+    app = Picky()
+    app.url, shutdown = await serve_app(nursery, app)
+    yield app
+    shutdown.set()
+
+
+async def test_413_splits_and_what_is_still_refused_goes_to_the_dead_letter(
+    picky: Picky, tmp_path: Path
+) -> None:
+    """The upstream of two chained gateways sends a batch too large for the downstream: it is
+    split until it fits; a record refused alone (too large, or a 400) is not retried but
+    written to the dead letter, counted under its own reason; the others are delivered once."""
+    payloads = [b'{"n":%d}' % i for i in range(40)]
+    payloads[7] = b'{"poison":true}'
+    payloads[23] = b'{"big":"%s"}' % (b"x" * 1500)
+    dead = tmp_path / "dead.jsonl"
+    sink = HttpSink(picky.url)
+    gateway = Gateway(
+        sources=[TcpSource(port=0, max_message_size=4096)],
+        sink=sink,
+        batch_size=100,
+        dead_letter=str(dead),
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            async with await trio.open_tcp_stream(*address) as client:
+                await client.send_all(b"".join(p + b"\n" for p in payloads))
+            while gateway.ledger.received < 40:
+                await trio.sleep(0.01)
+            gateway.shutdown()
+    ledger = gateway.ledger
+    assert ledger.balanced
+    assert ledger.delivered == 38
+    assert ledger.dropped["dead_letter"] == 2
+    delivered = picky.delivered
+    assert sorted(delivered) == sorted(p for i, p in enumerate(payloads) if i not in (7, 23))
+    assert len(delivered) == 38  # each once
+    with dead.open("rb") as file:
+        assert [decode_jsonl_record(line)[0] for line in file] == [payloads[7], payloads[23]]
+    assert sink.splits > 0 and sink.failures["http_413"] > 0 and sink.failures["http_400"] > 0
+
+
+async def test_a_refusal_without_a_dead_letter_is_dropped_and_counted(picky: Picky) -> None:
+    gateway = Gateway(sources=[TcpSource(port=0)], sink=HttpSink(picky.url))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            async with await trio.open_tcp_stream(*address) as client:
+                await client.send_all(b'{"ok":1}\n{"poison":1}\n')
+            while gateway.ledger.received < 2:
+                await trio.sleep(0.01)
+            gateway.shutdown()
+    assert gateway.ledger.balanced
+    assert gateway.ledger.dropped["refused"] + gateway.ledger.delivered == 2
+    assert gateway.ledger.dropped["refused"] >= 1

@@ -17,10 +17,18 @@ from typing import Any
 from .._errors import ConfigurationError
 from .._gateway import Gateway, Processor, RetryPolicy
 from .._names import canonical
-from ..queues import QUEUE_KINDS, ChannelQueue, Queue, queue_class
+from ..queues import QUEUE_KINDS, ChannelQueue, DiskQueue, Queue, queue_class
 from ..sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
 from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
-from ._schema import GatewayConfig, QueueConfig, SinkConfig, SourceConfig, parse_hostport, sink_kind
+from ._schema import (
+    DISK_QUEUE,
+    GatewayConfig,
+    QueueConfig,
+    SinkConfig,
+    SourceConfig,
+    parse_hostport,
+    sink_kind,
+)
 
 __all__ = (
     "SINK_KINDS",
@@ -144,7 +152,24 @@ def _describe(hint: Any) -> str:
 def build_queue(config: QueueConfig, *, max_memory: int | None = None) -> Queue[bytes]:
     """The queue ``config`` describes; without ``max_bytes``, half of ``max_memory`` (the
     memory budget's share for the queue) bounds its payload bytes, except on the channel
-    queue, which counts items only."""
+    queue, which counts items only, and the disk queue, whose ``max_bytes`` is on disk."""
+    disk_keys = config.dir is not None or config.fsync != "batch" or config.fsync_interval != 1.0
+    if config.kind == DISK_QUEUE:
+        if not config.dir:
+            raise ConfigurationError("queue.dir", 'kind = "disk" needs a directory')
+        try:
+            return DiskQueue(
+                config.dir,
+                capacity=config.capacity,
+                policy=config.policy,
+                max_bytes=config.max_bytes,
+                fsync=config.fsync,
+                fsync_interval=config.fsync_interval,
+            )
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"queue.{exc.key}", exc.message) from exc
+    if disk_keys:
+        raise ConfigurationError("queue.dir", 'dir and fsync are for kind = "disk" only')
     cls = queue_class(config.kind)
     if cls is None:
         raise ConfigurationError(
@@ -224,6 +249,20 @@ def load_processor(spec: str) -> Processor:
     return processor
 
 
+def _dead_letter(spec: str | None) -> Sink | None:
+    """``[sink] dead_letter``: a path is a file sink; a URL names any sink."""
+    if spec is None:
+        return None
+    if not spec:
+        raise ConfigurationError("sink.dead_letter", "needs a path or a sink URL")
+    if "://" in spec or spec in ("stdout", "null") or spec.startswith(("file:", "tcp:")):
+        try:
+            return build_sink(SinkConfig(url=spec))
+        except ConfigurationError as exc:
+            raise ConfigurationError("sink.dead_letter", exc.message) from exc
+    return FileSink(spec)
+
+
 def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gateway:
     """Instantiate everything a config describes (no I/O happens until ``Gateway.run``)."""
     if config.drain_timeout < 0:
@@ -234,6 +273,8 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("gateway.batch_size", "must be at least 1")
     if config.workers < 1:
         raise ConfigurationError("gateway.workers", "must be at least 1")
+    if config.workers > 1 and config.queue.kind == DISK_QUEUE:
+        raise ConfigurationError("gateway.workers", "the disk queue serves one process")
     if config.sink.wait < 0:
         raise ConfigurationError("sink.wait", "must not be negative")
     if config.sink.retry_max_attempts < 0:
@@ -246,8 +287,10 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
 
         host, port = parse_hostport(config.admin, key="admin.listen")
         services.append(AdminServer(host, port))
+    sources = [build_source(s) for s in config.sources]
     return Gateway(
-        sources=[build_source(s) for s in config.sources],
+        sources=sources,
+        ack={source: s.ack for source, s in zip(sources, config.sources, strict=True)},
         services=services,
         queue=build_queue(config.queue, max_memory=config.max_memory),
         sink=build_sink(config.sink),
@@ -257,6 +300,7 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         grace_period=config.grace_period,
         retry=RetryPolicy(max_attempts=config.sink.retry_max_attempts or None),
         sink_wait=config.sink.wait,
+        dead_letter=_dead_letter(config.sink.dead_letter),
         handle_signals=handle_signals,
         max_memory=config.max_memory,
     )

@@ -26,10 +26,12 @@ def describe(config: GatewayConfig) -> str:
     sink = config.sink
     lines = [
         f"queue: {queue.kind}, capacity {queue.capacity}, policy {queue.policy}"
-        + (f", max {queue.max_bytes} bytes" if queue.max_bytes else ""),
+        + (f", max {queue.max_bytes} bytes" if queue.max_bytes else "")
+        + (f", dir {queue.dir}, fsync {queue.fsync}" if queue.kind == "disk" else ""),
         f"sink: {redact_url(sink.url)}"
         + (f", wait {sink.wait:g} s" if sink.wait else "")
         + (f", retry_max_attempts={sink.retry_max_attempts}" if sink.retry_max_attempts else "")
+        + (f", dead letter {redact_url(sink.dead_letter)}" if sink.dead_letter else "")
         + _options(dict(sink.options)),
         f"drain timeout {config.drain_timeout} s, grace period {config.grace_period} s, "
         f"batch size {config.batch_size}",
@@ -49,6 +51,7 @@ def describe(config: GatewayConfig) -> str:
     for source in config.sources:
         lines.append(
             f"source: {source.transport} on {source.host}:{source.port}"
+            + (f", ack={source.ack}" if source.ack != "queued" else "")
             + _options(dict(source.options))
         )
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from .._names import canonical
 from ._schema import (
     DEFAULT_TCP,
     DEFAULT_UDP,
+    DISK_QUEUE,
+    FSYNC_NAMES,
     POLICY_NAMES,
     QUEUE_NAMES,
     GatewayConfig,
@@ -25,6 +27,19 @@ from ._schema import (
 from ._toml import load_config
 
 __all__ = ("add_serve_arguments", "config_from_args")
+
+
+def _queue_flag(value: str, queue: QueueConfig) -> QueueConfig:
+    """``--queue KIND`` or ``--queue disk:DIR`` applied to the file's queue settings."""
+    kind, colon, directory = value.partition(":")
+    if canonical(kind) == DISK_QUEUE:
+        if not colon or not directory:
+            raise ConfigurationError("--queue", "the disk queue needs a directory: disk:DIR")
+        return replace(queue, kind=DISK_QUEUE, dir=directory)
+    if colon or canonical(value) not in QUEUE_NAMES:
+        choices = ", ".join((*QUEUE_NAMES, "disk:DIR"))
+        raise ConfigurationError("--queue", f"must be one of {choices}, got {value!r}")
+    return replace(queue, kind=canonical(value), dir=None)
 
 
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
@@ -89,7 +104,15 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
     )
     serve.add_argument(
-        "--queue", type=canonical, choices=QUEUE_NAMES, help="queue structure (ring)"
+        "--queue",
+        metavar="|".join((*QUEUE_NAMES, "disk:DIR")),
+        help="queue structure (ring), or a disk queue in DIR",
+    )
+    serve.add_argument(
+        "--queue-fsync",
+        type=canonical,
+        choices=FSYNC_NAMES,
+        help="the disk queue's fsync policy (batch)",
     )
     serve.add_argument("--capacity", type=int, metavar="N", help="queue capacity in messages")
     serve.add_argument("--max-bytes", type=int, metavar="N", help="queue bound in payload bytes")
@@ -117,6 +140,16 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="wait this long at start for a sink destination that is not there yet, "
         "/readyz answering 503 meanwhile (0: fail at once, exit 2)",
+    )
+    serve.add_argument(
+        "--ack",
+        choices=("queued", "delivered"),
+        help="what the HTTP, WebSocket and gRPC listeners' answers mean (queued)",
+    )
+    serve.add_argument(
+        "--dead-letter",
+        metavar="PATH|URL",
+        help="where messages the destination refuses for good go (a file, or a sink URL)",
     )
     serve.add_argument(
         "--processor", metavar="MODULE:FUNCTION", help="a function applied to every message"
@@ -217,12 +250,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     if not args.udp:
         sources = _framed(sources, "udp", args.udp_framing, "--udp-framing", DEFAULT_UDP)
     queue = config.queue
-    queue = QueueConfig(
-        kind=args.queue or queue.kind,
+    queue = replace(
+        queue,
         capacity=args.capacity if args.capacity is not None else queue.capacity,
         policy=normalize_policy(args.policy, key="--policy") if args.policy else queue.policy,
         max_bytes=args.max_bytes if args.max_bytes is not None else queue.max_bytes,
     )
+    if args.queue:
+        queue = _queue_flag(args.queue, queue)
+    if args.queue_fsync:
+        queue = replace(queue, fsync=args.queue_fsync)
     sink = config.sink
     if args.sink:
         if sink.options and sink_kind(args.sink) != sink_kind(sink.url):
@@ -234,6 +271,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         sink = replace(sink, url=args.sink)
     if args.sink_wait is not None:
         sink = replace(sink, wait=args.sink_wait)
+    if args.dead_letter is not None:
+        sink = replace(sink, dead_letter=args.dead_letter)
+    if args.ack is not None:
+        answering = ("http", "websocket", "grpc")
+        sources = [replace(s, ack=args.ack) if s.transport in answering else s for s in sources]
     changes = {
         name: getattr(args, name)
         for name in ("drain_timeout", "grace_period", "batch_size", "processor", "admin", "workers")

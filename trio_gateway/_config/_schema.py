@@ -47,6 +47,10 @@ POLICY_NAMES: tuple[Policy, ...] = get_args(Policy)
 """The overflow policies (the queues' ``OverflowPolicy``, without importing Trio)."""
 QUEUE_NAMES = ("ring", "locked_ring", "channel", "locked_list")
 """The queue kinds (the keys of ``queues.QUEUE_KINDS``, without importing Trio)."""
+DISK_QUEUE = "disk"
+"""The disk queue's kind (``--queue disk:DIR``, ``[queue] kind = "disk"`` with ``dir``)."""
+FSYNC_NAMES = ("always", "batch", "interval")
+"""The disk queue's fsync policies (``queues.FSYNC_POLICIES``, without importing Trio)."""
 TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc")
 """The source transports (``[[sources]] transport = ...``)."""
 
@@ -59,6 +63,9 @@ class SourceConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     key: str = "sources"
     """Where this source came from, for error messages (``sources[0]``, ``--tcp``)."""
+    ack: str = "queued"
+    """What an answer to the sender means: ``queued`` (in the queue; on disk with the disk
+    queue) or ``delivered`` (the sink confirmed it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,12 @@ class QueueConfig:
     capacity: int = 10_000
     policy: Policy = "block"
     max_bytes: int | None = None
+    dir: str | None = None
+    """The disk queue's directory (``kind = "disk"`` only)."""
+    fsync: str = "batch"
+    """The disk queue's fsync policy: ``always``, ``batch`` or ``interval``."""
+    fsync_interval: float = 1.0
+    """Seconds between fsyncs under ``fsync = "interval"``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +89,9 @@ class SinkConfig:
     wait: float = 0.0
     """Seconds ``serve`` waits at start for a sink whose destination is not there yet (0: it
     fails at once); ``/readyz`` answers 503 with the reason meanwhile."""
+    dead_letter: str | None = None
+    """Where messages the destination refused for good go: a path (a file sink) or a sink
+    URL; None: they are dropped and counted ``refused``."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for the sink class the URL names (``fsync``, ``token``, ``timeout``
     ...), checked against its signature like a source's options; ``env:NAME`` reads a secret."""

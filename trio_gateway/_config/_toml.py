@@ -24,9 +24,9 @@ from ._schema import (
 __all__ = ("config_from_mapping", "load_config")
 
 # Keys every source section has that are not constructor options.
-_SOURCE_META = ("transport", "listen")
+_SOURCE_META = ("transport", "listen", "ack")
 # The [sink] keys that are not options of the sink class.
-_SINK_META = ("url", "retry_max_attempts", "wait")
+_SINK_META = ("url", "retry_max_attempts", "wait", "dead_letter")
 
 
 def _expect(section: Mapping[str, Any], name: str, kind: type | tuple[type, ...], key: str) -> Any:
@@ -64,8 +64,20 @@ def _gateway_changes(gateway: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _queue(queue: Mapping[str, Any]) -> QueueConfig:
-    _check_keys(queue, ("kind", "capacity", "policy", "max_bytes"), "queue")
+    _check_keys(
+        queue,
+        ("kind", "capacity", "policy", "max_bytes", "dir", "fsync", "fsync_interval"),
+        "queue",
+    )
+    disk: dict[str, Any] = {}
+    if "dir" in queue:
+        disk["dir"] = _expect(queue, "dir", str, "queue")
+    if "fsync" in queue:
+        disk["fsync"] = canonical(_expect(queue, "fsync", str, "queue"))
+    if "fsync_interval" in queue:
+        disk["fsync_interval"] = float(_expect(queue, "fsync_interval", (int, float), "queue"))
     return QueueConfig(
+        **disk,
         kind=canonical(_expect(queue, "kind", str, "queue")) if "kind" in queue else "ring",
         capacity=_expect(queue, "capacity", int, "queue") if "capacity" in queue else 10_000,
         policy=normalize_policy(queue["policy"], key="queue.policy")
@@ -84,6 +96,7 @@ def _sink(sink: object) -> SinkConfig:
         if "retry_max_attempts" in sink
         else 0,
         wait=float(_expect(sink, "wait", (int, float), "sink")) if "wait" in sink else 0.0,
+        dead_letter=_expect(sink, "dead_letter", str, "sink") if "dead_letter" in sink else None,
         # Everything else is an option of the sink the URL names, checked when it is built.
         options={k: v for k, v in sink.items() if k not in _SINK_META},
     )
@@ -105,7 +118,8 @@ def _sources(raw_sources: object) -> tuple[SourceConfig, ...]:
         listen = _expect(section, "listen", str, key) if "listen" in section else "127.0.0.1:0"
         host, port = parse_hostport(listen, key=f"{key}.listen")
         options = {k: v for k, v in section.items() if k not in _SOURCE_META}
-        sources.append(SourceConfig(transport, host, port, options, key=key))
+        ack = _expect(section, "ack", str, key) if "ack" in section else "queued"
+        sources.append(SourceConfig(transport, host, port, options, key=key, ack=ack))
     return tuple(sources)
 
 

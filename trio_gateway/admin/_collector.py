@@ -149,6 +149,8 @@ class GatewayCollector(Collector):
             ("filtered", pump.filtered),
             ("processor_error", sum(pump.failed.values())),
             ("sink_failed", pump.sink_failed),
+            ("dead_letter", pump.dead_lettered),
+            ("refused", pump.refused),
         ):
             dropped.add_metric([reason], n)
         yield dropped

@@ -6,6 +6,8 @@ from ._base import OverflowPolicy as OverflowPolicy
 from ._base import Queue as Queue
 from ._base import QueueStatistics as QueueStatistics
 from ._channel import ChannelQueue as ChannelQueue
+from ._disk import FSYNC_POLICIES as FSYNC_POLICIES
+from ._disk import DiskQueue as DiskQueue
 from ._list import LockedListQueue as LockedListQueue
 from ._ring import LockedRingBuffer as LockedRingBuffer
 from ._ring import RingBuffer as RingBuffer
@@ -16,8 +18,9 @@ QUEUE_KINDS: dict[str, type[Queue[object]]] = {
     "channel": ChannelQueue,
     "locked_list": LockedListQueue,
 }
-"""The queue classes by the name used in configuration (``--queue``), in the shown spelling
-(``locked_ring``; :func:`queue_class` also takes ``locked-ring``)."""
+"""The in-memory queue classes by the name used in configuration (``--queue``), in the shown
+spelling (``locked_ring``; :func:`queue_class` also takes ``locked-ring``). The disk queue
+(``--queue disk:DIR``, :class:`DiskQueue`) takes a directory, so it is built apart."""
 
 
 def queue_class(kind: str) -> type[Queue[object]] | None:
@@ -26,9 +29,11 @@ def queue_class(kind: str) -> type[Queue[object]] | None:
 
 
 __all__ = (
+    "FSYNC_POLICIES",
     "POLICIES",
     "QUEUE_KINDS",
     "ChannelQueue",
+    "DiskQueue",
     "LockedListQueue",
     "LockedRingBuffer",
     "OverflowPolicy",

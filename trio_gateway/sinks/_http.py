@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .._errors import ConfigurationError, SinkError, SinkUnavailable
+from .._errors import ConfigurationError, SinkError, SinkRefused, SinkUnavailable
 from .._message import Batch
 from .._secrets import redact_url
 from ._base import Sink, connect_failure
@@ -31,6 +31,21 @@ if TYPE_CHECKING:
 __all__ = ("HttpSink", "parse_retry_after", "split_body")
 
 CONTENT_TYPE = "application/x-ndjson"
+_TRANSIENT_4XX = frozenset({408, 429})
+"""4xx answers about timing (Request Timeout, Too Many Requests): retried, not refusals."""
+_SPLIT_ON = frozenset({400, 413, 422})
+"""Refusals of a body's content or size: split in two to find the records refused alone.
+Other 4xx (401, 403, 404 ...) are about the request itself: the whole body is refused."""
+
+
+class _Refusal(SinkError):
+    """A 4xx answer that refuses the body for good (see :class:`HttpSink`)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 _MAX_ANSWER = 64 * 1024
 
 
@@ -92,13 +107,19 @@ class HttpSink(Sink):
     """POSTs each batch to ``url`` as NDJSON: one JSON Lines record per message
     (``{"transport", "peer", "received_at", "payload"}``, ``"payload_b64"`` for binary).
 
-    Any 2xx answer delivers the body. Connection errors, timeouts, 408 and 5xx raise
-    :class:`SinkError` and the pump retries with its backoff; 429 and 503 with ``Retry-After``
-    make the pump wait at least that long (capped at ``max_retry_after``); any other answer is
-    a failure too (retried: a fixed token or endpoint resumes delivery). ``failures`` counts
-    them by reason. A batch whose NDJSON is larger than ``max_body_bytes`` goes as several
-    requests; a retry resumes at the request that failed. Each request carries an
-    ``Idempotency-Key`` that a retry repeats, so a receiver can drop copies.
+    Any 2xx answer delivers the body. Connection errors, timeouts, 408, 429, 5xx and other
+    answers raise :class:`SinkError` and the pump retries with its backoff; 429 and 503 with
+    ``Retry-After`` make the pump wait at least that long (capped at ``max_retry_after``).
+    Any other 4xx is a refusal for good of what the body holds (a poison batch): a body that
+    gets 413, 400 or 422 is split in two and each half sent on its own, down to single
+    records; what is still refused (a record that alone gets one of those, or a body that gets
+    401, 403, 404 ...: about the request, not its records) is not sent again:
+    ``send`` delivers the rest and raises :class:`SinkRefused` naming the refused messages,
+    which the pump hands to the dead-letter sink. ``failures`` counts failed requests by
+    reason, ``splits`` the bodies split. A batch whose NDJSON is larger than ``max_body_bytes``
+    goes as several requests; a retry resumes at the request that failed. Each request
+    carries an ``Idempotency-Key`` that a retry repeats (a split half adds ``.0`` or ``.1``),
+    so a receiver can drop copies.
     """
 
     def __init__(
@@ -154,10 +175,14 @@ class HttpSink(Sink):
         """Requests sent (each attempt counts)."""
         self.failures: Counter[str] = Counter()
         """Failed requests by reason: ``connect``, ``timeout``, ``transport``, ``http_<status>``."""
+        self.splits = 0
+        """Bodies split in two after a 413, 400 or 422."""
+        self._refusal = ("", "")
         self._client: httpx.AsyncClient | None = None
         self._batches = 0
-        self._resume: tuple[Batch, int, list[bytes], int] | None = None
-        """The batch that failed last: (batch, its number, its bodies, the first body not sent)."""
+        self._resume: tuple[Batch, int, list[bytes], int, list[int]] | None = None
+        """The batch that failed last: (batch, its number, its bodies, the first body not sent,
+        the messages refused for good so far)."""
 
     async def open(self) -> None:
         """Check that the destination answers (a TCP connection, and the TLS handshake for
@@ -221,7 +246,7 @@ class HttpSink(Sink):
         if self._client is None:
             self._make_client()
         if self._resume is not None and self._resume[0] is batch:
-            _, number, bodies, first = self._resume
+            _, number, bodies, first, refused = self._resume
         else:
             self._batches += 1
             number, bodies, first = (
@@ -229,13 +254,48 @@ class HttpSink(Sink):
                 split_body(encode_jsonl(batch), self.max_body_bytes),
                 0,
             )
+            refused = []
         for index in range(first, len(bodies)):
             try:
-                await self._post(bodies[index], f"{self.sink_id}-{number}-{index}")
+                refused += await self._post_or_split(
+                    bodies[index], f"{self.sink_id}-{number}-{index}", bodies, index
+                )
             except SinkError:
-                self._resume = (batch, number, bodies, index)
+                self._resume = (batch, number, bodies, index, refused)
                 raise
         self._resume = None
+        if refused:
+            reason, answer = self._refusal
+            raise SinkRefused(
+                f"{self.name}: {len(refused)} of {len(batch)} messages refused for good "
+                f"(last: {answer})",
+                indices=refused,
+                reason=reason,
+            )
+
+    async def _post_or_split(
+        self, body: bytes, key: str, bodies: list[bytes], index: int, offset: int = 0
+    ) -> list[int]:
+        """POST ``body``; the positions (in the batch) of the messages refused for good.
+
+        ``body`` starts ``offset`` lines into ``bodies[index]``."""
+        try:
+            await self._post(body, key)
+        except _Refusal as exc:
+            lines = body.count(b"\n")
+            if exc.status in _SPLIT_ON and lines > 1:
+                self.splits += 1
+                middle = body.rfind(b"\n", 0, len(body) // 2) + 1 or body.find(b"\n") + 1
+                left, right = body[:middle], body[middle:]
+                return await self._post_or_split(
+                    left, key + ".0", bodies, index, offset
+                ) + await self._post_or_split(
+                    right, key + ".1", bodies, index, offset + left.count(b"\n")
+                )
+            self._refusal = (f"http_{exc.status}", str(exc).removeprefix(f"{self.name}: "))
+            first = sum(b.count(b"\n") for b in bodies[:index]) + offset
+            return list(range(first, first + lines))
+        return []
 
     async def _post(self, body: bytes, key: str) -> None:
         httpx = _import_httpx()
@@ -268,11 +328,16 @@ class HttpSink(Sink):
             if asked is not None and math.isfinite(asked):
                 retry_after = min(asked, self.max_retry_after)
         detail = bytes(answer[:200]).decode(errors="replace").strip()
-        raise self._fail(
+        error = self._fail(
             f"http_{status}",
             f"answered {status} {_phrase(status)}" + (f": {detail}" if detail else ""),
             retry_after=retry_after,
         )
+        if 400 <= status < 500 and status not in _TRANSIENT_4XX:
+            refusal = _Refusal(str(error), status=status)
+            refusal.__cause__ = error.__cause__
+            raise refusal
+        raise error
 
     def _fail(
         self,

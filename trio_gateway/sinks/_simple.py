@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -303,7 +306,8 @@ class StdoutSink(Sink):
 
 
 class FileSink(Sink):
-    """Appends JSON Lines to a file; each batch is written and flushed (``fsync`` optional).
+    """Appends JSON Lines to a file; each batch is written whole or not at all (``fsync``
+    optional).
 
     Where the write goes:
 
@@ -319,6 +323,17 @@ class FileSink(Sink):
     * An inline write that takes more than 1 ms (a disk that is throttling writers) sends the
       next writes to the thread for 10 s, doubling up to 5 min while the next inline write
       tried is slow again, so a slow disk stalls the loop for one write at a time, rarely.
+
+    What a failure leaves (docs/sinks.md#when-a-write-fails): the file is written with
+    ``os.write`` on an ``O_APPEND`` descriptor, in pieces of whole records; a piece that
+    fails (ENOSPC, EIO, EFBIG) is cut off again with ``ftruncate``, so the file only ever
+    holds whole records. The pump retries the same batch object: the records already written
+    stay, the rest follows, so freed space smaller than a batch is enough to go on. A batch
+    given up (the pump moves on to another) is cut back out: the file holds exactly the
+    batches counted as delivered. A failed ``fsync`` rewrites the whole batch (after a failed
+    fsync the kernel may have dropped the dirty pages). A file removed or renamed underneath
+    is noticed before each batch and created again at the path. At open, a torn last line
+    (a crash in the middle of a write) is cut.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
@@ -327,7 +342,14 @@ class FileSink(Sink):
             raise ConfigurationError("sink", "file sink needs a path (file:PATH)")
         self.fsync = fsync
         self.name = f"file:{self.path}"
-        self._file: BinaryIO | None = None
+        self._fd: int | None = None
+        self._identity = (0, 0)  # (st_dev, st_ino) of the file the descriptor is on
+        self._size = 0
+        """The file's length after the last whole piece written: where a failure cuts back to."""
+        self._batch: Batch | None = None  # the batch being written, across the pump's retries
+        self._start = 0  # the file's length before it
+        self._done = 0  # bytes of it in the file
+        self._dirty = False  # a failed write may have left bytes past _size
         self._writes = _BatchWriter(self.name)
 
     @property
@@ -339,44 +361,162 @@ class FileSink(Sink):
         """Open the file for appending: a missing directory, a path without write permission
         or a read-only filesystem is :class:`SinkUnavailable`, naming the cause."""
 
-        def open_file() -> BinaryIO:
-            file = open(self.path, "ab")  # noqa: SIM115 - open until aclose()
-            self._writes.decide(None if self.fsync else file.fileno())
-            return file
+        def open_file() -> None:
+            self._open_path()
+            self._writes.decide(None if self.fsync else self._fd)
 
         try:
-            self._file = await trio.to_thread.run_sync(open_file)
+            await trio.to_thread.run_sync(open_file)
         except OSError as exc:
             raise SinkUnavailable(self.name, _file_failure(self.path, exc)) from exc
 
-    def _write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self._file.flush()
+    def _open_path(self) -> None:
+        flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        readable = True
+        try:
+            fd = os.open(self.path, os.O_RDWR | flags, 0o666)
+        except PermissionError:  # writable, not readable: no torn-line check at open
+            fd, readable = os.open(self.path, os.O_WRONLY | flags, 0o666), False
+        try:
+            st = os.fstat(fd)
+            size = _cut_torn_line(fd, st.st_size, self.name) if readable else st.st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._identity, self._size = fd, (st.st_dev, st.st_ino), size
+        self._dirty = False
 
-    def _write_last(self, data: bytes) -> None:
-        self._write(data)
-        if self.fsync:  # once per batch, after its last piece
-            assert self._file is not None
-            os.fsync(self._file.fileno())
+    def _same_file(self) -> bool:
+        """Whether the path still names the file the descriptor writes to."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def _write(self, base: int, last: bool, data: bytes) -> None:
+        """Write what is not in the file yet of ``data``: the batch's JSON Lines from offset
+        ``base`` (a piece of whole records), whole records at a time; ``fsync`` after the
+        ``last`` piece."""
+        if not self._same_file():
+            if self._done and self._fd is not None:
+                with contextlib.suppress(OSError):  # the old file keeps only whole batches
+                    os.ftruncate(self._fd, self._start)
+            _log.warning("%s: the file was removed or replaced; creating it again", self.name)
+            self._open_path()
+            self._start, self._done = self._size, 0
+            if base:  # the pieces before this one went to the old file: the retry rewrites all
+                raise OSError(errno.ESTALE, "the file was replaced in the middle of a batch")
+        fd = self._fd
+        assert fd is not None
+        if self._dirty:
+            os.ftruncate(fd, self._size)
+            self._dirty = False
+        view = memoryview(data)
+        try:
+            while self._done < base + len(data):
+                start = self._done - base
+                end = _piece_end(data, start)
+                piece = view[start:end]
+                while piece:
+                    self._dirty = True
+                    piece = piece[_write_fd(fd, piece) :]
+                self._size += end - start
+                self._done = base + end
+                self._dirty = False
+            if last and self.fsync:
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    # Whether the pages reached the disk is unknown: write the batch again.
+                    self._size, self._done, self._dirty = self._start, 0, True
+                    raise
+        except OSError:
+            with contextlib.suppress(OSError):  # else _dirty: cut before the next write
+                os.ftruncate(fd, self._size)
+                self._dirty = False
+            raise
+
+    def _give_up(self) -> None:
+        """The pump moved on from a batch it gave up: cut its records back out."""
+        if self._done and self._fd is not None:
+            self._size, self._dirty = self._start, True
+        self._batch, self._done = None, 0
 
     async def send(self, batch: Batch) -> None:
-        if self._file is None:
+        if self._fd is None:
             await self.open()
+        if batch is not self._batch:
+            if self._batch is not None:
+                self._give_up()
+            self._batch = batch
+            self._start, self._done = self._size, 0
         try:
-            # Piece by piece, never the whole batch's encoding at once; one piece ahead, to
-            # know which is the last.
+            # Piece by piece, never the whole batch's encoding at once (the encoding is the
+            # same on a retry: the pieces already in the file are skipped); one piece ahead,
+            # to know which is the last.
             pieces = iter_jsonl(batch)
-            piece = next(pieces, b"")
-            for after in pieces:
-                await self._writes.write(piece, self._write)
+            piece, base = next(pieces, b""), 0
+            while True:
+                after = next(pieces, None)
+                last = after is None
+                if last or base + len(piece) > self._done:
+                    await self._writes.write(piece, functools.partial(self._write, base, last))
+                if after is None:
+                    break
+                base += len(piece)
                 piece = after
-            await self._writes.write(piece, self._write_last)
         except OSError as exc:
             raise SinkError(f"{self.name}: {exc}") from exc
+        self._batch = None
 
     async def aclose(self) -> None:
         await self._writes.aclose()
-        if self._file is not None:
-            file, self._file = self._file, None
-            await trio.to_thread.run_sync(file.close)
+        if self._batch is not None and self._fd is not None:
+            self._give_up()
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            await trio.to_thread.run_sync(os.close, fd)
+
+
+_PIECE = 64 << 10
+"""Largest piece the file sink writes with one ``os.write`` (it ends on a record's end)."""
+_write_fd = os.write
+"""The file sink's ``os.write`` (tests put a failing one in its place)."""
+
+
+def _piece_end(data: bytes, start: int) -> int:
+    """Where the piece of ``data`` from ``start`` ends: a record's end, at most ``_PIECE``
+    on, or the end of the one longer record that starts there."""
+    if len(data) - start <= _PIECE:
+        return len(data)
+    end = data.rfind(b"\n", start, start + _PIECE)
+    if end < 0:
+        end = data.find(b"\n", start + _PIECE)
+    return len(data) if end < 0 else end + 1
+
+
+def _cut_torn_line(fd: int, size: int, name: str) -> int:
+    """Cut a last line without its newline (a write torn by a crash); return the length."""
+    if not size:
+        return 0
+    position = size
+    while position > 0:
+        start = max(0, position - _PIECE)
+        chunk = os.pread(fd, position - start, start)
+        if position == size and chunk.endswith(b"\n"):
+            return size
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            position = start + newline + 1
+            break
+        position = start
+    os.ftruncate(fd, position)
+    _log.warning(
+        "%s: cut a torn last line (%d bytes) left by an earlier crash", name, size - position
+    )
+    return position

@@ -8,10 +8,10 @@ this path by default: llhttp (:mod:`trio_gateway._http1`) on the Trio stream, on
 
 from __future__ import annotations
 
-import h11
 import trio
 
 from ..._h11server import BadRequest, BodyTooLarge, H11Server, RequestTooSlow
+from ..._http1 import Request
 from .._base import connection_errors
 from ._rules import Headers, IngestRules, Reply, json_reply
 
@@ -76,11 +76,11 @@ async def serve_http1(
         share.close()
 
 
-def _body_bytes(request: h11.Request, limit: int) -> int:
+def _body_bytes(request: Request, limit: int) -> int:
     """What reading the request's body holds at most: its chunks and the joined body."""
     for name, value in request.headers:
         if name == b"content-length":
-            return 2 * min(int(value), limit)  # h11 has checked it is a number
+            return 2 * min(int(value), limit)  # llhttp has checked it is a number
     return 2 * limit if request.method == b"POST" else 0  # chunked: up to the limit
 
 

@@ -1,0 +1,77 @@
+"""Chaos: ``kill -9`` of ``serve`` in the middle of a stream of acknowledged requests, three
+times, then a last start that drains. Every message acknowledged with a 202 must be in the
+file sink at the end (copies allowed: at-least-once), in both durable modes:
+
+* the disk queue with ``ack = "queued"`` (a 202 means "committed to disk");
+* the memory queue with ``ack = "delivered"`` and a file sink that fsyncs each batch (a 202
+  means "in the file, on disk").
+
+The 20-restart version, with throughput, is ``python -m bench.durable``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import ServeProcess, read_payloads, wait_until_sync
+
+
+def post_until_stopped(
+    url: str, acknowledged: list[bytes], stop: threading.Event, tag: int
+) -> None:
+    """NDJSON batches of 20, one request at a time; remember what got a 202."""
+    n = 0
+    with httpx.Client(timeout=5) as client:
+        while not stop.is_set():
+            lines = [b'{"k":%d,"n":%d}' % (tag, n + i) for i in range(20)]
+            n += 20
+            try:
+                response = client.post(
+                    url, content=b"\n".join(lines), headers={"Content-Type": "application/x-ndjson"}
+                )
+            except httpx.HTTPError:
+                return  # the gateway died with this request unanswered
+            if response.status_code == 202:
+                acknowledged.extend(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["disk-queue", "ack-delivered"])
+def test_no_acknowledged_message_is_lost_to_kill_9(
+    mode: str, tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    if mode == "disk-queue":
+        args = ["--queue", f"disk:{tmp_path / 'queue'}", "--sink", f"file:{out}"]
+    else:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[sink]\nurl = "file:{out}"\nfsync = true\n')
+        args = ["--config", str(config), "--ack", "delivered"]
+    args += ["--http", "127.0.0.1:0"]
+    acknowledged: list[bytes] = []
+    for restart in range(3):
+        gateway = serve(args)
+        stop = threading.Event()
+        url = f"http://127.0.0.1:{gateway.port('http')}/ingest"
+        client = threading.Thread(
+            target=post_until_stopped, args=(url, acknowledged, stop, restart)
+        )
+        client.start()
+        before = len(acknowledged)
+        wait_until_sync(lambda: len(acknowledged) > before + 200, what="acks")  # noqa: B023
+        gateway.proc.send_signal(signal.SIGKILL)
+        gateway.proc.communicate()
+        stop.set()
+        client.join()
+    last = serve(args)
+    wanted = set(acknowledged)
+    wait_until_sync(lambda: wanted <= set(read_payloads(out)), what="every acknowledged message")
+    code, stderr = last.stop()
+    assert code == 0, stderr
+    found = read_payloads(out)
+    assert wanted <= set(found)
+    assert len(acknowledged) > 600

@@ -1,0 +1,130 @@
+"""``ack = "delivered"``: an HTTP 202 or a gRPC Ack only once the sink confirmed the message,
+many clients sharing one confirmation, and a negative answer for what fails for good."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import trio
+
+from trio_gateway import (
+    Batch,
+    ConfigurationError,
+    Gateway,
+    GrpcSource,
+    HttpSource,
+    SinkRefused,
+    TcpSource,
+)
+from trio_gateway._proto import gateway_pb2
+from trio_gateway.sinks import Sink
+
+
+class GatedSink(Sink):
+    """Holds every batch until ``open_gate`` is set; refuses payloads starting with ``bad``."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+        self.batches: list[list[bytes]] = []
+
+    async def send(self, batch: Batch) -> None:
+        await self.gate.wait()
+        self.batches.append(list(batch.payloads))
+        refused = [i for i, p in enumerate(batch.payloads) if p.startswith(b"bad")]
+        if refused:
+            raise SinkRefused("refused", indices=refused, reason="test")
+
+
+async def test_202_waits_for_the_sink_and_many_clients_share_one_confirmation() -> None:
+    sink = GatedSink()
+    gateway = Gateway(sources=[HttpSource(port=0)], sink=sink, ack="delivered")
+    answers: dict[int, int] = {}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            url = f"http://{address[0]}:{address[1]}/ingest"
+            async with httpx.AsyncClient() as client:
+
+                async def post(i: int) -> None:
+                    response = await client.post(url, content=b"m%d" % i)
+                    answers[i] = response.status_code
+
+                async with trio.open_nursery() as clients:
+                    for i in range(20):
+                        clients.start_soon(post, i)
+                    while gateway.ledger.received < 20:
+                        await trio.sleep(0.01)
+                    await trio.sleep(0.1)
+                    assert answers == {}  # received, queued, taken: not confirmed yet
+                    sink.gate.set()
+            gateway.shutdown()
+    assert answers == dict.fromkeys(range(20), 202)
+    assert sorted(p for b in sink.batches for p in b) == sorted(b"m%d" % i for i in range(20))
+    assert len(sink.batches) < 20  # group commit: one confirmation answers many requests
+
+
+async def test_a_message_refused_for_good_gets_a_negative_answer() -> None:
+    sink = GatedSink()
+    sink.gate.set()
+    gateway = Gateway(sources=[HttpSource(port=0)], sink=sink, ack="delivered")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            url = f"http://{address[0]}:{address[1]}/ingest"
+            async with httpx.AsyncClient() as client:
+                assert (await client.post(url, content=b"good")).status_code == 202
+                assert (await client.post(url, content=b"bad one")).status_code == 503
+            gateway.shutdown()
+    assert gateway.ledger.dropped["refused"] == 1
+    assert gateway.ledger.balanced
+
+
+def test_delivered_is_refused_where_the_transport_cannot_answer() -> None:
+    with pytest.raises(ConfigurationError, match=r"tcp\.ack"):
+        Gateway(sources=[TcpSource(port=0)], sink=GatedSink(), ack="delivered")
+
+
+async def test_grpc_bidi_acks_wait_for_the_sink_and_refusals_are_negative() -> None:
+    sink = GatedSink()
+    gateway = Gateway(sources=[GrpcSource(port=0)], sink=sink, ack="delivered")
+    payloads = [b"bad-%d" % i if i % 5 == 4 else b"ok-%d" % i for i in range(50)]
+
+    def call(target: str) -> list[Any]:
+        with grpc.insecure_channel(target) as channel:
+            acked = channel.stream_stream(
+                "/trio_gateway.v1.Gateway/StreamAcked",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=gateway_pb2.Ack.FromString,
+            )
+            messages = (gateway_pb2.Message(payload=p, sequence=i) for i, p in enumerate(payloads))
+            return list(acked(messages, timeout=10))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            target = f"{address[0]}:{address[1]}"
+            async with trio.open_nursery() as client:
+                results: list[list[Any]] = []
+                client.start_soon(
+                    lambda: trio.to_thread.run_sync(lambda: results.append(call(target)))
+                )
+                while gateway.ledger.received < 1:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)
+                assert not sink.batches  # nothing confirmed, nothing answered yet
+                sink.gate.set()
+            gateway.shutdown()
+    (acks,) = results
+    assert [a.sequence for a in acks] == list(range(50))
+    # No refused message is acknowledged; what is acknowledged was delivered. (A message
+    # after a refused one in the same read is refused too: the sender sends it again.)
+    accepted = {a.sequence for a in acks if a.accepted}
+    assert {0, 1, 2, 3} <= accepted and not accepted & set(range(4, 50, 5))
+    delivered = {int(p.split(b"-")[1]) for batch in sink.batches for p in batch}
+    assert accepted <= delivered
+    assert gateway.ledger.delivered == 40 and gateway.ledger.dropped["refused"] == 10

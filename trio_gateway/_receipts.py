@@ -1,0 +1,111 @@
+"""Delivery receipts: how a source learns that the sink confirmed its messages.
+
+Every message that enters the queue gets a *position* (0, 1, 2 ... in queue order). The pump
+takes batches from the head and settles each one after the sink has answered for it, in
+order, so "everything before position p is settled" is one number that only grows. A source
+that answers its sender only after delivery (``ack = "delivered"``) takes a :class:`Receipt`
+for the positions its messages got and waits on it; the pump's settle of one batch wakes
+every receipt that batch completes: many clients share one sink confirmation (group commit).
+
+Failures are recorded as position ranges: a batch the sink gave up on, messages it refused
+for good, messages the processor raised on, and messages ``drop_oldest`` evicted from the
+head. A receipt reports how many of its messages, from the first, were delivered before the
+first that failed: the prefix a source can acknowledge (a bidi stream's positive acks, an
+NDJSON batch's ``accepted``); the sender sends the rest again. Nothing is recorded while no receipt
+is waiting, so a gateway without ``ack = "delivered"`` pays a counter update per put.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import trio
+
+__all__ = ("Receipt", "Receipts")
+
+
+class Receipt:
+    """The positions of one answer's messages (in the order the sender sent them), and,
+    once settled, how many of them from the first were delivered before one failed."""
+
+    __slots__ = ("delivered", "done", "end", "ranges")
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+        self.end = max(end for _, end in ranges)
+        self.delivered = sum(end - start for start, end in ranges)
+        self.done = trio.Event()
+
+    def resolve(self, failed: list[tuple[int, int]]) -> None:
+        offset = 0
+        for start, end in self.ranges:
+            for f_start, f_end in failed:
+                if f_start < end and f_end > start:
+                    self.delivered = min(self.delivered, offset + max(f_start, start) - start)
+            offset += end - start
+        self.done.set()
+
+
+class Receipts:
+    """The positions of a queue: where its head is, what is settled, what failed."""
+
+    __slots__ = ("_failed", "_settled", "_waiting", "batch", "head")
+
+    def __init__(self) -> None:
+        self.head = 0
+        """The position of the message at the queue's head (the next one taken)."""
+        self.batch = (0, 0)
+        """The batch in the pump's hands: (first position, length)."""
+        self._settled = 0
+        self._waiting: list[Receipt] = []
+        self._failed: list[tuple[int, int]] = []
+
+    def evicted(self, count: int) -> None:
+        """``count`` messages left the head without being taken (``drop_oldest``): failed."""
+        if self._waiting:
+            self._failed.append((self.head, self.head + count))
+        self.head += count
+
+    def taken(self, count: int) -> None:
+        self.batch = (self.head, count)
+        self.head += count
+
+    def settle(self, failed: Iterable[int] = ()) -> None:
+        """The batch in the pump's hands is done with; ``failed`` are the indices (within it)
+        of the messages that were not delivered."""
+        start, count = self.batch
+        self._settled = max(self._settled, start + count)
+        if not self._waiting:
+            self._failed.clear()
+            return
+        for index in failed:
+            position = start + index
+            last = self._failed[-1] if self._failed else None
+            if last is not None and last[1] == position:
+                self._failed[-1] = (last[0], position + 1)
+            else:
+                self._failed.append((position, position + 1))
+        still: list[Receipt] = []
+        for receipt in self._waiting:
+            if receipt.end <= self._settled:
+                receipt.resolve(self._failed)
+            else:
+                still.append(receipt)
+        self._waiting = still
+        oldest = min((s for r in still for s, _ in r.ranges), default=self._settled)
+        self._failed = [(s, e) for s, e in self._failed if e > oldest]
+
+    async def wait(self, ranges: list[tuple[int, int]]) -> int:
+        """Wait until the messages at ``ranges`` are settled; how many of them, from the
+        first, were delivered before the first that failed."""
+        receipt = Receipt(ranges)
+        if receipt.end <= self._settled:
+            await trio.lowlevel.checkpoint()
+            return receipt.delivered
+        self._waiting.append(receipt)
+        try:
+            await receipt.done.wait()
+        finally:
+            if not receipt.done.is_set():
+                self._waiting.remove(receipt)
+        return receipt.delivered

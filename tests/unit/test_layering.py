@@ -73,6 +73,7 @@ LAYERS: dict[str, Layer] = {
         "_budget",
         "_errors",
         "_h11server",
+        "_http1",
         "_ingress",
         "_log",
         "_message",

@@ -26,6 +26,7 @@ The TOML layout (every key optional; see docs/reference.md)::
 
     [sink]
     url = "stdout"            # stdout | null | file:PATH | tcp:HOST:PORT | http(s)://... | nats://...
+                              # | sqlite:PATH | postgresql://...
     retry_max_attempts = 0    # 0 = retry until shutdown
     wait = 0                  # seconds to wait at start for the destination (0: fail at once)
     token = "env:NAME"        # any other key is an option of that sink (docs/sinks.md)

@@ -18,7 +18,17 @@ from .._errors import ConfigurationError
 from .._gateway import Gateway, Processor, RetryPolicy
 from .._names import canonical
 from ..queues import QUEUE_KINDS, Queue, queue_class
-from ..sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
+from ..sinks import (
+    FileSink,
+    HttpSink,
+    NatsSink,
+    NullSink,
+    PostgresSink,
+    Sink,
+    SqliteSink,
+    StdoutSink,
+    TcpSink,
+)
 from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
 from ._schema import GatewayConfig, QueueConfig, SinkConfig, SourceConfig, parse_hostport, sink_kind
 
@@ -163,6 +173,8 @@ SINK_KINDS: dict[str, type[Sink]] = {
     "tcp": TcpSink,
     "http": HttpSink,
     "nats": NatsSink,
+    "sqlite": SqliteSink,
+    "postgresql": PostgresSink,
 }
 """Sink classes by the kind their URL names (``stdout``, ``file:PATH``, ``https://...``)."""
 
@@ -171,7 +183,14 @@ def build_sink(config: SinkConfig) -> Sink:
     url = config.url
     kind = sink_kind(url)
     cls = SINK_KINDS[kind]
-    positional = {"file": ("path",), "tcp": ("host", "port"), "http": ("url",), "nats": ("url",)}
+    positional = {
+        "file": ("path",),
+        "tcp": ("host", "port"),
+        "http": ("url",),
+        "nats": ("url",),
+        "sqlite": ("path",),
+        "postgresql": ("url",),
+    }
     options = checked_options(
         cls,
         config.options,
@@ -191,6 +210,10 @@ def build_sink(config: SinkConfig) -> Sink:
             return HttpSink(url, **options)
         if kind == "nats":
             return NatsSink(url, **options)
+        if kind == "sqlite":
+            return SqliteSink(url.removeprefix("sqlite:"), **options)
+        if kind == "postgresql":
+            return PostgresSink(url, **options)
         return cls(**options)
     except TypeError as exc:
         raise ConfigurationError("sink", str(exc)) from exc

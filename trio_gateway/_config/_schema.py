@@ -120,7 +120,7 @@ def source_from_flag(transport: str, listen: str, *, key: str, **options: Any) -
 
 def sink_kind(url: str) -> str:
     """The kind of sink ``url`` names (``stdout``, ``null``, ``file``, ``tcp``, ``http``,
-    ``nats``)."""
+    ``nats``, ``sqlite``, ``postgresql``)."""
     if url in ("stdout", "null"):
         return url
     for prefix, kind in (
@@ -129,11 +129,15 @@ def sink_kind(url: str) -> str:
         ("http://", "http"),
         ("https://", "http"),
         ("nats://", "nats"),
+        ("sqlite:", "sqlite"),
+        ("postgresql://", "postgresql"),
+        ("postgres://", "postgresql"),
     ):
         if url.startswith(prefix):
             return kind
     raise ConfigurationError(
         "sink",
-        "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH or "
-        f"nats://HOST:PORT/SUBJECT, got {redact_url(url)!r}",
+        "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH, "
+        "nats://HOST:PORT/SUBJECT, sqlite:PATH or postgresql://..., "
+        f"got {redact_url(url)!r}",
     )

@@ -5,9 +5,11 @@ from ._http import HttpSink as HttpSink
 from ._jsonl import decode_jsonl_record as decode_jsonl_record
 from ._jsonl import encode_jsonl as encode_jsonl
 from ._nats import NatsSink as NatsSink
+from ._postgres import PostgresSink as PostgresSink
 from ._simple import FileSink as FileSink
 from ._simple import NullSink as NullSink
 from ._simple import StdoutSink as StdoutSink
+from ._sqlite import SqliteSink as SqliteSink
 from ._tcp import TcpSink as TcpSink
 
 __all__ = (
@@ -15,7 +17,9 @@ __all__ = (
     "HttpSink",
     "NatsSink",
     "NullSink",
+    "PostgresSink",
     "Sink",
+    "SqliteSink",
     "StdoutSink",
     "TcpSink",
     "decode_jsonl_record",

@@ -102,11 +102,36 @@ LAYERS: dict[str, Layer] = {
         "sinks",
         "sources",
     ),
+    # fan-out (a sink per branch queue) and named pipelines, built from gateways
+    "_fanout": layer("_errors", "_gateway", "_histogram", "_log", "_message", "queues", "sinks"),
+    "_pipelines": layer(
+        "_errors",
+        "_fanout",
+        "_gateway",
+        "_ledger",
+        "_log",
+        "_message",
+        "_pipelines_metrics",
+        "queues",
+        "sinks",
+        typing=("admin", "sources"),
+    ),
+    "_pipelines_metrics": layer("admin", typing=("_pipelines",)),
     # admin serves any gateway Service; it names Gateway's type only
     "admin": layer("_errors", "_h11server", "_histogram", "_log", "_wire", typing=("_gateway",)),
     # building a gateway from TOML and flags
     "_config": layer(
-        "_errors", "_gateway", "_names", "_secrets", "_wire", "admin", "queues", "sinks", "sources"
+        "_errors",
+        "_fanout",
+        "_gateway",
+        "_names",
+        "_pipelines",
+        "_secrets",
+        "_wire",
+        "admin",
+        "queues",
+        "sinks",
+        "sources",
     ),
     # several worker processes, each running a configured gateway
     "workers": layer(

@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._errors import ConfigurationError
+from .._fanout import Branch
 from .._gateway import Gateway, Processor, RetryPolicy
 from .._names import canonical
+from .._pipelines import Pipeline, Pipelines
 from ..queues import QUEUE_KINDS, Queue, queue_class
 from ..sinks import (
     FileSink,
@@ -30,12 +32,21 @@ from ..sinks import (
     TcpSink,
 )
 from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
-from ._schema import GatewayConfig, QueueConfig, SinkConfig, SourceConfig, parse_hostport, sink_kind
+from ._schema import (
+    GatewayConfig,
+    PipelineConfig,
+    QueueConfig,
+    SinkConfig,
+    SourceConfig,
+    parse_hostport,
+    sink_kind,
+)
 
 __all__ = (
     "SINK_KINDS",
     "SOURCE_KINDS",
     "build_gateway",
+    "build_pipelines",
     "build_queue",
     "build_sink",
     "build_source",
@@ -240,8 +251,7 @@ def load_processor(spec: str) -> Processor:
     return processor
 
 
-def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gateway:
-    """Instantiate everything a config describes (no I/O happens until ``Gateway.run``)."""
+def _check_timings(config: GatewayConfig) -> None:
     if config.drain_timeout < 0:
         raise ConfigurationError("gateway.drain_timeout", "must not be negative")
     if config.grace_period < 0:
@@ -250,6 +260,83 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("gateway.batch_size", "must be at least 1")
     if config.workers < 1:
         raise ConfigurationError("gateway.workers", "must be at least 1")
+
+
+def _rekeyed(key: str, exc: ConfigurationError) -> ConfigurationError:
+    """An error of a pipeline's part (keyed ``sink.table``, ``queue.capacity``) keyed where
+    the pipeline's TOML has it (``pipelines.logs.sinks[0].table``)."""
+    rest = exc.key.partition(".")[2]
+    return ConfigurationError(f"{key}.{rest}" if rest else key, exc.message)
+
+
+def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
+    key = f"pipelines.{spec.name}"
+    sinks: list[Sink | Branch] = []
+    for index, (sink_config, queue) in enumerate(zip(spec.sinks, spec.sink_queues, strict=True)):
+        sink_key = f"{key}.sinks[{index}]"
+        if sink_config.retry_max_attempts < 0:
+            raise ConfigurationError(f"{sink_key}.retry_max_attempts", "must be 0 or more")
+        try:
+            sink = build_sink(sink_config)
+        except ConfigurationError as exc:
+            raise _rekeyed(sink_key, exc) from exc
+        retry = RetryPolicy(max_attempts=sink_config.retry_max_attempts or None)
+        if len(spec.sinks) == 1 and queue is None:
+            sinks.append(sink)
+            continue
+        branch = queue or QueueConfig()
+        if branch.kind != "ring" or branch.max_bytes is not None:
+            raise ConfigurationError(
+                f"{sink_key}.queue", "a sink's queue takes capacity (messages) and policy only"
+            )
+        try:
+            sinks.append(Branch(sink, capacity=branch.capacity, policy=branch.policy, retry=retry))
+        except ConfigurationError as exc:
+            raise _rekeyed(f"{sink_key}.queue", exc) from exc
+    try:
+        pipeline_queue = build_queue(spec.queue)
+    except ConfigurationError as exc:
+        raise _rekeyed(f"{key}.queue", exc) from exc
+    first = spec.sinks[0]
+    return Pipeline(
+        spec.name,
+        sources=[build_source(s) for s in spec.sources],
+        sinks=sinks,
+        queue=pipeline_queue,
+        processors=[load_processor(p) for p in spec.processors],
+        batch_size=config.batch_size,
+        drain_timeout=config.drain_timeout,
+        grace_period=config.grace_period,
+        retry=RetryPolicy(max_attempts=first.retry_max_attempts or None),
+        sink_wait=max(s.wait for s in spec.sinks),
+    )
+
+
+def build_pipelines(config: GatewayConfig, *, handle_signals: bool = False) -> Pipelines:
+    """The named pipelines of a config (``[pipelines.NAME]``), one admin endpoint for all."""
+    _check_timings(config)
+    if not config.pipelines:
+        raise ConfigurationError("pipelines", "no pipeline configured")
+    if config.workers > 1:
+        raise ConfigurationError("gateway.workers", "named pipelines run in one process")
+    admin = None
+    if config.admin and config.admin != "off":
+        from ..admin import AdminServer
+
+        host, port = parse_hostport(config.admin, key="admin.listen")
+        admin = AdminServer(host, port)
+    return Pipelines(
+        [_build_pipeline(config, spec) for spec in config.pipelines],
+        admin=admin,
+        handle_signals=handle_signals,
+    )
+
+
+def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gateway:
+    """Instantiate everything a config describes (no I/O happens until ``Gateway.run``)."""
+    if config.pipelines:
+        raise ConfigurationError("pipelines", "a config with [pipelines] builds Pipelines")
+    _check_timings(config)
     if config.sink.wait < 0:
         raise ConfigurationError("sink.wait", "must not be negative")
     if config.sink.retry_max_attempts < 0:

@@ -24,6 +24,7 @@ __all__ = (
     "QUEUE_NAMES",
     "TRANSPORTS",
     "GatewayConfig",
+    "PipelineConfig",
     "QueueConfig",
     "SinkConfig",
     "SourceConfig",
@@ -76,6 +77,20 @@ class SinkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """One ``[pipelines.NAME]`` table: its sources, queue, processor chain and sinks (more
+    than one: a fan-out, each sink with its own queue, ``sink_queues``)."""
+
+    name: str
+    sources: tuple[SourceConfig, ...] = ()
+    queue: QueueConfig = QueueConfig()
+    processors: tuple[str, ...] = ()
+    sinks: tuple[SinkConfig, ...] = ()
+    sink_queues: tuple[QueueConfig | None, ...] = ()
+    """Each sink's own queue in a fan-out (None: the default, 10,000 messages, block)."""
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     sources: tuple[SourceConfig, ...] = ()
     queue: QueueConfig = QueueConfig()
@@ -88,11 +103,14 @@ class GatewayConfig:
     """The admin endpoint's HOST:PORT; ``None`` = not asked; ``"off"`` = explicitly off."""
     workers: int = 1
     """Worker processes sharing the ports (``serve --workers N``; see ``workers/``)."""
+    pipelines: tuple[PipelineConfig, ...] = ()
+    """Named pipelines (``[pipelines.NAME]``); when given, the top-level sources, queue, sink
+    and processor are not (each pipeline has its own)."""
 
     def with_default_sources(self) -> GatewayConfig:
         """The embedded defaults: TCP on 127.0.0.1:7000, UDP on 127.0.0.1:7001, and the admin
         endpoint on 127.0.0.1:9100 unless it was turned off."""
-        if self.sources:
+        if self.sources or self.pipelines:
             return self
         return replace(
             self,

@@ -16,6 +16,9 @@ if _typing.TYPE_CHECKING:
     from ._errors import SinkError as SinkError
     from ._errors import SinkUnavailable as SinkUnavailable
     from ._errors import TransportError as TransportError
+    from ._fanout import FanOutSink as FanOutSink
+    from ._fanout import QueuedSink as QueuedSink
+    from ._fanout import SinkLedger as SinkLedger
     from ._gateway import Gateway as Gateway
     from ._gateway import Processor as Processor
     from ._gateway import RetryPolicy as RetryPolicy
@@ -25,6 +28,8 @@ if _typing.TYPE_CHECKING:
     from ._message import Item as Item
     from ._message import Message as Message
     from ._message import Origin as Origin
+    from ._pipelines import Pipeline as Pipeline
+    from ._pipelines import Pipelines as Pipelines
     from .queues import ChannelQueue as ChannelQueue
     from .queues import LockedListQueue as LockedListQueue
     from .queues import LockedRingBuffer as LockedRingBuffer
@@ -35,7 +40,9 @@ if _typing.TYPE_CHECKING:
     from .sinks import HttpSink as HttpSink
     from .sinks import NatsSink as NatsSink
     from .sinks import NullSink as NullSink
+    from .sinks import PostgresSink as PostgresSink
     from .sinks import Sink as Sink
+    from .sinks import SqliteSink as SqliteSink
     from .sinks import StdoutSink as StdoutSink
     from .sinks import TcpSink as TcpSink
     from .sources import GrpcSource as GrpcSource
@@ -51,6 +58,7 @@ __all__ = (
     "Batch",
     "ChannelQueue",
     "ConfigurationError",
+    "FanOutSink",
     "FileSink",
     "FrameTooLarge",
     "Gateway",
@@ -67,16 +75,22 @@ __all__ = (
     "NatsSink",
     "NullSink",
     "Origin",
+    "Pipeline",
+    "Pipelines",
+    "PostgresSink",
     "Processor",
     "ProtocolError",
     "Queue",
     "QueueStatistics",
+    "QueuedSink",
     "RetryPolicy",
     "RingBuffer",
     "Sink",
     "SinkError",
+    "SinkLedger",
     "SinkUnavailable",
     "Source",
+    "SqliteSink",
     "StdoutSink",
     "TcpSink",
     "TcpSource",
@@ -94,6 +108,9 @@ _WHERE = {
     "SinkError": "._errors",
     "SinkUnavailable": "._errors",
     "TransportError": "._errors",
+    "FanOutSink": "._fanout",
+    "QueuedSink": "._fanout",
+    "SinkLedger": "._fanout",
     "Gateway": "._gateway",
     "Processor": "._gateway",
     "RetryPolicy": "._gateway",
@@ -103,6 +120,8 @@ _WHERE = {
     "Item": "._message",
     "Message": "._message",
     "Origin": "._message",
+    "Pipeline": "._pipelines",
+    "Pipelines": "._pipelines",
     "ChannelQueue": ".queues",
     "LockedListQueue": ".queues",
     "LockedRingBuffer": ".queues",
@@ -113,6 +132,8 @@ _WHERE = {
     "HttpSink": ".sinks",
     "NatsSink": ".sinks",
     "NullSink": ".sinks",
+    "PostgresSink": ".sinks",
+    "SqliteSink": ".sinks",
     "Sink": ".sinks",
     "StdoutSink": ".sinks",
     "TcpSink": ".sinks",

@@ -2,7 +2,7 @@
 
 The gateway's pump hands a batch to :class:`FanOutSink`, which puts it into one bounded
 queue per destination (a :class:`~trio_gateway.queues.RingBuffer` of batches, bounded in
-messages) and returns. Each destination has a :class:`Branch`: a task that takes batches from
+messages) and returns. Each destination has a :class:`QueuedSink`: a task that takes batches from
 its queue and sends them to its sink with the gateway's retry policy. A slow or stalled sink
 fills only its own queue; what happens then is its queue's named policy: ``block`` (the
 fan-out waits, and so, once that queue is full, does every branch behind the gateway's queue)
@@ -36,14 +36,16 @@ from ._message import Batch
 from .queues import OverflowPolicy, RingBuffer
 from .sinks import Sink
 
-__all__ = ("Branch", "BranchLedger", "FanOutSink")
+__all__ = ("FanOutSink", "QueuedSink", "SinkLedger")
 
 _log = logger.getChild("fanout")
+_BATCHES_PER_WAKE = 64
+"""Batches a branch takes from its queue per wake-up (one task switch for many batches)."""
 _errors = RateLimitedLogger(_log)
 
 
 @dataclass(frozen=True, slots=True)
-class BranchLedger:
+class SinkLedger:
     """Where the messages handed to one sink of a fan-out went."""
 
     sink: str
@@ -71,7 +73,7 @@ class BranchLedger:
 
 
 @dataclass(slots=True, eq=False)
-class BranchCounters:
+class QueuedSinkCounters:
     accepted: int = 0
     delivered: int = 0
     failed: int = 0
@@ -82,7 +84,7 @@ class BranchCounters:
     batch_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
-class Branch:
+class QueuedSink:
     """One destination of a fan-out: its queue of batches, its sink, its pump."""
 
     def __init__(
@@ -98,23 +100,26 @@ class Branch:
             capacity, policy=policy, max_bytes=capacity, size_of=len
         )
         self.retry = retry or RetryPolicy()
-        self.counters = BranchCounters()
+        self.counters = QueuedSinkCounters()
         self.problem: Exception | None = None
         """Why the sink's last attempt failed; None while it works."""
         self.lost: SinkUnavailable | None = None
         self._done = trio.Event()
 
     @property
-    def ledger(self) -> BranchLedger:
+    def ledger(self) -> SinkLedger:
         c = self.counters
         queued = self.queue.statistics().bytes + c.in_flight
         dropped = c.accepted - c.delivered - c.failed - queued
-        return BranchLedger(self.sink.name, c.accepted, c.delivered, dropped, c.failed, queued)
+        return SinkLedger(self.sink.name, c.accepted, c.delivered, dropped, c.failed, queued)
 
     async def offer(self, batch: Batch) -> None:
-        """Queue ``batch`` for this sink (under ``block``, wait for room)."""
+        """Queue ``batch`` for this sink (under ``block``, wait for room). With room (or a
+        drop policy) this does not yield: the gateway's pump goes on to its next batch, and
+        the branch later takes every batch queued meanwhile at once."""
         self.counters.accepted += len(batch)
-        await self.queue.put(batch)
+        if not self.queue.put_nowait(batch) and self.queue.policy == "block":
+            await self.queue.put(batch)
 
     async def run(self) -> None:
         """Send batches until the queue is closed and drained (or cancelled: the rest is
@@ -123,15 +128,16 @@ class Branch:
         try:
             while True:
                 try:
-                    batch = await self.queue.get()
+                    batches = await self.queue.get_batch(_BATCHES_PER_WAKE)
                 except trio.EndOfChannel:
                     break
-                counters.in_flight = len(batch)
-                if await self._send(batch):
-                    counters.delivered += len(batch)
-                else:
-                    counters.failed += len(batch)
-                counters.in_flight = 0
+                counters.in_flight = sum(map(len, batches))
+                for batch in batches:
+                    if await self._send(batch):
+                        counters.delivered += len(batch)
+                    else:
+                        counters.failed += len(batch)
+                    counters.in_flight -= len(batch)
         except SinkUnavailable as exc:
             # Gone for good: this sink's messages are abandoned, the others go on.
             self.lost = exc
@@ -178,7 +184,7 @@ class Branch:
 
 
 class FanOutSink(Sink):
-    """Sends every batch to each of ``sinks``, each through its own :class:`Branch`.
+    """Sends every batch to each of ``sinks``, each through its own :class:`QueuedSink`.
 
     Use it as the gateway's sink *and* one of its services (the branches' tasks run there)::
 
@@ -198,10 +204,10 @@ class FanOutSink(Sink):
         capacity: int = 10_000,
         policy: OverflowPolicy = "block",
         retry: RetryPolicy | None = None,
-        branches: Sequence[Branch] = (),
+        branches: Sequence[QueuedSink] = (),
     ) -> None:
         self.branches = tuple(branches) + tuple(
-            Branch(sink, capacity=capacity, policy=policy, retry=retry) for sink in sinks
+            QueuedSink(sink, capacity=capacity, policy=policy, retry=retry) for sink in sinks
         )
         if not self.branches:
             raise ConfigurationError("sinks", "a fan-out needs at least one sink")
@@ -213,7 +219,7 @@ class FanOutSink(Sink):
         self._branches_scope: trio.CancelScope | None = None
 
     @property
-    def ledgers(self) -> dict[str, BranchLedger]:
+    def ledgers(self) -> dict[str, SinkLedger]:
         return {b.sink.name: b.ledger for b in self.branches}
 
     # -- as a service: the branches' tasks ---------------------------------------------------

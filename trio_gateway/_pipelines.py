@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import trio
 
 from ._errors import ConfigurationError
-from ._fanout import Branch, BranchLedger, FanOutSink
+from ._fanout import FanOutSink, QueuedSink, SinkLedger
 from ._gateway import Gateway, Processor, RetryPolicy, Service
 from ._ledger import Ledger
 from ._log import logger
@@ -90,7 +90,7 @@ def _to_bytes(value: Any) -> bytes:
 
 class Pipeline:
     """One named pipeline. ``sinks`` are :class:`Sink` objects or ready-made
-    :class:`~trio_gateway._fanout.Branch` objects (a sink with its own queue capacity and
+    :class:`~trio_gateway._fanout.QueuedSink` objects (a sink with its own queue capacity and
     policy); with more than one, each gets its own queue and pump (fan-out)."""
 
     def __init__(
@@ -98,7 +98,7 @@ class Pipeline:
         name: str,
         *,
         sources: Sequence[Source],
-        sinks: Sequence[Sink | Branch],
+        sinks: Sequence[Sink | QueuedSink],
         queue: Queue[bytes] | None = None,
         processors: Sequence[Processor] = (),
         batch_size: int = 1024,
@@ -120,7 +120,9 @@ class Pipeline:
             sink = sinks[0]
         else:
             branches = [
-                s if isinstance(s, Branch) else Branch(s, capacity=sink_capacity, retry=retry)
+                s
+                if isinstance(s, QueuedSink)
+                else QueuedSink(s, capacity=sink_capacity, retry=retry)
                 for s in sinks
             ]
             for branch in branches:
@@ -156,7 +158,7 @@ class Pipeline:
         return self.gateway.ledger
 
     @property
-    def sink_ledgers(self) -> dict[str, BranchLedger]:
+    def sink_ledgers(self) -> dict[str, SinkLedger]:
         """Per sink: what it was handed and where that went (one sink: the gateway's own)."""
         if self.fanout is not None:
             return self.fanout.ledgers
@@ -164,7 +166,7 @@ class Pipeline:
         failed = ledger.dropped.get("sink_failed", 0)
         handed = ledger.delivered + failed + self.gateway.pump_counters.abandoned
         return {
-            sink.name: BranchLedger(
+            sink.name: SinkLedger(
                 sink.name, handed, ledger.delivered, 0, failed, self.gateway.pump_counters.abandoned
             )
         }

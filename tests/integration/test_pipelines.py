@@ -10,9 +10,15 @@ import httpx
 import trio
 from helpers import wait_until
 
-from trio_gateway import Gateway, Message, TcpSource
-from trio_gateway._fanout import Branch, FanOutSink
-from trio_gateway._pipelines import Pipeline, Pipelines
+from trio_gateway import (
+    FanOutSink,
+    Gateway,
+    Message,
+    Pipeline,
+    Pipelines,
+    QueuedSink,
+    TcpSource,
+)
 from trio_gateway.admin import AdminServer
 from trio_gateway.testing import MemorySource, RecordingSink
 
@@ -48,7 +54,10 @@ async def test_a_stalled_sink_drops_its_own_messages_and_never_stalls_the_other(
     pipeline = Pipeline(
         "p",
         sources=[source],
-        sinks=[Branch(fast, capacity=100), Branch(stalled, capacity=100, policy="drop_oldest")],
+        sinks=[
+            QueuedSink(fast, capacity=100),
+            QueuedSink(stalled, capacity=100, policy="drop_oldest"),
+        ],
         batch_size=10,
         drain_timeout=0.5,
     )

@@ -162,10 +162,12 @@ LAYERS: dict[str, Layer] = {
     "": layer(
         "_buffer",
         "_errors",
+        "_fanout",
         "_gateway",
         "_ingress",
         "_ledger",
         "_message",
+        "_pipelines",
         "queues",
         "sinks",
         "sources",

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._errors import ConfigurationError
-from .._fanout import Branch
+from .._fanout import QueuedSink
 from .._gateway import Gateway, Processor, RetryPolicy
 from .._names import canonical
 from .._pipelines import Pipeline, Pipelines
@@ -271,7 +271,7 @@ def _rekeyed(key: str, exc: ConfigurationError) -> ConfigurationError:
 
 def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
     key = f"pipelines.{spec.name}"
-    sinks: list[Sink | Branch] = []
+    sinks: list[Sink | QueuedSink] = []
     for index, (sink_config, queue) in enumerate(zip(spec.sinks, spec.sink_queues, strict=True)):
         sink_key = f"{key}.sinks[{index}]"
         if sink_config.retry_max_attempts < 0:
@@ -290,7 +290,9 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
                 f"{sink_key}.queue", "a sink's queue takes capacity (messages) and policy only"
             )
         try:
-            sinks.append(Branch(sink, capacity=branch.capacity, policy=branch.policy, retry=retry))
+            sinks.append(
+                QueuedSink(sink, capacity=branch.capacity, policy=branch.policy, retry=retry)
+            )
         except ConfigurationError as exc:
             raise _rekeyed(f"{sink_key}.queue", exc) from exc
     try:

@@ -19,16 +19,14 @@ committed: a few bad rows cost ``log2(batch)`` extra COPYs, never a stalled batc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ConfigurationError, SinkError, SinkUnavailable
+from .._errors import ConfigurationError
 from .._log import RateLimitedLogger, logger
 from .._message import Batch, Origin
 from .._secrets import redact_url
-from ._base import Sink
-from ._simple import _WriterThread
-from ._table import DeadLetters, Rejected, Row, TableSpec, check_identifier
+from ._table import DatabaseSink, DeadLetters, Rejected, Row, TableSpec, check_identifier
 
 if TYPE_CHECKING:
     import psycopg
@@ -72,7 +70,7 @@ def _unfit(exc: BaseException) -> bool:
     return isinstance(exc, pg.DataError | pg.ProgrammingError | TypeError)
 
 
-class PostgresSink(Sink):
+class PostgresSink(DatabaseSink):
     """Copies every message as a row of ``table`` into the PostgreSQL database at ``url``.
 
     ``PostgresSink("postgresql://gateway@db.internal/telemetry")`` stores the JSON Lines record
@@ -117,7 +115,6 @@ class PostgresSink(Sink):
         self.connects = 0
         self._dead = DeadLetters(dead_letter, log=lambda text: _dead_log.warning("%s", text))
         self._conn: psycopg.Connection[Any] | None = None
-        self._thread: _WriterThread | None = None
         names = ", ".join(_quote(n) for n in self.spec.names)
         target = _quote(table)
         if self.upsert_key is None:
@@ -146,7 +143,7 @@ class PostgresSink(Sink):
 
     # -- in the sink's thread ---------------------------------------------------------------
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _open_connection(self) -> psycopg.Connection[Any]:
         pg = _import_psycopg()
         conn: psycopg.Connection[Any] = pg.connect(
             self.url, connect_timeout=max(1, round(self.connect_timeout))
@@ -215,7 +212,7 @@ class PostgresSink(Sink):
     def _send(self, rows: list[Row] | Batch, batch: Batch, rejected: list[Rejected]) -> None:
         pg = _import_psycopg()
         if self._conn is None or self._conn.closed:
-            self._conn = self._connect()
+            self._conn = self._open_connection()
         conn = self._conn
         rows_before, duplicates_before = self.rows, self.duplicates
         try:
@@ -241,41 +238,19 @@ class PostgresSink(Sink):
             conn, self._conn = self._conn, None
             conn.close()
 
-    # -- the Sink contract -------------------------------------------------------------------
+    # -- the DatabaseSink hooks ---------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Connect, create the table (default columns) and check the configured columns."""
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
         pg = _import_psycopg()
-        if self._thread is None:
-            self._thread = _WriterThread(f"trio_gateway {self.name}")
+        return (pg.Error,)
 
-        def connect() -> None:
-            self._conn = self._connect()
+    def _connect(self) -> None:
+        self._conn = self._open_connection()
 
-        try:
-            await self._thread.run(connect)
-        except (pg.Error, OSError) as exc:
-            await self.aclose()  # a later open (``sink_wait``) starts afresh
-            raise SinkUnavailable(self.name, _first_line(exc)) from exc
-
-    async def send(self, batch: Batch) -> None:
-        pg = _import_psycopg()
-        if self._thread is None:
-            self._thread = _WriterThread(f"trio_gateway {self.name}")
+    def _write_job(self, batch: Batch) -> Callable[[], None]:
         rows: list[Row] | Batch
         rows, rejected = (batch, []) if self.spec.is_default else self.spec.rows(batch)
-        try:
-            await self._thread.run(lambda: self._send(rows, batch, rejected))
-        except (pg.Error, OSError) as exc:
-            raise SinkError(f"{self.name}: {_first_line(exc)}") from exc
-
-    async def aclose(self) -> None:
-        if self._thread is not None:
-            thread, self._thread = self._thread, None
-            try:
-                await thread.run(self._close)
-            finally:
-                await thread.aclose()
+        return lambda: self._send(rows, batch, rejected)
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
@@ -297,8 +272,3 @@ def _copy_text(batch: Batch) -> bytes:
         start += count
     parts.append("")
     return "\n".join(parts).encode()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else repr(exc)

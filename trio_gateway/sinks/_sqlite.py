@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
-from .._errors import ConfigurationError, SinkError, SinkUnavailable
+from .._errors import ConfigurationError
 from .._log import RateLimitedLogger, logger
 from .._message import Batch
-from ._base import Sink
-from ._simple import _WriterThread
-from ._table import DeadLetters, Rejected, Row, TableSpec
+from ._table import DatabaseSink, DeadLetters, Rejected, Row, TableSpec
 
 __all__ = ("SqliteSink",)
 
@@ -49,7 +47,7 @@ def _quote(name: str) -> str:
     return ".".join(f'"{part}"' for part in name.split("."))
 
 
-class SqliteSink(Sink):
+class SqliteSink(DatabaseSink):
     """Inserts every message as a row of ``table`` in the SQLite database at ``path``.
 
     ``SqliteSink("readings.db")`` stores the JSON Lines record (transport, listener, peer,
@@ -90,7 +88,6 @@ class SqliteSink(Sink):
         """Rows committed."""
         self._dead = DeadLetters(dead_letter, log=lambda text: _dead_log.warning("%s", text))
         self._db: sqlite3.Connection | None = None
-        self._thread: _WriterThread | None = None
         verb = {"abort": "INSERT", "ignore": "INSERT OR IGNORE", "replace": "INSERT OR REPLACE"}
         names = ", ".join(_quote(n) for n in self.spec.names)
         marks = ", ".join("?" for _ in self.spec.names)
@@ -201,33 +198,11 @@ class SqliteSink(Sink):
             db, self._db = self._db, None
             db.close()
 
-    # -- the Sink contract -------------------------------------------------------------------
+    # -- the DatabaseSink hooks ---------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Open (or create) the database and the table, in WAL mode; a missing directory or
-        a table without the configured columns is :class:`SinkUnavailable`."""
-        if self._thread is None:
-            self._thread = _WriterThread(f"trio_gateway {self.name}")
-        try:
-            await self._thread.run(self._connect)
-        except (sqlite3.Error, OSError) as exc:
-            await self.aclose()  # a later open (``sink_wait``) starts afresh
-            raise SinkUnavailable(self.name, str(exc)) from exc
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error,)
 
-    async def send(self, batch: Batch) -> None:
-        if self._thread is None:
-            await self.open()
-        assert self._thread is not None
+    def _write_job(self, batch: Batch) -> Callable[[], None]:
         rows, rejected = ([], []) if self.spec.is_default else self.spec.rows(batch)
-        try:
-            await self._thread.run(lambda: self._insert_batch(rows, batch, rejected))
-        except (sqlite3.Error, OSError) as exc:
-            raise SinkError(f"{self.name}: {exc}") from exc
-
-    async def aclose(self) -> None:
-        if self._thread is not None:
-            thread, self._thread = self._thread, None
-            try:
-                await thread.run(self._close)
-            finally:
-                await thread.aclose()
+        return lambda: self._insert_batch(rows, batch, rejected)

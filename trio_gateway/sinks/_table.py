@@ -15,14 +15,17 @@ import base64
 import json
 import os
 import re
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._message import Batch, Origin
+from ._base import Sink
+from ._simple import _WriterThread
 
-__all__ = ("DEFAULT_COLUMNS", "DeadLetters", "Rejected", "TableSpec")
+__all__ = ("DEFAULT_COLUMNS", "DatabaseSink", "DeadLetters", "Rejected", "TableSpec")
 
 DEFAULT_COLUMNS: Mapping[str, str] = {
     "transport": "$transport",
@@ -217,3 +220,62 @@ def _record(rejected: Rejected) -> bytes:
     except UnicodeDecodeError:
         record["payload_b64"] = base64.b64encode(rejected.payload).decode("ascii")
     return json.dumps(record).encode() + b"\n"
+
+
+class DatabaseSink(Sink):
+    """What both database sinks share: the driver blocks, so every call runs in one thread
+    of the sink's own for its lifetime (one hand-over per batch); the driver's errors become
+    :class:`SinkUnavailable` in :meth:`open` and :class:`SinkError` (retried) in :meth:`send`.
+    """
+
+    _thread: _WriterThread | None = None
+
+    @abstractmethod
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions of the driver that mean "the database said no"."""
+
+    @abstractmethod
+    def _connect(self) -> None:
+        """In the thread: connect, create and check the table."""
+
+    @abstractmethod
+    def _write_job(self, batch: Batch) -> Callable[[], None]:
+        """Prepare ``batch`` (in the event loop) and return what writes it (in the thread)."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """In the thread: close the connection."""
+
+    async def _run(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = _WriterThread(f"trio_gateway {self.name}")
+        await self._thread.run(job)
+
+    async def open(self) -> None:
+        errors = (*self._driver_errors(), OSError)
+        try:
+            await self._run(self._connect)
+        except errors as exc:
+            await self.aclose()  # a later open (``sink_wait``) starts afresh
+            raise SinkUnavailable(self.name, _first_line(exc)) from exc
+
+    async def send(self, batch: Batch) -> None:
+        job = self._write_job(batch)
+        errors = (*self._driver_errors(), OSError)
+        try:
+            await self._run(job)
+        except errors as exc:
+            raise SinkError(f"{self.name}: {_first_line(exc)}") from exc
+
+    async def aclose(self) -> None:
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            try:
+                await thread.run(self._close)
+            finally:
+                await thread.aclose()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)

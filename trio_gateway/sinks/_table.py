@@ -252,7 +252,7 @@ class DatabaseSink(Sink):
         await self._thread.run(job)
 
     async def open(self) -> None:
-        errors = (*self._driver_errors(), OSError)
+        errors: tuple[type[BaseException], ...] = (*self._driver_errors(), OSError)
         try:
             await self._run(self._connect)
         except errors as exc:
@@ -261,7 +261,7 @@ class DatabaseSink(Sink):
 
     async def send(self, batch: Batch) -> None:
         job = self._write_job(batch)
-        errors = (*self._driver_errors(), OSError)
+        errors: tuple[type[BaseException], ...] = (*self._driver_errors(), OSError)
         try:
             await self._run(job)
         except errors as exc:

@@ -61,6 +61,7 @@ LAYERS: dict[str, Layer] = {
     # the edges: a source reaches the queue only through its Ingress; sources and sinks never
     # import each other
     "sources": layer(
+        "_asyncio_thread",
         "_errors",
         "_h11server",
         "_ingress",
@@ -89,7 +90,9 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._limits",
         sans_io=True,
     ),
-    "sinks": layer("_errors", "_log", "_message", "_secrets", "codecs"),
+    "sinks": layer("_asyncio_thread", "_errors", "_log", "_message", "_secrets", "codecs"),
+    # an asyncio loop in a thread (nats-py under Trio), for the NATS sink and source
+    "_asyncio_thread": layer("_errors"),
     # the one place that wires sources, queue, pump and sinks together
     "_gateway": layer(
         "_buffer",

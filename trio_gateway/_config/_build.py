@@ -31,7 +31,15 @@ from ..sinks import (
     StdoutSink,
     TcpSink,
 )
-from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
+from ..sources import (
+    GrpcSource,
+    HttpSource,
+    NatsSource,
+    Source,
+    TcpSource,
+    UdpSource,
+    WebSocketSource,
+)
 from ._schema import (
     GatewayConfig,
     PipelineConfig,
@@ -60,6 +68,7 @@ SOURCE_KINDS: dict[str, type[Source]] = {
     "http": HttpSource,
     "websocket": WebSocketSource,
     "grpc": GrpcSource,
+    "nats": NatsSource,
 }
 """Source classes by transport name (``[[sources]] transport = ...``, ``--tcp`` ...)."""
 
@@ -71,6 +80,18 @@ def build_source(config: SourceConfig) -> Source:
             f"{config.key}.transport",
             f"unknown transport {config.transport!r}; expected one of {', '.join(SOURCE_KINDS)}",
         )
+    if config.transport == "nats":
+        # A subscription, not a listener: ``url = "nats://HOST:PORT/SUBJECT"``, no listen.
+        given = dict(config.options)
+        url = given.pop("url", None)
+        if not isinstance(url, str):
+            raise ConfigurationError(f"{config.key}.url", "missing (nats://HOST:PORT/SUBJECT)")
+        options = checked_options(cls, given, key=config.key, what="nats", positional=())
+        try:
+            return NatsSource(url, **options)
+        except ConfigurationError as exc:
+            name = exc.key.partition(".")[2] or "url"
+            raise ConfigurationError(f"{config.key}.{name}", exc.message) from exc
     options = checked_options(
         cls, config.options, key=config.key, what=config.transport, positional=("host", "port")
     )

@@ -42,7 +42,7 @@ POLICY_NAMES: tuple[Policy, ...] = get_args(Policy)
 """The overflow policies (the queues' ``OverflowPolicy``, without importing Trio)."""
 QUEUE_NAMES = ("ring", "locked_ring", "channel", "locked_list")
 """The queue kinds (the keys of ``queues.QUEUE_KINDS``, without importing Trio)."""
-TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc")
+TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc", "nats")
 """The source transports (``[[sources]] transport = ...``)."""
 
 

@@ -116,6 +116,12 @@ class Pipeline:
         self.name = name
         self.fanout: FanOutSink | None = None
         sink: Sink
+        # A sink with tasks of its own (a WebSocket client or server) runs them as a service.
+        own = [s.sink if isinstance(s, QueuedSink) else s for s in sinks]
+        services = (
+            *services,
+            *(cast(Service, s) for s in own if callable(getattr(s, "run", None))),
+        )
         if len(sinks) == 1 and isinstance(sinks[0], Sink):
             sink = sinks[0]
         else:

@@ -12,11 +12,11 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .._errors import ConfigurationError
 from .._fanout import QueuedSink
-from .._gateway import Gateway, Processor, RetryPolicy
+from .._gateway import Gateway, Processor, RetryPolicy, Service
 from .._names import canonical
 from .._pipelines import Pipeline, Pipelines
 from ..queues import QUEUE_KINDS, Queue, queue_class
@@ -30,6 +30,8 @@ from ..sinks import (
     SqliteSink,
     StdoutSink,
     TcpSink,
+    WebSocketBroadcastSink,
+    WebSocketSink,
 )
 from ..sources import (
     GrpcSource,
@@ -207,6 +209,8 @@ SINK_KINDS: dict[str, type[Sink]] = {
     "nats": NatsSink,
     "sqlite": SqliteSink,
     "postgresql": PostgresSink,
+    "websocket": WebSocketSink,
+    "ws_listen": WebSocketBroadcastSink,
 }
 """Sink classes by the kind their URL names (``stdout``, ``file:PATH``, ``https://...``)."""
 
@@ -222,6 +226,8 @@ def build_sink(config: SinkConfig) -> Sink:
         "nats": ("url",),
         "sqlite": ("path",),
         "postgresql": ("url",),
+        "websocket": ("url",),
+        "ws_listen": ("host", "port"),
     }
     options = checked_options(
         cls,
@@ -246,6 +252,11 @@ def build_sink(config: SinkConfig) -> Sink:
             return SqliteSink(url.removeprefix("sqlite:"), **options)
         if kind == "postgresql":
             return PostgresSink(url, **options)
+        if kind == "websocket":
+            return WebSocketSink(url, **options)
+        if kind == "ws_listen":
+            host, port = parse_hostport(url.removeprefix("ws-listen:"), key="sink")
+            return WebSocketBroadcastSink(host, port, **options)
         return cls(**options)
     except TypeError as exc:
         raise ConfigurationError("sink", str(exc)) from exc
@@ -366,17 +377,20 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("sink.retry_max_attempts", "must be 0 (unlimited) or more")
     if not config.sources:
         raise ConfigurationError("sources", "no source configured")
-    services = []
+    services: list[Service] = []
     if config.admin and config.admin != "off":
         from ..admin import AdminServer
 
         host, port = parse_hostport(config.admin, key="admin.listen")
         services.append(AdminServer(host, port))
+    sink = build_sink(config.sink)
+    if callable(getattr(sink, "run", None)):  # a sink with tasks of its own (websocket)
+        services.append(cast(Service, sink))
     return Gateway(
         sources=[build_source(s) for s in config.sources],
         services=services,
         queue=build_queue(config.queue),
-        sink=build_sink(config.sink),
+        sink=sink,
         processor=load_processor(config.processor) if config.processor else None,
         batch_size=config.batch_size,
         drain_timeout=config.drain_timeout,

@@ -138,7 +138,7 @@ def source_from_flag(transport: str, listen: str, *, key: str, **options: Any) -
 
 def sink_kind(url: str) -> str:
     """The kind of sink ``url`` names (``stdout``, ``null``, ``file``, ``tcp``, ``http``,
-    ``nats``, ``sqlite``, ``postgresql``)."""
+    ``nats``, ``sqlite``, ``postgresql``, ``websocket``, ``ws_listen``)."""
     if url in ("stdout", "null"):
         return url
     for prefix, kind in (
@@ -150,12 +150,16 @@ def sink_kind(url: str) -> str:
         ("sqlite:", "sqlite"),
         ("postgresql://", "postgresql"),
         ("postgres://", "postgresql"),
+        ("ws://", "websocket"),
+        ("wss://", "websocket"),
+        ("ws-listen:", "ws_listen"),
     ):
         if url.startswith(prefix):
             return kind
     raise ConfigurationError(
         "sink",
         "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH, "
-        "nats://HOST:PORT/SUBJECT, sqlite:PATH or postgresql://..., "
+        "nats://HOST:PORT/SUBJECT, sqlite:PATH, postgresql://..., ws(s)://... or "
+        "ws-listen:HOST:PORT, "
         f"got {redact_url(url)!r}",
     )

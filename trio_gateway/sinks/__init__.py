@@ -11,6 +11,8 @@ from ._simple import NullSink as NullSink
 from ._simple import StdoutSink as StdoutSink
 from ._sqlite import SqliteSink as SqliteSink
 from ._tcp import TcpSink as TcpSink
+from ._websocket import WebSocketBroadcastSink as WebSocketBroadcastSink
+from ._websocket import WebSocketSink as WebSocketSink
 
 __all__ = (
     "FileSink",
@@ -22,6 +24,8 @@ __all__ = (
     "SqliteSink",
     "StdoutSink",
     "TcpSink",
+    "WebSocketBroadcastSink",
+    "WebSocketSink",
     "decode_jsonl_record",
     "encode_jsonl",
 )

@@ -318,12 +318,14 @@ class Pipelines:
 
 def pipelines_registry(pipelines: Pipelines) -> CollectorRegistry:
     """One registry for every pipeline: each gateway's metrics with a ``pipeline`` label,
-    and each fan-out branch's counters with ``pipeline`` and ``sink`` labels."""
-    from prometheus_client import CollectorRegistry, ProcessCollector
+    each fan-out sink's counters with ``pipeline`` and ``sink`` labels, and whatever the
+    processors registered in prometheus_client's default registry (a processor's own
+    counters: the process metrics come from there too)."""
+    from prometheus_client import CollectorRegistry
 
-    from ._pipelines_metrics import PipelinesCollector
+    from ._pipelines_metrics import DefaultRegistry, PipelinesCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PipelinesCollector(pipelines))
-    ProcessCollector(registry=registry)
+    registry.register(DefaultRegistry())
     return registry

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import REGISTRY, Collector
 from prometheus_client.samples import Sample
 
 from .admin import GatewayCollector
@@ -17,7 +17,18 @@ from .admin._collector import PREFIX
 if TYPE_CHECKING:
     from ._pipelines import Pipelines
 
-__all__ = ("PipelinesCollector",)
+__all__ = ("DefaultRegistry", "PipelinesCollector")
+
+
+class DefaultRegistry(Collector):
+    """prometheus_client's default registry, served beside the pipelines: the metrics that
+    user code (a processor) registers there, and the process, platform and GC metrics."""
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
 
 
 class PipelinesCollector(Collector):

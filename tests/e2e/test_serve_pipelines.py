@@ -7,11 +7,12 @@ import json
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import REPO, ServeProcess, read_payloads, wait_until_sync
+import pytest
+from helpers import ServeProcess, read_payloads, wait_until_sync
+
+from trio_gateway._cli import main
 
 CONFIG = """
 [admin]
@@ -66,20 +67,18 @@ def test_two_pipelines_fan_out_and_report_their_ledgers(
     assert sorted(read_payloads(raw)) == sorted(b"datagram %d" % i for i in range(20))
 
 
-def test_check_config_prints_each_pipelines_graph(tmp_path: Path) -> None:
+def test_check_config_prints_each_pipelines_graph(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "pipelines.toml"
     config.write_text(CONFIG.format(db="r.db", copy="c.jsonl", raw="raw.jsonl"))
-    run = [sys.executable, "-m", "trio_gateway", "check-config", str(config)]
-    text = subprocess.run(run, capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert main(["check-config", str(config)]) == 0
+    text = capsys.readouterr().out
     assert "pipeline readings:\n  source: tcp on 127.0.0.1:0\n" in text
     assert "    -> fan-out to 2 sinks, each with its own queue:\n" in text
     assert "         -> sink: file:c.jsonl [queue: ring, capacity 5000, policy drop_oldest]" in text
-    drawn = subprocess.run([*run, "--mermaid"], capture_output=True, text=True, cwd=REPO)
-    assert (
-        drawn.stdout.startswith("flowchart LR\n") and 'subgraph p1 ["pipeline raw"]' in drawn.stdout
-    )
-    refused = subprocess.run(
-        [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config), "--sink", "null"],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert refused.returncode == 2 and "--sink: the config has [pipelines]" in refused.stderr
+    assert main(["check-config", str(config), "--mermaid"]) == 0
+    drawn = capsys.readouterr().out
+    assert drawn.startswith("flowchart LR\n") and 'subgraph p1 ["pipeline raw"]' in drawn
+    assert main(["serve", "--config", str(config), "--sink", "null"]) == 2
+    assert "--sink: the config has [pipelines]" in capsys.readouterr().err

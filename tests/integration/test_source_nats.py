@@ -81,7 +81,7 @@ async def test_a_jetstream_consumer_is_acked_once_queued(nats_server: NatsServer
 
 
 async def test_an_unreachable_server_fails_at_start() -> None:
-    gateway = Gateway(sources=[NatsSource("nats://127.0.0.1:1/x", connect_timeout=1)],
+    gateway = Gateway(sources=[NatsSource("nats://127.0.0.1:1/x", connect_timeout=0.3)],
                       sink=RecordingSink())  # fmt: skip
     with trio.fail_after(20), pytest.raises(ExceptionGroup) as caught:
         async with trio.open_nursery() as nursery:

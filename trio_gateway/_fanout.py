@@ -21,8 +21,9 @@ once stopped (while running, the rest is queued or in flight).
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from ._errors import ConfigurationError, SinkError, SinkUnavailable
 from ._gateway import Gateway, RetryPolicy
 from ._histogram import LatencyHistogram
 from ._log import RateLimitedLogger, logger
-from ._message import Batch
+from ._message import Batch, Origin
 from .queues import OverflowPolicy, RingBuffer
 from .sinks import Sink
 
@@ -94,8 +95,11 @@ class QueuedSink:
         capacity: int = 10_000,
         policy: OverflowPolicy = "block",
         retry: RetryPolicy | None = None,
+        routes: Collection[str] | None = None,
     ) -> None:
         self.sink = sink
+        self.routes = frozenset(routes) if routes is not None else None
+        """The routes this sink takes (see :class:`FanOutSink`); None: every message."""
         self.queue: RingBuffer[Batch] = RingBuffer(
             capacity, policy=policy, max_bytes=capacity, size_of=len
         )
@@ -183,6 +187,19 @@ class QueuedSink:
         await self._done.wait()
 
 
+def message_route(route: str, payload: bytes, origin: Origin) -> str | None:
+    """A message's route: its origin's peer (``"$peer"``) or a field of its payload as a
+    JSON object (a processor sets it: ``record["route"] = "alerts"``); None without one."""
+    if route == "$peer":
+        return origin.peer
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return None
+    value = document.get(route) if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
+
+
 class FanOutSink(Sink):
     """Sends every batch to each of ``sinks``, each through its own :class:`QueuedSink`.
 
@@ -192,9 +209,12 @@ class FanOutSink(Sink):
         gateway = Gateway(sources=[...], sink=fanout, services=[fanout])
 
     ``capacity`` (messages) and ``policy`` apply to every branch queue unless ``branches``
-    are given ready-made. ``send`` returns once the batch is queued for every sink: the
-    gateway's ledger counts it delivered to the fan-out, each branch's ledger
-    (:attr:`ledgers`) where it went from there.
+    are given ready-made. Routing: with ``route`` (a JSON field of the payload, or
+    ``"$peer"``), a sink whose :attr:`QueuedSink.routes` are set gets only the messages whose
+    route is one of them; a sink without routes gets every message. ``send`` returns once
+    the batch is queued for every sink: the gateway's ledger counts it delivered to the
+    fan-out, each branch's ledger (:attr:`ledgers`) where it went from there (and
+    :attr:`unrouted` the messages no sink took).
     """
 
     def __init__(
@@ -205,6 +225,7 @@ class FanOutSink(Sink):
         policy: OverflowPolicy = "block",
         retry: RetryPolicy | None = None,
         branches: Sequence[QueuedSink] = (),
+        route: str | None = None,
     ) -> None:
         self.branches = tuple(branches) + tuple(
             QueuedSink(sink, capacity=capacity, policy=policy, retry=retry) for sink in sinks
@@ -215,6 +236,11 @@ class FanOutSink(Sink):
         if len(set(names)) != len(names):
             raise ConfigurationError("sinks", f"the same sink twice: {', '.join(names)}")
         self.name = "fanout(" + ", ".join(names) + ")"
+        self.route = route
+        if route is None and any(b.routes is not None for b in self.branches):
+            raise ConfigurationError("route", "sinks with routes need the pipeline's route")
+        self.unrouted = 0
+        """Messages whose route no sink takes (counted, not delivered anywhere)."""
         self._running = False
         self._branches_scope: trio.CancelScope | None = None
 
@@ -263,8 +289,22 @@ class FanOutSink(Sink):
         live = [b for b in self.branches if b.lost is None]
         if not live:
             raise SinkUnavailable(self.name, "every sink is gone")
+        if self.route is None:
+            for branch in live:
+                await branch.offer(batch)
+            return
+        routes = [message_route(self.route, payload, origin) for payload, origin in batch]
+        takers = [b.routes for b in self.branches if b.routes is not None]
+        if not any(b.routes is None for b in self.branches):
+            self.unrouted += sum(1 for r in routes if not any(r in t for t in takers))
         for branch in live:
-            await branch.offer(batch)
+            if branch.routes is None:
+                await branch.offer(batch)
+                continue
+            wanted = branch.routes
+            part = Batch.of([m for m, r in zip(batch, routes, strict=True) if r in wanted])
+            if part:
+                await branch.offer(part)
 
     async def aclose(self) -> None:
         """Close the branch queues, wait for each branch to drain (the caller bounds this),

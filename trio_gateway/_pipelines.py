@@ -107,6 +107,7 @@ class Pipeline:
         retry: RetryPolicy | None = None,
         sink_wait: float = 0.0,
         sink_capacity: int = 10_000,
+        route: str | None = None,
         services: Sequence[Service] = (),
     ) -> None:
         if not name:
@@ -122,7 +123,7 @@ class Pipeline:
             *services,
             *(cast(Service, s) for s in own if callable(getattr(s, "run", None))),
         )
-        if len(sinks) == 1 and isinstance(sinks[0], Sink):
+        if len(sinks) == 1 and isinstance(sinks[0], Sink) and route is None:
             sink = sinks[0]
         else:
             branches = [
@@ -138,7 +139,7 @@ class Pipeline:
                         f"{branch.sink.name}: queue capacity {branch.queue.capacity} is "
                         f"smaller than a batch ({batch_size})",
                     )
-            self.fanout = sink = FanOutSink(branches=branches)
+            self.fanout = sink = FanOutSink(branches=branches, route=route)
             services = (*services, self.fanout)
         self.gateway = Gateway(
             sources=sources,

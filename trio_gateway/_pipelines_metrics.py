@@ -101,6 +101,15 @@ class PipelinesCollector(Collector):
                     family.add_metric(key, getattr(ledger, what))
                 queued.add_metric(key, ledger.queued)
                 up.add_metric(key, 0 if branch.problem or branch.lost else 1)
+        unrouted = CounterMetricFamily(
+            f"{PREFIX}_fanout_unrouted_messages",
+            "Messages whose route no sink of the pipeline takes.",
+            labels=["pipeline"],
+        )
+        for pipeline in self.pipelines:
+            if pipeline.fanout is not None and pipeline.fanout.route is not None:
+                unrouted.add_metric([pipeline.name], pipeline.fanout.unrouted)
         yield from families.values()
         yield queued
         yield up
+        yield unrouted

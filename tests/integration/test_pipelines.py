@@ -144,3 +144,27 @@ async def test_named_pipelines_in_one_nursery_with_labelled_metrics() -> None:
     assert 'trio_gateway_fanout_delivered_messages_total{pipeline="beta",sink="b2"} 5.0' in metrics
     assert pipelines["alpha"].ledger.delivered == 3 and pipelines.ledger.received == 8
     assert pipelines.ledger.balanced
+
+
+async def test_routing_by_a_field_a_processor_sets() -> None:
+    def classify(message: Message) -> object:
+        record = json.loads(message.payload)
+        return {**record, "route": "alerts" if record["level"] == "error" else "audit"}
+
+    everything, alerts = RecordingSink("everything"), RecordingSink("alerts")
+    source = MemorySource()
+    pipeline = Pipeline(
+        "routed",
+        sources=[source],
+        sinks=[everything, QueuedSink(alerts, routes=["alerts"])],
+        processors=[classify],
+        route="route",
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.gateway.run)
+        await source.send_many([b'{"level":"info"}', b'{"level":"error"}', b'{"level":"x"}'])
+        await wait_until(lambda: everything.count == 3 and alerts.count == 1)
+        pipeline.gateway.shutdown()
+    assert alerts.payloads == [b'{"level":"error","route":"alerts"}']
+    assert pipeline.sink_ledgers["alerts"].accepted == 1
+    assert pipeline.fanout is not None and pipeline.fanout.unrouted == 0

@@ -74,3 +74,23 @@ def test_build_errors_are_keyed_where_the_pipeline_has_them() -> None:
     small = BASE.replace("capacity = 4096", "capacity = 10")
     with pytest.raises(ConfigurationError, match="smaller than a batch"):
         build_pipelines(config(base=small))
+
+
+def test_routes_are_read_built_and_drawn() -> None:
+    routed = BASE.replace(
+        'processors = ["json:loads"]', 'processors = ["json:loads"]\nroute = "level"'
+    )
+    routed = routed.replace('table = "logs"', 'table = "logs"\nroutes = ["error", "critical"]')
+    read = config(base=routed)
+    (pipeline,) = read.pipelines
+    assert pipeline.route == "level" and pipeline.sink_routes == (None, ("error", "critical"))
+    built = build_pipelines(read)["logs"]
+    assert built.fanout is not None and built.fanout.route == "level"
+    assert built.fanout.branches[1].routes == frozenset({"error", "critical"})
+    from trio_gateway._config._describe import describe, mermaid
+
+    assert "[routes: error, critical]" in describe(read)
+    assert "-- level = error or critical -->" in mermaid(read)
+    with pytest.raises(ConfigurationError) as caught:
+        config(base=BASE.replace('table = "logs"', 'table = "logs"\nroutes = ["x"]'))
+    assert caught.value.key == "pipelines.logs.route"

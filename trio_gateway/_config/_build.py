@@ -304,7 +304,8 @@ def _rekeyed(key: str, exc: ConfigurationError) -> ConfigurationError:
 def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
     key = f"pipelines.{spec.name}"
     sinks: list[Sink | QueuedSink] = []
-    for index, (sink_config, queue) in enumerate(zip(spec.sinks, spec.sink_queues, strict=True)):
+    sinks_and_queues = zip(spec.sinks, spec.sink_queues, spec.sink_routes, strict=True)
+    for index, (sink_config, queue, routes) in enumerate(sinks_and_queues):
         sink_key = f"{key}.sinks[{index}]"
         if sink_config.retry_max_attempts < 0:
             raise ConfigurationError(f"{sink_key}.retry_max_attempts", "must be 0 or more")
@@ -313,7 +314,7 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
         except ConfigurationError as exc:
             raise _rekeyed(sink_key, exc) from exc
         retry = RetryPolicy(max_attempts=sink_config.retry_max_attempts or None)
-        if len(spec.sinks) == 1 and queue is None:
+        if len(spec.sinks) == 1 and queue is None and spec.route is None:
             sinks.append(sink)
             continue
         branch = queue or QueueConfig()
@@ -323,7 +324,13 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
             )
         try:
             sinks.append(
-                QueuedSink(sink, capacity=branch.capacity, policy=branch.policy, retry=retry)
+                QueuedSink(
+                    sink,
+                    capacity=branch.capacity,
+                    policy=branch.policy,
+                    retry=retry,
+                    routes=routes,
+                )
             )
         except ConfigurationError as exc:
             raise _rekeyed(f"{sink_key}.queue", exc) from exc
@@ -343,6 +350,7 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
         grace_period=config.grace_period,
         retry=RetryPolicy(max_attempts=first.retry_max_attempts or None),
         sink_wait=max(s.wait for s in spec.sinks),
+        route=spec.route,
     )
 
 

@@ -39,11 +39,22 @@ def _pipeline_graph(pipeline: PipelineConfig) -> list[str]:
     lines += [f"  source: {_source(s)}" + _source_options(s) for s in pipeline.sources]
     lines.append(f"    -> queue: {_queue(pipeline.queue)}")
     lines += [f"    -> processor: {name}" for name in pipeline.processors]
-    fanout = len(pipeline.sinks) > 1 or any(q is not None for q in pipeline.sink_queues)
+    fanout = (
+        len(pipeline.sinks) > 1
+        or any(q is not None for q in pipeline.sink_queues)
+        or pipeline.route is not None
+    )
     if fanout:
-        lines.append(f"    -> fan-out to {len(pipeline.sinks)} sinks, each with its own queue:")
-    for sink, queue in zip(pipeline.sinks, pipeline.sink_queues, strict=True):
+        routed = f", routed by {pipeline.route}" if pipeline.route else ""
+        lines.append(
+            f"    -> fan-out to {len(pipeline.sinks)} sinks, each with its own queue{routed}:"
+        )
+    for sink, queue, routes in zip(
+        pipeline.sinks, pipeline.sink_queues, pipeline.sink_routes, strict=True
+    ):
         own = f" [queue: {_queue(queue or QueueConfig())}]" if fanout else ""
+        if routes is not None:
+            own += f" [routes: {', '.join(routes)}]"
         lines.append(
             ("         -> sink: " if fanout else "    -> sink: ")
             + _sink(sink)
@@ -69,12 +80,14 @@ def mermaid(config: GatewayConfig) -> str:
         for k, name in enumerate(pipeline.processors):
             lines.append(f'    {last} --> {p}f{k}["{name}"]')
             last = f"{p}f{k}"
-        fanout = len(pipeline.sinks) > 1
-        for k, (sink, own) in enumerate(zip(pipeline.sinks, pipeline.sink_queues, strict=True)):
+        fanout = len(pipeline.sinks) > 1 or pipeline.route is not None
+        sinks = zip(pipeline.sinks, pipeline.sink_queues, pipeline.sink_routes, strict=True)
+        for k, (sink, own, routes) in enumerate(sinks):
             if fanout:
                 branch = own or QueueConfig()
+                edge = f" -- {pipeline.route} = {' or '.join(routes)} -->" if routes else " -->"
                 lines.append(
-                    f'    {last} --> {p}b{k}[("{branch.capacity}, {branch.policy}")] '
+                    f'    {last}{edge} {p}b{k}[("{branch.capacity}, {branch.policy}")] '
                     f'--> {p}k{k}["{_sink(sink)}"]'
                 )
             else:

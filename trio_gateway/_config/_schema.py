@@ -88,6 +88,10 @@ class PipelineConfig:
     sinks: tuple[SinkConfig, ...] = ()
     sink_queues: tuple[QueueConfig | None, ...] = ()
     """Each sink's own queue in a fan-out (None: the default, 10,000 messages, block)."""
+    route: str | None = None
+    """What a message's route is: a JSON field of its payload, or ``$peer``."""
+    sink_routes: tuple[tuple[str, ...] | None, ...] = ()
+    """The routes each sink takes (None: every message)."""
 
 
 @dataclass(frozen=True, slots=True)

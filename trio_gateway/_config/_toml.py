@@ -91,7 +91,7 @@ def _sink(sink: object, key: str = "sink", meta: Sequence[str] = _SINK_META) -> 
     )
 
 
-_PIPELINE_KEYS = ("sources", "queue", "processors", "sinks")
+_PIPELINE_KEYS = ("sources", "queue", "processors", "sinks", "route")
 
 
 def _pipelines(raw: object) -> tuple[PipelineConfig, ...]:
@@ -111,11 +111,23 @@ def _pipelines(raw: object) -> tuple[PipelineConfig, ...]:
             raise ConfigurationError(f"{key}.sinks", "expected an array of tables ([[...sinks]])")
         sinks: list[SinkConfig] = []
         queues: list[QueueConfig | None] = []
+        routes: list[tuple[str, ...] | None] = []
         for index, raw_sink in enumerate(raw_sinks):
             sink_key = f"{key}.sinks[{index}]"
-            sinks.append(_sink(raw_sink, sink_key, (*_SINK_META, "queue")))
+            sinks.append(_sink(raw_sink, sink_key, (*_SINK_META, "queue", "routes")))
             queue = raw_sink.get("queue")
             queues.append(None if queue is None else _queue(queue, f"{sink_key}.queue"))
+            taken = raw_sink.get("routes")
+            if taken is not None and (
+                not isinstance(taken, list) or not all(isinstance(r, str) for r in taken)
+            ):
+                raise ConfigurationError(f"{sink_key}.routes", "expected a list of route names")
+            routes.append(None if taken is None else tuple(taken))
+        route = section.get("route")
+        if route is not None and (not isinstance(route, str) or not route):
+            raise ConfigurationError(f"{key}.route", "expected a JSON field name or $peer")
+        if route is None and any(r is not None for r in routes):
+            raise ConfigurationError(f"{key}.route", "sinks with routes need the pipeline's route")
         if "sources" not in section:
             raise ConfigurationError(f"{key}.sources", "a pipeline needs a source")
         pipelines.append(
@@ -126,6 +138,8 @@ def _pipelines(raw: object) -> tuple[PipelineConfig, ...]:
                 processors=tuple(processors),
                 sinks=tuple(sinks),
                 sink_queues=tuple(queues),
+                route=route,
+                sink_routes=tuple(routes),
             )
         )
     return tuple(pipelines)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from helpers import ServeProcess
 from jetstream import NatsServer
+from pgserver import PostgresServer
 
 
 @pytest.fixture
@@ -65,3 +66,13 @@ def _unit_tests_stay_in_process(
 
         monkeypatch.setattr(socket.socket, name, guarded)
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse("started a process", "e2e"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole run (initdb takes about a second): each test uses
+    tables of its own names."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()

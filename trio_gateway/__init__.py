@@ -17,6 +17,9 @@ if _typing.TYPE_CHECKING:
     from ._errors import SinkRefused as SinkRefused
     from ._errors import SinkUnavailable as SinkUnavailable
     from ._errors import TransportError as TransportError
+    from ._fanout import FanOutSink as FanOutSink
+    from ._fanout import QueuedSink as QueuedSink
+    from ._fanout import SinkLedger as SinkLedger
     from ._gateway import Gateway as Gateway
     from ._gateway import Processor as Processor
     from ._gateway import RetryPolicy as RetryPolicy
@@ -26,6 +29,8 @@ if _typing.TYPE_CHECKING:
     from ._message import Item as Item
     from ._message import Message as Message
     from ._message import Origin as Origin
+    from ._pipelines import Pipeline as Pipeline
+    from ._pipelines import Pipelines as Pipelines
     from .queues import ChannelQueue as ChannelQueue
     from .queues import LockedListQueue as LockedListQueue
     from .queues import LockedRingBuffer as LockedRingBuffer
@@ -36,11 +41,16 @@ if _typing.TYPE_CHECKING:
     from .sinks import HttpSink as HttpSink
     from .sinks import NatsSink as NatsSink
     from .sinks import NullSink as NullSink
+    from .sinks import PostgresSink as PostgresSink
     from .sinks import Sink as Sink
+    from .sinks import SqliteSink as SqliteSink
     from .sinks import StdoutSink as StdoutSink
     from .sinks import TcpSink as TcpSink
+    from .sinks import WebSocketBroadcastSink as WebSocketBroadcastSink
+    from .sinks import WebSocketSink as WebSocketSink
     from .sources import GrpcSource as GrpcSource
     from .sources import HttpSource as HttpSource
+    from .sources import NatsSource as NatsSource
     from .sources import Source as Source
     from .sources import TcpSource as TcpSource
     from .sources import UdpSource as UdpSource
@@ -52,6 +62,7 @@ __all__ = (
     "Batch",
     "ChannelQueue",
     "ConfigurationError",
+    "FanOutSink",
     "FileSink",
     "FrameTooLarge",
     "Gateway",
@@ -66,24 +77,33 @@ __all__ = (
     "LockedRingBuffer",
     "Message",
     "NatsSink",
+    "NatsSource",
     "NullSink",
     "Origin",
+    "Pipeline",
+    "Pipelines",
+    "PostgresSink",
     "Processor",
     "ProtocolError",
     "Queue",
     "QueueStatistics",
+    "QueuedSink",
     "RetryPolicy",
     "RingBuffer",
     "Sink",
     "SinkError",
+    "SinkLedger",
     "SinkRefused",
     "SinkUnavailable",
     "Source",
+    "SqliteSink",
     "StdoutSink",
     "TcpSink",
     "TcpSource",
     "TransportError",
     "UdpSource",
+    "WebSocketBroadcastSink",
+    "WebSocketSink",
     "WebSocketSource",
     "__version__",
 )
@@ -97,6 +117,9 @@ _WHERE = {
     "SinkRefused": "._errors",
     "SinkUnavailable": "._errors",
     "TransportError": "._errors",
+    "FanOutSink": "._fanout",
+    "QueuedSink": "._fanout",
+    "SinkLedger": "._fanout",
     "Gateway": "._gateway",
     "Processor": "._gateway",
     "RetryPolicy": "._gateway",
@@ -106,6 +129,8 @@ _WHERE = {
     "Item": "._message",
     "Message": "._message",
     "Origin": "._message",
+    "Pipeline": "._pipelines",
+    "Pipelines": "._pipelines",
     "ChannelQueue": ".queues",
     "LockedListQueue": ".queues",
     "LockedRingBuffer": ".queues",
@@ -116,11 +141,16 @@ _WHERE = {
     "HttpSink": ".sinks",
     "NatsSink": ".sinks",
     "NullSink": ".sinks",
+    "PostgresSink": ".sinks",
+    "SqliteSink": ".sinks",
     "Sink": ".sinks",
     "StdoutSink": ".sinks",
     "TcpSink": ".sinks",
+    "WebSocketBroadcastSink": ".sinks",
+    "WebSocketSink": ".sinks",
     "GrpcSource": ".sources",
     "HttpSource": ".sources",
+    "NatsSource": ".sources",
     "Source": ".sources",
     "TcpSource": ".sources",
     "UdpSource": ".sources",

@@ -92,6 +92,11 @@ def _check_parser(commands: Any, full: bool) -> None:
     )
     if full:
         check.add_argument("file", metavar="FILE.toml")
+        check.add_argument(
+            "--mermaid",
+            action="store_true",
+            help="print the pipelines as a Mermaid flowchart (the docs' pictures)",
+        )
 
 
 def _send_parser(commands: Any, full: bool) -> None:
@@ -265,6 +270,39 @@ async def _send(args: argparse.Namespace) -> int:
     return 0 if summary.all_accepted else 1
 
 
+async def _serve_pipelines(config: GatewayConfig) -> int:
+    """``serve`` for named pipelines: every pipeline's listeners, then each one's ledger
+    (with its sinks') and the total, one JSON line each."""
+    import json
+    import logging
+
+    import trio
+
+    from ._config import build_pipelines
+
+    pipelines = build_pipelines(config, handle_signals=True)
+    log = logging.getLogger("trio_gateway")
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(pipelines.run)
+        for pipeline in pipelines:
+            sources = pipeline.gateway.sources
+            for source, addresses in zip(sources, bound[pipeline.name], strict=True):
+                for host, port in addresses:
+                    log.info(
+                        "pipeline %s listening: %s on %s:%d",
+                        pipeline.name,
+                        source.transport,
+                        host,
+                        port,
+                    )
+        log.info("ready")
+    for pipeline in pipelines:
+        line = {"pipeline": pipeline.name, **pipeline.report()}
+        print(json.dumps(line), file=sys.stderr, flush=True)
+    print(pipelines.ledger.to_json(), file=sys.stderr, flush=True)
+    return exit_status(pipelines.ledger)
+
+
 async def _serve(config: GatewayConfig) -> int:
     import logging
 
@@ -274,6 +312,8 @@ async def _serve(config: GatewayConfig) -> int:
     from .tuning import tune_allocator
 
     tune_allocator()  # reuse freed message memory (see its docstring; docs/benchmarks.md)
+    if config.pipelines:
+        return await _serve_pipelines(config)
     gateway = build_gateway(config, handle_signals=True)
     log = logging.getLogger("trio_gateway")
     ready = False
@@ -336,7 +376,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
-    build_gateway(config)  # validate everything before binding anything
+    if config.pipelines:
+        from ._config import build_pipelines
+
+        build_pipelines(config)  # validate everything before binding anything
+    else:
+        build_gateway(config)  # validate everything before binding anything
     if config.workers > 1:
         if args.profile:
             raise ConfigurationError("--profile", "profiles one process: use --workers 1")
@@ -368,6 +413,15 @@ def _run(args: argparse.Namespace) -> int:
         from ._config._describe import describe
 
         config = load_config(args.file, flag=None).with_default_sources()
+        if config.pipelines:
+            from ._config import build_pipelines
+            from ._config._describe import mermaid
+
+            build_pipelines(config)
+            sys.stdout.write(mermaid(config) if args.mermaid else describe(config) + "\n")
+            return 0
+        if args.mermaid:
+            raise ConfigurationError("--mermaid", "the config has no [pipelines] to draw")
         build_gateway(config)
         print(describe(config))
         return 0

@@ -71,6 +71,7 @@ LAYERS: dict[str, Layer] = {
     # import each other
     "sources": layer(
         "_budget",
+        "_asyncio_thread",
         "_errors",
         "_h11server",
         "_http1",
@@ -104,7 +105,9 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._limits",
         sans_io=True,
     ),
-    "sinks": layer("_errors", "_log", "_message", "_secrets", "codecs"),
+    "sinks": layer("_asyncio_thread", "_errors", "_log", "_message", "_secrets", "codecs"),
+    # an asyncio loop in a thread (nats-py under Trio), for the NATS sink and source
+    "_asyncio_thread": layer("_errors"),
     # the one place that wires sources, queue, pump and sinks together
     "_gateway": layer(
         "_budget",
@@ -118,11 +121,36 @@ LAYERS: dict[str, Layer] = {
         "sinks",
         "sources",
     ),
+    # fan-out (a sink per branch queue) and named pipelines, built from gateways
+    "_fanout": layer("_errors", "_gateway", "_histogram", "_log", "_message", "queues", "sinks"),
+    "_pipelines": layer(
+        "_errors",
+        "_fanout",
+        "_gateway",
+        "_ledger",
+        "_log",
+        "_message",
+        "_pipelines_metrics",
+        "queues",
+        "sinks",
+        typing=("admin", "sources"),
+    ),
+    "_pipelines_metrics": layer("admin", typing=("_pipelines",)),
     # admin serves any gateway Service; it names Gateway's type only
     "admin": layer("_errors", "_h11server", "_histogram", "_log", "_wire", typing=("_gateway",)),
     # building a gateway from TOML and flags
     "_config": layer(
-        "_errors", "_gateway", "_names", "_secrets", "_wire", "admin", "queues", "sinks", "sources"
+        "_errors",
+        "_fanout",
+        "_gateway",
+        "_names",
+        "_pipelines",
+        "_secrets",
+        "_wire",
+        "admin",
+        "queues",
+        "sinks",
+        "sources",
     ),
     # several worker processes, each running a configured gateway
     "workers": layer(
@@ -153,10 +181,12 @@ LAYERS: dict[str, Layer] = {
     "": layer(
         "_buffer",
         "_errors",
+        "_fanout",
         "_gateway",
         "_ingress",
         "_ledger",
         "_message",
+        "_pipelines",
         "queues",
         "sinks",
         "sources",

@@ -29,6 +29,7 @@ The TOML layout (every key optional; see docs/reference.md)::
 
     [sink]
     url = "stdout"            # stdout | null | file:PATH | tcp:HOST:PORT | http(s)://... | nats://...
+                              # | sqlite:PATH | postgresql://...
     retry_max_attempts = 0    # 0 = retry until shutdown
     wait = 0                  # seconds to wait at start for the destination (0: fail at once)
     token = "env:NAME"        # any other key is an option of that sink (docs/sinks.md)
@@ -41,6 +42,19 @@ The TOML layout (every key optional; see docs/reference.md)::
     listen = "127.0.0.1:7000"
     framing = "newline"       # any other key is passed to the source (max_connections, ...)
     # certfile / keyfile / client_ca: TLS; token = "env:NAME" reads a secret from the environment
+
+Or named pipelines instead of the top-level sources, queue, sink and processor
+(docs/pipelines.md)::
+
+    [pipelines.logs]
+    processors = ["mypkg.logs:parse", "mypkg.logs:enrich"]
+    queue = { capacity = 10000 }
+    [[pipelines.logs.sources]]
+    transport = "tcp"
+    listen = "127.0.0.1:7000"
+    [[pipelines.logs.sinks]]  # several: a fan-out, each sink with its own queue
+    url = "sqlite:logs.db"
+    queue = { capacity = 20000, policy = "drop_oldest" }
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ from ._schema import DEFAULT_ADMIN as DEFAULT_ADMIN
 from ._schema import DEFAULT_TCP as DEFAULT_TCP
 from ._schema import DEFAULT_UDP as DEFAULT_UDP
 from ._schema import GatewayConfig as GatewayConfig
+from ._schema import PipelineConfig as PipelineConfig
 from ._schema import QueueConfig as QueueConfig
 from ._schema import SinkConfig as SinkConfig
 from ._schema import SourceConfig as SourceConfig
@@ -66,6 +81,7 @@ if TYPE_CHECKING:
     from ._build import SINK_KINDS as SINK_KINDS
     from ._build import SOURCE_KINDS as SOURCE_KINDS
     from ._build import build_gateway as build_gateway
+    from ._build import build_pipelines as build_pipelines
     from ._build import build_queue as build_queue
     from ._build import build_sink as build_sink
     from ._build import build_source as build_source
@@ -79,10 +95,12 @@ __all__ = (
     "SINK_KINDS",
     "SOURCE_KINDS",
     "GatewayConfig",
+    "PipelineConfig",
     "QueueConfig",
     "SinkConfig",
     "SourceConfig",
     "build_gateway",
+    "build_pipelines",
     "build_queue",
     "build_sink",
     "build_source",

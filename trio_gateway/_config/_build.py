@@ -12,17 +12,40 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .._errors import ConfigurationError
-from .._gateway import Gateway, Processor, RetryPolicy
+from .._fanout import QueuedSink
+from .._gateway import Gateway, Processor, RetryPolicy, Service
 from .._names import canonical
+from .._pipelines import Pipeline, Pipelines
 from ..queues import QUEUE_KINDS, ChannelQueue, DiskQueue, Queue, queue_class
-from ..sinks import FileSink, HttpSink, NatsSink, NullSink, Sink, StdoutSink, TcpSink
-from ..sources import GrpcSource, HttpSource, Source, TcpSource, UdpSource, WebSocketSource
+from ..sinks import (
+    FileSink,
+    HttpSink,
+    NatsSink,
+    NullSink,
+    PostgresSink,
+    Sink,
+    SqliteSink,
+    StdoutSink,
+    TcpSink,
+    WebSocketBroadcastSink,
+    WebSocketSink,
+)
+from ..sources import (
+    GrpcSource,
+    HttpSource,
+    NatsSource,
+    Source,
+    TcpSource,
+    UdpSource,
+    WebSocketSource,
+)
 from ._schema import (
     DISK_QUEUE,
     GatewayConfig,
+    PipelineConfig,
     QueueConfig,
     SinkConfig,
     SourceConfig,
@@ -34,6 +57,7 @@ __all__ = (
     "SINK_KINDS",
     "SOURCE_KINDS",
     "build_gateway",
+    "build_pipelines",
     "build_queue",
     "build_sink",
     "build_source",
@@ -47,6 +71,7 @@ SOURCE_KINDS: dict[str, type[Source]] = {
     "http": HttpSource,
     "websocket": WebSocketSource,
     "grpc": GrpcSource,
+    "nats": NatsSource,
 }
 """Source classes by transport name (``[[sources]] transport = ...``, ``--tcp`` ...)."""
 
@@ -58,6 +83,18 @@ def build_source(config: SourceConfig) -> Source:
             f"{config.key}.transport",
             f"unknown transport {config.transport!r}; expected one of {', '.join(SOURCE_KINDS)}",
         )
+    if config.transport == "nats":
+        # A subscription, not a listener: ``url = "nats://HOST:PORT/SUBJECT"``, no listen.
+        given = dict(config.options)
+        url = given.pop("url", None)
+        if not isinstance(url, str):
+            raise ConfigurationError(f"{config.key}.url", "missing (nats://HOST:PORT/SUBJECT)")
+        options = checked_options(cls, given, key=config.key, what="nats", positional=())
+        try:
+            return NatsSource(url, **options)
+        except ConfigurationError as exc:
+            name = exc.key.partition(".")[2] or "url"
+            raise ConfigurationError(f"{config.key}.{name}", exc.message) from exc
     options = checked_options(
         cls, config.options, key=config.key, what=config.transport, positional=("host", "port")
     )
@@ -195,6 +232,10 @@ SINK_KINDS: dict[str, type[Sink]] = {
     "tcp": TcpSink,
     "http": HttpSink,
     "nats": NatsSink,
+    "sqlite": SqliteSink,
+    "postgresql": PostgresSink,
+    "websocket": WebSocketSink,
+    "ws_listen": WebSocketBroadcastSink,
 }
 """Sink classes by the kind their URL names (``stdout``, ``file:PATH``, ``https://...``)."""
 
@@ -203,7 +244,16 @@ def build_sink(config: SinkConfig) -> Sink:
     url = config.url
     kind = sink_kind(url)
     cls = SINK_KINDS[kind]
-    positional = {"file": ("path",), "tcp": ("host", "port"), "http": ("url",), "nats": ("url",)}
+    positional = {
+        "file": ("path",),
+        "tcp": ("host", "port"),
+        "http": ("url",),
+        "nats": ("url",),
+        "sqlite": ("path",),
+        "postgresql": ("url",),
+        "websocket": ("url",),
+        "ws_listen": ("host", "port"),
+    }
     options = checked_options(
         cls,
         config.options,
@@ -223,6 +273,15 @@ def build_sink(config: SinkConfig) -> Sink:
             return HttpSink(url, **options)
         if kind == "nats":
             return NatsSink(url, **options)
+        if kind == "sqlite":
+            return SqliteSink(url.removeprefix("sqlite:"), **options)
+        if kind == "postgresql":
+            return PostgresSink(url, **options)
+        if kind == "websocket":
+            return WebSocketSink(url, **options)
+        if kind == "ws_listen":
+            host, port = parse_hostport(url.removeprefix("ws-listen:"), key="sink")
+            return WebSocketBroadcastSink(host, port, **options)
         return cls(**options)
     except TypeError as exc:
         raise ConfigurationError("sink", str(exc)) from exc
@@ -263,8 +322,7 @@ def _dead_letter(spec: str | None) -> Sink | None:
     return FileSink(spec)
 
 
-def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gateway:
-    """Instantiate everything a config describes (no I/O happens until ``Gateway.run``)."""
+def _check_timings(config: GatewayConfig) -> None:
     if config.drain_timeout < 0:
         raise ConfigurationError("gateway.drain_timeout", "must not be negative")
     if config.grace_period < 0:
@@ -273,6 +331,93 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("gateway.batch_size", "must be at least 1")
     if config.workers < 1:
         raise ConfigurationError("gateway.workers", "must be at least 1")
+
+
+def _rekeyed(key: str, exc: ConfigurationError) -> ConfigurationError:
+    """An error of a pipeline's part (keyed ``sink.table``, ``queue.capacity``) keyed where
+    the pipeline's TOML has it (``pipelines.logs.sinks[0].table``)."""
+    rest = exc.key.partition(".")[2]
+    return ConfigurationError(f"{key}.{rest}" if rest else key, exc.message)
+
+
+def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
+    key = f"pipelines.{spec.name}"
+    sinks: list[Sink | QueuedSink] = []
+    sinks_and_queues = zip(spec.sinks, spec.sink_queues, spec.sink_routes, strict=True)
+    for index, (sink_config, queue, routes) in enumerate(sinks_and_queues):
+        sink_key = f"{key}.sinks[{index}]"
+        if sink_config.retry_max_attempts < 0:
+            raise ConfigurationError(f"{sink_key}.retry_max_attempts", "must be 0 or more")
+        try:
+            sink = build_sink(sink_config)
+        except ConfigurationError as exc:
+            raise _rekeyed(sink_key, exc) from exc
+        retry = RetryPolicy(max_attempts=sink_config.retry_max_attempts or None)
+        if len(spec.sinks) == 1 and queue is None and spec.route is None:
+            sinks.append(sink)
+            continue
+        branch = queue or QueueConfig()
+        if branch.kind != "ring" or branch.max_bytes is not None:
+            raise ConfigurationError(
+                f"{sink_key}.queue", "a sink's queue takes capacity (messages) and policy only"
+            )
+        try:
+            sinks.append(
+                QueuedSink(
+                    sink,
+                    capacity=branch.capacity,
+                    policy=branch.policy,
+                    retry=retry,
+                    routes=routes,
+                )
+            )
+        except ConfigurationError as exc:
+            raise _rekeyed(f"{sink_key}.queue", exc) from exc
+    try:
+        pipeline_queue = build_queue(spec.queue)
+    except ConfigurationError as exc:
+        raise _rekeyed(f"{key}.queue", exc) from exc
+    first = spec.sinks[0]
+    return Pipeline(
+        spec.name,
+        sources=[build_source(s) for s in spec.sources],
+        sinks=sinks,
+        queue=pipeline_queue,
+        processors=[load_processor(p) for p in spec.processors],
+        batch_size=config.batch_size,
+        drain_timeout=config.drain_timeout,
+        grace_period=config.grace_period,
+        retry=RetryPolicy(max_attempts=first.retry_max_attempts or None),
+        sink_wait=max(s.wait for s in spec.sinks),
+        route=spec.route,
+    )
+
+
+def build_pipelines(config: GatewayConfig, *, handle_signals: bool = False) -> Pipelines:
+    """The named pipelines of a config (``[pipelines.NAME]``), one admin endpoint for all."""
+    _check_timings(config)
+    if not config.pipelines:
+        raise ConfigurationError("pipelines", "no pipeline configured")
+    if config.workers > 1:
+        raise ConfigurationError("gateway.workers", "named pipelines run in one process")
+    admin = None
+    if config.admin and config.admin != "off":
+        from ..admin import AdminServer
+
+        host, port = parse_hostport(config.admin, key="admin.listen")
+        admin = AdminServer(host, port)
+    return Pipelines(
+        [_build_pipeline(config, spec) for spec in config.pipelines],
+        admin=admin,
+        handle_signals=handle_signals,
+    )
+
+
+def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gateway:
+    """Instantiate everything a config describes (no I/O happens until ``Gateway.run``)."""
+    if config.pipelines:
+        raise ConfigurationError("pipelines", "a config with [pipelines] builds Pipelines")
+    _check_timings(config)
     if config.workers > 1 and config.queue.kind == DISK_QUEUE:
         raise ConfigurationError("gateway.workers", "the disk queue serves one process")
     if config.sink.wait < 0:
@@ -281,19 +426,22 @@ def build_gateway(config: GatewayConfig, *, handle_signals: bool = False) -> Gat
         raise ConfigurationError("sink.retry_max_attempts", "must be 0 (unlimited) or more")
     if not config.sources:
         raise ConfigurationError("sources", "no source configured")
-    services = []
+    services: list[Service] = []
     if config.admin and config.admin != "off":
         from ..admin import AdminServer
 
         host, port = parse_hostport(config.admin, key="admin.listen")
         services.append(AdminServer(host, port))
     sources = [build_source(s) for s in config.sources]
+    sink = build_sink(config.sink)
+    if callable(getattr(sink, "run", None)):  # a sink with tasks of its own (websocket)
+        services.append(cast(Service, sink))
     return Gateway(
         sources=sources,
         ack={source: s.ack for source, s in zip(sources, config.sources, strict=True)},
         services=services,
         queue=build_queue(config.queue, max_memory=config.max_memory),
-        sink=build_sink(config.sink),
+        sink=sink,
         processor=load_processor(config.processor) if config.processor else None,
         batch_size=config.batch_size,
         drain_timeout=config.drain_timeout,

@@ -235,9 +235,26 @@ def _framed(
     return sources
 
 
+_PIPELINE_PARTS = ("tcp", "udp", "http", "ws", "grpc", "sink", "queue", "capacity", "policy",
+                   "max_bytes", "processor", "tcp_framing", "udp_framing")  # fmt: skip
+
+
+def _check_pipeline_flags(args: argparse.Namespace) -> None:
+    """A config with named pipelines has no top-level sources, queue or sink for these
+    flags to change: refuse them rather than ignore them."""
+    for name in _PIPELINE_PARTS:
+        if getattr(args, name, None) not in (None, [], False):
+            raise ConfigurationError(
+                f"--{name.replace('_', '-')}",
+                "the config has [pipelines]: set it in the pipeline (pipelines.NAME.*)",
+            )
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """The TOML file (if any) with the flags applied on top, then the embedded defaults."""
     config = load_config(args.config) if args.config else GatewayConfig()
+    if config.pipelines:
+        _check_pipeline_flags(args)
     sources: list[SourceConfig] = list(config.sources)
     framing = {"framing": args.tcp_framing} if args.tcp_framing else {}
     tcp_options = {**framing, **_tls_options(args)}

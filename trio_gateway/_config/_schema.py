@@ -25,6 +25,7 @@ __all__ = (
     "QUEUE_NAMES",
     "TRANSPORTS",
     "GatewayConfig",
+    "PipelineConfig",
     "QueueConfig",
     "SinkConfig",
     "SourceConfig",
@@ -51,7 +52,7 @@ DISK_QUEUE = "disk"
 """The disk queue's kind (``--queue disk:DIR``, ``[queue] kind = "disk"`` with ``dir``)."""
 FSYNC_NAMES = ("always", "batch", "interval")
 """The disk queue's fsync policies (``queues.FSYNC_POLICIES``, without importing Trio)."""
-TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc")
+TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc", "nats")
 """The source transports (``[[sources]] transport = ...``)."""
 
 
@@ -98,6 +99,24 @@ class SinkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """One ``[pipelines.NAME]`` table: its sources, queue, processor chain and sinks (more
+    than one: a fan-out, each sink with its own queue, ``sink_queues``)."""
+
+    name: str
+    sources: tuple[SourceConfig, ...] = ()
+    queue: QueueConfig = QueueConfig()
+    processors: tuple[str, ...] = ()
+    sinks: tuple[SinkConfig, ...] = ()
+    sink_queues: tuple[QueueConfig | None, ...] = ()
+    """Each sink's own queue in a fan-out (None: the default, 10,000 messages, block)."""
+    route: str | None = None
+    """What a message's route is: a JSON field of its payload, or ``$peer``."""
+    sink_routes: tuple[tuple[str, ...] | None, ...] = ()
+    """The routes each sink takes (None: every message)."""
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     sources: tuple[SourceConfig, ...] = ()
     queue: QueueConfig = QueueConfig()
@@ -113,11 +132,14 @@ class GatewayConfig:
     max_memory: int = DEFAULT_MAX_MEMORY
     """``limits.max_memory`` / ``--max-memory``: bytes peers can make the gateway hold (the
     queue's payload bytes, half of it by default, and what is read but not queued yet)."""
+    pipelines: tuple[PipelineConfig, ...] = ()
+    """Named pipelines (``[pipelines.NAME]``); when given, the top-level sources, queue, sink
+    and processor are not (each pipeline has its own)."""
 
     def with_default_sources(self) -> GatewayConfig:
         """The embedded defaults: TCP on 127.0.0.1:7000, UDP on 127.0.0.1:7001, and the admin
         endpoint on 127.0.0.1:9100 unless it was turned off."""
-        if self.sources:
+        if self.sources or self.pipelines:
             return self
         return replace(
             self,
@@ -166,7 +188,7 @@ def source_from_flag(transport: str, listen: str, *, key: str, **options: Any) -
 
 def sink_kind(url: str) -> str:
     """The kind of sink ``url`` names (``stdout``, ``null``, ``file``, ``tcp``, ``http``,
-    ``nats``)."""
+    ``nats``, ``sqlite``, ``postgresql``, ``websocket``, ``ws_listen``)."""
     if url in ("stdout", "null"):
         return url
     for prefix, kind in (
@@ -175,11 +197,19 @@ def sink_kind(url: str) -> str:
         ("http://", "http"),
         ("https://", "http"),
         ("nats://", "nats"),
+        ("sqlite:", "sqlite"),
+        ("postgresql://", "postgresql"),
+        ("postgres://", "postgresql"),
+        ("ws://", "websocket"),
+        ("wss://", "websocket"),
+        ("ws-listen:", "ws_listen"),
     ):
         if url.startswith(prefix):
             return kind
     raise ConfigurationError(
         "sink",
-        "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH or "
-        f"nats://HOST:PORT/SUBJECT, got {redact_url(url)!r}",
+        "expected stdout, null, file:PATH, tcp:HOST:PORT, http(s)://HOST/PATH, "
+        "nats://HOST:PORT/SUBJECT, sqlite:PATH, postgresql://..., ws(s)://... or "
+        "ws-listen:HOST:PORT, "
+        f"got {redact_url(url)!r}",
     )

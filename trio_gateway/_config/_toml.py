@@ -13,6 +13,7 @@ from .._names import canonical
 from ._schema import (
     TRANSPORTS,
     GatewayConfig,
+    PipelineConfig,
     QueueConfig,
     SinkConfig,
     SourceConfig,
@@ -63,51 +64,105 @@ def _gateway_changes(gateway: Mapping[str, Any]) -> dict[str, Any]:
     return changes
 
 
-def _queue(queue: Mapping[str, Any]) -> QueueConfig:
+def _queue(queue: Mapping[str, Any], key: str = "queue") -> QueueConfig:
+    if not isinstance(queue, dict):
+        raise ConfigurationError(key, "expected a table")
     _check_keys(
-        queue,
-        ("kind", "capacity", "policy", "max_bytes", "dir", "fsync", "fsync_interval"),
-        "queue",
+        queue, ("kind", "capacity", "policy", "max_bytes", "dir", "fsync", "fsync_interval"), key
     )
     disk: dict[str, Any] = {}
     if "dir" in queue:
-        disk["dir"] = _expect(queue, "dir", str, "queue")
+        disk["dir"] = _expect(queue, "dir", str, key)
     if "fsync" in queue:
-        disk["fsync"] = canonical(_expect(queue, "fsync", str, "queue"))
+        disk["fsync"] = canonical(_expect(queue, "fsync", str, key))
     if "fsync_interval" in queue:
-        disk["fsync_interval"] = float(_expect(queue, "fsync_interval", (int, float), "queue"))
+        disk["fsync_interval"] = float(_expect(queue, "fsync_interval", (int, float), key))
     return QueueConfig(
         **disk,
-        kind=canonical(_expect(queue, "kind", str, "queue")) if "kind" in queue else "ring",
-        capacity=_expect(queue, "capacity", int, "queue") if "capacity" in queue else 10_000,
-        policy=normalize_policy(queue["policy"], key="queue.policy")
+        kind=canonical(_expect(queue, "kind", str, key)) if "kind" in queue else "ring",
+        capacity=_expect(queue, "capacity", int, key) if "capacity" in queue else 10_000,
+        policy=normalize_policy(queue["policy"], key=f"{key}.policy")
         if "policy" in queue
         else "block",
-        max_bytes=_expect(queue, "max_bytes", int, "queue") if "max_bytes" in queue else None,
+        max_bytes=_expect(queue, "max_bytes", int, key) if "max_bytes" in queue else None,
     )
 
 
-def _sink(sink: object) -> SinkConfig:
+def _sink(sink: object, key: str = "sink", meta: Sequence[str] = _SINK_META) -> SinkConfig:
     if not isinstance(sink, dict):
-        raise ConfigurationError("sink", "expected a table ([sink])")
+        raise ConfigurationError(key, f"expected a table ([{key}])")
     return SinkConfig(
-        url=_expect(sink, "url", str, "sink") if "url" in sink else "stdout",
-        retry_max_attempts=_expect(sink, "retry_max_attempts", int, "sink")
+        url=_expect(sink, "url", str, key) if "url" in sink else "stdout",
+        retry_max_attempts=_expect(sink, "retry_max_attempts", int, key)
         if "retry_max_attempts" in sink
         else 0,
-        wait=float(_expect(sink, "wait", (int, float), "sink")) if "wait" in sink else 0.0,
-        dead_letter=_expect(sink, "dead_letter", str, "sink") if "dead_letter" in sink else None,
+        wait=float(_expect(sink, "wait", (int, float), key)) if "wait" in sink else 0.0,
+        dead_letter=_expect(sink, "dead_letter", str, key) if "dead_letter" in sink else None,
         # Everything else is an option of the sink the URL names, checked when it is built.
-        options={k: v for k, v in sink.items() if k not in _SINK_META},
+        options={k: v for k, v in sink.items() if k not in meta},
     )
 
 
-def _sources(raw_sources: object) -> tuple[SourceConfig, ...]:
+_PIPELINE_KEYS = ("sources", "queue", "processors", "sinks", "route")
+
+
+def _pipelines(raw: object) -> tuple[PipelineConfig, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigurationError("pipelines", "expected tables ([pipelines.NAME])")
+    pipelines: list[PipelineConfig] = []
+    for name, section in raw.items():
+        key = f"pipelines.{name}"
+        if not isinstance(section, dict):
+            raise ConfigurationError(key, "expected a table")
+        _check_keys(section, _PIPELINE_KEYS, key)
+        processors = section.get("processors", [])
+        if not isinstance(processors, list) or not all(isinstance(p, str) for p in processors):
+            raise ConfigurationError(f"{key}.processors", "expected a list of module:function")
+        raw_sinks = section.get("sinks")
+        if not isinstance(raw_sinks, list) or not raw_sinks:
+            raise ConfigurationError(f"{key}.sinks", "expected an array of tables ([[...sinks]])")
+        sinks: list[SinkConfig] = []
+        queues: list[QueueConfig | None] = []
+        routes: list[tuple[str, ...] | None] = []
+        for index, raw_sink in enumerate(raw_sinks):
+            sink_key = f"{key}.sinks[{index}]"
+            sinks.append(_sink(raw_sink, sink_key, (*_SINK_META, "queue", "routes")))
+            queue = raw_sink.get("queue")
+            queues.append(None if queue is None else _queue(queue, f"{sink_key}.queue"))
+            taken = raw_sink.get("routes")
+            if taken is not None and (
+                not isinstance(taken, list) or not all(isinstance(r, str) for r in taken)
+            ):
+                raise ConfigurationError(f"{sink_key}.routes", "expected a list of route names")
+            routes.append(None if taken is None else tuple(taken))
+        route = section.get("route")
+        if route is not None and (not isinstance(route, str) or not route):
+            raise ConfigurationError(f"{key}.route", "expected a JSON field name or $peer")
+        if route is None and any(r is not None for r in routes):
+            raise ConfigurationError(f"{key}.route", "sinks with routes need the pipeline's route")
+        if "sources" not in section:
+            raise ConfigurationError(f"{key}.sources", "a pipeline needs a source")
+        pipelines.append(
+            PipelineConfig(
+                name,
+                sources=_sources(section["sources"], f"{key}.sources"),
+                queue=_queue(section.get("queue", {}), f"{key}.queue"),
+                processors=tuple(processors),
+                sinks=tuple(sinks),
+                sink_queues=tuple(queues),
+                route=route,
+                sink_routes=tuple(routes),
+            )
+        )
+    return tuple(pipelines)
+
+
+def _sources(raw_sources: object, prefix: str = "sources") -> tuple[SourceConfig, ...]:
     if not isinstance(raw_sources, list):
-        raise ConfigurationError("sources", "expected an array of tables ([[sources]])")
+        raise ConfigurationError(prefix, f"expected an array of tables ([[{prefix}]])")
     sources: list[SourceConfig] = []
     for index, section in enumerate(raw_sources):
-        key = f"sources[{index}]"
+        key = f"{prefix}[{index}]"
         if not isinstance(section, dict):
             raise ConfigurationError(key, "expected a table")
         if "transport" not in section:
@@ -125,7 +180,9 @@ def _sources(raw_sources: object) -> tuple[SourceConfig, ...]:
 
 def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     """Validate a parsed TOML document into a :class:`GatewayConfig`."""
-    _check_keys(data, ("gateway", "queue", "sink", "sources", "admin", "limits"), "config")
+    _check_keys(
+        data, ("gateway", "queue", "sink", "sources", "admin", "limits", "pipelines"), "config"
+    )
     changes = _gateway_changes(data.get("gateway", {}))
     limits = data.get("limits", {})
     if not isinstance(limits, dict):
@@ -133,6 +190,17 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     _check_keys(limits, ("max_memory",), "limits")
     if "max_memory" in limits:
         changes["max_memory"] = parse_size(limits["max_memory"], key="limits.max_memory")
+    if "pipelines" in data:
+        for name in ("sources", "queue", "sink"):
+            if name in data:
+                raise ConfigurationError(
+                    name, "with [pipelines], each pipeline has its own (pipelines.NAME.*)"
+                )
+        if "processor" in changes:
+            raise ConfigurationError(
+                "gateway.processor", "with [pipelines], use pipelines.NAME.processors"
+            )
+        changes["pipelines"] = _pipelines(data["pipelines"])
     admin = data.get("admin", {})
     _check_keys(admin, ("listen",), "admin")
     if "listen" in admin:

@@ -17,16 +17,14 @@ share one.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import secrets
 import ssl
-import threading
 from collections import Counter
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from .._asyncio_thread import AsyncioThread as _LoopThread
 from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._log import RateLimitedLogger, logger
 from .._message import Batch, Origin
@@ -52,82 +50,6 @@ def _import_nats() -> Any:
             "sink", f"the nats sink needs nats-py (pip install nats-py): {exc}"
         ) from exc
     return nats
-
-
-class _LoopThread:
-    """An asyncio event loop running in a thread of its own, and the one bridge into it.
-
-    :meth:`run` hands a coroutine to the loop and sleeps in Trio (no worker thread) until the
-    loop finishes it; cancelling the Trio side cancels the asyncio task.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        # A plain selector loop, whatever the event loop policy (trio-asyncio replaces
-        # asyncio.new_event_loop with one that refuses to run inside Trio).
-        loop = asyncio.SelectorEventLoop()
-
-        def main() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_forever()
-                # Stopped: cancel what is left (nats-py's reader, flusher, pinger tasks).
-                tasks = asyncio.all_tasks(loop)
-                for task in tasks:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
-
-        self._loop = loop
-        # A daemon only so that an interpreter exit without aclose() cannot hang on it;
-        # aclose() stops and joins it.
-        self._thread = threading.Thread(target=main, name=self._name, daemon=True)
-        self._thread.start()
-
-    async def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        loop = self._loop
-        if loop is None or not self.running:
-            coroutine.close()
-            raise SinkError("the sink's asyncio loop is not running")
-        token = trio.lowlevel.current_trio_token()
-        finished = trio.Event()
-
-        def wake(_: concurrent.futures.Future[_T]) -> None:
-            try:
-                token.run_sync_soon(finished.set)
-            except trio.RunFinishedError:
-                pass
-
-        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
-        future.add_done_callback(wake)
-        try:
-            await finished.wait()
-        except BaseException:
-            future.cancel()
-            raise
-        return future.result()
-
-    async def stop(self) -> None:
-        """Stop the loop and join the thread (bound it with a cancel scope: it is abandoned)."""
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
-        if loop is None or thread is None:
-            return
-        try:
-            loop.call_soon_threadsafe(loop.stop)
-        except RuntimeError:  # already closed
-            pass
-        await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
 
 
 class _ConnectionLost(Exception):

@@ -1,0 +1,84 @@
+"""The WebSocket sinks over real sockets with trio-websocket on the other end: the client
+sink reconnecting after the server drops it, and the broadcast sink serving clients by topic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from helpers import wait_until
+from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
+
+from trio_gateway import Gateway, RetryPolicy, SinkUnavailable
+from trio_gateway.sinks import WebSocketBroadcastSink, WebSocketSink
+from trio_gateway.testing import MemorySource
+
+
+async def test_the_client_sink_delivers_in_order_and_reconnects() -> None:
+    received: list[bytes] = []
+    drop_after = 100
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                received.append(await ws.get_message())  # type: ignore[arg-type]
+                if len(received) == drop_after:
+                    await ws.aclose()  # the first connection ends after 100 messages
+                    return
+        except ConnectionClosed:
+            pass  # the sink closed at shutdown
+
+    source = MemorySource()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+        sink = WebSocketSink(f"ws://127.0.0.1:{server.port}/in")
+        gateway = Gateway(sources=[source], sink=sink, services=[sink], batch_size=50,
+                          retry=RetryPolicy(initial=0.01, maximum=0.05))  # fmt: skip
+        with trio.fail_after(20):
+            await nursery.start(gateway.run)
+            for i in range(0, 300, 10):
+                await source.send_many([b"m%d" % k for k in range(i, i + 10)])
+            await wait_until(lambda: b"m299" in received)
+            gateway.shutdown()
+        nursery.cancel_scope.cancel()
+    assert sink.connects >= 2
+    # At-least-once: a batch cut by the close may come twice, never a message missing.
+    assert set(received) == {b"m%d" % k for k in range(300)}
+    assert gateway.ledger.delivered == 300 and gateway.ledger.balanced
+
+
+async def test_open_fails_when_nothing_listens() -> None:
+    with pytest.raises(SinkUnavailable, match="connection refused"):
+        await WebSocketSink("ws://127.0.0.1:1/x", connect_timeout=2).open()
+
+
+async def test_broadcast_to_clients_by_topic() -> None:
+    sink = WebSocketBroadcastSink(topic="room", client_queue=100)
+    source = MemorySource()
+    gateway = Gateway(sources=[source], sink=sink, services=[sink])
+    heard: dict[str, list[str]] = {"a": [], "b": [], "": []}
+
+    async def client(path: str, count: int) -> None:
+        async with open_websocket_url(f"ws://127.0.0.1:{sink.bound[1]}/{path}") as ws:  # type: ignore[index]
+            for _ in range(count):
+                message = await ws.get_message()
+                assert isinstance(message, bytes)  # payloads go out as binary messages
+                heard[path].append(message.decode())
+
+    messages = [json.dumps({"room": room, "n": n}).encode() for n in range(5) for room in "ab"]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            async with trio.open_nursery() as clients:
+                clients.start_soon(client, "a", 5)
+                clients.start_soon(client, "b", 5)
+                clients.start_soon(client, "", 11)
+                await wait_until(lambda: sink.clients == 3)
+                await source.send_many([*messages, b"no room"])
+            gateway.shutdown()
+    assert heard["a"] == [m.decode() for m in messages if b'"a"' in m]
+    assert heard["b"] == [m.decode() for m in messages if b'"b"' in m]
+    assert heard[""] == [m.decode() for m in messages] + ["no room"]
+    assert (sink.sent, sink.dropped, sink.unheard) == (21, 0, 0)

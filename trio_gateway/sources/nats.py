@@ -1,0 +1,256 @@
+"""The NATS source: messages back out of a broker into the gateway, from a subject or a
+JetStream consumer (nats-py on an asyncio loop thread owned by the source).
+
+``NatsSource("nats://127.0.0.1:4222/chat.>")`` subscribes to a subject (wildcards allowed;
+``queue_group`` shares the messages between gateways). Core NATS has no backpressure: the
+messages wait in a buffer of ``max_pending`` (the source takes them in batches of up to
+``batch``); past it, the newest are refused and counted (``rejected{reason="slow_consumer"}``),
+which is what the NATS server would do to a slow subscriber anyway.
+
+``NatsSource("nats://127.0.0.1:4222/telemetry.in", stream="TELEMETRY", consumer="gateway")``
+pulls from a durable JetStream consumer instead: ``batch`` messages are fetched only once the
+previous ones are in the gateway's queue (under ``block``, a full queue stops the fetching:
+real backpressure), and each fetched batch is acknowledged once it is queued. What was
+fetched but not acknowledged (the gateway stopped, crashed) is delivered again by JetStream
+after the consumer's ``ack_wait``: at-least-once into the queue.
+
+The origin of each message: transport ``nats``, the listener's label
+(``nats:HOST:PORT/SUBJECT``), the message's **subject** as its peer (so a processor can route
+by subject: a chat room, a device), and the time the batch was taken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import trio
+
+from .._asyncio_thread import AsyncioThread
+from .._errors import ConfigurationError, TransportError
+from .._ingress import Ingress
+from .._log import RateLimitedLogger, logger
+from .._message import Origin
+from ._base import Source
+from ._options import DEFAULT_MAX_MESSAGE_SIZE
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+
+__all__ = ("NatsSource",)
+
+_log = logger.getChild("sources.nats")
+_errors = RateLimitedLogger(_log)
+_FETCH_WAIT = 1.0
+"""Seconds one JetStream fetch waits for messages before asking again."""
+
+
+def _parse(url: str) -> tuple[list[str], str, str | None, str]:
+    """``nats://[USER:PASS@|TOKEN@]HOST[:PORT][,HOST...]/SUBJECT`` -> (servers, subject,
+    user[:password] or token, the first host:port)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("nats", "tls"):
+        raise ConfigurationError("nats.url", f"expected nats://HOST:PORT/SUBJECT, got {url!r}")
+    auth, at, hosts = parts.netloc.rpartition("@")
+    subject = unquote(parts.path.lstrip("/"))
+    if not hosts or not subject or " " in subject:
+        raise ConfigurationError("nats.url", f"needs a host and a subject: {url!r}")
+    if parse_qsl(parts.query):
+        raise ConfigurationError("nats.url", "options go beside the url (stream = ...)")
+    servers = [f"{parts.scheme}://{h if ':' in h else h + ':4222'}" for h in hosts.split(",")]
+    first = hosts.split(",")[0]
+    return servers, subject, unquote(auth) if at else None, first
+
+
+class NatsSource(Source):
+    """Subscribes to a NATS subject or pulls from a JetStream consumer (module docstring)."""
+
+    transport = "nats"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        queue_group: str | None = None,
+        stream: str | None = None,
+        consumer: str | None = None,
+        batch: int = 256,
+        max_pending: int = 65_536,
+        connect_timeout: float = 5.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        servers, subject, auth, first = _parse(url)
+        host, _, port = first.rpartition(":") if ":" in first else (first, ":", "4222")
+        super().__init__(host, int(port), max_message_size=max_message_size)
+        if (stream is None) != (consumer is None):
+            raise ConfigurationError("nats.consumer", "a JetStream pull needs stream and consumer")
+        if queue_group is not None and stream is not None:
+            raise ConfigurationError("nats.queue_group", "a JetStream consumer is shared already")
+        if batch < 1 or max_pending < batch or connect_timeout <= 0:
+            raise ConfigurationError(
+                "nats", "need batch >= 1, max_pending >= batch, connect_timeout > 0"
+            )
+        self.url = url
+        self.servers = servers
+        self.subject = subject
+        self.queue_group = queue_group
+        self.stream = stream
+        self.consumer = consumer
+        self.batch = batch
+        self.max_pending = max_pending
+        self.connect_timeout = connect_timeout
+        self._auth = auth
+        self._nc: NatsClient | None = None
+        self._pull: Any = None
+        self._pending: deque[Msg] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._refused = 0  # bumped on the loop thread; reported from Trio as a difference
+        self._refused_reported = 0
+        self.acked = 0
+        """JetStream messages acknowledged (each once it was in the gateway's queue)."""
+
+    @property
+    def label(self) -> str:
+        return f"nats:{self.host}:{self.port}/{self.subject}"
+
+    # -- Trio side --------------------------------------------------------------------------
+
+    async def run(
+        self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        loop = AsyncioThread(f"trio_gateway {self.label}")
+        loop.start()
+        try:
+            try:
+                # nats-py keeps trying every server; the first subscription gets a deadline.
+                with trio.fail_after(2 * self.connect_timeout):
+                    await loop.run(self._connect())
+            except trio.TooSlowError as exc:
+                raise TransportError(
+                    f"{self.label}: cannot subscribe: no server answered in "
+                    f"{2 * self.connect_timeout:g} s"
+                ) from exc
+            except Exception as exc:
+                raise TransportError(f"{self.label}: cannot subscribe: {exc}") from exc
+            self.bound = [(self.host, self.port)]
+            task_status.started(self.bound)
+            ingress.connection_opened()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._take_all, loop, ingress)
+                    await ingress.wait_stopping()
+                    nursery.cancel_scope.cancel()
+            finally:
+                ingress.connection_closed()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.connect_timeout):
+                if self._nc is not None:
+                    try:
+                        await loop.run(self._close())
+                    except Exception as exc:
+                        _log.debug("%s: close: %r", self.label, exc)
+                await loop.stop()
+
+    async def _take_all(self, loop: AsyncioThread, ingress: Ingress) -> None:
+        """Take batches from NATS and offer them, one crossing into asyncio per batch."""
+        while True:
+            messages = await loop.run(self._next_batch())
+            if not messages:
+                continue
+            received_at = time.time()
+            start = 0
+            # One offer per run of messages on the same subject (the origin's peer).
+            for end in range(1, len(messages) + 1):
+                if end == len(messages) or messages[end].subject != messages[start].subject:
+                    origin = Origin("nats", self.label, messages[start].subject, received_at)
+                    run = [m.data for m in messages[start:end]]
+                    oversized = [p for p in run if len(p) > self.max_message_size]
+                    if oversized:
+                        ingress.reject("oversize", len(oversized))
+                        run = [p for p in run if len(p) <= self.max_message_size]
+                    if run:
+                        await ingress.offer(run, origin)
+                    start = end
+            refused = self._refused - self._refused_reported
+            if refused:
+                self._refused_reported += refused
+                ingress.reject("slow_consumer", refused)
+            if self.stream is not None:
+                await loop.run(self._ack(messages))
+                self.acked += len(messages)
+
+    # -- asyncio side (the source's loop thread) ----------------------------------------------
+
+    async def _connect(self) -> None:
+        import asyncio
+
+        import nats
+
+        options: dict[str, Any] = {
+            "servers": self.servers,
+            "name": "trio_gateway source",
+            "connect_timeout": self.connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "error_cb": self._on_error,
+        }
+        if self._auth is not None:
+            user, colon, password = self._auth.partition(":")
+            if colon:
+                options |= {"user": user, "password": password}
+            else:
+                options["token"] = self._auth
+        self._nc = await nats.connect(**options)
+        self._arrived = asyncio.Event()
+        if self.stream is not None:
+            js = self._nc.jetstream()
+            self._pull = await js.pull_subscribe(
+                self.subject, durable=self.consumer, stream=self.stream
+            )
+        else:
+            await self._nc.subscribe(self.subject, queue=self.queue_group or "", cb=self._on_msg)
+
+    async def _on_error(self, exc: Exception) -> None:
+        _errors.warning("%s: %r (nats-py reconnects)", self.label, exc)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if len(self._pending) >= self.max_pending:
+            self._refused += 1
+            return
+        self._pending.append(msg)
+        assert self._arrived is not None
+        self._arrived.set()
+
+    async def _next_batch(self) -> list[Msg]:
+        if self._pull is not None:
+            import nats.errors
+
+            try:
+                batch: list[Msg] = await self._pull.fetch(self.batch, timeout=_FETCH_WAIT)
+                return batch
+            except nats.errors.TimeoutError:
+                return []
+        assert self._arrived is not None
+        await self._arrived.wait()
+        pending = self._pending
+        taken = [pending.popleft() for _ in range(min(self.batch, len(pending)))]
+        if not pending:
+            self._arrived.clear()
+        return taken
+
+    async def _ack(self, messages: list[Msg]) -> None:
+        for message in messages:
+            await message.ack()  # a publish to the reply subject: buffered, not waited for
+        assert self._nc is not None
+        await self._nc.flush(timeout=max(1, round(self.connect_timeout)))
+
+    async def _close(self) -> None:
+        if self._nc is not None:
+            nc, self._nc = self._nc, None
+            if not nc.is_closed:
+                await nc.drain()

@@ -172,7 +172,8 @@ async def connect(
         raise peer.error(f"cannot connect: no answer within {step_timeout:g} s") from exc
     except OSError as exc:
         if _refused(exc):
-            raise peer.refused() from exc
+            # The hint is for a first connection; refused later, the gateway went away.
+            raise (peer.refused() if first else peer.error("connection refused")) from exc
         raise peer.error(f"cannot connect: {exc.strerror or exc}") from exc
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     if ssl_context is None:

@@ -95,7 +95,8 @@ def test_a_flood_into_a_stalled_sink_stays_within_the_memory_budget(
         code, stderr = gateway.stop(signal.SIGTERM)
     assert peak - ready <= 64 * MiB + 64 * MiB, (ready, peak)
     ledger = ledger_of(stderr)
-    assert ledger["balanced"] and ledger["delivered"] == 0
+    # The stalled destination never reads, but the kernel's socket buffers take a few messages.
+    assert ledger["balanced"] and ledger["delivered"] * 65536 <= 16 * MiB
     assert ledger["received"] * 65536 >= 32 * MiB * 0.9  # the queue's share filled up
     assert code == 3  # what the stalled sink never took is abandoned at the deadline
 

@@ -273,7 +273,13 @@ class Terminal:
             f"{block.where}: a long-running command must stand alone: `{command}`"
         )
         kind = "serve" if "serve" in command.split() else "top"
-        for earlier in [b for b in self.running if b.kind == kind]:
+        # A new gateway replaces the last one; `top` watching it is quit first, as a reader
+        # does (left running, it would give up on the gone endpoint and exit 1 if the next
+        # gateway took longer than its grace to come up, as on a loaded machine).
+        stopping = {kind, "top"} if kind == "serve" else {kind}
+        for earlier in sorted(
+            (b for b in self.running if b.kind in stopping), key=lambda b: b.kind != "top"
+        ):
             self.stop(earlier)
         assignments = _ASSIGNMENTS.match(command)
         cut = assignments.end() if assignments else 0

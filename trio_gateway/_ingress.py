@@ -251,13 +251,9 @@ class Ingress:
     def reject(self, reason: str, count: int = 1) -> None:
         """Count ``count`` messages (or connections) refused for ``reason``.
 
-        Reasons used by the built-in sources: ``oversize``, ``malformed``, ``truncated``,
-        ``unauthorized``, ``too_many_connections``, ``idle_timeout``, ``too_slow`` (a
-        message not complete within the idle timeout: slowloris; or a WebSocket peer that does
-        not read its acknowledgements for that long), ``tls_handshake``,
-        ``not_found``, ``queue_full``, ``over_budget`` (the memory budget had no room for
-        what the connection holds: HTTP 503, WebSocket close 1013, TCP paused), and
-        ``internal_error`` (a handler failed: that connection ended, the gateway went on).
+        The reasons of the built-in sources, and what each sender sees, are listed in one
+        place: docs/reference.md, "Rejection reasons" (``oversize``, ``malformed``,
+        ``too_slow``, ``over_budget``, ``rapid_reset``, ``evicted``, ``internal_error``, ...).
         """
         self.counters.rejected[reason] += count
 

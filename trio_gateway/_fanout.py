@@ -21,8 +21,8 @@ once stopped (while running, the rest is queued or in flight).
 
 from __future__ import annotations
 
+import functools
 import json
-import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +30,11 @@ from typing import Any
 import trio
 
 from ._errors import ConfigurationError, SinkError, SinkUnavailable
-from ._gateway import Gateway, RetryPolicy
+from ._gateway import Gateway
 from ._histogram import LatencyHistogram
 from ._log import RateLimitedLogger, logger
 from ._message import Batch, Origin
+from ._retry import RetryPolicy, send_with_retry
 from .queues import OverflowPolicy, RingBuffer
 from .sinks import Sink
 
@@ -151,37 +152,25 @@ class QueuedSink:
             self._done.set()
 
     async def _send(self, batch: Batch) -> bool:
-        counters = self.counters
-        attempt = 0
-        while True:
-            attempt += 1
-            started = time.perf_counter()
-            try:
-                await self.sink.send(batch)
-            except SinkUnavailable as exc:
-                counters.errors += 1
-                self.problem = exc
-                raise
-            except Exception as exc:
-                counters.errors += 1
-                self.problem = exc if isinstance(exc, SinkError) else SinkError(repr(exc))
-                limit = self.retry.max_attempts
-                if limit is not None and attempt >= limit:
-                    _errors.warning("sink %s: gave up after %d attempts", self.sink.name, attempt)
-                    return False
-                delay = self.retry.delay(attempt)
-                if isinstance(exc, SinkError) and exc.retry_after is not None:
-                    delay = max(delay, exc.retry_after)
-                _errors.warning(
-                    "sink %s: %r; retry %d in %.2f s", self.sink.name, exc, attempt, delay
-                )
-                counters.retries += 1
-                await trio.sleep(delay)
-            else:
-                self.problem = None
-                counters.batches += 1
-                counters.batch_seconds.observe(time.perf_counter() - started)
-                return True
+        seconds = await send_with_retry(
+            functools.partial(self.sink.send, batch),
+            self.retry,
+            sink=self.sink.name,
+            log=_errors,
+            failed=self._failed,
+        )
+        if seconds is None:
+            return False
+        self.problem = None
+        self.counters.batches += 1
+        self.counters.batch_seconds.observe(seconds)
+        return True
+
+    def _failed(self, problem: SinkError, retrying: bool) -> None:
+        self.counters.errors += 1
+        if retrying:
+            self.counters.retries += 1
+        self.problem = problem
 
     async def wait_done(self) -> None:
         await self._done.wait()

@@ -5,11 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import random
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias
 
 import trio
@@ -21,6 +18,8 @@ from ._ingress import ACK_MODES, Ingress
 from ._ledger import Ledger, PumpCounters, SourceCounters
 from ._log import RateLimitedLogger, logger
 from ._message import Batch, Message, Origin
+from ._retry import RetryPolicy, send_with_retry
+from ._signals import watch_signals
 from .queues import DiskQueue, Queue, RingBuffer
 from .sinks._base import Sink
 from .sinks._deadletter import DeadLetter
@@ -62,32 +61,6 @@ class Service(Protocol):
     """
 
     async def run(self, gateway: Gateway, *, task_status: trio.TaskStatus[Any]) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How the pump retries a batch the sink failed to send: exponential backoff, full jitter.
-
-    ``max_attempts=None`` retries until the gateway stops (then the batch is abandoned at the
-    drain deadline, never silently lost); a number gives up after that many attempts and counts
-    the batch as ``sink_failed``.
-    """
-
-    initial: float = 0.1
-    maximum: float = 5.0
-    multiplier: float = 2.0
-    max_attempts: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.initial <= 0 or self.maximum < self.initial or self.multiplier < 1:
-            raise ConfigurationError("retry", "need 0 < initial <= maximum and multiplier >= 1")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ConfigurationError("retry.max_attempts", "must be at least 1")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter."""
-        ceiling = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 class Gateway:
@@ -227,6 +200,10 @@ class Gateway:
             self._sources_scope.cancel()
         self._pump_scope.cancel()
 
+    def _stopped(self) -> bool:
+        """True once the ledger is final (a signal then has nothing left to cut short)."""
+        return self.state == "stopped"
+
     @property
     def accepting(self) -> bool:
         """True while running and not shutting down (what ``/readyz`` reports)."""
@@ -292,7 +269,16 @@ class Gateway:
                 for service in self.services:
                     self.service_values.append(await root.start(service.run, self))
                 if self.handle_signals:
-                    await root.start(self._watch_signals)
+                    await root.start(
+                        functools.partial(
+                            watch_signals,
+                            self._stopping,
+                            self.shutdown,
+                            self.abort,
+                            log=_log,
+                            stopped=self._stopped,
+                        )
+                    )
             except BaseException:
                 if not self.sink_wait:  # opened above, and no pump to close it
                     await self._close_sink()
@@ -430,23 +416,6 @@ class Gateway:
         # DEBUG: whoever runs the gateway shows the ledger (``serve`` prints it as one line).
         _log.debug("shutdown ledger: %s", self._final_ledger.to_json())
 
-    async def _watch_signals(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        # Installed before any source starts, and kept until run() ends: a signal never falls
-        # through to the default handlers (which would skip the flush and the ledger).
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if not self._stopping.is_set():
-                    # Asked for (a deploy, Ctrl-C): normal operation, not a warning.
-                    _log.info("%s: shutting down (again to stop at once)", name)
-                    self.shutdown()
-                elif self.state != "stopped":
-                    _log.warning("%s: stopping at once", name)
-                    self.abort()
-
     # -- the pump -------------------------------------------------------------------------
 
     async def _pump(self, done: trio.Event) -> None:
@@ -468,9 +437,7 @@ class Gateway:
                     items = batch if self.processor is None else await self._process(batch, failed)
                     self._in_flight = len(items)
                     if items:
-                        if await self._with_retry(
-                            functools.partial(self.sink.send, items), what="send"
-                        ):
+                        if await self._send(items):
                             refused, self._refused = self._refused, None
                             counters.delivered += len(items)
                             if refused is not None:
@@ -623,57 +590,34 @@ class Gateway:
                 )
         return Batch(payloads, runs)
 
-    async def _with_retry(self, operation: Callable[[], Awaitable[None]], *, what: str) -> bool:
-        """Run ``operation`` until it succeeds (True) or the retry budget is spent (False).
-
-        :class:`SinkUnavailable` is not retried: it propagates (the destination is gone).
-        """
+    async def _send(self, items: Batch) -> bool:
+        """Send ``items`` under the retry policy: True once delivered (a part refused for good
+        is left in ``_refused`` for the pump to route, not retried), False once the retries
+        are spent. :class:`SinkUnavailable` propagates (the destination is gone)."""
         counters = self.pump_counters
-        attempt = 0
-        while True:
-            attempt += 1
-            started = time.perf_counter()
-            try:
-                await operation()
-            except SinkUnavailable as exc:
-                counters.sink_errors += 1
-                self.sink_problem = exc
-                raise
-            except SinkRefused as exc:
-                # Delivered, except what is refused for good: the pump routes that (no retry).
-                self._refused = exc
-                self.sink_problem = None
-                counters.sink_batches += 1
-                return True
-            except Exception as exc:
-                counters.sink_errors += 1
-                self.sink_problem = exc if isinstance(exc, SinkError) else SinkError(repr(exc))
-                limit = self.retry.max_attempts
-                if limit is not None and attempt >= limit:
-                    _sink_errors.warning(
-                        "sink %s: %s failed %d times, giving up: %r",
-                        self.sink.name,
-                        what,
-                        attempt,
-                        exc,
-                    )
-                    return False
-                delay = self.retry.delay(attempt)
-                if isinstance(exc, SinkError) and exc.retry_after is not None:
-                    delay = max(delay, exc.retry_after)  # the destination asked for it
-                _sink_errors.warning(
-                    "sink %s: %s failed (%r); retry %d in %.2f s",
-                    self.sink.name,
-                    what,
-                    exc,
-                    attempt,
-                    delay,
-                )
-                counters.sink_retries += 1
-                await trio.sleep(delay)
-            else:
-                self.sink_problem = None
-                if what == "send":
-                    counters.sink_batches += 1
-                    counters.batch_seconds.observe(time.perf_counter() - started)
-                return True
+        try:
+            seconds = await send_with_retry(
+                functools.partial(self.sink.send, items),
+                self.retry,
+                sink=self.sink.name,
+                log=_sink_errors,
+                failed=self._sink_failed,
+                final=(SinkRefused,),
+            )
+        except SinkRefused as exc:
+            self._refused = exc
+            self.sink_problem = None
+            counters.sink_batches += 1
+            return True
+        if seconds is None:
+            return False
+        self.sink_problem = None
+        counters.sink_batches += 1
+        counters.batch_seconds.observe(seconds)
+        return True
+
+    def _sink_failed(self, problem: SinkError, retrying: bool) -> None:
+        self.pump_counters.sink_errors += 1
+        if retrying:
+            self.pump_counters.sink_retries += 1
+        self.sink_problem = problem

@@ -15,9 +15,9 @@ what the sinks get: bytes or a :class:`~trio_gateway.Message` as for a single pr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
-import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -30,6 +30,7 @@ from ._gateway import Gateway, Processor, RetryPolicy, Service
 from ._ledger import Ledger
 from ._log import logger
 from ._message import Message
+from ._signals import watch_signals
 from .queues import Queue
 from .sinks import Sink
 
@@ -284,7 +285,16 @@ class Pipelines:
                 health = cast(Gateway, self)  # the admin endpoint reads state and readiness
                 self.admin_address = await outer.start(self.admin.serve, health, registry)
             if self.handle_signals:
-                await outer.start(self._watch_signals)
+                await outer.start(
+                    functools.partial(
+                        watch_signals,
+                        self._stopping,
+                        self.shutdown,
+                        self.abort,
+                        log=_log,
+                        what="shutting down every pipeline",
+                    )
+                )
             bound: dict[str, Any] = {}
             async with trio.open_nursery() as gateways:
                 for pipeline in self:
@@ -301,20 +311,6 @@ class Pipelines:
             # One pipeline stopped (shut down alone, or its sink gone for good): the others
             # stop too, each with its own flush.
             self.shutdown()
-
-    async def _watch_signals(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if not self._stopping.is_set():
-                    _log.info("%s: shutting down every pipeline (again to stop at once)", name)
-                    self.shutdown()
-                else:
-                    _log.warning("%s: stopping at once", name)
-                    self.abort()
 
 
 def pipelines_registry(pipelines: Pipelines) -> CollectorRegistry:

@@ -108,6 +108,10 @@ LAYERS: dict[str, Layer] = {
     "sinks": layer("_asyncio_thread", "_errors", "_log", "_message", "_secrets", "codecs"),
     # an asyncio loop in a thread (nats-py under Trio), for the NATS sink and source
     "_asyncio_thread": layer("_errors"),
+    # sending a batch under the retry policy (the pump and each fan-out branch)
+    "_retry": layer("_errors", "_log"),
+    # SIGINT/SIGTERM -> shutdown, then abort (a gateway alone, or pipelines)
+    "_signals": layer(),
     # the one place that wires sources, queue, pump and sinks together
     "_gateway": layer(
         "_budget",
@@ -117,12 +121,16 @@ LAYERS: dict[str, Layer] = {
         "_ledger",
         "_log",
         "_message",
+        "_retry",
+        "_signals",
         "queues",
         "sinks",
         "sources",
     ),
     # fan-out (a sink per branch queue) and named pipelines, built from gateways
-    "_fanout": layer("_errors", "_gateway", "_histogram", "_log", "_message", "queues", "sinks"),
+    "_fanout": layer(
+        "_errors", "_gateway", "_histogram", "_log", "_message", "_retry", "queues", "sinks"
+    ),
     "_pipelines": layer(
         "_errors",
         "_fanout",
@@ -131,6 +139,7 @@ LAYERS: dict[str, Layer] = {
         "_log",
         "_message",
         "_pipelines_metrics",
+        "_signals",
         "queues",
         "sinks",
         typing=("admin", "sources"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import ssl
 
 import pytest
@@ -60,3 +61,36 @@ def test_a_source_exposes_what_it_was_given() -> None:
     assert source.listen_options.max_connections == source.max_connections == 7
     assert source.ssl_context is context
     assert source.scheme == "https"
+
+
+def test_every_shared_keyword_of_a_source_reaches_its_options() -> None:
+    # from_arguments picks the options out of the constructor's locals() by name: a keyword
+    # renamed on one side only would silently fall back to the default. Give each shared
+    # keyword a non-default value and read it back.
+    given: dict[str, object] = {
+        "host": "::1",
+        "port": 7,
+        "max_connections": 3,
+        "idle_timeout": 4.5,
+        "max_message_size": 12345,
+        "token": "t0k",
+        "handshake_timeout": 2.5,
+    }
+    for transport, source in SOURCES.items():
+        parameters = inspect.signature(source).parameters
+        shared = {name: value for name, value in given.items() if name in parameters}
+        options = source(**shared).listen_options  # type: ignore[arg-type]
+        assert options.transport == transport
+        assert {name: getattr(options, name) for name in shared} == shared, transport
+        defaults = {name: p.default for name, p in parameters.items() if name in given}
+        assert defaults.keys() == shared.keys()
+        built = source().listen_options
+        assert {name: getattr(built, name) for name in defaults} == defaults, transport
+
+
+def test_from_arguments_takes_only_fields_and_overrides_win() -> None:
+    options = ListenOptions.from_arguments(
+        "http", {"self": object(), "path": "/x", "port": 9, "alpn": ("x",)}, alpn=("h2",)
+    )
+    assert (options.transport, options.port, options.alpn) == ("http", 9, ("h2",))
+    assert options.max_connections == ListenOptions(transport="http").max_connections

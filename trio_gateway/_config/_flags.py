@@ -45,41 +45,33 @@ def _queue_flag(value: str, queue: QueueConfig) -> QueueConfig:
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     """``serve``'s configuration flags (logging and the rest are the CLI's)."""
     serve.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
-    serve.add_argument(
-        "--tcp",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a TCP listener (repeatable)",
+    # Each listener flag is repeatable; TCP and UDP also choose their framing.
+    listener_flags: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+        (
+            "--tcp",
+            "a TCP listener",
+            ("newline", "length"),
+            "framing of the --tcp listeners (default newline)",
+        ),
+        (
+            "--udp",
+            "a UDP listener",
+            ("raw", "newline"),
+            "framing of the --udp listeners: raw (one datagram = one message, as sent) or "
+            "newline (one message per line; a trailing newline is stripped) (raw)",
+        ),
+        ("--http", "an HTTP listener: POST /ingest", (), ""),
+        ("--ws", "a WebSocket listener", (), ""),
+        ("--grpc", "a gRPC listener", (), ""),
     )
-    serve.add_argument(
-        "--tcp-framing",
-        type=canonical,
-        choices=("newline", "length"),
-        help="framing of the --tcp listeners (default newline)",
-    )
-    serve.add_argument(
-        "--udp",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a UDP listener (repeatable)",
-    )
-    serve.add_argument(
-        "--udp-framing",
-        type=canonical,
-        choices=("raw", "newline"),
-        help="framing of the --udp listeners: raw (one datagram = one message, as sent) or "
-        "newline (one message per line; a trailing newline is stripped) (raw)",
-    )
-    for flag, text in (
-        ("--http", "an HTTP listener: POST /ingest"),
-        ("--ws", "a WebSocket listener"),
-        ("--grpc", "a gRPC listener"),
-    ):
+    for flag, text, framings, framing_help in listener_flags:
         serve.add_argument(
             flag, action="append", default=[], metavar="HOST:PORT", help=f"{text} (repeatable)"
         )
+        if framings:
+            serve.add_argument(
+                f"{flag}-framing", type=canonical, choices=framings, help=framing_help
+            )
     serve.add_argument(
         "--http-token", metavar="TOKEN|env:NAME", help="bearer token the --http listeners require"
     )

@@ -3,8 +3,17 @@
 TCP, HTTP, WebSocket and gRPC each take the same address, connection limits, TLS files, bearer
 token and ``SO_REUSEPORT`` switch. :class:`ListenOptions` checks them in one place, with errors
 that name ``<transport>.<key>`` (``http.token``, ``grpc.certfile``), so every source refuses a
-bad value the same way. The sources keep their own keyword arguments (the public API) and
-build one of these from them.
+bad value the same way.
+
+The sources keep their own keyword arguments, spelled out with their types and defaults: they
+are the public API, and ``help(TcpSource)`` or an IDE should show every option and its default
+in one signature. The defaults differ per source (TCP's ``idle_timeout`` is 300 s, the others'
+60 s; gRPC's ``max_message_size`` is 4 MiB), which a ``**options: Unpack[TypedDict]`` could not
+say (a TypedDict has no defaults, so the signature would hide them behind one opaque name).
+Rather than pass the same dozen keywords on by hand in each constructor, a source hands its
+arguments over at once, ``ListenOptions.from_arguments(self.transport, locals())``, and the
+fields take what they name. mypy checks each argument against the source's own signature;
+:meth:`ListenOptions.__post_init__` then checks the values.
 """
 
 from __future__ import annotations
@@ -12,8 +21,9 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .._errors import ConfigurationError
 from .._tls import resolve_server_tls
@@ -74,6 +84,19 @@ class ListenOptions:
     alpn: Sequence[str] | None = None
     tls: ssl.SSLContext | None = field(init=False, repr=False)
 
+    @classmethod
+    def from_arguments(
+        cls, transport: str, arguments: Mapping[str, Any], **overrides: Any
+    ) -> ListenOptions:
+        """The options among a source constructor's ``arguments`` (its ``locals()``), the
+        rest left at their defaults; ``overrides`` (``alpn``) win over both.
+
+        A source without a ``token`` or ``handshake_timeout`` parameter simply has none to hand
+        over: the field's default applies.
+        """
+        chosen = {name: arguments[name] for name in _ARGUMENT_FIELDS if name in arguments}
+        return cls(transport=transport, **{**chosen, **overrides})
+
     def __post_init__(self) -> None:
         prefix = self.transport
         if not 0 <= self.port <= 65535:
@@ -93,3 +116,7 @@ class ListenOptions:
             prefix, self.ssl_context, self.certfile, self.keyfile, self.client_ca, alpn=self.alpn
         )
         object.__setattr__(self, "tls", tls)  # derived once; the object stays frozen after
+
+
+_ARGUMENT_FIELDS = tuple(f.name for f in fields(ListenOptions) if f.init and f.name != "transport")
+"""The fields a source's constructor may hand over by name (not the derived ``tls``)."""

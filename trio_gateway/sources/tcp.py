@@ -58,21 +58,7 @@ class TcpSource(Source):
         backlog: int | None = None,
         reuse_port: bool = False,
     ) -> None:
-        self._configure(
-            ListenOptions(
-                transport="tcp",
-                host=host,
-                port=port,
-                max_connections=max_connections,
-                idle_timeout=idle_timeout,
-                max_message_size=max_message_size,
-                reuse_port=reuse_port,
-                ssl_context=ssl_context,
-                certfile=certfile,
-                keyfile=keyfile,
-                client_ca=client_ca,
-            )
-        )
+        self._configure(ListenOptions.from_arguments(self.transport, locals()))
         if framing not in FRAMINGS:
             choices = ", ".join(FRAMINGS)
             raise ConfigurationError("tcp.framing", f"must be one of {choices}, got {framing!r}")

@@ -119,24 +119,7 @@ class WebSocketSource(Source):
         acks: bool = True,
         allowed_origins: Sequence[str] = (),
     ) -> None:
-        self._configure(
-            ListenOptions(
-                transport="websocket",
-                host=host,
-                port=port,
-                max_connections=max_connections,
-                idle_timeout=idle_timeout,
-                max_message_size=max_message_size,
-                token=token,
-                handshake_timeout=handshake_timeout,
-                reuse_port=reuse_port,
-                ssl_context=ssl_context,
-                certfile=certfile,
-                keyfile=keyfile,
-                client_ca=client_ca,
-                alpn=("http/1.1",),
-            )
-        )
+        self._configure(ListenOptions.from_arguments(self.transport, locals(), alpn=("http/1.1",)))
         if not path.startswith("/"):
             raise ConfigurationError("websocket.path", f"must start with '/', got {path!r}")
         self.path = path

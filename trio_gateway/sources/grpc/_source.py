@@ -68,23 +68,7 @@ class GrpcSource(Source):
         services: Sequence[ServiceHandlers] = (),
         reuse_port: bool = False,
     ) -> None:
-        self._configure(
-            ListenOptions(
-                transport="grpc",
-                host=host,
-                port=port,
-                max_connections=max_connections,
-                idle_timeout=idle_timeout,
-                max_message_size=max_message_size,
-                token=token,
-                reuse_port=reuse_port,
-                ssl_context=ssl_context,
-                certfile=certfile,
-                keyfile=keyfile,
-                client_ca=client_ca,
-                alpn=("h2",),
-            )
-        )
+        self._configure(ListenOptions.from_arguments(self.transport, locals(), alpn=("h2",)))
         if max_concurrent_streams < 1:
             raise ConfigurationError("grpc.max_concurrent_streams", "must be at least 1")
         if queue_timeout < 0:

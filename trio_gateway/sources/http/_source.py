@@ -105,22 +105,7 @@ class HttpSource(Source):
         max_held: int | None = None,
     ) -> None:
         self._configure(
-            ListenOptions(
-                transport="http",
-                host=host,
-                port=port,
-                max_connections=max_connections,
-                idle_timeout=idle_timeout,
-                max_message_size=max_message_size,
-                token=token,
-                handshake_timeout=handshake_timeout,
-                reuse_port=reuse_port,
-                ssl_context=ssl_context,
-                certfile=certfile,
-                keyfile=keyfile,
-                client_ca=client_ca,
-                alpn=("h2", "http/1.1"),
-            )
+            ListenOptions.from_arguments(self.transport, locals(), alpn=("h2", "http/1.1"))
         )
         if not path.startswith("/"):
             raise ConfigurationError("http.path", f"must start with '/', got {path!r}")

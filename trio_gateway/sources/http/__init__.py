@@ -6,7 +6,7 @@ Three front ends apply them:
 
 * an HTTP/2 path (:mod:`._h2`) that drives h2 directly on the Trio stream (prior knowledge on
   cleartext, or ALPN ``h2`` on TLS), with deadlines, bounded bodies and a rapid-reset limit;
-* a lean HTTP/1.1 path (:mod:`._h11`) that drives h11 directly on the Trio stream, taken by
+* a lean HTTP/1.1 path (:mod:`._h11`) that parses with llhttp directly on the Trio stream, taken by
   HTTP/1.1 (cleartext or TLS) by default;
 * :class:`IngestApp` (:mod:`._asgi`), a plain ASGI application served by hypercorn's Trio
   support for HTTP/1.1 when ``fast_path=False``. It is also usable on its own under any ASGI

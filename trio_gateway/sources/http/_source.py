@@ -4,7 +4,8 @@ The source owns the listening sockets and the accept loop (:func:`serve_connecti
 ``max_connections``, the shutdown grace period and the per-connection counters are the same
 for every front end. Each connection is routed on its first bytes: the HTTP/2 connection
 preface (or ALPN ``h2``) goes to our HTTP/2 server (:mod:`._h2`), anything else to the
-direct HTTP/1.1 path on llhttp (:mod:`._h11`), or to hypercorn (:mod:`._asgi`) with ``fast_path=False``.
+direct HTTP/1.1 path on llhttp (:mod:`._h11`), or to hypercorn (:mod:`._asgi`) with
+``fast_path=False``.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ class GrpcSource(Source):
         server = self.server(ingress)
 
         async def serve(stream: trio.abc.Stream) -> None:
-            await server.serve_connection(stream, peer_of(stream))
+            with ingress.budget.connection() as share:
+                await server.serve_connection(stream, peer_of(stream), share=share)
 
         task_status.started(self.bound)
         await serve_connections(

@@ -39,7 +39,7 @@ class Hoarder:
         client = cls(await trio.open_tcp_stream("127.0.0.1", port))
         client.h2.initiate_connection()
         await client.flush()
-        while client.h2.outbound_flow_control_window < MiB:  # the server's window update
+        while client.h2.outbound_flow_control_window == 65535:  # the server's window update
             await client.receive()
         return client
 
@@ -72,6 +72,11 @@ class Hoarder:
                     ("te", "trailers"),
                 ],
             )
+            # the window is half the share, but the bytes of a partial message are
+            # acknowledged at once: wait for them to be, then send the next
+            while self.h2.local_flow_control_window(stream_id) < len(prefix) + PARTIAL:
+                await self.flush()
+                await self.receive()
             self.h2.send_data(stream_id, prefix + b"h" * PARTIAL)
         await self.flush()
 
@@ -103,6 +108,8 @@ async def test_partial_messages_are_charged_to_the_memory_budget(tmp_path: Path)
             await nursery.start(gateway.run)
             port = source.bound[0][1]
             hoarders = [await Hoarder.connect(port) for _ in range(3)]
+            # complete messages are held back by flow control within half the share
+            assert hoarders[0].h2.outbound_flow_control_window == 128 * KiB
             for hoarder in hoarders:
                 await hoarder.hoard(5)
             for hoarder in hoarders:  # the fifth call, which asked for more, is refused

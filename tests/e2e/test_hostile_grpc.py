@@ -195,7 +195,8 @@ class Raw:
 
 def test_messages_that_never_finish_kept_alive_by_pings(gateway: ServeProcess) -> None:
     """64 streams each send 1 MiB of a message announced at 4 MiB, then only PINGs: the
-    connection's budget refuses the calls past 32 MiB (over_budget), and the rest are cut one
+    connection's share of the memory budget refuses the calls past 8 MiB (over_budget), and
+    the rest are cut one
     idle_timeout after their message began, PINGs or not (too_slow)."""
     over, slow = rejected(gateway, "over_budget"), rejected(gateway, "too_slow")
     client = Raw(gateway)
@@ -309,8 +310,9 @@ def test_rapid_reset_in_one_write_gets_goaway_enhance_your_calm(gateway: ServePr
 def test_gzip_bomblets_are_held_within_the_connection_budget(gateway: ServeProcess) -> None:
     """24 bidi calls, each a 3 KB gzip message that inflates to 3 MiB, in one write, from a
     client that opens no window for the acks: every handler stays blocked on its ack with its
-    inflated batch in hand. Those batches are charged to the connection, and the calls past
-    its budget end RESOURCE_EXHAUSTED (over_budget)."""
+    inflated batch in hand. Those batches are charged to the connection's share of the memory
+    budget (8 MiB of the default 256 MiB), and the calls past it end RESOURCE_EXHAUSTED
+    (over_budget): two fit, the other 22 are refused."""
     before = rejected(gateway, "over_budget")
     message = gateway_pb2.Message(payload=bytes(3 << 20)).SerializeToString()
     body = gzip.compress(message, compresslevel=9)
@@ -322,9 +324,9 @@ def test_gzip_bomblets_are_held_within_the_connection_budget(gateway: ServeProce
         client.h2.send_data(stream_id, compressed, end_stream=True)
     client.flush()
     assert good_client_served(gateway)
-    client.pump_until(lambda: len(client.statuses()) >= 8)
+    client.pump_until(lambda: len(client.statuses()) >= 22)
     refused = [s for s, status in client.statuses().items() if status == "8"]
     assert rejected(gateway, "over_budget") == before + len(refused)
-    assert 8 <= len(refused) <= 16, client.statuses()  # 24 x 3 MiB against 32 MiB
+    assert len(refused) == 22, client.statuses()  # 24 x 3 MiB against 8 MiB
     assert_unharmed(gateway)
     client.sock.close()

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from functools import partial
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 import trustme
+from hyperframe.frame import GoAwayFrame, PingFrame
 from test_send import running
 
 from trio_gateway import Gateway, RingBuffer, TcpSource, TransportError, UdpSource
+from trio_gateway._proto import gateway_pb2
 from trio_gateway.loadgen import FIRST_ANSWER_TIMEOUT, LOST, SendSummary, send
+from trio_gateway.loadgen._h2 import grpc_frame
 from trio_gateway.sources import Source
 from trio_gateway.sources.grpc import GrpcSource
 from trio_gateway.sources.http import HttpSource
@@ -231,3 +239,83 @@ async def test_the_gateway_stopping_mid_run_ends_with_a_summary(client: str) -> 
     else:
         assert summary.stopped is not None and summary.rejected[LOST] > 0, line
         assert f"; stopped: 127.0.0.1:{port}: " in line
+        if transport == "grpc":  # the drain's GOAWAY and PING, not a protocol error
+            assert line.endswith(": the gateway closed the connection (GOAWAY)"), line
+
+
+# -- GOAWAY, then PING, then close, in separate writes (the gateway's drain, slowed down) ------
+
+
+async def _goaway_then_ping(stream: trio.SocketStream, first: list[bool]) -> None:
+    """A scripted gRPC server: it answers the first connection's calls (an ``Ack`` each, the
+    windows reopened) until three calls or DATA frames have come, then drains as the gateway
+    does but with a pause between each step: ``GOAWAY(max)``, wait for the client's next
+    bytes (so it acts on the GOAWAY alone), ``PING``, its reply, ``GOAWAY(last)``, close.
+    Later connections are closed at once (the gateway is gone)."""
+    async with stream:
+        if not first:
+            return
+        first.clear()
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        ack = grpc_frame(gateway_pb2.Ack(accepted=True))
+        seen = last = 0
+        while seen < 3:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    last = event.stream_id or 0
+                    conn.send_headers(
+                        last, [(":status", "200"), ("content-type", "application/grpc")]
+                    )
+                elif isinstance(event, h2.events.DataReceived):
+                    seen += 1
+                    flow = event.flow_controlled_length or 0
+                    conn.acknowledge_received_data(flow, event.stream_id or 0)
+                    conn.send_data(event.stream_id or 0, ack)  # an Ack per frame (bidi reads it)
+                elif isinstance(event, h2.events.StreamEnded):  # a unary call: its trailers
+                    conn.send_headers(event.stream_id or 0, [("grpc-status", "0")], end_stream=True)
+            await stream.send_all(conn.data_to_send())
+        with suppress(trio.BrokenResourceError):  # the client may leave at any step
+            await stream.send_all(GoAwayFrame(0, last_stream_id=2**31 - 1).serialize())
+            with trio.move_on_after(2):
+                await stream.receive_some(65536)  # the client's next frames, after the GOAWAY
+            await stream.send_all(PingFrame(0, opaque_data=b"draining").serialize())
+            with trio.move_on_after(2):
+                await stream.receive_some(65536)  # its PING ack, or its goodbye
+            await stream.send_all(GoAwayFrame(0, last_stream_id=last).serialize())
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream", "bidi"])
+async def test_send_grpc_ends_with_a_summary_when_goaway_and_ping_come_apart(mode: str) -> None:
+    """h2 closes its state machine at a GOAWAY: a DATA frame, a window update or a PING after
+    it raises. ``send`` must still end with its summary, whatever it was doing then."""
+    first = [True]
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            partial(trio.serve_tcp, host="127.0.0.1"),
+            lambda stream: _goaway_then_ping(stream, first),
+            0,
+        )
+        port = listener.socket.getsockname()[1]
+        with trio.fail_after(10):
+            summary = await send(
+                "grpc",
+                f"127.0.0.1:{port}",
+                count=1000,
+                size=18,
+                rate=500,
+                mode=mode,
+                step_timeout=5,
+            )
+        nursery.cancel_scope.cancel()
+    line = summary.line()
+    assert line.startswith("sent ") and not summary.all_accepted, line
+    assert summary.stopped is not None and f"127.0.0.1:{port}: " in summary.stopped, line
+    if mode != "stream":  # (a stream's accepted messages are in its final Ack: none here)
+        assert summary.accepted is not None and summary.accepted >= 1, line

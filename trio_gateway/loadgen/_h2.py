@@ -9,8 +9,11 @@ call reads it, so one window of replies is the most it buffers. No grpcio and no
 running grpclib's asyncio client in a thread would be simpler, but two event loops, a thread,
 and no Trio cancellation inside the call.
 
-``h2`` treats every frame after a GOAWAY as a protocol error, so calls still open when the
-gateway says goodbye end as "connection lost" (their fate unknown), not with their trailers.
+``h2`` closes its state machine at a GOAWAY: every frame received after it (the PING of the
+gateway's drain, a call's trailers) and every frame sent (a call's DATA, a window update) is
+then a protocol error. So a GOAWAY ends the connection here: the calls it refuses (past its
+last stream id) end UNAVAILABLE, to be resent on a new connection, and those still open end
+as "connection lost" (their fate unknown), whatever the run was doing at the time.
 """
 
 from __future__ import annotations
@@ -236,10 +239,8 @@ class H2Client:
                     self.emit()
                     if not self.answered.is_set():
                         self._lose(peer.not_ours(self._received, f"bad HTTP/2: {exc}"))
-                    elif self.terminated or leaving:
-                        self._lose(peer.error("the gateway closed the connection (GOAWAY)"))
                     else:
-                        self._lose(peer.error(f"HTTP/2 protocol error: {exc}"))
+                        self._broken(exc, leaving=leaving)
                     return
                 for event in events:
                     self._dispatch(event)
@@ -279,6 +280,15 @@ class H2Client:
             last = event.last_stream_id or 0
             for stream_id in [s for s in self.calls if s > last]:
                 self.calls.pop(stream_id)._finish("UNAVAILABLE", "refused: the gateway is leaving")
+            self._lose(self.peer.error("the gateway closed the connection (GOAWAY)"))
+
+    def _broken(self, exc: h2.exceptions.ProtocolError, *, leaving: bool = False) -> None:
+        """``h2`` refused a frame, received or sent: after a GOAWAY (``h2`` then refuses
+        every frame) the gateway is leaving; otherwise the connection is broken."""
+        if self.terminated or leaving:
+            self._lose(self.peer.error("the gateway closed the connection (GOAWAY)"))
+        else:
+            self._lose(self.peer.error(f"HTTP/2 protocol error: {exc}"))
 
     def _lose(self, exc: TransportError) -> None:
         if self.lost is None:
@@ -334,6 +344,9 @@ class H2Client:
             self.h2.acknowledge_received_data(size, call.stream_id)
         except h2.exceptions.StreamClosedError:
             return
+        except h2.exceptions.ProtocolError as exc:
+            self._broken(exc)
+            return
         self.emit()
 
     async def send_data(self, call: GrpcCall, data: bytes, end: bool) -> bool:
@@ -359,6 +372,9 @@ class H2Client:
                 last = sent + size == total
                 h2conn.send_data(call.stream_id, data[sent : sent + size], end_stream=end and last)
             except h2.exceptions.StreamClosedError:
+                return False
+            except h2.exceptions.ProtocolError as exc:
+                self._broken(exc)
                 return False
             sent += size
             self.emit()

@@ -14,9 +14,10 @@ past ``max_message_size`` of output. Identity calls never see that code.
 
 Every byte a call holds (messages not taken, a partial message, an inflated batch in the
 handler's hands) is charged to its connection (``GrpcProtocol.held``), which refuses the call
-that would take it past ``ServerLimits.connection_budget`` (RESOURCE_EXHAUSTED,
-``over_budget``). A call holding part of a message is listed, with when that message
-began, in ``GrpcProtocol.partial``, so that the I/O layer can cut it if it takes too long.
+that would take it past ``GrpcProtocol.budget`` (``ServerLimits.connection_budget``, or less:
+what the gateway's memory budget has room for; RESOURCE_EXHAUSTED, ``over_budget``). A call
+holding part of a message is listed, with when that message began, in
+``GrpcProtocol.partial``, so that the I/O layer can cut it if it takes too long.
 
 No trio here: the handler-facing :class:`~._stream.GrpcStream` waits on a call and wakes when
 the protocol reports it changed.
@@ -426,13 +427,7 @@ class CompressedCall(Call):
             out = inflate_message(data, self._wbits, min(limit, room))
         except FrameTooLarge as exc:
             if room < limit:
-                reason, error = (
-                    "over_budget",
-                    GRPCError(
-                        Status.RESOURCE_EXHAUSTED,
-                        f"the connection holds more than its {proto.budget} bytes of partial work",
-                    ),
-                )
+                reason, error = "over_budget", proto.budget_error()
             else:
                 reason, error = (
                     "oversize",

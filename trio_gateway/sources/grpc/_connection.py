@@ -13,6 +13,14 @@
   block must complete in time, else the connection is cut (``too_slow``); so must a partial
   gRPC message, else its call is cut (``too_slow``, DEADLINE_EXCEEDED). A draining
   server's GOAWAYs wait for the client's PING reply.
+
+What the calls hold (``GrpcProtocol.held``) is charged to the connection's share of the
+gateway's memory budget too, per read and per batch a handler takes (:meth:`Connection.settle`):
+before the protocol may grow it, its bound (``GrpcProtocol.budget``) is set to what the share
+has room for, so the call that would take it past is refused there (RESOURCE_EXHAUSTED,
+``over_budget``), as for the connection's own budget. Refusing beats holding the window
+shut: a partial message cannot complete without more bytes, and a closed connection window
+would stall the connection's other calls, the ones whose messages free memory once queued.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from ._protocol import (
 from ._stream import GrpcStream
 
 if TYPE_CHECKING:
+    from ..._budget import ConnectionShare
     from ._server import GrpcServer, InlineHandler
 
 __all__ = ("Connection",)
@@ -54,9 +63,12 @@ _errors = RateLimitedLogger(_log)
 class Connection:
     """One HTTP/2 connection: a reader, a writer and a task per call, in one nursery."""
 
-    def __init__(self, server: GrpcServer, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(
+        self, server: GrpcServer, stream: trio.abc.Stream, peer: str, share: ConnectionShare
+    ) -> None:
         self.server = server
         self.peer = peer
+        self._share = share
         self._stream = stream
         # Plain TCP is read and written on its file descriptor, skipping the extra
         # checkpoint trio's SocketStream takes after every successful recv/send: a unary
@@ -87,6 +99,25 @@ class Connection:
         """When bytes began to arrive that completed no frame (None: not stalled)."""
         self._last_active = 0.0
         """When HEADERS or DATA last came, or a call ended."""
+
+    # -- the memory budget ------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Charge the share with what the calls hold now, and bound what they may hold until
+        the next settle by what the share has room for (and ``limits.connection_budget``).
+
+        Called before and after the protocol may grow its charge (a read, a compressed batch
+        inflated), in the same step, so the charge always fits: the protocol refused whatever
+        would have passed the bound. Shrinking always fits."""
+        share = self._share
+        proto = self.proto
+        share.hold_nowait(proto.held)
+        budget = share.budget
+        proto.budget = min(
+            self.server.limits.connection_budget,
+            budget.connection_share,
+            budget.pool - budget.held + share.held,
+        )
 
     # -- output -----------------------------------------------------------------------------
 
@@ -233,6 +264,7 @@ class Connection:
                 data = await self._receive(stream)
                 if not data:
                     return
+                self.settle()
                 try:
                     events = proto.receive_data(data)
                 except ConnectionBroken as exc:
@@ -254,6 +286,7 @@ class Connection:
                 for event in events:
                     dispatch(event)
                 spawned = self._start_calls() if self._starting else False
+                self.settle()
                 self.emit()
                 if self._out and not spawned and not self._sending:
                     # Everything this read asked for is answered (unary calls inline): write
@@ -454,6 +487,7 @@ class Connection:
         """The handler is done: release the call's flow control and forget it."""
         proto = self.proto
         proto.end_call(stream._call)
+        self.settle()
         del self._streams[stream.stream_id]
         self._last_active = trio.current_time()
         if not proto.calls and proto.last_stream_id is not None:

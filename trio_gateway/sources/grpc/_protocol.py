@@ -165,6 +165,8 @@ class GrpcProtocol:
         self.clock = clock
         self.release_threshold = limits.stream_window // 4
         self.budget = limits.connection_budget
+        """The most :attr:`held` may grow to: ``limits.connection_budget``, or less when the
+        I/O layer sets it to what the gateway's memory budget has room for."""
         self.held = 0
         """Bytes held in this connection's calls (see :attr:`ServerLimits.connection_budget`)."""
         self.calls: dict[int, Call] = {}
@@ -369,13 +371,17 @@ class GrpcProtocol:
         """The connection holds more than its budget: ``call``, which asked for more, ends
         RESOURCE_EXHAUSTED (``over_budget``) and lets go of what it held."""
         self.reject("over_budget")
-        call.fail(
-            GRPCError(
-                Status.RESOURCE_EXHAUSTED,
-                f"the connection holds more than its {self.budget} bytes of partial work",
-            )
-        )
+        call.fail(self.budget_error())
         self._events.append(call.changed)
+
+    def budget_error(self) -> GRPCError:
+        """The error of a call refused for want of room: the connection's own budget, or
+        less when the I/O layer lowered :attr:`budget` to what the gateway's has room for."""
+        if self.budget < self.limits.connection_budget:
+            message = "the gateway's memory budget has no room for this connection's partial work"
+        else:
+            message = f"the connection holds more than its {self.budget} bytes of partial work"
+        return GRPCError(Status.RESOURCE_EXHAUSTED, message)
 
     def overdue(self, started_before: float) -> list[Call]:
         """Cut the calls whose partial message began before ``started_before`` (counted

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 from grpclib.const import Handler
 
+from ..._budget import ConnectionShare, MemoryBudget
 from ..._log import RateLimitedLogger, logger
 from .._base import refuse_http2
 from ._calls import StreamReset
@@ -41,6 +42,8 @@ __all__ = (
 )
 
 _errors = RateLimitedLogger(logger.getChild("sources.grpc"))
+_UNBOUNDED = MemoryBudget(1 << 62)
+"""The budget of a server outside a gateway: no bound but ``limits.connection_budget``."""
 
 
 class ServiceHandlers(Protocol):
@@ -104,8 +107,15 @@ class GrpcServer:
         given = (authorization or "").encode("utf-8", "replace")
         return hmac.compare_digest(given, expected)
 
-    async def serve_connection(self, stream: trio.abc.Stream, peer: str) -> None:
-        """Serve one connection until the client leaves, it idles out or the server drains."""
+    async def serve_connection(
+        self, stream: trio.abc.Stream, peer: str, *, share: ConnectionShare | None = None
+    ) -> None:
+        """Serve one connection until the client leaves, it idles out or the server drains.
+
+        ``share`` is the connection's share of a gateway's memory budget
+        (``ingress.budget.connection()``): what its calls hold is charged to it as well as
+        bounded by ``limits.connection_budget``. Without one, only the latter applies.
+        """
         if isinstance(stream, trio.SSLStream):
             try:
                 with trio.fail_after(self.limits.idle_timeout):
@@ -114,7 +124,9 @@ class GrpcServer:
                 self.reject("tls_handshake")
                 _errors.info("%s: TLS handshake with %s failed: %r", self.label, peer, exc)
                 return
-        await Connection(self, stream, peer).run()
+        if share is None:
+            share = _UNBOUNDED.connection()
+        await Connection(self, stream, peer, share).run()
 
     @staticmethod
     async def refuse_connection(stream: trio.abc.Stream) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from ..._errors import ConfigurationError
 from ..._ingress import Ingress
 from .._base import Source, peer_of, serve_connections
 from .._options import ListenOptions
+from ._http2 import DEFAULT_WINDOW
 from ._server import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer, ServerLimits, ServiceHandlers
 from ._services import (
     GatewayService,
@@ -95,7 +97,17 @@ class GrpcSource(Source):
         )
 
     def server(self, ingress: Ingress) -> GrpcServer:
-        """The h2 server with this source's services, wired to ``ingress``."""
+        """The h2 server with this source's services, wired to ``ingress``.
+
+        The connection window is at most half of a connection's share of the memory budget:
+        complete messages waiting for their handler (a full queue) are then held back by flow
+        control, as the client sees it, before they could take the share; the other half is
+        for partial and inflated messages.
+        """
+        limits = self.limits()
+        window = max(DEFAULT_WINDOW, ingress.budget.connection_share // 2)
+        if window < limits.connection_window:
+            limits = dataclasses.replace(limits, connection_window=window)
         services: list[ServiceHandlers] = [
             GatewayService(ingress, queue_timeout=self.queue_timeout),
             UnaryInputterService(ingress, queue_timeout=self.queue_timeout),
@@ -107,7 +119,7 @@ class GrpcSource(Source):
             services,
             wait_stopping=ingress.wait_stopping,
             reject=ingress.reject,
-            limits=self.limits(),
+            limits=limits,
             bearer_token=self.token,
             public_paths=_HEALTH_PATHS,
             label=ingress.listener,
@@ -120,7 +132,8 @@ class GrpcSource(Source):
         server = self.server(ingress)
 
         async def serve(stream: trio.abc.Stream) -> None:
-            await server.serve_connection(stream, peer_of(stream))
+            with ingress.budget.connection() as share:
+                await server.serve_connection(stream, peer_of(stream), share=share)
 
         task_status.started(self.bound)
         await serve_connections(

@@ -81,7 +81,11 @@ class GrpcStream:
             self._conn.emit()
         if not call.messages and not await self._wait_messages():
             return []
-        return call.take_batch()
+        conn = self._conn
+        conn.settle()  # a compressed batch is inflated within what the budget has room for
+        batch = call.take_batch()
+        conn.settle()  # the handler's now; its bytes stay out of the window until queued
+        return batch
 
     async def recv_message(self) -> Any:
         """The next message decoded as the method's request type; ``None`` at the end."""
@@ -90,7 +94,11 @@ class GrpcStream:
             self._conn.emit()
         if not call.messages and not await self._wait_messages():
             return None
-        return call.decode(call.pop())
+        conn = self._conn
+        conn.settle()
+        data = call.pop()
+        conn.settle()
+        return call.decode(data)
 
     def decode(self, data: bytes) -> Any:
         """Parse one message of the request type; INVALID_ARGUMENT if it is not valid."""

@@ -445,7 +445,7 @@ def summary_block(res: Results, document: dict[str, Any]) -> str:
 
     for parallel in (False, True):
         http_tcp = both(("http", 18, parallel), ("tcp", 18, parallel))
-        grpc = both(("grpc-unary", 18, parallel), ("grpc-stream", 18, parallel))
+        grpc = both(("grpc-unary", 18, parallel), ("grpc-frames", 18, parallel))
         if http_tcp and grpc:
             items.append(
                 f"Streaming vs unary, 18 B, {'parallel' if parallel else 'one connection'}: a "

@@ -500,9 +500,10 @@ class H2UnaryClient(H2Client):
         self.first_block, self.block = self.header_blocks(headers)
         self.fits = max(map(len, bodies)) <= self.frame_limit
 
-    def _call(self, body: bytes) -> bytes:
-        """One call's HEADERS + DATA(END_STREAM), if the windows take the body in one frame;
-        else its HEADERS alone, sent here with the DATA that follows as the windows allow."""
+    def _call(self, body: bytes, out: list[bytes]) -> None:
+        """Add one call's HEADERS + DATA(END_STREAM) to ``out``, if the windows take the body
+        in one frame; else send ``out`` (its streams are older), then this call's HEADERS and
+        its DATA as the windows allow."""
         stream = self._new_stream()
         block = self.block if self.block_used else self.first_block
         self.block_used = True
@@ -511,11 +512,16 @@ class H2UnaryClient(H2Client):
         if self.fits and len(body) <= min(self.send_window, self.stream_windows[stream]):
             self.send_window -= len(body)
             del self.stream_windows[stream]  # nothing more will be sent on it
-            return headers + len(body).to_bytes(3, "big") + bytes((DATA, END_STREAM)) + sid + body
+            out.append(
+                headers + len(body).to_bytes(3, "big") + bytes((DATA, END_STREAM)) + sid + body
+            )
+            return
+        if out:
+            self.sock.sendall(b"".join(out))
+            out.clear()
         self.sock.sendall(headers)
         self._send_data(stream, body, end=True)
         del self.stream_windows[stream]
-        return b""
 
     block_used = False
 
@@ -524,9 +530,9 @@ class H2UnaryClient(H2Client):
         bodies = itertools.cycle(self.bodies)
         issued = done = 0
         while True:
-            out = []
+            out: list[bytes] = []
             while issued - done < self.inflight and issued < count:
-                out.append(self._call(next(bodies)))
+                self._call(next(bodies), out)
                 issued += 1
             if out:
                 sock.sendall(b"".join(out))

@@ -5,7 +5,8 @@
 
 Runs the case the way the runner does (the same server process, the same clients), after a
 warm-up, with the server under cProfile from the start signal to its last message; prints
-the server's CPU per message, then that time by area (trio's scheduler and I/O, h2, hpack,
+the server's time per message (the time its event loop waited in ``epoll`` left out), then
+that time by area (trio's scheduler and I/O, h2, hpack,
 h11, protobuf, trio_gateway's own modules, the kernel calls) and the functions that spend
 most of it, in microseconds per message. cProfile's own cost inflates Python-heavy code
 (about 1.5 to 2x here), so quote the shares, and the CPU figure of the benchmark run.
@@ -60,10 +61,16 @@ def area(filename: str, name: str) -> str:
     return "other Python"
 
 
+IDLE = ("<method 'poll' of 'select.epoll' objects>", "<built-in method select.select>")
+"""Where an event loop waits for the kernel: wall time, not CPU; left out of the figures."""
+
+
 def report(path: Path, count: int, top: int) -> None:
     stats = pstats.Stats(str(path))
-    raw = stats.stats  # type: ignore[attr-defined]
+    raw = dict(stats.stats)  # type: ignore[attr-defined]
+    idle = sum(raw.pop(key)[2] for key in list(raw) if key[0] == "~" and key[2] in IDLE)
     total = sum(tt for (_, _, tt, _, _) in raw.values())
+    print(f"waiting in epoll (left out): {idle / count * 1e6:,.1f} us a message")
     by_area: dict[str, float] = defaultdict(float)
     for (filename, _, name), (_, _, tt, _, _) in raw.items():
         by_area[area(filename, name)] += tt

@@ -60,7 +60,7 @@ def h2c_headers(port: int, size: int) -> list[tuple[bytes, bytes]]:
         (b":scheme", b"http"),
         (b":authority", b"127.0.0.1:%d" % port),
         (b":path", b"/ingest"),
-        (b"user-agent", b"curl/8.14.1"),
+        (b"user-agent", b"curl/7.88.1"),
         (b"accept", b"*/*"),
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % size),

@@ -676,13 +676,15 @@ def charts(res: Results, document: dict[str, Any], img: Path) -> list[Path]:
             label = "hypercorn / grpclib (asyncio)" if impl == "asyncio" else impl
             ax.bar(xs, ys, width, bottom=1.0, label=label, color=colors[i % len(colors)])
         ax.set_xticks(range(len(wire)))
+        short = {"grpc-send": "gRPC Send", "grpc-make": "MakeRequest"}
+        short |= {"http-wire": "HTTP/1.1", "h2c": "h2c"}
         ax.set_xticklabels(
             [
-                f"{res.titles[r].replace('Unary ', '').replace('`', '')}\n"
+                f"{short.get(r, r)}\n"
                 f"{(res.get(r, size, p, 'trio_gateway') or {}).get('inflight', 1)} in flight"
                 for r, p in wire
             ],
-            fontsize=6,
+            fontsize=7,
         )
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))

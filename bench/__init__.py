@@ -9,6 +9,8 @@ would shadow those):
   ``--quick`` runs every case briefly (under two minutes), ``--smoke`` a subset.
 * ``python -m bench.tcp``, ``bench.http``, ``bench.ws``, ``bench.grpc``: deeper looks at one
   transport (more peers, other clients).
+* ``python -m bench.profile ROW``: where the server's CPU goes in one case of ``python -m
+  bench`` (cProfile, microseconds per message by area and by function).
 * ``python -m bench.queues``: ns per put + get for the four queues.
 * ``python -m bench.jsonl``: the cost of the JSON Lines encoding of the file sink.
 """

@@ -3,10 +3,14 @@
     python -m bench._servers IMPL TRANSPORT --size BYTES [--sink null|file:PATH]
 
 ``IMPL`` is ``trio_gateway`` (the product: a :class:`~trio_gateway.Gateway` with the real
-source, a :class:`~trio_gateway.RingBuffer` and the null or file sink, as ``serve`` builds it),
-``asyncio`` (a plain asyncio implementation of the same path) or ``uvloop`` (the same asyncio
-code on uvloop's event loop). ``TRANSPORT`` is ``tcp``, ``udp``, ``http``, ``ws`` or ``grpc``
-(one gRPC server answers both the unary ``Send`` and the client-streaming ``Stream``).
+source, a :class:`~trio_gateway.RingBuffer`, the null or file sink and the admin endpoint, as
+``serve`` builds it), ``asyncio`` (a plain asyncio implementation of the same path),
+``uvloop`` (the same asyncio code on uvloop's event loop), or one of the servers a user would
+pick instead: ``grpcio`` (``grpc.aio``, gRPC only), ``uvicorn-httptools`` (on uvloop) and
+``uvicorn-h11`` (HTTP only). Every peer queues into the same :class:`PeerQueue` and answers
+as trio_gateway does (``202`` and its body; the same protobuf Ack or Empty).
+``TRANSPORT`` is ``tcp``, ``udp``, ``http`` (HTTP/1.1 and h2c), ``ws`` or ``grpc`` (one
+server answers the unary ``Send`` and ``MakeRequest`` and the client-streaming ``Stream``).
 ``--tune-allocator`` applies ``trio_gateway.tuning.tune_allocator`` (what ``serve`` does) to
 whichever implementation runs, so that the comparison is between the code, not the allocator.
 
@@ -25,6 +29,9 @@ The control protocol, one line each way on stdin/stdout:
 * ``report``: the server answers ``count COUNT T_LAST CPU`` (the runner's way out when UDP
   lost messages, or when a case times out); ``disarm`` stops counting (answer ``disarmed``);
 * ``quit`` or end of input: the server stops (trio_gateway flushes and logs its ledger).
+
+``--profile PATH`` runs cProfile from each ``arm`` until its count is reached (or ``disarm``)
+and writes the stats on quit: :mod:`bench.profile` reads them.
 
 ``COUNT`` is the number of messages since ``arm``, ``T_LAST`` the ``time.monotonic()`` at
 which the count was last seen to change (the clock is system-wide, so the runner compares it
@@ -49,7 +56,7 @@ from typing import Any
 if __name__ == "__main__" and not __package__:
     raise SystemExit("run it from the repository root as a module: python -m bench._servers")
 
-IMPLS = ("trio_gateway", "asyncio", "uvloop")
+IMPLS = ("trio_gateway", "asyncio", "uvloop", "grpcio", "uvicorn-httptools", "uvicorn-h11")
 TRANSPORTS = ("tcp", "udp", "http", "ws", "grpc")
 BATCH = 1024
 """Messages per consumer batch: the gateway's default ``batch_size``."""
@@ -68,6 +75,11 @@ def capacity_for(size: int) -> int:
 class Counter:
     """What the control loop reports: a count since ``arm``, when it last moved, CPU time."""
 
+    profiling = False
+    """``--profile``: each ``arm`` starts a fresh ``cProfile.Profile``, on until the target is
+    reached; the last one is written on quit (so a warm-up run is left out of it)."""
+    profiler: Any = None
+
     def __init__(self, read: Callable[[], int]) -> None:
         self.read = read
         self.base = 0
@@ -81,6 +93,14 @@ class Counter:
         self.t_last = time.monotonic()
         self.cpu0 = time.process_time()
         self.target = n
+        if self.profiling:
+            import cProfile
+
+            # cProfile's default clock (wall time, cheap to read): bench.profile leaves the time
+            # spent waiting in epoll out (a CPU-time clock costs a system call a reading here
+            # and inflated the figures 6x).
+            Counter.profiler = cProfile.Profile()
+            Counter.profiler.enable()
 
     def poll(self) -> str | None:
         """Update; return the ``done`` line once the target is reached."""
@@ -90,8 +110,13 @@ class Counter:
             self.t_last = time.monotonic()
         if self.target is not None and now - self.base >= self.target:
             self.target = None
+            self.stop_profile()
             return "done " + self._figures()
         return None
+
+    def stop_profile(self) -> None:
+        if self.profiler is not None:
+            self.profiler.disable()
 
     def report(self) -> str:
         self.poll()
@@ -123,6 +148,7 @@ def serve_trio_gateway(transport: str, size: int, sink_spec: str) -> None:
         UdpSource,
         WebSocketSource,
     )
+    from trio_gateway.admin import AdminServer
     from trio_gateway.sinks import Sink
     from trio_gateway.sources import Source
 
@@ -141,6 +167,7 @@ def serve_trio_gateway(transport: str, size: int, sink_spec: str) -> None:
     sink: Sink = FileSink(sink_spec[5:]) if sink_spec.startswith("file:") else NullSink()
     gateway = Gateway(
         sources=[source],
+        services=[AdminServer("127.0.0.1", 0)],  # on, as `serve` runs it by default
         sink=sink,
         queue=RingBuffer(capacity_for(size), policy="block"),
         batch_size=BATCH,
@@ -199,6 +226,7 @@ def serve_trio_gateway(transport: str, size: int, sink_spec: str) -> None:
                     say(counter.report())
                 elif command[0] == "disarm":
                     counter.target = None
+                    counter.stop_profile()
                     say("disarmed")
                 elif command[0] == "quit":
                     nursery.cancel_scope.cancel()
@@ -335,7 +363,7 @@ def jsonl_writer(path: str, transport: str) -> Callable[[list[bytes], list[Any]]
     return sink
 
 
-def serve_asyncio(transport: str, size: int, sink_spec: str, *, uvloop: bool) -> None:
+def serve_asyncio(impl: str, transport: str, size: int, sink_spec: str) -> None:
     import asyncio
 
     if sink_spec.startswith("file:"):
@@ -353,7 +381,8 @@ def serve_asyncio(transport: str, size: int, sink_spec: str, *, uvloop: bool) ->
             counter = Counter(lambda: queue.written)
         else:
             counter = Counter(lambda: queue.enqueued)
-        closer = await PEERS[transport](queue)
+        make = PEERS[transport] if impl in ("asyncio", "uvloop") else OTHER_PEERS[impl, transport]
+        closer = await make(queue)
         say(f"ready {closer.port}")
         poller: asyncio.Task[None] | None = None
 
@@ -383,12 +412,13 @@ def serve_asyncio(transport: str, size: int, sink_spec: str, *, uvloop: bool) ->
                 say(counter.report())
             elif command[0] == "disarm":
                 counter.target = None
+                counter.stop_profile()
                 say("disarmed")
         await closer.close()
         consumer.cancel()
         sys.stderr.write(json.dumps({"enqueued": queue.enqueued, "dropped": queue.dropped}) + "\n")
 
-    if uvloop:
+    if impl in UVLOOP:
         import uvloop as _uvloop
 
         _uvloop.run(main())
@@ -487,14 +517,9 @@ async def udp_peer(queue: PeerQueue) -> Closer:
     return Closer(sock.getsockname()[1], transport.close)
 
 
-async def http_peer(queue: PeerQueue) -> Closer:
-    """hypercorn's asyncio worker running a plain ASGI app: ``POST /ingest``, body = one
-    message, ``202`` once queued (``413`` past the size limit), keep-alive."""
-    import asyncio
-
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
+def ingest_app(queue: PeerQueue) -> Callable[..., Any]:
+    """The plain ASGI app every HTTP peer runs: ``POST /ingest``, body = one message, ``202``
+    with trio_gateway's body once queued (``413`` past the size limit)."""
     accepted = json.dumps({"accepted": 1}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(accepted))]
 
@@ -526,9 +551,25 @@ async def http_peer(queue: PeerQueue) -> Closer:
         await send({"type": "http.response.start", "status": 202, "headers": headers})
         await send({"type": "http.response.body", "body": accepted})
 
+    return app
+
+
+def _listening_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
+    return sock
+
+
+async def http_peer(queue: PeerQueue) -> Closer:
+    """hypercorn's asyncio worker running :func:`ingest_app`, keep-alive; it also speaks h2c
+    (HTTP/2 with prior knowledge), which the h2c rows use."""
+    import asyncio
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    sock = _listening_socket()
     port = sock.getsockname()[1]
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn serves (and owns) it: port 0, no race
@@ -538,7 +579,7 @@ async def http_peer(queue: PeerQueue) -> Closer:
     config.keep_alive_max_requests = 1 << 30  # hypercorn closes after 1000 by default
     stop = asyncio.Event()
     task = asyncio.get_running_loop().create_task(
-        serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        serve(ingest_app(queue), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     )
     await _wait_listening(port)
 
@@ -547,6 +588,36 @@ async def http_peer(queue: PeerQueue) -> Closer:
         await asyncio.wait_for(task, 5)
 
     return Closer(port, close)
+
+
+async def uvicorn_peer(queue: PeerQueue, http: str) -> Closer:
+    """uvicorn running :func:`ingest_app` with its ``httptools`` or ``h11`` protocol, on the
+    loop it was started on (uvloop for httptools, as ``uvicorn[standard]`` runs it)."""
+    import asyncio
+
+    import uvicorn
+
+    sock = _listening_socket()
+    config = uvicorn.Config(
+        ingest_app(queue),
+        http=http,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=600,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+
+    async def close() -> None:
+        server.should_exit = True
+        await asyncio.wait_for(task, 5)
+
+    return Closer(sock.getsockname()[1], close)
 
 
 async def _wait_listening(port: int) -> None:
@@ -584,12 +655,14 @@ async def ws_peer(queue: PeerQueue) -> Closer:
 
 
 async def grpc_peer(queue: PeerQueue) -> Closer:
-    """grpclib's asyncio server with the same generated service: ``Send`` queues one message
-    and answers an Ack; ``Stream`` queues each message as it is parsed, one Ack at the end."""
+    """grpclib's asyncio server with the same generated services: ``Send`` and the talk's
+    ``MakeRequest`` queue one message and answer an Ack (an Empty); ``Stream`` queues each
+    message as it is parsed, one Ack at the end."""
     from grpclib.server import Server
 
-    from trio_gateway._proto import gateway_pb2
+    from trio_gateway._proto import gateway_pb2, model_pb2
     from trio_gateway._proto.gateway_grpc import GatewayBase
+    from trio_gateway._proto.model_grpc import GrpcUnaryInputterServiceBase
 
     class Peer(GatewayBase):  # type: ignore[misc]
         async def Send(self, stream: Any) -> None:
@@ -611,7 +684,13 @@ async def grpc_peer(queue: PeerQueue) -> Closer:
                 await queue.put(message.payload, stream.peer)
                 await stream.send_message(gateway_pb2.Ack(sequence=message.sequence, accepted=True))
 
-    server = Server([Peer()])
+    class Unary(GrpcUnaryInputterServiceBase):  # type: ignore[misc]
+        async def MakeRequest(self, stream: Any) -> None:
+            request = await stream.recv_message()
+            await queue.put(request.message.encode(), stream.peer)
+            await stream.send_message(model_pb2.Empty())
+
+    server = Server([Peer(), Unary()])
     await server.start("127.0.0.1", 0)
     sockets = server._server.sockets if server._server else []  # grpclib exposes no port
     port = sockets[0].getsockname()[1]
@@ -623,7 +702,88 @@ async def grpc_peer(queue: PeerQueue) -> Closer:
     return Closer(port, close)
 
 
-PEERS = {"tcp": tcp_peer, "udp": udp_peer, "http": http_peer, "ws": ws_peer, "grpc": grpc_peer}
+async def grpcio_peer(queue: PeerQueue) -> Closer:
+    """grpcio's asyncio server (``grpc.aio``: the C core does HTTP/2, the handlers are Python
+    coroutines): the same three methods, the same answers as the grpclib peer."""
+    import grpc
+
+    from trio_gateway._proto import gateway_pb2, model_pb2
+
+    Message, Ack, Request = gateway_pb2.Message, gateway_pb2.Ack, model_pb2.Request
+
+    async def send(message: Any, context: Any) -> Any:
+        await queue.put(message.payload, context.peer())
+        return Ack(sequence=message.sequence, accepted=True, accepted_count=1)
+
+    async def stream(messages: Any, context: Any) -> Any:
+        count = 0
+        peer = context.peer()
+        async for message in messages:
+            await queue.put(message.payload, peer)
+            count += 1
+        return Ack(accepted=True, accepted_count=count)
+
+    async def make_request(request: Any, context: Any) -> Any:
+        await queue.put(request.message.encode(), context.peer())
+        return model_pb2.Empty()
+
+    gateway = grpc.method_handlers_generic_handler(
+        "trio_gateway.v1.Gateway",
+        {
+            "Send": grpc.unary_unary_rpc_method_handler(
+                send,
+                request_deserializer=Message.FromString,
+                response_serializer=Ack.SerializeToString,
+            ),
+            "Stream": grpc.stream_unary_rpc_method_handler(
+                stream,
+                request_deserializer=Message.FromString,
+                response_serializer=Ack.SerializeToString,
+            ),
+        },
+    )
+    model = grpc.method_handlers_generic_handler(
+        "model.GrpcUnaryInputterService",
+        {
+            "MakeRequest": grpc.unary_unary_rpc_method_handler(
+                make_request,
+                request_deserializer=Request.FromString,
+                response_serializer=model_pb2.Empty.SerializeToString,
+            )
+        },
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((gateway, model))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    async def close() -> None:
+        await server.stop(0)
+
+    return Closer(port, close)
+
+
+PEERS: dict[str, Callable[[PeerQueue], Any]] = {
+    "tcp": tcp_peer,
+    "udp": udp_peer,
+    "http": http_peer,
+    "ws": ws_peer,
+    "grpc": grpc_peer,
+}
+"""The plain asyncio peer of each transport (the ``asyncio`` and ``uvloop`` implementations)."""
+OTHER_PEERS: dict[tuple[str, str], Callable[[PeerQueue], Any]] = {
+    ("grpcio", "grpc"): grpcio_peer,
+    ("uvicorn-httptools", "http"): lambda queue: uvicorn_peer(queue, "httptools"),
+    ("uvicorn-h11", "http"): lambda queue: uvicorn_peer(queue, "h11"),
+}
+"""The servers a user would pick instead, by (implementation, transport)."""
+UVLOOP = ("uvloop", "uvicorn-httptools")
+"""The implementations that run on uvloop (uvicorn picks it with httptools when installed)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -637,15 +797,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="apply trio_gateway's glibc settings (what serve does), whatever the implementation",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="profile (cProfile) from each arm to its count, and write the stats here on quit",
+    )
     args = parser.parse_args(argv)
+    other = args.impl not in ("trio_gateway", "asyncio", "uvloop")
+    if other and (args.impl, args.transport) not in OTHER_PEERS:
+        parser.error(f"{args.impl} does not serve {args.transport}")
     if args.tune_allocator:
         from trio_gateway.tuning import tune_allocator
 
         tune_allocator()
+    Counter.profiling = bool(args.profile)
     if args.impl == "trio_gateway":
         serve_trio_gateway(args.transport, args.size, args.sink)
     else:
-        serve_asyncio(args.transport, args.size, args.sink, uvloop=args.impl == "uvloop")
+        serve_asyncio(args.impl, args.transport, args.size, args.sink)
+    if Counter.profiler is not None:
+        Counter.profiler.dump_stats(args.profile)
 
 
 if __name__ == "__main__":

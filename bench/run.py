@@ -81,10 +81,29 @@ class Row:
     impls: tuple[str, ...] = ("trio_gateway", "asyncio")
     sink: str = "null"
     peer_name: str = "asyncio"
+    inflight: tuple[int, ...] = ()
+    """Empty: the talk's two cases, one connection and ``--parallel`` connections (one request
+    in flight each). Else the wire rows' cases: one client process with 1, then N, requests
+    or calls in flight (``parallel`` is True for the second; ``Result.inflight`` says N)."""
 
     @property
     def lossy(self) -> bool:
         return self.server == "udp"
+
+    @property
+    def wire(self) -> bool:
+        return bool(self.inflight)
+
+
+GRPC_PEERS = ("trio_gateway", "grpcio", "asyncio")
+HTTP_PEERS = ("trio_gateway", "uvicorn-httptools", "uvicorn-h11", "asyncio")
+IMPL_NAMES = {
+    "grpcio": "grpcio (grpc.aio, C core)",
+    "uvicorn-httptools": "uvicorn + httptools (uvloop)",
+    "uvicorn-h11": "uvicorn + h11 (asyncio)",
+    "uvloop": "uvloop DatagramProtocol",
+}
+"""Report names of the implementations that are not a row's own ``asyncio`` peer."""
 
 
 ROWS: tuple[Row, ...] = (
@@ -100,7 +119,21 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("tcp", "Streaming TCP", "tcp", "tcp", peer_name="asyncio Protocol"),
     Row("ws", "Streaming WebSocket", "ws", "ws", peer_name="websockets (asyncio)"),
-    Row("grpc-stream", "Streaming gRPC", "grpc", "grpc-stream", peer_name="grpclib (asyncio)"),
+    Row(
+        "grpc-frames",
+        "Streaming gRPC",
+        "grpc",
+        "grpc-frames",
+        impls=GRPC_PEERS,
+        peer_name="grpclib (asyncio)",
+    ),
+    Row(
+        "grpc-stream",
+        "Streaming gRPC, batched DATA frames",
+        "grpc",
+        "grpc-stream",
+        peer_name="grpclib (asyncio)",
+    ),
     Row(
         "tcp-file",
         "Streaming TCP into the file sink",
@@ -108,6 +141,41 @@ ROWS: tuple[Row, ...] = (
         "tcp",
         sink="file",
         peer_name="asyncio Protocol + JSONL writer",
+    ),
+    Row(
+        "grpc-send",
+        "Unary gRPC, `Send`",
+        "grpc",
+        "grpc-unary",
+        impls=GRPC_PEERS,
+        peer_name="grpclib (asyncio)",
+        inflight=(1, 16),
+    ),
+    Row(
+        "grpc-make",
+        "Unary gRPC, the talk's `MakeRequest`",
+        "grpc",
+        "grpc-make",
+        impls=GRPC_PEERS,
+        peer_name="grpclib (asyncio)",
+        inflight=(1, 16),
+    ),
+    Row(
+        "http-wire",
+        "Unary HTTP/1.1, keep-alive",
+        "http",
+        "http",
+        impls=HTTP_PEERS,
+        peer_name="hypercorn (asyncio)",
+        inflight=(1, 16),
+    ),
+    Row(
+        "h2c",
+        "Unary h2c (HTTP/2, prior knowledge)",
+        "http",
+        "h2c",
+        peer_name="hypercorn (asyncio)",
+        inflight=(1, 16),
     ),
 )
 ROW_KEYS = tuple(row.key for row in ROWS)
@@ -126,6 +194,8 @@ class Mode:
     socat_sizes: tuple[int, ...] = SIZES
     queue_args: tuple[str, ...] = ()
     jsonl_messages: int = 200_000
+    wire_sizes: tuple[int, ...] = (SIZES[0], SIZES[1])
+    """Sizes of the wire rows (calls in flight, every peer)."""
 
 
 MODES = {
@@ -138,6 +208,7 @@ MODES = {
         socat_sizes=(SIZES[-1],),
         queue_args=("--quick", "--repeats", "1"),
         jsonl_messages=20_000,
+        wire_sizes=(SIZES[0],),
     ),
     "smoke": Mode(
         "smoke",
@@ -149,6 +220,7 @@ MODES = {
         socat_sizes=(SIZES[-1],),
         queue_args=("--quick", "--repeats", "1"),
         jsonl_messages=5_000,
+        wire_sizes=(SIZES[0],),
     ),
 }
 
@@ -274,6 +346,8 @@ class Sample:
     status: str = "ok"
     client_seconds: float = 0.0
     rejected: int = 0
+    client_cpu: float = 0.0
+    """CPU seconds of every client process while it sent (summed)."""
 
     @property
     def ns_per_op(self) -> float | None:
@@ -282,6 +356,10 @@ class Sample:
     @property
     def cpu_ns_per_op(self) -> float | None:
         return self.cpu / self.count * 1e9 if self.count else None
+
+    @property
+    def client_cpu_ns_per_op(self) -> float | None:
+        return self.client_cpu / self.count * 1e9 if self.count and self.client_cpu else None
 
     @property
     def loss(self) -> float:
@@ -297,6 +375,7 @@ class Sample:
             "cpu_ns_per_op": _round(self.cpu_ns_per_op),
             "loss": round(self.loss, 5),
             "client_s": round(self.client_seconds, 6),
+            "client_cpu_ns_per_op": _round(self.client_cpu_ns_per_op),
             "rejected": self.rejected,
         }
 
@@ -310,7 +389,9 @@ class Server:
 
     tune_allocator = True
 
-    def __init__(self, row: Row, impl: str, size: int, work: Path) -> None:
+    def __init__(
+        self, row: Row, impl: str, size: int, work: Path, profile: Path | None = None
+    ) -> None:
         self.row, self.impl, self.size = row, impl, size
         self.work = work
         self.sink_path: Path | None = None
@@ -322,6 +403,8 @@ class Server:
         self.name = f"{impl} {row.key} server"
         if self.tune_allocator:
             argv.append("--tune-allocator")
+        if profile is not None:
+            argv += ["--profile", str(profile)]
         self.child = Child(
             [*argv, "--sink", sink], work / f"{row.key}-{impl}-{size}.log", self.name
         )
@@ -346,8 +429,11 @@ class Server:
         self.after_run()
 
 
-def run_once(server: Server, count: int, connections: int, timeout: float) -> Sample:
-    """Arm the server, start ``connections`` clients at once, wait for the count-down."""
+def run_once(
+    server: Server, count: int, connections: int, timeout: float, inflight: int = 1
+) -> Sample:
+    """Arm the server, start ``connections`` clients at once (each with ``inflight`` requests
+    or calls in flight, for the unary transports), wait for the count-down."""
     row = server.row
     each = max(1, count // connections)
     total = each * connections
@@ -366,6 +452,8 @@ def run_once(server: Server, count: int, connections: int, timeout: float) -> Sa
                 str(each),
                 "--index",
                 str(i),
+                "--inflight",
+                str(inflight),
             ],
             server.work / "clients.log",
             f"{row.client} client {i}",
@@ -383,6 +471,7 @@ def run_once(server: Server, count: int, connections: int, timeout: float) -> Sa
         deadline = started + timeout
         sent: dict[Child, list[str]] = {}
         last_count, stable_since = -1, 0.0
+        done: list[str] = []
         while True:
             now = time.monotonic()
             if now > deadline:
@@ -396,11 +485,23 @@ def run_once(server: Server, count: int, connections: int, timeout: float) -> Sa
                 if not fields:
                     continue
                 if child is server.child and fields[0] == "done":
-                    return _sample(fields, total, started, sent)
-                if child is not server.child and fields[0] == "sent":
+                    done = fields
+                elif child is not server.child and fields[0] == "sent":
                     sent[child] = fields
                 elif child is not server.child and fields[0] == "error":
                     raise CaseError(f"{child.name}: {line}")
+            if done:
+                # The clients that wait for answers report just after: their CPU is wanted.
+                late = time.monotonic() + 10
+                while len(sent) < len(clients) and time.monotonic() < late:
+                    waiting = [c for c in clients if c not in sent and not c.eof]
+                    if not waiting:
+                        break
+                    for child, line in wait_lines(waiting, 0.05):
+                        fields = line.split()
+                        if fields and fields[0] == "sent":
+                            sent[child] = fields
+                return _sample(done, total, started, sent)
             for client in clients:
                 if client.eof and client not in sent:
                     raise CaseError(f"{client.name} exited ({client.tail_of_log()})")
@@ -442,6 +543,7 @@ def _sample(
         status=status if count else "failed",
         client_seconds=client_end - started,
         rejected=sum(int(f[3]) for f in sent.values()),
+        client_cpu=sum(float(f[4]) for f in sent.values() if len(f) > 4),
     )
 
 
@@ -532,6 +634,7 @@ class Result:
     parallel: bool
     connections: int
     impl: str
+    inflight: int = 1
     count: int = 0
     samples: list[Sample] = field(default_factory=list)
     warmup: Sample | None = None
@@ -561,6 +664,7 @@ class Result:
             "size": self.size,
             "parallel": self.parallel,
             "connections": self.connections,
+            "inflight": self.inflight,
             "impl": self.impl,
             "status": self.status
             if self.good()
@@ -569,6 +673,7 @@ class Result:
             "count": self.count,
             "median_ns_per_op": _round(self.median()),
             "median_cpu_ns_per_op": _round(self.median("cpu_ns_per_op")),
+            "median_client_cpu_ns_per_op": _round(self.median("client_cpu_ns_per_op")),
             "spread": None if self.spread() is None else round(self.spread() or 0.0, 4),
             "median_loss": round(statistics.median(losses), 5) if losses else None,
             "warmup": self.warmup.as_dict() if self.warmup else None,
@@ -577,17 +682,22 @@ class Result:
         }
 
 
+UNARY_CLIENTS = ("http", "h2c", "grpc-unary", "grpc-make")
+
+
 def warm_count(row: Row, size: int, mode: Mode) -> int:
-    if row.client in ("http", "grpc-unary"):
+    if row.client in UNARY_CLIENTS:
         return 200 if mode.name == "full" else 60
     if row.lossy:
         return max(100, min(20_000, mode.warm_bytes // 4 // size))
     return max(20, min(200_000, mode.warm_bytes // size))
 
 
-def measured_count(row: Row, size: int, rate: float, mode: Mode, connections: int) -> int:
+def measured_count(
+    row: Row, size: int, rate: float, mode: Mode, connections: int, inflight: int = 1
+) -> int:
     count = int(rate * mode.target)
-    low = 20 if row.client in ("http", "grpc-unary") else 100
+    low = 20 * inflight if row.client in UNARY_CLIENTS else 100
     # At most 1 GiB a run: at 79,435 B that is 13,500 messages, about 0.5 s for TCP.
     high = min(3_000_000, max(low, (1 << 30) // size))
     count = max(low * connections, min(high, count))
@@ -602,13 +712,20 @@ def run_case(
     servers: dict[str, Server],
     mode: Mode,
     log: Any,
+    inflight: int = 1,
 ) -> list[Result]:
     """Warm up and calibrate every implementation, then run the repeats interleaved."""
-    results = {impl: Result(row.key, size, parallel, connections, impl) for impl in servers}
+    results = {
+        impl: Result(row.key, size, parallel, connections, impl, inflight=inflight)
+        for impl in servers
+    }
+    own: dict[str, int] = {}
     for impl, server in servers.items():
         result = results[impl]
         try:
-            warm = run_once(server, warm_count(row, size, mode), connections, timeout=60)
+            warm = run_once(
+                server, warm_count(row, size, mode), connections, timeout=60, inflight=inflight
+            )
         except CaseError as exc:
             result.status, result.note = "failed", str(exc)
             log(f"    {impl}: warm-up failed: {exc}")
@@ -620,20 +737,22 @@ def run_case(
             log(f"    {impl}: warm-up {warm.status} ({warm.count}/{warm.sent})")
             continue
         rate = 1e9 / warm.ns_per_op
-        result.count = measured_count(row, size, rate, mode, connections)
+        result.count = own[impl] = measured_count(row, size, rate, mode, connections, inflight)
     # Every implementation gets the same messages. A faster one sized by its own rate would
     # run longer, and, in the file rows, write more (its runs met the kernel's dirty-page
     # limits where the peer's did not). The count is the slowest one's, but at least half the
     # fastest one's: sized to the slowest alone, the UDP row's fast servers (beside plain
     # asyncio, 2 to 3x slower) and our WebSocket runs (7x) lasted 0.07 to 0.15 s, where the
-    # noise of a shared machine is largest.
+    # noise of a shared machine is largest. A server more than 4x slower than that gets 4x
+    # its own count instead (uvicorn + h11 answers a keep-alive request in about 44 ms here,
+    # 400x slower than the fastest: half the fastest's count would take minutes a run).
     counts = [r.count for r in results.values() if r.status == "ok" and r.count]
     if counts:
         shared = max(min(counts), max(counts) // 2)
-        shared -= shared % connections
-        for result in results.values():
+        for impl, result in results.items():
             if result.status == "ok":
-                result.count = shared
+                count = min(shared, 4 * own[impl])
+                result.count = count - count % connections
     for _ in range(mode.repeats):
         for impl, server in servers.items():
             result = results[impl]
@@ -644,7 +763,11 @@ def run_case(
             )
             try:
                 sample = run_once(
-                    server, result.count, connections, timeout=max(15.0, 20 * expected)
+                    server,
+                    result.count,
+                    connections,
+                    timeout=max(15.0, 20 * expected),
+                    inflight=inflight,
                 )
             except CaseError as exc:
                 result.status, result.note = "failed", str(exc)
@@ -666,35 +789,63 @@ def run_case(
     return list(results.values())
 
 
+NEEDS = {
+    "uvloop": ("uvloop",),
+    "grpcio": ("grpc",),
+    "uvicorn-httptools": ("uvicorn", "httptools", "uvloop"),
+    "uvicorn-h11": ("uvicorn",),
+}
+"""The modules each peer needs (all in the bench extra)."""
+
+
 def missing(impl: str) -> str | None:
     """Why ``impl`` cannot run here, or None."""
-    if impl == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        return "uvloop is not installed (pip install uvloop; it is in the bench extra)"
+    for module in NEEDS.get(impl, ()):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (it is in the bench extra: pip install -e .[bench])"
     return None
+
+
+def cases(row: Row, mode: Mode, parallel_n: int) -> list[tuple[bool, int, int]]:
+    """``(parallel, connections, inflight)`` of each case of ``row`` in ``mode``."""
+    if row.wire:
+        inflights = row.inflight if True in mode.parallel_modes else row.inflight[:1]
+        return [(n > 1, 1, n) for n in inflights]
+    parallel_modes = mode.file_parallel if row.sink == "file" else mode.parallel_modes
+    return [(parallel, parallel_n if parallel else 1, 1) for parallel in parallel_modes]
 
 
 def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list[Result]:
     results: list[Result] = []
-    parallel_modes = mode.file_parallel if row.sink == "file" else mode.parallel_modes
+    row_cases = cases(row, mode, parallel_n)
     impls = [impl for impl in row.impls if not missing(impl)]
+    sizes = mode.wire_sizes if row.wire else mode.sizes
 
     def unmeasured(size: int, impls: Sequence[str], status: str, note: str) -> None:
         """Record the cells of ``size`` not yet in ``results`` as ``status`` (not measured)."""
         done = {(r.parallel, r.impl) for r in results if r.size == size and r.row == row.key}
-        for parallel in parallel_modes:
+        for parallel, connections, inflight in row_cases:
             for impl in impls:
                 if (parallel, impl) not in done:
-                    connections = parallel_n if parallel else 1
                     results.append(
-                        Result(row.key, size, parallel, connections, impl, status=status, note=note)
+                        Result(
+                            row.key,
+                            size,
+                            parallel,
+                            connections,
+                            impl,
+                            inflight=inflight,
+                            status=status,
+                            note=note,
+                        )
                     )
 
     for impl in row.impls:
         if why := missing(impl):
             log(f"  {impl}: skipped: {why}")
-            for size in mode.sizes:
+            for size in sizes:
                 unmeasured(size, [impl], "skipped", why)
-    for size in mode.sizes:
+    for size in sizes:
         if row.lossy and size > MAX_UDP:
             unmeasured(size, impls, "n/a", f"a UDP datagram holds at most {MAX_UDP} bytes")
             continue
@@ -704,10 +855,12 @@ def run_row(row: Row, mode: Mode, parallel_n: int, work: Path, log: Any) -> list
                 servers[impl] = Server(row, impl, size, work)
             for server in servers.values():
                 server.wait_ready()
-            for parallel in parallel_modes:
-                connections = parallel_n if parallel else 1
-                log(f"  {row.title}, {size} B, {connections} connection(s)")
-                results += run_case(row, size, parallel, connections, servers, mode, log)
+            for parallel, connections, inflight in row_cases:
+                shape = f"{inflight} in flight" if row.wire else f"{connections} connection(s)"
+                log(f"  {row.title}, {size} B, {shape}")
+                results += run_case(
+                    row, size, parallel, connections, servers, mode, log, inflight=inflight
+                )
         except CaseError as exc:
             log(f"  {row.title}, {size} B: {exc}")
             unmeasured(size, impls, "failed", str(exc))
@@ -819,7 +972,8 @@ def machine() -> dict[str, Any]:
     versions: dict[str, str] = {}
     from importlib import metadata
 
-    for name in ("trio", "h11", "h2", "websockets", "hypercorn", "grpclib", "protobuf", "uvloop"):
+    names = ("trio", "h11", "h2", "websockets", "hypercorn", "grpclib", "protobuf", "uvloop")
+    for name in (*names, "grpcio", "uvicorn", "httptools"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -929,7 +1083,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "elapsed_s": round(elapsed, 1),
         "rows": [
-            {"key": row.key, "title": row.title, "peer": row.peer_name, "impls": list(row.impls)}
+            {
+                "key": row.key,
+                "title": row.title,
+                "peer": row.peer_name,
+                "impls": list(row.impls),
+                "inflight": list(row.inflight),
+                "names": {impl: IMPL_NAMES[impl] for impl in row.impls if impl in IMPL_NAMES},
+            }
             for row in rows
         ],
         "results": [result.as_dict() for result in results],

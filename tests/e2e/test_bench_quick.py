@@ -1,7 +1,8 @@
 """``python -m bench --quick`` end to end, into a temporary directory.
 
-Every case of the full run (every row, implementation, size, and parallel or not), with short
-runs and one repeat: about 50 s here (the issue's bound is two minutes). It checks that the
+Every case of the full run (every row, implementation, size, and parallel or not; the wire
+rows at 18 B, 1 and 16 in flight), with short runs and one repeat: 2 to 3 minutes here on a
+loaded machine. It checks that the
 outputs are well formed, never the timings: the JSON results, the generated blocks of
 docs/benchmarks.md, and the PNG charts the page embeds. (``--smoke``, two sizes and no
 parallel runs, is the faster check for working on the runner itself.)
@@ -20,23 +21,34 @@ from typing import Any
 import pytest
 
 pytest.importorskip("matplotlib")  # the bench extra; the charts need it
-pytestmark = pytest.mark.slow  # about 50 s: `pytest -m "not slow"` leaves it out
+pytestmark = pytest.mark.slow  # 2 to 3 minutes: `pytest -m "not slow"` leaves it out
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = [18, 4266, 6786, 79435]
 PARALLEL = {"tcp-file": (False,)}
 """Rows measured without parallel connections only (the rest: both)."""
+GRPC = ("trio_gateway", "grpcio", "asyncio")
 ROWS = {
     "http": ("trio_gateway", "asyncio"),
     "grpc-unary": ("trio_gateway", "asyncio"),
     "udp": ("trio_gateway", "asyncio", "uvloop"),
     "tcp": ("trio_gateway", "asyncio"),
     "ws": ("trio_gateway", "asyncio"),
+    "grpc-frames": GRPC,
     "grpc-stream": ("trio_gateway", "asyncio"),
     "tcp-file": ("trio_gateway", "asyncio"),
 }
-BLOCKS = ("machine", "summary", "transports", "peers", "cpu", "extras", "jsonl", "targets")
-BLOCKS += ("queues", "go")
+WIRE_ROWS = {
+    "grpc-send": GRPC,
+    "grpc-make": GRPC,
+    "http-wire": ("trio_gateway", "uvicorn-httptools", "uvicorn-h11", "asyncio"),
+    "h2c": ("trio_gateway", "asyncio"),
+}
+"""Rows measured at 18 B with 1 and 16 requests or calls in flight (in a quick run)."""
+OPTIONAL = ("uvloop", "grpcio", "uvicorn-httptools", "uvicorn-h11")
+"""Peers skipped, with a note, where their package is not installed."""
+BLOCKS = ("machine", "summary", "transports", "peers", "cpu", "wire", "extras", "jsonl")
+BLOCKS += ("targets", "queues", "go")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -48,7 +60,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done.stdout
@@ -76,19 +88,29 @@ def test_results_json_has_every_case(quick: tuple[Path, str]) -> None:
         for size in SIZES
         for parallel in PARALLEL.get(row, (False, True))
     ]
+    cases += [
+        (row, impl, 18, parallel)
+        for row, impls in WIRE_ROWS.items()
+        for impl in impls
+        for parallel in (False, True)
+    ]
     for row, impl, size, parallel in cases:
         result = found[(row, size, parallel, impl)]
         if row == "udp" and size > 65507:
             assert result["status"] == "n/a", result
-        elif impl == "uvloop" and result["status"] == "skipped":
-            assert "uvloop" in result["note"]
+        elif impl in OPTIONAL and result["status"] == "skipped":
+            assert "not installed" in result["note"]
         else:
             # Measured: the samples carry numbers, whatever they are.
             assert result["status"] == "ok", result
             assert result["count"] > 0 and result["samples"]
             assert result["median_ns_per_op"] > 0
             assert result["median_cpu_ns_per_op"] > 0
+            # Every client reported the CPU it spent (the page shows it beside the server's).
+            assert result["median_client_cpu_ns_per_op"] > 0
             assert all(s["count"] <= s["sent"] for s in result["samples"])
+        if row in WIRE_ROWS:
+            assert result["inflight"] == (16 if parallel else 1)
     if shutil.which("socat"):
         assert found[("tcp", 79435, False, "socat")]["status"] == "ok"
     for target in document["targets"]:
@@ -112,6 +134,11 @@ def test_page_blocks_and_charts(quick: tuple[Path, str]) -> None:
     assert table is not None
     for title in ("Unary HTTP", "Unary gRPC", "UDP", "Streaming TCP", "Streaming WebSocket"):
         assert f"| {title} | No |" in table[1]
+    assert "| Streaming gRPC, batched DATA frames | No |" in table[1]
+    wire = re.search(r"<!-- bench:wire -->\n(.*?)<!-- /bench", page, re.S)
+    assert wire is not None
+    for title in ("Unary gRPC, `Send`", "Unary HTTP/1.1, keep-alive", "Unary h2c"):
+        assert f"| {title}" in wire[1] and "| 16 | 18 | **trio_gateway** |" in wire[1]
     assert "Do not quote its figures" in page  # a quick run says so
     images = re.findall(r"\]\((img/[^)]+\.png)\)", page)
     assert images, "the page embeds the charts"

@@ -414,7 +414,7 @@ async def test_a_slow_sync_processor_cannot_hold_the_drain_past_its_deadline(
     """A synchronous processor runs a whole batch without an await; the pump yields between
     messages once it has run for a while (here at once), so the deadline lands mid-batch and
     the ledger still balances (filtered, abandoned)."""
-    monkeypatch.setattr("trio_gateway._gateway._PROCESS_SLICE", 0.0)
+    monkeypatch.setattr("trio_gateway._pump._PROCESS_SLICE", 0.0)
 
     def slow(message: Message) -> bytes | None:
         autojump_clock.jump(0.01)  # 10 ms of (virtual) work per message

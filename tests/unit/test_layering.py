@@ -120,12 +120,16 @@ LAYERS: dict[str, Layer] = {
         "_ingress",
         "_ledger",
         "_log",
-        "_message",
+        "_pump",
         "_retry",
         "_signals",
         "queues",
         "sinks",
         "sources",
+    ),
+    # the gateway's batch loop (queue -> processors -> sink), a mixin of Gateway
+    "_pump": layer(
+        "_budget", "_buffer", "_errors", "_ledger", "_log", "_message", "_retry", "queues", "sinks"
     ),
     # fan-out (a sink per branch queue) and named pipelines, built from gateways
     "_fanout": layer(

@@ -28,7 +28,7 @@ from trio_gateway import (
 )
 from trio_gateway.sinks import decode_jsonl_record, encode_jsonl
 from trio_gateway.sinks._jsonl import PIECE_BYTES, iter_jsonl
-from trio_gateway.sinks._simple import _on_local_filesystem
+from trio_gateway.sinks._writes import _on_local_filesystem
 
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
 OTHER = Origin("udp", "udp:127.0.0.1:7001", "[::1]:6000", 1700000001.5)

@@ -23,7 +23,7 @@ from typing import Any
 from .._errors import ConfigurationError, SinkError, SinkUnavailable
 from .._message import Batch, Origin
 from ._base import Sink
-from ._simple import _WriterThread
+from ._writes import _WriterThread
 
 __all__ = ("DEFAULT_COLUMNS", "DatabaseSink", "DeadLetters", "Rejected", "TableSpec")
 

@@ -43,6 +43,7 @@ __all__ = (
     "refuse_http2",
     "refuse_with",
     "serve_connections",
+    "tls_and_peer",
 )
 
 MAX_REFUSALS = 64
@@ -157,6 +158,23 @@ class Source(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
+
+
+async def tls_and_peer(
+    stream: trio.abc.Stream, ingress: Ingress, *, handshake_timeout: float, label: str
+) -> str | None:
+    """Finish a TLS stream's handshake within ``handshake_timeout`` (a failure is counted
+    ``tls_handshake`` and logged) and name the peer (:func:`peer_of`); ``None`` when the
+    handshake failed or the connection is already gone."""
+    if isinstance(stream, trio.SSLStream):
+        try:
+            with trio.fail_after(handshake_timeout):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            ingress.reject("tls_handshake")
+            connection_errors.info("%s: TLS handshake failed: %r", label, exc)
+            return None
+    return peer_of(stream) or None
 
 
 async def linger(stream: trio.abc.Stream, *, max_bytes: int = LINGER_MAX_BYTES) -> None:

@@ -47,10 +47,10 @@ from .._message import Origin
 from ._base import (
     Source,
     connection_errors,
-    format_peer,
     linger,
     refuse_with,
     serve_connections,
+    tls_and_peer,
 )
 from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
 from ._wsack import (
@@ -254,21 +254,10 @@ class WebSocketSource(Source):
     async def _connection(
         self, ingress: Ingress, stream: trio.abc.Stream, share: ConnectionShare
     ) -> None:
-        if isinstance(stream, trio.SSLStream):
-            try:
-                with trio.fail_after(self.handshake_timeout):
-                    await stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                ingress.reject("tls_handshake")
-                connection_errors.info("%s: TLS handshake failed: %r", self.label, exc)
-                return
-            sock = stream.transport_stream.socket
-        else:
-            assert isinstance(stream, trio.SocketStream)
-            sock = stream.socket
-        try:
-            peer = format_peer(sock.getpeername())
-        except OSError:
+        peer = await tls_and_peer(
+            stream, ingress, handshake_timeout=self.handshake_timeout, label=self.label
+        )
+        if peer is None:
             return
         protocol = ServerProtocol(
             max_size=self.max_message_size,

@@ -1,5 +1,9 @@
 """The server side of HTTP/2 (RFC 9113), sans-IO: frames, streams, flow control, HPACK blocks.
 
+One cohesive state machine (connection and stream states, flow control, header blocks, the
+reset limit share the same frame loop), hence its length: split, each part would need the
+others' state.
+
 :class:`Http2Server` is fed the client's bytes (:meth:`~Http2Server.receive_data`) and calls
 its :class:`Listener` for what they mean; what the server writes accumulates in
 :attr:`~Http2Server.output`. It is the part of HTTP/2 a gRPC server needs, and no more: no
@@ -22,8 +26,7 @@ its body is buffered; a header block (HEADERS + CONTINUATION) is at most ``max_h
 bytes and 64 frames; a stream past ``max_concurrent_streams`` is refused (REFUSED_STREAM) and
 the connection lives; more than ``max_resets`` streams reset within ``reset_window`` seconds
 (the client's RST_STREAM on a stream still open here, or our refusals: CVE-2023-44487, "rapid
-reset") end the connection with GOAWAY(ENHANCE_YOUR_CALM). One cohesive state machine, hence
-the length.
+reset") end the connection with GOAWAY(ENHANCE_YOUR_CALM).
 """
 
 from __future__ import annotations

@@ -25,13 +25,13 @@ from ..._ingress import Ingress
 from ..._wire import DEFAULT_HTTP_PATH
 from .._base import (
     Source,
-    connection_errors,
-    format_peer,
     linger,
     refuse_http2,
     serve_connections,
+    tls_and_peer,
 )
 from .._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
+from .._sockets import socket_of
 from ._asgi import IngestApp, ReplayStream, hypercorn_server
 from ._h2 import serve_http2
 from ._h2scan import PREFACE as H2_PREFACE
@@ -209,22 +209,11 @@ class HttpSource(Source):
         serve_hypercorn: Callable[[trio.abc.Stream], Awaitable[None]],
         stream: trio.abc.Stream,
     ) -> None:
-        if isinstance(stream, trio.SSLStream):
-            try:
-                with trio.fail_after(self.handshake_timeout):
-                    await stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                rules.ingress.reject("tls_handshake")
-                connection_errors.info("%s: TLS handshake failed: %r", self.label, exc)
-                return
-            sock = stream.transport_stream.socket
-        else:
-            assert isinstance(stream, trio.SocketStream)
-            sock = stream.socket
-        try:
-            peer = format_peer(sock.getpeername())
-        except OSError:
-            return  # already gone
+        peer = await tls_and_peer(
+            stream, rules.ingress, handshake_timeout=self.handshake_timeout, label=self.label
+        )
+        if peer is None:
+            return
         if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() == "h2":
             await self._http2(rules, stream, b"", peer)
             return
@@ -243,7 +232,7 @@ class HttpSource(Source):
             await self._http2(rules, stream, data, peer)
             return
         if not self.fast_path:
-            await serve_hypercorn(ReplayStream(stream, data, sock))
+            await serve_hypercorn(ReplayStream(stream, data, socket_of(stream)))
             return
         if H2_PREFACE.startswith(data):
             rules.ingress.reject("too_slow")  # timed out in the middle of a preface

@@ -151,6 +151,12 @@ def _send_parser(commands: Any, full: bool) -> None:
         "times per request (0)",
     )
     send.add_argument(
+        "--ids",
+        metavar="PREFIX",
+        help="--http/--grpc: give message N the id PREFIX:N (Idempotency-Key, gRPC "
+        "idempotency-key metadata), the same when the command runs again",
+    )
+    send.add_argument(
         "--mode",
         choices=GRPC_MODES,
         help="--grpc: unary (a Send call per message; default), stream (one Stream call per "
@@ -219,6 +225,7 @@ _SEND_OPTIONS = (  # flag, its argparse dest, the transports it applies to
     ("--framing", "framing", ("tcp",)),
     ("--ndjson", "ndjson", ("http",)),
     ("--retries", "retries", ("http",)),
+    ("--ids", "ids", ("http", "grpc")),
     ("--mode", "mode", ("grpc",)),
     ("--acks", "acks", ("ws",)),
     ("--tls", "tls", ("tcp", "grpc")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import trio
 
@@ -32,6 +33,10 @@ class Ingress:
     * :meth:`offer_or_reject`: waits at most ``timeout`` for room; what is not accepted is
       *rejected* (counted as ``queue_full``) and the source tells its sender (HTTP 503, gRPC
       RESOURCE_EXHAUSTED, a negative ack). Under ``drop_oldest`` everything is accepted.
+
+    ``ids`` (of :meth:`offer` and :meth:`offer_or_reject`) gives each payload its sender's id:
+    each is then queued with its own copy of ``origin`` carrying the id (see
+    :attr:`Origin.id`): one put per message, a cost only senders that give ids pay.
 
     ``ack`` says what an answer means. ``"queued"`` (the default): the messages are in the
     queue (on disk, with a disk queue). ``"delivered"``: :meth:`offer_or_reject` and
@@ -138,7 +143,12 @@ class Ingress:
         return True
 
     async def offer(
-        self, payloads: Sequence[bytes], origin: Origin, *, nbytes: int | None = None
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        *,
+        nbytes: int | None = None,
+        ids: Sequence[str] | None = None,
     ) -> int:
         """Enqueue, waiting for room under ``block``. Returns how many are queued.
 
@@ -158,16 +168,16 @@ class Ingress:
         done = 0
         ranges: list[tuple[int, int]] = []
         try:
-            done = self._put(payloads, origin, True, ranges)
+            done = self._put(payloads, origin, True, ranges, ids)
             if done < len(payloads) and buffer.policy == "block":
                 while done < len(payloads):
                     await buffer.queue.wait_not_full()
-                    done += self._put(payloads[done:], origin, True, ranges)
+                    done += self._put(payloads[done:], origin, True, ranges, ids, done)
         except trio.ClosedResourceError:
             self.counters.abandoned += len(payloads) - done
         except trio.Cancelled:
             if self._stopping.is_set():
-                done += await self._wait_until_drain_deadline(payloads[done:], origin)
+                done += await self._wait_until_drain_deadline(payloads, done, origin, ids)
             self.counters.abandoned += len(payloads) - done
             raise
         except BaseException:
@@ -183,27 +193,34 @@ class Ingress:
         origin: Origin,
         drop: bool,
         ranges: list[tuple[int, int]],
+        ids: Sequence[str] | None = None,
+        first: int = 0,
     ) -> int:
-        """``put_many_nowait``, noting the positions taken when the answer waits for them."""
+        """``put_many_nowait``, noting the positions taken when the answer waits for them.
+
+        ``payloads`` are the offer's from its ``first``, whose id is ``ids[first]``."""
         buffer = self._queue
-        done = buffer.put_many_nowait(payloads, origin, drop=drop)
+        done = _put_many(buffer, payloads, origin, ids, first, drop)
         if done and self.ack == "delivered":
             end = buffer.end_position
             ranges.append((end - done, end))
         return done
 
-    async def _wait_until_drain_deadline(self, payloads: Sequence[bytes], origin: Origin) -> int:
-        """Queue what was read (block policy) while the pump drains; how many got in."""
+    async def _wait_until_drain_deadline(
+        self, payloads: Sequence[bytes], first: int, origin: Origin, ids: Sequence[str] | None
+    ) -> int:
+        """Queue what was read from ``payloads[first]`` on (block policy) while the pump
+        drains; how many got in."""
         buffer = self._queue
-        done = 0
+        done = first
         with trio.CancelScope(deadline=self.drain_deadline, shield=True):
             try:
                 while done < len(payloads):
                     await buffer.queue.wait_not_full()
-                    done += buffer.put_many_nowait(payloads[done:], origin)
+                    done += _put_many(buffer, payloads[done:], origin, ids, done, True)
             except trio.ClosedResourceError:
                 pass  # the gateway stopped at once (abort): the rest is abandoned
-        return done
+        return done - first
 
     async def offer_or_reject(
         self,
@@ -211,6 +228,7 @@ class Ingress:
         origin: Origin,
         *,
         timeout: float = 0.0,  # noqa: ASYNC109 - a policy bound on waiting for room, not a deadline
+        ids: Sequence[str] | None = None,
     ) -> int:
         """Enqueue what fits within ``timeout``; the rest is rejected as ``queue_full``.
 
@@ -224,7 +242,7 @@ class Ingress:
         done = 0
         ranges: list[tuple[int, int]] = []
         try:
-            done = self._put(payloads, origin, False, ranges)
+            done = self._put(payloads, origin, False, ranges, ids)
             if done < len(payloads) and buffer.policy == "drop_oldest":
                 # A batch longer than the queue: the queue took all of it and dropped its head
                 # as the oldest (counted there), so all of it was received, none refused.
@@ -233,7 +251,7 @@ class Ingress:
                 with trio.move_on_after(timeout):
                     while done < len(payloads):
                         await buffer.queue.wait_not_full()
-                        done += self._put(payloads[done:], origin, False, ranges)
+                        done += self._put(payloads[done:], origin, False, ranges, ids, done)
         except trio.ClosedResourceError:
             pass
         finally:
@@ -276,3 +294,23 @@ class Ingress:
     async def wait_stopping(self) -> None:
         """Return when the gateway starts shutting down (listeners should close then)."""
         await self._stopping.wait()
+
+
+def _put_many(
+    buffer: MessageBuffer,
+    payloads: Sequence[bytes],
+    origin: Origin,
+    ids: Sequence[str] | None,
+    first: int,
+    drop: bool,
+) -> int:
+    """``buffer.put_many_nowait``; with ``ids``, one put per message, each with its own
+    origin carrying ``ids[first + i]``, up to the first one the queue does not take."""
+    if ids is None:
+        return buffer.put_many_nowait(payloads, origin, drop=drop)
+    done = 0
+    for payload, message_id in zip(payloads, ids[first : first + len(payloads)], strict=True):
+        if not buffer.put_many_nowait((payload,), replace(origin, id=message_id), drop=drop):
+            break
+        done += 1
+    return done

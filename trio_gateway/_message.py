@@ -22,7 +22,8 @@ __all__ = ("Batch", "Item", "Message", "Origin")
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where and when a group of messages was received (shared by every message of one read)."""
+    """Where and when a group of messages was received (shared by every message of one read),
+    and the message's id when its sender gave one."""
 
     transport: str
     """``"tcp"``, ``"udp"``, ``"http"``, ``"websocket"``, ``"grpc"``, ``"memory"``."""
@@ -32,6 +33,12 @@ class Origin:
     """The sender's address as ``host:port`` (empty when unknown)."""
     received_at: float
     """Wall-clock time (``time.time()``) of the read that produced the messages."""
+    id: str | None = None
+    """The sender's id for the message (``Idempotency-Key``, gRPC ``idempotency-key``
+    metadata), or None. An origin with an id carries exactly one message: a source that has
+    ids makes one origin per message, so the id survives any cut of the runs into batches.
+    Sinks pass it on (``Nats-Msg-Id``, the JSON Lines ``"id"``) so that a sender's retry of
+    the same message is recognised downstream (docs/reliability.md, "Idempotency ids")."""
 
 
 class Message(NamedTuple):

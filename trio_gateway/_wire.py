@@ -15,6 +15,9 @@ __all__ = (
     "GRPC_CONTENT_TYPE",
     "GRPC_METHODS",
     "GRPC_SERVICE",
+    "IDEMPOTENCY_KEY",
+    "MAX_KEY_LENGTH",
+    "idempotency_key",
     "parse_hostport",
 )
 
@@ -36,6 +39,29 @@ GRPC_METHODS = {"unary": "Send", "stream": "Stream", "bidi": "StreamAcked"}
 ``Ack``, a bidirectional stream with an ``Ack`` per message."""
 
 GRPC_CONTENT_TYPE = "application/grpc+proto"
+
+IDEMPOTENCY_KEY = "idempotency-key"
+"""The HTTP header (``Idempotency-Key``) and the gRPC metadata key that carry a sender's
+message id (docs/reliability.md, "Idempotency ids")."""
+
+MAX_KEY_LENGTH = 200
+"""The longest key taken: the ids made of it become ``Nats-Msg-Id`` headers downstream."""
+
+_KEY_CHARACTERS = bytes(range(0x21, 0x7F))
+"""What a key may hold: visible ASCII (no space, no control character)."""
+
+
+def idempotency_key(value: str | bytes) -> str | None:
+    """The key of an ``Idempotency-Key`` value (bare, or a structured-field string in quotes
+    as the IETF draft writes it), or None if it is not 1 to :data:`MAX_KEY_LENGTH` visible
+    ASCII characters."""
+    raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[:1] == raw[-1:] == b'"':
+        raw = raw[1:-1]
+    if not 0 < len(raw) <= MAX_KEY_LENGTH or raw.translate(None, _KEY_CHARACTERS):
+        return None
+    return raw.decode("ascii")
 
 
 def parse_hostport(value: str, *, key: str) -> tuple[str, int]:

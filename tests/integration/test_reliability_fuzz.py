@@ -27,7 +27,7 @@ from trio_websocket import open_websocket_url
 from trio_gateway import Gateway
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources import GrpcSource, HttpSource, WebSocketSource
-from trio_gateway.sources.http import IngestRules
+from trio_gateway.sources.http import BodyKind, IngestRules
 from trio_gateway.testing import RecordingSink, open_gateway
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -50,6 +50,7 @@ header_names = st.sampled_from(
         b"authorization",
         b"expect",
         b"connection",
+        b"idempotency-key",
         b"x-anything",
     ]
 )
@@ -277,13 +278,13 @@ def test_http_rules_answer_everything_and_count_every_refusal(
 ) -> None:
     rules = rules_with(capacity)
     counters = rules.ingress.counters
-    refusal, _ = rules.head(method, target, headers)
+    refusal, kind = rules.head(method, target, headers)
     if refusal is not None:
         assert refusal.status in STATUSES
         # a refusal at the door is counted, except "not found" and "method not allowed"
         assert sum(counters.rejected.values()) == (refusal.status not in (404, 405))
         return
-    reply = trio.run(rules.ingest, body, ndjson, "fuzz")
+    reply = trio.run(rules.ingest, body, BodyKind(ndjson, kind.key), "fuzz")
     assert reply.status in STATUSES
     queued = len(rules.ingress.buffer.queue)
     if reply.status == 202:

@@ -11,10 +11,10 @@ import trio
 
 from .._errors import ConfigurationError, TransportError
 from .._proto import gateway_pb2
-from .._wire import GRPC_METHODS
+from .._wire import GRPC_METHODS, IDEMPOTENCY_KEY
 from ._connect import Misdirected, Peer
 from ._h2 import CONNECTION_LOST, GrpcCall, grpc_connection, grpc_frame
-from ._options import DEFAULT_TIMEOUT, GRPC_MODES, check_common
+from ._options import DEFAULT_TIMEOUT, GRPC_MODES, check_common, check_ids
 from ._run import Run, SendSummary, make_payload, run_workers
 
 __all__ = ("send_grpc",)
@@ -46,6 +46,7 @@ async def send_grpc(
     rate: float | None = None,
     step_timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int], None] | None = None,
+    ids: str | None = None,
 ) -> SendSummary:
     """Send ``count`` messages to the gateway's ``trio_gateway.v1.Gateway`` service.
 
@@ -53,8 +54,14 @@ async def send_grpc(
     (one ``Stream`` call per connection; the final ``Ack`` counts accepted and rejected) or
     ``bidi`` (one ``StreamAcked`` call per connection; an ``Ack`` per message). Each message's
     ``sequence`` is its number in the run. TLS when ``ssl_context`` is given (ALPN ``h2``).
+
+    With ``ids``, message ``n`` gets the id ``{ids}:{n}``: a ``Send`` call carries the
+    metadata ``idempotency-key: {ids}:{n}``, a stream ``idempotency-key: {ids}`` (the gateway
+    adds each message's ``sequence``). Running the same command again resends every message
+    with the same id.
     """
     check_common(count, size, concurrency, step_timeout, rate)
+    check_ids(ids)
     if mode not in GRPC_MODES:
         raise ConfigurationError("--mode", f"must be one of {', '.join(GRPC_MODES)}")
     if ssl_context is not None:
@@ -92,8 +99,14 @@ async def send_grpc(
                     run.reached = True
                     while seqs and not conn.terminated:
                         await run.pace(seqs.start)
+                        metadata = (
+                            () if ids is None else ((IDEMPOTENCY_KEY, f"{ids}:{seqs.start}"),)
+                        )
                         call = conn.open_call(
-                            GRPC_METHODS["unary"], token=token, step_timeout=step_timeout
+                            GRPC_METHODS["unary"],
+                            token=token,
+                            step_timeout=step_timeout,
+                            metadata=metadata,
                         )
                         try:
                             with trio.fail_after(step_timeout):
@@ -131,7 +144,12 @@ async def send_grpc(
             ) as conn:
                 run.reached = True
                 method = GRPC_METHODS["bidi" if acked else "stream"]
-                call = conn.open_call(method, token=token, step_timeout=step_timeout)
+                call = conn.open_call(
+                    method,
+                    token=token,
+                    step_timeout=step_timeout,
+                    metadata=() if ids is None else ((IDEMPOTENCY_KEY, ids),),
+                )
 
                 async def read_acks() -> None:
                     nonlocal answered

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -315,7 +315,14 @@ class H2Client:
         h2conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self.emit()
 
-    def open_call(self, method: str, *, token: str | None, step_timeout: float) -> GrpcCall:
+    def open_call(
+        self,
+        method: str,
+        *,
+        token: str | None,
+        step_timeout: float,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> GrpcCall:
         if self.terminated:
             raise self.lost or self.peer.error("the connection is closed")
         stream_id = self.h2.get_next_available_stream_id()
@@ -331,6 +338,7 @@ class H2Client:
         ]
         if token is not None:
             headers.append(("authorization", f"Bearer {token}"))
+        headers.extend(metadata)
         call = GrpcCall(self, stream_id)
         self.calls[stream_id] = call
         self.h2.send_headers(stream_id, headers)

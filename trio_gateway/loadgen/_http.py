@@ -21,13 +21,14 @@ import h11
 import trio
 
 from .._errors import ConfigurationError, TransportError
-from .._wire import DEFAULT_HTTP_PATH
+from .._wire import DEFAULT_HTTP_PATH, IDEMPOTENCY_KEY
 from ._connect import Misdirected, Peer, client_ssl_context, connect
 from ._options import (
     DEFAULT_TIMEOUT,
     MAX_RETRY_WAIT,
     answer_timeout,
     check_common,
+    check_ids,
 )
 from ._run import MAX_REPLY, READ_SIZE, USER_AGENT, Run, SendSummary, run_workers
 
@@ -182,6 +183,7 @@ async def send_http(
     step_timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int], None] | None = None,
     retries: int = 0,
+    ids: str | None = None,
 ) -> SendSummary:
     """``POST`` ``count`` messages to ``url`` (default path ``/ingest``), one per request or
     ``ndjson`` per request as ``application/x-ndjson``, on ``concurrency`` keep-alive
@@ -191,8 +193,14 @@ async def send_http(
     the ones its body says were queued) is sent again after the answer's ``Retry-After``
     (1 s without one, at most :data:`MAX_RETRY_WAIT`), up to ``retries`` times per request;
     only what is still refused then counts as rejected. The run's first answer must come
-    within :data:`FIRST_ANSWER_TIMEOUT`: silence means another protocol on that port."""
+    within :data:`FIRST_ANSWER_TIMEOUT`: silence means another protocol on that port.
+
+    With ``ids``, each request carries ``Idempotency-Key: {ids}:{n}``, ``n`` the number of
+    its first message in the run: message ``n`` gets the id ``{ids}:{n}``, an NDJSON line
+    ``{ids}:{n}:{i}``; a retry of what a ``503`` refused starts at its first refused message.
+    Running the same command again resends every message with the same id."""
     check_common(count, size, concurrency, step_timeout, rate)
+    check_ids(ids)
     if retries < 0:
         raise ConfigurationError("--retries", "must not be negative")
     if ndjson is not None and ndjson < 1:
@@ -215,12 +223,15 @@ async def send_http(
     per_request = ndjson or 1
     run = Run(count, size, rate=rate, progress=progress)
 
-    async def exchange(conn: _HttpConnection, body: bytes) -> _Answer:
+    async def exchange(conn: _HttpConnection, body: bytes, seq: int) -> _Answer:
         first = not (conn.answered or run.reached)
         seconds = answer_timeout(step_timeout, first=first)
+        head = headers
+        if ids is not None:
+            head = [*headers, (IDEMPOTENCY_KEY.encode(), f"{ids}:{seq}".encode())]
         try:
             with trio.fail_after(seconds):
-                return await conn.request(target.target, headers, body)
+                return await conn.request(target.target, head, body)
         except trio.TooSlowError as exc:
             if first:
                 raise peer.no_answer(seconds) from exc
@@ -244,7 +255,7 @@ async def send_http(
                         )
                         conn = _HttpConnection(stream, peer)
                     body = b"\n".join(payloads) + b"\n" if ndjson is not None else payloads[0]
-                    answer = await exchange(conn, body)
+                    answer = await exchange(conn, body, seqs.stop - len(payloads))
                     if answer.status in (404, 405):  # every message would meet it
                         raise Misdirected(
                             f"{peer.where}: POST {target.target.decode()} answered "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from .._errors import ConfigurationError
-from .._wire import GRPC_METHODS
+from .._wire import GRPC_METHODS, MAX_KEY_LENGTH, idempotency_key
 
 __all__ = (
     "DEFAULT_TIMEOUT",
@@ -17,6 +17,7 @@ __all__ = (
     "TRANSPORTS",
     "answer_timeout",
     "check_common",
+    "check_ids",
     "resolve_token",
 )
 
@@ -57,6 +58,18 @@ def check_common(
         raise ConfigurationError("--timeout", "must be positive")
     if rate is not None and rate <= 0:
         raise ConfigurationError("--rate", "must be positive")
+
+
+def check_ids(prefix: str | None) -> None:
+    """``--ids PREFIX``: message ``n`` of the run gets the id ``PREFIX:n``, which must be a
+    valid key (visible ASCII, at most :data:`MAX_KEY_LENGTH` characters with the number)."""
+    if prefix is not None and (
+        len(prefix) > MAX_KEY_LENGTH - 24 or idempotency_key(prefix) != prefix
+    ):
+        raise ConfigurationError(
+            "--ids",
+            f"must be 1 to {MAX_KEY_LENGTH - 24} visible ASCII characters (no quotes, no space)",
+        )
 
 
 def resolve_token(value: str | None, *, key: str = "--token") -> str | None:

@@ -146,8 +146,8 @@ class DiskQueue(Queue[bytes]):
             os.makedirs(self.directory, exist_ok=True)
             conn = self._writer.connect()
             rows = conn.execute(
-                "SELECT id, count, nbytes, skip, transport, listener, peer, received_at"
-                " FROM runs ORDER BY id"
+                "SELECT id, count, nbytes, skip, transport, listener, peer, received_at,"
+                " message_id FROM runs ORDER BY id"
             ).fetchall()
             return conn, rows
 

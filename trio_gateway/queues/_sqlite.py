@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS runs (
     listener TEXT NOT NULL,
     peer TEXT NOT NULL,
     received_at REAL NOT NULL,
+    message_id TEXT,
     lengths BLOB NOT NULL,
     data BLOB NOT NULL
 )
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS runs (
 _INSERT = (
     # OR IGNORE: a group that failed part-way under "always" is tried again whole.
     "INSERT OR IGNORE INTO runs (id, count, nbytes, skip, transport, listener, peer, received_at,"
-    " lengths, data) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?)"
+    " message_id, lengths, data) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)"
 )
 _RETRY_DELAY = (0.05, 2.0)
 """Seconds the writer waits before trying a failed commit again: the first time, and at most."""
@@ -162,6 +163,9 @@ class Writer:
         conn.execute(f"PRAGMA synchronous={'NORMAL' if self.fsync == 'interval' else 'FULL'}")
         conn.execute("PRAGMA journal_size_limit=67108864")
         conn.execute(_SCHEMA)
+        if "message_id" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
+            # A queue written before runs kept their message's id (Origin.id): add the column.
+            conn.execute("ALTER TABLE runs ADD COLUMN message_id TEXT")
         return conn
 
     def start(self, report: Any, token: TrioToken) -> None:
@@ -266,7 +270,7 @@ class Writer:
             assert run.payloads is not None
             o = run.origin
             lengths, data = _pack(run.payloads)
-            where = (o.transport, o.listener, o.peer, o.received_at)
+            where = (o.transport, o.listener, o.peer, o.received_at, o.id)
             rows.append((run.id, run.count, run.nbytes, *where, lengths, data))
         try:
             if self.fsync == "always":

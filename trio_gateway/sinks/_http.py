@@ -119,7 +119,10 @@ class HttpSink(Sink):
     reason, ``splits`` the bodies split. A batch whose NDJSON is larger than ``max_body_bytes``
     goes as several requests; a retry resumes at the request that failed. Each request
     carries an ``Idempotency-Key`` that a retry repeats (a split half adds ``.0`` or ``.1``),
-    so a receiver can drop copies.
+    so a receiver can drop copies. A message's own id (:attr:`Origin.id`) is in its record
+    (``"id"``), and a batch of one message with an id uses that id as the key: a gateway
+    downstream then gives the message the same id (``<id>:0``, line 0 of an NDJSON body)
+    whichever upstream process sends it.
     """
 
     def __init__(
@@ -255,11 +258,11 @@ class HttpSink(Sink):
                 0,
             )
             refused = []
+        message_id = batch[0].origin.id if len(batch) == 1 else None
         for index in range(first, len(bodies)):
+            key = message_id or f"{self.sink_id}-{number}-{index}"
             try:
-                refused += await self._post_or_split(
-                    bodies[index], f"{self.sink_id}-{number}-{index}", bodies, index
-                )
+                refused += await self._post_or_split(bodies[index], key, bodies, index)
             except SinkError:
                 self._resume = (batch, number, bodies, index, refused)
                 raise

@@ -1,6 +1,7 @@
 """JSON Lines encoding of a batch, shared by the stdout and file sinks.
 
-A record is ``{"transport", "peer", "received_at", "payload"}``, with ``"payload_b64"`` instead
+A record is ``{"transport", "peer", "received_at", "payload"}``, with ``"id"`` before the
+payload when the message has one (:attr:`Origin.id`), and ``"payload_b64"`` instead
 of ``"payload"`` when the bytes are not clean text: not UTF-8, or holding a control character
 other than tab, newline and carriage return (JSON would write each as ``\\u00XX``, six bytes for
 one: a payload of NUL bytes would grow sixfold; base64 grows by a third). Clean text keeps its
@@ -56,10 +57,13 @@ _END = b'"}\n'
 
 
 def _prefix(origin: Origin) -> str:
-    return (
+    prefix = (
         f'{{"transport":{json.dumps(origin.transport)},"peer":{json.dumps(origin.peer)},'
         f'"received_at":{origin.received_at!r},'
     )
+    if origin.id is not None:
+        prefix += f'"id":{json.dumps(origin.id)},'
+    return prefix
 
 
 def _escape(data: bytes) -> bytes:

@@ -11,7 +11,9 @@ Delivery is at-least-once, made exactly-once within JetStream's duplicate window
 carries a ``Nats-Msg-Id`` of ``<sink id>.<sequence>``, where the sink id is random per sink
 instance and the sequence numbers are allocated once per batch, so a retried batch carries the
 same ids (JetStream drops the copies and says so in the ack) while two different messages never
-share one.
+share one. A message that came with its sender's id (:attr:`Origin.id`: ``Idempotency-Key``,
+gRPC ``idempotency-key``) carries that id instead, so the sender's own retry of it, even
+through another gateway or after a crash, is dropped too.
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ class NatsSink(Sink):
                         base["Nats-Expected-Stream"] = stream
                     for payload in payloads[start : start + count]:
                         headers = base.copy()
-                        headers["Nats-Msg-Id"] = prefix + str(seq)
+                        headers["Nats-Msg-Id"] = origin.id or prefix + str(seq)
                         seq += 1
                         # Waits only when max_in_flight publishes are unacknowledged.
                         acks.append(await js.publish_async(subject, payload, headers=headers))

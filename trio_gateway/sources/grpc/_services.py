@@ -3,6 +3,11 @@
 Each is a grpclib-generated ``*Base`` subclass, so the server finds its methods through
 ``__mapping__()``. They run on :class:`GrpcStream` (our h2 server) and use its batch API on the
 streaming paths: every complete message of one read goes to the queue in one offer.
+
+Ids (docs/grpc.md): with ``idempotency-key: K`` metadata, a unary call's message has the id
+``K``; a stream's messages ``K:<sequence>`` (``gateway.v1.Message.sequence``, which the client
+chooses and keeps when it resends), or ``K:<position>`` on the talk's stream, which has no
+sequence. A call with the key skips the inline path (one origin per message is its cost).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..._proto.model_grpc import (
     GrpcStreamingInputterServiceBase,
     GrpcUnaryInputterServiceBase,
 )
-from ..._wire import GRPC_METHODS, GRPC_SERVICE
+from ..._wire import GRPC_METHODS, GRPC_SERVICE, MAX_KEY_LENGTH, idempotency_key
 from ._server import InlineHandler
 from ._stream import GrpcStream
 
@@ -41,8 +46,22 @@ _EMPTY = model_pb2.Empty()
 _ServingStatus: TypeAlias = "health_pb2.HealthCheckResponse.ServingStatus.ValueType"
 
 
-def _origin(ingress: Ingress, stream: GrpcStream) -> Origin:
-    return Origin("grpc", ingress.listener, stream.peer, time.time())
+def _origin(ingress: Ingress, stream: GrpcStream, message_id: str | None = None) -> Origin:
+    return Origin("grpc", ingress.listener, stream.peer, time.time(), message_id)
+
+
+def _key(stream: GrpcStream) -> str | None:
+    """The call's ``idempotency-key``, or None; INVALID_ARGUMENT when it is not a key."""
+    raw = stream.idempotency_key
+    if raw is None:
+        return None
+    key = idempotency_key(raw)
+    if key is None:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT,
+            f"idempotency-key must be 1 to {MAX_KEY_LENGTH} visible ASCII characters",
+        )
+    return key
 
 
 def _decode_all(
@@ -74,7 +93,8 @@ def _payloads(
 
 
 async def _offer_one(ingress: Ingress, stream: GrpcStream, payload: bytes, wait: float) -> None:
-    accepted = await ingress.offer_or_reject([payload], _origin(ingress, stream), timeout=wait)
+    origin = _origin(ingress, stream, _key(stream))
+    accepted = await ingress.offer_or_reject([payload], origin, timeout=wait)
     if not accepted:
         raise GRPCError(Status.RESOURCE_EXHAUSTED, "the gateway's queue is full")
 
@@ -92,6 +112,8 @@ class GatewayService(GatewayBase):
     def _send_inline(self, stream: GrpcStream, message: Any) -> Any:
         """``Send`` when the queue has room now (the server's inline path); else ``None``, and
         :meth:`Send` waits for room or answers RESOURCE_EXHAUSTED."""
+        if stream.idempotency_key is not None:
+            return None
         if not self._ingress.offer_one_nowait(message.payload, _origin(self._ingress, stream)):
             return None
         return gateway_pb2.Ack(sequence=message.sequence, accepted=True, accepted_count=1)
@@ -107,6 +129,7 @@ class GatewayService(GatewayBase):
 
     async def Stream(self, stream: GrpcStream) -> None:  # type: ignore[override]
         ingress = self._ingress
+        key = _key(stream)
         accepted = received = last_sequence = 0
         while batch := await stream.recv_batch():
             payloads, sequences, error = _payloads(ingress, batch)
@@ -115,7 +138,8 @@ class GatewayService(GatewayBase):
                 received += len(payloads)
                 last_sequence = sequences[-1]
                 # under `block` this waits while the queue is full: the window stays closed
-                accepted += await ingress.offer(payloads, _origin(ingress, stream))
+                ids = None if key is None else [f"{key}:{s}" for s in sequences]
+                accepted += await ingress.offer(payloads, _origin(ingress, stream), ids=ids)
                 del payloads
             if error is not None:
                 raise error
@@ -131,12 +155,14 @@ class GatewayService(GatewayBase):
     async def StreamAcked(self, stream: GrpcStream) -> None:  # type: ignore[override]
         ingress = self._ingress
         ack = gateway_pb2.Ack
+        key = _key(stream)
         while batch := await stream.recv_batch():
             payloads, sequences, error = _payloads(ingress, batch)
             del batch
             if payloads:
+                ids = None if key is None else [f"{key}:{s}" for s in sequences]
                 accepted = await ingress.offer_or_reject(
-                    payloads, _origin(ingress, stream), timeout=self._timeout
+                    payloads, _origin(ingress, stream), timeout=self._timeout, ids=ids
                 )
                 del payloads  # queued or refused: not held while the acks wait for a window
                 acks = [
@@ -163,6 +189,8 @@ class UnaryInputterService(GrpcUnaryInputterServiceBase):
 
     def _make_request_inline(self, stream: GrpcStream, request: Any) -> Any:
         """``MakeRequest`` when the queue has room now; else ``None`` (the task path)."""
+        if stream.idempotency_key is not None:
+            return None
         payload = request.message.encode()
         if not self._ingress.offer_one_nowait(payload, _origin(self._ingress, stream)):
             return None
@@ -184,11 +212,17 @@ class StreamingInputterService(GrpcStreamingInputterServiceBase):
 
     async def MakeRequest(self, stream: GrpcStream) -> None:  # type: ignore[override]
         ingress = self._ingress
+        key = _key(stream)
+        position = 0
         while batch := await stream.recv_batch():
             requests, error = _decode_all(ingress, model_pb2.Request, batch)
             if requests:
+                ids = None
+                if key is not None:
+                    ids = [f"{key}:{n}" for n in range(position, position + len(requests))]
+                    position += len(requests)
                 await ingress.offer(
-                    [r.message.encode() for r in requests], _origin(ingress, stream)
+                    [r.message.encode() for r in requests], _origin(ingress, stream), ids=ids
                 )
             if error is not None:
                 raise error

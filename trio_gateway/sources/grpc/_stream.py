@@ -15,6 +15,7 @@ import trio
 from grpclib.const import Cardinality, Status
 from grpclib.metadata import Deadline, decode_metadata
 
+from ..._wire import IDEMPOTENCY_KEY
 from ._calls import Call, StreamReset
 from ._protocol import header_value
 
@@ -59,6 +60,11 @@ class GrpcStream:
     def metadata(self) -> Any:
         """The request's custom metadata (a ``multidict.MultiDict``, as in grpclib)."""
         return decode_metadata(self._call.headers)
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The raw ``idempotency-key`` metadata (the sender's message id), or None."""
+        return header_value(self._call.headers, IDEMPOTENCY_KEY)
 
     @property
     def user_agent(self) -> str | None:

@@ -16,8 +16,9 @@ Three front ends apply them:
 """
 
 from ._asgi import IngestApp as IngestApp
+from ._rules import BodyKind as BodyKind
 from ._rules import IngestRules as IngestRules
 from ._rules import Reply as Reply
 from ._source import HttpSource as HttpSource
 
-__all__ = ("HttpSource", "IngestApp", "IngestRules", "Reply")
+__all__ = ("BodyKind", "HttpSource", "IngestApp", "IngestRules", "Reply")

@@ -52,7 +52,7 @@ class IngestApp:
         rules = self.rules
         client = scope.get("client")
         peer = format_peer(tuple(client)) if client else ""
-        refusal, ndjson = rules.head(
+        refusal, kind = rules.head(
             scope["method"].encode(), scope["raw_path"] or scope["path"].encode(), scope["headers"]
         )
         reply = refusal
@@ -73,7 +73,7 @@ class IngestApp:
                 if not message.get("more_body", False):
                     break
             if reply is None:
-                reply = await rules.ingest(b"".join(chunks), ndjson, peer)
+                reply = await rules.ingest(b"".join(chunks), kind, peer)
         headers = [*reply.headers, *rules.cors_headers(scope["headers"])]
         if reply.close and str(scope.get("http_version", "1.1")).startswith("1"):
             headers.append((b"connection", b"close"))

@@ -44,7 +44,7 @@ async def serve_http1(
             if request is None:
                 return  # closed, or quiet between requests
             cors = rules.cors_headers(request.headers)
-            reply, ndjson = rules.head(request.method, request.target, request.headers)
+            reply, kind = rules.head(request.method, request.target, request.headers)
             if reply is None and not share.hold_nowait(_body_bytes(request, rules.max_body_size)):
                 ingress.reject("over_budget")
                 reply = rules.over_budget  # 503 + Retry-After before the body is read
@@ -54,7 +54,7 @@ async def serve_http1(
                 except BodyTooLarge:
                     reply = rules.body_too_large()
                 else:
-                    reply = await rules.ingest(body, ndjson, peer)
+                    reply = await rules.ingest(body, kind, peer)
                 share.close()  # queued now (or refused): the queue's share holds it
             headers = reply.headers + cors if cors else reply.headers
             await http.respond(reply.status, headers, reply.body, close=reply.close)

@@ -39,7 +39,7 @@ from hyperframe.frame import GoAwayFrame
 
 from .._base import connection_errors, linger
 from ._h2scan import FrameScanner, ResetWindow
-from ._rules import Headers, IngestRules, Reply
+from ._rules import BodyKind, Headers, IngestRules, Reply
 
 __all__ = ("MAX_RESETS", "MAX_STREAMS", "RESET_WINDOW", "serve_http2")
 
@@ -59,11 +59,11 @@ _MAX_STREAM_ID = 2**31 - 1
 class _Request:
     """A request whose head has come: its body so far, and when it began."""
 
-    __slots__ = ("chunks", "cors", "ndjson", "size", "started", "unacked")
+    __slots__ = ("chunks", "cors", "kind", "size", "started", "unacked")
 
-    def __init__(self, started: float, ndjson: bool, cors: Headers) -> None:
+    def __init__(self, started: float, kind: BodyKind, cors: Headers) -> None:
         self.started = started
-        self.ndjson = ndjson
+        self.kind = kind
         self.cors = cors
         self.chunks: list[bytes] = []
         self.size = 0
@@ -295,11 +295,11 @@ class _Http2Connection:
         pairs = [(bytes(name), bytes(value)) for name, value in headers]
         rules = self.rules
         cors = rules.cors_headers(pairs)
-        refusal, ndjson = rules.head(method, path, pairs)
+        refusal, kind = rules.head(method, path, pairs)
         if refusal is not None:
             self._respond(stream_id, refusal, cors, reset=not event.stream_ended)
             return
-        self.requests[stream_id] = _Request(now, ndjson, cors)
+        self.requests[stream_id] = _Request(now, kind, cors)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream_id = event.stream_id
@@ -349,7 +349,7 @@ class _Http2Connection:
         request.chunks = [body]
         try:
             try:
-                reply = await self.rules.ingest(body, request.ndjson, self.peer)
+                reply = await self.rules.ingest(body, request.kind, self.peer)
             finally:
                 self._release(stream_id, request)
             self.quiet_since = trio.current_time()

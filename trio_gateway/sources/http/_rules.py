@@ -16,15 +16,29 @@ from typing import TypeAlias
 
 from ..._ingress import Ingress
 from ..._message import Origin
-from ..._wire import DEFAULT_HTTP_PATH
+from ..._wire import DEFAULT_HTTP_PATH, IDEMPOTENCY_KEY, MAX_KEY_LENGTH, idempotency_key
 from .._options import DEFAULT_MAX_MESSAGE_SIZE
 from ._cors import Cors
 
-__all__ = ("IngestRules", "Reply", "json_reply")
+__all__ = ("BodyKind", "IngestRules", "Reply", "json_reply")
 
 NDJSON_TYPES = frozenset({b"application/x-ndjson", b"application/ndjson"})
 
 Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyKind:
+    """What a request's head says of its body: NDJSON (one message per line) or one message,
+    and the sender's ``Idempotency-Key`` (None without one)."""
+
+    ndjson: bool
+    key: str | None = None
+
+
+_KEY_HEADER = IDEMPOTENCY_KEY.encode()
+_ONE = BodyKind(False)
+_NDJSON = BodyKind(True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +77,10 @@ class IngestRules:
     * with a ``token``, ``Authorization: Bearer <token>`` is required (``401`` otherwise;
       compared in constant time);
     * with ``cors_origins``, ``OPTIONS`` is a CORS preflight (``204``, or ``403`` for an
-      origin not on the list) and every answer gets the headers of :meth:`cors_headers`.
+      origin not on the list) and every answer gets the headers of :meth:`cors_headers`;
+    * ``Idempotency-Key: K`` (visible ASCII, at most :data:`MAX_KEY_LENGTH` characters, bare
+      or as a quoted string; else ``400``) gives the message the id ``K``, and the lines of an
+      NDJSON body the ids ``K:0``, ``K:1``, ... by position (docs/http.md).
     """
 
     def __init__(
@@ -104,6 +121,10 @@ class IngestRules:
         )
         self.accepted_one = json_reply(202, {"accepted": 1})
         self.empty = json_reply(400, {"error": "empty body"})
+        self.bad_key = json_reply(
+            400,
+            {"error": f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} visible ASCII characters"},
+        )
         self.ambiguous_length = json_reply(
             400, {"error": "both Content-Length and Transfer-Encoding"}, close=True
         )
@@ -117,19 +138,20 @@ class IngestRules:
         method: bytes,
         target: bytes,
         headers: Sequence[tuple[bytes, bytes]],
-    ) -> tuple[Reply | None, bool]:
-        """Judge a request by its head. Returns ``(refusal or None, is_ndjson)``."""
+    ) -> tuple[Reply | None, BodyKind]:
+        """Judge a request by its head. Returns ``(refusal or None, what its body is)``."""
         path = target.partition(b"?")[0]
         if path != self.path:
-            return self.not_found, False
+            return self.not_found, _ONE
         if method == b"OPTIONS" and self.cors is not None:
-            return self._preflight(headers), False
+            return self._preflight(headers), _ONE
         if method != b"POST":
-            return self.not_allowed, False
+            return self.not_allowed, _ONE
         authorization = None
         length = None
         ndjson = False
         chunked = False
+        key = None
         for name, value in headers:
             if name == b"content-length":
                 length = value
@@ -139,19 +161,28 @@ class IngestRules:
                 authorization = value
             elif name == b"transfer-encoding":
                 chunked = True
+            elif name == _KEY_HEADER:
+                key = value
+        kind = _NDJSON if ndjson else _ONE
         if length is not None and chunked:
             # RFC 9112 section 6.3: a sign of request smuggling; refuse it and close.
             self.ingress.reject("malformed")
-            return self.ambiguous_length, ndjson
+            return self.ambiguous_length, kind
         if self._token is not None:
             refusal = self._check_token(authorization)
             if refusal is not None:
                 self.ingress.reject("unauthorized")
-                return refusal, ndjson
+                return refusal, kind
         if length is not None and length.isdigit() and int(length) > self.max_body_size:
             self.ingress.reject("oversize")
-            return self.too_large, ndjson
-        return None, ndjson
+            return self.too_large, kind
+        if key is not None:
+            text = idempotency_key(key)
+            if text is None:
+                self.ingress.reject("malformed")
+                return self.bad_key, kind
+            kind = BodyKind(ndjson, text)
+        return None, kind
 
     def cors_headers(self, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
         """The CORS headers an answer to a request with ``headers`` carries (none unless
@@ -181,10 +212,10 @@ class IngestRules:
         self.ingress.reject("oversize")
         return self.too_large
 
-    async def ingest(self, body: bytes, ndjson: bool, peer: str) -> Reply:
+    async def ingest(self, body: bytes, kind: BodyKind, peer: str) -> Reply:
         """Queue the message(s) of a complete body and answer the sender."""
         ingress = self.ingress
-        if ndjson:
+        if kind.ndjson:
             payloads = [line for line in body.split(b"\n") if line.strip()]
             if not payloads:
                 ingress.reject("malformed")
@@ -203,7 +234,11 @@ class IngestRules:
             ingress.reject("malformed")
             return self.empty
         origin = Origin("http", ingress.listener, peer, time.time())
-        accepted = await ingress.offer_or_reject(payloads, origin, timeout=self.queue_wait)
+        ids = None
+        if kind.key is not None:
+            key = kind.key
+            ids = [f"{key}:{i}" for i in range(len(payloads))] if kind.ndjson else [key]
+        accepted = await ingress.offer_or_reject(payloads, origin, timeout=self.queue_wait, ids=ids)
         if accepted == len(payloads):
             if accepted == 1:
                 return self.accepted_one

@@ -141,6 +141,27 @@ async def test_gateway_posts_ndjson_batches(destination: Destination) -> None:
     assert sink.failures == {} and sink.requests == len(destination.requests)
 
 
+async def test_a_message_id_is_the_key_of_its_own_request_and_in_every_record(
+    destination: Destination,
+) -> None:
+    sink = HttpSink(destination.url)
+    one = Origin("http", "http:x", "p", 1.0, "client-7")
+    await sink.open()
+    try:
+        await sink.send(Batch.of([(b'{"a":1}', one)]))
+        two = Origin("http", "http:x", "p", 1.0, "client-8")
+        await sink.send(Batch.of([(b'{"a":2}', two), (b'{"a":3}', ORIGIN)]))
+    finally:
+        await sink.aclose()
+    first, second = destination.requests
+    assert first.headers["idempotency-key"] == "client-7"
+    assert decode_jsonl_record(first.body)[1]["id"] == "client-7"
+    # Two messages: the sink's own key; each record says its message's id, if it has one.
+    assert second.headers["idempotency-key"].startswith(sink.sink_id)
+    ids = [decode_jsonl_record(line)[1].get("id") for line in second.body.splitlines()]
+    assert ids == ["client-8", None]
+
+
 async def test_5xx_is_retried_with_backoff_and_the_same_idempotency_key(
     destination: Destination,
 ) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from helpers import detached_ingress
 
 from trio_gateway import Batch, ConfigurationError, Origin
@@ -17,6 +20,7 @@ from trio_gateway._wire import MAX_KEY_LENGTH, idempotency_key
 from trio_gateway.loadgen._options import check_ids
 from trio_gateway.queues import DiskQueue, RingBuffer
 from trio_gateway.sinks import decode_jsonl_record, encode_jsonl
+from trio_gateway.sources.grpc._services import _key
 from trio_gateway.sources.http import BodyKind, IngestRules
 
 HTTP = Origin("http", "http:test", "127.0.0.1:5000", 1.5)
@@ -163,3 +167,11 @@ def test_send_ids_must_make_valid_keys() -> None:
     for bad in ("", "a b", '"q"', "x" * 200):
         with pytest.raises(ConfigurationError, match="--ids"):
             check_ids(bad)
+
+
+def test_a_grpc_call_with_a_bad_key_is_invalid_argument() -> None:
+    assert _key(SimpleNamespace(idempotency_key=None)) is None  # type: ignore[arg-type]
+    assert _key(SimpleNamespace(idempotency_key="k-1")) == "k-1"  # type: ignore[arg-type]
+    with pytest.raises(GRPCError) as caught:
+        _key(SimpleNamespace(idempotency_key="not a key"))  # type: ignore[arg-type]
+    assert caught.value.status == Status.INVALID_ARGUMENT

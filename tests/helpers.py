@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -339,3 +340,47 @@ def ws_client_frame(payload: bytes, *, opcode: int = 0x2, fin: bool = True) -> b
     else:
         head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
     return head + mask + masked
+
+
+class RetryingPoster:
+    """A client that holds what it sent until the gateway acknowledges it (the chaos test's and
+    ``bench.exactly_once``'s): NDJSON batches of ``batch`` lines ``{"n":N}``, one request at a
+    time. A request the gateway did not answer (it died) or refused (503) goes again with the
+    same body and, with ``ids``, the same ``Idempotency-Key`` (so its lines keep their ids)."""
+
+    def __init__(self, *, batch: int = 20, ids: bool = True) -> None:
+        self.batch = batch
+        self.ids = ids
+        self.acknowledged: list[bytes] = []
+        self.pending: tuple[str, list[bytes]] | None = None
+        self.sent = 0
+
+    def _post(self, client: httpx.Client, url: str) -> None:
+        if self.pending is None:
+            n = self.sent
+            self.sent += self.batch
+            self.pending = (f"k{n}", [b'{"n":%d}' % (n + i) for i in range(self.batch)])
+        key, lines = self.pending
+        headers = {"Content-Type": "application/x-ndjson"}
+        if self.ids:
+            headers["Idempotency-Key"] = key
+        response = client.post(url, content=b"\n".join(lines), headers=headers)
+        if response.status_code == 202:
+            self.acknowledged.extend(lines)
+            self.pending = None
+
+    def run(self, url: str, stop: threading.Event) -> None:
+        """Post until ``stop`` is set or the gateway dies (then ``pending`` waits for the
+        next :meth:`run` or :meth:`finish`)."""
+        with httpx.Client(timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    self._post(client, url)
+                except httpx.HTTPError:
+                    return
+
+    def finish(self, url: str) -> None:
+        """Send the request the last crash left unanswered, until it is acknowledged."""
+        with httpx.Client(timeout=5) as client:
+            while self.pending is not None:
+                self._post(client, url)

@@ -28,10 +28,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ServeProcess, read_payloads, wait_until_sync
+from helpers import RetryingPoster, ServeProcess, read_payloads, wait_until_sync
 from jetstream import NatsServer, stream_messages
-
-NDJSON = {"Content-Type": "application/x-ndjson"}
 
 
 def post_until_stopped(
@@ -91,46 +89,6 @@ def test_no_acknowledged_message_is_lost_to_kill_9(
     assert len(acknowledged) > 600
 
 
-class RetryingClient:
-    """NDJSON batches of 20 with an ``Idempotency-Key`` each, one request at a time; a request
-    the gateway did not answer (it died) or refused (503) is sent again, same key, same body."""
-
-    def __init__(self) -> None:
-        self.acknowledged: list[bytes] = []
-        self.pending: tuple[str, list[bytes]] | None = None
-        self.sent = 0
-
-    def run(self, url: str, stop: threading.Event) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not stop.is_set():
-                if self.pending is None:
-                    n = self.sent
-                    self.sent += 20
-                    self.pending = (f"k{n}", [b'{"n":%d}' % (n + i) for i in range(20)])
-                key, lines = self.pending
-                try:
-                    response = client.post(
-                        url, content=b"\n".join(lines), headers={**NDJSON, "Idempotency-Key": key}
-                    )
-                except httpx.HTTPError:
-                    return  # the gateway died: pending goes again after the restart
-                if response.status_code == 202:
-                    self.acknowledged.extend(lines)
-                    self.pending = None
-
-    def finish(self, url: str) -> None:
-        """Send the request left unanswered by the last crash (until it is acknowledged)."""
-        while self.pending is not None:
-            key, lines = self.pending
-            with httpx.Client(timeout=5) as client:
-                response = client.post(
-                    url, content=b"\n".join(lines), headers={**NDJSON, "Idempotency-Key": key}
-                )
-            if response.status_code == 202:
-                self.acknowledged.extend(lines)
-                self.pending = None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["disk-queue", "ack-delivered"])
 def test_exactly_once_with_ids_into_jetstream_across_kill_9(
@@ -142,7 +100,7 @@ def test_exactly_once_with_ids_into_jetstream_across_kill_9(
     else:
         args = ["--sink", sink, "--ack", "delivered"]
     args += ["--http", "127.0.0.1:0"]
-    client = RetryingClient()
+    client = RetryingPoster()
     for restart in range(3):
         gateway = serve(args)
         stop = threading.Event()

@@ -63,6 +63,31 @@ class MessageBuffer:
             self.receipts.evicted(evicted)
         return accepted
 
+    def put_each_nowait(
+        self, payloads: Sequence[bytes], origins: Sequence[Origin], *, drop: bool = True
+    ) -> int:
+        """:meth:`put_many_nowait` for messages with an origin each (each with its sender's
+        id): one queue operation for all of them, a run of one per message."""
+        if self._disk is not None:
+            accepted = 0
+            for payload, origin in zip(payloads, origins, strict=True):
+                if not self.put_many_nowait((payload,), origin, drop=drop):
+                    break
+                accepted += 1
+            return accepted
+        before = len(self.queue)
+        accepted = self.queue.put_many_nowait(payloads, drop=drop)
+        if accepted:
+            self._runs.extend([origin, 1] for origin in origins[:accepted])
+            self._held += accepted
+        excess = self._held - len(self.queue)
+        if excess > 0:
+            self._drop_head(excess)
+        evicted = before + accepted - len(self.queue)
+        if evicted > 0:
+            self.receipts.evicted(evicted)
+        return accepted
+
     @property
     def end_position(self) -> int:
         """The position just after the last message queued."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import trio
 
@@ -36,7 +35,8 @@ class Ingress:
 
     ``ids`` (of :meth:`offer` and :meth:`offer_or_reject`) gives each payload its sender's id:
     each is then queued with its own copy of ``origin`` carrying the id (see
-    :attr:`Origin.id`): one put per message, a cost only senders that give ids pay.
+    :attr:`Origin.id`): an origin and a run per message, a cost only senders that give ids
+    pay.
 
     ``ack`` says what an answer means. ``"queued"`` (the default): the messages are in the
     queue (on disk, with a disk queue). ``"delivered"``: :meth:`offer_or_reject` and
@@ -304,13 +304,10 @@ def _put_many(
     first: int,
     drop: bool,
 ) -> int:
-    """``buffer.put_many_nowait``; with ``ids``, one put per message, each with its own
-    origin carrying ``ids[first + i]``, up to the first one the queue does not take."""
+    """``buffer.put_many_nowait``; with ``ids``, each payload with its own origin carrying
+    ``ids[first + i]``."""
     if ids is None:
         return buffer.put_many_nowait(payloads, origin, drop=drop)
-    done = 0
-    for payload, message_id in zip(payloads, ids[first : first + len(payloads)], strict=True):
-        if not buffer.put_many_nowait((payload,), replace(origin, id=message_id), drop=drop):
-            break
-        done += 1
-    return done
+    where = (origin.transport, origin.listener, origin.peer, origin.received_at)
+    origins = [Origin(*where, message_id) for message_id in ids[first : first + len(payloads)]]
+    return buffer.put_each_nowait(payloads, origins, drop=drop)

@@ -90,6 +90,26 @@ async def test_on_conflict_ignore_makes_a_retried_batch_idempotent(tmp_path: Pat
     assert rows(path, "SELECT count(*) FROM events") == [(50,)]
 
 
+async def test_the_senders_id_as_a_unique_key_stores_a_resent_message_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ids.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE events (id TEXT UNIQUE, body BLOB)")
+    sink = SqliteSink(path, table="events", columns={"id": "$id", "body": "$payload"},
+                      on_conflict="ignore")  # fmt: skip
+    first = Batch.of([(b"a", Origin("http", "h", "p", 1.0, "k:0")), (b"b", ORIGIN)])
+    resent = Batch.of([(b"a", Origin("http", "h", "p", 2.0, "k:0")), (b"c", ORIGIN)])
+    await sink.send(first)
+    await sink.send(resent)  # another request, the same id: a crash's copy
+    await sink.aclose()
+    assert rows(path, "SELECT id, body FROM events ORDER BY rowid") == [
+        ("k:0", b"a"),
+        (None, b"b"),
+        (None, b"c"),
+    ]
+
+
 async def test_open_names_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(SinkUnavailable, match="unable to open database file"):
         await SqliteSink(tmp_path / "missing" / "x.db").open()

@@ -40,6 +40,7 @@ _TYPES = {
     "$listener": "text",
     "$peer": "text",
     "$received_at": "double precision",
+    "$id": "text",
     "$payload": "bytea",
     "$text": "text",
 }

@@ -38,6 +38,7 @@ _TYPES = {
     "$listener": "TEXT",
     "$peer": "TEXT",
     "$received_at": "REAL",
+    "$id": "TEXT",
     "$payload": "BLOB",
     "$text": "TEXT",
 }

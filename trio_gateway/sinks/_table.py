@@ -2,8 +2,9 @@
 batch, and the dead-letter file for records that do not fit the table.
 
 A column's value comes from the message's origin (``$transport``, ``$listener``, ``$peer``,
-``$received_at``), its payload (``$payload`` as bytes, ``$text`` as UTF-8 text) or a field of
-the payload parsed as a JSON object (``"level"``, or ``"device.room"`` for a nested field).
+``$received_at``, and ``$id``: the sender's id, NULL without one), its payload (``$payload``
+as bytes, ``$text`` as UTF-8 text) or a field of the payload parsed as a JSON object
+(``"level"``, or ``"device.room"`` for a nested field).
 Without ``columns`` a sink stores the JSON Lines record of the file sink: the four origin
 fields and the payload's bytes (:data:`DEFAULT_COLUMNS`), which needs no parsing at all: the
 rows of a run of messages are built by one comprehension over its payloads.
@@ -35,7 +36,7 @@ DEFAULT_COLUMNS: Mapping[str, str] = {
     "payload": "$payload",
 }
 """The default schema: the JSON Lines record (docs/sinks.md), the payload as bytes."""
-ORIGIN_SOURCES = ("$transport", "$listener", "$peer", "$received_at")
+ORIGIN_SOURCES = ("$transport", "$listener", "$peer", "$received_at", "$id")
 PAYLOAD_SOURCES = ("$payload", "$text")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FIELD = re.compile(r"[^.$][^.]*(\.[^.]+)*")

@@ -78,7 +78,10 @@ class MessageBuffer:
         before = len(self.queue)
         accepted = self.queue.put_many_nowait(payloads, drop=drop)
         if accepted:
-            self._runs.extend([origin, 1] for origin in origins[:accepted])
+            # What is queued: the prefix that fit, or, under drop_oldest when there are more
+            # than the capacity, the newest (the queue dropped the others as the oldest).
+            start = len(payloads) - accepted if self.policy == "drop_oldest" else 0
+            self._runs.extend([origin, 1] for origin in origins[start : start + accepted])
             self._held += accepted
         excess = self._held - len(self.queue)
         if excess > 0:

@@ -175,3 +175,17 @@ def test_a_grpc_call_with_a_bad_key_is_invalid_argument() -> None:
     with pytest.raises(GRPCError) as caught:
         _key(SimpleNamespace(idempotency_key="not a key"))  # type: ignore[arg-type]
     assert caught.value.status == Status.INVALID_ARGUMENT
+
+
+def test_messages_with_ids_keep_their_origins_when_drop_oldest_evicts() -> None:
+    ingress, _ = detached_ingress(RingBuffer(3, policy="drop_oldest"), "grpc")
+    buffer = ingress.buffer
+    origins = [Origin("grpc", "l", "p", 1.0, f"k:{i}") for i in range(5)]
+    assert buffer.put_each_nowait([b"%d" % i for i in range(5)], origins) == 3  # the newest
+    batch = buffer.get_batch_nowait(10)
+    assert batch.payloads == [b"2", b"3", b"4"]
+    assert ids_of(batch) == ["k:2", "k:3", "k:4"]
+    # drop_newest takes the prefix that fits, each with its own id
+    ingress, _ = detached_ingress(RingBuffer(2, policy="drop_newest"), "grpc")
+    assert ingress.buffer.put_each_nowait([b"a", b"b", b"c"], origins[:3]) == 2
+    assert ids_of(ingress.buffer.get_batch_nowait(10)) == ["k:0", "k:1"]

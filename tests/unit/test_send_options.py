@@ -71,6 +71,9 @@ async def test_bad_urls_name_the_flag() -> None:
         (["--http", "https://127.0.0.1:1/", "--ca", "/nonexistent/ca.pem"], "--ca"),
         (["--grpc", "127.0.0.1:1", "--token", "env:SEND_TEST_UNSET_VARIABLE"], "--token"),
         (["--http", "http://127.0.0.1:1/", "--timeout", "0"], "--timeout"),
+        (["--ws", "ws://127.0.0.1:1/", "--ids", "run"], "--ids"),
+        (["--http", "http://127.0.0.1:1/", "--ids", "two words"], "--ids"),
+        (["--grpc", "127.0.0.1:1", "--ids", ""], "--ids"),
     ],
 )
 def test_cli_bad_flags_exit_2_naming_the_flag(

@@ -170,12 +170,19 @@ class Pipeline:
         """Per sink: what it was handed and where that went (one sink: the gateway's own)."""
         if self.fanout is not None:
             return self.fanout.ledgers
-        ledger, sink = self.gateway.ledger, self.gateway.sink
+        ledger, sink, pump = self.gateway.ledger, self.gateway.sink, self.gateway.pump_counters
         failed = ledger.dropped.get("sink_failed", 0)
-        handed = ledger.delivered + failed + self.gateway.pump_counters.abandoned
+        handed = ledger.delivered + failed + pump.dead_lettered + pump.refused + pump.abandoned
         return {
             sink.name: SinkLedger(
-                sink.name, handed, ledger.delivered, 0, failed, self.gateway.pump_counters.abandoned
+                sink.name,
+                handed,
+                ledger.delivered,
+                0,
+                failed,
+                pump.abandoned,
+                dead_lettered=pump.dead_lettered,
+                refused=pump.refused,
             )
         }
 

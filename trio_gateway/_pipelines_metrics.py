@@ -80,6 +80,18 @@ class PipelinesCollector(Collector):
                 "Messages a fan-out branch gave up on (retry budget spent).",
                 labels=labels,
             ),
+            "dead_lettered": CounterMetricFamily(
+                f"{PREFIX}_fanout_dead_letter_messages",
+                "Messages a fan-out branch's sink refused for good (or, with a dead letter, "
+                "gave up on), written to the branch's dead letter.",
+                labels=labels,
+            ),
+            "refused": CounterMetricFamily(
+                f"{PREFIX}_fanout_refused_messages",
+                "Messages a fan-out branch's sink refused for good, with no dead letter to "
+                "take them (or it failed too).",
+                labels=labels,
+            ),
         }
         queued = GaugeMetricFamily(
             f"{PREFIX}_fanout_queued_messages",

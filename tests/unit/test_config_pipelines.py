@@ -94,3 +94,24 @@ def test_routes_are_read_built_and_drawn() -> None:
     with pytest.raises(ConfigurationError) as caught:
         config(base=BASE.replace('table = "logs"', 'table = "logs"\nroutes = ["x"]'))
     assert caught.value.key == "pipelines.logs.route"
+
+
+def test_a_pipeline_sink_takes_its_own_dead_letter() -> None:
+    one = BASE.replace(
+        'url = "null"\n[[pipelines.logs.sinks]]\nurl = "sqlite:logs.db"\ntable = "logs"\n'
+        'queue = { capacity = 4096, policy = "drop_oldest" }\n',
+        'url = "null"\ndead_letter = "refused.jsonl"\n',
+    )
+    read = config(base=one)
+    assert read.pipelines[0].sinks[0].dead_letter == "refused.jsonl"
+    built = build_pipelines(read)["logs"]
+    # One sink with a dead letter: a branch of its own, which sets refusals aside.
+    assert built.fanout is not None
+    (branch,) = built.fanout.branches
+    assert branch.dead_letter is not None and branch.dead_letter.name == "file:refused.jsonl"
+    from trio_gateway._config._describe import describe
+
+    assert "-> sink: null, dead letter refused.jsonl" in describe(read)
+    with pytest.raises(ConfigurationError) as caught:
+        build_pipelines(config(base=one.replace('"refused.jsonl"', '"ftp://x"')))
+    assert caught.value.key == "pipelines.logs.sinks[0].dead_letter"

@@ -353,9 +353,18 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
         except ConfigurationError as exc:
             raise _rekeyed(sink_key, exc) from exc
         retry = RetryPolicy(max_attempts=sink_config.retry_max_attempts or None)
-        if len(spec.sinks) == 1 and queue is None and spec.route is None:
+        if (
+            len(spec.sinks) == 1
+            and queue is None
+            and spec.route is None
+            and sink_config.dead_letter is None
+        ):
             sinks.append(sink)
             continue
+        try:
+            dead_letter = _dead_letter(sink_config.dead_letter)
+        except ConfigurationError as exc:
+            raise _rekeyed(sink_key, exc) from exc
         branch = queue or QueueConfig()
         if branch.kind != "ring" or branch.max_bytes is not None:
             raise ConfigurationError(
@@ -369,6 +378,7 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
                     policy=branch.policy,
                     retry=retry,
                     routes=routes,
+                    dead_letter=dead_letter,
                 )
             )
         except ConfigurationError as exc:

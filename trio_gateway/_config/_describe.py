@@ -68,6 +68,7 @@ def _pipeline_graph(pipeline: PipelineConfig) -> list[str]:
             ("         -> sink: " if fanout else "    -> sink: ")
             + _sink(sink)
             + (f", wait {sink.wait:g} s" if sink.wait else "")
+            + (f", dead letter {redact_url(sink.dead_letter)}" if sink.dead_letter else "")
             + _options(dict(sink.options))
             + own
         )

@@ -171,7 +171,15 @@ LAYERS: dict[str, Layer] = {
     ),
     # several worker processes, each running a configured gateway
     "workers": layer(
-        "_buffer", "_config", "_errors", "_gateway", "_ledger", "_log", "admin", "tuning"
+        "_buffer",
+        "_config",
+        "_errors",
+        "_gateway",
+        "_ledger",
+        "_log",
+        "admin",
+        "tuning",
+        typing=("_pipelines",),
     ),
     # the `send` load generator: a client, so no server module (sources, sinks, gateway, admin)
     "loadgen": layer("_errors", "_proto", "_tls", "_wire", "codecs"),
@@ -187,7 +195,7 @@ LAYERS: dict[str, Layer] = {
         "queues",
         "tuning",
         "workers",
-        typing=("_ledger",),
+        typing=("_ledger", "sinks"),
     ),
     "__main__": layer("_cli"),
     # the test kit drives gateways and sources the way a user's tests do

@@ -108,3 +108,70 @@ def test_restart_backoff_and_config_round_trip() -> None:
         processor="mod:fn",
     )
     assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(config)))) == config
+
+
+PIPELINES = """
+[gateway]
+workers = 2
+[pipelines.logs]
+route = "level"
+[[pipelines.logs.sources]]
+transport = "tcp"
+[[pipelines.logs.sinks]]
+url = "null"
+[[pipelines.logs.sinks]]
+url = "pipeline:alerts"
+routes = ["error"]
+queue = { capacity = 5000, policy = "drop_oldest" }
+[pipelines.alerts]
+[[pipelines.alerts.sinks]]
+url = "null"
+"""
+
+
+def test_named_pipelines_go_to_the_workers_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "pipelines.toml"
+    config.write_text(PIPELINES)
+    read = load_config(str(config))
+    # Through the spec's JSON line and back: each sink's own queue and routes included.
+    assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(read)))) == read
+    assert main(["check-config", str(config)]) == 0
+    assert "workers: 2 (each runs every pipeline)" in capsys.readouterr().out
+    disk = PIPELINES.replace(
+        "[pipelines.alerts]\n",
+        f'[pipelines.alerts]\nqueue = {{ kind = "disk", dir = "{tmp_path}" }}\n',
+    )
+    config.write_text(disk)
+    assert main(["check-config", str(config)]) == 2
+    assert "pipelines.alerts.queue.kind: the disk queue serves one process" in (
+        capsys.readouterr().err
+    )
+
+
+def test_each_pipelines_reports_add_up_over_the_workers() -> None:
+    from trio_gateway.workers._ledgers import sum_reports
+
+    one = {
+        "received": 3,
+        "dropped": {"filtered": 1},
+        "balanced": True,
+        "sinks": {"null": {"accepted": 2, "queued": 0}},
+        "routed_out": {"alerts": 2},
+    }
+    two = {
+        "received": 4,
+        "dropped": {"filtered": 0, "refused": 2},
+        "balanced": True,
+        "sinks": {"null": {"accepted": 5, "abandoned": 1}},
+        "routed_out": {"alerts": 1},
+    }
+    assert sum_reports([one, two]) == {
+        "received": 7,
+        "dropped": {"filtered": 1, "refused": 2},
+        "balanced": True,
+        "sinks": {"null": {"accepted": 7, "queued": 0, "abandoned": 1}},
+        "routed_out": {"alerts": 3},
+    }
+    assert sum_reports([one, {**two, "balanced": False}])["balanced"] is False

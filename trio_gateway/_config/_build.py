@@ -445,7 +445,11 @@ def build_pipelines(config: GatewayConfig, *, handle_signals: bool = False) -> P
     if not config.pipelines:
         raise ConfigurationError("pipelines", "no pipeline configured")
     if config.workers > 1:
-        raise ConfigurationError("gateway.workers", "named pipelines run in one process")
+        for spec in config.pipelines:
+            if spec.queue.kind == DISK_QUEUE:
+                raise ConfigurationError(
+                    f"pipelines.{spec.name}.queue.kind", "the disk queue serves one process"
+                )
     routes = _check_routes(config)
     admin = None
     if config.admin and config.admin != "off":

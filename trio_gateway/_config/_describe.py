@@ -125,6 +125,8 @@ def describe(config: GatewayConfig) -> str:
             f"batch size {config.batch_size}",
             _admin(config),
         ]
+        if config.workers > 1:
+            lines.insert(1, f"workers: {config.workers} (each runs every pipeline)")
         for pipeline in config.pipelines:
             lines += _pipeline_graph(pipeline, _senders(config, pipeline.name))
         return "\n".join(lines)

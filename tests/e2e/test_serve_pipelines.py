@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import ServeProcess, read_payloads, wait_until_sync
+from helpers import ROUTED_PIPELINES, ServeProcess, read_payloads, wait_until_sync
 
 from trio_gateway._cli import main
 
@@ -84,30 +84,12 @@ def test_check_config_prints_each_pipelines_graph(
     assert "--sink: the config has [pipelines]" in capsys.readouterr().err
 
 
-ROUTED = """
-[pipelines.logs]
-route = "level"
-[[pipelines.logs.sources]]
-transport = "tcp"
-listen = "127.0.0.1:0"
-[[pipelines.logs.sinks]]
-url = "file:{all}"
-[[pipelines.logs.sinks]]
-url = "pipeline:alerts"
-routes = ["error"]
-
-[pipelines.alerts]
-[[pipelines.alerts.sinks]]
-url = "file:{alerts}"
-"""
-
-
 def test_a_route_to_another_pipeline_is_drawn_served_and_counted_in_both_ledgers(
     tmp_path: Path, serve: type[ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
     everything, alerts = tmp_path / "all.jsonl", tmp_path / "alerts.jsonl"
     config = tmp_path / "routed.toml"
-    config.write_text(ROUTED.format(all=everything, alerts=alerts))
+    config.write_text(ROUTED_PIPELINES.format(all=everything, alerts=alerts))
     assert main(["check-config", str(config)]) == 0
     text = capsys.readouterr().out
     assert "         -> sink: pipeline:alerts [queue: ring, capacity 10000, policy block]" in text

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from helpers import REPO, ServeProcess, read_payloads, wait_until_sync
+from helpers import REPO, ROUTED_PIPELINES, ServeProcess, read_payloads, wait_until_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig
@@ -320,35 +320,12 @@ async def test_cancelling_the_supervisor_flushes_every_worker(tmp_path: Path) ->
     assert Counter(read_payloads(out)) == Counter(sent)
 
 
-PIPELINES = """
-[gateway]
-workers = 2
-
-[admin]
-listen = "127.0.0.1:0"
-
-[pipelines.logs]
-route = "level"
-[[pipelines.logs.sources]]
-transport = "tcp"
-listen = "127.0.0.1:0"
-[[pipelines.logs.sinks]]
-url = "file:{all}"
-[[pipelines.logs.sinks]]
-url = "pipeline:alerts"
-routes = ["error"]
-
-[pipelines.alerts]
-[[pipelines.alerts.sinks]]
-url = "file:{alerts}"
-
-[pipelines.metrics]
-[[pipelines.metrics.sources]]
-transport = "udp"
-listen = "127.0.0.1:0"
-[[pipelines.metrics.sinks]]
-url = "null"
-"""
+PIPELINES = (
+    '[gateway]\nworkers = 2\n[admin]\nlisten = "127.0.0.1:0"\n'
+    + ROUTED_PIPELINES
+    + '[pipelines.metrics]\nsources = [{{ transport = "udp", listen = "127.0.0.1:0" }}]\n'
+    + 'sinks = [{{ url = "null" }}]\n'
+)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import tomllib
 from typing import Any
 
 import pytest
+from helpers import ROUTED_PIPELINES
 
 from trio_gateway import ConfigurationError
 from trio_gateway._config import build_pipelines, config_from_mapping
@@ -117,22 +118,7 @@ def test_a_pipeline_sink_takes_its_own_dead_letter() -> None:
     assert caught.value.key == "pipelines.logs.sinks[0].dead_letter"
 
 
-ROUTED = """
-[pipelines.logs]
-processors = ["json:loads"]
-route = "level"
-[[pipelines.logs.sources]]
-transport = "tcp"
-[[pipelines.logs.sinks]]
-url = "null"
-[[pipelines.logs.sinks]]
-url = "pipeline:alerts"
-routes = ["error"]
-
-[pipelines.alerts]
-[[pipelines.alerts.sinks]]
-url = "null"
-"""
+ROUTED = ROUTED_PIPELINES.format(all="all.jsonl", alerts="alerts.jsonl")
 
 
 def test_a_route_to_another_pipeline_is_read_built_and_drawn() -> None:

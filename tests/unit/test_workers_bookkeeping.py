@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ROUTED_PIPELINES
 
 from trio_gateway._cli import main
 from trio_gateway._config import GatewayConfig, SourceConfig, load_config
@@ -110,23 +111,9 @@ def test_restart_backoff_and_config_round_trip() -> None:
     assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(config)))) == config
 
 
-PIPELINES = """
-[gateway]
-workers = 2
-[pipelines.logs]
-route = "level"
-[[pipelines.logs.sources]]
-transport = "tcp"
-[[pipelines.logs.sinks]]
-url = "null"
-[[pipelines.logs.sinks]]
-url = "pipeline:alerts"
-routes = ["error"]
-queue = { capacity = 5000, policy = "drop_oldest" }
-[pipelines.alerts]
-[[pipelines.alerts.sinks]]
-url = "null"
-"""
+PIPELINES = "[gateway]\nworkers = 2\n" + ROUTED_PIPELINES.format(
+    all="a.jsonl", alerts="b.jsonl"
+).replace('routes = ["error"]', 'routes = ["error"]\nqueue = { capacity = 5000 }')
 
 
 def test_named_pipelines_go_to_the_workers_whole(
@@ -135,6 +122,7 @@ def test_named_pipelines_go_to_the_workers_whole(
     config = tmp_path / "pipelines.toml"
     config.write_text(PIPELINES)
     read = load_config(str(config))
+    assert read.pipelines[0].sink_queues[1] is not None
     # Through the spec's JSON line and back: each sink's own queue and routes included.
     assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(read)))) == read
     assert main(["check-config", str(config)]) == 0

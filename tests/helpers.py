@@ -38,6 +38,26 @@ from trio_gateway.sources import Source
 from trio_gateway.testing import ServedSource, serve_source
 
 REPO = Path(__file__).resolve().parent.parent
+
+ROUTED_PIPELINES = """
+[pipelines.logs]
+route = "level"
+[[pipelines.logs.sources]]
+transport = "tcp"
+listen = "127.0.0.1:0"
+[[pipelines.logs.sinks]]
+url = "file:{all}"
+[[pipelines.logs.sinks]]
+url = "pipeline:alerts"
+routes = ["error"]
+
+[pipelines.alerts]
+[[pipelines.alerts.sinks]]
+url = "file:{alerts}"
+"""
+"""Two pipelines for ``serve``: ``logs`` (TCP, JSON lines) writes everything to ``{all}``
+and routes the lines whose ``level`` is ``error`` on to ``alerts`` (to ``{alerts}``)."""
+
 T = TypeVar("T")
 
 

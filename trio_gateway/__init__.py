@@ -31,6 +31,8 @@ if _typing.TYPE_CHECKING:
     from ._message import Origin as Origin
     from ._pipelines import Pipeline as Pipeline
     from ._pipelines import Pipelines as Pipelines
+    from ._routing import FromPipeline as FromPipeline
+    from ._routing import ToPipeline as ToPipeline
     from .queues import ChannelQueue as ChannelQueue
     from .queues import LockedListQueue as LockedListQueue
     from .queues import LockedRingBuffer as LockedRingBuffer
@@ -65,6 +67,7 @@ __all__ = (
     "FanOutSink",
     "FileSink",
     "FrameTooLarge",
+    "FromPipeline",
     "Gateway",
     "GatewayError",
     "GrpcSource",
@@ -100,6 +103,7 @@ __all__ = (
     "StdoutSink",
     "TcpSink",
     "TcpSource",
+    "ToPipeline",
     "TransportError",
     "UdpSource",
     "WebSocketBroadcastSink",
@@ -131,6 +135,8 @@ _WHERE = {
     "Origin": "._message",
     "Pipeline": "._pipelines",
     "Pipelines": "._pipelines",
+    "FromPipeline": "._routing",
+    "ToPipeline": "._routing",
     "ChannelQueue": ".queues",
     "LockedListQueue": ".queues",
     "LockedRingBuffer": ".queues",

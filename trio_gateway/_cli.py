@@ -22,6 +22,7 @@ from ._errors import ConfigurationError, GatewayError, SinkUnavailable
 if TYPE_CHECKING:
     from ._config import GatewayConfig
     from ._ledger import Ledger
+    from .sinks import Sink
 
 __all__ = ("main",)
 
@@ -358,20 +359,18 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-async def _check_sink(config: GatewayConfig) -> None:
-    """Open and close the sink once, as each worker will: a destination that cannot work is
+async def _check_sinks(sinks: Sequence[Sink]) -> None:
+    """Open and close each sink once, as each worker will: a destination that cannot work is
     :class:`SinkUnavailable` here, not N workers failing one after the other."""
-    from ._config import build_sink
-
-    sink = build_sink(config.sink)
-    try:
-        await sink.open()
-    except SinkUnavailable:
-        raise
-    except Exception as exc:
-        raise SinkUnavailable(sink.name, str(exc) or repr(exc)) from exc
-    finally:
-        await sink.aclose()
+    for sink in sinks:
+        try:
+            await sink.open()
+        except SinkUnavailable:
+            raise
+        except Exception as exc:
+            raise SinkUnavailable(sink.name, str(exc) or repr(exc)) from exc
+        finally:
+            await sink.aclose()
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -383,19 +382,23 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
+    # Validate everything before binding anything; with workers, the sinks that do not wait
+    # for their destination are opened once, here: one line and exit 2 before any starts.
+    checked: list[Sink] = []
     if config.pipelines:
         from ._config import build_pipelines
 
-        build_pipelines(config)  # validate everything before binding anything
+        for pipeline, spec in zip(build_pipelines(config), config.pipelines, strict=True):
+            checked += [s for s, c in zip(pipeline.sinks, spec.sinks, strict=True) if not c.wait]
     else:
-        build_gateway(config)  # validate everything before binding anything
+        gateway = build_gateway(config)
+        checked += [] if config.sink.wait else [gateway.sink]
     if config.workers > 1:
         if args.profile:
             raise ConfigurationError("--profile", "profiles one process: use --workers 1")
         from .workers import serve_workers
 
-        if not config.sink.wait:
-            trio.run(_check_sink, config)  # one line and exit 2 before any worker starts
+        trio.run(_check_sinks, checked)
         return trio.run(serve_workers, config)
     # (Not before the workers branch: children would inherit SIG_IGN.)
     # The gateway's own receiver handles SIGINT/SIGTERM while it runs. Outside that window

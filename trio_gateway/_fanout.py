@@ -15,8 +15,14 @@ which the gateway starts before its pump and cancels after its ledger is final. 
 the pump's ``aclose`` closes the branch queues and waits (bounded by the drain deadline) for
 each branch to deliver what it holds; what a branch still holds after that is abandoned.
 
-Each branch keeps its own ledger: ``accepted == delivered + dropped + failed + abandoned``
-once stopped (while running, the rest is queued or in flight).
+A destination that refuses some messages for good (:class:`~trio_gateway.SinkRefused`: an
+HTTP 400 for one record) is not retried: as in the gateway's pump, the rest of the batch
+counts as delivered and the refused messages go to the branch's dead letter, or are dropped
+and counted ``refused`` without one (:func:`~trio_gateway.sinks._deadletter.set_aside`, the
+pump's own path).
+
+Each branch keeps its own ledger: ``accepted == delivered + dropped + failed + dead_letter +
+refused + abandoned`` once stopped (while running, the rest is queued or in flight).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 
 import trio
 
-from ._errors import ConfigurationError, SinkError, SinkUnavailable
+from ._errors import ConfigurationError, SinkError, SinkRefused, SinkUnavailable
 from ._gateway import Gateway
 from ._histogram import LatencyHistogram
 from ._log import RateLimitedLogger, logger
@@ -37,6 +43,7 @@ from ._message import Batch, Origin
 from ._retry import RetryPolicy, send_with_retry
 from .queues import OverflowPolicy, RingBuffer
 from .sinks import Sink
+from .sinks._deadletter import DeadLetter, set_aside
 
 __all__ = ("FanOutSink", "QueuedSink", "SinkLedger")
 
@@ -59,19 +66,37 @@ class SinkLedger:
     """Given up after the retry budget."""
     queued: int
     """In the branch queue or being sent (abandoned once the branch has stopped)."""
+    dead_lettered: int = 0
+    """Refused for good by the destination (or out of retries, with a dead letter) and
+    written to the branch's dead letter."""
+    refused: int = 0
+    """Refused for good with no dead letter to take them (or it failed too)."""
 
     @property
     def balanced(self) -> bool:
-        return self.accepted == self.delivered + self.dropped + self.failed + self.queued
+        return self.accepted == (
+            self.delivered
+            + self.dropped
+            + self.failed
+            + self.dead_lettered
+            + self.refused
+            + self.queued
+        )
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "accepted": self.accepted,
             "delivered": self.delivered,
             "dropped": self.dropped,
             "failed": self.failed,
-            "abandoned" if self.queued else "queued": self.queued,
         }
+        # Shown when not 0, as in the gateway's ledger.
+        if self.dead_lettered:
+            out["dead_letter"] = self.dead_lettered
+        if self.refused:
+            out["refused"] = self.refused
+        out["abandoned" if self.queued else "queued"] = self.queued
+        return out
 
 
 @dataclass(slots=True, eq=False)
@@ -79,6 +104,8 @@ class QueuedSinkCounters:
     accepted: int = 0
     delivered: int = 0
     failed: int = 0
+    dead_lettered: int = 0
+    refused: int = 0
     in_flight: int = 0
     batches: int = 0
     errors: int = 0
@@ -87,7 +114,9 @@ class QueuedSinkCounters:
 
 
 class QueuedSink:
-    """One destination of a fan-out: its queue of batches, its sink, its pump."""
+    """One destination of a fan-out: its queue of batches, its sink, its pump, and where
+    what the sink refuses for good goes (``dead_letter``: a sink, or a path for a file sink;
+    None: dropped and counted ``refused``)."""
 
     def __init__(
         self,
@@ -97,8 +126,10 @@ class QueuedSink:
         policy: OverflowPolicy = "block",
         retry: RetryPolicy | None = None,
         routes: Collection[str] | None = None,
+        dead_letter: Sink | str | None = None,
     ) -> None:
         self.sink = sink
+        self.dead_letter = None if dead_letter is None else DeadLetter(dead_letter)
         self.routes = frozenset(routes) if routes is not None else None
         """The routes this sink takes (see :class:`FanOutSink`); None: every message."""
         self.queue: RingBuffer[Batch] = RingBuffer(
@@ -115,8 +146,17 @@ class QueuedSink:
     def ledger(self) -> SinkLedger:
         c = self.counters
         queued = self.queue.statistics().bytes + c.in_flight
-        dropped = c.accepted - c.delivered - c.failed - queued
-        return SinkLedger(self.sink.name, c.accepted, c.delivered, dropped, c.failed, queued)
+        dropped = c.accepted - c.delivered - c.failed - c.dead_lettered - c.refused - queued
+        return SinkLedger(
+            self.sink.name,
+            c.accepted,
+            c.delivered,
+            dropped,
+            c.failed,
+            queued,
+            dead_lettered=c.dead_lettered,
+            refused=c.refused,
+        )
 
     async def offer(self, batch: Batch) -> None:
         """Queue ``batch`` for this sink (under ``block``, wait for room). With room (or a
@@ -138,10 +178,7 @@ class QueuedSink:
                     break
                 counters.in_flight = sum(map(len, batches))
                 for batch in batches:
-                    if await self._send(batch):
-                        counters.delivered += len(batch)
-                    else:
-                        counters.failed += len(batch)
+                    await self._send(batch)
                     counters.in_flight -= len(batch)
         except SinkUnavailable as exc:
             # Gone for good: this sink's messages are abandoned, the others go on.
@@ -151,20 +188,41 @@ class QueuedSink:
         finally:
             self._done.set()
 
-    async def _send(self, batch: Batch) -> bool:
-        seconds = await send_with_retry(
-            functools.partial(self.sink.send, batch),
-            self.retry,
-            sink=self.sink.name,
-            log=_errors,
-            failed=self._failed,
-        )
+    async def _send(self, batch: Batch) -> None:
+        """Send ``batch`` under the retry policy and count where each message went."""
+        counters = self.counters
+        try:
+            seconds = await send_with_retry(
+                functools.partial(self.sink.send, batch),
+                self.retry,
+                sink=self.sink.name,
+                log=_errors,
+                failed=self._failed,
+                final=(SinkRefused,),
+            )
+        except SinkRefused as exc:
+            # Delivered but for a part refused for good: not retried (it cannot succeed).
+            self.problem = None
+            counters.batches += 1
+            counters.delivered += len(batch) - len(exc.indices)
+            await self._set_aside(batch, exc.indices, exc.reason)
+            return
         if seconds is None:
-            return False
+            if self.dead_letter is not None:
+                await self._set_aside(batch, range(len(batch)), "retries spent")
+            else:
+                counters.failed += len(batch)
+            return
         self.problem = None
-        self.counters.batches += 1
-        self.counters.batch_seconds.observe(seconds)
-        return True
+        counters.batches += 1
+        counters.batch_seconds.observe(seconds)
+        counters.delivered += len(batch)
+
+    async def _set_aside(self, batch: Batch, indices: Sequence[int], reason: str) -> None:
+        if await set_aside(self.dead_letter, batch, indices, reason, sink=self.sink.name):
+            self.counters.dead_lettered += len(indices)
+        else:
+            self.counters.refused += len(indices)
 
     def _failed(self, problem: SinkError, retrying: bool) -> None:
         self.counters.errors += 1
@@ -267,6 +325,8 @@ class FanOutSink(Sink):
         async with trio.open_nursery() as nursery:
             for branch in self.branches:
                 nursery.start_soon(open_one, branch.sink)
+                if branch.dead_letter is not None:
+                    nursery.start_soon(open_one, branch.dead_letter.sink)
         if failures:
             raise failures[0]
 
@@ -313,7 +373,11 @@ class FanOutSink(Sink):
                     for branch in self.branches:
                         await branch.wait_done()
                 for branch in self.branches:
-                    try:
-                        await branch.sink.aclose()
-                    except Exception as exc:
-                        _log.error("sink %s failed to close: %r", branch.sink.name, exc)
+                    closing = [branch.sink]
+                    if branch.dead_letter is not None:
+                        closing.append(branch.dead_letter.sink)
+                    for sink in closing:
+                        try:
+                            await sink.aclose()
+                        except Exception as exc:
+                            _log.error("sink %s failed to close: %r", sink.name, exc)

@@ -6,6 +6,9 @@ sink is a :class:`~trio_gateway._fanout.FanOutSink` when it has more than one de
 the gateway's shutdown sequence, retries and ledger are reused as they are. A
 :class:`Pipelines` runs several side by side: one nursery, one signal handler, one admin
 endpoint whose metrics carry a ``pipeline`` label (and a ``sink`` label per fan-out branch).
+A pipeline can route messages to another (:mod:`trio_gateway._routing`): :class:`Pipelines`
+connects the two ends, refuses a loop, starts every target before its senders and stops it
+only after they have drained into it.
 
 Processors chain: each gets the previous one's result as the message's payload, which may be
 any object (a parsed ``dict``, a protobuf message), not only bytes. The last one's result is
@@ -30,6 +33,7 @@ from ._gateway import Gateway, Processor, RetryPolicy, Service
 from ._ledger import Ledger
 from ._log import logger
 from ._message import Message
+from ._routing import FromPipeline, ToPipeline, route_cycle, start_order
 from ._signals import watch_signals
 from .queues import Queue
 from .sinks import Sink
@@ -170,21 +174,45 @@ class Pipeline:
         """Per sink: what it was handed and where that went (one sink: the gateway's own)."""
         if self.fanout is not None:
             return self.fanout.ledgers
-        ledger, sink = self.gateway.ledger, self.gateway.sink
+        ledger, sink, pump = self.gateway.ledger, self.gateway.sink, self.gateway.pump_counters
         failed = ledger.dropped.get("sink_failed", 0)
-        handed = ledger.delivered + failed + self.gateway.pump_counters.abandoned
+        handed = ledger.delivered + failed + pump.dead_lettered + pump.refused + pump.abandoned
         return {
             sink.name: SinkLedger(
-                sink.name, handed, ledger.delivered, 0, failed, self.gateway.pump_counters.abandoned
+                sink.name,
+                handed,
+                ledger.delivered,
+                0,
+                failed,
+                pump.abandoned,
+                dead_lettered=pump.dead_lettered,
+                refused=pump.refused,
             )
         }
 
     def report(self) -> dict[str, object]:
         """The pipeline's ledger and its sinks' ledgers, as ``serve`` prints them."""
-        return {
+        out: dict[str, object] = {
             **self.ledger.as_dict(),
             "sinks": {name: s.as_dict() for name, s in self.sink_ledgers.items()},
         }
+        gateway = self.gateway
+        routed_in = {
+            source.sender: counters.received
+            for source, counters in zip(gateway.sources, gateway.source_counters, strict=True)
+            if isinstance(source, FromPipeline)
+        }
+        routed_out = {
+            sink.target: self.sink_ledgers[sink.name].delivered
+            for sink in self.sinks
+            if isinstance(sink, ToPipeline)
+        }
+        # Shown when there are routes: received from each sender, delivered to each target.
+        if routed_in:
+            out["routed_in"] = routed_in
+        if routed_out:
+            out["routed_out"] = routed_out
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -230,10 +258,54 @@ class Pipelines:
         if len(set(names)) != len(names):
             raise ConfigurationError("pipelines", f"two pipelines share a name: {names}")
         self.pipelines: dict[str, Pipeline] = {p.name: p for p in pipelines}
+        self.routes = self._connect_routes()
+        """``{pipeline: the pipelines it routes to}`` (acyclic)."""
         self.admin = admin
         self.handle_signals = handle_signals
         self.admin_address: Any = None
         self._stopping = trio.Event()
+
+    def _connect_routes(self) -> dict[str, list[str]]:
+        """Connect every :class:`ToPipeline` sink to its target's :class:`FromPipeline`
+        source, each end checked against the other; refuse a loop."""
+        routes: dict[str, list[str]] = {}
+        ends = {
+            (source.sender, p.name): source
+            for p in self
+            for source in p.gateway.sources
+            if isinstance(source, FromPipeline)
+        }
+        for pipeline in self:
+            routes[pipeline.name] = []
+            for sink in pipeline.sinks:
+                if not isinstance(sink, ToPipeline):
+                    continue
+                sender, target = pipeline.name, sink.target
+                if target not in self.pipelines:
+                    raise ConfigurationError(
+                        f"pipelines.{sender}.sinks", f"{sink.name}: there is no pipeline {target}"
+                    )
+                source = ends.pop((sender, target), None)
+                if source is None:
+                    raise ConfigurationError(
+                        f"pipelines.{target}.sources",
+                        f"pipeline {sender} routes here: add FromPipeline({sender!r})",
+                    )
+                sink.connect(source)
+                routes[pipeline.name].append(sink.target)
+        for sender, target in ends:
+            raise ConfigurationError(
+                f"pipelines.{target}.sources", f"pipeline {sender} has no sink pipeline:{target}"
+            )
+        cycle = route_cycle(routes)
+        if cycle is not None:
+            raise ConfigurationError(
+                f"pipelines.{cycle[0]}.sinks", "routes in a loop: " + " -> ".join(cycle)
+            )
+        return routes
+
+    def _senders(self, name: str) -> list[Pipeline]:
+        return [self.pipelines[s] for s, targets in self.routes.items() if name in targets]
 
     def __getitem__(self, name: str) -> Pipeline:
         return self.pipelines[name]
@@ -269,9 +341,12 @@ class Pipelines:
     # -- control and running ----------------------------------------------------------------
 
     def shutdown(self) -> None:
+        """Shut every pipeline down; one that others route to waits until they have stopped
+        (drained into it), and is shut down then (called again as each one stops)."""
         self._stopping.set()
         for pipeline in self:
-            pipeline.gateway.shutdown()
+            if all(s.gateway.state == "stopped" for s in self._senders(pipeline.name)):
+                pipeline.gateway.shutdown()
 
     def abort(self) -> None:
         self._stopping.set()
@@ -297,8 +372,10 @@ class Pipelines:
                 )
             bound: dict[str, Any] = {}
             async with trio.open_nursery() as gateways:
-                for pipeline in self:
-                    bound[pipeline.name] = await gateways.start(self._run_one, pipeline)
+                # Every target before its senders: a sender's first batch finds it running.
+                for name in start_order(list(self.pipelines), self.routes):
+                    bound[name] = await gateways.start(self._run_one, self.pipelines[name])
+                bound = {name: bound[name] for name in self.pipelines}
                 _log.info("pipelines running: %s", ", ".join(self.pipelines))
                 task_status.started(bound)
             outer.cancel_scope.cancel()
@@ -309,7 +386,7 @@ class Pipelines:
             await pipeline.gateway.run(task_status=task_status)
         finally:
             # One pipeline stopped (shut down alone, or its sink gone for good): the others
-            # stop too, each with its own flush.
+            # stop too, each with its own flush, a target once its senders have stopped.
             self.shutdown()
 
 

@@ -7,12 +7,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import REGISTRY, Collector
 from prometheus_client.samples import Sample
 
 from .admin import GatewayCollector
-from .admin._collector import PREFIX
+from .admin._collector import PREFIX, _le
 
 if TYPE_CHECKING:
     from ._pipelines import Pipelines
@@ -80,10 +85,27 @@ class PipelinesCollector(Collector):
                 "Messages a fan-out branch gave up on (retry budget spent).",
                 labels=labels,
             ),
+            "dead_lettered": CounterMetricFamily(
+                f"{PREFIX}_fanout_dead_letter_messages",
+                "Messages a fan-out branch's sink refused for good (or, with a dead letter, "
+                "gave up on), written to the branch's dead letter.",
+                labels=labels,
+            ),
+            "refused": CounterMetricFamily(
+                f"{PREFIX}_fanout_refused_messages",
+                "Messages a fan-out branch's sink refused for good, with no dead letter to "
+                "take them (or it failed too).",
+                labels=labels,
+            ),
         }
         queued = GaugeMetricFamily(
             f"{PREFIX}_fanout_queued_messages",
             "Messages in a fan-out branch's queue or being sent.",
+            labels=labels,
+        )
+        batch_seconds = HistogramMetricFamily(
+            f"{PREFIX}_fanout_batch_seconds",
+            "Time a fan-out branch's sink took to accept one batch (successful attempts).",
             labels=labels,
         )
         up = GaugeMetricFamily(
@@ -100,6 +122,9 @@ class PipelinesCollector(Collector):
                 for what, family in families.items():
                     family.add_metric(key, getattr(ledger, what))
                 queued.add_metric(key, ledger.queued)
+                histogram = branch.counters.batch_seconds
+                buckets = [(_le(le), float(n)) for le, n in histogram.cumulative()]
+                batch_seconds.add_metric(key, buckets, histogram.sum)
                 up.add_metric(key, 0 if branch.problem or branch.lost else 1)
         unrouted = CounterMetricFamily(
             f"{PREFIX}_fanout_unrouted_messages",
@@ -111,5 +136,6 @@ class PipelinesCollector(Collector):
                 unrouted.add_metric([pipeline.name], pipeline.fanout.unrouted)
         yield from families.values()
         yield queued
+        yield batch_seconds
         yield up
         yield unrouted

@@ -26,7 +26,7 @@ from ._message import Batch, Message, Origin
 from ._retry import RetryPolicy, send_with_retry
 from .queues import DiskQueue, Queue
 from .sinks._base import Sink
-from .sinks._deadletter import DeadLetter
+from .sinks._deadletter import DeadLetter, set_aside
 
 __all__ = ("Processor", "Pump")
 
@@ -148,21 +148,10 @@ class Pump:
 
     async def _dead_letter(self, batch: Batch, indices: Sequence[int], reason: str) -> None:
         """Hand the messages of ``batch`` at ``indices`` to the dead letter, and count them."""
-        counters = self.pump_counters
-        if self.dead_letter is None:
-            counters.refused += len(indices)
-            _sink_errors.warning(
-                "sink %s: %d messages refused for good (%s); no dead letter: dropped",
-                self.sink.name,
-                len(indices),
-                reason,
-            )
-            return
-        refused = Batch.of([batch[i] for i in indices])
-        if await self.dead_letter.put(refused, reason):
-            counters.dead_lettered += len(indices)
+        if await set_aside(self.dead_letter, batch, indices, reason, sink=self.sink.name):
+            self.pump_counters.dead_lettered += len(indices)
         else:
-            counters.refused += len(indices)
+            self.pump_counters.refused += len(indices)
 
     def _batch_indices(self, indices: Sequence[int]) -> list[int]:
         """Indices in the processor's output -> in the batch taken from the queue."""

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import ServeProcess, read_payloads, wait_until_sync
+from helpers import ROUTED_PIPELINES, ServeProcess, read_payloads, wait_until_sync
 
 from trio_gateway._cli import main
 
@@ -82,3 +82,34 @@ def test_check_config_prints_each_pipelines_graph(
     assert drawn.startswith("flowchart LR\n") and 'subgraph p1 ["pipeline raw"]' in drawn
     assert main(["serve", "--config", str(config), "--sink", "null"]) == 2
     assert "--sink: the config has [pipelines]" in capsys.readouterr().err
+
+
+def test_a_route_to_another_pipeline_is_drawn_served_and_counted_in_both_ledgers(
+    tmp_path: Path, serve: type[ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    everything, alerts = tmp_path / "all.jsonl", tmp_path / "alerts.jsonl"
+    config = tmp_path / "routed.toml"
+    config.write_text(ROUTED_PIPELINES.format(all=everything, alerts=alerts))
+    assert main(["check-config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "         -> sink: pipeline:alerts [queue: ring, capacity 10000, policy block]" in text
+    assert "pipeline alerts:\n  source: routed from pipeline logs\n" in text
+    process = serve(["--config", str(config)])
+    lines = [
+        b'{"level":"%s","n":%d}' % (b"error" if i % 4 == 0 else b"info", i) for i in range(400)
+    ]
+    with socket.create_connection(("127.0.0.1", process.port("tcp"))) as client:
+        client.sendall(b"".join(line + b"\n" for line in lines))
+    wait_until_sync(lambda: len(read_payloads(alerts)) == 100, what="the errors routed")
+    code, err = process.stop(signal.SIGTERM)
+    assert code == 0, err
+    assert read_payloads(everything) == lines
+    assert read_payloads(alerts) == lines[::4]
+    reports = {
+        r["pipeline"]: r
+        for r in (json.loads(x) for x in err.splitlines() if x.startswith('{"pipeline"'))
+    }
+    assert reports["logs"]["routed_out"] == {"alerts": 100} and reports["logs"]["balanced"]
+    assert reports["alerts"]["routed_in"] == {"logs": 100}
+    assert reports["alerts"]["received"] == reports["alerts"]["delivered"] == 100
+    assert reports["alerts"]["balanced"]

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from helpers import REPO, ServeProcess, read_payloads, wait_until_sync
+from helpers import REPO, ROUTED_PIPELINES, ServeProcess, read_payloads, wait_until_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway._config import GatewayConfig, SinkConfig, SourceConfig
@@ -318,3 +318,65 @@ async def test_cancelling_the_supervisor_flushes_every_worker(tmp_path: Path) ->
     ledger = supervisor.ledger
     assert (ledger.ledger.received, ledger.ledger.delivered, ledger.crashed) == (400, 400, 0)
     assert Counter(read_payloads(out)) == Counter(sent)
+
+
+PIPELINES = (
+    '[gateway]\nworkers = 2\n[admin]\nlisten = "127.0.0.1:0"\n'
+    + ROUTED_PIPELINES
+    + '[pipelines.metrics]\nsources = [{{ transport = "udp", listen = "127.0.0.1:0" }}]\n'
+    + 'sinks = [{{ url = "null" }}]\n'
+)
+
+
+@pytest.mark.slow
+def test_two_workers_run_the_same_pipelines_and_sum_each_ones_ledger(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    """Every worker runs every pipeline on the shared ports (routes stay inside a worker);
+    the parent prints each pipeline's ledger summed over the workers, then the total."""
+    everything, alerts = tmp_path / "all.jsonl", tmp_path / "alerts.jsonl"
+    config = tmp_path / "pipelines.toml"
+    config.write_text(PIPELINES.format(all=everything, alerts=alerts))
+    gateway = serve(["--config", str(config)])
+    sent: list[bytes] = []
+    for conn in range(16):  # the kernel spreads the connections over the two workers
+        batch = [b'{"level":"%s","c":%d,"i":%d}' % (b"error" if i % 5 else b"info", conn, i)
+                 for i in range(100)]  # fmt: skip
+        send_tcp(gateway.port("tcp"), batch)
+        sent += batch
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(50):
+            sock.sendto(b"m%d" % i, ("127.0.0.1", gateway.port("udp")))
+    errors = [p for p in sent if b"error" in p]
+    wait_until_sync(lambda: len(read_payloads(alerts)) == len(errors), what="routed errors")
+
+    def delivered() -> dict[str, float]:  # the parent sums the workers' metrics per pipeline
+        return {
+            dict(labels)["pipeline"]: v
+            for (name, labels), v in metrics(admin_port(gateway)).items()
+            if name == "trio_gateway_delivered_messages_total"
+        }
+
+    wait_until_sync(
+        lambda: delivered().get("logs") == len(sent) and delivered()["alerts"] == len(errors),
+        what="the scrape to catch up",
+    )
+    code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert Counter(read_payloads(everything)) == Counter(sent)
+    assert Counter(read_payloads(alerts)) == Counter(errors)
+    reports = {
+        r["pipeline"]: r
+        for r in (json.loads(x) for x in stderr.splitlines() if x.startswith('{"pipeline"'))
+    }
+    assert reports["logs"]["received"] == len(sent) and reports["logs"]["balanced"] is True
+    assert reports["logs"]["routed_out"] == {"alerts": len(errors)}
+    assert reports["logs"]["sinks"][f"file:{everything}"]["delivered"] == len(sent)
+    assert reports["alerts"]["routed_in"] == {"logs": len(errors)}
+    assert reports["alerts"]["delivered"] == len(errors)
+    assert reports["metrics"]["received"] <= 50  # UDP on loopback: what the kernel kept
+    own = [json.loads(m) for m in re.findall(r"worker \d ledger: (\{.*\})", stderr)]
+    assert len(own) == 2 and all(w["received"] for w in own), "both workers took connections"
+    ledger = ledger_of(stderr)
+    assert ledger["balanced"] is True and ledger["workers"] == 2
+    assert ledger["received"] == len(sent) + len(errors) + reports["metrics"]["received"]

@@ -5,18 +5,22 @@ records, several pipelines in one nursery with one admin endpoint."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import trio
-from helpers import wait_until
+from helpers import read_payloads, wait_until
 
 from trio_gateway import (
+    Batch,
     FanOutSink,
     Gateway,
     Message,
     Pipeline,
     Pipelines,
     QueuedSink,
+    RetryPolicy,
+    SinkRefused,
     TcpSource,
 )
 from trio_gateway.admin import AdminServer
@@ -168,3 +172,82 @@ async def test_routing_by_a_field_a_processor_sets() -> None:
     assert alerts.payloads == [b'{"level":"error","route":"alerts"}']
     assert pipeline.sink_ledgers["alerts"].accepted == 1
     assert pipeline.fanout is not None and pipeline.fanout.unrouted == 0
+
+
+class Picky(RecordingSink):
+    """Refuses for good every message that contains ``poison`` (as an HTTP sink does a 400),
+    delivering the rest of the batch."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.sends = 0
+
+    async def send(self, batch: Batch) -> None:
+        self.sends += 1
+        refused = [i for i, payload in enumerate(batch.payloads) if b"poison" in payload]
+        kept = [m for i, m in enumerate(batch) if i not in refused]
+        if kept:
+            await super().send(Batch.of(kept))
+        if refused:
+            raise SinkRefused("poison", indices=refused, reason="http_400")
+
+
+async def test_a_fanout_branch_sets_refused_messages_aside_instead_of_retrying(
+    tmp_path: Path,
+) -> None:
+    """A permanent refusal is not retried forever in a fan-out branch: with a dead letter the
+    refused messages are written there, without one they are dropped, counted per sink."""
+    dead = tmp_path / "dead.jsonl"
+    kept, dropped = Picky("kept"), Picky("dropped")
+    source = MemorySource()
+    pipeline = Pipeline(
+        "p",
+        sources=[source],
+        sinks=[QueuedSink(kept, dead_letter=str(dead)), dropped],
+        batch_size=8,
+    )
+    payloads = [b"ok%d" % i for i in range(10)]
+    payloads[3] = payloads[7] = b"poison"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.gateway.run)
+            await source.send_many(payloads)
+            await wait_until(lambda: kept.count == dropped.count == 8)
+            await wait_until(lambda: pipeline.sink_ledgers["dropped"].refused == 2)
+            pipeline.gateway.shutdown()
+    good = [p for p in payloads if p != b"poison"]
+    assert kept.payloads == dropped.payloads == good
+    assert kept.sends == dropped.sends <= 2  # each batch sent once: no retry of the refusal
+    assert read_payloads(dead) == [b"poison", b"poison"]
+    assert pipeline.sink_ledgers["kept"].as_dict() == {
+        "accepted": 10, "delivered": 8, "dropped": 0, "failed": 0, "dead_letter": 2, "queued": 0,
+    }  # fmt: skip
+    assert pipeline.sink_ledgers["dropped"].as_dict() == {
+        "accepted": 10, "delivered": 8, "dropped": 0, "failed": 0, "refused": 2, "queued": 0,
+    }  # fmt: skip
+    assert all(ledger.balanced for ledger in pipeline.sink_ledgers.values())
+    assert pipeline.ledger.balanced
+
+
+async def test_a_fanout_branch_out_of_retries_goes_to_its_dead_letter(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.jsonl"
+    failing = RecordingSink("failing")
+    failing.fail_forever()
+    source = MemorySource()
+    pipeline = Pipeline(
+        "p",
+        sources=[source],
+        sinks=[
+            QueuedSink(failing, dead_letter=str(dead), retry=RetryPolicy(0.01, max_attempts=2)),
+            RecordingSink("fine"),
+        ],
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.gateway.run)
+            await source.send_many([b"a", b"b"])
+            await wait_until(lambda: pipeline.sink_ledgers["failing"].dead_lettered == 2)
+            pipeline.gateway.shutdown()
+    assert read_payloads(dead) == [b"a", b"b"]
+    assert pipeline.sink_ledgers["failing"].failed == 0
+    assert pipeline.sink_ledgers["failing"].balanced

@@ -6,6 +6,7 @@ import tomllib
 from typing import Any
 
 import pytest
+from helpers import ROUTED_PIPELINES
 
 from trio_gateway import ConfigurationError
 from trio_gateway._config import build_pipelines, config_from_mapping
@@ -94,3 +95,77 @@ def test_routes_are_read_built_and_drawn() -> None:
     with pytest.raises(ConfigurationError) as caught:
         config(base=BASE.replace('table = "logs"', 'table = "logs"\nroutes = ["x"]'))
     assert caught.value.key == "pipelines.logs.route"
+
+
+def test_a_pipeline_sink_takes_its_own_dead_letter() -> None:
+    one = BASE.replace(
+        'url = "null"\n[[pipelines.logs.sinks]]\nurl = "sqlite:logs.db"\ntable = "logs"\n'
+        'queue = { capacity = 4096, policy = "drop_oldest" }\n',
+        'url = "null"\ndead_letter = "refused.jsonl"\n',
+    )
+    read = config(base=one)
+    assert read.pipelines[0].sinks[0].dead_letter == "refused.jsonl"
+    built = build_pipelines(read)["logs"]
+    # One sink with a dead letter: a branch of its own, which sets refusals aside.
+    assert built.fanout is not None
+    (branch,) = built.fanout.branches
+    assert branch.dead_letter is not None and branch.dead_letter.name == "file:refused.jsonl"
+    from trio_gateway._config._describe import describe
+
+    assert "-> sink: null, dead letter refused.jsonl" in describe(read)
+    with pytest.raises(ConfigurationError) as caught:
+        build_pipelines(config(base=one.replace('"refused.jsonl"', '"ftp://x"')))
+    assert caught.value.key == "pipelines.logs.sinks[0].dead_letter"
+
+
+ROUTED = ROUTED_PIPELINES.format(all="all.jsonl", alerts="alerts.jsonl")
+
+
+def test_a_route_to_another_pipeline_is_read_built_and_drawn() -> None:
+    from trio_gateway import FromPipeline, ToPipeline
+    from trio_gateway._config._describe import describe, mermaid
+
+    read = config(base=ROUTED)
+    built = build_pipelines(read)
+    assert built.routes == {"logs": ["alerts"], "alerts": []}
+    (inbox,) = built["alerts"].gateway.sources  # no source of its own: the route feeds it
+    assert isinstance(inbox, FromPipeline) and inbox.label == "pipeline:logs"
+    route = built["logs"].sinks[1]
+    assert isinstance(route, ToPipeline) and route.source is inbox
+    text = describe(read)
+    sink = "-> sink: pipeline:alerts [queue: ring, capacity 10000, policy block] [routes: error]"
+    assert sink in text
+    assert "pipeline alerts:\n  source: routed from pipeline logs\n" in text
+    assert "  p0k1 -- routed --> p1q\n" in mermaid(read)
+
+
+LOOP = '[pipelines.alerts]\n[[pipelines.alerts.sinks]]\nurl = "pipeline:logs"\n'
+ALARMS = '[pipelines.alerts]\nsources = [{transport = "udp"}]\n'
+TO_ALERTS = 'url = "pipeline:alerts"'
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "message"),
+    [
+        # the first sink of the loop, in the file's order
+        (("[pipelines.alerts]\n", LOOP), "logs.sinks[1].url", "loop: logs -> alerts -> logs"),
+        ((TO_ALERTS, 'url = "pipeline:alarms"'), "logs.sinks[1].url", "no pipeline 'alarms'"),
+        ((TO_ALERTS, 'url = "pipeline:logs"'), "logs.sinks[1].url", "loop: logs -> logs"),
+        (('routes = ["error"]', 'routes = ["x"]\ntimeout = 3'), "logs.sinks[1].timeout", "options"),
+    ],
+)
+def test_a_bad_route_is_refused_naming_the_key(
+    change: tuple[str, str], key: str, message: str
+) -> None:
+    text = ROUTED.replace(*change, 1)
+    if change[0] == TO_ALERTS:  # alerts then needs a source of its own
+        text = text.replace("[pipelines.alerts]\n", ALARMS)
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        build_pipelines(config(base=text))
+    assert caught.value.key == f"pipelines.{key}"
+
+
+def test_a_pipeline_without_sources_needs_a_route_to_it() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        config(base=ROUTED.replace('url = "pipeline:alerts"', 'url = "stdout"'))
+    assert caught.value.key == "pipelines.alerts.sources"

@@ -135,6 +135,8 @@ LAYERS: dict[str, Layer] = {
     "_fanout": layer(
         "_errors", "_gateway", "_histogram", "_log", "_message", "_retry", "queues", "sinks"
     ),
+    # routing between pipelines: a sink that is another pipeline's source
+    "_routing": layer("_errors", "_ingress", "_message", "sinks", "sources"),
     "_pipelines": layer(
         "_errors",
         "_fanout",
@@ -143,6 +145,7 @@ LAYERS: dict[str, Layer] = {
         "_log",
         "_message",
         "_pipelines_metrics",
+        "_routing",
         "_signals",
         "queues",
         "sinks",
@@ -158,6 +161,7 @@ LAYERS: dict[str, Layer] = {
         "_gateway",
         "_names",
         "_pipelines",
+        "_routing",
         "_secrets",
         "_wire",
         "admin",
@@ -167,7 +171,15 @@ LAYERS: dict[str, Layer] = {
     ),
     # several worker processes, each running a configured gateway
     "workers": layer(
-        "_buffer", "_config", "_errors", "_gateway", "_ledger", "_log", "admin", "tuning"
+        "_buffer",
+        "_config",
+        "_errors",
+        "_gateway",
+        "_ledger",
+        "_log",
+        "admin",
+        "tuning",
+        typing=("_pipelines",),
     ),
     # the `send` load generator: a client, so no server module (sources, sinks, gateway, admin)
     "loadgen": layer("_errors", "_proto", "_tls", "_wire", "codecs"),
@@ -183,7 +195,7 @@ LAYERS: dict[str, Layer] = {
         "queues",
         "tuning",
         "workers",
-        typing=("_ledger",),
+        typing=("_ledger", "sinks"),
     ),
     "__main__": layer("_cli"),
     # the test kit drives gateways and sources the way a user's tests do
@@ -200,6 +212,7 @@ LAYERS: dict[str, Layer] = {
         "_ledger",
         "_message",
         "_pipelines",
+        "_routing",
         "queues",
         "sinks",
         "sources",
@@ -322,7 +335,8 @@ def test_sources_and_sinks_never_import_each_other() -> None:
 
 def test_only_the_gateway_and_its_builders_wire_sources_to_sinks() -> None:
     wiring = {unit for unit, rules in LAYERS.items() if {"sources", "sinks"} <= rules.imports}
-    assert wiring == {"", "_gateway", "_config", "testing"}
+    # _routing wires one pipeline's sink to another pipeline's source, nothing else.
+    assert wiring == {"", "_gateway", "_config", "_routing", "testing"}
 
 
 def test_admin_depends_on_the_gateway_only_for_types() -> None:

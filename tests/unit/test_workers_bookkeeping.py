@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ROUTED_PIPELINES
 
 from trio_gateway._cli import main
 from trio_gateway._config import GatewayConfig, SourceConfig, load_config
@@ -108,3 +109,57 @@ def test_restart_backoff_and_config_round_trip() -> None:
         processor="mod:fn",
     )
     assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(config)))) == config
+
+
+PIPELINES = "[gateway]\nworkers = 2\n" + ROUTED_PIPELINES.format(
+    all="a.jsonl", alerts="b.jsonl"
+).replace('routes = ["error"]', 'routes = ["error"]\nqueue = { capacity = 5000 }')
+
+
+def test_named_pipelines_go_to_the_workers_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "pipelines.toml"
+    config.write_text(PIPELINES)
+    read = load_config(str(config))
+    assert read.pipelines[0].sink_queues[1] is not None
+    # Through the spec's JSON line and back: each sink's own queue and routes included.
+    assert config_from_jsonable(json.loads(json.dumps(config_to_jsonable(read)))) == read
+    assert main(["check-config", str(config)]) == 0
+    assert "workers: 2 (each runs every pipeline)" in capsys.readouterr().out
+    disk = PIPELINES.replace(
+        "[pipelines.alerts]\n",
+        f'[pipelines.alerts]\nqueue = {{ kind = "disk", dir = "{tmp_path}" }}\n',
+    )
+    config.write_text(disk)
+    assert main(["check-config", str(config)]) == 2
+    assert "pipelines.alerts.queue.kind: the disk queue serves one process" in (
+        capsys.readouterr().err
+    )
+
+
+def test_each_pipelines_reports_add_up_over_the_workers() -> None:
+    from trio_gateway.workers._ledgers import sum_reports
+
+    one = {
+        "received": 3,
+        "dropped": {"filtered": 1},
+        "balanced": True,
+        "sinks": {"null": {"accepted": 2, "queued": 0}},
+        "routed_out": {"alerts": 2},
+    }
+    two = {
+        "received": 4,
+        "dropped": {"filtered": 0, "refused": 2},
+        "balanced": True,
+        "sinks": {"null": {"accepted": 5, "abandoned": 1}},
+        "routed_out": {"alerts": 1},
+    }
+    assert sum_reports([one, two]) == {
+        "received": 7,
+        "dropped": {"filtered": 1, "refused": 2},
+        "balanced": True,
+        "sinks": {"null": {"accepted": 7, "queued": 0, "abandoned": 1}},
+        "routed_out": {"alerts": 3},
+    }
+    assert sum_reports([one, {**two, "balanced": False}])["balanced"] is False

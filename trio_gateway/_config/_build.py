@@ -19,6 +19,7 @@ from .._fanout import QueuedSink
 from .._gateway import Gateway, Processor, RetryPolicy, Service
 from .._names import canonical
 from .._pipelines import Pipeline, Pipelines
+from .._routing import FromPipeline, ToPipeline, route_cycle
 from ..queues import QUEUE_KINDS, ChannelQueue, DiskQueue, Queue, queue_class
 from ..sinks import (
     FileSink,
@@ -44,6 +45,7 @@ from ..sources import (
 )
 from ._schema import (
     DISK_QUEUE,
+    PIPELINE_PREFIX,
     GatewayConfig,
     PipelineConfig,
     QueueConfig,
@@ -340,7 +342,43 @@ def _rekeyed(key: str, exc: ConfigurationError) -> ConfigurationError:
     return ConfigurationError(f"{key}.{rest}" if rest else key, exc.message)
 
 
-def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
+def _check_routes(config: GatewayConfig) -> dict[str, list[str]]:
+    """``{pipeline: the pipelines it routes to}``; a route to no pipeline, or a loop, is an
+    error naming the sink's ``url`` that makes it."""
+    specs = {spec.name: spec for spec in config.pipelines}
+    routes: dict[str, list[str]] = {}
+    for spec in config.pipelines:
+        routes[spec.name] = []
+        for index, target in spec.targets():
+            if target not in specs:
+                raise ConfigurationError(
+                    f"pipelines.{spec.name}.sinks[{index}].url", f"there is no pipeline {target!r}"
+                )
+            routes[spec.name].append(target)
+    cycle = route_cycle(routes)
+    if cycle is not None:
+        sender, target = cycle[0], cycle[1]
+        index = next(i for i, t in specs[sender].targets() if t == target)
+        raise ConfigurationError(
+            f"pipelines.{sender}.sinks[{index}].url", "routes in a loop: " + " -> ".join(cycle)
+        )
+    return routes
+
+
+def _pipeline_sink(sink_config: SinkConfig, key: str) -> Sink:
+    """A pipeline's sink: ``pipeline:NAME`` routes to another pipeline, any other URL is
+    :func:`build_sink`'s (errors keyed ``key``)."""
+    if sink_config.url.startswith(PIPELINE_PREFIX):
+        for option in sink_config.options:
+            raise ConfigurationError(f"{key}.{option}", "a pipeline: sink takes no options")
+        return ToPipeline(sink_config.url.removeprefix(PIPELINE_PREFIX))
+    try:
+        return build_sink(sink_config)
+    except ConfigurationError as exc:
+        raise _rekeyed(key, exc) from exc
+
+
+def _build_pipeline(config: GatewayConfig, spec: PipelineConfig, senders: list[str]) -> Pipeline:
     key = f"pipelines.{spec.name}"
     sinks: list[Sink | QueuedSink] = []
     sinks_and_queues = zip(spec.sinks, spec.sink_queues, spec.sink_routes, strict=True)
@@ -348,14 +386,20 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
         sink_key = f"{key}.sinks[{index}]"
         if sink_config.retry_max_attempts < 0:
             raise ConfigurationError(f"{sink_key}.retry_max_attempts", "must be 0 or more")
-        try:
-            sink = build_sink(sink_config)
-        except ConfigurationError as exc:
-            raise _rekeyed(sink_key, exc) from exc
+        sink = _pipeline_sink(sink_config, sink_key)
         retry = RetryPolicy(max_attempts=sink_config.retry_max_attempts or None)
-        if len(spec.sinks) == 1 and queue is None and spec.route is None:
+        if (
+            len(spec.sinks) == 1
+            and queue is None
+            and spec.route is None
+            and sink_config.dead_letter is None
+        ):
             sinks.append(sink)
             continue
+        try:
+            dead_letter = _dead_letter(sink_config.dead_letter)
+        except ConfigurationError as exc:
+            raise _rekeyed(sink_key, exc) from exc
         branch = queue or QueueConfig()
         if branch.kind != "ring" or branch.max_bytes is not None:
             raise ConfigurationError(
@@ -369,6 +413,7 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
                     policy=branch.policy,
                     retry=retry,
                     routes=routes,
+                    dead_letter=dead_letter,
                 )
             )
         except ConfigurationError as exc:
@@ -380,7 +425,8 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
     first = spec.sinks[0]
     return Pipeline(
         spec.name,
-        sources=[build_source(s) for s in spec.sources],
+        # Each pipeline that routes here feeds this one through a source of its own.
+        sources=[build_source(s) for s in spec.sources] + [FromPipeline(s) for s in senders],
         sinks=sinks,
         queue=pipeline_queue,
         processors=[load_processor(p) for p in spec.processors],
@@ -399,7 +445,12 @@ def build_pipelines(config: GatewayConfig, *, handle_signals: bool = False) -> P
     if not config.pipelines:
         raise ConfigurationError("pipelines", "no pipeline configured")
     if config.workers > 1:
-        raise ConfigurationError("gateway.workers", "named pipelines run in one process")
+        for spec in config.pipelines:
+            if spec.queue.kind == DISK_QUEUE:
+                raise ConfigurationError(
+                    f"pipelines.{spec.name}.queue.kind", "the disk queue serves one process"
+                )
+    routes = _check_routes(config)
     admin = None
     if config.admin and config.admin != "off":
         from ..admin import AdminServer
@@ -407,7 +458,12 @@ def build_pipelines(config: GatewayConfig, *, handle_signals: bool = False) -> P
         host, port = parse_hostport(config.admin, key="admin.listen")
         admin = AdminServer(host, port)
     return Pipelines(
-        [_build_pipeline(config, spec) for spec in config.pipelines],
+        [
+            _build_pipeline(
+                config, spec, [sender for sender, to in routes.items() if spec.name in to]
+            )
+            for spec in config.pipelines
+        ],
         admin=admin,
         handle_signals=handle_signals,
     )

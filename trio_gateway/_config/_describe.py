@@ -42,10 +42,16 @@ def _sink(sink: SinkConfig) -> str:
     return redact_url(sink.url)
 
 
-def _pipeline_graph(pipeline: PipelineConfig) -> list[str]:
+def _senders(config: GatewayConfig, name: str) -> list[str]:
+    """The pipelines that route to pipeline ``name``."""
+    return [p.name for p in config.pipelines if any(t == name for _, t in p.targets())]
+
+
+def _pipeline_graph(pipeline: PipelineConfig, senders: list[str]) -> list[str]:
     """One pipeline as an indented graph: sources, queue, processors, sinks."""
     lines = [f"pipeline {pipeline.name}:"]
     lines += [f"  source: {_source(s)}" + _source_options(s) for s in pipeline.sources]
+    lines += [f"  source: routed from pipeline {sender}" for sender in senders]
     lines.append(f"    -> queue: {_queue(pipeline.queue)}")
     lines += [f"    -> processor: {name}" for name in pipeline.processors]
     fanout = (
@@ -68,6 +74,7 @@ def _pipeline_graph(pipeline: PipelineConfig) -> list[str]:
             ("         -> sink: " if fanout else "    -> sink: ")
             + _sink(sink)
             + (f", wait {sink.wait:g} s" if sink.wait else "")
+            + (f", dead letter {redact_url(sink.dead_letter)}" if sink.dead_letter else "")
             + _options(dict(sink.options))
             + own
         )
@@ -78,6 +85,8 @@ def mermaid(config: GatewayConfig) -> str:
     """The pipelines of ``config`` as a Mermaid flowchart (``check-config --mermaid``): the
     picture of each pipeline in the docs is this output, not drawn by hand."""
     lines = ["flowchart LR"]
+    names = [p.name for p in config.pipelines]
+    between: list[str] = []  # routes from one pipeline's sink to another's queue
     for index, pipeline in enumerate(config.pipelines):
         p = f"p{index}"
         lines.append(f'  subgraph {p} ["pipeline {pipeline.name}"]')
@@ -85,6 +94,8 @@ def mermaid(config: GatewayConfig) -> str:
         lines.append(f'    {p}q[("queue<br/>{queue.kind} {queue.capacity}, {queue.policy}")]')
         for k, source in enumerate(pipeline.sources):
             lines.append(f'    {p}s{k}["{_source(source)}"] --> {p}q')
+        for k, target in pipeline.targets():
+            between.append(f"  {p}k{k} -- routed --> p{names.index(target)}q")
         last = f"{p}q"
         for k, name in enumerate(pipeline.processors):
             lines.append(f'    {last} --> {p}f{k}["{name}"]')
@@ -102,7 +113,7 @@ def mermaid(config: GatewayConfig) -> str:
             else:
                 lines.append(f'    {last} --> {p}k{k}["{_sink(sink)}"]')
         lines.append("  end")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + between) + "\n"
 
 
 def describe(config: GatewayConfig) -> str:
@@ -114,8 +125,10 @@ def describe(config: GatewayConfig) -> str:
             f"batch size {config.batch_size}",
             _admin(config),
         ]
+        if config.workers > 1:
+            lines.insert(1, f"workers: {config.workers} (each runs every pipeline)")
         for pipeline in config.pipelines:
-            lines += _pipeline_graph(pipeline)
+            lines += _pipeline_graph(pipeline, _senders(config, pipeline.name))
         return "\n".join(lines)
     queue = config.queue
     sink = config.sink

@@ -21,6 +21,7 @@ __all__ = (
     "DEFAULT_MAX_MEMORY",
     "DEFAULT_TCP",
     "DEFAULT_UDP",
+    "PIPELINE_PREFIX",
     "POLICY_NAMES",
     "QUEUE_NAMES",
     "TRANSPORTS",
@@ -54,6 +55,9 @@ FSYNC_NAMES = ("always", "batch", "interval")
 """The disk queue's fsync policies (``queues.FSYNC_POLICIES``, without importing Trio)."""
 TRANSPORTS = ("tcp", "udp", "http", "websocket", "grpc", "nats")
 """The source transports (``[[sources]] transport = ...``)."""
+PIPELINE_PREFIX = "pipeline:"
+"""A pipeline's sink URL that routes to another pipeline, ``pipeline:NAME``
+(``_routing.PREFIX``, without importing Trio)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,14 @@ class PipelineConfig:
     """What a message's route is: a JSON field of its payload, or ``$peer``."""
     sink_routes: tuple[tuple[str, ...] | None, ...] = ()
     """The routes each sink takes (None: every message)."""
+
+    def targets(self) -> list[tuple[int, str]]:
+        """The pipelines this one routes to: ``(index of the sink, target name)``."""
+        return [
+            (index, sink.url.removeprefix(PIPELINE_PREFIX))
+            for index, sink in enumerate(self.sinks)
+            if sink.url.startswith(PIPELINE_PREFIX)
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,12 +140,10 @@ def _pipelines(raw: object) -> tuple[PipelineConfig, ...]:
             raise ConfigurationError(f"{key}.route", "expected a JSON field name or $peer")
         if route is None and any(r is not None for r in routes):
             raise ConfigurationError(f"{key}.route", "sinks with routes need the pipeline's route")
-        if "sources" not in section:
-            raise ConfigurationError(f"{key}.sources", "a pipeline needs a source")
         pipelines.append(
             PipelineConfig(
                 name,
-                sources=_sources(section["sources"], f"{key}.sources"),
+                sources=_sources(section.get("sources", []), f"{key}.sources"),
                 queue=_queue(section.get("queue", {}), f"{key}.queue"),
                 processors=tuple(processors),
                 sinks=tuple(sinks),
@@ -154,6 +152,13 @@ def _pipelines(raw: object) -> tuple[PipelineConfig, ...]:
                 sink_routes=tuple(routes),
             )
         )
+    targets = {target for pipeline in pipelines for _, target in pipeline.targets()}
+    for pipeline in pipelines:
+        if not pipeline.sources and pipeline.name not in targets:
+            raise ConfigurationError(
+                f"pipelines.{pipeline.name}.sources",
+                "a pipeline needs a source (or another pipeline's sink pipeline:NAME)",
+            )
     return tuple(pipelines)
 
 

@@ -1,7 +1,10 @@
 """One frame of ``top``: parse a ``/metrics`` scrape, and render two of them (rates are the
 difference) as five parts that fit an 80x24 terminal: a header line and four borderless
-tables (by transport, by listener, queue, sink). No terminal and no I/O here, so a frame is
-tested like any function (tests/unit/test_top.py)."""
+tables (by transport, by listener, queue, sink). A gateway of named pipelines (its metrics
+carry a ``pipeline`` label) gets three instead: by pipeline (rates in and out, drops, its
+queue), by listener, and by sink (each pipeline's sinks, a fan-out's branches with their
+own queues). No terminal and no I/O here, so a frame is tested like any function
+(tests/unit/test_top.py)."""
 
 from __future__ import annotations
 
@@ -194,6 +197,14 @@ def _listener_table(r: _Rates) -> Table:
     return table
 
 
+def _fill(depth: float, capacity: float) -> Table:
+    """A queue's fill as a small bar and a percentage."""
+    fill = depth / capacity if capacity else 0.0
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(ProgressBar(total=100, completed=fill * 100, width=8), f"{fill:4.0%}")
+    return bar
+
+
 def _queue_panel(r: _Rates) -> Table:
     cur = r.current
     table = _table(
@@ -207,13 +218,10 @@ def _queue_panel(r: _Rates) -> Table:
     reasons = ", ".join(f"{reason} {_num(n)}" for (reason,), n in sorted(drops.items()) if n)
     for (queue,), depth in sorted(cur.by(P + "queue_depth", "queue").items()):
         capacity = cur.total(P + "queue_capacity", queue=queue)
-        fill = depth / capacity if capacity else 0.0
-        bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=100, completed=fill * 100, width=8), f"{fill:4.0%}")
         table.add_row(
             queue,
             f"{_num(depth)}/{_num(capacity)}",
-            bar,
+            _fill(depth, capacity),
             _num(cur.total(P + "queue_blocked_producers", queue=queue)),
             _num(drop_rate),
             reasons or "-",
@@ -231,26 +239,10 @@ def _sink_panel(r: _Rates) -> Table:
     )
     up = cur.by(P + "sink_up", "sink")
     for (sink,), sent in sorted(cur.by(P + "sink_sent_messages_total", "sink").items()):
-        size = latency = "-"
-        if r.known and cur.has(P + "sink_batch_seconds_count"):
-            assert r.previous is not None
-            count = _increase(
-                r.previous.total(P + "sink_batch_seconds_count", sink=sink),
-                cur.total(P + "sink_batch_seconds_count", sink=sink),
-            )
-            total = _increase(
-                r.previous.total(P + "sink_batch_seconds_sum", sink=sink),
-                cur.total(P + "sink_batch_seconds_sum", sink=sink),
-            )
-            delivered = _increase(r.previous.total(P + "sink_sent_messages_total", sink=sink), sent)
-            if count:
-                # Messages per batch (the size), and the mean time the sink took for one.
-                size = _num(delivered / count)
-                latency = f"{total / count * 1000:.2f}"
-        state = "-" if (sink,) not in up else ("up" if up[(sink,)] else "down")
+        size, latency = _batches(r, "sink_batch_seconds", "sink_sent_messages_total", sink=sink)
         table.add_row(
             sink,
-            Text(state, style="bold red" if state == "down" else ""),
+            _state(up.get((sink,))),
             _num(r.rate(P + "sink_sent_messages_total", sink=sink)),
             size,
             latency,
@@ -258,6 +250,107 @@ def _sink_panel(r: _Rates) -> Table:
             _num(sent),
         )
     return table
+
+
+def _batches(r: _Rates, histogram: str, delivered: str, **match: str) -> tuple[str, str]:
+    """Messages per batch (the size) and the mean milliseconds a sink took for one, between
+    the two scrapes; ``-`` when unknown."""
+    cur, previous = r.current, r.previous
+    if not r.known or previous is None or not cur.has(P + histogram + "_count"):
+        return "-", "-"
+    count, total, sent = (
+        _increase(previous.total(P + name, **match), cur.total(P + name, **match))
+        for name in (histogram + "_count", histogram + "_sum", delivered)
+    )
+    if not count:
+        return "-", "-"
+    return _num(sent / count), f"{total / count * 1000:.2f}"
+
+
+# -- named pipelines -----------------------------------------------------------------------
+
+
+def _pipeline_names(cur: Scrape) -> list[str]:
+    """The pipelines the scrape reports (empty for a single gateway)."""
+    return sorted(n for (n,) in cur.by(P + "delivered_messages_total", "pipeline") if n)
+
+
+def _pipeline_table(r: _Rates, names: Sequence[str]) -> Table:
+    cur = r.current
+    table = _table(
+        "by pipeline",
+        ("pipeline", "in/s", "out/s", "dropped/s", "queue", "received", "delivered"),
+        ("pipeline",),
+        ("pipeline",),
+    )
+    for name in names:
+        depth = cur.total(P + "queue_depth", pipeline=name)
+        capacity = cur.total(P + "queue_capacity", pipeline=name)
+        table.add_row(
+            name,
+            _num(r.rate(P + "received_messages_total", pipeline=name)),
+            _num(r.rate(P + "delivered_messages_total", pipeline=name)),
+            _num(r.rate(P + "dropped_messages_total", pipeline=name)),
+            f"{_num(depth)}/{_num(capacity)} {depth / capacity if capacity else 0.0:.0%}",
+            _num(cur.total(P + "received_messages_total", pipeline=name)),
+            _num(cur.total(P + "delivered_messages_total", pipeline=name)),
+        )
+    return table
+
+
+def _pipeline_sink_table(r: _Rates) -> Table:
+    """One row per sink of each pipeline: a fan-out's branches (with their own queue), or a
+    pipeline's one sink (``queued`` is then the pipeline's queue, shown above)."""
+    cur = r.current
+    table = _table(
+        "by sink",
+        ("pipeline/sink", "state", "msg/s", "msg/batch", "ms/batch", "queued", "lost", "sent"),
+        ("pipeline/sink",),
+        ("pipeline/sink",),
+    )
+    keys = ("pipeline", "sink")
+    branches = cur.by(P + "fanout_delivered_messages_total", *keys)
+    branch_up = cur.by(P + "fanout_sink_up", *keys)
+    for (pipeline, sink), sent in sorted(branches.items()):
+        match = {"pipeline": pipeline, "sink": sink}
+        lost = sum(
+            cur.total(P + f"fanout_{what}_messages_total", **match)
+            for what in ("dropped", "failed", "dead_letter", "refused")
+        )
+        table.add_row(
+            f"{pipeline}/{sink}",
+            _state(branch_up.get((pipeline, sink))),
+            _num(r.rate(P + "fanout_delivered_messages_total", **match)),
+            *_batches(r, "fanout_batch_seconds", "fanout_delivered_messages_total", **match),
+            _num(cur.total(P + "fanout_queued_messages", **match)),
+            _num(lost),
+            _num(sent),
+        )
+    fanned = {pipeline for pipeline, _ in branches}
+    up = cur.by(P + "sink_up", *keys)
+    for (pipeline, sink), sent in sorted(cur.by(P + "sink_sent_messages_total", *keys).items()):
+        if pipeline in fanned:
+            continue  # its sink is the fan-out: the branches' rows are above
+        match = {"pipeline": pipeline, "sink": sink}
+        lost = sum(
+            cur.total(P + "dropped_messages_total", pipeline=pipeline, reason=reason)
+            for reason in ("sink_failed", "dead_letter", "refused")
+        )
+        table.add_row(
+            f"{pipeline}/{sink}",
+            _state(up.get((pipeline, sink))),
+            _num(r.rate(P + "sink_sent_messages_total", **match)),
+            *_batches(r, "sink_batch_seconds", "sink_sent_messages_total", **match),
+            "-",
+            _num(lost),
+            _num(sent),
+        )
+    return table
+
+
+def _state(up: float | None) -> Text:
+    state = "-" if up is None else ("up" if up else "down")
+    return Text(state, style="bold red" if state == "down" else "")
 
 
 def _header(r: _Rates, target: str, *, hint: str = "") -> Text:
@@ -269,7 +362,8 @@ def _header(r: _Rates, target: str, *, hint: str = "") -> Text:
             text.append("accepting", style="bold green")
         else:
             text.append("not ready", style="bold yellow")
-    if cur.has(P + "sink_up") and any(not v for v in cur.by(P + "sink_up", "sink").values()):
+    ups = (*cur.by(P + "sink_up", "sink").values(), *cur.by(P + "fanout_sink_up", "sink").values())
+    if any(not v for v in ups):
         text.append("  sink down", style="bold red")
     cpu = r.rate("process_cpu_seconds_total") if cur.has("process_cpu_seconds_total") else None
     if cpu is not None:
@@ -287,6 +381,14 @@ def render(
 ) -> RenderableType:
     """One frame: rates are the difference between ``previous`` and ``current``."""
     r = _Rates(previous, current)
+    pipelines = _pipeline_names(current)
+    if pipelines:
+        return Group(
+            _header(r, target, hint=hint),
+            _pipeline_table(r, pipelines),
+            _listener_table(r),
+            _pipeline_sink_table(r),
+        )
     return Group(
         _header(r, target, hint=hint),
         _transport_table(r),

@@ -10,6 +10,7 @@ destination can be fed them again (``send`` them, or point a gateway's file sour
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 
@@ -19,7 +20,7 @@ from .._message import Batch
 from ._base import Sink
 from ._simple import FileSink
 
-__all__ = ("DeadLetter",)
+__all__ = ("DeadLetter", "set_aside")
 
 _log = RateLimitedLogger(logger.getChild("sinks.dead_letter"))
 
@@ -74,3 +75,24 @@ class DeadLetter:
                 )
                 return True
         return False  # pragma: no cover - the loop returns
+
+
+async def set_aside(
+    dead_letter: DeadLetter | None, batch: Batch, indices: Sequence[int], reason: str, *, sink: str
+) -> bool:
+    """Hand the messages of ``batch`` at ``indices`` (refused for good by ``sink``, or out of
+    retries) to ``dead_letter``: True once written there; False when they are lost (no dead
+    letter, or it failed too). The caller counts them: ``dead_letter`` or ``refused``.
+
+    The gateway's pump and each fan-out branch set refused messages aside through this one
+    path, so a refusal is never retried and never vanishes uncounted."""
+    if dead_letter is None:
+        _log.warning(
+            "sink %s: %d messages refused for good (%s); no dead letter: dropped",
+            sink,
+            len(indices),
+            reason,
+        )
+        return False
+    refused = batch if len(indices) == len(batch) else Batch.of([batch[i] for i in indices])
+    return await dead_letter.put(refused, reason)

@@ -1,7 +1,8 @@
 """Worker processes on one machine: ``serve --workers N``.
 
 One Trio process uses one core. :class:`Supervisor` runs N worker processes, each a complete
-gateway (its own queue, pump and sink), that share every listening port with ``SO_REUSEPORT``:
+gateway (its own queue, pump and sink; with named pipelines, every pipeline, routes kept
+inside the worker), that share every listening port with ``SO_REUSEPORT``:
 the kernel spreads TCP connections (HTTP, WebSocket and gRPC included) and UDP senders across
 them. The supervising parent is a Trio program too:
 
@@ -27,7 +28,8 @@ them. The supervising parent is a Trio program too:
   forwarded to every worker, which runs its own cancellation-safe flush; a second signal is
   forwarded too (the workers stop at once). The parent waits (bounded by ``stop_timeout``,
   then SIGKILL) and prints one combined ledger: the sum of the workers' ledgers, plus
-  ``workers``, ``restarts`` and ``crashed``.
+  ``workers``, ``restarts`` and ``crashed`` (with named pipelines, first each pipeline's
+  report summed over the workers).
 * **Metrics** (``_metrics.py``, ``_admin.py``). Each worker serves its admin endpoint on a
   private loopback port; the parent scrapes them every ``scrape_interval`` seconds and serves
   the sum on the configured admin address (counters and histograms of an exited worker are

@@ -1,10 +1,12 @@
-"""The worker process: read the spec, run one gateway, report on stderr, stop with the parent.
+"""The worker process: read the spec, run one gateway (or the config's named pipelines, each
+worker the same ones), report on stderr, stop with the parent.
 
 The supervisor starts ``python -c "from trio_gateway.workers._child import worker_main; ..."``
 (see :data:`WORKER_CODE`). The worker reads its spec (one JSON line, see ``_spec.py``) from
 stdin, logs as JSON lines on stderr (``_logs.py``), reports ``ready`` once bound and its
-``ledger`` at the end, and shuts down cleanly when its stdin ends: the parent holds that pipe
-open, so its end means the parent stops or died (even by SIGKILL).
+``ledger`` at the end (with named pipelines, each pipeline's report beside the total, for
+the parent to sum per pipeline), and shuts down cleanly when its stdin ends: the parent holds
+that pipe open, so its end means the parent stops or died (even by SIGKILL).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._config import build_gateway
+from .._config import build_gateway, build_pipelines
 from .._errors import GatewayError
 from .._log import logger
 from ..tuning import tune_allocator
@@ -24,7 +26,9 @@ from ._logs import JsonLinesHandler, write_line
 from ._spec import config_from_jsonable, read_spec
 
 if TYPE_CHECKING:
+    from .._config import GatewayConfig
     from .._gateway import Gateway
+    from .._pipelines import Pipelines
 
 __all__ = ("WORKER_CODE", "WORKER_ENV", "worker_main")
 
@@ -47,7 +51,10 @@ def worker_main() -> int:
     root.propagate = False
     try:
         tune_allocator()  # as serve does (see its docstring)
-        gateway = build_gateway(config_from_jsonable(spec["config"]), handle_signals=True)
+        config = config_from_jsonable(spec["config"])
+        if config.pipelines:
+            return trio.run(_serve_pipelines, build_pipelines(config, handle_signals=True), config)
+        gateway = build_gateway(config, handle_signals=True)
         return trio.run(_serve, gateway)
     except BaseException as exc:
         leaves = _leaves(exc)
@@ -73,7 +80,38 @@ async def _serve(gateway: Gateway) -> int:
     return 0 if ledger.balanced else 1
 
 
-async def _watch_parent(gateway: Gateway) -> None:
+async def _serve_pipelines(pipelines: Pipelines, config: GatewayConfig) -> int:
+    """As :func:`_serve`, for named pipelines: ``ready`` lists the bound addresses of every
+    configured source, pipeline after pipeline (the parent's order); ``ledger`` carries each
+    pipeline's report."""
+    async with trio.open_nursery() as nursery:
+
+        async def run_pipelines(task_status: trio.TaskStatus[Any]) -> None:
+            await pipelines.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        bound = await nursery.start(run_pipelines)
+        listening = [
+            addresses
+            for spec in config.pipelines
+            for addresses in bound[spec.name][: len(spec.sources)]  # not the routes' ends
+        ]
+        write_line(
+            {
+                "event": "ready",
+                "pid": os.getpid(),
+                "bound": listening,
+                "admin": pipelines.admin_address,
+            }
+        )
+        nursery.start_soon(_watch_parent, pipelines)
+    ledger = pipelines.ledger
+    reports = {p.name: p.report() for p in pipelines}
+    write_line({"event": "ledger", "ledger": ledger.as_dict(), "pipelines": reports})
+    return 0 if ledger.balanced else 1
+
+
+async def _watch_parent(gateway: Gateway | Pipelines) -> None:
     """The parent holds our stdin open: its end (a clean stop, or the parent died) = stop."""
     async with trio.lowlevel.FdStream(os.dup(0)) as stdin:
         while await stdin.receive_some(4096):

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._ledger import Ledger
 
-__all__ = ("WorkersLedger", "ledger_from_event", "sum_ledgers")
+__all__ = ("WorkersLedger", "ledger_from_event", "sum_ledgers", "sum_reports")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +67,23 @@ def ledger_from_event(data: Mapping[str, Any]) -> Ledger:
         abandoned=int(data["abandoned"]),
         rejected={str(k): int(v) for k, v in dict(data["rejected"]).items()},
     )
+
+
+def sum_reports(reports: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The workers' reports of one pipeline (its ledger, its sinks' ledgers, its routes, as
+    :meth:`Pipeline.report <trio_gateway.Pipeline.report>` makes them) summed: counts add up,
+    key by key at every level; ``balanced`` holds when it held in every one."""
+    total: dict[str, Any] = {}
+    for report in reports:
+        _add(total, report)
+    return total
+
+
+def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
+    for key, value in report.items():
+        if isinstance(value, bool):
+            into[key] = into.get(key, True) and value
+        elif isinstance(value, int):
+            into[key] = into.get(key, 0) + value
+        elif isinstance(value, Mapping):
+            _add(into.setdefault(key, {}), value)

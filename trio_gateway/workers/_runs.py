@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 from collections import deque
+from collections.abc import Mapping
 from contextlib import suppress
+from typing import Any
 
 import trio
 
@@ -60,6 +62,8 @@ class Slot:
         self.ever_ready = False
         self.failures: deque[float] = deque()
         self.ledgers: list[Ledger] = []
+        self.reports: list[Mapping[str, Any]] = []
+        """With named pipelines: each run's ``{pipeline: report}`` (runs that left a ledger)."""
         self.crashed = 0
         self.log = RateLimitedLogger(logging.getLogger(f"trio_gateway.worker.{index}"), burst=100)
 

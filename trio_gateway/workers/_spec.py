@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -40,20 +41,25 @@ def _rebuild(cls: type[T], data: Mapping[str, Any]) -> T:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for item in dataclasses.fields(cast(Any, cls)):
-        if item.name not in data:
-            continue
-        value = data[item.name]
-        hint = hints[item.name]
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            value = _rebuild(hint, value)
-        elif typing.get_origin(hint) is tuple:
-            (inner, *_) = typing.get_args(hint) or (object,)
-            if isinstance(inner, type) and dataclasses.is_dataclass(inner):
-                value = tuple(_rebuild(inner, v) for v in value)
-            else:
-                value = tuple(value)
-        kwargs[item.name] = value
+        if item.name in data:
+            kwargs[item.name] = _value(hints[item.name], data[item.name])
     return cls(**kwargs)
+
+
+def _value(hint: Any, value: Any) -> Any:
+    """``value`` (JSON data) as the type ``hint`` says: a config dataclass, a tuple (of
+    them), or either or None (a pipeline's ``sink_queues``, ``sink_routes``)."""
+    if value is None:
+        return None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        hint = options[0] if len(options) == 1 else object
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _rebuild(hint, value)
+    if typing.get_origin(hint) is tuple:
+        (inner, *_) = typing.get_args(hint) or (object,)
+        return tuple(_value(inner, v) for v in value)
+    return value
 
 
 def encode_spec(

@@ -24,14 +24,14 @@ from typing import Any, Literal
 
 import trio
 
-from .._config import GatewayConfig, build_gateway, parse_hostport
+from .._config import GatewayConfig, build_gateway, build_pipelines, parse_hostport
 from .._errors import ConfigurationError, TransportError
 from .._ledger import Ledger
 from .._log import RateLimitedLogger, logger
 from ..admin._scrape import MetricsClient
 from ._admin import SupervisorAdmin
 from ._child import WORKER_CODE, WORKER_ENV
-from ._ledgers import WorkersLedger, ledger_from_event, sum_ledgers
+from ._ledgers import WorkersLedger, ledger_from_event, sum_ledgers, sum_reports
 from ._logs import read_line
 from ._metrics import MetricsAggregate, Samples, ledger_from_samples
 from ._pipes import MAX_STDOUT_PENDING, WholeLines, pump
@@ -84,7 +84,7 @@ class Supervisor:
             )
         if scrape_interval <= 0:
             raise ConfigurationError("workers.scrape_interval", "must be positive")
-        if not config.sources:
+        if not config.sources and not config.pipelines:
             raise ConfigurationError("sources", "no source configured")
         self.config = config
         self.workers = count
@@ -168,6 +168,17 @@ class Supervisor:
             crashed=crashed,
         )
 
+    @property
+    def pipeline_reports(self) -> dict[str, dict[str, Any]]:
+        """With named pipelines: each pipeline's report summed over the worker runs that left
+        a ledger (a run that crashed counts in :attr:`ledger` only, from its metrics)."""
+        return {
+            spec.name: sum_reports(
+                runs[spec.name] for slot in self.slots for runs in slot.reports if spec.name in runs
+            )
+            for spec in self.config.pipelines
+        }
+
     def live_samples(self) -> dict[int, Samples]:
         return {
             slot.index: slot.run.samples
@@ -188,7 +199,11 @@ class Supervisor:
         udp_holds: list[trio.socket.SocketType] = []
         try:
             worker_config = await reserve_ports(self.config, holds, udp_holds)
-            build_gateway(worker_config)  # every source must take reuse_port, and so on
+            # Every source must take reuse_port, and so on.
+            if worker_config.pipelines:
+                build_pipelines(worker_config)
+            else:
+                build_gateway(worker_config)
             self._spec_config = config_to_jsonable(worker_config)
             async with trio.open_nursery() as root:
                 if self.handle_signals:
@@ -396,6 +411,8 @@ class Supervisor:
                     self._all_ready.set()
             elif event == "ledger":
                 run.ledger = ledger_from_event(entry["ledger"])
+                if isinstance(entry.get("pipelines"), dict):
+                    slot.reports.append(entry["pipelines"])
                 _log.info("worker %d ledger: %s", slot.index, json.dumps(entry["ledger"]))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             slot.log.warning("bad %r event from the worker: %r", event, exc)
@@ -464,12 +481,17 @@ async def serve_workers(config: GatewayConfig) -> int:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(supervisor.run)
             if supervisor.state == "running":  # else stopped by a signal before all were up
-                for source, addresses in zip(config.sources, bound, strict=True):
+                sources = [("", s) for s in config.sources] + [
+                    (f"pipeline {p.name} ", s) for p in config.pipelines for s in p.sources
+                ]
+                for (where, source), addresses in zip(sources, bound, strict=True):
                     for host, port in addresses:
-                        logger.info("listening: %s on %s:%d", source.transport, host, port)
+                        logger.info("%slistening: %s on %s:%d", where, source.transport, host, port)
                 logger.info("ready")
     finally:
         if supervisor.state == "stopped" and any(slot.runs for slot in supervisor.slots):
+            for name, report in supervisor.pipeline_reports.items():
+                print(json.dumps({"pipeline": name, **report}), file=sys.stderr, flush=True)
             print(supervisor.ledger.to_json(), file=sys.stderr, flush=True)
     # serve's exit statuses (docs/cli.md): 1 unbalanced, 3 stopped with messages abandoned.
     combined = supervisor.ledger

@@ -378,9 +378,11 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig) -> Pipeline:
     except ConfigurationError as exc:
         raise _rekeyed(f"{key}.queue", exc) from exc
     first = spec.sinks[0]
+    sources = [build_source(s) for s in spec.sources]
     return Pipeline(
         spec.name,
-        sources=[build_source(s) for s in spec.sources],
+        sources=sources,
+        ack={source: s.ack for source, s in zip(sources, spec.sources, strict=True)},
         sinks=sinks,
         queue=pipeline_queue,
         processors=[load_processor(p) for p in spec.processors],

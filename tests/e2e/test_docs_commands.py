@@ -1,4 +1,5 @@
-"""Every command of README.md, docs/tutorial.md and docs/cli.md, run as written.
+"""Every command of README.md, docs/tutorial.md, docs/cli.md and the examples' READMEs, run
+as written.
 
 A page is walked top to bottom, as a newcomer at one terminal would: each block below, in
 order, with the environment the page itself sets up. A documented command that breaks fails
@@ -20,23 +21,30 @@ Two markers, an HTML comment on the line right before a block (invisible on GitH
 * ``<!-- file: PATH -->``: the block is the content of PATH, relative to the page's working
   directory; the test writes it there and runs nothing.
 
-Long-running commands (``trio_gateway serve`` and ``top``, unless ``--once`` or ``--help``)
-start in the background. ``serve`` counts as started once it logs ``ready``, ``top`` once it
-draws a frame; then the page goes on against them. A ``serve`` runs until the page starts
-another one, or ends: then it gets SIGINT (the tutorial's Ctrl-C) and must exit 0 (its
-ledger balanced). A ``top`` is stopped the same way, before the gateways.
+Long-running commands (``trio_gateway serve`` and ``top``, unless ``--once`` or ``--help``,
+and a ``nats-server`` an example needs) start in the background. ``serve`` counts as started
+once it logs ``ready``, ``top`` once it draws a frame, ``nats-server`` once it says ``Server is
+ready``; then the page goes on against them. A ``serve`` runs until the page starts another
+one, or ends: then it gets SIGINT (the tutorial's Ctrl-C) and must exit 0 (its ledger
+balanced). A ``top`` is stopped the same way, before the gateways; a ``nats-server`` after
+them.
 
-Environment: each page runs in its own temporary directory holding a copy of
-``docs/examples`` and ``.venv``, a symlink to the environment running this test
-(``sys.prefix``), so ``.venv/bin/python`` and ``. .venv/bin/activate`` are this test's
-interpreter; ``PATH`` starts with the directory of ``sys.executable``, so a bare ``python``
-is too. What a command exports, a ``cd`` and an activation carry over to the next command
-(the test saves ``env`` and ``pwd`` after each), as in one terminal.
+Environment: each page runs in its own temporary directory holding a copy of ``docs/examples``
+(an example's README starts in its own directory, as it says) and ``.venv``, a symlink to the
+environment running this test (``sys.prefix``), so ``.venv/bin/python`` and
+``. .venv/bin/activate`` are this test's interpreter; ``PATH`` starts with the directory of
+``sys.executable``, so a bare ``python`` is too. What a command exports, a ``cd`` and an
+activation carry over to the next command (the test saves ``env`` and ``pwd`` after each), as
+in one terminal.
 
 Ports: the pages use the ports they show (7000, 9100, ...). Where the machine allows an
 unprivileged network namespace (``unshare -rn``, util-linux), each page runs in its own,
 where every port is free and nothing else listens; elsewhere those ports must be free on the
-host, or the page is skipped, naming the busy port.
+host, or the page is skipped, naming the busy port. A page that uses PostgreSQL on its usual
+Unix socket (``host=/var/run/postgresql``, user ``postgres``) gets the suite's PostgreSQL
+server there: its namespace also has a mount namespace, with a tmpfs on /run and the
+server's socket directory bound on /run/postgresql (the host's /run is left alone). Without
+namespaces such a page is skipped.
 """
 
 from __future__ import annotations
@@ -58,7 +66,12 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-PAGES = ("README.md", "docs/tutorial.md", "docs/cli.md")
+EXAMPLES = (
+    "docs/examples/chat/README.md",
+    "docs/examples/iot/README.md",
+    "docs/examples/logs/README.md",
+)
+PAGES = ("README.md", "docs/tutorial.md", "docs/cli.md", *EXAMPLES)
 SHELLS = {"sh": "sh", "bash": "bash"}
 COMMAND_TIMEOUT = 120.0
 START_TIMEOUT = 30.0
@@ -66,7 +79,9 @@ STOP_TIMEOUT = 30.0
 
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _MARKER = re.compile(r"^<!--\s*(not run|file):\s*(.+?)\s*-->$")
-_LONG_RUNNING = re.compile(r"\btrio[_-]gateway\s+(serve|top)\b")
+_LONG_RUNNING = re.compile(r"\btrio[_-]gateway\s+(serve|top)\b|^nats-server\b")
+_STOP_ORDER = ("top", "serve", "nats-server")  # what watches first, what is watched last
+_POSTGRES_SOCKET = "/var/run/postgresql"
 _ASSIGNMENTS = re.compile(r"^((?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)*)")
 _LOOPBACK_PORT = re.compile(r"127\.0\.0\.1[:/](\d+)")
 _DEFAULT_PORTS = {7000, 7001, 9100}  # serve's embedded defaults
@@ -167,13 +182,21 @@ class Namespace:
         "s = socket.socket()\n"  # bring the namespace's loopback up (SIOCGIFFLAGS, SIOCSIFFLAGS)
         "flags = struct.unpack('16sH', fcntl.ioctl(s, 0x8913, struct.pack('16sH', b'lo', 0)))[1]\n"
         "fcntl.ioctl(s, 0x8914, struct.pack('16sH', b'lo', flags | 1))\n"
+        "if len(sys.argv) > 1:\n"  # a private /run holding the given PostgreSQL socket directory
+        "    import os, subprocess\n"
+        "    run = os.path.realpath('/run')\n"
+        "    subprocess.run(['mount', '-t', 'tmpfs', 'tmpfs', run], check=True)\n"
+        "    os.mkdir(run + '/postgresql')\n"
+        "    subprocess.run(['mount', '--bind', sys.argv[1], run + '/postgresql'], check=True)\n"
         "print('up', flush=True)\n"
         "sys.stdin.read()\n"
     )
 
-    def __init__(self) -> None:
+    def __init__(self, postgres_socket: Path | None = None) -> None:
+        self.mounts = postgres_socket is not None
+        unshare = ["unshare", "--user", "--map-root-user", "--net", *(["--mount"] * self.mounts)]
         self.holder = subprocess.Popen(
-            ["unshare", "--user", "--map-root-user", "--net", sys.executable, "-c", self._HOLDER],
+            [*unshare, sys.executable, "-c", self._HOLDER, *([str(postgres_socket)] * self.mounts)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -185,7 +208,8 @@ class Namespace:
             raise OSError(self.holder.stderr.read() if self.holder.stderr else "unshare failed")
 
     def prefix(self) -> list[str]:
-        return ["nsenter", "--preserve-credentials", "-U", "-n", "-t", str(self.holder.pid)]
+        namespaces = ["-U", "-n", *(["-m"] * self.mounts)]
+        return ["nsenter", "--preserve-credentials", *namespaces, "-t", str(self.holder.pid)]
 
     def close(self) -> None:
         if self.holder.stdin is not None:
@@ -197,11 +221,11 @@ class Namespace:
             self.holder.wait()
 
     @classmethod
-    def open(cls) -> Namespace | None:
+    def open(cls, postgres_socket: Path | None = None) -> Namespace | None:
         if not (shutil.which("unshare") and shutil.which("nsenter")):
             return None
         try:
-            return cls()
+            return cls(postgres_socket)
         except OSError:
             return None
 
@@ -210,7 +234,7 @@ class Namespace:
 class Background:
     command: str
     block: Block
-    kind: str  # serve | top
+    kind: str  # serve | top | nats-server
     process: subprocess.Popen[bytes]
     stdout: Path
     stderr: Path
@@ -233,7 +257,8 @@ class Terminal:
         self.logs.mkdir()
 
     def _argv(self, shell: str, script: str) -> list[str]:
-        prefix = self.namespace.prefix() if self.namespace else []
+        # Entering a mount namespace moves to its root: nsenter goes back to the directory.
+        prefix = [*self.namespace.prefix(), f"--wd={self.cwd}"] if self.namespace else []
         return [*prefix, shell, "-c", script]
 
     def _next(self, suffix: str) -> Path:
@@ -272,7 +297,8 @@ class Terminal:
         assert not re.search(r"&&|\|\||;|\|", command), (
             f"{block.where}: a long-running command must stand alone: `{command}`"
         )
-        kind = "serve" if "serve" in command.split() else "top"
+        words = command.split()
+        kind = "serve" if "serve" in words else "nats-server" if "nats-server" in words else "top"
         # A new gateway replaces the last one; `top` watching it is quit first, as a reader
         # does (left running, it would give up on the gone endpoint and exit 1 if the next
         # gateway took longer than its grace to come up, as on a loaded machine).
@@ -318,6 +344,8 @@ class Terminal:
     def _started(background: Background) -> bool:
         if background.kind == "serve":
             return bool(re.search(r"\bready$", _tail(background.stderr), re.MULTILINE))
+        if background.kind == "nats-server":
+            return "Server is ready" in _tail(background.stderr)
         return background.stdout.stat().st_size > 0
 
     def stop(self, background: Background) -> None:
@@ -340,8 +368,8 @@ class Terminal:
         )
 
     def close(self, *, check: bool) -> None:
-        """Stop every background program, ``top`` before the gateways."""
-        for background in sorted(self.running, key=lambda b: b.kind != "top"):
+        """Stop every background program: ``top``, then the gateways, then their servers."""
+        for background in sorted(self.running, key=lambda b: _STOP_ORDER.index(b.kind)):
             if check:
                 self.stop(background)
             else:
@@ -364,9 +392,20 @@ def _busy_ports(page: str) -> list[int]:
     return busy
 
 
+def _uses_postgres(page: str) -> bool:
+    return f"host={_POSTGRES_SOCKET}" in (REPO / page).read_text()
+
+
 @pytest.fixture
-def namespace() -> Iterator[Namespace | None]:
-    ns = Namespace.open()
+def namespace(request: pytest.FixtureRequest) -> Iterator[Namespace | None]:
+    postgres_socket = None
+    if _uses_postgres(request.getfixturevalue("page")):
+        postgres = request.getfixturevalue("postgres")
+        # Its socket directory is private to the server's user; the page's commands run as
+        # another (the namespace's root is not root over the host's files).
+        postgres.directory.chmod(0o755)
+        postgres_socket = postgres.directory
+    ns = Namespace.open(postgres_socket)
     yield ns
     if ns is not None:
         ns.close()
@@ -388,6 +427,8 @@ def _page_directory(tmp_path: Path) -> Path:
 def test_every_documented_command_runs_as_written(
     page: str, tmp_path: Path, namespace: Namespace | None
 ) -> None:
+    if namespace is None and _uses_postgres(page):
+        pytest.skip(f"no namespaces here to put PostgreSQL at {_POSTGRES_SOCKET} for {page}")
     if namespace is None and (busy := _busy_ports(page)):
         pytest.skip(f"no network namespace here, and port(s) {busy} of {page} are in use")
     directory = _page_directory(tmp_path)
@@ -395,6 +436,8 @@ def test_every_documented_command_runs_as_written(
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.pop("VIRTUAL_ENV", None)
     terminal = Terminal(directory, namespace, env)
+    if page in EXAMPLES:
+        terminal.cwd = directory / Path(page).parent
     ran = 0
     try:
         for block in read_blocks(page):
@@ -442,3 +485,4 @@ def test_blocks_and_markers_are_read_as_documented() -> None:
     assert is_long_running("python -m trio_gateway top --admin 127.0.0.1:9100")
     assert not is_long_running("python -m trio_gateway top --admin 127.0.0.1:9100 --once")
     assert not is_long_running("python -m trio_gateway send --tcp 127.0.0.1:7000")
+    assert is_long_running("nats-server -js -sd nats-store")

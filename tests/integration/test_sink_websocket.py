@@ -8,7 +8,14 @@ import json
 import pytest
 import trio
 from helpers import wait_until
-from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
 
 from trio_gateway import Gateway, RetryPolicy, SinkUnavailable
 from trio_gateway.sinks import WebSocketBroadcastSink, WebSocketSink
@@ -82,3 +89,50 @@ async def test_broadcast_to_clients_by_topic() -> None:
     assert heard["b"] == [m.decode() for m in messages if b'"b"' in m]
     assert heard[""] == [m.decode() for m in messages] + ["no room"]
     assert (sink.sent, sink.dropped, sink.unheard) == (21, 0, 0)
+
+
+async def test_broadcast_frames_every_size_answers_pings_and_closes_cleanly() -> None:
+    """Every message waiting for a client goes out in one write: the frames must still be
+    right at each header size (7-, 16- and 64-bit lengths), and the client's pings and close
+    are answered between them."""
+    sink = WebSocketBroadcastSink(client_queue=100)
+    source = MemorySource()
+    gateway = Gateway(sources=[source], sink=sink, services=[sink])
+    messages = [bytes([n]) * size for n, size in enumerate((0, 1, 125, 126, 65535, 65536, 200_000))]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            url = f"ws://127.0.0.1:{sink.bound[1]}/"  # type: ignore[index]
+            async with open_websocket_url(url, max_message_size=1 << 20) as ws:
+                await wait_until(lambda: sink.clients == 1)
+                await source.send_many(messages)
+                assert [await ws.get_message() for _ in messages] == messages
+                await ws.send_message("a client's own message is read and dropped")
+                with trio.fail_after(5):
+                    await ws.ping(b"still there?")
+            assert ws.closed is not None and ws.closed.code == 1000
+            await wait_until(lambda: sink.clients == 0)
+            gateway.shutdown()
+    assert (sink.sent, sink.dropped, sink.unheard) == (len(messages), 0, 0)
+
+
+async def test_broadcast_refuses_clients_past_the_limit_and_closes_on_oversize() -> None:
+    sink = WebSocketBroadcastSink(max_clients=1, max_message_size=1000)
+    gateway = Gateway(sources=[MemorySource()], sink=sink, services=[sink])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            url = f"ws://127.0.0.1:{sink.bound[1]}/room"  # type: ignore[index]
+            async with open_websocket_url(url) as ws:
+                await wait_until(lambda: sink.clients == 1)
+                with pytest.raises(HandshakeError) as refused:
+                    async with open_websocket_url(url):
+                        pass
+                assert isinstance(refused.value, ConnectionRejected)
+                assert refused.value.status_code == 503
+                await ws.send_message(b"x" * 1001)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1009  # message too big
+            await wait_until(lambda: sink.clients == 0)
+            gateway.shutdown()

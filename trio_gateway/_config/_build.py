@@ -423,10 +423,12 @@ def _build_pipeline(config: GatewayConfig, spec: PipelineConfig, senders: list[s
     except ConfigurationError as exc:
         raise _rekeyed(f"{key}.queue", exc) from exc
     first = spec.sinks[0]
+    sources = [build_source(s) for s in spec.sources]
     return Pipeline(
         spec.name,
         # Each pipeline that routes here feeds this one through a source of its own.
-        sources=[build_source(s) for s in spec.sources] + [FromPipeline(s) for s in senders],
+        sources=[*sources, *(FromPipeline(s) for s in senders)],
+        ack={source: s.ack for source, s in zip(sources, spec.sources, strict=True)},
         sinks=sinks,
         queue=pipeline_queue,
         processors=[load_processor(p) for p in spec.processors],

@@ -11,8 +11,8 @@ from ._simple import NullSink as NullSink
 from ._simple import StdoutSink as StdoutSink
 from ._sqlite import SqliteSink as SqliteSink
 from ._tcp import TcpSink as TcpSink
-from ._websocket import WebSocketBroadcastSink as WebSocketBroadcastSink
 from ._websocket import WebSocketSink as WebSocketSink
+from ._wsbroadcast import WebSocketBroadcastSink as WebSocketBroadcastSink
 
 __all__ = (
     "FileSink",

@@ -1,0 +1,260 @@
+"""The WebSocket broadcast sink: serve connected clients, each subscribed to a topic (messages
+back out to the clients of a chat room, commands back to devices).
+
+The handshake, the clients' frames (pings, closes, their own messages, which are dropped) and
+the close are handled by the Sans-I/O protocol layer of the ``websockets`` package
+(:class:`websockets.server.ServerProtocol`) over a Trio stream. The outgoing messages are
+framed here (a server's data frame is a 2-to-10-byte header and the payload, unmasked) and
+each client's writer sends every message waiting in its queue in one write: one system call
+per wake-up, not one per message. With trio-websocket's server (one ``send_message``, so one
+lock and one ``send`` per message per client), the relay's receiving gateway spent most of its
+time in those sends (``python -m bench.chat_relay --profile``; docs/examples/chat/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import defaultdict
+from typing import Any
+
+import trio
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from .._errors import ConfigurationError
+from .._log import logger
+from .._message import Batch, Origin
+from ._base import Sink
+
+__all__ = ("WebSocketBroadcastSink",)
+
+_log = logger.getChild("sinks.websocket")
+_protocol_log = logger.getChild("sinks.websocket.protocol")
+_READ_SIZE = 64 * 1024
+_WRITE_BYTES = 256 * 1024
+"""A writer sends what is waiting in its client's queue in writes of about this many bytes."""
+_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a client has to complete its opening handshake."""
+_BINARY_FIN = 0x82
+
+
+def frame_header(size: int) -> bytes:
+    """The header of an unmasked, final binary frame of ``size`` bytes (RFC 6455, 5.2)."""
+    if size < 126:
+        return bytes((_BINARY_FIN, size))
+    if size < 1 << 16:
+        return struct.pack("!BBH", _BINARY_FIN, 126, size)
+    return struct.pack("!BBQ", _BINARY_FIN, 127, size)
+
+
+class WebSocketBroadcastSink(Sink):
+    """Serves WebSocket clients on ``host:port``; each message goes to every client
+    subscribed to its topic.
+
+    A client subscribes by the path it connects to: ``ws://HOST:PORT/room1`` gets the
+    messages whose topic is ``room1``; ``ws://HOST:PORT/`` gets every message. A message's
+    topic is its origin's peer (``topic="$peer"``: for the NATS source, the subject) or a
+    field of the payload as a JSON object (``topic="room"``); a payload without it has no
+    topic and reaches only the clients of ``/``. Messages go out as binary messages.
+
+    Each client has a queue of ``client_queue`` messages written by a task of its own, so a
+    slow client never holds up a batch or the other clients: when its queue is full, the
+    message is dropped for that client and counted (:attr:`dropped`). At most ``max_clients``
+    are served; more are refused (503 in the handshake). ``send`` never waits: a message is
+    delivered once it is in the queues of the clients subscribed at that moment (none: it is
+    counted in :attr:`unheard`). A client's own messages larger than ``max_message_size``
+    close its connection (1009); the others are read and dropped.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        topic: str = "$peer",
+        max_clients: int = 1024,
+        client_queue: int = 1024,
+        max_message_size: int = 1 << 20,
+    ) -> None:
+        if max_clients < 1 or client_queue < 1 or not topic or max_message_size < 1:
+            raise ConfigurationError("sink", "websocket broadcast: positive limits and a topic")
+        self.host = host
+        self.port = port
+        self.topic = topic
+        self.max_clients = max_clients
+        self.client_queue = client_queue
+        self.max_message_size = max_message_size
+        self.name = f"ws-listen:{host}:{port}"
+        self.bound: tuple[str, int] | None = None
+        self._clients: dict[str, set[trio.MemorySendChannel[bytes]]] = defaultdict(set)
+        self.clients = 0
+        self.sent = 0
+        """Client-messages queued (one message to three clients: three)."""
+        self.dropped = 0
+        """Client-messages dropped because that client's queue was full."""
+        self.unheard = 0
+        """Messages no client was subscribed to."""
+
+    async def run(self, gateway: Any, *, task_status: trio.TaskStatus[Any]) -> None:
+        """Serve clients until the gateway cancels its services."""
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.bound = (self.host, listeners[0].socket.getsockname()[1])
+        self.name = f"ws-listen:{self.host}:{self.bound[1]}"
+        _log.info("websocket broadcast on ws://%s:%d/TOPIC", *self.bound)
+        task_status.started(self.bound)
+        await trio.serve_listeners(self._handle, listeners)
+
+    # -- one client -------------------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await self._serve(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                _log.debug("%s: client gone: %r", self.name, exc)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        protocol = ServerProtocol(max_size=self.max_message_size, logger=_protocol_log)
+        request = await _handshake(stream, protocol)
+        if request is None:
+            return
+        if self.clients >= self.max_clients:
+            protocol.send_response(protocol.reject(503, "too many clients\n"))
+            await _flush(stream, protocol)
+            return
+        protocol.send_response(protocol.accept(request))
+        if protocol.state is not State.OPEN:  # not a WebSocket handshake: answered 4xx
+            await _flush(stream, protocol)
+            return
+        topic = request.path.lstrip("/")
+        send, receive = trio.open_memory_channel[bytes](self.client_queue)
+        lock = trio.Lock()  # the writer's messages and the reader's pongs and close share it
+        # Subscribed before the client reads its 101: a message sent once the client is
+        # connected reaches it.
+        self.clients += 1
+        self._clients[topic].add(send)
+        try:
+            await _flush(stream, protocol)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_write, stream, protocol, receive, lock)
+                await _read(stream, protocol, lock)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._clients[topic].discard(send)
+            if not self._clients[topic]:
+                del self._clients[topic]
+            self.clients -= 1
+
+    # -- the batches ------------------------------------------------------------------------
+
+    def _topics(self, batch: Batch) -> list[str | None]:
+        topics: list[str | None] = []
+        start = 0
+        for origin, count in batch.runs:
+            run = batch.payloads[start : start + count]
+            start += count
+            topics += [self._topic(payload, origin) for payload in run]
+        return topics
+
+    def _topic(self, payload: bytes, origin: Origin) -> str | None:
+        if self.topic == "$peer":
+            return origin.peer
+        try:
+            document = json.loads(payload)
+        except ValueError:
+            return None
+        value = document.get(self.topic) if isinstance(document, dict) else None
+        if value is None or isinstance(value, dict | list):
+            return None
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        return str(value)
+
+    async def send(self, batch: Batch) -> None:
+        everyone = self._clients.get("", set())
+        for payload, topic in zip(batch.payloads, self._topics(batch), strict=True):
+            listeners = everyone | self._clients.get(topic, set()) if topic else everyone
+            if not listeners:
+                self.unheard += 1
+                continue
+            for channel in listeners:
+                try:
+                    channel.send_nowait(payload)
+                    self.sent += 1
+                except trio.WouldBlock:
+                    self.dropped += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # that client is leaving
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "clients": self.clients,
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "unheard": self.unheard,
+        }
+
+
+async def _handshake(stream: trio.SocketStream, protocol: ServerProtocol) -> Request | None:
+    """Read the opening handshake's request; None if the client left, sent something that is
+    not an HTTP request, or took longer than ``_HANDSHAKE_TIMEOUT``."""
+    with trio.move_on_after(_HANDSHAKE_TIMEOUT):
+        while True:
+            data = await stream.receive_some(_READ_SIZE)
+            if not data:
+                return None
+            protocol.receive_data(data)
+            for event in protocol.events_received():
+                if isinstance(event, Request):
+                    return event
+            if protocol.handshake_exc is not None:
+                return None  # not HTTP: websockets closes without a word, and so do we
+    return None
+
+
+async def _flush(stream: trio.SocketStream, protocol: ServerProtocol) -> None:
+    for data in protocol.data_to_send():
+        if data:  # b"" means "half-close": the connection is closed on the way out anyway
+            await stream.send_all(data)
+
+
+async def _read(stream: trio.SocketStream, protocol: ServerProtocol, lock: trio.Lock) -> None:
+    """Read the client's frames until it closes: answer pings and the close, drop the rest."""
+    while protocol.state is State.OPEN or protocol.state is State.CLOSING:
+        data = await stream.receive_some(_READ_SIZE)
+        if data:
+            protocol.receive_data(data)
+        else:
+            protocol.receive_eof()
+        protocol.events_received()  # the client's own messages are not for us
+        async with lock:
+            await _flush(stream, protocol)
+        if not data or protocol.close_expected():
+            return
+
+
+async def _write(
+    stream: trio.SocketStream,
+    protocol: ServerProtocol,
+    receive: trio.MemoryReceiveChannel[bytes],
+    lock: trio.Lock,
+) -> None:
+    """Send the client's queue, every message waiting at once, as long as it is open."""
+    async for payload in receive:
+        parts = [frame_header(len(payload)), payload]
+        size = len(payload)
+        while size < _WRITE_BYTES:
+            try:
+                payload = receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            parts += (frame_header(len(payload)), payload)
+            size += len(payload)
+        async with lock:
+            if protocol.state is not State.OPEN:
+                return  # closing: no data frame may follow a close
+            await stream.send_all(b"".join(parts))

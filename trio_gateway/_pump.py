@@ -141,7 +141,7 @@ class Pump:
             held = (
                 stats.bytes - queue.statistics().bytes
                 if queue.max_bytes is not None
-                else sum(map(len, batch.payloads))
+                else batch.nbytes
             )
             await trio.lowlevel.cancel_shielded_checkpoint()
             return batch, held

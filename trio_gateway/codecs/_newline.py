@@ -120,6 +120,54 @@ class NewlineDecoder:
         self._long = payload >= LONG_FRAME * len(frames)
         return frames
 
+    def feed_packed(self, data: bytes | bytearray | memoryview) -> tuple[bytes, int, int]:
+        """Like :meth:`feed`, but the frames are not split: ``(chunk, end, count)``, where
+        ``chunk[:end]`` holds the ``count`` complete frames, each followed by ``b"\\n"``
+        (``count`` 0: none). Empty lines are skipped and limits enforced as :meth:`feed` does.
+
+        The usual read costs no step per frame: ``bytes.count`` counts them and the chunk is
+        returned as it is (copied only to glue a held remainder in front). Where a frame
+        could exceed the limit (a read longer than the limit), or frames are long, it is
+        :meth:`feed` and a ``join``.
+        """
+        size = len(data)
+        if (
+            type(data) is not bytes
+            or not size
+            or self._long
+            or size + self._held > self._max_frame_size
+        ):
+            frames = self.feed(data)
+            if not frames:
+                return b"", 0, 0
+            packed = _NL.join(frames) + _NL
+            return packed, len(packed), len(frames)
+        end = data.rfind(_NL) + 1
+        if not end:
+            self.feed(data)  # no newline: held (and bounded) as feed holds it
+            return b"", 0, 0
+        pieces = self._pieces
+        remainder = data[end:] if end < size else b""
+        if pieces:  # the held start of the first frame goes in front (one copy)
+            data = b"".join((*pieces, memoryview(data)[:end] if remainder else data))
+            end = len(data)
+            pieces.clear()
+        if remainder:
+            pieces.append(remainder)
+        self._held = len(remainder)
+        if data[0] == 10 or data.find(b"\n\n", 0, end) >= 0:
+            # Empty lines (blank keep-alives between records): rare, so split and rejoin.
+            frames = [frame for frame in data[:end].split(_NL) if frame]
+            if not frames:
+                self.payload_bytes = 0
+                return b"", 0, 0
+            data = _NL.join(frames) + _NL
+            end = len(data)
+        count = data.count(_NL, 0, end)
+        self.payload_bytes = payload = end - count
+        self._long = payload >= LONG_FRAME * count
+        return data, end, count
+
     def feed_buffer(self, buffer: bytearray, size: int) -> list[bytes]:
         """Like :meth:`feed` with ``bytes(buffer[:size])``, for a receive buffer that the caller
         reuses: the frames and the held remainder are copies, nothing refers to ``buffer``."""

@@ -27,7 +27,7 @@ class Frames(Sequence[bytes]):
     """``nframes`` newline-terminated frames in ``data[start:end]`` (none empty, the last byte
     a newline); ``nbytes`` is their payload bytes (newlines left out)."""
 
-    __slots__ = ("_split", "data", "end", "nbytes", "nframes", "start")
+    __slots__ = ("_known", "_split", "data", "end", "nbytes", "nframes", "start")
 
     def __init__(self, data: bytes, nframes: int, start: int = 0, end: int | None = None) -> None:
         self.data = data
@@ -36,6 +36,7 @@ class Frames(Sequence[bytes]):
         self.nframes = nframes
         self.nbytes = self.end - start - nframes
         self._split: list[bytes] | None = None
+        self._known = (0, start)  # (k, position just after the k-th newline): the last cut
 
     def __len__(self) -> int:
         return self.nframes
@@ -90,11 +91,24 @@ class Frames(Sequence[bytes]):
 
         Interpolation: guess from the average frame length, count the newlines up to the
         guess (``bytes.count``), and narrow the bracket; frames of even lengths take one or
-        two guesses.
+        two guesses. The last cut found narrows the next one's bracket: a producer re-offering
+        ``frames[done:]`` as the queue makes room does not count from the start each time.
         """
-        data = self.data
         lo, lo_n = self.start, 0  # lo_n newlines in data[start:lo]
         hi, hi_n = self.end, self.nframes
+        known_n, known = self._known
+        if known_n == k:
+            return known
+        if known_n and known_n < k:
+            lo, lo_n = known, known_n
+        elif known_n:
+            hi, hi_n = known, known_n
+        at = self._find(k, lo, lo_n, hi, hi_n)
+        self._known = (k, at)
+        return at
+
+    def _find(self, k: int, lo: int, lo_n: int, hi: int, hi_n: int) -> int:
+        data = self.data
         while True:
             if hi_n == k:  # the k-th newline is the last one before hi
                 return data.rfind(_NL, lo, hi) + 1

@@ -130,7 +130,7 @@ class RingBuffer(Queue[T]):
         if not self._packs:
             return self._slice_out(n)
         out: list[Any] = []
-        for piece in self._take(n):
+        for piece in self._take(n)[0]:
             if type(piece) is Frames:
                 out += piece.split()
             else:
@@ -144,7 +144,7 @@ class RingBuffer(Queue[T]):
             items = Queue.get_batch_nowait(self, max_items)
             return items, len(items), False
         n = min(max_items, self._count)
-        pieces = self._take(n)
+        pieces, packed = self._take(n)
         self._got += n
         if self._max_bytes is not None:
             size_of = self._size_of
@@ -153,11 +153,13 @@ class RingBuffer(Queue[T]):
             )
         if self._producers_parked:
             self._producers.unpark_all()
-        return pieces, n, True
+        return pieces, n, packed
 
-    def _take(self, n: int) -> list[Any]:
-        """The ``n`` oldest messages as pieces: plain items, and Frames (the last maybe cut)."""
+    def _take(self, n: int) -> tuple[list[Any], bool]:
+        """The ``n`` oldest messages as pieces: plain items, and Frames (the last maybe cut);
+        and whether there is a Frames among them."""
         out: list[Any] = []
+        packed = False
         packs = self._packs
         slots = self._slots
         while n:
@@ -179,11 +181,12 @@ class RingBuffer(Queue[T]):
                     self._count -= n
                     n = 0
                     out.append(part)
+                packed = True
             else:
                 k = min(n, packs[0] - self._taken if packs else self._used)
                 out += self._slice_out(k)
                 n -= k
-        return out
+        return out, packed
 
     def _slice_out(self, n: int) -> list[T]:
         """Remove and return the ``n`` plain items at the head (no Frames among them)."""

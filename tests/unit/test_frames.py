@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_gateway import Batch, Origin
-from trio_gateway._frames import Frames
+from trio_gateway._frames import MARK_STEP, Frames
+from trio_gateway.codecs import NewlineDecoder, _newline
 
 ORIGIN = Origin("tcp", "tcp:test", "peer:1", 1.0)
 
@@ -46,3 +49,25 @@ def test_a_batch_of_pieces_splits_only_when_payloads_are_asked_for() -> None:
     assert batch.payloads == [b"x", b"a", b"bb", b"ccc"]
     assert [m.payload for m in batch] == batch.payloads and batch[2].origin is ORIGIN
     assert len(batch) == 4 and batch.pieces == batch.payloads
+
+
+def test_cuts_through_a_decoded_chunk_use_its_marks() -> None:
+    # A chunk much longer than MARK_STEP, frames of uneven lengths: every cut, from the whole
+    # or from a piece already cut, is where the split says.
+    assert _newline.MARK_STEP == MARK_STEP  # the decoder's marks are the ones Frames reads
+    rng = random.Random(7)
+    payloads = [b"x" * rng.randint(1, 90) for _ in range(3000)]
+    data = b"".join(p + b"\n" for p in payloads)
+    decoder = NewlineDecoder(max_frame_size=len(data) + 1)
+    chunk, end, count = decoder.feed_packed(data)
+    assert count == len(payloads) and len(decoder.marks) > 10
+    frames = Frames(chunk, count, 0, end, marks=decoder.marks)
+    for _ in range(200):
+        k = rng.randrange(1, count)
+        head, tail = frames.cut(k)
+        assert list(head) == payloads[:k] and len(tail) == count - k
+        j = rng.randrange(1, count - k) if count - k > 1 else 0
+        if j:
+            middle, _ = tail.cut(j)
+            assert list(middle) == payloads[k : k + j]
+            assert middle.nbytes == sum(map(len, payloads[k : k + j]))

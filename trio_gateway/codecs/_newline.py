@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from itertools import accumulate, repeat
 
 from .._errors import FrameTooLarge
 from ._base import check_limit
@@ -15,6 +16,9 @@ _NL = b"\n"
 _EMPTY_LINE = re.compile(b"\n\n")
 """Finds an empty line: ``re`` finds a two-byte literal 2.5x faster than ``bytes.find`` among
 frequent newlines (measured: 13 against 35 ns a 19-byte frame)."""
+
+MARK_STEP = 4096
+"""Bytes between two of :attr:`NewlineDecoder.marks` (see :meth:`NewlineDecoder.feed_packed`)."""
 
 LONG_FRAME = 512
 """Average frame length from which the decoder finds newlines one by one (see the class)."""
@@ -51,7 +55,7 @@ class NewlineDecoder:
     new chunk per read (fresh 256 KiB chunks cost page faults here: about 7 per 79 KB frame).
     """
 
-    __slots__ = ("_held", "_long", "_max_frame_size", "_pieces", "payload_bytes")
+    __slots__ = ("_held", "_long", "_max_frame_size", "_pieces", "marks", "payload_bytes")
 
     def __init__(self, max_frame_size: int = 1 << 20) -> None:
         self._max_frame_size = check_limit("max_frame_size", max_frame_size)
@@ -60,6 +64,9 @@ class NewlineDecoder:
         self._long = False  # the last feed's frames averaged LONG_FRAME bytes or more
         self.payload_bytes = 0
         """Payload bytes in the frames the last ``feed``/``close`` returned (for counters)."""
+        self.marks: list[int] = []
+        """After :meth:`feed_packed`: the newlines in ``chunk[:i * MARK_STEP]`` for each
+        ``i``, the last entry for all of ``chunk[:end]`` (empty when it had to split)."""
 
     @property
     def max_frame_size(self) -> int:
@@ -135,6 +142,7 @@ class NewlineDecoder:
         could exceed the limit (a read longer than the limit), or frames are long, it is
         :meth:`feed` and a ``join``.
         """
+        self.marks = []
         size = len(data)
         if (
             type(data) is not bytes
@@ -168,7 +176,13 @@ class NewlineDecoder:
                 return b"", 0, 0
             data = _NL.join(frames) + _NL
             end = len(data)
-        count = data.count(_NL, 0, end)
+        # Counted by blocks of MARK_STEP bytes: the running counts (``marks``) let whoever
+        # cuts the frames later (a queue taking a batch's worth) count one block, not the
+        # whole prefix, for about 0.1 ns a byte more than one count.
+        starts = range(0, end, MARK_STEP)
+        ends = [*range(MARK_STEP, end, MARK_STEP), end]
+        self.marks = marks = [0, *accumulate(map(data.count, repeat(_NL), starts, ends))]
+        count = marks[-1]
         self.payload_bytes = payload = end - count
         self._long = payload >= LONG_FRAME * count
         return data, end, count

@@ -163,7 +163,7 @@ class TcpSource(Source):
                 elif newline is not None:
                     # Short frames stay packed in their chunk: counted, not split (_frames.py).
                     chunk, end, count = newline.feed_packed(data)
-                    frames = Frames(chunk, count, 0, end)
+                    frames = Frames(chunk, count, 0, end, marks=newline.marks)
                 else:
                     frames = decoder.feed(data)
             except FrameTooLarge as exc:

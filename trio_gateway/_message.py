@@ -98,6 +98,11 @@ class Batch(Sequence[Message]):
         return payloads
 
     @property
+    def packed(self) -> bool:
+        """Whether the batch is still made of packed pieces (``payloads`` not built yet)."""
+        return self._payloads is None
+
+    @property
     def pieces(self) -> list[bytes | Frames]:
         """The batch as it left the queue: payloads and packed frames, in order. A sink that
         can write newline frames as they came (or only counts) reads this, not ``payloads``."""

@@ -108,7 +108,9 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._limits",
         sans_io=True,
     ),
-    "sinks": layer("_asyncio_thread", "_errors", "_log", "_message", "_secrets", "codecs"),
+    "sinks": layer(
+        "_asyncio_thread", "_errors", "_frames", "_log", "_message", "_secrets", "codecs"
+    ),
     # an asyncio loop in a thread (nats-py under Trio), for the NATS sink and source
     "_asyncio_thread": layer("_errors"),
     # sending a batch under the retry policy (the pump and each fan-out branch)

@@ -89,10 +89,10 @@ class Batch(Sequence[Message]):
         if payloads is None:
             payloads = []
             for piece in self._pieces:
-                if type(piece) is Frames:
+                if isinstance(piece, Frames):
                     payloads += piece.split()
                 else:
-                    payloads.append(piece)  # type: ignore[arg-type]
+                    payloads.append(piece)
             self._payloads = payloads
             self._pieces = []
         return payloads
@@ -155,7 +155,9 @@ class Batch(Sequence[Message]):
         """Total payload bytes."""
         if self._payloads is not None:
             return sum(map(len, self._payloads))
-        return sum(piece.nbytes if type(piece) is Frames else len(piece) for piece in self._pieces)
+        return sum(
+            piece.nbytes if isinstance(piece, Frames) else len(piece) for piece in self._pieces
+        )
 
     def __repr__(self) -> str:
         return f"<Batch {len(self)} messages in {len(self.runs)} runs>"

@@ -137,8 +137,9 @@ class NewlineDecoder:
         ``chunk[:end]`` holds the ``count`` complete frames, each followed by ``b"\\n"``
         (``count`` 0: none). Empty lines are skipped and limits enforced as :meth:`feed` does.
 
-        The usual read costs no step per frame: ``bytes.count`` counts them and the chunk is
-        returned as it is (copied only to glue a held remainder in front). Where a frame
+        The usual read costs no step per frame: ``bytes.count`` counts them, block by block
+        (:attr:`marks`), one ``re`` search looks for an empty line, and the chunk is returned
+        as it is (copied only to glue a held remainder in front). Where a frame
         could exceed the limit (a read longer than the limit), or frames are long, it is
         :meth:`feed` and a ``join``.
         """

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from ._frames import Frames
 from ._message import Batch, Origin
 from ._receipts import Receipts
 from .queues import DiskQueue, Queue
@@ -52,8 +53,12 @@ class MessageBuffer:
     ) -> int:
         """Offer ``payloads`` (all from ``origin``); returns how many the queue accepted.
 
-        They are the last ``accepted`` before :attr:`end_position`."""
+        They are the last ``accepted`` before :attr:`end_position`. Packed newline frames
+        (:class:`~trio_gateway._frames.Frames`) stay packed in a queue that stores them, and
+        are split into their payloads for any other."""
         before = len(self.queue)
+        if type(payloads) is Frames and not self.queue.stores_frames:
+            payloads = payloads.split()
         if self._disk is not None:
             accepted = self._disk.put_many_nowait(payloads, drop=drop, origin=origin)
         else:
@@ -135,8 +140,9 @@ class MessageBuffer:
         if self._disk is not None:
             batch = self._disk.take_batch_nowait(max_items)
         else:
-            payloads = self.queue.get_batch_nowait(max_items)
-            batch = Batch(payloads, self._drop_head(len(payloads)))
+            pieces, count, packed = self.queue.get_pieces_nowait(max_items)
+            runs = self._drop_head(count)
+            batch = Batch.of_pieces(pieces, count, runs) if packed else Batch(pieces, runs)
         self.receipts.taken(len(batch))
         return batch
 

@@ -9,6 +9,11 @@ and a sink: the payloads of up to ``batch_size`` messages and their runs.
 (Building a ``(payload, origin)`` tuple per message cost 165-530 ns each here, most of it
 allocation and cyclic-GC traversal of millions of tracked tuples; a run costs one list entry
 per read. See docs/design.md, "the fast path".)
+
+Streaming TCP goes further: a read's newline frames stay in their chunk as one
+:class:`~trio_gateway._frames.Frames` through the ring buffer, and a batch made of such
+*pieces* splits them into ``payloads`` only when something first asks for them one by one
+(``len``, ``nbytes`` and ``runs`` never do).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias, overload
+
+from ._frames import Frames
 
 __all__ = ("Batch", "Item", "Message", "Origin")
 
@@ -58,13 +65,55 @@ class Batch(Sequence[Message]):
     ``payloads`` holds the payloads in order; ``runs`` says which origin each has: the first
     ``runs[0][1]`` payloads came from ``runs[0][0]``, and so on. Fast sinks work on these two
     lists directly; iterating (or indexing) yields :class:`Message` tuples for convenience.
+    A batch taken from packed frames (:meth:`of_pieces`) builds ``payloads`` on first use.
     """
 
-    __slots__ = ("payloads", "runs")
+    __slots__ = ("_count", "_payloads", "_pieces", "runs")
 
     def __init__(self, payloads: list[bytes], runs: list[tuple[Origin, int]]) -> None:
-        self.payloads = payloads
+        self._payloads: list[bytes] | None = payloads
+        self._pieces: list[bytes | Frames] = []
+        self._count = 0  # of the pieces (payloads, once there, count themselves)
         self.runs = runs
+
+    @classmethod
+    def of_pieces(
+        cls, pieces: list[bytes | Frames], count: int, runs: list[tuple[Origin, int]]
+    ) -> Batch:
+        """A batch of ``count`` messages held as ``pieces``: payloads and packed
+        :class:`~trio_gateway._frames.Frames` (each counting as its frames), in order."""
+        batch = cls.__new__(cls)
+        batch._payloads = None
+        batch._pieces = pieces
+        batch._count = count
+        batch.runs = runs
+        return batch
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """The payloads in order (split out of packed pieces on first use)."""
+        payloads = self._payloads
+        if payloads is None:
+            payloads = []
+            for piece in self._pieces:
+                if isinstance(piece, Frames):
+                    payloads += piece.split()
+                else:
+                    payloads.append(piece)
+            self._payloads = payloads
+            self._pieces = []
+        return payloads
+
+    @property
+    def packed(self) -> bool:
+        """Whether the batch is still made of packed pieces (``payloads`` not built yet)."""
+        return self._payloads is None
+
+    @property
+    def pieces(self) -> list[bytes | Frames]:
+        """The batch as it left the queue: payloads and packed frames, in order. A sink that
+        can write newline frames as they came (or only counts) reads this, not ``payloads``."""
+        return self._pieces if self._payloads is None else list(self._payloads)
 
     @classmethod
     def of(cls, messages: Sequence[tuple[bytes, Origin]]) -> Batch:
@@ -79,7 +128,8 @@ class Batch(Sequence[Message]):
         return cls(payloads, runs)
 
     def __len__(self) -> int:
-        return len(self.payloads)
+        payloads = self._payloads
+        return self._count if payloads is None else len(payloads)
 
     def __iter__(self) -> Iterator[Message]:
         payloads = self.payloads
@@ -110,7 +160,11 @@ class Batch(Sequence[Message]):
     @property
     def nbytes(self) -> int:
         """Total payload bytes."""
-        return sum(map(len, self.payloads))
+        if self._payloads is not None:
+            return sum(map(len, self._payloads))
+        return sum(
+            piece.nbytes if isinstance(piece, Frames) else len(piece) for piece in self._pieces
+        )
 
     def __repr__(self) -> str:
-        return f"<Batch {len(self.payloads)} messages in {len(self.runs)} runs>"
+        return f"<Batch {len(self)} messages in {len(self.runs)} runs>"

@@ -126,23 +126,21 @@ class Pump:
         not summed again here. The discipline is :meth:`MessageBuffer.get_batch`'s.
         """
         queue = self.queue
+        by_bytes = queue.max_bytes is not None  # else a queue's statistics hold no bytes
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            stats = queue.statistics()
-            limit = self.budget.pool // 2
             n = self.batch_size
-            if stats.bytes > limit and stats.depth:
-                n = max(1, min(n, limit * stats.depth // stats.bytes))
+            if by_bytes:
+                stats = queue.statistics()
+                limit = self.budget.pool // 2
+                if stats.bytes > limit and stats.depth:
+                    n = max(1, min(n, limit * stats.depth // stats.bytes))
             try:
                 batch = self.buffer.get_batch_nowait(n)
             except trio.WouldBlock:
                 await queue.wait_not_empty()
                 continue
-            held = (
-                stats.bytes - queue.statistics().bytes
-                if queue.max_bytes is not None
-                else sum(map(len, batch.payloads))
-            )
+            held = stats.bytes - queue.statistics().bytes if by_bytes else batch.nbytes
             await trio.lowlevel.cancel_shielded_checkpoint()
             return batch, held
 

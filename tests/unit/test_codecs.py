@@ -477,3 +477,32 @@ def test_payload_bytes_counts_what_each_feed_returned(framing: str) -> None:
             frames += got
             total += decoder.payload_bytes
         assert total == sum(map(len, frames)) == sum(map(len, payloads))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lines=st.lists(st.binary(max_size=40).filter(lambda p: b"\n" not in p)),
+    sizes=chunkings,
+    limit=st.sampled_from([8, 60, 1 << 20]),
+)
+def test_fuzz_newline_packed_matches_feed(lines: list[bytes], sizes: list[int], limit: int) -> None:
+    # feed_packed keeps a read's frames in one bytes (what the TCP source queues packed): the
+    # same frames (empty lines skipped), payload_bytes, held bytes and FrameTooLarge as feed.
+    data = b"".join(line + b"\n" for line in lines)
+    plain, packed = NewlineDecoder(limit), NewlineDecoder(limit)
+    pos, i = 0, 0
+    while pos < len(data):
+        chunk = data[pos : pos + sizes[i % len(sizes)]]
+        pos += len(chunk)
+        i += 1
+        try:
+            expected = plain.feed(chunk)
+        except FrameTooLarge:
+            with pytest.raises(FrameTooLarge):
+                packed.feed_packed(chunk)
+            return
+        block, end, count = packed.feed_packed(chunk)
+        assert count == len(expected) and packed.payload_bytes == plain.payload_bytes
+        assert block[:end] == b"".join(frame + b"\n" for frame in expected)
+        assert packed.buffered == plain.buffered
+    assert packed.close() == plain.close()

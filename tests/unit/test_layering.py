@@ -40,7 +40,9 @@ LAYERS: dict[str, Layer] = {
     # foundations: data types and bookkeeping, no I/O of their own
     "_errors": layer(),
     "_log": layer(),
-    "_message": layer(),
+    # newline frames still in their chunk: what the TCP source, the ring and a Batch share
+    "_frames": layer(),
+    "_message": layer("_frames"),
     "_histogram": layer(),
     "_ledger": layer("_histogram"),
     "_tls": layer("_errors"),
@@ -57,13 +59,13 @@ LAYERS: dict[str, Layer] = {
     # framing: pure, knows nothing of the package but its errors
     "codecs": layer("_errors", sans_io=True),
     # queues: know nothing of messages' origins, sources or sinks
-    "queues": layer("_errors", "_names", "queues._disk"),
+    "queues": layer("_errors", "_frames", "_names", "queues._disk"),
     # the disk queue stores each run's origin beside its payloads, so it knows what one is
     "queues._disk": layer("_errors", "_names", "_log", "_message", "queues", "queues._sqlite"),
     "queues._sqlite": layer("_log", "_message"),
     # positions and delivery receipts: what the pump settles and an ack=delivered source awaits
     "_receipts": layer(),
-    "_buffer": layer("_message", "_receipts", "queues"),
+    "_buffer": layer("_frames", "_message", "_receipts", "queues"),
     # the memory budget: one account that connections and the pump charge what they hold to
     "_budget": layer("_errors"),
     "_ingress": layer("_budget", "_buffer", "_ledger", "_message", "queues"),
@@ -77,6 +79,7 @@ LAYERS: dict[str, Layer] = {
         "_http1",
         "_ingress",
         "_log",
+        "_frames",
         "_message",
         "_proto",
         "_tls",
@@ -105,7 +108,9 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._limits",
         sans_io=True,
     ),
-    "sinks": layer("_asyncio_thread", "_errors", "_log", "_message", "_secrets", "codecs"),
+    "sinks": layer(
+        "_asyncio_thread", "_errors", "_frames", "_log", "_message", "_secrets", "codecs"
+    ),
     # an asyncio loop in a thread (nats-py under Trio), for the NATS sink and source
     "_asyncio_thread": layer("_errors"),
     # sending a batch under the retry policy (the pump and each fan-out branch)

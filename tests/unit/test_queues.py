@@ -18,6 +18,7 @@ from hypothesis.stateful import (
 )
 
 from trio_gateway._errors import ConfigurationError
+from trio_gateway._frames import Frames
 from trio_gateway.queues import (
     POLICIES,
     QUEUE_KINDS,
@@ -147,6 +148,38 @@ def make_machine(kind: str, policy: OverflowPolicy, with_max_bytes: bool) -> typ
             if self.model.closed:
                 return
             assert self.queue.put_many_nowait(batch, drop=drop) == self.model.put_many(batch, drop)
+
+        @rule(
+            sizes=st.lists(st.integers(min_value=0, max_value=24), max_size=10),
+            drop=st.booleans(),
+        )
+        def put_frames(self, sizes: list[int], drop: bool) -> None:
+            # Packed newline frames (one TCP read's): the ring keeps them in one slot, every
+            # queue counts and bounds them as their frames.
+            batch = [self.item(size) for size in sizes]
+            frames = Frames(b"".join(item + b"\n" for item in batch), len(batch))
+            if self.model.closed and batch:
+                with pytest.raises(trio.ClosedResourceError):
+                    self.queue.put_many_nowait(frames, drop=drop)
+                return
+            if self.model.closed:
+                return
+            assert self.queue.put_many_nowait(frames, drop=drop) == self.model.put_many(batch, drop)
+
+        @rule(max_items=st.integers(min_value=1, max_value=8))
+        def get_pieces_nowait(self, max_items: int) -> None:
+            if not self.model.items:
+                expected = trio.EndOfChannel if self.model.closed else trio.WouldBlock
+                with pytest.raises(expected):
+                    self.queue.get_pieces_nowait(max_items)
+                return
+            pieces, count, packed = self.queue.get_pieces_nowait(max_items)
+            taken: list[bytes] = []
+            for piece in pieces:
+                taken += piece if type(piece) is Frames else [piece]
+            assert packed == any(type(piece) is Frames for piece in pieces)
+            assert count == len(taken)
+            assert taken == self.model.get_batch(max_items)
 
         @rule(max_items=st.integers(min_value=1, max_value=8))
         def get_batch_nowait(self, max_items: int) -> None:

@@ -26,6 +26,7 @@ from trio_gateway import (
     Origin,
     StdoutSink,
 )
+from trio_gateway._frames import Frames
 from trio_gateway.sinks import decode_jsonl_record, encode_jsonl
 from trio_gateway.sinks._jsonl import PIECE_BYTES, iter_jsonl
 from trio_gateway.sinks._writes import _on_local_filesystem
@@ -100,6 +101,46 @@ def test_jsonl_fast_paths_write_what_json_writes(runs: list[list[bytes]]) -> Non
     pieces = list(iter_jsonl(batch, piece_bytes=100))
     assert b"".join(pieces) == b"".join(expected)
     assert all(piece.endswith(b"\n") for piece in pieces)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    runs=st.lists(
+        st.lists(
+            st.lists(
+                st.one_of(
+                    st.text(alphabet='ab"\\~`^| ', min_size=1, max_size=30).map(str.encode),
+                    st.binary(min_size=1, max_size=20).filter(lambda p: b"\n" not in p),
+                ),
+                min_size=1,
+                max_size=6,
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    piece_bytes=st.sampled_from([60, 400, PIECE_BYTES]),
+)
+def test_jsonl_of_packed_frames_is_the_jsonl_of_their_payloads(
+    runs: list[list[list[bytes]]], piece_bytes: int
+) -> None:
+    # A batch still packed (TCP newline frames, never split) is encoded from the frames'
+    # chunk: the same bytes as the batch of the split payloads, in pieces cut between records.
+    origins = [ORIGIN, OTHER, Origin("tcp", "l", 'odd "peer" \\~', 1.0)]
+    pieces: list[bytes | Frames] = []
+    payloads: list[bytes] = []
+    for reads in runs:
+        for read in reads:
+            pieces.append(Frames(b"".join(p + b"\n" for p in read), len(read)))
+            payloads += read
+    counts = [(origins[i], sum(map(len, reads))) for i, reads in enumerate(runs)]
+    packed = Batch.of_pieces(pieces, len(payloads), counts)
+    out = list(iter_jsonl(packed, piece_bytes=piece_bytes))
+    assert packed.packed  # encoded without splitting the batch
+    assert b"".join(out) == encode_jsonl(Batch(payloads, counts))
+    assert all(piece.endswith(b"\n") for piece in out)
 
 
 def test_jsonl_binary_payloads_go_out_as_base64_never_grown_sixfold() -> None:

@@ -26,12 +26,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar, get_args
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 from .._errors import ConfigurationError
+from .._frames import Frames
 from .._names import canonical
 
 __all__ = ("POLICIES", "OverflowPolicy", "PolicyName", "Queue", "QueueStatistics")
@@ -135,6 +136,13 @@ class Queue(ABC, Generic[T]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def stores_frames(self) -> bool:
+        """Whether packed newline frames (:class:`~trio_gateway._frames.Frames`) offered to
+        :meth:`put_many_nowait` are stored packed (:class:`RingBuffer`); else they are split
+        into their payloads, one item each."""
+        return False
+
     # -- producers ------------------------------------------------------------------------
 
     def put_nowait(self, item: T) -> bool:
@@ -203,7 +211,10 @@ class Queue(ABC, Generic[T]):
         room = self._capacity - len(self)
         if n <= room or self._policy != "drop_oldest":
             head = items if n <= room else items[:room]
-            total = sum(map(size_of, head))
+            if type(head) is Frames and size_of is len:
+                total = head.nbytes
+            else:
+                total = sum(map(size_of, head))
             if self._bytes + total <= limit:
                 if head:
                     self._append(head)
@@ -305,6 +316,14 @@ class Queue(ABC, Generic[T]):
         if self._producers:
             self._producers.unpark_all()
         return batch
+
+    def get_pieces_nowait(self, max_items: int) -> tuple[list[Any], int, bool]:
+        """As :meth:`get_batch_nowait`, but packed frames stay packed: ``(pieces, count,
+        packed)``, where the pieces hold ``count`` items (a
+        :class:`~trio_gateway._frames.Frames` counts as its frames) and ``packed`` says
+        whether any piece is a Frames. Only :attr:`stores_frames` queues return any."""
+        items = self.get_batch_nowait(max_items)
+        return items, len(items), False
 
     def get_nowait(self) -> T:
         """Take the oldest item; :class:`trio.WouldBlock` / :class:`trio.EndOfChannel` as above."""

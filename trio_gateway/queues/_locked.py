@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -15,8 +15,9 @@ T = TypeVar("T")
 
 
 class Locked(Queue[T]):
-    """Takes a :class:`trio.Lock` with ``acquire_nowait`` around ``put_many_nowait`` and
-    ``get_batch_nowait``, before the storage's own (next in the MRO) runs.
+    """Takes a :class:`trio.Lock` with ``acquire_nowait`` around ``put_many_nowait``,
+    ``get_batch_nowait`` and ``get_pieces_nowait``, before the storage's own (next in the MRO)
+    runs.
 
     Mixed in before a storage class (``class LockedRingBuffer(Locked[T], RingBuffer[T])``).
     The lock is never held across a schedule point: the awaiting operations are the base
@@ -49,5 +50,15 @@ class Locked(Queue[T]):
         self._lock.acquire_nowait()
         try:
             return super().get_batch_nowait(max_items)
+        finally:
+            self._lock.release()
+
+    def get_pieces_nowait(self, max_items: int) -> tuple[list[Any], int, bool]:
+        if not self.stores_frames:  # Queue's calls get_batch_nowait, which takes the lock
+            items = self.get_batch_nowait(max_items)
+            return items, len(items), False
+        self._lock.acquire_nowait()
+        try:
+            return super().get_pieces_nowait(max_items)
         finally:
             self._lock.release()

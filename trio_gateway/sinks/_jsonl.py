@@ -25,6 +25,10 @@ one ``bytes.translate`` checks) are encoded without a Python step per byte or pe
 
 Anything else (other Unicode, control characters, invalid UTF-8) goes through ``json``'s
 encoder or base64 payload by payload. The output is byte for byte the same on every path.
+
+A batch still packed (newline frames from a TCP read, :class:`~trio_gateway._frames.Frames`)
+is not split at all when its frames are short printable ASCII: their newlines are turned into
+the separator with one ``bytes.replace`` and the same escape applies (:func:`_packed_run`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 from collections.abc import Iterator
 from json.encoder import encode_basestring, encode_basestring_ascii
 
+from .._frames import Frames
 from .._message import Batch, Origin
 
 __all__ = ("PIECE_BYTES", "decode_jsonl_record", "encode_jsonl", "iter_jsonl")
@@ -99,6 +104,53 @@ def _short_run(run: list[bytes], head: bytes) -> bytes | None:
     return None
 
 
+def _packed_run(frames: Frames, head: bytes) -> bytes | None:
+    """:func:`_short_run` for packed frames: their newlines are the separators to replace."""
+    region = frames.data[frames.start : frames.end - 1]
+    newlines = b"\n" * (frames.nframes - 1)
+    for sep, others in _SEPARATORS:
+        leftover = region.translate(None, others)
+        if leftover == newlines:  # printable ASCII, no sep: the newlines become sep
+            joined = region.replace(b"\n", sep)
+            quoted = encode_basestring_ascii(joined.decode("ascii")).encode("ascii")
+            return head[:-1] + quoted.replace(sep, _END + head) + b"}\n"
+        if leftover.translate(None, b"\n" + sep):  # not printable ASCII
+            return None
+    return None
+
+
+def _iter_packed(batch: Batch, piece_bytes: int) -> Iterator[bytes]:
+    """:func:`iter_jsonl` for a batch still made of packed pieces: short printable frames
+    through :func:`_packed_run`, anything else through the general path, piece by piece."""
+    pieces = list(batch.pieces)
+    pieces.reverse()  # popped from the end, in order
+    for origin, count in batch.runs:
+        head = (_prefix(origin) + '"payload":"').encode("ascii")
+        while count:
+            piece = pieces.pop()
+            if not isinstance(piece, Frames):
+                yield from iter_jsonl(Batch([piece], [(origin, 1)]), piece_bytes=piece_bytes)
+                count -= 1
+                continue
+            if piece.nframes > count:  # a piece spanning two runs (the ring never makes one)
+                piece, rest = piece.cut(count)
+                pieces.append(rest)
+            count -= piece.nframes
+            while piece.nframes:
+                # A record: the head, the payload escaped (at most twice its length), the end.
+                per = len(head) + 4 + 2 * piece.nbytes // piece.nframes
+                take = max(1, piece_bytes // per)
+                part, piece = (piece, Frames(b"", 0)) if take >= piece.nframes else piece.cut(take)
+                records = None
+                if part.nbytes < _SHORT * part.nframes:
+                    records = _packed_run(part, head)
+                if records is None:
+                    general = Batch(part.split(), [(origin, part.nframes)])
+                    yield from iter_jsonl(general, piece_bytes=piece_bytes)
+                else:
+                    yield records
+
+
 def encode_jsonl(batch: Batch) -> bytes:
     """Encode a batch as JSON Lines (one record per message, each ending in ``\\n``)."""
     return b"".join(iter_jsonl(batch))
@@ -107,6 +159,9 @@ def encode_jsonl(batch: Batch) -> bytes:
 def iter_jsonl(batch: Batch, *, piece_bytes: int = PIECE_BYTES) -> Iterator[bytes]:
     """A batch's JSON Lines in pieces of whole records, each about ``piece_bytes`` (more only
     when a single record is larger)."""
+    if batch.packed:
+        yield from _iter_packed(batch, piece_bytes)
+        return
     parts: list[bytes] = []
     append = parts.append
     size = 0

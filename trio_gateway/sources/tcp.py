@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
 from .._budget import ConnectionShare
 from .._errors import ConfigurationError, FrameTooLarge, ProtocolError
+from .._frames import Frames
 from .._ingress import Ingress
 from .._message import Origin
 from ..codecs import FRAMINGS, NewlineDecoder
@@ -26,7 +28,8 @@ class TcpSource(Source):
 
     Per connection: reads of up to ``read_size`` bytes (twice that, into one reused buffer,
     once newline frames average 512 bytes or more), decoded with the listener's framing
-    (``"newline"`` or ``"length"``), every frame of a read offered to the queue in one call.
+    (``"newline"`` or ``"length"``), every frame of a read offered to the queue in one call
+    (short newline frames packed, still in the chunk they came in: ``_frames.Frames``).
     Under the ``block`` policy a full queue stops the reading, so the kernel's receive window
     fills and the client's ``send`` blocks: real backpressure. A frame over
     ``max_message_size`` closes that connection only (counted as ``oversize``); so does a
@@ -150,12 +153,17 @@ class TcpSource(Source):
                     reason,
                 )
                 return
+            frames: Sequence[bytes]
             try:
                 if not size:
                     frames = decoder.close()
                 elif use_buffer:
                     assert newline is not None
                     frames = newline.feed_buffer(buffer, size)
+                elif newline is not None:
+                    # Short frames stay packed in their chunk: counted, not split (_frames.py).
+                    chunk, end, count = newline.feed_packed(data)
+                    frames = Frames(chunk, count, 0, end, marks=newline.marks)
                 else:
                     frames = decoder.feed(data)
             except FrameTooLarge as exc:

@@ -34,8 +34,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from ..._log import RateLimitedLogger, logger
+from .._http2 import ErrorCode
 from ._calls import CallChanged, CompressedCall, StreamReset
-from ._http2 import ErrorCode
 from ._protocol import (
     CallStarted,
     ConnectionBroken,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.sources.grpc._http2 import (
+from trio_gateway.sources._http2 import (
     CONTINUATION,
     DATA,
     END_HEADERS,

@@ -181,6 +181,18 @@ class IngestRules:
         self.ingress.reject("oversize")
         return self.too_large
 
+    def _origin(self, peer: str) -> Origin:
+        return Origin("http", self.ingress.listener, peer, time.time())
+
+    def ingest_nowait(self, body: bytes, ndjson: bool, peer: str) -> Reply | None:
+        """The answer to a complete body when it needs no waiting: one message that the queue
+        takes at once (``202``). None, with nothing counted or queued, when it may: answer it
+        with :meth:`ingest` (an NDJSON batch, an empty body, a queue that is full, on disk or
+        answering at delivery)."""
+        if ndjson or not body or not self.ingress.offer_one_nowait(body, self._origin(peer)):
+            return None
+        return self.accepted_one
+
     async def ingest(self, body: bytes, ndjson: bool, peer: str) -> Reply:
         """Queue the message(s) of a complete body and answer the sender."""
         ingress = self.ingress
@@ -202,8 +214,9 @@ class IngestRules:
         else:
             ingress.reject("malformed")
             return self.empty
-        origin = Origin("http", ingress.listener, peer, time.time())
-        accepted = await ingress.offer_or_reject(payloads, origin, timeout=self.queue_wait)
+        accepted = await ingress.offer_or_reject(
+            payloads, self._origin(peer), timeout=self.queue_wait
+        )
         if accepted == len(payloads):
             if accepted == 1:
                 return self.accepted_one

@@ -626,20 +626,33 @@ class Http2Server:
 
     # -- flow control of what we receive ------------------------------------------------------
 
-    def acknowledge(self, stream_id: int, size: int) -> None:
+    def acknowledge(self, stream_id: int, size: int, *, connection: bool = True) -> None:
         """``size`` received bytes are consumed: give them back to the client's windows (the
-        stream's too unless ``stream_id`` is 0 or closed). WINDOW_UPDATEs go out in bulk: at
-        the end of the read being parsed, once a quarter window has piled up, or when the
-        client's window runs low."""
+        stream's too unless ``stream_id`` is 0 or closed; the connection's unless
+        ``connection`` is false, for bytes whose connection window was given back earlier).
+        WINDOW_UPDATEs go out in bulk: at the end of the read being parsed, once a quarter
+        window has piled up, or when the client's window runs low."""
         if size <= 0:
             return
-        self._in_pending += size
+        if connection:
+            self._in_pending += size
         stream = self.streams.get(stream_id) if stream_id else None
         if stream is not None and not stream.remote_closed:
             stream.in_pending += size
             self._dirty.add(stream_id)
         if not self._in_receive:
             self._send_window_updates()
+
+    def open_window(self, stream_id: int, increment: int) -> None:
+        """Let the client send ``increment`` bytes more on an open stream than its window
+        allows now (a WINDOW_UPDATE at once): a larger window for one stream than the
+        initial one every stream gets."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed or increment <= 0:
+            return
+        increment = min(increment, MAX_WINDOW - stream.in_window)
+        stream.in_window += increment
+        self.output += frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
 
     def _send_window_updates(self) -> None:
         threshold = self._conn_window >> 2

@@ -13,8 +13,11 @@ of the CPU of a request. Here:
   connection gets ``GOAWAY(NO_ERROR)`` (counted ``idle_timeout`` if it never sent a request,
   as on HTTP/1.1);
 * the body bytes a connection holds (being received or waiting for the queue) are bounded by
-  ``max_held`` plus one request and one flow-control window: past ``max_held`` only the
-  oldest request's DATA is acknowledged, so it can finish while the others wait. They are
+  ``max_held``, plus one request, plus one stream window (:data:`STREAM_WINDOW`) for each
+  other request: past ``max_held`` only the oldest request's stream window is reopened, so
+  it can finish while the others wait (the connection's window is always given back, so
+  that the others' bytes can never starve the oldest of it), and a large body gets a larger
+  window (:data:`OLDEST_WINDOW`) while it is the oldest. They are
   charged to the gateway's memory budget (the connection's share): a request that the budget
   has no room for (by its ``Content-Length`` at its head, or as its DATA comes) gets ``503`` +
   ``Retry-After``, counted ``over_budget``, and the connection goes on;
@@ -41,7 +44,6 @@ import trio
 
 from .._base import connection_errors, linger
 from .._http2 import (
-    DEFAULT_WINDOW,
     ErrorCode,
     Http2Error,
     Http2Server,
@@ -64,6 +66,13 @@ RESET_WINDOW = 1.0
 MAX_RECV = 64 * 1024
 MAX_FRAME_SIZE = 16384
 """Our ``SETTINGS_MAX_FRAME_SIZE`` (RFC 9113's smallest): bounds a partial frame."""
+STREAM_WINDOW = 16384
+"""Our ``SETTINGS_INITIAL_WINDOW_SIZE``: what a request past ``max_held`` may send before it
+waits for its turn (100 of them: 1.6 MB at most)."""
+OLDEST_WINDOW = 256 * 1024
+"""The stream window of the oldest request once its body passes half of
+:data:`STREAM_WINDOW`, and the connection's window: a large upload is not held to 16 KiB a
+round trip."""
 LINGER_SECONDS = 2.0
 """At most this long (and ``idle_timeout``) the last answers and GOAWAY get to be read."""
 
@@ -71,7 +80,7 @@ LINGER_SECONDS = 2.0
 class _Request:
     """A request whose head has come: its body so far, and when it began."""
 
-    __slots__ = ("chunks", "cors", "expected", "ndjson", "size", "started", "unacked")
+    __slots__ = ("chunks", "cors", "expected", "grown", "ndjson", "size", "started", "unacked")
 
     def __init__(self, started: float, ndjson: bool, cors: Headers, expected: int | None):
         self.started = started
@@ -80,7 +89,8 @@ class _Request:
         self.expected = expected  # its Content-Length, if it gave one
         self.chunks: list[bytes] = []
         self.size = 0
-        self.unacked = 0  # flow-controlled bytes received and not yet acknowledged
+        self.unacked = 0  # flow-controlled bytes whose stream window is not reopened yet
+        self.grown = False  # its stream window made OLDEST_WINDOW
 
 
 class _Http2Connection:
@@ -109,8 +119,8 @@ class _Http2Connection:
         self.h2 = Http2Server(
             self,
             max_concurrent_streams=MAX_STREAMS,
-            stream_window=DEFAULT_WINDOW,
-            connection_window=DEFAULT_WINDOW,
+            stream_window=STREAM_WINDOW,
+            connection_window=OLDEST_WINDOW,
             max_frame_size=MAX_FRAME_SIZE,
             max_header_list_size=max_header_size,
             max_resets=MAX_RESETS,
@@ -121,7 +131,7 @@ class _Http2Connection:
         self.answering: dict[int, _Request] = {}  # complete, waiting for the queue
         self.unsent: dict[int, bytes] = {}  # answers' bodies waiting for the client's window
         self.held = 0  # body bytes in requests and answering
-        self.unacked = 0  # of which not acknowledged (past max_held)
+        self.unacked = 0  # of which the stream windows were not reopened (past max_held)
         self.last_stream = 0  # the highest stream processed or to be processed
         self.goaway_sent: int | None = None  # the last stream a GOAWAY (ours or theirs) allows
         self.now = trio.current_time()  # of the read being parsed
@@ -337,13 +347,20 @@ class _Http2Connection:
             self._over_budget(stream_id, request)
             return
         request.chunks.append(data)
-        if self.held <= self.max_held or request is next(iter(self.requests.values())):
-            self.h2.acknowledge(stream_id, flow_len)
-        else:
-            request.unacked += flow_len  # the client waits for its window (bounded memory)
-            self.unacked += flow_len
         if end:
+            self.h2.acknowledge(0, flow_len)  # the stream is over: the connection's window
             self._complete(stream_id, request)
+            return
+        oldest = next(iter(self.requests.values())) is request
+        if self.held <= self.max_held or oldest:
+            self.h2.acknowledge(stream_id, flow_len)
+        else:  # the stream waits for its turn (bounded memory); the connection goes on
+            self.h2.acknowledge(0, flow_len)
+            request.unacked += flow_len
+            self.unacked += flow_len
+        if oldest and not request.grown and size > STREAM_WINDOW // 2:
+            request.grown = True
+            self.h2.open_window(stream_id, OLDEST_WINDOW - STREAM_WINDOW)
 
     def on_end(self, stream_id: int) -> None:
         request = self.requests.get(stream_id)
@@ -401,6 +418,7 @@ class _Http2Connection:
             self._respond(stream_id, reply, request.cors)
             return
         assert self.nursery is not None
+        self._reopen()  # the next request is the oldest now
         self.answering[stream_id] = request
         self.nursery.start_soon(self._answer, stream_id, request, body)
 
@@ -417,10 +435,13 @@ class _Http2Connection:
         self.held -= request.size
         request.size = 0
         request.chunks = []
-        if request.unacked:  # its flow-controlled bytes: the connection window's share
-            self.h2.acknowledge(0, request.unacked)
-            self.unacked -= request.unacked
-            request.unacked = 0
+        self.unacked -= request.unacked  # its stream is over: nothing to reopen
+        request.unacked = 0
+        self._reopen()
+
+    def _reopen(self) -> None:
+        """Reopen the stream windows of the requests whose DATA waited for room: the oldest
+        one's always, the others' while the connection holds at most ``max_held``."""
         if not self.unacked:
             return
         for index, (waiting_id, waiting) in enumerate(self.requests.items()):
@@ -428,7 +449,7 @@ class _Http2Connection:
                 continue
             if index and self.held > self.max_held:
                 break
-            self.h2.acknowledge(waiting_id, waiting.unacked)
+            self.h2.acknowledge(waiting_id, waiting.unacked, connection=False)
             self.unacked -= waiting.unacked
             waiting.unacked = 0
 

@@ -71,8 +71,8 @@ class HttpSource(Source):
     graceful GOAWAY, the memory budget);
     ``fast_path=False`` sends HTTP/1.1 through hypercorn (slower; see docs/http.md). A
     request must be complete within ``idle_timeout`` of its start, on either version;
-    ``max_held`` bounds the body bytes one HTTP/2 connection holds (default: one
-    ``max_message_size``; see :func:`~._h2.serve_http2`). ``reuse_port`` sets
+    ``max_held`` bounds the body bytes one HTTP/2 connection holds before only its oldest
+    request may send more (default: one ``max_message_size``; see :mod:`._h2`). ``reuse_port`` sets
     ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
     A connection past ``max_connections`` gets ``503`` with ``Retry-After`` before it is
     closed (on HTTP/2, as the answer to its first request, then ``GOAWAY``).

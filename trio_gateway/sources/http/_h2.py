@@ -29,6 +29,9 @@ of the CPU of a request. Here:
   requests in flight up to it are still answered; streams after it get ``REFUSED_STREAM``
   (never processed: safe to retry).
 
+One connection's state machine (its requests, their flow control and charge, the deadlines,
+the GOAWAY), which every method shares: hence its length.
+
 Speed: a read is parsed in one pass, and a request whose body the queue takes at once (one
 message, complete in the read) is answered from the reader, without a task: the answers to
 every request of a read go out in one write. A request that may wait (a full queue under

@@ -22,11 +22,12 @@ import trio
 import trustme
 from helpers import refuses_connections, wait_until
 
+from trio_gateway import Gateway
 from trio_gateway._errors import ConfigurationError
 from trio_gateway._h11server import H11Server
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources.http import HttpSource
-from trio_gateway.testing import serve_source
+from trio_gateway.testing import RecordingSink, serve_source
 
 CURL = "/usr/bin/curl"
 NDJSON = {"content-type": "application/x-ndjson"}
@@ -521,3 +522,27 @@ async def test_an_ndjson_batch_longer_than_a_drop_oldest_queue_is_received_and_d
         assert served.counters.received == 10
         assert served.counters.rejected == {}
         assert queue.statistics().dropped["drop_oldest"] == 7
+
+
+@pytest.mark.parametrize("http2", [False, True])
+async def test_idempotency_key_reaches_the_sink_on_both_http_versions(http2: bool) -> None:
+    # HTTP/2 answers a request the queue takes at once from its reader (ingest_nowait): the
+    # key must travel that way as well as the waiting one.
+    sink = RecordingSink()
+    gateway = Gateway(sources=[HttpSource(port=0)], sink=sink)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            (bound,) = await nursery.start(gateway.run)
+            url = f"http://127.0.0.1:{bound[0][1]}/ingest"
+            async with httpx.AsyncClient(http1=not http2, http2=http2) as client:
+                for n in range(3):
+                    headers = {"idempotency-key": f"k-{n}"}
+                    response = await client.post(url, content=b"m%d" % n, headers=headers)
+                    assert response.status_code == 202, response.text
+                lines = b'{"a": 1}\n{"b": 2}\n'
+                headers = {**NDJSON, "idempotency-key": "nd"}
+                response = await client.post(url, content=lines, headers=headers)
+                assert response.status_code == 202, response.text
+            await wait_until(lambda: len(sink.payloads) == 5)
+            gateway.shutdown()
+    assert [origin.id for origin in sink.origins] == ["k-0", "k-1", "k-2", "nd:0", "nd:1"]

@@ -781,3 +781,40 @@ async def test_at_the_limit_the_longest_silent_connection_makes_room(
             for holder in holders:
                 await holder.aclose()
     assert sorted(sink.payloads) == sorted(good.payloads)
+
+
+async def test_at_the_limit_a_connection_that_never_spoke_makes_room_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that has sent nothing since it connected gives its slot up once it has been
+    mute ``EVICT_MUTE_AFTER`` seconds, without waiting ``EVICT_AFTER``: a flood of idle
+    connections cannot get newcomers refused for its first seconds. A connection that has
+    spoken keeps its slot, however long ago."""
+    monkeypatch.setattr(sources_base, "EVICT_AFTER", 60.0)
+    slots = 3
+    sink = RecordingSink()
+    gateway = Gateway(sources=[TcpSource(max_connections=slots)], sink=sink, grace_period=0.5)
+    good = GOOD["tcp"]()
+    with trio.fail_after(WAIT):
+        async with open_gateway(gateway) as handle:
+            address = handle.address()
+            spoken = await trio.open_tcp_stream(*address)
+            await spoken.send_all(b"spoke\n")
+            await sink.wait_for(1)
+            mute = []
+            for _ in range(slots - 1):
+                mute.append(await trio.open_tcp_stream(*address))
+                await trio.sleep(0.05)  # so that "mute for longest" is the first
+            counters = gateway.source_counters[0]
+            await wait_until(lambda: counters.connections_active == slots)
+            await trio.sleep(sources_base.EVICT_MUTE_AFTER)
+            await good.send(address)
+            await sink.wait_for(1 + len(good.payloads))
+            assert counters.rejected["evicted"] == 1
+            assert counters.rejected["too_many_connections"] == 0
+            assert await read_until_closed(mute[0]) == b""  # the first mute one went
+            await spoken.send_all(b"still here\n")
+            await sink.wait_for(2 + len(good.payloads))
+            for stream in [spoken, *mute]:
+                await stream.aclose()
+    assert sorted(sink.payloads) == sorted([b"spoke", b"still here", *good.payloads])

@@ -29,6 +29,7 @@ from ._sockets import format_peer, open_tcp_listeners, peer_of
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "EVICT_AFTER",
+    "EVICT_MUTE_AFTER",
     "LINGER_MAX_BYTES",
     "MAX_REFUSALS",
     "REFUSAL_DEBUG_DATA",
@@ -57,6 +58,10 @@ EVICT_AFTER: float | None = 1.0
 """Seconds of silence after which a connection may be closed to make room for a new one when
 the listener is at ``max_connections``: the default of ``serve_connections``' ``evict_after``,
 read when it starts (``None``: never)."""
+EVICT_MUTE_AFTER = 0.1
+"""Seconds after which, at ``max_connections``, a connection whose peer has sent nothing at all
+since it connected may be closed to make room, before any that has spoken (at most
+``evict_after``)."""
 REFUSAL_DEBUG_DATA = b"too many connections"
 """The debug data of the GOAWAY that ends a refused HTTP/2 connection."""
 _GOAWAY_MARGIN = 0.1
@@ -370,14 +375,17 @@ async def serve_connections(
     connections get ``ingress.grace_period`` to finish, and the rest are cancelled.
     ``task_status.started(bound)`` is called once the accept loops run.
 
-    At ``max_connections``, a new connection first takes the slot of the connection whose
-    peer has sent nothing for longest, if that is ``evict_after`` seconds or more and the
-    gateway has read everything it sent: that one is cancelled (its handler's cancel scope;
-    the stream closes) and counted as ``evicted``. So idle connections cannot lock good
-    clients out for a whole idle timeout, while a connection that is sending, or that the
-    gateway holds back (a queue full under ``block``), keeps its slot. ``None``: never evict;
-    where the kernel does not say how long a peer has been silent (``TCP_INFO``: Linux),
-    nothing is evicted either. Not given: :data:`EVICT_AFTER`.
+    At ``max_connections``, a new connection first takes the slot of a silent one, if the
+    gateway has read everything it sent: the one whose peer has sent nothing at all since it
+    connected, for longest, once that is :data:`EVICT_MUTE_AFTER` seconds (clients of these
+    protocols speak first); else the one whose peer has sent nothing for longest, if that is
+    ``evict_after`` seconds or more. That one is cancelled (its handler's cancel scope; the
+    stream closes) and counted as ``evicted``. So idle connections cannot lock good clients
+    out for a whole idle timeout, nor a flood of them for its first ``evict_after`` seconds,
+    while a connection that is sending, or that the gateway holds back (a queue full under
+    ``block``), keeps its slot. ``None``: never evict; where the kernel does not say how long
+    a peer has been silent (``TCP_INFO``: Linux), nothing is evicted either. Not given:
+    :data:`EVICT_AFTER`.
 
     Otherwise a connection past ``max_connections`` is counted as ``too_many_connections``. Without
     ``refuse`` it is closed at once. With ``refuse``, ``refuse(stream)`` answers it in the
@@ -432,7 +440,7 @@ async def serve_connections(
                 if (
                     live.active >= max_connections
                     and evict_after is not None
-                    and live.evict(evict_after)
+                    and live.evict(evict_after, mute_for=min(EVICT_MUTE_AFTER, evict_after))
                 ):
                     ingress.reject("evicted")
                     connection_errors.info(

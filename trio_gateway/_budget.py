@@ -52,7 +52,11 @@ class BudgetStatistics:
     """What may be held outside the queue: ``max_memory - queue_bytes``."""
     connection_share: int
     held: int
-    """Bytes charged now (connections' partial data and the pump's batch)."""
+    """Bytes charged now: :attr:`connections` plus :attr:`batch`."""
+    connections: int
+    """Of :attr:`held`, what connections hold (partial reads, bodies, fragments)."""
+    batch: int
+    """Of :attr:`held`, the batch the pump has in hand."""
     peak: int
     """The most ever held at once."""
     waiting: int
@@ -84,6 +88,8 @@ class MemoryBudget:
         self.pool = max_memory - queue_bytes
         self.connection_share = max(1, self.pool // _CONNECTION_FRACTION)
         self.held = 0
+        self.connections_held = 0
+        """Of :attr:`held`, what :class:`ConnectionShare` objects hold (the rest is batches)."""
         self.peak = 0
         self._room = ParkingLot()
 
@@ -128,6 +134,8 @@ class MemoryBudget:
             pool=self.pool,
             connection_share=self.connection_share,
             held=self.held,
+            connections=self.connections_held,
+            batch=self.held - self.connections_held,
             peak=self.peak,
             waiting=len(self._room),
         )
@@ -178,6 +186,7 @@ class ConnectionShare:
 
     def _set(self, n: int) -> None:
         more = n - self.held
+        self.budget.connections_held += more
         if more > 0:
             self.budget._add(more)
         elif more < 0:

@@ -6,7 +6,9 @@ The budget (``limits.max_memory``, ``serve --max-memory``; 256 MiB by default) i
   defaults to half the budget (:attr:`MemoryBudget.queue_bytes`);
 * **the held pool** (the rest): what is outside the queue and in the gateway's hands, charged
   here as it comes and goes: the bytes a connection has read and not yet queued (a TCP read and
-  its partial frame, a WebSocket message still in fragments, an HTTP body being read) and the
+  its partial frame; once the pool is :attr:`~MemoryBudget.crowded`, a read only once its peer
+  has sent, so idle connections cannot take it all; a WebSocket message still in fragments, an
+  HTTP body being read) and the
   batch the pump has taken from the queue and not yet delivered.
 
 Queued plus held never exceeds the budget, so neither can the payload bytes a gateway holds.
@@ -112,6 +114,12 @@ class MemoryBudget:
         self.held += n
         if self.held > self.peak:
             self.peak = self.held
+
+    @property
+    def crowded(self) -> bool:
+        """Whether half the held pool is taken: then a stream connection waiting for its
+        peer holds only what it has, not the read it would make (TCP)."""
+        return self.held > self.pool // 2
 
     def charge(self, n: int) -> None:
         """Charge ``n`` bytes that are already in hand (the pump's batch): never refused."""

@@ -235,17 +235,20 @@ async def test_a_flood_of_bad_frames_logs_a_bounded_number_of_lines(
 
 
 async def test_memory_budget_use_is_shown_by_kind_under_load() -> None:
-    """With the sink stalled, what the queue holds, the pump's batch in hand and the partial
-    frames that connections hold are each on /metrics, against the budget and its shares."""
+    """With the sink stalled, what the queue holds, the pump's batch in hand and what
+    connections hold (a read's worth and a partial frame each) are each on /metrics, against
+    the budget and its shares."""
     sink = GatedSink()
+    source = TcpSource()
     gateway = Gateway(
-        sources=[TcpSource()],
+        sources=[source],
         sink=sink,
         batch_size=10,
         max_memory=64 << 20,
         services=[AdminServer(port=0)],
     )
     size, count, partial = 1000, 100, 777
+    held = 3 * (2 * source.read_size + partial)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(gateway.run)
@@ -255,12 +258,12 @@ async def test_memory_budget_use_is_shown_by_kind_under_load() -> None:
             stalled = [await trio.open_tcp_stream(*address) for _ in range(3)]
             for stream in stalled:
                 await stream.send_all(b"p" * partial)  # a frame begun, never finished
-            await wait_until(lambda: gateway.budget.connections_held == 3 * partial)
+            await wait_until(lambda: gateway.budget.connections_held == held)
             m = await scrape(gateway)
             used = "trio_gateway_memory_budget_used_bytes"
             queued = sample_value(m, used, kind="queued")
             batch = sample_value(m, used, kind="batch")
-            assert sample_value(m, used, kind="connections") == 3 * partial
+            assert sample_value(m, used, kind="connections") == held
             assert batch > 0 and queued + batch == count * size
             assert queued == sample_value(m, "trio_gateway_queue_bytes")
             assert sample_value(m, "trio_gateway_memory_budget_bytes") == 64 << 20
@@ -269,7 +272,7 @@ async def test_memory_budget_use_is_shown_by_kind_under_load() -> None:
             assert sample_value(m, shares, share="held") == 32 << 20
             assert sample_value(m, shares, share="connection") == 2 << 20
             peak = sample_value(m, "trio_gateway_memory_budget_held_peak_bytes")
-            assert peak >= batch + 3 * partial
+            assert peak >= batch + held
             assert sample_value(m, "trio_gateway_memory_budget_waiting_connections") == 0
             for stream in stalled:
                 await stream.aclose()

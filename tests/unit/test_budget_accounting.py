@@ -68,6 +68,10 @@ def test_statistics_split_what_is_held_into_connections_and_the_batch() -> None:
     share.close()
     stats = budget.statistics()
     assert (stats.held, stats.connections, stats.batch, stats.peak) == (0, 0, 0, 3500)
+    budget.charge(budget.pool // 2)
+    assert not budget.crowded  # half taken: stream connections still charge their reads
+    budget.charge(1)
+    assert budget.crowded
 
 
 async def test_hold_waits_for_room_and_wakes_on_release(autojump_clock: MockClock) -> None:

@@ -123,9 +123,11 @@ class TcpSource(Source):
         # a client trickling one byte at a time (slowloris) cannot hold the connection.
         deadline = trio.current_time() + idle_timeout
         while True:
-            if sock is not None and not unread_bytes(sock):
-                # Nothing to read: wait holding only the partial frame (and no buffer), so
-                # that idle connections do not take the budget from those that send.
+            if sock is not None and share.budget.crowded and not unread_bytes(sock):
+                # Nothing to read and the budget half taken: wait holding only the partial
+                # frame (and no buffer), so that idle connections do not take the budget from
+                # those that send. (Not always: a read after such a wait costs one more
+                # scheduler round.)
                 share.hold_nowait(decoder.buffered)
                 buffer = bytearray()
                 with trio.move_on_at(deadline):  # past it, the read below times out

@@ -44,6 +44,27 @@ async def test_tcp_stops_reading_over_the_budget_and_resumes_when_room_frees() -
         await stream.aclose()
 
 
+async def test_idle_tcp_connections_hold_at_most_half_of_the_budget() -> None:
+    """Once half the pool is taken, a TCP connection charges a read's worth only once its
+    peer has sent something, so connections that sit idle (far more than the pool has reads
+    for) leave the rest of the budget to those that send: nothing is refused, an HTTP-sized
+    body still fits, and a sender is served at once."""
+    async with helpers.serving(TcpSource, max_connections=200) as run:
+        budget = run.ingress.budget = MemoryBudget(64 * MiB)  # pool: 64 reads of 512 KiB
+        address = run.source.bound[0]
+        idle = [await trio.open_tcp_stream(*address) for _ in range(100)]
+        counters = run.ingress.counters
+        await wait_until(lambda: counters.connections_active == len(idle))
+        read = 2 * run.source.read_size
+        assert budget.held <= budget.pool // 2 + read and counters.rejected["over_budget"] == 0
+        assert budget.connection().hold_nowait(budget.connection_share)
+        await idle[0].send_all(b"spoke\n")
+        await wait_until(lambda: counters.received == 1)
+        assert run.payloads() == [b"spoke"] and counters.rejected["over_budget"] == 0
+        for stream in idle:
+            await stream.aclose()
+
+
 async def test_http_answers_503_with_retry_after_over_the_budget() -> None:
     async with helpers.serving(HttpSource) as run:
         budget = run.ingress.budget = full_budget()

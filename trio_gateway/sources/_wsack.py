@@ -196,6 +196,9 @@ class AckConnection(Connection):
         nothing is in flight, otherwise once it is (by :meth:`answer_in_order`), in order.
         Waits while the reads in flight hold :data:`MAX_IN_FLIGHT` messages or
         :data:`MAX_IN_FLIGHT_BYTES`."""
+        if not self.acking:  # no ack can be sent any more: nothing to wait for
+            answer.forget()
+            return
         if answer.final and not self._flight:
             done, reason = outcome(answer.accepted, n)
             await self.record(done, n - done, reason)

@@ -247,12 +247,8 @@ class Ingress:
         disk queue it returns once they are on disk (committed as its ``fsync`` policy says),
         so an answer sent then means "on disk".
         """
-        done, ranges = await self._queue_or_reject(payloads, origin, timeout)
-        if ranges:
-            return await self._queue.receipts.wait(ranges)
-        if done:
-            await self._queue.wait_stored()
-        return done
+        answer = await self.offer_or_reject_later(payloads, origin, timeout=timeout)
+        return await answer.wait()
 
     async def offer_or_reject_later(
         self,
@@ -262,21 +258,11 @@ class Ingress:
         timeout: float = 0.0,  # noqa: ASYNC109 - a policy bound on waiting for room, not a deadline
     ) -> Answer:
         """:meth:`offer_or_reject` without waiting for the answer (see :meth:`offer_later`)."""
-        done, ranges = await self._queue_or_reject(payloads, origin, timeout)
-        return self._answer(done, ranges)
-
-    async def _queue_or_reject(
-        self,
-        payloads: Sequence[bytes],
-        origin: Origin,
-        timeout: float,  # noqa: ASYNC109 - as offer_or_reject
-    ) -> tuple[int, list[tuple[int, int]]]:
-        """:meth:`offer_or_reject` up to its answer (as :meth:`_queue_waiting`)."""
         buffer = self._queue
         done = 0
         ranges: list[tuple[int, int]] = []
         if not payloads:
-            return done, ranges
+            return self._answer(done, ranges)
         try:
             done = self._put(payloads, origin, False, ranges)
             if done < len(payloads) and buffer.policy == "drop_oldest":
@@ -296,7 +282,7 @@ class Ingress:
             counters.received_bytes += sum(map(len, payloads[:done]))
             if done < len(payloads):
                 counters.rejected["queue_full"] += len(payloads) - done
-        return done, ranges
+        return self._answer(done, ranges)
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count ``count`` messages (or connections) refused for ``reason``.

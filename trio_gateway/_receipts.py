@@ -149,7 +149,10 @@ class Answer:
     async def wait(self) -> int:
         receipt = self._receipt
         if receipt is not None:
-            await receipt.done.wait()
+            try:
+                await receipt.done.wait()
+            finally:
+                self._receipts.forget(receipt)
             return receipt.delivered
         if self._stored is not None:
             await self._stored()

@@ -68,7 +68,7 @@ LAYERS: dict[str, Layer] = {
     "_buffer": layer("_frames", "_message", "_receipts", "queues"),
     # the memory budget: one account that connections and the pump charge what they hold to
     "_budget": layer("_errors"),
-    "_ingress": layer("_budget", "_buffer", "_ledger", "_message", "queues"),
+    "_ingress": layer("_budget", "_buffer", "_ledger", "_message", "_receipts", "queues"),
     # the edges: a source reaches the queue only through its Ingress; sources and sinks never
     # import each other
     "sources": layer(

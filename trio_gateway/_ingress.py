@@ -163,19 +163,24 @@ class Ingress:
         when the drain deadline passes. The messages still not queued then (or at any other
         cancellation) are counted as abandoned, and the cancellation goes on.
         """
-        done, ranges = await self._queue_waiting(payloads, origin, nbytes)
+        done, ranges = await self._queue_waiting(payloads, origin, nbytes, ids)
         if ranges:
             return await self._queue.receipts.wait(ranges)
         return done
 
     async def offer_later(
-        self, payloads: Sequence[bytes], origin: Origin, *, nbytes: int | None = None
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        *,
+        nbytes: int | None = None,
+        ids: Sequence[str] | None = None,
     ) -> Answer:
         """:meth:`offer` without waiting for the answer: queues (waiting for room as
         :meth:`offer` does) and returns the :class:`Answer` to wait for, which waits for
         delivery (``ack = "delivered"``) or for the commit (a disk queue). A source that
         answers per read keeps reading meanwhile, several answers in flight (WebSocket)."""
-        done, ranges = await self._queue_waiting(payloads, origin, nbytes)
+        done, ranges = await self._queue_waiting(payloads, origin, nbytes, ids)
         return self._answer(done, ranges)
 
     def _answer(self, done: int, ranges: list[tuple[int, int]]) -> Answer:
@@ -188,7 +193,11 @@ class Ingress:
         return Answer(done, buffer.receipts)
 
     async def _queue_waiting(
-        self, payloads: Sequence[bytes], origin: Origin, nbytes: int | None
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        nbytes: int | None,
+        ids: Sequence[str] | None,
     ) -> tuple[int, list[tuple[int, int]]]:
         """:meth:`offer` up to its answer: how many are queued, and their positions when
         the answer waits for their delivery."""
@@ -265,7 +274,7 @@ class Ingress:
         disk queue it returns once they are on disk (committed as its ``fsync`` policy says),
         so an answer sent then means "on disk".
         """
-        answer = await self.offer_or_reject_later(payloads, origin, timeout=timeout)
+        answer = await self.offer_or_reject_later(payloads, origin, timeout=timeout, ids=ids)
         return await answer.wait()
 
     async def offer_or_reject_later(
@@ -274,6 +283,7 @@ class Ingress:
         origin: Origin,
         *,
         timeout: float = 0.0,  # noqa: ASYNC109 - a policy bound on waiting for room, not a deadline
+        ids: Sequence[str] | None = None,
     ) -> Answer:
         """:meth:`offer_or_reject` without waiting for the answer (see :meth:`offer_later`)."""
         buffer = self._queue

@@ -45,8 +45,8 @@ sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolv
 
 import trio  # noqa: E402
 
+from bench._nats_py_sink import NatsPySink as NatsSink  # noqa: E402  (the nats-py sink)
 from trio_gateway import Batch, Origin  # noqa: E402
-from trio_gateway.sinks import NatsSink  # noqa: E402
 
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:50000", 1700000000.25)
 BATCH = 1024

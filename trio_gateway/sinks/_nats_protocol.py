@@ -230,8 +230,8 @@ def _size(token: bytes) -> int:
 
 
 def connect_command(options: dict[str, Any]) -> bytes:
-    """``CONNECT {...}\\r\\n`` followed by ``PING`` (its ``PONG`` confirms the handshake)."""
-    return b"CONNECT " + json.dumps(options, separators=(",", ":")).encode() + b"\r\n" + PING
+    """``CONNECT {...}`` (follow it with a ``PING``: its ``PONG`` confirms the handshake)."""
+    return b"CONNECT " + json.dumps(options, separators=(",", ":")).encode() + b"\r\n"
 
 
 def _check(text: str) -> str:

@@ -461,9 +461,16 @@ class NatsSink(Sink):
                 raise _ConnectionLost("the socket write did not finish in time")
             acked: set[str] = set()
             with trio.move_on_at(deadline):
+                parser = conn.parser
                 while len(acked) < expected:
-                    event = await self._handle(conn, await self._next_event(conn))
-                    if not isinstance(event, Msg) or not event.subject.startswith(prefix):
+                    # Every event already read is taken without awaiting (acks come in bursts).
+                    event = parser.next_event()
+                    if event is None:
+                        event = await self._next_event(conn)
+                    if type(event) is not Msg:
+                        await self._handle(conn, event)
+                        continue
+                    if not event.subject.startswith(prefix):
                         continue  # a late ack of an earlier round, or a stray reply
                     token = event.subject[len(prefix) :]
                     if token in acked:

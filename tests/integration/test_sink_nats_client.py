@@ -74,3 +74,36 @@ async def test_a_connection_that_died_while_idle_is_replaced_before_publishing(
     assert sink.connects == 2 and not sink.failures and sink.stored == 2
     messages = await read_stream(nats_server, "IDLE", "idle.in", 2)
     assert [m.data for m in messages] == [b"before", b"after"]
+
+
+async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = NatsServer(
+        tmp_path,
+        args=(
+            "--tls",
+            "--tlscert",
+            str(tmp_path / "server.pem"),
+            "--tlskey",
+            str(tmp_path / "server.pem"),
+        ),
+    )
+    await trio.to_thread.run_sync(server.start)
+    try:
+        address = server.url.removeprefix("nats://")
+        with trio.fail_after(20):
+            untrusted = NatsSink(f"nats://{address}/tls.in?stream=TLS&create=true&tls=true")
+            with pytest.raises(SinkUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.open()
+            sink = NatsSink(f"nats://{address}/tls.in?stream=TLS&create=true&ca={tmp_path}/ca.pem")
+            await sink.open()
+            await sink.send(Batch([b"secret"], [(ORIGIN, 1)]))
+            await sink.aclose()
+        assert sink.stored == 1
+    finally:
+        server.stop()

@@ -172,7 +172,11 @@ class NatsSink(Sink):
                 with trio.fail_after(self.connect_timeout):
                     conn = await self._handshake(servers[index])
             except (*_TRANSPORT_ERRORS, trio.TooSlowError, _ConnectionLost) as exc:
-                problems.append(f"{servers[index]}: {exc!r}")
+                if isinstance(exc.__cause__, ssl.SSLError):  # trio.SSLStream wraps it
+                    answered = True
+                    problems.append(f"{servers[index]}: TLS: {exc.__cause__}")
+                else:
+                    problems.append(f"{servers[index]}: {exc!r}")
                 continue
             except (NatsProtocolError, ssl.SSLError) as exc:
                 answered = True

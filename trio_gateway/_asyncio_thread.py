@@ -1,10 +1,10 @@
 """An asyncio event loop in a thread of its own, and the one bridge from Trio into it.
 
-nats-py, the official NATS client, is asyncio only. The NATS sink and the NATS source each run
-it on such a loop, owned for their lifetime (started when they open, stopped and joined when
-they close): a call crosses from Trio once, as one coroutine, and its result comes back once
-through ``TrioToken.run_sync_soon``, with no worker thread held while waiting (docs/sinks.md,
-"Why a loop thread, and what it costs").
+nats-py, the official NATS client, is asyncio only. The NATS source runs it on such a loop,
+owned for its lifetime (started when it opens, stopped and joined when it closes): a call
+crosses from Trio once, as one coroutine, and its result comes back once through
+``TrioToken.run_sync_soon``, with no worker thread held while waiting. (The NATS sink has its
+own client on Trio instead: docs/sinks.md, "Why its own NATS client, and what it costs".)
 """
 
 from __future__ import annotations

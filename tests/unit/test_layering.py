@@ -108,9 +108,11 @@ LAYERS: dict[str, Layer] = {
         sans_io=True,
     ),
     "sinks": layer(
-        "_asyncio_thread", "_errors", "_frames", "_log", "_message", "_secrets", "codecs"
+        "_errors", "_frames", "_log", "_message", "_secrets", "codecs", "sinks._nats_protocol"
     ),
-    # an asyncio loop in a thread (nats-py under Trio), for the NATS sink and source
+    # the NATS client protocol the NATS sink speaks on a Trio socket
+    "sinks._nats_protocol": layer(sans_io=True),
+    # an asyncio loop in a thread (nats-py under Trio), for the NATS source
     "_asyncio_thread": layer("_errors"),
     # sending a batch under the retry policy (the pump and each fan-out branch)
     "_retry": layer("_errors", "_log"),

@@ -62,3 +62,25 @@ def test_config_builds_the_nats_sink() -> None:
     with pytest.raises(ConfigurationError) as caught:
         build_sink(SinkConfig(url="nats://127.0.0.1:4222/a.*"))
     assert caught.value.key == "sink"
+
+
+async def test_a_write_cut_short_gives_up_the_connection() -> None:
+    """Half a command on the wire would garble whatever follows: the sink drops that
+    connection (the next send reconnects) instead of writing on after it."""
+    import trio
+    import trio.testing
+
+    from trio_gateway import Batch, Origin
+    from trio_gateway.sinks._nats import _Connection
+    from trio_gateway.sinks._nats_protocol import Info, NatsParser
+
+    client, server = trio.testing.lockstep_stream_pair()  # nobody reads: send_all waits
+    sink = NatsSink("nats://127.0.0.1:4222/a")
+    conn = _Connection(client, NatsParser(), Info({}), "nats://127.0.0.1:4222", trio.current_time())
+    sink._conn = conn
+    with trio.move_on_after(0.05) as scope:
+        await sink.send(Batch([b"x"], [(Origin("tcp", "t", "p", 1.0), 1)]))
+    assert scope.cancelled_caught and sink._conn is None
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"more")
+    await server.aclose()

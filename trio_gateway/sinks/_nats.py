@@ -1,11 +1,12 @@
-"""A NATS JetStream sink: each batch published with the official nats-py client, counted once acked.
+"""A NATS JetStream sink on Trio: each batch written in one socket write, counted once acked.
 
-nats-py is an asyncio library. It runs here on its own asyncio event loop in one thread that the
-sink owns (started by :meth:`NatsSink.open`, joined by :meth:`NatsSink.aclose`); a batch crosses
-from Trio to that loop once, as one coroutine that publishes every message and waits for every
-acknowledgement, and its result crosses back once (``TrioToken.run_sync_soon``, no worker thread).
-docs/sinks.md gives the measurement behind this choice (bench/nats.py) and the alternative
-(trio-asyncio).
+The client is this package's own (:mod:`._nats_protocol`, sans-IO) on a Trio socket: nats-py is
+asyncio-only, and crossing to its loop thread cost more CPU per message than the whole relay
+budget (docs/sinks.md gives the figures). The sink reads the socket only inside
+:meth:`NatsSink.open` and :meth:`NatsSink.send` (one pump task uses a sink at a time), so it needs
+no task of its own; after an idle spell it checks the connection with a ``PING`` first, which also
+answers the server's pings. (One module past the usual size: connecting, reading and publishing
+are one state machine over one socket, which decides who reads it when.)
 
 Delivery is at-least-once, made exactly-once within JetStream's duplicate window: every message
 carries a ``Nats-Msg-Id`` of ``<sink id>.<sequence>``, where the sink id is random per sink
@@ -18,49 +19,59 @@ through another gateway or after a crash, is dropped too.
 
 from __future__ import annotations
 
-import asyncio
+import json
 import secrets
 import ssl
 from collections import Counter
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
 
 import trio
 
-from .._asyncio_thread import AsyncioThread as _LoopThread
-from .._errors import ConfigurationError, SinkError, SinkUnavailable
+from .._errors import ConfigurationError, SinkError, SinkRefused, SinkUnavailable
 from .._log import RateLimitedLogger, logger
-from .._message import Batch, Origin
+from .._message import Batch
 from ._base import Sink
+from ._nats_auth import credentials
+from ._nats_protocol import (
+    PING,
+    PONG,
+    Err,
+    Event,
+    Info,
+    Msg,
+    NatsParser,
+    NatsProtocolError,
+    Ping,
+    Pong,
+    connect_command,
+    encode_headers,
+    header_value,
+    pub,
+    sub,
+)
 from ._nats_url import NatsTarget, parse_nats_url
-
-if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
-    from nats.js import JetStreamContext
 
 __all__ = ("NatsSink", "NatsTarget", "parse_nats_url")
 
 _log = logger.getChild("sinks.nats")
-_T = TypeVar("_T")
-
-
-def _import_nats() -> Any:
-    try:
-        import nats
-        import nats.js.errors
-    except ImportError as exc:
-        raise ConfigurationError(
-            "sink", f"the nats sink needs nats-py (pip install nats-py): {exc}"
-        ) from exc
-    return nats
+_IDLE_CHECK = 30.0
+"""Seconds without a byte from the server after which ``send`` first checks the connection."""
+_MAX_RECONNECT_WAIT = 5.0
+_RECEIVE_BYTES = 64 * 1024
+_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class _ConnectionLost(Exception):
     pass
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+@dataclass(slots=True)
+class _Connection:
+    stream: trio.abc.Stream
+    parser: NatsParser
+    info: Info
+    server: str
+    last_read: float
 
 
 class NatsSink(Sink):
@@ -73,10 +84,13 @@ class NatsSink(Sink):
     ``origin_headers=False``.
 
     Failures raise :class:`SinkError` and the gateway's pump retries the batch with backoff:
-    the server away (nats-py keeps reconnecting in the background; ``send`` fails fast until it
-    is back), an ack missing after ``ack_timeout``, the connection lost mid-batch, a JetStream
-    error. Bounds: at most ``max_in_flight`` unacknowledged publishes, ``max_buffer_bytes`` of
-    outbound buffer, ``connect_timeout`` per connection attempt.
+    the server away (``send`` reconnects, at most once per ``reconnect_wait``, doubling up to
+    5 s while it fails, and fails fast in between), an ack missing after ``ack_timeout``, the
+    connection lost mid-batch, a JetStream error. A message larger than the server's
+    ``max_payload`` can never be published: ``send`` delivers the rest and raises
+    :class:`SinkRefused` naming it. Bounds: at most ``max_in_flight`` unacknowledged publishes
+    and ``max_buffer_bytes`` per socket write (a larger batch goes out in several rounds),
+    ``connect_timeout`` per connection attempt.
     """
 
     def __init__(
@@ -97,7 +111,6 @@ class NatsSink(Sink):
             raise ConfigurationError(
                 "sink", "nats sink: max_in_flight >= 1 and max_buffer_bytes >= 64 KiB"
             )
-        _import_nats()  # a missing nats-py is a configuration error, found before serving
         self.connect_timeout = connect_timeout
         self.ack_timeout = ack_timeout
         self.max_in_flight = max_in_flight
@@ -114,154 +127,265 @@ class NatsSink(Sink):
         """Messages JetStream acknowledged as new."""
         self.duplicates = 0
         """Messages JetStream acknowledged as duplicates (a retried batch's earlier copies)."""
+        self.refused = 0
+        """Messages refused for good (larger than the server's ``max_payload``)."""
         self.failures: Counter[str] = Counter()
         """Failed batches by reason (``unavailable``, ``connection_lost``, ``ack_timeout``...)."""
-        self._loop = _LoopThread(f"trio_gateway {self.name}")
-        self._nc: NatsClient | None = None
-        self._js: JetStreamContext | None = None
-        self._lost: asyncio.Future[None] | None = None
-        self._closing = False
+        self._conn: _Connection | None = None
+        self._inbox = f"_INBOX.{secrets.token_hex(11)}."
+        self._round = 0
+        self._requests = 0
+        self._next_server = 0
+        self._discovered: tuple[str, ...] = ()
+        """The cluster's other servers, from the servers' ``INFO`` (``connect_urls``)."""
+        self._retry_at = 0.0
+        self._wait = reconnect_wait
         self._next_seq = 1
         self._retrying: Batch | None = None
         self._retrying_seq = 0
         self._errors = RateLimitedLogger(_log)
 
-    # -- Trio side ------------------------------------------------------------------------
+    # -- connecting -------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Connect (and create the stream if asked): a server that cannot be reached, refuses
         the credentials or the stream is :class:`SinkUnavailable`."""
         try:
-            await self._open()
+            if self._conn is None:
+                await self._connect()
         except SinkUnavailable:
             raise
         except SinkError as exc:
             cause = str(exc).removeprefix(f"{self.name}: ")
             raise SinkUnavailable(self.name, cause) from exc
 
-    async def _open(self) -> None:
-        if not self._loop.running:
-            self._loop.start()
-        if self._nc is None:
-            await self._loop.run(self._connect())
+    async def _connect(self) -> _Connection:
+        """Try each server once (the one after the last that worked first)."""
+        servers = self.target.servers + tuple(
+            server for server in self._discovered if server not in self.target.servers
+        )
+        problems: list[str] = []
+        answered = False
+        for step in range(len(servers)):
+            index = (self._next_server + step) % len(servers)
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    conn = await self._handshake(servers[index])
+            except (*_TRANSPORT_ERRORS, trio.TooSlowError, _ConnectionLost) as exc:
+                if isinstance(exc.__cause__, ssl.SSLError):  # trio.SSLStream wraps it
+                    answered = True
+                    problems.append(f"{servers[index]}: TLS: {exc.__cause__}")
+                else:
+                    problems.append(f"{servers[index]}: {exc!r}")
+                continue
+            except (NatsProtocolError, ssl.SSLError, ValueError) as exc:  # ValueError: bad JSON
+                answered = True
+                problems.append(f"{servers[index]}: {exc}")
+                continue
+            except SinkError as exc:  # -ERR in the handshake, credentials, stream
+                answered = True
+                problems.append(str(exc).removeprefix(f"{self.name}: "))
+                continue
+            self._next_server = index
+            self._conn = conn
             self.connects += 1
+            self._wait = self.reconnect_wait
+            if self.connects > 1:
+                self._errors.info("%s: reconnected to %s", self.name, conn.server)
+            else:
+                _log.info("%s: connected to %s", self.name, conn.server)
+            return conn
+        self._retry_at = trio.current_time() + self._wait
+        self._wait = min(self._wait * 2, _MAX_RECONNECT_WAIT)
+        if answered:
+            raise SinkError(f"{self.name}: connect failed: {'; '.join(problems)}")
+        raise SinkError(f"{self.name}: no server answered ({'; '.join(problems)})")
 
-    async def send(self, batch: Batch) -> None:
-        if self._nc is None:
-            await self._open()
-        # A retry of the batch that failed last gets the same sequence numbers, so the same
-        # Nats-Msg-Ids; a new batch gets the next ones.
-        if batch is not self._retrying:
-            self._retrying = batch
-            self._retrying_seq = self._next_seq
-            self._next_seq += len(batch)
-        stored, duplicates = await self._loop.run(
-            self._publish(batch.payloads, batch.runs, self._retrying_seq)
-        )
-        self._retrying = None
-        self.stored += stored
-        self.duplicates += duplicates
-
-    async def aclose(self) -> None:
+    async def _handshake(self, server: str) -> _Connection:
+        host, _, port = server.removeprefix("nats://").rpartition(":")
+        host = host.strip("[]")
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, int(port))
         try:
-            if self._nc is not None and self._loop.running:
-                with trio.move_on_after(self.connect_timeout):
-                    await self._loop.run(self._close())
-        finally:
-            with trio.move_on_after(self.connect_timeout):
-                await self._loop.stop()
-
-    # -- asyncio side (runs on the sink's loop thread) -----------------------------------
-
-    async def _connect(self) -> None:
-        nats = _import_nats()
-        target = self.target
-        options: dict[str, Any] = {
-            "servers": list(target.servers),
-            "name": "trio_gateway",
-            "connect_timeout": self.connect_timeout,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": self.reconnect_wait,
-            "pending_size": self.max_buffer_bytes,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-        }
-        if target.user is not None:
-            options["user"], options["password"] = target.user, target.password
-        if target.token is not None:
-            options["token"] = target.token
-        if target.creds is not None:
-            options["user_credentials"] = target.creds
-        if target.tls or target.ca:
-            try:
-                options["tls"] = ssl.create_default_context(cafile=target.ca)
-            except OSError as exc:
-                raise SinkError(f"{self.name}: cannot load ca {target.ca!r}: {exc}") from exc
-        nc = nats.NATS()
-        try:
-            # nats-py retries the servers forever (max_reconnect_attempts=-1): bound the
-            # first connection here; the pump retries open() with backoff.
-            try:
-                async with asyncio.timeout(self.connect_timeout * len(target.servers)):
-                    await nc.connect(**options)
-            except TimeoutError as exc:
-                raise SinkError(f"{self.name}: no server answered") from exc
-            # The context's timeout is for JetStream API requests (the stream check);
-            # publish acks are bounded per batch by ack_timeout.
-            js = nc.jetstream(
-                timeout=self.connect_timeout, publish_async_max_pending=self.max_in_flight
-            )
-            if target.create and target.stream is not None:
-                await self._ensure_stream(js)
-        except BaseException as exc:
-            self._closing = True
-            try:
-                await nc.close()
-            finally:
-                self._closing = False
-            if isinstance(exc, nats.errors.Error | nats.js.errors.Error | OSError):
-                raise SinkError(f"{self.name}: connect failed: {exc!r}") from exc
-            raise
-        self._nc, self._js = nc, js
-        _log.info(
-            "%s: connected to %s", self.name, nc.connected_url.netloc if nc.connected_url else "?"
-        )
-
-    async def _ensure_stream(self, js: JetStreamContext) -> None:
-        from nats.js.api import StorageType, StreamConfig
-        from nats.js.errors import NotFoundError
-
-        target = self.target
-        assert target.stream is not None
-        try:
-            await js.stream_info(target.stream)
-        except NotFoundError:
-            await js.add_stream(
-                StreamConfig(
-                    name=target.stream,
-                    subjects=[target.subject],
-                    storage=StorageType.FILE if target.storage == "file" else StorageType.MEMORY,
-                    num_replicas=target.replicas,
-                    duplicate_window=target.duplicate_window,
+            parser = NatsParser()
+            conn = _Connection(stream, parser, Info({}), server, trio.current_time())
+            first = await self._next_event(conn)
+            if not isinstance(first, Info):
+                raise NatsProtocolError(f"expected INFO, got {first!r}")
+            self._learn(first)
+            conn.info = first
+            target = self.target
+            tls = target.tls or target.ca is not None or first.tls_required
+            if tls:
+                conn.stream = stream = trio.SSLStream(
+                    stream, self._ssl_context(), server_hostname=host
                 )
-            )
-            _log.info("%s: created stream %s", self.name, target.stream)
+                await stream.do_handshake()
+            if not first.headers:
+                raise SinkError(f"{self.name}: the server does not support headers (NATS < 2.2)")
+            options: dict[str, object] = {
+                "verbose": False,
+                "pedantic": False,
+                "tls_required": tls,
+                "name": "trio_gateway",
+                "lang": "python-trio",
+                "version": "1",
+                "protocol": 1,
+                "headers": True,
+                "no_responders": True,
+                "echo": False,
+            }
+            options.update(credentials(target, first.nonce, self.name))
+            await stream.send_all(connect_command(options) + sub(self._inbox + ">", "1") + PING)
+            while True:
+                event = await self._next_event(conn)
+                if isinstance(event, Pong):
+                    break
+                if isinstance(event, Err):
+                    raise SinkError(f"{self.name}: server refused the connection: {event.message}")
+                if isinstance(event, Ping):
+                    await stream.send_all(PONG)
+                elif isinstance(event, Info):
+                    self._learn(event)
+                    conn.info = event
+            if target.create and target.stream is not None:
+                await self._ensure_stream(conn, target.stream)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(conn.stream if "conn" in locals() else stream)
+            raise
+        return conn
 
-    async def _on_error(self, exc: Exception) -> None:
-        self._errors.warning("%s: %r", self.name, exc)
+    def _learn(self, info: Info) -> None:
+        urls = info.fields.get("connect_urls")
+        if isinstance(urls, list):
+            self._discovered = tuple(f"nats://{url}" for url in urls if isinstance(url, str))
 
-    async def _on_disconnected(self) -> None:
-        if self._closing:
+    def _ssl_context(self) -> ssl.SSLContext:
+        try:
+            return ssl.create_default_context(cafile=self.target.ca)
+        except OSError as exc:
+            raise SinkError(f"{self.name}: cannot load ca {self.target.ca!r}: {exc}") from exc
+
+    async def _request(self, conn: _Connection, subject: str, payload: bytes) -> Msg:
+        """One JetStream API request over the sink's connection (reply to its inbox)."""
+        self._requests += 1
+        reply = f"{self._inbox}r.{self._requests}"
+        await self._write(conn, pub(subject.encode(), reply.encode(), payload))
+        while True:
+            event = await self._handle(conn, await self._next_event(conn))
+            if isinstance(event, Msg) and event.subject == reply:
+                if event.status == 503:
+                    raise SinkError(f"{self.name}: JetStream is not enabled on {conn.server}")
+                return event
+
+    async def _ensure_stream(self, conn: _Connection, stream: str) -> None:
+        target = self.target
+        found = json.loads(
+            (await self._request(conn, f"$JS.API.STREAM.INFO.{stream}", b"")).payload
+        )
+        error = found.get("error")
+        if error is None:
             return
-        self._errors.warning("%s: disconnected; reconnecting in the background", self.name)
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_exception(_ConnectionLost())
+        if error.get("code") != 404:
+            raise SinkError(f"{self.name}: stream {stream}: {error.get('description')}")
+        config = {
+            "name": stream,
+            "subjects": [target.subject],
+            "retention": "limits",
+            "storage": target.storage,
+            "num_replicas": target.replicas,
+            "duplicate_window": int(target.duplicate_window * 1e9),
+            "discard": "old",
+        }
+        reply = await self._request(
+            conn, f"$JS.API.STREAM.CREATE.{stream}", json.dumps(config).encode()
+        )
+        error = json.loads(reply.payload).get("error")
+        if error is not None and error.get("err_code") != 10058:  # created meanwhile: fine
+            raise SinkError(
+                f"{self.name}: cannot create stream {stream}: {error.get('description')}"
+            )
+        _log.info("%s: created stream %s", self.name, stream)
 
-    async def _on_reconnected(self) -> None:
-        self.connects += 1
-        self._errors.info("%s: reconnected", self.name)
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _next_event(self, conn: _Connection) -> Event:
+        while True:
+            event = conn.parser.next_event()
+            if event is not None:
+                return event
+            data = await conn.stream.receive_some(_RECEIVE_BYTES)
+            if not data:
+                raise _ConnectionLost("the server closed the connection")
+            conn.last_read = trio.current_time()
+            conn.parser.receive_data(data)
+
+    async def _handle(self, conn: _Connection, event: Event) -> Event:
+        """Answer pings, take new INFO, and turn a fatal ``-ERR`` into a lost connection."""
+        if isinstance(event, Ping):
+            await self._write(conn, PONG)
+        elif isinstance(event, Info):
+            self._learn(event)
+            conn.info = event
+        elif isinstance(event, Err):
+            if "permissions violation" in event.message.lower():
+                self._errors.warning("%s: %s", self.name, event.message)
+            else:
+                raise _ConnectionLost(f"server error: {event.message}")
+        return event
+
+    async def _alive(self, conn: _Connection) -> bool:
+        """After an idle spell: a PING answered within ``connect_timeout``?"""
+        with trio.move_on_after(self.connect_timeout):
+            try:
+                await self._write(conn, PING)
+                while not isinstance(await self._handle(conn, await self._next_event(conn)), Pong):
+                    pass
+            except (*_TRANSPORT_ERRORS, _ConnectionLost, NatsProtocolError):
+                return False
+            return True
+        return False
+
+    async def _write(self, conn: _Connection, data: bytes) -> None:
+        """Write it all, or give the connection up: a write cut short (cancelled, timed out)
+        leaves half a command on the wire, after which nothing sent on it would parse."""
+        try:
+            await conn.stream.send_all(data)
+        except BaseException:
+            if self._conn is conn:
+                self._conn = None
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(conn.stream)
+            raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(conn.stream)
+
+    async def _connection(self) -> _Connection:
+        conn = self._conn
+        idle = conn is not None and trio.current_time() - conn.last_read > _IDLE_CHECK
+        if conn is not None and idle and not await self._alive(conn):
+            self._errors.warning("%s: connection dead after an idle spell", self.name)
+            await self._drop()
+            self._retry_at = 0.0
+            conn = None
+        if conn is not None:
+            return conn
+        now = trio.current_time()
+        if now < self._retry_at:
+            raise self._fail(
+                "unavailable",
+                f"server unavailable (reconnecting in {self._retry_at - now:.2f} s)",
+            )
+        try:
+            return await self._connect()
+        except SinkError as exc:
+            raise self._fail("unavailable", str(exc).removeprefix(f"{self.name}: "), exc) from exc
+
+    # -- publishing -------------------------------------------------------------------------
 
     def _fail(self, reason: str, message: str, cause: BaseException | None = None) -> SinkError:
         self.failures[reason] += 1
@@ -269,97 +393,146 @@ class NatsSink(Sink):
         error.__cause__ = cause
         return error
 
-    async def _publish(
-        self, payloads: list[bytes], runs: list[tuple[Origin, int]], first_seq: int
-    ) -> tuple[int, int]:
-        """Publish in order, then wait for every ack; return (stored, duplicates)."""
-        import nats.errors
-        import nats.js.errors
-
-        nc, js = self._nc, self._js
-        assert nc is not None and js is not None
-        if not nc.is_connected:
-            raise self._fail("unavailable", "server unavailable (reconnecting)")
-        target = self.target
-        subject, stream = target.subject, target.stream
-        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._lost = lost
-        acks: list[asyncio.Future[Any]] = []
-        prefix = f"{self.sink_id}."
-        seq = first_seq
-        start = 0
-        gathered: asyncio.Future[list[Any]] | None = None
+    async def send(self, batch: Batch) -> None:
+        conn = await self._connection()
+        # A retry of the batch that failed last gets the same sequence numbers, so the same
+        # Nats-Msg-Ids; a new batch gets the next ones.
+        if batch is not self._retrying:
+            self._retrying = batch
+            self._retrying_seq = self._next_seq
+            self._next_seq += len(batch)
         try:
-            # One deadline for the whole batch; no per-message timer (asyncio.wait_for per
-            # publish costs a task each and, by yielding, one socket write per message).
-            async with asyncio.timeout(self.ack_timeout):
-                for origin, count in runs:
-                    base: dict[str, str] = {}
-                    if self.origin_headers:
-                        base = {
-                            "Gateway-Transport": origin.transport,
-                            "Gateway-Listener": origin.listener,
-                            "Gateway-Peer": origin.peer,
-                            "Gateway-Received-At": repr(origin.received_at),
-                        }
-                    if stream is not None:
-                        base["Nats-Expected-Stream"] = stream
-                    for payload in payloads[start : start + count]:
-                        headers = base.copy()
-                        headers["Nats-Msg-Id"] = origin.id or prefix + str(seq)
-                        seq += 1
-                        # Waits only when max_in_flight publishes are unacknowledged.
-                        acks.append(await js.publish_async(subject, payload, headers=headers))
-                    start += count
-                gathered = asyncio.gather(*acks)
-                # Whatever becomes of it (a cancelled gather sets CancelledError as its
-                # exception later), it is retrieved: no "never retrieved" noise.
-                gathered.add_done_callback(_retrieve)
-                done, _ = await asyncio.wait((gathered, lost), return_when=asyncio.FIRST_COMPLETED)
-            if gathered not in done:
-                raise self._fail("connection_lost", "connection lost before every ack arrived")
-            results = gathered.result()  # raises the first failed ack's error
-        except TimeoutError as exc:
-            missing = sum(1 for ack in acks if not ack.done()) + len(payloads) - len(acks)
+            stored, duplicates, refused = await self._publish(conn, batch)
+        except (*_TRANSPORT_ERRORS, _ConnectionLost, NatsProtocolError) as exc:
+            await self._drop()
             raise self._fail(
-                "ack_timeout",
-                f"{missing} of {len(payloads)} acks missing after {self.ack_timeout} s",
-                exc,
+                "connection_lost", f"connection lost before every ack arrived: {exc!r}", exc
             ) from exc
-        except nats.js.errors.NoStreamResponseError as exc:
-            raise self._fail(
-                "no_stream", f"no JetStream stream takes subject {subject!r}", exc
-            ) from exc
-        except nats.errors.MaxPayloadError as exc:
-            raise self._fail(
-                "max_payload",
-                f"a message is larger than the server's max_payload ({nc.max_payload} bytes)",
-                exc,
-            ) from exc
-        except nats.js.errors.APIError as exc:
-            raise self._fail("jetstream_error", f"JetStream refused a message: {exc}", exc) from exc
-        except (nats.errors.Error, OSError) as exc:
-            raise self._fail("unavailable", f"publish failed: {exc!r}", exc) from exc
-        finally:
-            self._lost = None
-            if lost.done() and not lost.cancelled():
-                lost.exception()  # retrieved: no "never retrieved" warning
-            lost.cancel()
-            if gathered is not None and not gathered.done():
-                gathered.cancel()
-            for ack in acks:
-                if not ack.done():
-                    ack.cancel()  # frees its in-flight slot
-                elif not ack.cancelled():
-                    ack.exception()
-        duplicates = sum(1 for ack in results if ack.duplicate)
-        return len(results) - duplicates, duplicates
+        self._retrying = None
+        self.stored += stored
+        self.duplicates += duplicates
+        if refused:
+            self.refused += len(refused)
+            raise SinkRefused(
+                f"{self.name}: {len(refused)} message(s) larger than the server's max_payload "
+                f"({conn.info.max_payload} bytes)",
+                indices=refused,
+                reason="max_payload",
+            )
 
-    async def _close(self) -> None:
-        nc, self._nc, self._js = self._nc, None, None
-        if nc is not None:
-            self._closing = True
-            try:
-                await nc.close()
-            finally:
-                self._closing = False
+    def _rounds(
+        self, conn: _Connection, batch: Batch, round_no: int, refused: list[int]
+    ) -> list[tuple[bytes, int]]:
+        """The batch encoded as HPUBs, cut into rounds of at most ``max_in_flight`` messages
+        and ``max_buffer_bytes``: (bytes, messages) each. Reply subjects are
+        ``<inbox><round>.<index>``, so a late ack of an earlier round is told apart."""
+        target = self.target
+        limit = conn.info.max_payload
+        head = b"HPUB " + target.subject.encode() + b" " + f"{self._inbox}{round_no}.".encode()
+        prefix = f"{self.sink_id}.".encode()
+        seq = self._retrying_seq
+        index = 0
+        rounds: list[tuple[bytes, int]] = []
+        parts: list[bytes] = []
+        size = count = 0
+        payloads = batch.payloads
+        for origin, run in batch.runs:
+            base: dict[str, str] = {}
+            if self.origin_headers:
+                base = {
+                    "Gateway-Transport": origin.transport,
+                    "Gateway-Listener": origin.listener,
+                    "Gateway-Peer": origin.peer,
+                    "Gateway-Received-At": repr(origin.received_at),
+                }
+            if target.stream is not None:
+                base["Nats-Expected-Stream"] = target.stream
+            block = encode_headers(base, close=False) + b"Nats-Msg-Id: "
+            fixed_id = None if origin.id is None else header_value(origin.id) + b"\r\n\r\n"
+            for payload in payloads[index : index + run]:
+                if fixed_id is None:
+                    headers = b"%s%s%d\r\n\r\n" % (block, prefix, seq)
+                else:
+                    headers = block + fixed_id
+                seq += 1
+                if len(headers) + len(payload) > limit:
+                    refused.append(index)
+                    index += 1
+                    continue
+                line = b"%s%d %d %d\r\n" % (head, index, len(headers), len(headers) + len(payload))
+                parts += (line, headers, payload, b"\r\n")
+                size += len(line) + len(headers) + len(payload) + 2
+                count += 1
+                index += 1
+                if count >= self.max_in_flight or size >= self.max_buffer_bytes:
+                    rounds.append((b"".join(parts), count))
+                    parts, size, count = [], 0, 0
+        if count:
+            rounds.append((b"".join(parts), count))
+        return rounds
+
+    async def _publish(self, conn: _Connection, batch: Batch) -> tuple[int, int, list[int]]:
+        """Write each round in one socket write, wait for its acks; (stored, duplicates,
+        refused indices)."""
+        self._round += 1
+        round_no = self._round
+        refused: list[int] = []
+        rounds = self._rounds(conn, batch, round_no, refused)
+        subject = self.target.subject
+        prefix = f"{self._inbox}{round_no}."
+        stored = duplicates = 0
+        deadline = trio.current_time() + self.ack_timeout
+        for data, expected in rounds:
+            # The write has its own bound: a tiny ack_timeout must not stop the publishes.
+            with trio.move_on_after(max(self.ack_timeout, self.connect_timeout)) as writing:
+                await self._write(conn, data)
+            if writing.cancelled_caught:
+                raise _ConnectionLost("the socket write did not finish in time")
+            acked: set[str] = set()
+            with trio.move_on_at(deadline):
+                parser = conn.parser
+                while len(acked) < expected:
+                    # Every event already read is taken without awaiting (acks come in bursts).
+                    event = parser.next_event()
+                    if event is None:
+                        event = await self._next_event(conn)
+                    if type(event) is not Msg:
+                        await self._handle(conn, event)
+                        continue
+                    if not event.subject.startswith(prefix):
+                        continue  # a late ack of an earlier round, or a stray reply
+                    token = event.subject[len(prefix) :]
+                    if token in acked:
+                        continue
+                    body = event.payload
+                    if event.status == 503:
+                        raise self._fail(
+                            "no_stream", f"no JetStream stream takes subject {subject!r}"
+                        )
+                    if b'"error"' in body:
+                        raise self._fail(
+                            "jetstream_error", f"JetStream refused a message: {_describe(body)}"
+                        )
+                    acked.add(token)
+                    if b'"duplicate"' in body and json.loads(body).get("duplicate"):
+                        duplicates += 1
+                    else:
+                        stored += 1
+            if len(acked) < expected:
+                missing = len(batch) - len(refused) - stored - duplicates
+                raise self._fail(
+                    "ack_timeout",
+                    f"{missing} of {len(batch)} acks missing after {self.ack_timeout} s",
+                )
+        return stored, duplicates, refused
+
+    async def aclose(self) -> None:
+        await self._drop()
+
+
+def _describe(body: bytes) -> str:
+    try:
+        error = json.loads(body)["error"]
+        return f"{error.get('description')} (err_code {error.get('err_code')})"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body[:200].decode("utf-8", "replace")

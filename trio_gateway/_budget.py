@@ -21,15 +21,18 @@ sixteenth), so one peer cannot take all of it. A source charges through a
 :meth:`MemoryBudget.charge`, which never refuses (the batch is already out of the queue); while
 it is over, the connections wait or refuse.
 
-When a connection asks for room the pool does not have, the budget first makes room by cutting
-the connection that has held bytes longest without ever letting go of all of them, once that is
-:data:`EVICT_HOLDER_AFTER` seconds (never the one asking): a peer that stalls its bodies,
-fragments or messages cannot keep the pool full until its deadline, while a good client, which
-holds for milliseconds, is never the one cut. A connection can be cut only if its share was
-given a ``cut`` (``serve_connections`` gives each connection's through :data:`connection_cut`:
-it cancels the connection and counts it ``over_budget_evicted``); the cut connection's bytes
-are released at once (it stops within a scheduler round). The holders are kept in the order
-they began to hold, so finding the oldest costs nothing per refusal, however many connections.
+When a connection that holds nothing asks for room the pool does not have (a new request, a new
+message), the budget first makes room by cutting the connection that has held bytes longest
+without ever letting go of all of them, once that is :data:`EVICT_HOLDER_AFTER` seconds: a
+peer that stalls its bodies, fragments or messages cannot keep the pool full until its
+deadline, while a good client, which holds for milliseconds, is never the one cut. One that
+holds already may not cut others to grow: else stalling peers would cut each other in turn,
+each cut's room taken at once by the rest, and memory would churn past the budget. A
+connection can be cut only if its share was given a ``cut`` (``serve_connections`` gives each
+connection's through :data:`connection_cut`: it cancels the connection and counts it
+``over_budget_evicted``); the cut connection's bytes are released at once (it stops within a
+scheduler round). The holders are kept in the order they began to hold, so finding the oldest
+costs nothing per refusal, however many connections hold.
 
 Accounting is per read or per batch, never per message, and waiting uses a parking lot (no
 polling).
@@ -172,16 +175,17 @@ class MemoryBudget:
         to make room for others (see the module docstring)."""
         return ConnectionShare(self, cut if cut is not None else connection_cut.get())
 
-    def _make_room(self, more: int, asking: ConnectionShare) -> bool:
+    def _make_room(self, more: int) -> bool:
         """Cut the oldest holders, of :data:`EVICT_HOLDER_AFTER` seconds or more, until
-        ``more`` bytes fit; whether they do."""
+        ``more`` bytes fit (for a share that holds nothing: it is not among them); whether
+        they do."""
         if not self._holders or self.held - self.connections_held + more > self.pool:
             return False  # none may be cut, or the pump's batch alone leaves no room
         oldest = trio.current_time() - EVICT_HOLDER_AFTER
         for share, since in list(islice(self._holders.items(), _CUT_CANDIDATES)):
             if since > oldest:
                 break
-            if share is not asking and share._cut_off() and self._fits(more):
+            if share._cut_off() and self._fits(more):
                 return True
         return self._fits(more)
 
@@ -220,13 +224,14 @@ class ConnectionShare:
 
     def hold_nowait(self, n: int) -> bool:
         """Hold ``n`` bytes in all; False (nothing changed) if the share or the budget has no
-        room, even once the oldest holders are cut (see the module docstring): the caller
+        room (for a share that held nothing, even once the oldest holders are cut: see the
+        module docstring): the caller
         refuses in its protocol and counts ``over_budget``."""
         more = n - self.held
         budget = self.budget
         if more > 0 and (
             n > budget.connection_share
-            or (not budget._fits(more) and not budget._make_room(more, self))
+            or (not budget._fits(more) and (self.held or not budget._make_room(more)))
         ):
             return False
         self._set(n)

@@ -98,9 +98,10 @@ async def test_hold_waits_for_room_and_wakes_on_release(autojump_clock: MockCloc
 
 
 async def test_no_room_cuts_the_connection_that_has_held_longest(autojump_clock: MockClock) -> None:
-    """A full pool makes room by cutting the holder of longest standing, once it has held
-    for EVICT_HOLDER_AFTER: never a younger one, nor the one asking, nor one that may not be
-    cut now; its bytes are free at once. Letting go of everything ends a standing."""
+    """A full pool makes room for a share that holds nothing by cutting the holder of longest
+    standing, once it has held for EVICT_HOLDER_AFTER: never a younger one, nor one that may
+    not be cut now; its bytes are free at once. A share that holds already cuts nobody to
+    grow. Letting go of everything ends a standing."""
     budget = MemoryBudget(64 * MiB)  # pool 32 MiB, share 2 MiB
     share = budget.connection_share
     cut: list[int] = []
@@ -121,12 +122,14 @@ async def test_no_room_cuts_the_connection_that_has_held_longest(autojump_clock:
     late = budget.connection()  # a share that is never cut
     assert budget.held == budget.pool and not late.hold_nowait(MiB) and cut == []
     await trio.sleep(EVICT_HOLDER_AFTER - 0.17 + 0.025)  # 0, 1, 2 have held for a second
-    assert shares[0].hold_nowait(share) and cut == [1]  # the oldest asks: the next goes
-    assert shares[1].held == 0 and budget.held == budget.pool - MiB
+    assert not shares[16].hold_nowait(share) and not shares[0].hold_nowait(share)
+    assert cut == []  # they hold already: they may not cut others to grow
     may_cut[0] = False  # as when the gateway holds it back
-    assert late.hold_nowait(share) and cut == [1, 2]
-    assert budget.held == budget.pool - MiB
-    assert not late.hold_nowait(share + 1) and cut == [1, 2]  # past its share: nobody cut
+    assert late.hold_nowait(MiB) and cut == [1]  # the next oldest goes
+    assert shares[1].held == 0 and budget.held == budget.pool - share + MiB
+    assert late.hold_nowait(share) and budget.held == budget.pool  # into the room left
+    assert not late.hold_nowait(share + 1)  # past its share
+    assert budget.connection().hold_nowait(MiB) and cut == [1, 2]
     other = budget.connection()
     assert not other.hold_nowait(share) and cut == [1, 2]  # 3 has held under a second
     shares[3].close()

@@ -60,6 +60,8 @@ REASONS = (
     "too_slow",
     "rapid_reset",
     "evicted",
+    "over_budget",
+    "over_budget_evicted",
     "too_many_connections",
     "idle_timeout",
     "malformed",

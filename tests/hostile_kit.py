@@ -331,7 +331,8 @@ async def h2_body_stall(
             data = await _receive(stream, 0.001 if outcome.sent_bytes > sent else idle)
             if data:
                 _absorb(client, data, outcome)
-            if data is None or outcome.goaway_code is not None:
+            closed = client.state_machine.state is h2.connection.ConnectionState.CLOSED
+            if data is None or outcome.goaway_code is not None or closed:
                 outcome.cut_after = trio.current_time() - start
                 await _read_to_end(client, stream, outcome)
                 return outcome

@@ -21,13 +21,30 @@ sixteenth), so one peer cannot take all of it. A source charges through a
 :meth:`MemoryBudget.charge`, which never refuses (the batch is already out of the queue); while
 it is over, the connections wait or refuse.
 
+When a connection that holds nothing asks for room the pool does not have (a new request, a new
+message), the budget first makes room by cutting the connection that has held bytes longest
+without ever letting go of all of them, once that is :data:`EVICT_HOLDER_AFTER` seconds: a
+peer that stalls its bodies, fragments or messages cannot keep the pool full until its
+deadline, while a good client, which holds for milliseconds, is never the one cut. One that
+holds already may not cut others to grow: else stalling peers would cut each other in turn,
+each cut's room taken at once by the rest, and memory would churn past the budget. A
+connection can be cut only if its share was given a ``cut`` (``serve_connections`` gives each
+connection's through :data:`connection_cut`: it cancels the connection and counts it
+``over_budget_evicted``); the cut connection's bytes are released at once (it stops within a
+scheduler round). The holders are kept in the order they began to hold, so finding the oldest
+costs nothing per refusal, however many connections hold.
+
 Accounting is per read or per batch, never per message, and waiting uses a parking lot (no
 polling).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from itertools import islice
 from types import TracebackType
 
 import trio
@@ -35,12 +52,31 @@ from trio.lowlevel import ParkingLot
 
 from ._errors import ConfigurationError
 
-__all__ = ("DEFAULT_MAX_MEMORY", "BudgetStatistics", "ConnectionShare", "MemoryBudget")
+__all__ = (
+    "DEFAULT_MAX_MEMORY",
+    "EVICT_HOLDER_AFTER",
+    "BudgetStatistics",
+    "ConnectionShare",
+    "MemoryBudget",
+    "connection_cut",
+)
 
 DEFAULT_MAX_MEMORY = 256 * 1024 * 1024
 """The default budget: 256 MiB."""
 _CONNECTION_FRACTION = 16
 """A connection holds at most 1/16 of the held pool."""
+EVICT_HOLDER_AFTER = 1.0
+"""Seconds a connection must have held bytes without a break before the budget may cut it to
+make room for another (good clients hold theirs for milliseconds)."""
+_CUT_CANDIDATES = 8
+"""How many of the oldest holders one refusal looks at (some may not be cut: the one asking, one
+the gateway itself holds back), so a refusal costs O(1) however many connections hold."""
+
+Cut = Callable[[], bool]
+"""Cuts a connection to make room in the budget; returns False if it may not be cut now."""
+connection_cut: ContextVar[Cut | None] = ContextVar("connection_cut", default=None)
+"""How to cut the connection the current task serves (set by ``serve_connections``): what
+:meth:`MemoryBudget.connection` gives the share it makes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +130,8 @@ class MemoryBudget:
         """Of :attr:`held`, what :class:`ConnectionShare` objects hold (the rest is batches)."""
         self.peak = 0
         self._room = ParkingLot()
+        self._holders: OrderedDict[ConnectionShare, float] = OrderedDict()
+        """The shares that hold bytes and may be cut, by since when (oldest first)."""
 
     def check_message_size(self, key: str, max_message_size: int) -> None:
         """Refuse a source whose largest message could never fit in a connection's share."""
@@ -131,9 +169,25 @@ class MemoryBudget:
         if self._room:
             self._room.unpark_all()
 
-    def connection(self) -> ConnectionShare:
-        """A new connection's share of the pool (``with`` it, to release it at the end)."""
-        return ConnectionShare(self)
+    def connection(self, *, cut: Cut | None = None) -> ConnectionShare:
+        """A new connection's share of the pool (``with`` it, to release it at the end).
+        ``cut``, else the task's :data:`connection_cut`, lets the budget cut the connection
+        to make room for others (see the module docstring)."""
+        return ConnectionShare(self, cut if cut is not None else connection_cut.get())
+
+    def _make_room(self, more: int) -> bool:
+        """Cut the oldest holders, of :data:`EVICT_HOLDER_AFTER` seconds or more, until
+        ``more`` bytes fit (for a share that holds nothing: it is not among them); whether
+        they do."""
+        if not self._holders or self.held - self.connections_held + more > self.pool:
+            return False  # none may be cut, or the pump's batch alone leaves no room
+        oldest = trio.current_time() - EVICT_HOLDER_AFTER
+        for share, since in list(islice(self._holders.items(), _CUT_CANDIDATES)):
+            if since > oldest:
+                break
+            if share._cut_off() and self._fits(more):
+                return True
+        return self._fits(more)
 
     def statistics(self) -> BudgetStatistics:
         return BudgetStatistics(
@@ -160,18 +214,25 @@ class ConnectionShare:
     shrinking always succeeds. :meth:`close` (or leaving the ``with`` block) releases it all.
     """
 
-    __slots__ = ("budget", "held")
+    __slots__ = ("budget", "cut", "held")
 
-    def __init__(self, budget: MemoryBudget) -> None:
+    def __init__(self, budget: MemoryBudget, cut: Cut | None = None) -> None:
         self.budget = budget
         self.held = 0
+        self.cut = cut
+        """Cuts this connection to make room for others; ``None``: never (or cut already)."""
 
     def hold_nowait(self, n: int) -> bool:
         """Hold ``n`` bytes in all; False (nothing changed) if the share or the budget has no
-        room: the caller refuses in its protocol and counts ``over_budget``."""
+        room (for a share that held nothing, even once the oldest holders are cut: see the
+        module docstring): the caller
+        refuses in its protocol and counts ``over_budget``."""
         more = n - self.held
         budget = self.budget
-        if more > 0 and (n > budget.connection_share or not budget._fits(more)):
+        if more > 0 and (
+            n > budget.connection_share
+            or (not budget._fits(more) and (self.held or not budget._make_room(more)))
+        ):
             return False
         self._set(n)
         return True
@@ -192,13 +253,27 @@ class ConnectionShare:
         """Release everything this connection held."""
         self._set(0)
 
+    def _cut_off(self) -> bool:
+        """Cut this connection for the budget (its bytes released now); whether it was."""
+        cut = self.cut
+        if cut is None or not cut():
+            return False
+        self._set(0)
+        self.cut = None  # what it still asks for is its own, unranked, until it stops
+        return True
+
     def _set(self, n: int) -> None:
         more = n - self.held
-        self.budget.connections_held += more
+        budget = self.budget
+        budget.connections_held += more
         if more > 0:
-            self.budget._add(more)
+            budget._add(more)
+            if not self.held and self.cut is not None:
+                budget._holders[self] = trio.current_time()
         elif more < 0:
-            self.budget.release(-more)
+            if not n and self.cut is not None:
+                del budget._holders[self]
+            budget.release(-more)
         self.held = n
 
     def __enter__(self) -> ConnectionShare:

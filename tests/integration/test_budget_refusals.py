@@ -16,6 +16,7 @@ import pytest
 import trio
 from helpers import WS_HANDSHAKE, wait_until, ws_client_frame
 
+import trio_gateway._budget
 from trio_gateway import HttpSource, TcpSource
 from trio_gateway._budget import MemoryBudget
 from trio_gateway.sources.websocket import WebSocketSource
@@ -91,6 +92,36 @@ async def test_http_body_charge_is_per_connection_so_one_peer_cannot_take_it_all
             big = await client.post("/ingest", content=b"x" * (MiB + 1))
             small = await client.post("/ingest", content=b"x" * 1000)
         assert (big.status_code, small.status_code) == (503, 202)
+
+
+async def test_a_stalled_body_is_cut_to_make_room_for_a_good_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bodies that never finish fill the pool: a good request is still answered ``202``, the
+    connection that has held longest cut to make room for it (``over_budget_evicted``), the
+    younger stall left alone."""
+    monkeypatch.setattr(trio_gateway._budget, "EVICT_HOLDER_AFTER", 0.0)  # not a second
+    async with helpers.serving(HttpSource) as run:
+        budget = run.ingress.budget = MemoryBudget(64 * MiB)
+        budget.charge(budget.pool - 2 * MiB)  # a batch in hand: room for two 1 MiB bodies
+        host, port = run.source.bound[0]
+        head = b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nstart"
+        stalled = []
+        for _ in range(2):
+            stalled.append(await trio.open_tcp_stream(host, port))
+            await stalled[-1].send_all(head % (MiB // 2))  # charged twice: chunks and joined
+            await wait_until(lambda: budget.held == budget.pool - 2 * MiB + MiB * len(stalled))
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            accepted = await client.post("/ingest", content=b"x" * 1000)
+        assert accepted.status_code == 202
+        with trio.fail_after(5):
+            assert await stalled[0].receive_some(1000) == b""  # cut: closed
+        counters = run.ingress.counters
+        assert counters.rejected["over_budget_evicted"] == 1 and counters.received == 1
+        assert counters.rejected["over_budget"] == 0 and counters.connections_active == 1
+        assert budget.connections_held == MiB  # the younger stall's
+        for stream in stalled:
+            await stream.aclose()
 
 
 async def test_http2_answers_503_on_the_stream_over_the_budget_and_goes_on() -> None:

@@ -4,13 +4,14 @@ configuration sets it (``limits.max_memory``, ``--max-memory``)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import pytest
 import trio
 from trio.testing import MockClock
 
 from trio_gateway import ConfigurationError, Gateway, RingBuffer, TcpSource
-from trio_gateway._budget import DEFAULT_MAX_MEMORY, MemoryBudget
+from trio_gateway._budget import DEFAULT_MAX_MEMORY, EVICT_HOLDER_AFTER, MemoryBudget
 from trio_gateway._config import build_gateway, config_from_mapping
 from trio_gateway._config._describe import describe
 from trio_gateway._config._flags import add_serve_arguments, config_from_args
@@ -94,6 +95,53 @@ async def test_hold_waits_for_room_and_wakes_on_release(autojump_clock: MockCloc
     with trio.fail_after(0.001):  # virtual time: it must not wait at all
         await share.hold(10 * MiB)  # clamped to its share: room at once
     assert share.held == budget.connection_share
+
+
+async def test_no_room_cuts_the_connection_that_has_held_longest(autojump_clock: MockClock) -> None:
+    """A full pool makes room for a share that holds nothing by cutting the holder of longest
+    standing, once it has held for EVICT_HOLDER_AFTER: never a younger one, nor one that may
+    not be cut now; its bytes are free at once. A share that holds already cuts nobody to
+    grow. Letting go of everything ends a standing."""
+    budget = MemoryBudget(64 * MiB)  # pool 32 MiB, share 2 MiB
+    share = budget.connection_share
+    cut: list[int] = []
+    may_cut = dict.fromkeys(range(17), True)
+
+    def cutter(n: int) -> Callable[[], bool]:
+        def cut_it() -> bool:
+            if may_cut[n]:
+                cut.append(n)
+            return may_cut[n]
+
+        return cut_it
+
+    shares = [budget.connection(cut=cutter(n)) for n in range(17)]
+    for n, held in enumerate([MiB] + [share] * 15 + [MiB]):  # one every 0.01 s
+        assert shares[n].hold_nowait(held)
+        await trio.sleep(0.01)
+    late = budget.connection()  # a share that is never cut
+    assert budget.held == budget.pool and not late.hold_nowait(MiB) and cut == []
+    await trio.sleep(EVICT_HOLDER_AFTER - 0.17 + 0.025)  # 0, 1, 2 have held for a second
+    assert not shares[16].hold_nowait(share) and not shares[0].hold_nowait(share)
+    assert cut == []  # they hold already: they may not cut others to grow
+    may_cut[0] = False  # as when the gateway holds it back
+    assert late.hold_nowait(MiB) and cut == [1]  # the next oldest goes
+    assert shares[1].held == 0 and budget.held == budget.pool - share + MiB
+    assert late.hold_nowait(share) and budget.held == budget.pool  # into the room left
+    assert not late.hold_nowait(share + 1)  # past its share
+    assert budget.connection().hold_nowait(MiB) and cut == [1, 2]
+    other = budget.connection()
+    assert not other.hold_nowait(share) and cut == [1, 2]  # 3 has held under a second
+    shares[3].close()
+    assert shares[3].hold_nowait(share)  # holding anew: the youngest now
+    await trio.sleep(0.2)
+    assert other.hold_nowait(share) and cut == [1, 2, 4]
+
+
+def test_no_room_cuts_nobody_while_the_batch_alone_fills_the_pool() -> None:
+    budget = MemoryBudget(64 * MiB)
+    budget.charge(budget.pool)
+    assert not budget.connection(cut=lambda: pytest.fail("cut")).hold_nowait(1)
 
 
 def test_sources_must_fit_two_messages_in_a_connections_share() -> None:

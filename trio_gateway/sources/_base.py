@@ -19,13 +19,14 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
+from .._budget import connection_cut
 from .._errors import TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
 from ._accept import Lobby, accept_waiting, duplicate_listening, spoke
 from ._live import LiveConnection, LiveConnections
 from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_reuse_port
-from ._sockets import format_peer, open_tcp_listeners, peer_of
+from ._sockets import format_peer, open_tcp_listeners, peer_of, unread_bytes
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -395,6 +396,11 @@ async def serve_connections(
     a peer has been silent (``TCP_INFO``: Linux), nothing is evicted either. Not given:
     :data:`EVICT_AFTER`.
 
+    Each connection's task also gets a way for the memory budget to cut it
+    (:data:`~trio_gateway._budget.connection_cut`, given to the shares the handler makes):
+    when the budget has no room for another connection, it cancels the one that has held
+    bytes longest (``over_budget_evicted``), unless the gateway itself holds that one back.
+
     Plain TCP listeners take what waits in the kernel's accept queue whole (a flood), the
     connections whose peers have spoken first (:mod:`._accept`); at the limit, the others
     wait up to :data:`EVICT_MUTE_AFTER` for their first bytes, then are refused as below,
@@ -425,7 +431,22 @@ async def serve_connections(
             refusing -= 1
             await trio.aclose_forcefully(stream)
 
+    def cut_for_budget(entry: LiveConnection) -> Callable[[], bool]:
+        def cut() -> bool:
+            if entry.evicted or entry.scope.cancel_called or unread_bytes(entry.socket):
+                return False  # going already, or held back by the gateway itself
+            entry.scope.cancel()
+            ingress.reject("over_budget_evicted")
+            connection_errors.info(
+                "%s: a connection holding bytes for long closed to make room in the budget",
+                ingress.listener,
+            )
+            return True
+
+        return cut
+
     async def run_one(stream: StreamT, entry: LiveConnection) -> None:
+        connection_cut.set(cut_for_budget(entry))  # this task's own context
         ingress.connection_opened()
         try:
             with _fails_alone(ingress, "connection", "connection handler"):

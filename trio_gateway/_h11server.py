@@ -41,6 +41,8 @@ _POSIX = os.name == "posix"
 _UNWAITED = 16
 """Requests a connection may serve in a row without waiting before it yields to the others
 (a keep-alive client often has its next request in before the answer to the last is out)."""
+_ENCODED = 8
+"""Responses a connection keeps encoded (see :meth:`H11Server.respond`)."""
 HeaderList = Sequence[tuple[bytes, bytes]]
 
 
@@ -51,6 +53,26 @@ class RequestTooSlow(ProtocolError):
 def reason_phrase(status: int) -> bytes:
     """``404`` -> ``b"Not Found"`` (empty for a code HTTP does not name)."""
     return _REASONS.get(status, b"")
+
+
+def encode_response(
+    status: int, headers: HeaderList, body: bytes, close: bool, head_only: bool = False
+) -> bytes:
+    """One response's bytes: ``Content-Length`` added unless ``headers`` hold it (or the
+    status has no body), ``Connection: close`` with ``close``, the body unless ``head_only``."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+    length = status in _NO_BODY
+    for name, value in headers:
+        out.append(b"%s: %s\r\n" % (name, value))
+        length = length or name.lower() == b"content-length"
+    if not length:
+        out.append(b"content-length: %d\r\n" % len(body))
+    if close:
+        out.append(b"connection: close\r\n")
+    out.append(b"\r\n")
+    if body and not head_only:
+        out.append(body)
+    return b"".join(out)
 
 
 class H11Server:
@@ -76,6 +98,7 @@ class H11Server:
         self._unwaited = 0  # requests served since this connection last waited or yielded
         self._socket = stream.socket if type(stream) is trio.SocketStream and _POSIX else None
         self._fd = self._socket.fileno() if self._socket is not None else -1
+        self._encoded: dict[int, tuple[HeaderList, bytes, int, bytes]] = {}
 
     @property
     def can_respond(self) -> bool:
@@ -193,19 +216,22 @@ class H11Server:
         self._responded = True
         if close or not parser.complete or not parser.keep_alive:
             self._must_close = True
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
-        length = status in _NO_BODY
-        for name, value in headers:
-            out.append(b"%s: %s\r\n" % (name, value))
-            length = length or name.lower() == b"content-length"
-        if not length:
-            out.append(b"content-length: %d\r\n" % len(body))
-        if self._must_close:
-            out.append(b"connection: close\r\n")
-        out.append(b"\r\n")
-        if body and not head_only:
-            out.append(body)
-        data = b"".join(out)
+        # A server answers the same few responses again and again (the same headers object):
+        # a keep-alive one is encoded once per connection.
+        cached = self._encoded.get(id(headers))
+        if (
+            cached is not None
+            and cached[0] is headers
+            and cached[1] is body
+            and cached[2] == status
+            and not self._must_close
+            and not head_only
+        ):
+            data = cached[3]
+        else:
+            data = encode_response(status, headers, body, self._must_close, head_only)
+            if not (self._must_close or head_only) and len(self._encoded) < _ENCODED:
+                self._encoded[id(headers)] = (headers, body, status, data)
         if deadline == math.inf:  # no cancel scope to set up on the hot path
             await self._send(data)
             return True

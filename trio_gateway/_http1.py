@@ -97,6 +97,8 @@ class RequestParser:
         self._method = b""
         self._body: list[bytes] = []
         self.body_size = 0
+        self.content_length: int | None = None
+        """The head's ``Content-Length`` (``None``: none, or chunked)."""
         self._body_left = 0  # bytes of a Content-Length body still to feed
         self._chunked = False
         self._chunks = 0
@@ -151,11 +153,10 @@ class RequestParser:
         return len(self._buffer)
 
     def _feed(self, end: int) -> None:
-        """Parse the first ``end`` buffered bytes."""
-        chunk = bytes(self._buffer[:end])
-        del self._buffer[:end]
+        """Parse the first ``end`` buffered bytes (through a view: no copy of them)."""
         try:
-            self._parser.feed_data(chunk)
+            with memoryview(self._buffer) as view:
+                self._parser.feed_data(view[:end])
         except httptools.HttpParserUpgrade:
             # An upgrade (or CONNECT) we do not speak: the request stands, without a body;
             # whatever follows is not HTTP/1.1, so the connection closes after the answer.
@@ -163,11 +164,15 @@ class RequestParser:
             self.keep_alive = False
         except httptools.HttpParserError as exc:
             raise BadRequest(str(exc) or "malformed request") from exc
+        finally:
+            del self._buffer[:end]
 
     def head(self) -> Request | None:
         """The next request's head, once all of it is buffered; ``None`` until then. Raises
         :class:`BadRequest`: ``431`` past ``max_header_size``, ``400`` if malformed (or the
         peer closed inside it), ``501``/``505`` for a coding/version we do not serve."""
+        if self.request is not None:
+            return self.request
         buffer = self._buffer
         while self._in_head:
             end = buffer.find(_HEAD_END)
@@ -175,8 +180,10 @@ class RequestParser:
                 # Not all of it yet: parse what cannot reach its end (errors show at once).
                 if self._head_size + len(buffer) > self.max_header_size:
                     raise BadRequest("request header fields too large", 431)
-                self._head_size += (end := _safe_end(buffer))
-                self._feed(end)
+                end = _safe_end(buffer) if buffer else 0
+                if end:
+                    self._head_size += end
+                    self._feed(end)
                 if self.eof and self.started:
                     raise BadRequest("connection closed inside the request head")
                 return None
@@ -185,8 +192,7 @@ class RequestParser:
             if self._head_size > self.max_header_size:
                 raise BadRequest("request header fields too large", 431)
             self._feed(end)  # (only empty lines before a request leave it in the head)
-        if self.request is None:
-            self.request = self._judge_head()
+        self.request = self._judge_head()
         return self.request
 
     def _judge_head(self) -> Request:
@@ -198,7 +204,7 @@ class RequestParser:
             if name == b"host":
                 hosts += 1
             elif name == b"content-length":
-                self._body_left = int(value)  # digits: llhttp checked them
+                self._body_left = self.content_length = int(value)  # digits: llhttp checked
             elif name == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     raise BadRequest(f"transfer coding {value!r} not supported", 501)

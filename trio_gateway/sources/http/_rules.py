@@ -212,6 +212,16 @@ class IngestRules:
         self.ingress.reject("oversize")
         return self.too_large
 
+    def ingest_nowait(self, body: bytes, kind: BodyKind, peer: str) -> Reply | None:
+        """The answer to a one-message body that the queue takes now, without waiting (and
+        without dropping anything for it); ``None``: :meth:`ingest` takes it the waiting way."""
+        if kind is not _ONE or not body:  # (NDJSON, or an id to give it)
+            return None
+        ingress = self.ingress
+        if ingress.offer_one_nowait(body, Origin("http", ingress.listener, peer, time.time())):
+            return self.accepted_one
+        return None
+
     async def ingest(self, body: bytes, kind: BodyKind, peer: str) -> Reply:
         """Queue the message(s) of a complete body and answer the sender."""
         ingress = self.ingress

@@ -38,30 +38,39 @@ async def serve_http1(
     cors: Headers = ()  # the current request's CORS headers (none unless configured)
     now = trio.lowlevel.current_clock().current_time  # (one call, not trio.current_time's 3)
     try:
-        while True:
-            deadline = now() + idle_timeout
-            request = await http.receive_request(deadline)
-            if request is None:
-                return  # closed, or quiet between requests
-            cors = rules.cors_headers(request.headers)
-            reply, kind = rules.head(request.method, request.target, request.headers)
-            if reply is None and not share.hold_nowait(_body_bytes(http, rules.max_body_size)):
-                ingress.reject("over_budget")
-                reply = rules.over_budget  # 503 + Retry-After before the body is read
-            if reply is None:
-                try:
-                    body = await http.receive_body(rules.max_body_size, deadline)
-                except BodyTooLarge:
-                    reply = rules.body_too_large()
-                else:
-                    reply = rules.ingest_nowait(body, kind, peer) or await rules.ingest(
-                        body, kind, peer
-                    )
-                share.close()  # queued now (or refused): the queue's share holds it
-            headers = reply.headers + cors if cors else reply.headers
-            await http.respond(reply.status, headers, reply.body, close=reply.close)
-            if not http.next_cycle():
-                return
+        with http.read_deadlines():  # (one cancel scope for the reads of every request)
+            while True:
+                deadline = now() + idle_timeout
+                request = await http.receive_request(deadline)
+                if request is None:
+                    return  # closed
+                if rules.cors is not None:
+                    cors = rules.cors_headers(request.headers)
+                reply, kind = rules.head(
+                    request.method, request.target, request.headers, request.fields
+                )
+                if reply is None and not share.hold_nowait(_body_bytes(http, rules.max_body_size)):
+                    ingress.reject("over_budget")
+                    reply = rules.over_budget  # 503 + Retry-After before the body is read
+                if reply is None:
+                    try:
+                        body = await http.receive_body(rules.max_body_size, deadline)
+                    except BodyTooLarge:
+                        reply = rules.body_too_large()
+                    else:
+                        reply = rules.ingest_nowait(body, kind, peer)
+                        if reply is None:
+                            http.disarm()  # (waiting for the queue is not reading)
+                            reply = await rules.ingest(body, kind, peer)
+                    share.close()  # queued now (or refused): the queue's share holds it
+                headers = reply.headers + cors if cors else reply.headers
+                await http.respond(reply.status, headers, reply.body, close=reply.close)
+                if not http.next_cycle():
+                    return
+        # Only a read still waiting at its deadline ends the block without a return.
+        if http.parser.started:
+            raise RequestTooSlow("request not complete by its deadline")
+        # (else quiet between requests: closed)
     except RequestTooSlow:
         ingress.reject("too_slow")
         connection_errors.info(

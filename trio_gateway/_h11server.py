@@ -101,6 +101,7 @@ class H11Server:
         self._fd = self._socket.fileno() if self._socket is not None else -1
         self._encoded: dict[int, tuple[HeaderList, bytes, int, bytes]] = {}
         self._timer: trio.CancelScope | None = None  # see read_deadlines
+        self._now = trio.current_time
 
     @property
     def can_respond(self) -> bool:
@@ -124,6 +125,7 @@ class H11Server:
         (``cancelled_caught``): the caller then answers or closes, as it would on
         :class:`RequestTooSlow` or ``None`` outside the block. The caller must :meth:`disarm`
         before its own waits inside the block (the ones of this class do it themselves)."""
+        self._now = trio.lowlevel.current_clock().current_time
         with trio.CancelScope() as timer:
             self._timer = timer
             try:
@@ -137,32 +139,20 @@ class H11Server:
         if timer is not None and timer.deadline != math.inf:
             timer.deadline = math.inf
 
-    async def _wait_readable(self, deadline: float) -> bool:
-        """Wait until the socket (or the stream) may have bytes; False at ``deadline``."""
-        timer = self._timer
-        if timer is None:
-            with trio.CancelScope(deadline=deadline):
-                await self._wait_or_receive()
-                return True
-            return False
-        if timer.deadline != deadline:
-            timer.deadline = deadline
-        await self._wait_or_receive()
-        if timer.cancel_called:  # the deadline came as the bytes did: it wins, here
-            await trio.lowlevel.checkpoint()
-        return True
-
-    async def _wait_or_receive(self) -> None:
-        if self._socket is None:
-            self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
-        else:
-            self._unwaited = 0
-            await trio.lowlevel.wait_readable(self._socket)
-
     async def _receive(self, deadline: float) -> bool:
-        """Read once into the parser; False if nothing came by ``deadline``."""
+        """Read once into the parser; False if nothing came by ``deadline`` (inside
+        :meth:`read_deadlines`: cancelled instead)."""
+        timer = self._timer
         if self._socket is None:
-            return await self._wait_readable(deadline)  # (which reads)
+            if timer is None:
+                with trio.CancelScope(deadline=deadline):
+                    self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+                    return True
+                return False
+            if timer.deadline != deadline:
+                timer.deadline = deadline
+            self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+            return True
         while True:
             try:
                 self.parser.receive_data(os.read(self._fd, READ_SIZE))
@@ -171,8 +161,17 @@ class H11Server:
                 pass
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
-            if not await self._wait_readable(deadline):
+            self._unwaited = 0
+            if timer is None:
+                with trio.CancelScope(deadline=deadline):
+                    await trio.lowlevel.wait_readable(self._fd)
+                    continue
                 return False
+            if timer.deadline != deadline:
+                timer.deadline = deadline
+            await trio.lowlevel.wait_readable(self._fd)
+            if self._now() >= deadline:  # it came as the bytes did: cancelled here
+                await trio.lowlevel.checkpoint()
 
     async def _send(self, data: bytes) -> None:
         if self._socket is None:
@@ -192,7 +191,7 @@ class H11Server:
                     return
                 self._unwaited = 0
                 self.disarm()
-                await trio.lowlevel.wait_writable(self._socket)
+                await trio.lowlevel.wait_writable(self._fd)
 
     async def receive_request(self, deadline: float) -> Request | None:
         """The next request's head; ``None`` when the peer closed, or sent nothing more by

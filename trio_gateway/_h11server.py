@@ -139,59 +139,76 @@ class H11Server:
         if timer is not None and timer.deadline != math.inf:
             timer.deadline = math.inf
 
+    def _read_nowait(self) -> bool:
+        """Read what the socket holds into the parser, without waiting; False if nothing."""
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
+        self.parser.receive_data(data)
+        return True
+
+    async def _wait_readable(self, deadline: float) -> bool:
+        """Wait until the socket has bytes; False at ``deadline`` (inside
+        :meth:`read_deadlines`: cancelled instead)."""
+        self._unwaited = 0
+        timer = self._timer
+        if timer is None:
+            with trio.CancelScope(deadline=deadline):
+                await trio.lowlevel.wait_readable(self._fd)
+                return True
+            return False
+        if timer.deadline != deadline:
+            timer.deadline = deadline
+        await trio.lowlevel.wait_readable(self._fd)
+        if self._now() >= deadline:  # it came as the bytes did: cancelled here
+            await trio.lowlevel.checkpoint()
+        return True
+
     async def _receive(self, deadline: float) -> bool:
         """Read once into the parser; False if nothing came by ``deadline`` (inside
         :meth:`read_deadlines`: cancelled instead)."""
-        timer = self._timer
-        if self._socket is None:
-            if timer is None:
-                with trio.CancelScope(deadline=deadline):
-                    self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
-                    return True
-                return False
-            if timer.deadline != deadline:
-                timer.deadline = deadline
-            self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+        if self._socket is not None:
+            while not self._read_nowait():
+                if not await self._wait_readable(deadline):
+                    return False
             return True
-        while True:
-            try:
-                self.parser.receive_data(os.read(self._fd, READ_SIZE))
+        timer = self._timer
+        if timer is None:
+            with trio.CancelScope(deadline=deadline):
+                self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
                 return True
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
-            self._unwaited = 0
-            if timer is None:
-                with trio.CancelScope(deadline=deadline):
-                    await trio.lowlevel.wait_readable(self._fd)
-                    continue
-                return False
-            if timer.deadline != deadline:
-                timer.deadline = deadline
-            await trio.lowlevel.wait_readable(self._fd)
-            if self._now() >= deadline:  # it came as the bytes did: cancelled here
-                await trio.lowlevel.checkpoint()
+            return False
+        if timer.deadline != deadline:
+            timer.deadline = deadline
+        self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+        return True
 
-    async def _send(self, data: bytes) -> None:
+    def _write_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes now; how many bytes."""
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc!r}") from exc
+
+    async def _send(self, data: bytes, sent: int = 0) -> None:
+        """Write all of ``data`` from ``sent`` on (what a write has taken already)."""
         if self._socket is None:
             self.disarm()
             await self.stream.send_all(data)
             return
-        sent = 0
         with memoryview(data) as view:
-            while True:
-                try:
-                    sent += os.write(self._fd, view[sent:])
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send failed: {exc!r}") from exc
-                if sent == len(data):
-                    return
-                self._unwaited = 0
-                self.disarm()
-                await trio.lowlevel.wait_writable(self._fd)
+            while sent < len(data):
+                written = self._write_nowait(view[sent:])
+                if not written:
+                    self._unwaited = 0
+                    self.disarm()
+                    await trio.lowlevel.wait_writable(self._fd)
+                sent += written
 
     async def receive_request(self, deadline: float) -> Request | None:
         """The next request's head; ``None`` when the peer closed, or sent nothing more by
@@ -205,15 +222,19 @@ class H11Server:
                 self.disarm()
                 await trio.lowlevel.checkpoint()
         while True:
-            request = parser.head()
-            if request is not None:
-                return request
-            if parser.eof:
-                return None
-            if not await self._receive(deadline):
-                if parser.started:
-                    raise RequestTooSlow("request not complete by its deadline")
-                return None
+            if parser.buffered or parser.eof or self._socket is None:
+                request = parser.head()
+                if request is not None:
+                    return request
+                if parser.eof:
+                    return None
+                if await self._receive(deadline):
+                    continue
+            elif self._read_nowait() or await self._wait_readable(deadline):
+                continue  # (after a response, nothing is buffered most often: read first)
+            if parser.started:
+                raise RequestTooSlow("request not complete by its deadline")
+            return None
 
     async def receive_body(self, max_size: int, deadline: float) -> bytes:
         """The whole body of the current request (``100 Continue`` first if the client waits
@@ -277,11 +298,14 @@ class H11Server:
             data = encode_response(status, headers, body, self._must_close, head_only)
             if not (self._must_close or head_only) and len(self._encoded) < _ENCODED:
                 self._encoded[id(headers)] = (headers, body, status, data)
-        if deadline == math.inf:  # no cancel scope to set up on the hot path
-            await self._send(data)
+        sent = self._write_nowait(data) if self._socket is not None else 0
+        if sent == len(data):
+            return True  # (the usual case: no await, no cancel scope)
+        if deadline == math.inf:
+            await self._send(data, sent)
             return True
         with trio.CancelScope(deadline=deadline):
-            await self._send(data)
+            await self._send(data, sent)
             return True
         return False
 

@@ -159,9 +159,13 @@ class RequestParser:
 
     def _feed(self, end: int) -> None:
         """Parse the first ``end`` buffered bytes (through a view: no copy of them)."""
+        buffer = self._buffer
         try:
-            with memoryview(self._buffer) as view:
-                self._parser.feed_data(view[:end])
+            if end == len(buffer):
+                self._parser.feed_data(buffer)
+            else:
+                with memoryview(buffer) as view:
+                    self._parser.feed_data(view[:end])
         except httptools.HttpParserUpgrade:
             # An upgrade (or CONNECT) we do not speak: the request stands, without a body;
             # whatever follows is not HTTP/1.1, so the connection closes after the answer.
@@ -170,7 +174,7 @@ class RequestParser:
         except httptools.HttpParserError as exc:
             raise BadRequest(str(exc) or "malformed request") from exc
         finally:
-            del self._buffer[:end]
+            del buffer[:end]
 
     def head(self) -> Request | None:
         """The next request's head, once all of it is buffered; ``None`` until then. Raises

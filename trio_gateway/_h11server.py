@@ -44,6 +44,10 @@ _UNWAITED = 16
 (a keep-alive client often has its next request in before the answer to the last is out)."""
 _ENCODED = 8
 """Responses a connection keeps encoded (see :meth:`H11Server.respond`)."""
+_MISSES = 2
+"""Reads in a row that found nothing after a response before a connection waits first."""
+_RETRY = 8
+"""How often (in requests) such a connection tries a read first again."""
 HeaderList = Sequence[tuple[bytes, bytes]]
 
 
@@ -97,6 +101,7 @@ class H11Server:
         self._continued = False
         self._must_close = False
         self._unwaited = 0  # requests served since this connection last waited or yielded
+        self._misses = 0  # reads in a row that found nothing right after a response
         self._socket = stream.socket if type(stream) is trio.SocketStream and _POSIX else None
         self._fd = self._socket.fileno() if self._socket is not None else -1
         self._encoded: dict[int, tuple[HeaderList, bytes, int, bytes]] = {}
@@ -167,6 +172,23 @@ class H11Server:
             await trio.lowlevel.checkpoint()
         return True
 
+    async def _receive_next(self, deadline: float) -> bool:
+        """The first bytes of the next request (nothing buffered); False at ``deadline``.
+
+        Most keep-alive clients send a request once they have read the previous answer, so a
+        read right after it often finds nothing (a failed system call, then the wait). After
+        :data:`_MISSES` such reads in a row the connection waits for its socket first, with
+        a read first again every :data:`_RETRY` requests to notice a client that keeps up."""
+        misses = self._misses = self._misses + 1
+        if misses > _MISSES and misses % _RETRY == 0 and self._read_nowait():
+            self._misses = 0
+            return True
+        while True:
+            if not await self._wait_readable(deadline):
+                return False
+            if self._read_nowait():
+                return True
+
     async def _receive(self, deadline: float) -> bool:
         """Read once into the parser; False if nothing came by ``deadline`` (inside
         :meth:`read_deadlines`: cancelled instead)."""
@@ -230,8 +252,11 @@ class H11Server:
                     return None
                 if await self._receive(deadline):
                     continue
-            elif self._read_nowait() or await self._wait_readable(deadline):
-                continue  # (after a response, nothing is buffered most often: read first)
+            elif self._misses < _MISSES and self._read_nowait():
+                self._misses = 0
+                continue  # (after a response, nothing is buffered: read before parsing)
+            elif await self._receive_next(deadline):
+                continue
             if parser.started:
                 raise RequestTooSlow("request not complete by its deadline")
             return None

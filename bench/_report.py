@@ -600,7 +600,7 @@ def charts(res: Results, document: dict[str, Any], img: Path) -> list[Path]:
     rows = [r for r in TABLE_ROWS if res.has(r)]
     colors = ["#4c72b0", "#55a868", "#c44e52", "#8172b2"]
     labels = [res.titles[r].replace("Streaming ", "Str. ") for r in rows]
-    parallels = [p for p in (False, True) if any(p in res.parallels(r) for r in rows)]
+    parallels = [p for p in (False, True) if any(p in res.parallels(r) for r in rows)] or [False]
 
     def grouped(ax: Any, values: dict[int, list[float | None]], base: float | None) -> None:
         """Bars per row and size on a log axis; with ``base``, bars grow from it (ratios)."""

@@ -1,16 +1,20 @@
 """What durability costs, and whether it holds: the disk queue's throughput per fsync policy,
 beside the memory queue and the disk's own bandwidth; and ``kill -9`` restarts under load.
 
-    python -m bench.durable [--quick] [--restarts N] [--json FILE]
+    python -m bench.durable [--quick] [--repeat N] [--restarts N] [--json FILE]
 
 **Throughput.** A gateway in this process (``TcpSource`` -> queue -> ``NullSink``, as ``serve
 --sink null`` builds it) and a client process that writes a pre-built newline-framed stream
 over one connection. The figure is messages / (time from connect until the pump has delivered
 the last one). Rows: the ring buffer (memory), and the disk queue with ``fsync = batch``,
-``interval`` and ``always``; for 18-byte and 4,266-byte messages. Beside them, ``dd`` writing
-256 MiB with ``conv=fdatasync`` into the same directory: the disk's sequential bandwidth. Then
-HTTP with acknowledgements: ``serve --sink null`` and ``send --http --concurrency 64``, one
-message per request, where every ``202`` of the disk queue waits for its commit.
+``interval`` and ``always``; for 18-byte and 4,266-byte messages; each row the best of
+``--repeat`` runs, with the CPU seconds the gateway (this process: event loop and writer
+thread) and the client used. Beside them, ``dd`` writing 256 MiB with ``conv=fdatasync`` into
+the same directory, before and after those rows: the disk's sequential bandwidth, of which
+each 4,266-byte row is given as a share (of the faster ``dd``). Then HTTP with
+acknowledgements: ``serve --sink null`` and ``send --http --concurrency 64``, one message per
+request, where every ``202`` of the disk queue waits for its commit; and ``ack = "queued"``
+against ``"delivered"`` (file sink, ``fsync = true``) for HTTP, gRPC bidi and WebSocket acks.
 
 **Kill -9.** ``serve --http`` with a file sink (:data:`KILL9_MODES`: the disk queue, or
 ``ack = "delivered"``), a client posting NDJSON batches of 100 and remembering each one
@@ -27,8 +31,11 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import json
+import os
 import random
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,7 +72,19 @@ s.recv(1)
 """
 
 
-async def _throughput(queue: Queue[bytes], size: int, count: int) -> float:
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _throughput(queue: Queue[bytes], size: int, count: int) -> tuple[float, float, float]:
+    """(msg/s, the gateway's CPU seconds, the client's) for ``count`` messages of ``size``."""
     sink = NullSink()
     gateway = Gateway(
         sources=[TcpSource(port=0, max_message_size=max(size, 1024))],
@@ -76,15 +95,18 @@ async def _throughput(queue: Queue[bytes], size: int, count: int) -> float:
     async with trio.open_nursery() as nursery:
         ((address,),) = await nursery.start(gateway.run)
         started = time.perf_counter()
+        cpu = _own_cpu()
         client = await trio.lowlevel.open_process(
             [sys.executable, "-c", _CLIENT, str(address[1]), str(size), str(count)]
         )
         while sink.messages < count:
             await trio.sleep(0.005)
         seconds = time.perf_counter() - started
+        cpu = _own_cpu() - cpu  # this process is the gateway (its event loop and the writer)
+        client_cpu = _cpu_of(client.pid)  # it waits for the gateway to close: still there
         gateway.shutdown()
         await client.wait()
-    return count / seconds
+    return count / seconds, cpu, client_cpu
 
 
 def _dd(directory: Path) -> float:
@@ -102,31 +124,57 @@ def _dd(directory: Path) -> float:
     return int(match[1]) / float(match[2]) / 1e6
 
 
-def throughput(quick: bool) -> dict[str, object]:
+def throughput(quick: bool, repeat: int = 1) -> dict[str, object]:
+    """The TCP rows (best of ``repeat`` runs each: on a shared machine the best run is the
+    one least disturbed) and the HTTP rows; ``dd`` before and after the TCP rows, and each
+    4,266-byte row as a share of the faster ``dd``."""
     rows: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="trio_gateway-durable-") as tmp:
         base = Path(tmp)
-        rows["dd_MBps"] = round(_dd(base), 1)
+        dd = [_dd(base)]
         cases = ((18, 600_000 if quick else 3_000_000), (4266, 20_000 if quick else 100_000))
         for size, n in cases:
             for mode in MODES:
-                directory = base / f"{mode}-{size}"
-                if mode == "memory":
-                    queue: Queue[bytes] = RingBuffer(10_000)
-                else:
-                    queue = DiskQueue(directory, fsync=mode, max_bytes=4 << 30)
-                rate = trio.run(_throughput, queue, size, n)
+                best: tuple[float, float, float, object] | None = None
+                for attempt in range(repeat):
+                    directory = base / f"{mode}-{size}-{attempt}"
+                    if mode == "memory":
+                        queue: Queue[bytes] = RingBuffer(10_000)
+                    else:
+                        queue = DiskQueue(directory, fsync=mode, max_bytes=4 << 30)
+                    rate, cpu, client_cpu = trio.run(_throughput, queue, size, n)
+                    if best is None or rate > best[0]:
+                        best = (rate, cpu, client_cpu, getattr(queue, "commits", None))
+                    shutil.rmtree(directory, ignore_errors=True)
+                assert best is not None
+                rate, cpu, client_cpu, commits = best
                 rows[f"{size}B {mode}"] = {
                     "msg_per_s": round(rate),
                     "MBps": round(rate * size / 1e6, 1),
-                    "commits": getattr(queue, "commits", None),
+                    "commits": commits,
+                    "gateway_cpu_s": round(cpu, 2),
+                    "client_cpu_s": round(client_cpu, 2),
+                    "gateway_us_per_msg": round(cpu / n * 1e6, 2),
                 }
-                print(f"{size:>5} B  {mode:<8} {rate:>12,.0f} msg/s {rate * size / 1e6:>8.1f} MB/s")
+                print(
+                    f"{size:>5} B  {mode:<8} {rate:>12,.0f} msg/s {rate * size / 1e6:>8.1f} MB/s"
+                    f"  CPU: gateway {cpu:.2f} s, client {client_cpu:.2f} s"
+                )
+        dd.append(_dd(base))
+        rows["dd_MBps"] = [round(x, 1) for x in dd]
+        for mode in MODES:
+            row = rows[f"4266B {mode}"]
+            assert isinstance(row, dict)
+            row["share_of_dd"] = round(row["MBps"] / max(dd), 3)
         for mode in MODES:
             rate = _http(base / f"http-{mode}", mode, 5_000 if quick else 20_000)
             rows[f"http {mode}"] = {"msg_per_s": round(rate)}
             print(f"HTTP, 64 clients, {mode:<8} {rate:>8,.0f} msg/s")
-    print(f"dd (conv=fdatasync, 256 MiB): {rows['dd_MBps']} MB/s")
+    print(f"dd (conv=fdatasync, 256 MiB), before and after: {dd[0]:,.0f} / {dd[1]:,.0f} MB/s")
+    for mode in MODES:
+        row = rows[f"4266B {mode}"]
+        assert isinstance(row, dict)
+        print(f"4,266 B {mode:<8} {row['share_of_dd']:.0%} of the faster dd")
     return rows
 
 
@@ -285,30 +333,43 @@ def _send(gateway: _Serve, transport: str, extra: list[str], count: int) -> floa
     return float(match[1].replace(",", ""))
 
 
-def acks(quick: bool) -> dict[str, object]:
-    """``ack = "queued"`` against ``"delivered"``, the file sink fsyncing each batch."""
+ACK_COUNTS = {"http": (5_000, 20_000), "grpc": (30_000, 200_000), "ws": (30_000, 200_000)}
+"""Messages per run (quick, full): a stream of 20,000 took 0.2-0.4 s over WebSocket, less
+than the noise of a shared machine; ``send --http`` tops out near 1,000-2,000 requests/s."""
+
+
+def acks(quick: bool, repeat: int = 2) -> dict[str, object]:
+    """``ack = "queued"`` against ``"delivered"``, the file sink fsyncing each batch: the
+    modes alternate ``repeat`` times and each keeps its best run (the least disturbed)."""
     rows: dict[str, object] = {}
-    count = 3_000 if quick else 20_000
-    cases = (("http", []), ("grpc", ["--mode", "bidi"]), ("ws", ["--acks"]))
+    cases: tuple[tuple[str, list[str]], ...] = (
+        ("http", []),
+        ("grpc", ["--mode", "bidi"]),
+        ("ws", ["--acks"]),
+    )
+    best: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="trio_gateway-durable-") as tmp:
         config = Path(tmp) / "gateway.toml"
         config.write_text(f'[sink]\nurl = "file:{Path(tmp) / "out.jsonl"}"\nfsync = true\n')
-        for ack in ("queued", "delivered"):
-            listeners = ["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--ws", "127.0.0.1:0"]
-            gateway = _Serve(["--config", str(config), "--ack", ack, *listeners])
-            try:
-                for transport, extra in cases:
-                    rate = _send(gateway, transport, extra, count)
-                    rows[f"{transport} {ack}"] = round(rate)
-                    print(f"{transport:<5} ack={ack:<10} {rate:>8,.0f} msg/s (64 clients)")
-            finally:
-                gateway.proc.send_signal(signal.SIGTERM)
-                gateway.proc.wait()
+        listeners = ["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--ws", "127.0.0.1:0"]
+        for _ in range(repeat):
+            for ack in ("queued", "delivered"):
+                gateway = _Serve(["--config", str(config), "--ack", ack, *listeners])
+                try:
+                    for transport, extra in cases:
+                        count = ACK_COUNTS[transport][0 if quick else 1]
+                        rate = _send(gateway, transport, extra, count)
+                        key = f"{transport} {ack}"
+                        best[key] = max(best.get(key, 0.0), rate)
+                        print(f"{transport:<5} ack={ack:<10} {rate:>8,.0f} msg/s (64 clients)")
+                finally:
+                    gateway.proc.send_signal(signal.SIGTERM)
+                    gateway.proc.wait()
+    rows.update((key, round(rate)) for key, rate in best.items())
     for transport, _ in cases:
-        queued, delivered = rows[f"{transport} queued"], rows[f"{transport} delivered"]
-        assert isinstance(queued, int) and isinstance(delivered, int)
+        queued, delivered = best[f"{transport} queued"], best[f"{transport} delivered"]
         rows[f"{transport} ratio"] = round(delivered / queued, 2)
-        print(f"{transport:<5} delivered / queued: {delivered / queued:.2f}")
+        print(f"{transport:<5} delivered / queued (best of {repeat}): {delivered / queued:.2f}")
     return rows
 
 
@@ -318,12 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", type=int, default=20, help="kill -9 restarts (20)")
     parser.add_argument("--no-throughput", action="store_true", help="only the kill -9 part")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="runs per throughput row, best kept (2)"
+    )
     args = parser.parse_args(argv)
     results: dict[str, object] = {}
     if not args.no_throughput:
-        results["throughput"] = throughput(args.quick)
-    if not args.no_throughput:
-        results["acks"] = acks(args.quick)
+        results["throughput"] = throughput(args.quick, args.repeat)
+        results["acks"] = acks(args.quick, args.repeat)
     if args.restarts:
         results["kill9"] = [kill9(args.restarts, mode) for mode in KILL9_MODES]
     if args.json:

@@ -29,6 +29,8 @@ from pathlib import Path
 from .run import ROWS, UNARY_CLIENTS, Server, run_once
 
 AREAS = (
+    ("trio_gateway/sources/_http2", "trio_gateway HTTP/2 layer (gRPC and h2c)"),
+    ("trio_gateway/sources/_streamio", "trio_gateway HTTP/2 layer (gRPC and h2c)"),
     ("trio_gateway/sources/grpc", "trio_gateway gRPC server"),
     ("trio_gateway/sources/http", "trio_gateway HTTP source"),
     ("trio_gateway/", "trio_gateway (queue, pump, sink, ingress)"),

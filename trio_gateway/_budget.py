@@ -6,7 +6,9 @@ The budget (``limits.max_memory``, ``serve --max-memory``; 256 MiB by default) i
   defaults to half the budget (:attr:`MemoryBudget.queue_bytes`);
 * **the held pool** (the rest): what is outside the queue and in the gateway's hands, charged
   here as it comes and goes: the bytes a connection has read and not yet queued (a TCP read and
-  its partial frame, a WebSocket message still in fragments, an HTTP body being read) and the
+  its partial frame; once the pool is :attr:`~MemoryBudget.crowded`, a read only once its peer
+  has sent, so idle connections cannot take it all; a WebSocket message still in fragments, an
+  HTTP body being read) and the
   batch the pump has taken from the queue and not yet delivered.
 
 Queued plus held never exceeds the budget, so neither can the payload bytes a gateway holds.
@@ -52,7 +54,11 @@ class BudgetStatistics:
     """What may be held outside the queue: ``max_memory - queue_bytes``."""
     connection_share: int
     held: int
-    """Bytes charged now (connections' partial data and the pump's batch)."""
+    """Bytes charged now: :attr:`connections` plus :attr:`batch`."""
+    connections: int
+    """Of :attr:`held`, what connections hold (partial reads, bodies, fragments)."""
+    batch: int
+    """Of :attr:`held`, the batch the pump has in hand."""
     peak: int
     """The most ever held at once."""
     waiting: int
@@ -84,6 +90,8 @@ class MemoryBudget:
         self.pool = max_memory - queue_bytes
         self.connection_share = max(1, self.pool // _CONNECTION_FRACTION)
         self.held = 0
+        self.connections_held = 0
+        """Of :attr:`held`, what :class:`ConnectionShare` objects hold (the rest is batches)."""
         self.peak = 0
         self._room = ParkingLot()
 
@@ -107,6 +115,12 @@ class MemoryBudget:
         if self.held > self.peak:
             self.peak = self.held
 
+    @property
+    def crowded(self) -> bool:
+        """Whether half the held pool is taken: then a stream connection waiting for its
+        peer holds only what it has, not the read it would make (TCP)."""
+        return self.held > self.pool // 2
+
     def charge(self, n: int) -> None:
         """Charge ``n`` bytes that are already in hand (the pump's batch): never refused."""
         self._add(n)
@@ -128,6 +142,8 @@ class MemoryBudget:
             pool=self.pool,
             connection_share=self.connection_share,
             held=self.held,
+            connections=self.connections_held,
+            batch=self.held - self.connections_held,
             peak=self.peak,
             waiting=len(self._room),
         )
@@ -178,6 +194,7 @@ class ConnectionShare:
 
     def _set(self, n: int) -> None:
         more = n - self.held
+        self.budget.connections_held += more
         if more > 0:
             self.budget._add(more)
         elif more < 0:

@@ -159,10 +159,17 @@ class MessageBuffer:
         """Whether an accepted message is only acknowledged once on disk (a disk queue)."""
         return self._disk is not None
 
-    async def wait_stored(self) -> None:
-        """Wait until every message accepted so far is on disk (a disk queue; else at once)."""
+    @property
+    def stored_mark(self) -> int | None:
+        """A disk queue's position after the last message accepted (to :meth:`wait_stored`
+        for later); None for a memory queue."""
+        return None if self._disk is None else self._disk.position
+
+    async def wait_stored(self, mark: int | None = None) -> None:
+        """Wait until every message accepted so far (up to ``mark``, a :attr:`stored_mark`)
+        is on disk (a disk queue; else at once)."""
         if self._disk is not None:
-            await self._disk.wait_stored()
+            await self._disk.wait_stored(mark)
 
     async def get_batch(self, max_items: int) -> Batch:
         """Wait for at least one message, then take up to ``max_items``.

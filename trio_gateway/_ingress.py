@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -11,9 +12,10 @@ from ._budget import MemoryBudget
 from ._buffer import MessageBuffer
 from ._ledger import SourceCounters
 from ._message import Origin
+from ._receipts import Answer
 from .queues import Queue
 
-__all__ = ("ACK_MODES", "Ingress")
+__all__ = ("ACK_MODES", "Answer", "Ingress")
 
 ACK_MODES = ("queued", "delivered")
 """What a source's answer to its sender means (``ack =``): see :class:`Ingress`."""
@@ -161,12 +163,50 @@ class Ingress:
         when the drain deadline passes. The messages still not queued then (or at any other
         cancellation) are counted as abandoned, and the cancellation goes on.
         """
-        if not payloads:
-            return 0
-        self._count(payloads, nbytes)
+        done, ranges = await self._queue_waiting(payloads, origin, nbytes, ids)
+        if ranges:
+            return await self._queue.receipts.wait(ranges)
+        return done
+
+    async def offer_later(
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        *,
+        nbytes: int | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> Answer:
+        """:meth:`offer` without waiting for the answer: queues (waiting for room as
+        :meth:`offer` does) and returns the :class:`Answer` to wait for, which waits for
+        delivery (``ack = "delivered"``) or for the commit (a disk queue). A source that
+        answers per read keeps reading meanwhile, several answers in flight (WebSocket)."""
+        done, ranges = await self._queue_waiting(payloads, origin, nbytes, ids)
+        return self._answer(done, ranges)
+
+    def _answer(self, done: int, ranges: list[tuple[int, int]]) -> Answer:
         buffer = self._queue
+        if ranges:
+            return Answer(done, buffer.receipts, buffer.receipts.register(ranges))
+        mark = buffer.stored_mark
+        if done and mark is not None:
+            return Answer(done, buffer.receipts, stored=partial(buffer.wait_stored, mark))
+        return Answer(done, buffer.receipts)
+
+    async def _queue_waiting(
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        nbytes: int | None,
+        ids: Sequence[str] | None,
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """:meth:`offer` up to its answer: how many are queued, and their positions when
+        the answer waits for their delivery."""
         done = 0
         ranges: list[tuple[int, int]] = []
+        if not payloads:
+            return done, ranges
+        self._count(payloads, nbytes)
+        buffer = self._queue
         try:
             done = self._put(payloads, origin, True, ranges, ids)
             if done < len(payloads) and buffer.policy == "block":
@@ -183,9 +223,7 @@ class Ingress:
         except BaseException:
             self.counters.abandoned += len(payloads) - done
             raise
-        if ranges:
-            return await buffer.receipts.wait(ranges)
-        return done
+        return done, ranges
 
     def _put(
         self,
@@ -236,11 +274,23 @@ class Ingress:
         disk queue it returns once they are on disk (committed as its ``fsync`` policy says),
         so an answer sent then means "on disk".
         """
-        if not payloads:
-            return 0
+        answer = await self.offer_or_reject_later(payloads, origin, timeout=timeout, ids=ids)
+        return await answer.wait()
+
+    async def offer_or_reject_later(
+        self,
+        payloads: Sequence[bytes],
+        origin: Origin,
+        *,
+        timeout: float = 0.0,  # noqa: ASYNC109 - a policy bound on waiting for room, not a deadline
+        ids: Sequence[str] | None = None,
+    ) -> Answer:
+        """:meth:`offer_or_reject` without waiting for the answer (see :meth:`offer_later`)."""
         buffer = self._queue
         done = 0
         ranges: list[tuple[int, int]] = []
+        if not payloads:
+            return self._answer(done, ranges)
         try:
             done = self._put(payloads, origin, False, ranges, ids)
             if done < len(payloads) and buffer.policy == "drop_oldest":
@@ -260,11 +310,7 @@ class Ingress:
             counters.received_bytes += sum(map(len, payloads[:done]))
             if done < len(payloads):
                 counters.rejected["queue_full"] += len(payloads) - done
-        if ranges:
-            return await buffer.receipts.wait(ranges)
-        if done:
-            await buffer.wait_stored()
-        return done
+        return self._answer(done, ranges)
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count ``count`` messages (or connections) refused for ``reason``.

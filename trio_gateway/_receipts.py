@@ -17,11 +17,11 @@ is waiting, so a gateway without ``ack = "delivered"`` pays a counter update per
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-__all__ = ("Receipt", "Receipts")
+__all__ = ("Answer", "Receipt", "Receipts")
 
 
 class Receipt:
@@ -95,17 +95,70 @@ class Receipts:
         oldest = min((s for r in still for s, _ in r.ranges), default=self._settled)
         self._failed = [(s, e) for s, e in self._failed if e > oldest]
 
+    def register(self, ranges: list[tuple[int, int]]) -> Receipt:
+        """A receipt for the messages at ``ranges``, resolved by the settles to come (at once
+        if they are settled already); :meth:`forget` it if nobody will wait for it."""
+        receipt = Receipt(ranges)
+        if receipt.end <= self._settled:
+            receipt.done.set()
+        else:
+            self._waiting.append(receipt)
+        return receipt
+
+    def forget(self, receipt: Receipt) -> None:
+        """Stop resolving ``receipt`` (its waiter is gone)."""
+        if not receipt.done.is_set():
+            self._waiting.remove(receipt)
+
     async def wait(self, ranges: list[tuple[int, int]]) -> int:
         """Wait until the messages at ``ranges`` are settled; how many of them, from the
         first, were delivered before the first that failed."""
-        receipt = Receipt(ranges)
-        if receipt.end <= self._settled:
-            await trio.lowlevel.checkpoint()
-            return receipt.delivered
-        self._waiting.append(receipt)
+        receipt = self.register(ranges)
         try:
             await receipt.done.wait()
         finally:
-            if not receipt.done.is_set():
-                self._waiting.remove(receipt)
+            self.forget(receipt)
         return receipt.delivered
+
+
+class Answer:
+    """What a source may answer for one offer, once it is final: ``accepted`` messages went
+    into the queue; :meth:`wait` returns when they are delivered (a :class:`Receipt`, with
+    ``ack = "delivered"``) or committed (a disk queue), and how many of them, from the first,
+    may be acknowledged. Lets a source go on reading while earlier answers wait (WebSocket)."""
+
+    __slots__ = ("_receipt", "_receipts", "_stored", "accepted")
+
+    def __init__(
+        self,
+        accepted: int,
+        receipts: Receipts,
+        receipt: Receipt | None = None,
+        stored: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.accepted = accepted
+        self._receipts = receipts
+        self._receipt = receipt
+        self._stored = stored
+
+    @property
+    def final(self) -> bool:
+        """Nothing to wait for: ``accepted`` is the answer."""
+        return self._receipt is None and self._stored is None
+
+    async def wait(self) -> int:
+        receipt = self._receipt
+        if receipt is not None:
+            try:
+                await receipt.done.wait()
+            finally:
+                self._receipts.forget(receipt)
+            return receipt.delivered
+        if self._stored is not None:
+            await self._stored()
+        return self.accepted
+
+    def forget(self) -> None:
+        """Nobody will wait for this answer (its connection ended)."""
+        if self._receipt is not None:
+            self._receipts.forget(self._receipt)

@@ -1,4 +1,5 @@
-"""The gRPC server's sans-IO layer loads in a fresh interpreter where trio cannot be imported."""
+"""The gRPC server's sans-IO layer, and the HTTP/2 one under it, load in a fresh interpreter
+where trio cannot be imported."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "trio_gateway"
-SANS_IO = ("_protocol", "_calls", "_limits", "_http2")  # as tests/unit/test_grpc_protocol.py
+SANS_IO = ("grpc._protocol", "grpc._calls", "grpc._limits", "_http2")  # as test_grpc_protocol
 
 
 def test_the_protocol_layer_loads_with_trio_blocked() -> None:
@@ -24,7 +25,7 @@ for name, path in [("trio_gateway", {str(PACKAGE)!r}),
     sys.modules[name] = module
 import importlib
 for name in {SANS_IO!r}:
-    importlib.import_module("trio_gateway.sources.grpc." + name)
+    importlib.import_module("trio_gateway.sources." + name)
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

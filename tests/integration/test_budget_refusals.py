@@ -1,11 +1,15 @@
 """Over the memory budget, each transport refuses in its own protocol and counts
-``over_budget``: HTTP ``503`` + ``Retry-After``, WebSocket close ``1013``, TCP stops reading
-(the kernel's window pushes back) and goes on once there is room. Real sockets, port 0."""
+``over_budget``: HTTP ``503`` + ``Retry-After`` (on HTTP/2 on that stream, the connection going
+on), WebSocket close ``1013``, TCP stops reading (the kernel's window pushes back) and goes on
+once there is room. Real sockets, port 0."""
 
 from __future__ import annotations
 
 import os
 
+import h2.config
+import h2.connection
+import h2.events
 import helpers
 import httpx
 import pytest
@@ -40,6 +44,27 @@ async def test_tcp_stops_reading_over_the_budget_and_resumes_when_room_frees() -
         await stream.aclose()
 
 
+async def test_idle_tcp_connections_hold_at_most_half_of_the_budget() -> None:
+    """Once half the pool is taken, a TCP connection charges a read's worth only once its
+    peer has sent something, so connections that sit idle (far more than the pool has reads
+    for) leave the rest of the budget to those that send: nothing is refused, an HTTP-sized
+    body still fits, and a sender is served at once."""
+    async with helpers.serving(TcpSource, max_connections=200) as run:
+        budget = run.ingress.budget = MemoryBudget(64 * MiB)  # pool: 64 reads of 512 KiB
+        address = run.source.bound[0]
+        idle = [await trio.open_tcp_stream(*address) for _ in range(100)]
+        counters = run.ingress.counters
+        await wait_until(lambda: counters.connections_active == len(idle))
+        read = 2 * run.source.read_size
+        assert budget.held <= budget.pool // 2 + read and counters.rejected["over_budget"] == 0
+        assert budget.connection().hold_nowait(budget.connection_share)
+        await idle[0].send_all(b"spoke\n")
+        await wait_until(lambda: counters.received == 1)
+        assert run.payloads() == [b"spoke"] and counters.rejected["over_budget"] == 0
+        for stream in idle:
+            await stream.aclose()
+
+
 async def test_http_answers_503_with_retry_after_over_the_budget() -> None:
     async with helpers.serving(HttpSource) as run:
         budget = run.ingress.budget = full_budget()
@@ -66,6 +91,77 @@ async def test_http_body_charge_is_per_connection_so_one_peer_cannot_take_it_all
             big = await client.post("/ingest", content=b"x" * (MiB + 1))
             small = await client.post("/ingest", content=b"x" * 1000)
         assert (big.status_code, small.status_code) == (503, 202)
+
+
+async def test_http2_answers_503_on_the_stream_over_the_budget_and_goes_on() -> None:
+    """h2c (httpx, prior knowledge): refused by its Content-Length at its head while the pool
+    is full, then accepted on the same connection once there is room."""
+    async with helpers.serving(HttpSource) as run:
+        budget = run.ingress.budget = full_budget()
+        async with httpx.AsyncClient(http1=False, http2=True) as client:
+            refused = await client.post(run.url, content=b"x" * 1000)
+            assert refused.http_version == "HTTP/2"
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"] == "over the memory budget"
+            budget.release(budget.pool)
+            accepted = await client.post(run.url, content=b"x" * 1000)
+            assert accepted.status_code == 202
+        counters = run.ingress.counters
+        assert counters.rejected["over_budget"] == 1 and counters.received == 1
+        assert counters.connections_total == 1
+        assert budget.held == 0  # the body's charge went with the request
+
+
+async def test_http2_charges_a_partial_body_and_refuses_what_has_no_room() -> None:
+    """A body without Content-Length is charged as its DATA comes: held while partial, given
+    back once queued. Past what the budget has room for, ``503`` on that stream before the
+    body ends (by its DATA), or before it is sent (by its Content-Length); the connection
+    goes on."""
+    async with helpers.serving(HttpSource) as run:
+        budget = run.ingress.budget = MemoryBudget(64 * MiB)
+        client = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        client.initiate_connection()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/ingest")]
+        headers.append((":authority", "x"))
+        answers: dict[int, str] = {}
+        host, port = run.source.bound[0]
+        async with await trio.open_tcp_stream(host, port) as stream:
+
+            async def answer(stream_id: int) -> str:
+                await stream.send_all(client.data_to_send())
+                with trio.fail_after(5):
+                    while stream_id not in answers:
+                        for event in client.receive_data(await stream.receive_some(65536)):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                answers[event.stream_id] = dict(event.headers)[":status"]
+                        await stream.send_all(client.data_to_send())
+                return answers[stream_id]
+
+            client.send_headers(1, headers)
+            client.send_data(1, b"a" * 5_000)
+            client.send_data(1, b"a" * 5_000)
+            await stream.send_all(client.data_to_send())
+            await wait_until(lambda: budget.held == 10_000)  # the partial body, charged
+            client.send_data(1, b"b" * 5_000, end_stream=True)
+            assert await answer(1) == "202"
+            assert budget.held == 0
+            budget.charge(budget.pool - 10_000)  # room for 10,000 bytes more
+            client.send_headers(3, headers)
+            client.send_data(3, b"c" * 6_000)
+            client.send_data(3, b"d" * 6_000)  # not the end: refused as it comes
+            assert await answer(3) == "503"
+            client.send_headers(5, [*headers, ("content-length", "100000")])
+            assert await answer(5) == "503"  # at its head, no DATA sent
+            client.send_headers(7, headers)
+            client.send_data(7, b"small", end_stream=True)
+            assert await answer(7) == "202"
+        counters = run.ingress.counters
+        assert counters.rejected["over_budget"] == 2 and counters.received == 2
+        assert run.payloads() == [b"a" * 10_000 + b"b" * 5_000, b"small"]
+        await wait_until(lambda: counters.connections_active == 0)
+        assert budget.held == budget.pool - 10_000  # the connection's share was released
 
 
 @pytest.mark.parametrize("fragmented", [False, True], ids=["whole", "fragments"])

@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import helpers
 import httpx
 import pytest
@@ -19,11 +22,12 @@ import trio
 import trustme
 from helpers import refuses_connections, wait_until
 
+from trio_gateway import Gateway
 from trio_gateway._errors import ConfigurationError
 from trio_gateway._h11server import H11Server
 from trio_gateway.queues import RingBuffer
 from trio_gateway.sources.http import HttpSource
-from trio_gateway.testing import serve_source
+from trio_gateway.testing import RecordingSink, serve_source
 
 CURL = "/usr/bin/curl"
 NDJSON = {"content-type": "application/x-ndjson"}
@@ -32,11 +36,16 @@ NDJSON = {"content-type": "application/x-ndjson"}
 serving = partial(helpers.serving, HttpSource)
 
 
-async def curl(*args: str) -> tuple[int, dict[str, str], bytes, str]:
-    """Run curl; returns (status, headers, body, protocol version)."""
+async def curl(*args: str, stdin: bytes = b"") -> tuple[int, dict[str, str], bytes, str]:
+    """Run curl (``stdin``: what it reads for ``@-``); returns (status, headers, body, protocol
+    version)."""
     with trio.fail_after(10):
         result = await trio.run_process(
-            [CURL, "-sS", "-D", "-", *args], capture_stdout=True, capture_stderr=True, check=False
+            [CURL, "-sS", "-D", "-", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     assert result.returncode == 0, result.stderr
     raw = result.stdout
@@ -85,6 +94,54 @@ async def test_httpx_keepalive_binary_payloads(http2: bool) -> None:
             assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
         assert run.payloads() == payloads
         assert run.ingress.counters.connections_total == 1  # one keep-alive connection
+
+
+async def test_http2_concurrent_large_bodies_pass_max_held_one_at_a_time() -> None:
+    """Twelve 200 KB bodies at once on one HTTP/2 connection, with ``max_held`` at 64 KiB:
+    past it only the oldest request's stream window is reopened, so they finish one after
+    another, every one whole, whichever stream the client favours (h2's client, sending as
+    its windows allow, the newest streams first: a connection window held back would stall
+    it; httpx's client stalls on any server that holds a stream's window back, httpx2 issue
+    1133); then curl sends one just under ``max_message_size``."""
+    bodies = {1 + 2 * i: bytes([65 + i]) * 200_000 for i in range(12)}
+    async with serving(max_held=64 * 1024) as run:
+        client = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        client.initiate_connection()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/ingest")]
+        headers.append((":authority", "x"))
+        for stream_id in bodies:
+            client.send_headers(stream_id, headers)
+        left = {stream_id: memoryview(body) for stream_id, body in bodies.items()}
+        statuses: dict[int, str] = {}
+        async with await trio.open_tcp_stream(*run.source.bound[0]) as stream:
+            with trio.fail_after(10):
+                while len(statuses) < len(bodies):
+                    # the newest streams first: the oldest's turn must not depend on it
+                    for stream_id, rest in reversed(left.items()):
+                        size = min(
+                            len(rest),
+                            client.local_flow_control_window(stream_id),
+                            client.max_outbound_frame_size,
+                        )
+                        if size > 0:
+                            client.send_data(stream_id, rest[:size], end_stream=size == len(rest))
+                            left[stream_id] = rest[size:]
+                    left = {k: v for k, v in left.items() if v}
+                    await stream.send_all(client.data_to_send())
+                    for event in client.receive_data(await stream.receive_some(65536)):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            statuses[event.stream_id] = dict(event.headers)[":status"]
+                    await stream.send_all(client.data_to_send())
+        assert set(statuses.values()) == {"202"}
+        big = b"z" * ((1 << 20) - 1)
+        status, _, _, version = await curl(
+            "--http2-prior-knowledge", "-X", "POST", "--data-binary", "@-", run.url, stdin=big
+        )
+        assert (version, status) == ("HTTP/2", 202)
+        assert sorted(run.payloads()) == sorted([*bodies.values(), big])
+        assert run.ingress.budget.held == 0
 
 
 @pytest.mark.parametrize("http2", [False, True])
@@ -485,3 +542,27 @@ async def test_an_ndjson_batch_longer_than_a_drop_oldest_queue_is_received_and_d
         assert served.counters.received == 10
         assert served.counters.rejected == {}
         assert queue.statistics().dropped["drop_oldest"] == 7
+
+
+@pytest.mark.parametrize("http2", [False, True])
+async def test_idempotency_key_reaches_the_sink_on_both_http_versions(http2: bool) -> None:
+    # HTTP/2 answers a request the queue takes at once from its reader (ingest_nowait): the
+    # key must travel that way as well as the waiting one.
+    sink = RecordingSink()
+    gateway = Gateway(sources=[HttpSource(port=0)], sink=sink)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            (bound,) = await nursery.start(gateway.run)
+            url = f"http://127.0.0.1:{bound[0][1]}/ingest"
+            async with httpx.AsyncClient(http1=not http2, http2=http2) as client:
+                for n in range(3):
+                    headers = {"idempotency-key": f"k-{n}"}
+                    response = await client.post(url, content=b"m%d" % n, headers=headers)
+                    assert response.status_code == 202, response.text
+                lines = b'{"a": 1}\n{"b": 2}\n'
+                headers = {**NDJSON, "idempotency-key": "nd"}
+                response = await client.post(url, content=lines, headers=headers)
+                assert response.status_code == 202, response.text
+            await wait_until(lambda: len(sink.payloads) == 5)
+            gateway.shutdown()
+    assert [origin.id for origin in sink.origins] == ["k-0", "k-1", "k-2", "nd:0", "nd:1"]

@@ -18,6 +18,7 @@ is in test_admin.py).
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -781,3 +782,72 @@ async def test_at_the_limit_the_longest_silent_connection_makes_room(
             for holder in holders:
                 await holder.aclose()
     assert sorted(sink.payloads) == sorted(good.payloads)
+
+
+async def test_at_the_limit_a_connection_that_never_spoke_makes_room_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that has sent nothing since it connected gives its slot up once it has been
+    mute ``EVICT_MUTE_AFTER`` seconds, without waiting ``EVICT_AFTER``: a flood of idle
+    connections cannot get newcomers refused for its first seconds. A connection that has
+    spoken keeps its slot, however long ago."""
+    monkeypatch.setattr(sources_base, "EVICT_AFTER", 60.0)
+    slots = 3
+    sink = RecordingSink()
+    gateway = Gateway(sources=[TcpSource(max_connections=slots)], sink=sink, grace_period=0.5)
+    good = GOOD["tcp"]()
+    with trio.fail_after(WAIT):
+        async with open_gateway(gateway) as handle:
+            address = handle.address()
+            spoken = await trio.open_tcp_stream(*address)
+            await spoken.send_all(b"spoke\n")
+            await sink.wait_for(1)
+            mute = []
+            for _ in range(slots - 1):
+                mute.append(await trio.open_tcp_stream(*address))
+                await trio.sleep(0.05)  # so that "mute for longest" is the first
+            counters = gateway.source_counters[0]
+            await wait_until(lambda: counters.connections_active == slots)
+            await trio.sleep(sources_base.EVICT_MUTE_AFTER)
+            await good.send(address)
+            await sink.wait_for(1 + len(good.payloads))
+            assert counters.rejected["evicted"] == 1
+            assert counters.rejected["too_many_connections"] == 0
+            assert await read_until_closed(mute[0]) == b""  # the first mute one went
+            await spoken.send_all(b"still here\n")
+            await sink.wait_for(2 + len(good.payloads))
+            for stream in [spoken, *mute]:
+                await stream.aclose()
+    assert sorted(sink.payloads) == sorted([b"spoke", b"still here", *good.payloads])
+
+
+async def test_in_a_flood_at_the_limit_a_client_that_spoke_goes_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flood arrives at once while every slot is held: the listener takes it whole, the
+    client whose request is there goes first (the slot of a mute holder), and the flood's
+    idle connections wait for their first bytes, then are refused without evicting anyone."""
+    monkeypatch.setattr(sources_base, "EVICT_AFTER", 60.0)
+    slots, flood = 4, 50
+    sink = RecordingSink()
+    gateway = Gateway(sources=[TcpSource(max_connections=slots)], sink=sink, grace_period=0.5)
+    with trio.fail_after(WAIT):
+        async with open_gateway(gateway) as handle:
+            address = handle.address()
+            holders = [await trio.open_tcp_stream(*address) for _ in range(slots)]
+            counters = gateway.source_counters[0]
+            await wait_until(lambda: counters.connections_active == slots)
+            await trio.sleep(sources_base.EVICT_MUTE_AFTER)
+            # No await from here to the good client's request: the gateway sees it all at once.
+            idle = [socket.create_connection(address) for _ in range(flood)]
+            good = socket.create_connection(address)
+            good.sendall(b"first in\n")
+            await sink.wait_for(1)
+            await wait_until(lambda: counters.rejected["too_many_connections"] == flood)
+            assert counters.rejected["evicted"] == 1
+            assert counters.connections_active == slots
+            for sock in [*idle, good]:
+                sock.close()
+            for holder in holders:
+                await holder.aclose()
+    assert sink.payloads == [b"first in"]

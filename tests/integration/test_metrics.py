@@ -232,3 +232,53 @@ async def test_a_flood_of_bad_frames_logs_a_bounded_number_of_lines(
     # ...but the log stays short: a burst of 10, refilled at one line a second.
     assert 1 <= len(flood_lines) <= 40, len(flood_lines)
     assert any("suppressed" in r.getMessage() for r in flood_lines) or len(flood_lines) <= 10
+
+
+async def test_memory_budget_use_is_shown_by_kind_under_load() -> None:
+    """With the sink stalled, what the queue holds, the pump's batch in hand and what
+    connections hold (a read's worth and a partial frame each) are each on /metrics, against
+    the budget and its shares."""
+    sink = GatedSink()
+    source = TcpSource()
+    gateway = Gateway(
+        sources=[source],
+        sink=sink,
+        batch_size=10,
+        max_memory=64 << 20,
+        services=[AdminServer(port=0)],
+    )
+    size, count, partial = 1000, 100, 777
+    held = 3 * (2 * source.read_size + partial)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(gateway.run)
+            address = bound[0][0]
+            await send_tcp(*address, count=count, size=size, framing="newline")
+            await wait_until(lambda: sink.held == 1 and gateway.ledger.received == count)
+            stalled = [await trio.open_tcp_stream(*address) for _ in range(3)]
+            for stream in stalled:
+                await stream.send_all(b"p" * partial)  # a frame begun, never finished
+            await wait_until(lambda: gateway.budget.connections_held == held)
+            m = await scrape(gateway)
+            used = "trio_gateway_memory_budget_used_bytes"
+            queued = sample_value(m, used, kind="queued")
+            batch = sample_value(m, used, kind="batch")
+            assert sample_value(m, used, kind="connections") == held
+            assert batch > 0 and queued + batch == count * size
+            assert queued == sample_value(m, "trio_gateway_queue_bytes")
+            assert sample_value(m, "trio_gateway_memory_budget_bytes") == 64 << 20
+            shares = "trio_gateway_memory_budget_share_bytes"
+            assert sample_value(m, shares, share="queue") == 32 << 20
+            assert sample_value(m, shares, share="held") == 32 << 20
+            assert sample_value(m, shares, share="connection") == 2 << 20
+            peak = sample_value(m, "trio_gateway_memory_budget_held_peak_bytes")
+            assert peak >= batch + held
+            assert sample_value(m, "trio_gateway_memory_budget_waiting_connections") == 0
+            for stream in stalled:
+                await stream.aclose()
+            sink.release.set()
+            await wait_delivered(gateway, count)
+            await wait_until(lambda: gateway.budget.held == 0)
+            m = await scrape(gateway)
+            assert sample_value(m, used) == 0  # every kind back to nothing
+            gateway.shutdown()

@@ -56,6 +56,24 @@ def test_a_connection_holds_at_most_its_share_and_the_pool_at_most_the_budget() 
     assert budget.statistics().peak == 32 * MiB
 
 
+def test_statistics_split_what_is_held_into_connections_and_the_batch() -> None:
+    budget = MemoryBudget(64 * MiB)
+    share = budget.connection()
+    share.hold_nowait(3000)
+    budget.charge(500)  # the pump's batch
+    stats = budget.statistics()
+    assert (stats.held, stats.connections, stats.batch) == (3500, 3000, 500)
+    share.hold_nowait(1000)
+    budget.release(500)
+    share.close()
+    stats = budget.statistics()
+    assert (stats.held, stats.connections, stats.batch, stats.peak) == (0, 0, 0, 3500)
+    budget.charge(budget.pool // 2)
+    assert not budget.crowded  # half taken: stream connections still charge their reads
+    budget.charge(1)
+    assert budget.crowded
+
+
 async def test_hold_waits_for_room_and_wakes_on_release(autojump_clock: MockClock) -> None:
     budget = MemoryBudget(64 * MiB)
     budget.charge(budget.pool)  # the pump's batch in hand fills the pool

@@ -118,6 +118,37 @@ async def test_an_answer_through_the_ingress_waits_for_the_commit(tmp_path: Path
         assert queue.stored_position == queue.position == 2
 
 
+async def test_an_answer_taken_for_later_waits_for_the_commit(tmp_path: Path) -> None:
+    """What a WebSocket ack waits for with a disk queue, while its reader goes on reading."""
+    async with DiskQueue(tmp_path) as queue:
+        ingress = Ingress(queue, SourceCounters("websocket", "w"), trio.Event(), grace_period=1.0)
+        answer = await ingress.offer_later([b"x", b"y"], A)
+        assert not answer.final and answer.accepted == 2
+        assert await answer.wait() == 2
+        assert queue.stored_position == queue.position == 2
+
+
+async def test_new_databases_get_64_kib_pages_and_older_ones_keep_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def page_size(directory: Path) -> int:
+        with sqlite3.connect(directory / "queue.sqlite3") as conn:
+            return int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+    async with DiskQueue(tmp_path / "new") as queue:
+        queue.put_many_nowait([b"x" * 100_000], origin=A)
+    assert page_size(tmp_path / "new") == 65536
+    with monkeypatch.context() as patch:
+        patch.setattr(_sqlite, "PAGE_SIZE", 4096)  # as databases were made before
+        async with DiskQueue(tmp_path / "old") as queue:
+            queue.put_many_nowait([b"x" * 100_000, b"y"], origin=A)
+    assert page_size(tmp_path / "old") == 4096
+    async with DiskQueue(tmp_path / "old") as again:
+        assert again.recovered == 2
+        assert again.take_batch_nowait(5).payloads == [b"x" * 100_000, b"y"]
+    assert page_size(tmp_path / "old") == 4096
+
+
 async def test_always_commits_each_put_on_its_own(tmp_path: Path) -> None:
     async with DiskQueue(tmp_path, fsync="always") as queue:
         for i in range(5):

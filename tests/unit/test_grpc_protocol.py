@@ -39,7 +39,8 @@ from trio_gateway.sources.grpc._protocol import (
 )
 
 PACKAGE = Path(__file__).resolve().parents[2] / "trio_gateway"
-SANS_IO = ("_protocol", "_calls", "_limits", "_http2")
+SANS_IO = ("grpc/_protocol", "grpc/_calls", "grpc/_limits", "_http2")
+"""The sans-IO modules under ``trio_gateway/sources``: the gRPC layer and the HTTP/2 one."""
 
 
 def _local_imports(module: Path) -> tuple[set[Path], set[str]]:
@@ -64,8 +65,7 @@ def _local_imports(module: Path) -> tuple[set[Path], set[str]]:
 
 
 def test_the_protocol_layer_imports_no_trio_even_indirectly() -> None:
-    grpc = PACKAGE / "sources" / "grpc"
-    todo = [grpc / f"{name}.py" for name in SANS_IO]
+    todo = [PACKAGE / "sources" / f"{name}.py" for name in SANS_IO]
     seen: set[Path] = set()
     while todo:
         module = todo.pop()
@@ -76,6 +76,7 @@ def test_the_protocol_layer_imports_no_trio_even_indirectly() -> None:
         assert not any(name.split(".")[0] == "trio" for name in other), module
         todo.extend(local)
     names = {str(path.relative_to(PACKAGE)) for path in seen}
+    names.discard("sources/_http2.py")
     assert not any(name.startswith(("sources/_", "_ingress", "_gateway")) for name in names)
 
 

@@ -68,7 +68,7 @@ LAYERS: dict[str, Layer] = {
     "_buffer": layer("_frames", "_message", "_receipts", "queues"),
     # the memory budget: one account that connections and the pump charge what they hold to
     "_budget": layer("_errors"),
-    "_ingress": layer("_budget", "_buffer", "_ledger", "_message", "queues"),
+    "_ingress": layer("_budget", "_buffer", "_ledger", "_message", "_receipts", "queues"),
     # the edges: a source reaches the queue only through its Ingress; sources and sinks never
     # import each other
     "sources": layer(
@@ -85,26 +85,25 @@ LAYERS: dict[str, Layer] = {
         "_tls",
         "_wire",
         "codecs",
+        "sources._http2",
         "sources.grpc._calls",
-        "sources.grpc._http2",
         "sources.grpc._limits",
         "sources.grpc._protocol",
-        "sources.http._h2scan",
     ),
-    # the HTTP source's frame scanner (slowloris deadlines, rapid reset): bytes in, no I/O
-    "sources.http._h2scan": layer(sans_io=True),
-    # the gRPC server's sans-IO HTTP/2 + gRPC layer: fed bytes, tested with bytes alone; the
-    # Trio I/O (sources.grpc._connection, _stream, _server) is around it
+    # the server side of HTTP/2, sans-IO: fed bytes, tested with bytes alone; under the gRPC
+    # server and the HTTP source's HTTP/2 path (their Trio I/O is around it)
+    "sources._http2": layer(sans_io=True),
+    # the gRPC server's sans-IO gRPC layer on it; the Trio I/O (sources.grpc._connection,
+    # _stream, _server) is around it
     "sources.grpc._limits": layer(sans_io=True),
-    "sources.grpc._http2": layer(sans_io=True),
     "sources.grpc._calls": layer(
         "_errors", "codecs", typing=("sources.grpc._protocol",), sans_io=True
     ),
     "sources.grpc._protocol": layer(
         "_errors",
         "_wire",
+        "sources._http2",
         "sources.grpc._calls",
-        "sources.grpc._http2",
         "sources.grpc._limits",
         sans_io=True,
     ),

@@ -62,6 +62,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._sources()
         yield from self._queue()
+        yield from self._budget()
         yield from self._pump()
 
     # -- sources --------------------------------------------------------------------------
@@ -126,6 +127,54 @@ class GatewayCollector(Collector):
             "blocked_producers",
             "Producers waiting for room under the block policy (backpressure in action).",
             stats.waiting_producers,
+        )
+
+    # -- the memory budget ----------------------------------------------------------------
+
+    def _budget(self) -> Iterator[Metric]:
+        gateway = self.gateway
+        budget = gateway.budget.statistics()
+        prefix = f"{PREFIX}_memory_budget"
+        yield GaugeMetricFamily(
+            f"{prefix}_bytes", "The memory budget (limits.max_memory).", value=budget.max_memory
+        )
+        shares = GaugeMetricFamily(
+            f"{prefix}_share_bytes",
+            "How the budget is split: queue (the queue's share), held (the rest: connections "
+            "and the sink's batch), connection (what one connection may hold of it).",
+            labels=["share"],
+        )
+        for share, value in (
+            ("queue", budget.queue_bytes),
+            ("held", budget.pool),
+            ("connection", budget.connection_share),
+        ):
+            shares.add_metric([share], value)
+        yield shares
+        used = GaugeMetricFamily(
+            f"{prefix}_used_bytes",
+            "Bytes charged to the budget now, by kind: queued (payload in a memory queue), "
+            "connections (read and not yet queued), batch (the pump's batch in hand).",
+            labels=["kind"],
+        )
+        queue = gateway.queue.statistics()
+        # A memory queue's byte bound is the budget's queue share; a disk queue's bytes are
+        # on disk (its share bounds what waits in memory for the writer, which it does not
+        # report), so then only trio_gateway_queue_bytes says what it holds.
+        if queue.max_bytes == budget.queue_bytes:
+            used.add_metric(["queued"], queue.bytes)
+        used.add_metric(["connections"], budget.connections)
+        used.add_metric(["batch"], budget.batch)
+        yield used
+        yield GaugeMetricFamily(
+            f"{prefix}_held_peak_bytes",
+            "The most the connections and the batch have held at once (queued not included).",
+            value=budget.peak,
+        )
+        yield GaugeMetricFamily(
+            f"{prefix}_waiting_connections",
+            "Connections that stopped reading until the budget has room (TCP).",
+            value=budget.waiting,
         )
 
     # -- pump, sink and the ledger --------------------------------------------------------

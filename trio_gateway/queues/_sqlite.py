@@ -51,6 +51,8 @@ _INSERT = (
     "INSERT OR IGNORE INTO runs (id, count, nbytes, skip, transport, listener, peer, received_at,"
     " message_id, lengths, data) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)"
 )
+PAGE_SIZE = 65536
+"""SQLite's page size for a new queue database (its largest)."""
 _RETRY_DELAY = (0.05, 2.0)
 """Seconds the writer waits before trying a failed commit again: the first time, and at most."""
 
@@ -157,6 +159,11 @@ class Writer:
     def connect(self) -> sqlite3.Connection:
         """A connection in WAL mode with this policy's ``synchronous``, the table created."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Before the first table: a new database gets 64 KiB pages (an existing one keeps its
+        # own). A run is a blob of up to a read's size, stored as a chain of overflow pages,
+        # each one a WAL frame with its header and checksum: 4 KiB pages (the default) wrote
+        # 62 MB/s of 4 MiB groups here, 64 KiB pages 300-340 MB/s (docs/queues.md).
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: every commit fsyncs the log. NORMAL (interval): commits reach the page cache,
         # which a killed process cannot lose; this thread fsyncs the log every interval.
@@ -170,6 +177,13 @@ class Writer:
 
     def start(self, report: Any, token: TrioToken) -> None:
         self._conn = self.connect()
+        # Room in SQLite's page cache for the last few groups: a run is deleted soon after it
+        # was inserted, and freeing its overflow chain reads every page of it (each holds the
+        # next one's number). With the default 2 MiB cache those reads went to the log: the
+        # writer's CPU per 4,266-byte message was 1.7x that with 4 groups' worth (measured
+        # here, docs/queues.md); more cache than that bought nothing.
+        cache_kib = max(4 * self.group_bytes // 1024, 2048)
+        self._conn.execute(f"PRAGMA cache_size=-{cache_kib}")
         self._report = report
         self._token = token
         self._thread = threading.Thread(target=self._loop, name="trio_gateway disk queue")

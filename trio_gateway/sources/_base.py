@@ -10,7 +10,7 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from types import EllipsisType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import h2.config
 import h2.connection
@@ -22,6 +22,7 @@ from h2.errors import ErrorCodes
 from .._errors import TransportError
 from .._ingress import Ingress
 from .._log import RateLimitedLogger, logger
+from ._accept import Lobby, accept_waiting, duplicate_listening, spoke
 from ._live import LiveConnection, LiveConnections
 from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_reuse_port
 from ._sockets import format_peer, open_tcp_listeners, peer_of
@@ -29,6 +30,7 @@ from ._sockets import format_peer, open_tcp_listeners, peer_of
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "EVICT_AFTER",
+    "EVICT_MUTE_AFTER",
     "LINGER_MAX_BYTES",
     "MAX_REFUSALS",
     "REFUSAL_DEBUG_DATA",
@@ -57,11 +59,22 @@ EVICT_AFTER: float | None = 1.0
 """Seconds of silence after which a connection may be closed to make room for a new one when
 the listener is at ``max_connections``: the default of ``serve_connections``' ``evict_after``,
 read when it starts (``None``: never)."""
+EVICT_MUTE_AFTER = 0.1
+"""Seconds after which, at ``max_connections``, a connection whose peer has sent nothing at all
+since it connected may be closed to make room, before any that has spoken (at most
+``evict_after``)."""
 REFUSAL_DEBUG_DATA = b"too many connections"
 """The debug data of the GOAWAY that ends a refused HTTP/2 connection."""
 _GOAWAY_MARGIN = 0.1
 """Seconds before the caller's deadline at which :func:`refuse_http2` stops waiting for
 requests and answers as things are."""
+_ACCEPT_BATCH = 1024
+"""Connections a listener takes from the kernel's accept queue in one go (see
+``serve_connections``)."""
+_LOBBY_SIZE = 1024
+"""Newcomers of a flood that may wait for their first bytes at once, per listener."""
+_LOBBY_LOOK = 0.02
+"""Seconds between looks at the lobby: what a good client that was slow to speak may wait."""
 _log = logger.getChild("sources")
 connection_errors = RateLimitedLogger(_log)
 
@@ -370,14 +383,22 @@ async def serve_connections(
     connections get ``ingress.grace_period`` to finish, and the rest are cancelled.
     ``task_status.started(bound)`` is called once the accept loops run.
 
-    At ``max_connections``, a new connection first takes the slot of the connection whose
-    peer has sent nothing for longest, if that is ``evict_after`` seconds or more and the
-    gateway has read everything it sent: that one is cancelled (its handler's cancel scope;
-    the stream closes) and counted as ``evicted``. So idle connections cannot lock good
-    clients out for a whole idle timeout, while a connection that is sending, or that the
-    gateway holds back (a queue full under ``block``), keeps its slot. ``None``: never evict;
-    where the kernel does not say how long a peer has been silent (``TCP_INFO``: Linux),
-    nothing is evicted either. Not given: :data:`EVICT_AFTER`.
+    At ``max_connections``, a new connection first takes the slot of a silent one, if the
+    gateway has read everything it sent: the one whose peer has sent nothing at all since it
+    connected, for longest, once that is :data:`EVICT_MUTE_AFTER` seconds (clients of these
+    protocols speak first); else the one whose peer has sent nothing for longest, if that is
+    ``evict_after`` seconds or more. That one is cancelled (its handler's cancel scope; the
+    stream closes) and counted as ``evicted``. So idle connections cannot lock good clients
+    out for a whole idle timeout, nor a flood of them for its first ``evict_after`` seconds,
+    while a connection that is sending, or that the gateway holds back (a queue full under
+    ``block``), keeps its slot. ``None``: never evict; where the kernel does not say how long
+    a peer has been silent (``TCP_INFO``: Linux), nothing is evicted either. Not given:
+    :data:`EVICT_AFTER`.
+
+    Plain TCP listeners take what waits in the kernel's accept queue whole (a flood), the
+    connections whose peers have spoken first (:mod:`._accept`); at the limit, the others
+    wait up to :data:`EVICT_MUTE_AFTER` for their first bytes, then are refused as below,
+    without evicting anyone.
 
     Otherwise a connection past ``max_connections`` is counted as ``too_many_connections``. Without
     ``refuse`` it is closed at once. With ``refuse``, ``refuse(stream)`` answers it in the
@@ -415,46 +436,81 @@ async def serve_connections(
             ingress.connection_closed()
             live.closed(entry)
 
-    async def accept_loop(listener: trio.abc.Listener[StreamT]) -> None:
+    async def admit(stream: StreamT, *, may_evict: bool = True) -> None:
         nonlocal refusing
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    connection_errors.warning(
-                        "%s: accept failed (%s); retrying in 0.1 s", ingress.listener, exc
-                    )
-                    await trio.sleep(0.1)
-                    continue
-                if (
-                    live.active >= max_connections
-                    and evict_after is not None
-                    and live.evict(evict_after)
-                ):
-                    ingress.reject("evicted")
-                    connection_errors.info(
-                        "%s: longest-silent connection closed to make room", ingress.listener
-                    )
-                if live.active >= max_connections:
-                    ingress.reject("too_many_connections")
-                    if refuse is not None and refusing < max_refusals:
-                        connection_errors.info(
-                            "%s: connection refused: limit reached", ingress.listener
-                        )
-                        refusing += 1
-                        connections.start_soon(refuse_one, stream)
+        if (
+            live.active >= max_connections
+            and may_evict
+            and evict_after is not None
+            and live.evict(evict_after, mute_for=min(EVICT_MUTE_AFTER, evict_after))
+        ):
+            ingress.reject("evicted")
+            connection_errors.info("%s: a silent connection closed to make room", ingress.listener)
+        if live.active < max_connections:
+            connections.start_soon(run_one, stream, live.opened(stream))
+            return
+        ingress.reject("too_many_connections")
+        if refuse is not None and refusing < max_refusals:
+            connection_errors.info("%s: connection refused: limit reached", ingress.listener)
+            refusing += 1
+            connections.start_soon(refuse_one, stream)
+        else:
+            connection_errors.info(
+                "%s: connection closed unanswered: limit reached%s",
+                ingress.listener,
+                ", refusals busy" if refuse is not None else "",
+            )
+            if isinstance(stream, trio.SocketStream):
+                stream.socket.close()  # at once: no await per connection of a flood
+            else:
+                await trio.aclose_forcefully(stream)
+
+    async def admit_flood(arrived: list[StreamT], lobby: Lobby[StreamT]) -> None:
+        """A flood: those whose peers have spoken first; at the limit, the others wait in
+        the lobby for their first bytes and are refused if none come (without evicting)."""
+        spoken, expired = lobby.sort_out()
+        mute: list[StreamT] = []
+        for stream in arrived:
+            (spoken if spoke(stream) else mute).append(stream)
+        for stream in spoken:
+            await admit(stream)
+        for stream in mute:
+            if live.active < max_connections or evict_after is None:
+                await admit(stream)
+            else:
+                expired += lobby.hold(stream)
+        for stream in expired:
+            await admit(stream, may_evict=False)
+
+    async def accept_loop(listener: trio.abc.Listener[StreamT]) -> None:
+        duplicate = duplicate_listening(listener)
+        lobby: Lobby[StreamT] = Lobby(wait=EVICT_MUTE_AFTER, every=_LOBBY_LOOK, size=_LOBBY_SIZE)
+        try:
+            async with listener:
+                while True:
+                    arrived: list[StreamT] = []
+                    with trio.move_on_at(lobby.next_look()):
+                        try:
+                            arrived.append(await listener.accept())
+                        except OSError as exc:
+                            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                                raise
+                            connection_errors.warning(
+                                "%s: accept failed (%s); retrying in 0.1 s", ingress.listener, exc
+                            )
+                            await trio.sleep(0.1)
+                            continue
+                    if duplicate is not None:
+                        waiting = accept_waiting(duplicate, _ACCEPT_BATCH - len(arrived))
+                        arrived += cast("list[StreamT]", waiting)
+                    if len(arrived) == 1 and not lobby:
+                        await admit(arrived[0])  # one at a time: it may not have spoken yet
                     else:
-                        connection_errors.info(
-                            "%s: connection closed unanswered: limit reached%s",
-                            ingress.listener,
-                            ", refusals busy" if refuse is not None else "",
-                        )
-                        await trio.aclose_forcefully(stream)
-                    continue
-                connections.start_soon(run_one, stream, live.opened(stream))
+                        await admit_flood(arrived, lobby)
+        finally:
+            lobby.close()
+            if duplicate is not None:
+                duplicate.close()
 
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as acceptors:

@@ -18,8 +18,8 @@ __all__ = (
     "format_peer",
     "open_tcp_listeners",
     "peer_of",
-    "silence",
     "socket_of",
+    "tcp_quiet",
     "unread_bytes",
 )
 
@@ -28,6 +28,12 @@ _LAST_DATA_RECV = 52
 """Offset of ``tcpi_last_data_recv`` (milliseconds, ``u32``) in Linux's ``struct tcp_info``:
 8 bytes of ``u8`` fields, then the ``u32`` fields rto, ato, snd_mss, rcv_mss, unacked, sacked,
 lost, retrans, fackets, last_data_sent, last_ack_sent, last_data_recv."""
+_BYTES_RECEIVED = 128
+"""Offset of ``tcpi_bytes_received`` (``u64``, Linux 4.1 and later): after last_data_recv, the
+``u32`` fields last_ack_recv, pmtu, rcv_ssthresh, rtt, rttvar, snd_ssthresh, snd_cwnd, advmss,
+reordering, rcv_rtt, rcv_space, total_retrans (100), then the ``u64`` fields pacing_rate,
+max_pacing_rate, bytes_acked, bytes_received."""
+_TCP_INFO_SIZE = _BYTES_RECEIVED + 8
 
 
 async def open_tcp_listeners(
@@ -96,19 +102,22 @@ def socket_of(stream: trio.abc.Stream) -> Any:
     return getattr(inner, "socket", None)
 
 
-def silence(sock: Any) -> float | None:
-    """Seconds since the peer last sent data on TCP socket ``sock``, as the kernel counts
-    them (whatever read it), or ``None`` where it does not say (not Linux, not TCP, closed)."""
+def tcp_quiet(sock: Any) -> tuple[float, bool] | None:
+    """What the kernel says of TCP socket ``sock``'s peer: seconds since it last sent data
+    (whatever read it; since the connection was set up if it never has), and whether it has
+    sent any data at all. ``None`` where the kernel does not say (not Linux, not TCP, closed);
+    whether it has sent is ``True`` where the kernel does not count bytes (before 4.1)."""
     if _TCP_INFO is None or sock is None:
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
     except OSError:
         return None
     if len(info) < _LAST_DATA_RECV + 4:
         return None
     millis: int = struct.unpack_from("I", info, _LAST_DATA_RECV)[0]
-    return millis / 1000
+    spoke = len(info) < _TCP_INFO_SIZE or struct.unpack_from("Q", info, _BYTES_RECEIVED)[0] > 0
+    return millis / 1000, spoke
 
 
 def unread_bytes(sock: Any) -> int:

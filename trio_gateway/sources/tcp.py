@@ -17,6 +17,7 @@ from .._message import Origin
 from ..codecs import FRAMINGS, NewlineDecoder
 from ._base import Source, connection_errors, peer_of, serve_connections
 from ._options import ListenOptions
+from ._sockets import unread_bytes
 
 __all__ = ("TcpSource",)
 
@@ -125,6 +126,15 @@ class TcpSource(Source):
         # a client trickling one byte at a time (slowloris) cannot hold the connection.
         deadline = trio.current_time() + idle_timeout
         while True:
+            if sock is not None and share.budget.crowded and not unread_bytes(sock):
+                # Nothing to read and the budget half taken: wait holding only the partial
+                # frame (and no buffer), so that idle connections do not take the budget from
+                # those that send. (Not always: a read after such a wait costs one more
+                # scheduler round.)
+                share.hold_nowait(decoder.buffered)
+                buffer = bytearray()
+                with trio.move_on_at(deadline):  # past it, the read below times out
+                    await trio.lowlevel.wait_readable(sock)
             # Over the memory budget, stop reading (counted once per pause) until room frees:
             # what a read can bring in is charged before it, with the partial frame.
             holding = 2 * read_size + decoder.buffered

@@ -293,6 +293,7 @@ class WebSocketSource(Source):
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(acked.send_acks, self.idle_timeout, stalled)
+                nursery.start_soon(acked.answer_in_order)
             await self._read_messages(ingress, connection, reader, peer, early, offer, share)
             nursery.cancel_scope.cancel()
 
@@ -324,6 +325,10 @@ class WebSocketSource(Source):
             if reader.invalid_text:
                 ingress.reject("malformed")
                 reader.invalid_text = False
+            if protocol.close_rcvd is not None and isinstance(connection, AckConnection):
+                # The client said goodbye: its last acks go before our reply to that.
+                with trio.move_on_after(idle):
+                    await connection.wait_answered()
             if not await connection.flush():
                 self._count_close(ingress, protocol, partial)
                 await self._linger(stream)

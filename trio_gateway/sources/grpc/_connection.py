@@ -25,7 +25,6 @@ would stall the connection's other calls, the ones whose messages free memory on
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -34,8 +33,9 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from ..._log import RateLimitedLogger, logger
+from .._http2 import ErrorCode
+from .._streamio import StreamIO
 from ._calls import CallChanged, CompressedCall, StreamReset
-from ._http2 import ErrorCode
 from ._protocol import (
     CallStarted,
     ConnectionBroken,
@@ -69,11 +69,8 @@ class Connection:
         self.server = server
         self.peer = peer
         self._share = share
-        self._stream = stream
-        # Plain TCP is read and written on its file descriptor, skipping the extra
-        # checkpoint trio's SocketStream takes after every successful recv/send: a unary
-        # call costs one scheduler pass less each way. TLS goes through the stream.
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        # plain TCP on its file descriptor: a unary call costs one scheduler pass less each way
+        self._io = StreamIO(stream, _READ_SIZE)
         self.proto = GrpcProtocol(
             server.limits,
             routes=server.mapping,
@@ -132,15 +129,9 @@ class Connection:
     def _write_now(self) -> None:
         """Write the queued output from the calling task, as much as the kernel takes; the
         writer (already woken) sends the rest, or reports the error."""
-        fd = self._fd
-        if fd is None:
-            return
         out = self._out
         data = out[0] if len(out) == 1 else b"".join(out)
-        try:
-            sent = os.write(fd, data)
-        except OSError:  # BlockingIOError, or a broken connection: the writer deals with it
-            sent = 0
+        sent = self._io.write_nowait(data)
         if sent == len(data):
             self._out = []
             self._out_size = 0
@@ -153,7 +144,7 @@ class Connection:
             await self._flushed.wait()
 
     async def _writer(self) -> None:
-        stream = self._stream
+        send_all = self._io.send_all
         try:
             while True:
                 await self._wake_writer.wait()
@@ -164,7 +155,7 @@ class Connection:
                     self._out = []
                     self._out_size = 0
                     self._sending = len(data)
-                    await self._send_all(stream, data)
+                    await send_all(data)
                     self._sending = 0
                 flushed, self._flushed = self._flushed, trio.Event()
                 flushed.set()
@@ -176,42 +167,6 @@ class Connection:
                 "%s: grpc connection from %s: send failed: %r", self.server.label, self.peer, exc
             )
             self._cancel()
-
-    async def _receive(self, stream: trio.abc.Stream) -> bytes | bytearray:
-        fd = self._fd
-        if fd is None:
-            return await stream.receive_some(_READ_SIZE)
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except BlockingIOError:
-            pass
-        else:
-            # data was waiting: let the others run first (shielded, as trio does, so that
-            # a cancellation never drops bytes already read)
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        while True:
-            await trio.lowlevel.wait_readable(fd)  # the checkpoint of this receive
-            try:
-                return os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                continue
-
-    async def _send_all(self, stream: trio.abc.Stream, data: bytes) -> None:
-        """Write everything; the writer checkpointed when it woke, so a write that the kernel
-        takes at once does not yield again."""
-        fd = self._fd
-        if fd is None:
-            await stream.send_all(data)
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                sent = os.write(fd, view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
-                continue
-            view = view[sent:]
 
     def _cancel(self) -> None:
         if self._nursery is not None:
@@ -255,13 +210,13 @@ class Connection:
             self._close_when_flushed()
 
     async def _reader(self) -> None:
-        stream = self._stream
+        receive = self._io.receive
         proto = self.proto
         dispatch = self._dispatch
         activity = proto.activity
         try:
             while True:
-                data = await self._receive(stream)
+                data = await receive()
                 if not data:
                     return
                 self.settle()

@@ -9,8 +9,9 @@ frames the answers (response headers, DATA, trailers) with HPACK blocks encoded 
 process. It counts what the bytes say is wrong through ``reject(reason)``; what the clock says
 (idle, too slow) is the I/O layer's business (``_connection``), as are tasks and waiting.
 
-HTTP/2 itself is :mod:`._http2` (our own, sans-IO): it parses a read's frames in one pass and
-calls this class back (the :class:`~._http2.Listener` methods ``on_*``); a DATA frame's payload
+HTTP/2 itself is :mod:`.._http2` (our own, sans-IO, shared with the HTTP source's HTTP/2
+path): it parses a read's frames in one pass and calls this class back (the
+:class:`~.._http2.Listener` methods ``on_*``); a DATA frame's payload
 goes straight into its call. This class also keeps the bounds on partial work: bytes held per
 connection (:attr:`ServerLimits.connection_budget`), and when each call's partial message
 began, so the I/O layer can cut one that takes too long (PINGs reset nothing here).
@@ -29,8 +30,8 @@ from grpclib.metadata import decode_timeout, encode_grpc_message, encode_metadat
 
 from ..._errors import ProtocolError
 from ..._wire import GRPC_CONTENT_TYPE
+from .._http2 import ErrorCode, Http2Error, Http2Server, StreamClosed, encode_headers
 from ._calls import Call, CallChanged, CompressedCall, StreamReset
-from ._http2 import ErrorCode, Http2Error, Http2Server, StreamClosed, encode_headers
 from ._limits import ServerLimits
 
 if TYPE_CHECKING:

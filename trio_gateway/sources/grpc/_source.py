@@ -12,8 +12,8 @@ import trio
 from ..._errors import ConfigurationError
 from ..._ingress import Ingress
 from .._base import Source, peer_of, serve_connections
+from .._http2 import DEFAULT_WINDOW
 from .._options import ListenOptions
-from ._http2 import DEFAULT_WINDOW
 from ._server import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer, ServerLimits, ServiceHandlers
 from ._services import (
     GatewayService,

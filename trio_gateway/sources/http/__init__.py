@@ -4,8 +4,9 @@ The request rules (path, method, token, size limit, NDJSON batches, what each re
 like) live in :class:`IngestRules` (:mod:`._rules`), which knows nothing about the wire.
 Three front ends apply them:
 
-* an HTTP/2 path (:mod:`._h2`) that drives h2 directly on the Trio stream (prior knowledge on
-  cleartext, or ALPN ``h2`` on TLS), with deadlines, bounded bodies and a rapid-reset limit;
+* an HTTP/2 path (:mod:`._h2`) on the project's sans-IO HTTP/2 layer (``sources/_http2.py``,
+  the gRPC server's too) on the Trio stream (prior knowledge on cleartext, or ALPN ``h2`` on
+  TLS), with deadlines, bounded bodies and a rapid-reset limit;
 * a lean HTTP/1.1 path (:mod:`._h11`) that parses with llhttp directly on the Trio stream, taken by
   HTTP/1.1 (cleartext or TLS) by default;
 * :class:`IngestApp` (:mod:`._asgi`), a plain ASGI application served by hypercorn's Trio

@@ -1,49 +1,65 @@
-"""The HTTP source's HTTP/2 path: :class:`IngestRules` over h2's state machine, on the Trio
-stream (cleartext with prior knowledge, or TLS with ALPN ``h2``).
+"""The HTTP source's HTTP/2 path: :class:`IngestRules` over the sans-IO :class:`Http2Server`
+(``sources/_http2.py``, the gRPC source's HTTP/2 layer too), on the Trio stream (cleartext
+with prior knowledge, or TLS with ALPN ``h2``).
 
 Served here rather than through hypercorn, which cannot be told what a hostile peer needs
-(docs/http.md has the figures): it acknowledges request bodies as they come, so a connection
-holds up to 100 bodies of ``max_message_size`` each; it has no deadline on a body or a header
-block that PINGs do not reset; it counts no rapid reset; and its ``keep_alive_max_requests``
-closes h2's state machine while a request is in flight, which then is never answered. Here:
+(docs/http.md has the figures), and no longer on ``h2``'s state machine, which took a quarter
+of the CPU of a request. Here:
 
 * a request (head and body) must be complete within ``idle_timeout`` of its first frame, and
-  a frame or header block within ``idle_timeout`` of its first byte (:class:`FrameScanner`);
-  PINGs, SETTINGS and WINDOW_UPDATE extend neither, nor the idle deadline of a connection with
-  no request. Past it: the slow requests get ``408``, ``GOAWAY(ENHANCE_YOUR_CALM)``,
-  ``too_slow``; a quiet connection gets ``GOAWAY(NO_ERROR)`` (counted ``idle_timeout`` if it
-  never sent a request, as on HTTP/1.1);
+  a frame or header block within ``idle_timeout`` of its first byte; PINGs, SETTINGS and
+  WINDOW_UPDATE extend neither, nor the idle deadline of a connection with no request. Past
+  it: the slow requests get ``408``, ``GOAWAY(ENHANCE_YOUR_CALM)``, ``too_slow``; a quiet
+  connection gets ``GOAWAY(NO_ERROR)`` (counted ``idle_timeout`` if it never sent a request,
+  as on HTTP/1.1);
 * the body bytes a connection holds (being received or waiting for the queue) are bounded by
-  ``max_held`` plus one request and one flow-control window: past ``max_held`` only the
-  oldest request's DATA is acknowledged, so it can finish while the others wait;
-* more than :data:`MAX_RESETS` streams reset by the client within :data:`RESET_WINDOW`
-  seconds ends the connection with ``GOAWAY(ENHANCE_YOUR_CALM)``, counted ``rapid_reset``;
+  ``max_held``, plus one request, plus one stream window (:data:`STREAM_WINDOW`) for each
+  other request: past ``max_held`` only the oldest request's stream window is reopened, so
+  it can finish while the others wait (the connection's window is always given back, so
+  that the others' bytes can never starve the oldest of it), and a large body gets a larger
+  window (:data:`OLDEST_WINDOW`) while it is the oldest. They are
+  charged to the gateway's memory budget (the connection's share): a request that the budget
+  has no room for (by its ``Content-Length`` at its head, or as its DATA comes) gets ``503`` +
+  ``Retry-After``, counted ``over_budget``, and the connection goes on;
+* more than :data:`MAX_RESETS` streams reset within :data:`RESET_WINDOW` seconds ends the
+  connection with ``GOAWAY(ENHANCE_YOUR_CALM)``, counted ``rapid_reset`` (the limit is
+  :class:`Http2Server`'s);
 * a connection is never recycled by request count; where one ends (shutdown, a deadline, an
-  attack) the ``GOAWAY`` is written by hand, so h2's state machine stays open for the requests
-  in flight, and names the last stream that was or will be processed; streams after it get
-  ``REFUSED_STREAM`` (never processed: safe to retry).
+  attack) the ``GOAWAY`` names the last stream that was or will be processed, and the
+  requests in flight up to it are still answered; streams after it get ``REFUSED_STREAM``
+  (never processed: safe to retry).
+
+One connection's state machine (its requests, their flow control and charge, the deadlines,
+the GOAWAY), which every method shares: hence its length.
+
+Speed: a read is parsed in one pass, and a request whose body the queue takes at once (one
+message, complete in the read) is answered from the reader, without a task: the answers to
+every request of a read go out in one write. A request that may wait (a full queue under
+``block``, an NDJSON batch, a disk queue, ``ack = delivered``) gets a task of its own.
 """
 
 from __future__ import annotations
 
-import logging
+import math
+from typing import TYPE_CHECKING
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
 import trio
-from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
 
 from .._base import connection_errors, linger
-from ._h2scan import FrameScanner, ResetWindow
+from .._http2 import (
+    ErrorCode,
+    Http2Error,
+    Http2Server,
+    StreamClosed,
+    encode_headers,
+)
+from .._streamio import StreamIO
 from ._rules import BodyKind, Headers, IngestRules, Reply
 
-__all__ = ("MAX_RESETS", "MAX_STREAMS", "RESET_WINDOW", "serve_http2")
+if TYPE_CHECKING:
+    from ..._budget import ConnectionShare
 
-_log = logging.getLogger("trio_gateway.sources.http")
+__all__ = ("MAX_RESETS", "MAX_STREAMS", "RESET_WINDOW", "serve_http2")
 
 MAX_STREAMS = 100
 """Requests open at once on one connection (``SETTINGS_MAX_CONCURRENT_STREAMS``)."""
@@ -51,160 +67,192 @@ MAX_RESETS = 200
 """Streams a client may reset within :data:`RESET_WINDOW` seconds (rapid reset)."""
 RESET_WINDOW = 1.0
 MAX_RECV = 64 * 1024
+MAX_FRAME_SIZE = 16384
+"""Our ``SETTINGS_MAX_FRAME_SIZE`` (RFC 9113's smallest): bounds a partial frame."""
+STREAM_WINDOW = 16384
+"""Our ``SETTINGS_INITIAL_WINDOW_SIZE``: what a request past ``max_held`` may send before it
+waits for its turn (100 of them: 1.6 MB at most)."""
+OLDEST_WINDOW = 256 * 1024
+"""The stream window of the oldest request once its body passes half of
+:data:`STREAM_WINDOW`, and the connection's window: a large upload is not held to 16 KiB a
+round trip."""
 LINGER_SECONDS = 2.0
 """At most this long (and ``idle_timeout``) the last answers and GOAWAY get to be read."""
-_MAX_STREAM_ID = 2**31 - 1
 
 
 class _Request:
     """A request whose head has come: its body so far, and when it began."""
 
-    __slots__ = ("chunks", "cors", "kind", "size", "started", "unacked")
+    __slots__ = ("chunks", "cors", "expected", "grown", "kind", "size", "started", "unacked")
 
-    def __init__(self, started: float, kind: BodyKind, cors: Headers) -> None:
+    def __init__(self, started: float, kind: BodyKind, cors: Headers, expected: int | None):
         self.started = started
         self.kind = kind
         self.cors = cors
+        self.expected = expected  # its Content-Length, if it gave one
         self.chunks: list[bytes] = []
         self.size = 0
-        self.unacked = 0  # flow-controlled bytes received and not yet acknowledged
+        self.unacked = 0  # flow-controlled bytes whose stream window is not reopened yet
+        self.grown = False  # its stream window made OLDEST_WINDOW
 
 
 class _Http2Connection:
+    """One connection: the :class:`Http2Server`'s listener (its ``on_*`` methods run while a
+    read is parsed), a reader, a clock for the deadlines, and a task per request that waits."""
+
     def __init__(
         self,
         rules: IngestRules,
         stream: trio.abc.Stream,
         peer: str,
+        share: ConnectionShare,
         *,
         idle_timeout: float,
         max_header_size: int,
         max_held: int,
     ) -> None:
         self.rules = rules
+        self.ingress = rules.ingress
+        self.io = StreamIO(stream, MAX_RECV)
         self.stream = stream
         self.peer = peer
+        self.share = share
         self.idle_timeout = idle_timeout
         self.max_held = max_held
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config=config)
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_size,
-            },
+        self.h2 = Http2Server(
+            self,
+            max_concurrent_streams=MAX_STREAMS,
+            stream_window=STREAM_WINDOW,
+            connection_window=OLDEST_WINDOW,
+            max_frame_size=MAX_FRAME_SIZE,
+            max_header_list_size=max_header_size,
+            max_resets=MAX_RESETS,
+            reset_window=RESET_WINDOW,
+            clock=trio.current_time,
         )
-        self.scanner = FrameScanner()
-        self.resets = ResetWindow(MAX_RESETS, RESET_WINDOW)
         self.requests: dict[int, _Request] = {}  # receiving, oldest first
         self.answering: dict[int, _Request] = {}  # complete, waiting for the queue
         self.unsent: dict[int, bytes] = {}  # answers' bodies waiting for the client's window
         self.held = 0  # body bytes in requests and answering
+        self.unacked = 0  # of which the stream windows were not reopened (past max_held)
         self.last_stream = 0  # the highest stream processed or to be processed
-        self.goaway_sent: int | None = None  # last stream named by our GOAWAY
-        self.extra = b""  # frames written by hand, after h2's
-        self.partial_since: float | None = None
-        self.quiet_since = trio.current_time()
-        self.send_lock = trio.Lock()
+        self.goaway_sent: int | None = None  # the last stream a GOAWAY (ours or theirs) allows
+        self.now = trio.current_time()  # of the read being parsed
+        self.quiet_since = self.now  # when a request last came, or an answer went
+        self.stalled_at: float | None = None  # when a partial frame or header block began
+        # the last header list seen (the HPACK cache gives the same object for the same
+        # block) and what the rules made of it: a client repeating its headers is judged once
+        self.head_of: object = None
+        self.head: tuple[Headers, BodyKind, int | None] = ((), BodyKind(False), None)
+        self.reply_of: Reply | None = None  # the last answer's HPACK block, without CORS
+        self.reply_block = b""
+        self.sending = False
+        self.sent = trio.lowlevel.ParkingLot()  # who waits for another task's write
         self.reading = trio.CancelScope()
         self.reader: trio.lowlevel.Task | None = None
         self.done = trio.Event()  # nothing in flight after a GOAWAY
+        self.nursery: trio.Nursery | None = None
 
     # -- the connection's life ------------------------------------------------------------
 
     async def run(self, received: bytes) -> None:
-        self.h2.initiate_connection()
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self._stop_when_stopping)
-                with self.reading:
-                    await self._read(received)
-                if self.goaway_sent is not None:
-                    await self.done.wait()  # the answers in flight (bounded by queue_wait)
-                nursery.cancel_scope.cancel()
-            await self._flush()
-            # so that the GOAWAY is read, not lost to the reset of a close with unread bytes
-            with trio.move_on_after(min(self.idle_timeout, LINGER_SECONDS)):
-                await linger(self.stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+            await self._serve(received)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the connection broke: nothing left to say
 
-    async def _read(self, data: bytes) -> None:
-        ingress = self.rules.ingress
+    async def _serve(self, received: bytes) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._stop_when_stopping)
+            nursery.start_soon(self._clock)
+            with self.reading:
+                await self._flush()  # our SETTINGS
+                await self._read(received)
+            if self.goaway_sent is not None:
+                await self.done.wait()  # the answers in flight (bounded by queue_wait)
+            nursery.cancel_scope.cancel()
+        await self._flush()
+        # so that the GOAWAY is read, not lost to the reset of a close with unread bytes
+        with trio.move_on_after(min(self.idle_timeout, LINGER_SECONDS)):
+            await linger(self.stream)
+
+    async def _read(self, data: bytes | bytearray) -> None:
+        h2 = self.h2
+        share = self.share
         self.reader = trio.lowlevel.current_task()
         while True:
             if data:
-                if not self._receive(data):
+                self.now = trio.current_time()
+                try:
+                    h2.receive_data(data)
+                except Http2Error as exc:
+                    self._broken(exc)
                     return
+                if not h2.stalled_bytes:
+                    self.stalled_at = None
+                elif self.stalled_at is None:
+                    self.stalled_at = self.now
+                if share.held != self.held:
+                    share.hold_nowait(self.held)  # back to what is held (a head's check gone)
                 await self._flush()
                 if self.done.is_set():
                     return
-            deadline, reason = self._deadline()
-            with trio.move_on_at(deadline):
-                data = bytes(await self.stream.receive_some(MAX_RECV))
-                if not data:
-                    return  # the client closed its side
-                continue
-            if reason == "idle_timeout":
-                if not self.last_stream:  # as on HTTP/1.1: counted if it never sent a request
-                    ingress.reject("idle_timeout")
-                self._goaway(ErrorCodes.NO_ERROR)
-            else:
-                self._too_slow()
-            return
+            data = await self.io.receive()
+            if not data:
+                return  # the client closed its side
 
-    def _receive(self, data: bytes) -> bool:
-        """Feed what the client sent; False once the connection is to end."""
-        scanner = self.scanner
-        before = scanner.resets
-        scanner.feed(data)
-        now = trio.current_time()
-        if scanner.resets > before and self.resets.add(scanner.resets - before, now):
-            self.rules.ingress.reject("rapid_reset")
-            connection_errors.info(
-                "%s: %s: more than %d streams reset within %.0f s: closed",
-                self.rules.ingress.listener,
-                self.peer,
-                MAX_RESETS,
-                RESET_WINDOW,
-            )
-            self._drop_partial()
-            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
-            return False
-        if not scanner.partial:
-            self.partial_since = None
-        elif self.partial_since is None:
-            self.partial_since = now
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self.rules.ingress.reject("malformed")
-            connection_errors.info(
-                "%s: bad HTTP/2 from %s: %r", self.rules.ingress.listener, self.peer, exc
-            )
-            return False  # h2 wrote its GOAWAY
-        for event in events:
-            self._on_event(event, now)
-        return True
+    def _broken(self, exc: Http2Error) -> None:
+        """The client broke HTTP/2 or a limit (rapid reset): :class:`Http2Server` queued its
+        GOAWAY; what is still being received is dropped, what waits for the queue is
+        answered."""
+        self.ingress.reject(exc.reason)
+        connection_errors.info(
+            "%s: HTTP/2 from %s: %s, closed", self.ingress.listener, self.peer, exc
+        )
+        self.last_stream = max(self.last_stream, self.h2.highest_stream_id)
+        self.goaway_sent = self.last_stream
+        for stream_id, request in list(self.requests.items()):
+            self._forget(stream_id, request)
+        self._check_done()
 
     def _deadline(self) -> tuple[float, str]:
         """When the connection is next due, and what it is then: ``too_slow`` (a request or a
         frame begun) or ``idle_timeout`` (no request at all)."""
-        starts = []
+        start = math.inf
         if self.requests:
-            starts.append(next(iter(self.requests.values())).started)
-        if self.partial_since is not None:
-            starts.append(self.partial_since)
-        if starts:
-            return min(starts) + self.idle_timeout, "too_slow"
+            start = next(iter(self.requests.values())).started
+        if self.stalled_at is not None:
+            start = min(start, self.stalled_at)
+        if start < math.inf:
+            return start + self.idle_timeout, "too_slow"
         if self.answering or self.goaway_sent is not None:
-            return float("inf"), ""  # the gateway's turn (or shutdown's grace period)
+            return math.inf, ""  # the gateway's turn (or shutdown's grace period)
         return self.quiet_since + self.idle_timeout, "idle_timeout"
 
+    async def _clock(self) -> None:
+        """Act on the deadlines. Each is ``idle_timeout`` after something began, and what
+        begins later is due later, so sleeping until the earliest one known misses none; with
+        none known (answers at work), look again within ``idle_timeout``."""
+        while True:
+            deadline, reason = self._deadline()
+            if deadline == math.inf:
+                deadline = trio.current_time() + self.idle_timeout
+            await trio.sleep_until(deadline)
+            deadline, reason = self._deadline()
+            if deadline <= trio.current_time():
+                break
+        if reason == "idle_timeout":
+            if not self.last_stream:  # as on HTTP/1.1: counted if it never sent a request
+                self.ingress.reject("idle_timeout")
+            self._goaway(ErrorCode.NO_ERROR)
+        else:
+            self._too_slow()
+        self.reading.cancel()
+        await self._flush()
+
     def _too_slow(self) -> None:
-        ingress = self.rules.ingress
+        ingress = self.ingress
         ingress.reject("too_slow")
         connection_errors.info(
             "%s: %s: request not complete within %.0f s",
@@ -213,35 +261,30 @@ class _Http2Connection:
             self.idle_timeout,
         )
         for stream_id, request in list(self.requests.items()):
-            self._release(stream_id, request)
-            self._respond(stream_id, self.rules.too_slow, request.cors, reset=True)
-        self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._forget(stream_id, request)
+            self._respond(stream_id, self.rules.too_slow, request.cors)
+        self._goaway(ErrorCode.ENHANCE_YOUR_CALM)
 
     async def _stop_when_stopping(self) -> None:
         """Shutdown: ``GOAWAY(NO_ERROR)`` naming the streams received so far, which are
         finished within the grace period (``serve_connections`` cancels the rest)."""
-        await self.rules.ingress.wait_stopping()
-        self.last_stream = max(self.last_stream, self.h2.highest_inbound_stream_id)
-        self._goaway(ErrorCodes.NO_ERROR)
+        await self.ingress.wait_stopping()
+        self.last_stream = max(self.last_stream, self.h2.highest_stream_id)
+        self._goaway(ErrorCode.NO_ERROR)
         await self._flush()
 
-    def _goaway(self, code: ErrorCodes) -> None:
-        """A ``GOAWAY`` written by hand, so that h2's state machine stays open for the
-        requests in flight (h2's own would refuse their answers)."""
-        if self.goaway_sent is not None and code == ErrorCodes.NO_ERROR:
+    def _goaway(self, code: int) -> None:
+        """A ``GOAWAY`` naming :attr:`last_stream`; the requests up to it go on (those still
+        being received are refused if ``code`` is an error)."""
+        if self.goaway_sent is not None and code == ErrorCode.NO_ERROR:
             return
         self.goaway_sent = self.last_stream
-        frame = GoAwayFrame(0, last_stream_id=self.last_stream, error_code=code)
-        self.extra += frame.serialize()
-        if code != ErrorCodes.NO_ERROR:
-            self._drop_partial()
+        self.h2.goaway(self.last_stream, code)
+        if code != ErrorCode.NO_ERROR:
+            for stream_id, request in list(self.requests.items()):
+                self._forget(stream_id, request)
+                self.h2.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
         self._check_done()
-
-    def _drop_partial(self) -> None:
-        """Requests still being received will not be processed: ``REFUSED_STREAM``."""
-        for stream_id, request in list(self.requests.items()):
-            self._release(stream_id, request)
-            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
 
     def _check_done(self) -> None:
         """After a GOAWAY, once nothing is in flight: stop reading (the reader itself returns
@@ -251,163 +294,251 @@ class _Http2Connection:
             if trio.lowlevel.current_task() is not self.reader:
                 self.reading.cancel()
 
-    # -- h2's events ----------------------------------------------------------------------
+    # -- the Listener methods: called by Http2Server while it parses a read ---------------
 
-    def _on_event(self, event: h2.events.Event, now: float) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._on_request(event, now)
-        elif isinstance(event, h2.events.DataReceived):
-            self._on_data(event)
-        elif isinstance(event, h2.events.StreamEnded):
-            request = self.requests.pop(event.stream_id, None)
-            if request is not None:
-                self.answering[event.stream_id] = request
-                self.quiet_since = now
-                self.nursery.start_soon(self._answer, event.stream_id, request)
-        elif isinstance(event, h2.events.StreamReset):
-            request = self.requests.get(event.stream_id)
-            if request is not None:  # still coming: dropped (an answer in flight goes on)
-                self._release(event.stream_id, request)
-            self.unsent.pop(event.stream_id, None)
-            self._check_done()
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            for stream_id in list(self.unsent):
-                self._send_body(stream_id, self.unsent.pop(stream_id))
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self.last_stream = max(self.last_stream, self.h2.highest_inbound_stream_id)
-            self.goaway_sent = self.last_stream  # the client's GOAWAY: no new streams come
-            self._check_done()
-
-    def _on_request(self, event: h2.events.RequestReceived, now: float) -> None:
-        stream_id = event.stream_id
+    def on_request(self, stream_id: int, headers: list[tuple[str, str]], end: bool) -> None:
         if self.goaway_sent is not None and stream_id > self.goaway_sent:
-            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: not processed
+            self.h2.refuse_stream(stream_id)  # after our GOAWAY: not processed
             return
-        self.last_stream = max(self.last_stream, stream_id)
-        self.quiet_since = now
-        method = path = b""
-        headers = event.headers or []
-        for name, value in headers:
-            if name == b":method":
-                method = bytes(value)
-            elif name == b":path":
-                path = bytes(value)
-        pairs = [(bytes(name), bytes(value)) for name, value in headers]
-        rules = self.rules
-        cors = rules.cors_headers(pairs)
-        refusal, kind = rules.head(method, path, pairs)
-        if refusal is not None:
-            self._respond(stream_id, refusal, cors, reset=not event.stream_ended)
-            return
-        self.requests[stream_id] = _Request(now, kind, cors)
+        self.last_stream = stream_id
+        self.quiet_since = now = self.now
+        if headers is self.head_of:
+            cors, kind, expected = self.head
+        else:
+            pairs = [(name.encode(), value.encode()) for name, value in headers]
+            method = path = b""
+            expected = None
+            for name, value in pairs:
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b"content-length" and value.isdigit():
+                    expected = int(value)
+            rules = self.rules
+            cors = rules.cors_headers(pairs)
+            refusal, kind = rules.head(method, path, pairs)
+            if refusal is not None:  # counted by the rules: never cached
+                self._respond(stream_id, refusal, cors)
+                return
+            self.head_of = headers
+            self.head = (cors, kind, expected)
+        request = _Request(now, kind, cors, expected)
+        if expected and not self.share.hold_nowait(self.held + expected):
+            self._over_budget(stream_id, request)  # before the body is sent
+        elif end:
+            self._complete(stream_id, request)
+        else:
+            self.requests[stream_id] = request
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        stream_id = event.stream_id
-        length = event.flow_controlled_length
+    def on_data(self, stream_id: int, data: bytes, flow_len: int, end: bool) -> None:
         request = self.requests.get(stream_id)
         if request is None:  # answered already (a refusal): read and discarded
-            self._acknowledge(stream_id, length)
+            self.h2.acknowledge(stream_id, flow_len)
             return
-        data = event.data
-        request.size += len(data)
+        self.quiet_since = self.now
+        size = request.size + len(data)
+        request.size = size
         self.held += len(data)
-        if request.size > self.rules.max_body_size:
-            self._release(stream_id, request)
-            self._acknowledge(stream_id, length)
-            self._respond(stream_id, self.rules.body_too_large(), request.cors, reset=True)
+        if size > self.rules.max_body_size:
+            self._forget(stream_id, request)
+            self.h2.acknowledge(stream_id, flow_len)
+            self._respond(stream_id, self.rules.body_too_large(), request.cors)
+            return
+        if self.held > self.share.held and not self.share.hold_nowait(self.held):
+            self.h2.acknowledge(stream_id, flow_len)
+            self._over_budget(stream_id, request)
             return
         request.chunks.append(data)
-        if self.held <= self.max_held or request is next(iter(self.requests.values())):
-            self._acknowledge(stream_id, length)
+        if end:
+            self.h2.acknowledge(0, flow_len)  # the stream is over: the connection's window
+            self._complete(stream_id, request)
+            return
+        oldest = next(iter(self.requests.values())) is request
+        if self.held <= self.max_held or oldest:
+            self.h2.acknowledge(stream_id, flow_len)
+        else:  # the stream waits for its turn (bounded memory); the connection goes on
+            self.h2.acknowledge(0, flow_len)
+            request.unacked += flow_len
+            self.unacked += flow_len
+        if oldest and not request.grown and size > STREAM_WINDOW // 2:
+            request.grown = True
+            self.h2.open_window(stream_id, OLDEST_WINDOW - STREAM_WINDOW)
+
+    def on_end(self, stream_id: int) -> None:
+        request = self.requests.get(stream_id)
+        if request is not None:
+            self._complete(stream_id, request)
+
+    def on_reset(self, stream_id: int) -> None:
+        request = self.requests.get(stream_id)
+        if request is not None:  # still coming: dropped (an answer in flight goes on)
+            self._forget(stream_id, request)
+        self.unsent.pop(stream_id, None)
+        self._check_done()
+
+    def on_refused(self, stream_id: int, reason: str) -> None:
+        self.ingress.reject(reason)
+
+    def on_window(self) -> None:
+        for stream_id in list(self.unsent):
+            self._send_body(stream_id, self.unsent.pop(stream_id))
+
+    def on_ping_ack(self, data: bytes) -> None:
+        """We send no PING."""
+
+    def on_goaway(self, last_stream_id: int) -> None:
+        self.last_stream = max(self.last_stream, self.h2.highest_stream_id)
+        self.goaway_sent = self.last_stream  # the client's GOAWAY: no new streams come
+        self._check_done()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _complete(self, stream_id: int, request: _Request) -> None:
+        """The request has ended: answered now if the queue takes it at once, else by a task
+        that may wait for room."""
+        self.requests.pop(stream_id, None)
+        if request.expected is not None and request.size != request.expected:
+            # RFC 9113 8.1.1: a malformed request, a stream error
+            self.ingress.reject("malformed")
+            self._forget(stream_id, request)
+            self.h2.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
+            return
+        chunks = request.chunks
+        if len(chunks) == 1:
+            body = chunks[0]
+        elif not chunks:
+            body = b""
+        elif self.share.hold_nowait(self.held + request.size):  # the join, for a moment
+            body = b"".join(chunks)
+            request.chunks = [body]
         else:
-            request.unacked += length  # the client waits for its window (bounded memory)
+            self._over_budget(stream_id, request)
+            return
+        reply = self.rules.ingest_nowait(body, request.kind, self.peer)
+        if reply is not None:
+            self._forget(stream_id, request)
+            self._respond(stream_id, reply, request.cors)
+            return
+        assert self.nursery is not None
+        self._reopen()  # the next request is the oldest now
+        self.answering[stream_id] = request
+        self.nursery.start_soon(self._answer, stream_id, request, body)
 
-    def _acknowledge(self, stream_id: int, length: int) -> None:
-        try:
-            self.h2.acknowledge_received_data(length, stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass  # closed meanwhile: nothing to open the window of
+    def _over_budget(self, stream_id: int, request: _Request) -> None:
+        """The memory budget has no room for the request: ``503`` + ``Retry-After``."""
+        self.ingress.reject("over_budget")
+        self._forget(stream_id, request)
+        self._respond(stream_id, self.rules.over_budget, request.cors)
 
-    def _release(self, stream_id: int, request: _Request) -> None:
+    def _forget(self, stream_id: int, request: _Request) -> None:
         """A request leaves (answered, refused or dropped): its bytes are no longer held, and
         the requests whose DATA waited for room are acknowledged, oldest first."""
         self.requests.pop(stream_id, None)
         self.held -= request.size
+        request.size = 0
         request.chunks = []
+        self.unacked -= request.unacked  # its stream is over: nothing to reopen
+        request.unacked = 0
+        self._reopen()
+
+    def _reopen(self) -> None:
+        """Reopen the stream windows of the requests whose DATA waited for room: the oldest
+        one's always, the others' while the connection holds at most ``max_held``."""
+        if not self.unacked:
+            return
         for index, (waiting_id, waiting) in enumerate(self.requests.items()):
             if not waiting.unacked:
                 continue
             if index and self.held > self.max_held:
                 break
-            self._acknowledge(waiting_id, waiting.unacked)
+            self.h2.acknowledge(waiting_id, waiting.unacked, connection=False)
+            self.unacked -= waiting.unacked
             waiting.unacked = 0
 
-    # -- answers --------------------------------------------------------------------------
-
-    async def _answer(self, stream_id: int, request: _Request) -> None:
-        body = b"".join(request.chunks)
-        request.chunks = [body]
+    async def _answer(self, stream_id: int, request: _Request, body: bytes) -> None:
         try:
             try:
                 reply = await self.rules.ingest(body, request.kind, self.peer)
             finally:
-                self._release(stream_id, request)
+                self._forget(stream_id, request)
+                self.share.hold_nowait(self.held)
             self.quiet_since = trio.current_time()
-            self._respond(stream_id, reply, request.cors, reset=False)
+            self._respond(stream_id, reply, request.cors)
             await self._flush()
         finally:
             self.answering.pop(stream_id, None)  # in flight until written
             self._check_done()
 
-    def _respond(self, stream_id: int, reply: Reply, cors: Headers, *, reset: bool) -> None:
-        """Send ``reply`` on ``stream_id``; with ``reset``, the request is still coming and is
+    # -- answers --------------------------------------------------------------------------
+
+    def _respond(self, stream_id: int, reply: Reply, cors: Headers) -> None:
+        """Send ``reply`` on ``stream_id``. If the request is still coming, the stream is
         then reset with ``NO_ERROR`` ("stop sending, the answer is final", RFC 9113 8.1)."""
-        headers = [(b":status", b"%d" % reply.status), *reply.headers, *cors]
+        if cors:
+            block = encode_headers(((b":status", b"%d" % reply.status), *reply.headers, *cors))
+        elif reply is self.reply_of:
+            block = self.reply_block
+        else:
+            block = encode_headers(((b":status", b"%d" % reply.status), *reply.headers))
+            self.reply_of, self.reply_block = reply, block
         try:
-            self.h2.send_headers(stream_id, headers, end_stream=not reply.body)
-        except h2.exceptions.H2Error:
+            self.h2.send_headers(stream_id, block, end_stream=not reply.body)
+        except StreamClosed:
             return  # the client reset it meanwhile
         if reply.body:
             self._send_body(stream_id, reply.body)
-        if reset:
-            self._reset(stream_id, ErrorCodes.NO_ERROR)
+        else:
+            self.h2.reset_stream(stream_id, ErrorCode.NO_ERROR)  # nothing if it has ended
 
     def _send_body(self, stream_id: int, body: bytes) -> None:
         """As much of ``body`` as the client's windows let through; the rest waits for its
         WINDOW_UPDATE (an answer is small: at most :data:`MAX_STREAMS` of them wait)."""
-        h2conn = self.h2
+        h2 = self.h2
         try:
-            room = min(h2conn.local_flow_control_window(stream_id), h2conn.max_outbound_frame_size)
-            if room >= len(body):
-                h2conn.send_data(stream_id, body, end_stream=True)
+            room = h2.send_window(stream_id)
+            if room < len(body):
+                if room > 0:
+                    h2.send_data(stream_id, body[:room])
+                    body = body[room:]
+                self.unsent[stream_id] = body
                 return
-            if room > 0:
-                h2conn.send_data(stream_id, body[:room])
-            self.unsent[stream_id] = body[room:]
-        except h2.exceptions.H2Error:
-            self.unsent.pop(stream_id, None)  # reset or closed meanwhile
-
-    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except h2.exceptions.H2Error:
-            pass  # closed already
+            h2.send_data(stream_id, body, end_stream=True)
+        except StreamClosed:
+            return  # reset or closed meanwhile
+        h2.reset_stream(stream_id, ErrorCode.NO_ERROR)  # nothing if the request has ended
 
     async def _flush(self) -> None:
-        """Write what h2 and :meth:`_goaway` have queued, in order. Shielded: bytes taken from
-        h2 are written whole or the connection is dead, so a cancellation (the connection
-        ending) waits for a write in progress, at most ``idle_timeout``. A client that does
-        not read stops this connection's reading too (bounded output); one that reads
+        """Write what :class:`Http2Server` has queued, in order, at once when the kernel
+        takes it. Else shielded: bytes taken are written whole or the connection is dead, so
+        a cancellation (the connection ending) waits for a write in progress, at most
+        ``idle_timeout``. Meanwhile the reader waits too (bounded output); a client that reads
         nothing for ``idle_timeout`` is cut (``too_slow``)."""
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.idle_timeout) as stalled:
-                async with self.send_lock:
-                    data = self.h2.data_to_send() + self.extra
-                    self.extra = b""
-                    if data:
-                        await self.stream.send_all(data)
-        if stalled.cancelled_caught:
-            self.rules.ingress.reject("too_slow")
+        while self.sending:
+            await self.sent.park()
+        out = self.h2.output
+        if not out:
+            return
+        data = bytes(out)
+        out.clear()
+        sent = self.io.write_nowait(data)
+        if sent == len(data):
+            return
+        self.sending = True
+        try:
+            deadline = trio.current_time() + self.idle_timeout
+            with trio.CancelScope(deadline=deadline, shield=True) as scope:
+                await self.io.send_all(memoryview(data)[sent:])
+                while out:  # queued by the others meanwhile
+                    data = bytes(out)
+                    out.clear()
+                    await self.io.send_all(data)
+        finally:
+            self.sending = False
+            self.sent.unpark_all()
+        if scope.cancelled_caught:
+            self.ingress.reject("too_slow")
+            assert self.nursery is not None
             self.nursery.cancel_scope.cancel()
             self.reading.cancel()
 
@@ -425,12 +556,14 @@ async def serve_http2(
     """Serve ``POST`` requests over HTTP/2 until the peer closes, goes quiet, is too slow or
     abusive, or the gateway stops (see the module docstring). ``received``: the bytes already
     read to route the connection (the preface, on cleartext)."""
-    connection = _Http2Connection(
-        rules,
-        stream,
-        peer,
-        idle_timeout=idle_timeout,
-        max_header_size=max_header_size,
-        max_held=max_held,
-    )
-    await connection.run(received)
+    with rules.ingress.budget.connection() as share:
+        connection = _Http2Connection(
+            rules,
+            stream,
+            peer,
+            share,
+            idle_timeout=idle_timeout,
+            max_header_size=max_header_size,
+            max_held=max_held,
+        )
+        await connection.run(received)

@@ -207,15 +207,19 @@ class IngestRules:
         self.ingress.reject("oversize")
         return self.too_large
 
+    def _origin(self, peer: str, key: str | None = None) -> Origin:
+        return Origin("http", self.ingress.listener, peer, time.time(), id=key)
+
     def ingest_nowait(self, body: bytes, kind: BodyKind, peer: str) -> Reply | None:
-        """The answer to a one-message body that the queue takes now, without waiting (and
-        without dropping anything for it); ``None``: :meth:`ingest` takes it the waiting way."""
-        if kind is not _ONE or not body:  # (NDJSON, or an id to give it)
+        """The answer to a complete body when it needs no waiting: one message that the queue
+        takes at once (``202``). None, with nothing counted or queued, when it may: answer it
+        with :meth:`ingest` (an NDJSON batch, an empty body, a queue that is full, on disk or
+        answering at delivery)."""
+        if kind.ndjson or not body:
             return None
-        ingress = self.ingress
-        if ingress.offer_one_nowait(body, Origin("http", ingress.listener, peer, time.time())):
-            return self.accepted_one
-        return None
+        if not self.ingress.offer_one_nowait(body, self._origin(peer, kind.key)):
+            return None
+        return self.accepted_one
 
     async def ingest(self, body: bytes, kind: BodyKind, peer: str) -> Reply:
         """Queue the message(s) of a complete body and answer the sender."""
@@ -238,12 +242,13 @@ class IngestRules:
         else:
             ingress.reject("malformed")
             return self.empty
-        origin = Origin("http", ingress.listener, peer, time.time())
         ids = None
         if kind.key is not None:
             key = kind.key
             ids = [f"{key}:{i}" for i in range(len(payloads))] if kind.ndjson else [key]
-        accepted = await ingress.offer_or_reject(payloads, origin, timeout=self.queue_wait, ids=ids)
+        accepted = await ingress.offer_or_reject(
+            payloads, self._origin(peer), timeout=self.queue_wait, ids=ids
+        )
         if accepted == len(payloads):
             if accepted == 1:
                 return self.accepted_one

@@ -30,11 +30,11 @@ from .._base import (
     serve_connections,
     tls_and_peer,
 )
+from .._http2 import PREFACE as H2_PREFACE
 from .._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
 from .._sockets import socket_of
 from ._asgi import IngestApp, ReplayStream, hypercorn_server
 from ._h2 import serve_http2
-from ._h2scan import PREFACE as H2_PREFACE
 from ._h11 import serve_http1
 from ._rules import IngestRules, Reply
 
@@ -66,12 +66,13 @@ class HttpSource(Source):
     ``Authorization: Bearer <token>``. ``queue_wait`` is how long a request may wait for room
     under the ``block`` policy before it gets ``503``; ``retry_after`` is the ``Retry-After``
     value (seconds) sent with it. TLS comes from ``ssl_context`` or ``certfile``/``keyfile``
-    (``client_ca`` for mutual TLS); ALPN offers ``h2`` and ``http/1.1``. HTTP/2 is served on
-    h2 directly (:mod:`._h2`: deadlines, bounded bodies, rapid-reset limit, graceful GOAWAY);
+    (``client_ca`` for mutual TLS); ALPN offers ``h2`` and ``http/1.1``. HTTP/2 is served by
+    our own sans-IO HTTP/2 layer (:mod:`._h2`: deadlines, bounded bodies, rapid-reset limit,
+    graceful GOAWAY, the memory budget);
     ``fast_path=False`` sends HTTP/1.1 through hypercorn (slower; see docs/http.md). A
     request must be complete within ``idle_timeout`` of its start, on either version;
-    ``max_held`` bounds the body bytes one HTTP/2 connection holds (default: one
-    ``max_message_size``; see :func:`~._h2.serve_http2`). ``reuse_port`` sets
+    ``max_held`` bounds the body bytes one HTTP/2 connection holds before only its oldest
+    request may send more (default: one ``max_message_size``; see :mod:`._h2`). ``reuse_port`` sets
     ``SO_REUSEPORT`` so several processes can listen on the port (``serve --workers N``).
     A connection past ``max_connections`` gets ``503`` with ``Retry-After`` before it is
     closed (on HTTP/2, as the answer to its first request, then ``GOAWAY``).

@@ -6,20 +6,22 @@ others' state.
 
 :class:`Http2Server` is fed the client's bytes (:meth:`~Http2Server.receive_data`) and calls
 its :class:`Listener` for what they mean; what the server writes accumulates in
-:attr:`~Http2Server.output`. It is the part of HTTP/2 a gRPC server needs, and no more: no
-server push, no priorities (PRIORITY frames are read and ignored), no outbound HPACK dynamic
-table (every header block we send is literals without indexing, so a block can be encoded once
-and reused; the first block starts with a table-size update to 0, so no later SETTINGS change
-of the client's table size needs signalling).
+:attr:`~Http2Server.output`. Two servers stand on it: the gRPC source (``sources.grpc``) and
+the HTTP source's HTTP/2 path (``sources.http._h2``, ``POST /ingest``). It is the part of
+HTTP/2 they need, and no more: no server push, no priorities (PRIORITY frames are read and
+ignored), no outbound HPACK dynamic table (every header block we send is literals without
+indexing, so a block can be encoded once and reused; the first block starts with a
+table-size update to 0, so no later SETTINGS change of the client's table size needs
+signalling).
 
 Why our own: ``h2`` builds an event object, a frame object and a flags set per frame, runs two
 state machines and formats the frame for its trace log, about 20 us of CPU for a DATA frame
-carrying one 18-byte gRPC message, which is how grpcio, grpc-go and grpc-java send a stream.
-Here one pass over a read parses every frame header with ``struct``, accounts flow control, and
-hands each DATA payload straight to the listener; the WINDOW_UPDATEs a read earns go out once,
-at its end. HPACK decoding is the ``hpack`` package's (public API), with a cache for repeated
-blocks that leave the dynamic table alone (a unary client sends the same indexed block for
-every call).
+carrying one 18-byte gRPC message, which is how grpcio, grpc-go and grpc-java send a stream,
+and about a quarter of the CPU of a unary h2c request. Here one pass over a read parses every
+frame header with ``struct``, accounts flow control, and hands each DATA payload straight to
+the listener; the WINDOW_UPDATEs a read earns go out once, at its end. HPACK decoding is the
+``hpack`` package's (public API), with a cache for repeated blocks that leave the dynamic
+table alone (a unary client sends the same indexed block for every call).
 
 Limits: a frame longer than our ``SETTINGS_MAX_FRAME_SIZE`` is refused from its header, before
 its body is buffered; a header block (HEADERS + CONTINUATION) is at most ``max_header_block``
@@ -153,13 +155,14 @@ def _integer(value: int, prefix_bits: int, first: int) -> bytes:
     return bytes(out)
 
 
-def encode_headers(headers: Iterable[tuple[str, str]]) -> bytes:
+def encode_headers(headers: Iterable[tuple[str | bytes, str | bytes]]) -> bytes:
     """An HPACK block of "literal header field without indexing, new name" (RFC 7541 6.2.2),
-    no Huffman: it changes neither side's dynamic table, so it can be cached and reused."""
+    no Huffman: it changes neither side's dynamic table, so it can be cached and reused.
+    Names and values are bytes, or text encoded as UTF-8; names must be lowercase."""
     parts: list[bytes] = []
     for name, value in headers:
-        raw_name = name.encode("utf-8")
-        raw_value = value.encode("utf-8")
+        raw_name = name if isinstance(name, bytes) else name.encode("utf-8")
+        raw_value = value if isinstance(value, bytes) else value.encode("utf-8")
         parts += (
             b"\x00",
             _integer(len(raw_name), 7, 0),
@@ -623,20 +626,33 @@ class Http2Server:
 
     # -- flow control of what we receive ------------------------------------------------------
 
-    def acknowledge(self, stream_id: int, size: int) -> None:
+    def acknowledge(self, stream_id: int, size: int, *, connection: bool = True) -> None:
         """``size`` received bytes are consumed: give them back to the client's windows (the
-        stream's too unless ``stream_id`` is 0 or closed). WINDOW_UPDATEs go out in bulk: at
-        the end of the read being parsed, once a quarter window has piled up, or when the
-        client's window runs low."""
+        stream's too unless ``stream_id`` is 0 or closed; the connection's unless
+        ``connection`` is false, for bytes whose connection window was given back earlier).
+        WINDOW_UPDATEs go out in bulk: at the end of the read being parsed, once a quarter
+        window has piled up, or when the client's window runs low."""
         if size <= 0:
             return
-        self._in_pending += size
+        if connection:
+            self._in_pending += size
         stream = self.streams.get(stream_id) if stream_id else None
         if stream is not None and not stream.remote_closed:
             stream.in_pending += size
             self._dirty.add(stream_id)
         if not self._in_receive:
             self._send_window_updates()
+
+    def open_window(self, stream_id: int, increment: int) -> None:
+        """Let the client send ``increment`` bytes more on an open stream than its window
+        allows now (a WINDOW_UPDATE at once): a larger window for one stream than the
+        initial one every stream gets."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed or increment <= 0:
+            return
+        increment = min(increment, MAX_WINDOW - stream.in_window)
+        stream.in_window += increment
+        self.output += frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
 
     def _send_window_updates(self) -> None:
         threshold = self._conn_window >> 2
@@ -693,14 +709,20 @@ class Http2Server:
         stream = self._open_stream(stream_id)
         return min(stream.out_window, self._out_window, self.remote_max_frame_size)
 
-    def send_data(self, stream_id: int, data: bytes | memoryview) -> None:
-        """One DATA frame that :meth:`send_window` allows; raises :class:`StreamClosed`."""
+    def send_data(
+        self, stream_id: int, data: bytes | memoryview, *, end_stream: bool = False
+    ) -> None:
+        """One DATA frame that :meth:`send_window` allows (``end_stream``: the last of the
+        response, which then has no trailers); raises :class:`StreamClosed`."""
         stream = self._open_stream(stream_id)
         size = len(data)
         stream.out_window -= size
         self._out_window -= size
-        self.output += _HEADER.pack(size >> 16, size & 0xFFFF, DATA, 0, stream_id)
+        flags = END_STREAM if end_stream else 0
+        self.output += _HEADER.pack(size >> 16, size & 0xFFFF, DATA, flags, stream_id)
         self.output += data
+        if end_stream:
+            self._close_local(stream_id, stream)
 
     def _close_local(self, stream_id: int, stream: _Stream) -> None:
         stream.local_closed = True

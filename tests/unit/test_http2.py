@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.sources.grpc._http2 import (
+from trio_gateway.sources._http2 import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -183,6 +183,25 @@ def test_the_stream_window_is_enforced_and_reopened_in_bulk() -> None:
     assert (kind, stream_id, body) == (RST_STREAM, 1, struct.pack(">L", 3))
     h2.receive_data(frame(DATA, 0, 3, b"still fine"))  # the connection lives
     assert rec.heard[-1][:3] == ("data", 3, b"still fine")
+
+
+def test_a_stream_window_opened_past_the_initial_one_and_the_stream_only_acknowledged() -> None:
+    h2, rec = server()
+    opened(h2, rec, 1, 3)
+    h2.open_window(1, 4000)  # one stream may send more than the initial window
+    (update,) = parse(h2.output)
+    assert update[:3] == (WINDOW_UPDATE, 0, 1) and int.from_bytes(update[3], "big") == 4000
+    h2.output.clear()
+    h2.receive_data(frame(DATA, 0, 1, bytes(5000)))
+    assert rec.heard[-1][3] == 5000 and h2.streams[1].in_window == 0
+    h2.receive_data(frame(DATA, 0, 3, bytes(1000)))
+    h2.acknowledge(0, 1000)  # the connection's window, at once
+    h2.acknowledge(3, 1000, connection=False)  # the stream's, later
+    assert [(f[2], int.from_bytes(f[3], "big")) for f in parse(h2.output)] == [(3, 1000)]
+    assert h2._in_pending == 1000  # given back once, not twice
+    h2.open_window(7, 100)  # no such stream: nothing
+    h2.open_window(3, 0)
+    assert len(parse(h2.output)) == 1
 
 
 def test_window_updates_earned_by_a_read_go_out_once_at_its_end() -> None:

@@ -1,0 +1,105 @@
+"""WebSocket acks with ``ack = "delivered"``: the connection keeps being read while earlier
+reads wait for their delivery (a bounded number of them), and the acks still come in order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from helpers import wait_until
+from test_websocket_acks import raw_client, settle
+from websockets.client import ClientProtocol
+from websockets.frames import Frame
+
+from trio_gateway import Batch, Gateway, SinkRefused, WebSocketSource
+from trio_gateway.sinks import Sink
+from trio_gateway.sources import _wsack
+
+
+class GatedSink(Sink):
+    """Holds every batch until ``gate`` is set; refuses payloads starting with ``bad``."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+        self.delivered: list[bytes] = []
+
+    async def send(self, batch: Batch) -> None:
+        await self.gate.wait()
+        refused = [i for i, p in enumerate(batch.payloads) if p.startswith(b"bad")]
+        self.delivered += [p for i, p in enumerate(batch.payloads) if i not in refused]
+        if refused:
+            raise SinkRefused("refused", indices=refused, reason="test")
+
+
+@asynccontextmanager
+async def delivered_gateway() -> AsyncIterator[tuple[Gateway, GatedSink, str]]:
+    sink = GatedSink()
+    gateway = Gateway(sources=[WebSocketSource(port=0)], sink=sink, ack="delivered")
+    async with trio.open_nursery() as nursery:
+        ((address,),) = await nursery.start(gateway.run)
+        yield gateway, sink, f"ws://{address[0]}:{address[1]}/"
+        gateway.shutdown()
+
+
+async def send_one_by_one(
+    gateway: Gateway, stream: trio.SocketStream, protocol: ClientProtocol, messages: list[bytes]
+) -> None:
+    """One write per message, each read by the gateway before the next is written."""
+    for message in messages:
+        received = gateway.ledger.received
+        protocol.send_binary(message)
+        await stream.send_all(b"".join(protocol.data_to_send()))
+        await wait_until(lambda: gateway.ledger.received > received)  # noqa: B023
+
+
+async def read_acks(
+    stream: trio.SocketStream, protocol: ClientProtocol, until: int
+) -> list[dict[str, Any]]:
+    acks: list[dict[str, Any]] = []
+    while not acks or acks[-1]["acked"] < until:
+        protocol.receive_data(await stream.receive_some(65536))
+        acks += [json.loads(e.data) for e in protocol.events_received() if isinstance(e, Frame)]
+    return acks
+
+
+async def test_reads_go_on_while_earlier_ones_wait_for_delivery_and_acks_stay_in_order() -> None:
+    messages = [b"m1", b"m2", b"bad3", b"m4", b"m5"]
+    with trio.fail_after(20):
+        async with delivered_gateway() as (gateway, sink, url):
+            stream, protocol = await raw_client(url)
+            # The sink holds the first batch: before, the connection was not read again
+            # until that read was delivered; now every message is read (and queued).
+            await send_one_by_one(gateway, stream, protocol, messages)
+            assert gateway.ledger.received == len(messages)
+            assert sink.delivered == []
+            sink.gate.set()
+            acks = await read_acks(stream, protocol, len(messages))
+            await stream.aclose()
+    assert settle(acks) == (5, {3: "queue_full"})  # refused for good: a negative ack
+    assert sink.delivered == [b"m1", b"m2", b"m4", b"m5"]
+
+
+async def test_what_awaits_delivery_per_connection_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_wsack, "MAX_IN_FLIGHT", 3)
+    with trio.fail_after(20):
+        async with delivered_gateway() as (gateway, sink, url):
+            stream, protocol = await raw_client(url)
+            await send_one_by_one(gateway, stream, protocol, [b"m1", b"m2", b"m3"])
+            for message in (b"m4", b"m5"):
+                protocol.send_binary(message)
+            await stream.send_all(b"".join(protocol.data_to_send()))
+            await trio.sleep(0.2)
+            assert gateway.ledger.received == 3  # three await delivery: reading waits
+            sink.gate.set()
+            acks = await read_acks(stream, protocol, 5)
+            await stream.aclose()
+    assert settle(acks) == (5, {})
+    assert sink.delivered == [b"m1", b"m2", b"m3", b"m4", b"m5"]

@@ -20,10 +20,11 @@ starve the others).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from http import HTTPStatus
 
 import trio
@@ -41,6 +42,12 @@ _POSIX = os.name == "posix"
 _UNWAITED = 16
 """Requests a connection may serve in a row without waiting before it yields to the others
 (a keep-alive client often has its next request in before the answer to the last is out)."""
+_ENCODED = 8
+"""Responses a connection keeps encoded (see :meth:`H11Server.respond`)."""
+_MISSES = 2
+"""Reads in a row that found nothing after a response before a connection waits first."""
+_RETRY = 8
+"""How often (in requests) such a connection tries a read first again."""
 HeaderList = Sequence[tuple[bytes, bytes]]
 
 
@@ -51,6 +58,26 @@ class RequestTooSlow(ProtocolError):
 def reason_phrase(status: int) -> bytes:
     """``404`` -> ``b"Not Found"`` (empty for a code HTTP does not name)."""
     return _REASONS.get(status, b"")
+
+
+def encode_response(
+    status: int, headers: HeaderList, body: bytes, close: bool, head_only: bool = False
+) -> bytes:
+    """One response's bytes: ``Content-Length`` added unless ``headers`` hold it (or the
+    status has no body), ``Connection: close`` with ``close``, the body unless ``head_only``."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+    length = status in _NO_BODY
+    for name, value in headers:
+        out.append(b"%s: %s\r\n" % (name, value))
+        length = length or name.lower() == b"content-length"
+    if not length:
+        out.append(b"content-length: %d\r\n" % len(body))
+    if close:
+        out.append(b"connection: close\r\n")
+    out.append(b"\r\n")
+    if body and not head_only:
+        out.append(body)
+    return b"".join(out)
 
 
 class H11Server:
@@ -74,8 +101,12 @@ class H11Server:
         self._continued = False
         self._must_close = False
         self._unwaited = 0  # requests served since this connection last waited or yielded
+        self._misses = 0  # reads in a row that found nothing right after a response
         self._socket = stream.socket if type(stream) is trio.SocketStream and _POSIX else None
         self._fd = self._socket.fileno() if self._socket is not None else -1
+        self._encoded: dict[int, tuple[HeaderList, bytes, int, bytes]] = {}
+        self._timer: trio.CancelScope | None = None  # see read_deadlines
+        self._now = trio.current_time
 
     @property
     def can_respond(self) -> bool:
@@ -87,44 +118,119 @@ class H11Server:
         """Whether the request's body (or its end) has not been read."""
         return self.parser.request is not None and not self.parser.complete
 
+    @contextlib.contextmanager
+    def read_deadlines(self) -> Iterator[trio.CancelScope]:
+        """Enforce every read's deadline with this one cancel scope, for as long as the
+        connection is served inside the ``with`` block.
+
+        A cancel scope per wait costs about 10 us of CPU (as much as the rest of a request's
+        wait for its socket): here a wait only moves the scope's deadline to the request's
+        (once per request that waits) and the other waits put it off (:meth:`disarm`). A read
+        still waiting at its deadline is cancelled, which ends the ``with`` block
+        (``cancelled_caught``): the caller then answers or closes, as it would on
+        :class:`RequestTooSlow` or ``None`` outside the block. The caller must :meth:`disarm`
+        before its own waits inside the block (the ones of this class do it themselves)."""
+        self._now = trio.lowlevel.current_clock().current_time
+        with trio.CancelScope() as timer:
+            self._timer = timer
+            try:
+                yield timer
+            finally:
+                self._timer = None
+
+    def disarm(self) -> None:
+        """No read deadline until the next read waits (see :meth:`read_deadlines`)."""
+        timer = self._timer
+        if timer is not None and timer.deadline != math.inf:
+            timer.deadline = math.inf
+
+    def _read_nowait(self) -> bool:
+        """Read what the socket holds into the parser, without waiting; False if nothing."""
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
+        self.parser.receive_data(data)
+        return True
+
+    async def _wait_readable(self, deadline: float) -> bool:
+        """Wait until the socket has bytes; False at ``deadline`` (inside
+        :meth:`read_deadlines`: cancelled instead)."""
+        self._unwaited = 0
+        timer = self._timer
+        if timer is None:
+            with trio.CancelScope(deadline=deadline):
+                await trio.lowlevel.wait_readable(self._fd)
+                return True
+            return False
+        if timer.deadline != deadline:
+            timer.deadline = deadline
+        await trio.lowlevel.wait_readable(self._fd)
+        if self._now() >= deadline:  # it came as the bytes did: cancelled here
+            await trio.lowlevel.checkpoint()
+        return True
+
+    async def _receive_next(self, deadline: float) -> bool:
+        """The first bytes of the next request (nothing buffered); False at ``deadline``.
+
+        Most keep-alive clients send a request once they have read the previous answer, so a
+        read right after it often finds nothing (a failed system call, then the wait). After
+        :data:`_MISSES` such reads in a row the connection waits for its socket first, with
+        a read first again every :data:`_RETRY` requests to notice a client that keeps up."""
+        misses = self._misses = self._misses + 1
+        if misses > _MISSES and misses % _RETRY == 0 and self._read_nowait():
+            self._misses = 0
+            return True
+        while True:
+            if not await self._wait_readable(deadline):
+                return False
+            if self._read_nowait():
+                return True
+
     async def _receive(self, deadline: float) -> bool:
-        """Read once into the parser; False if nothing came by ``deadline``."""
-        if self._socket is None:
+        """Read once into the parser; False if nothing came by ``deadline`` (inside
+        :meth:`read_deadlines`: cancelled instead)."""
+        if self._socket is not None:
+            while not self._read_nowait():
+                if not await self._wait_readable(deadline):
+                    return False
+            return True
+        timer = self._timer
+        if timer is None:
             with trio.CancelScope(deadline=deadline):
                 self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
                 return True
             return False
-        while True:
-            try:
-                self.parser.receive_data(os.read(self._fd, READ_SIZE))
-                return True
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
-            self._unwaited = 0
-            with trio.CancelScope(deadline=deadline):
-                await trio.lowlevel.wait_readable(self._socket)
-                continue
-            return False
+        if timer.deadline != deadline:
+            timer.deadline = deadline
+        self.parser.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+        return True
 
-    async def _send(self, data: bytes) -> None:
+    def _write_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes now; how many bytes."""
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc!r}") from exc
+
+    async def _send(self, data: bytes, sent: int = 0) -> None:
+        """Write all of ``data`` from ``sent`` on (what a write has taken already)."""
         if self._socket is None:
+            self.disarm()
             await self.stream.send_all(data)
             return
-        sent = 0
         with memoryview(data) as view:
-            while True:
-                try:
-                    sent += os.write(self._fd, view[sent:])
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send failed: {exc!r}") from exc
-                if sent == len(data):
-                    return
-                self._unwaited = 0
-                await trio.lowlevel.wait_writable(self._socket)
+            while sent < len(data):
+                written = self._write_nowait(view[sent:])
+                if not written:
+                    self._unwaited = 0
+                    self.disarm()
+                    await trio.lowlevel.wait_writable(self._fd)
+                sent += written
 
     async def receive_request(self, deadline: float) -> Request | None:
         """The next request's head; ``None`` when the peer closed, or sent nothing more by
@@ -135,17 +241,25 @@ class H11Server:
             self._unwaited += 1
             if self._unwaited > _UNWAITED:
                 self._unwaited = 0
+                self.disarm()
                 await trio.lowlevel.checkpoint()
         while True:
-            request = parser.head()
-            if request is not None:
-                return request
-            if parser.eof:
-                return None
-            if not await self._receive(deadline):
-                if parser.started:
-                    raise RequestTooSlow("request not complete by its deadline")
-                return None
+            if parser.buffered or parser.eof or self._socket is None:
+                request = parser.head()
+                if request is not None:
+                    return request
+                if parser.eof:
+                    return None
+                if await self._receive(deadline):
+                    continue
+            elif self._misses < _MISSES and self._read_nowait():
+                self._misses = 0
+                continue  # (after a response, nothing is buffered: read before parsing)
+            elif await self._receive_next(deadline):
+                continue
+            if parser.started:
+                raise RequestTooSlow("request not complete by its deadline")
+            return None
 
     async def receive_body(self, max_size: int, deadline: float) -> bytes:
         """The whole body of the current request (``100 Continue`` first if the client waits
@@ -193,24 +307,30 @@ class H11Server:
         self._responded = True
         if close or not parser.complete or not parser.keep_alive:
             self._must_close = True
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
-        length = status in _NO_BODY
-        for name, value in headers:
-            out.append(b"%s: %s\r\n" % (name, value))
-            length = length or name.lower() == b"content-length"
-        if not length:
-            out.append(b"content-length: %d\r\n" % len(body))
-        if self._must_close:
-            out.append(b"connection: close\r\n")
-        out.append(b"\r\n")
-        if body and not head_only:
-            out.append(body)
-        data = b"".join(out)
-        if deadline == math.inf:  # no cancel scope to set up on the hot path
-            await self._send(data)
+        # A server answers the same few responses again and again (the same headers object):
+        # a keep-alive one is encoded once per connection.
+        cached = self._encoded.get(id(headers))
+        if (
+            cached is not None
+            and cached[0] is headers
+            and cached[1] is body
+            and cached[2] == status
+            and not self._must_close
+            and not head_only
+        ):
+            data = cached[3]
+        else:
+            data = encode_response(status, headers, body, self._must_close, head_only)
+            if not (self._must_close or head_only) and len(self._encoded) < _ENCODED:
+                self._encoded[id(headers)] = (headers, body, status, data)
+        sent = self._write_nowait(data) if self._socket is not None else 0
+        if sent == len(data):
+            return True  # (the usual case: no await, no cancel scope)
+        if deadline == math.inf:
+            await self._send(data, sent)
             return True
         with trio.CancelScope(deadline=deadline):
-            await self._send(data)
+            await self._send(data, sent)
             return True
         return False
 

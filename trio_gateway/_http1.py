@@ -55,17 +55,24 @@ class BodyTooLarge(ProtocolError):
 
 
 class Request:
-    """A request's head: header names lowercased, in the order received."""
+    """A request's head: header names lowercased, in the order received (``headers``), and
+    the last value of each name (``fields``)."""
 
-    __slots__ = ("headers", "http_version", "method", "target")
+    __slots__ = ("fields", "headers", "http_version", "method", "target")
 
     def __init__(
-        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], version: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        version: bytes,
+        fields: dict[bytes, bytes] | None = None,
     ) -> None:
         self.method = method
         self.target = target
         self.headers = headers
         self.http_version = version
+        self.fields = dict(headers) if fields is None else fields
 
     def __repr__(self) -> str:
         return f"<Request {self.method!r} {self.target!r} HTTP/{self.http_version.decode()}>"
@@ -93,14 +100,14 @@ class RequestParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True
         self._head_size = 0  # bytes of the head parsed so far (llhttp holds their fields)
-        self._version = ""
+        self._version = ""  # (these two are read when the head is complete)
         self._method = b""
         self._body: list[bytes] = []
         self.body_size = 0
+        self.content_length: int | None = None
+        """The head's ``Content-Length`` (``None``: none, or chunked)."""
         self._body_left = 0  # bytes of a Content-Length body still to feed
-        self._chunked = False
-        self._chunks = 0
-        self._framing = 0  # bytes of a chunked body fed that were not body: sizes, trailers
+        self._chunked = False  # (with it, _chunks and _framing: see _check_coding)
 
     # -- httptools' callbacks -------------------------------------------------------------
 
@@ -151,11 +158,14 @@ class RequestParser:
         return len(self._buffer)
 
     def _feed(self, end: int) -> None:
-        """Parse the first ``end`` buffered bytes."""
-        chunk = bytes(self._buffer[:end])
-        del self._buffer[:end]
+        """Parse the first ``end`` buffered bytes (through a view: no copy of them)."""
+        buffer = self._buffer
         try:
-            self._parser.feed_data(chunk)
+            if end == len(buffer):
+                self._parser.feed_data(buffer)
+            else:
+                with memoryview(buffer) as view:
+                    self._parser.feed_data(view[:end])
         except httptools.HttpParserUpgrade:
             # An upgrade (or CONNECT) we do not speak: the request stands, without a body;
             # whatever follows is not HTTP/1.1, so the connection closes after the answer.
@@ -163,11 +173,15 @@ class RequestParser:
             self.keep_alive = False
         except httptools.HttpParserError as exc:
             raise BadRequest(str(exc) or "malformed request") from exc
+        finally:
+            del buffer[:end]
 
     def head(self) -> Request | None:
         """The next request's head, once all of it is buffered; ``None`` until then. Raises
         :class:`BadRequest`: ``431`` past ``max_header_size``, ``400`` if malformed (or the
         peer closed inside it), ``501``/``505`` for a coding/version we do not serve."""
+        if self.request is not None:
+            return self.request
         buffer = self._buffer
         while self._in_head:
             end = buffer.find(_HEAD_END)
@@ -175,8 +189,10 @@ class RequestParser:
                 # Not all of it yet: parse what cannot reach its end (errors show at once).
                 if self._head_size + len(buffer) > self.max_header_size:
                     raise BadRequest("request header fields too large", 431)
-                self._head_size += (end := _safe_end(buffer))
-                self._feed(end)
+                end = _safe_end(buffer) if buffer else 0
+                if end:
+                    self._head_size += end
+                    self._feed(end)
                 if self.eof and self.started:
                     raise BadRequest("connection closed inside the request head")
                 return None
@@ -185,35 +201,50 @@ class RequestParser:
             if self._head_size > self.max_header_size:
                 raise BadRequest("request header fields too large", 431)
             self._feed(end)  # (only empty lines before a request leave it in the head)
-        if self.request is None:
-            self.request = self._judge_head()
+        self.request = self._judge_head()
         return self.request
 
     def _judge_head(self) -> Request:
         version = self._version
         if version not in ("1.1", "1.0"):
             raise BadRequest(f"HTTP/{version} not supported", 505)
-        hosts = 0
-        for name, value in self._headers:
-            if name == b"host":
-                hosts += 1
-            elif name == b"content-length":
-                self._body_left = int(value)  # digits: llhttp checked them
-            elif name == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise BadRequest(f"transfer coding {value!r} not supported", 501)
-                self._chunked = True
-            elif name == b"expect":
-                self.expects_continue = value.strip().lower() == b"100-continue"
+        headers = self._headers
+        fields = dict(headers)  # the last value of each name, looked up at C speed
+        if len(fields) == len(headers):  # no name twice (the usual case)
+            hosts = int(b"host" in fields)
+            coding = fields.get(b"transfer-encoding")
+            if coding is not None:
+                self._check_coding(coding)
+        else:  # every Host and every Transfer-Encoding counts
+            hosts = 0
+            for name, value in headers:
+                if name == b"host":
+                    hosts += 1
+                elif name == b"transfer-encoding":
+                    self._check_coding(value)
         if hosts != 1 and (version == "1.1" or hosts):
             raise BadRequest("a request needs exactly one Host header")
+        length = fields.get(b"content-length")
+        if length is not None:
+            self._body_left = self.content_length = int(length)  # digits: llhttp checked them
         if self.complete:
             self._body_left = 0  # no body after all (an upgrade)
         # (HTTP/1.0's keep-alive, an extension, is not offered: as h11, one request per
         # connection)
-        self.keep_alive = self.keep_alive and version == "1.1"
-        self.expects_continue = self.expects_continue and version == "1.1"
-        return Request(self._method, self._url, self._headers, version.encode())
+        http11 = version == "1.1"
+        self.keep_alive = self.keep_alive and http11
+        expect = fields.get(b"expect")
+        self.expects_continue = (
+            http11 and expect is not None and expect.strip().lower() == b"100-continue"
+        )
+        return Request(self._method, self._url, headers, version.encode(), fields)
+
+    def _check_coding(self, coding: bytes) -> None:
+        if coding.strip().lower() != b"chunked":
+            raise BadRequest(f"transfer coding {coding!r} not supported", 501)
+        self._chunked = True
+        self._chunks = 0
+        self._framing = 0  # bytes of a chunked body fed that were not body: sizes, trailers
 
     def body(self, max_size: int) -> bool:
         """Parse the buffered part of the body; True once the message is complete. Raises

@@ -374,6 +374,26 @@ async def test_idle_keepalive_connection_is_closed() -> None:
         assert run.payloads() == [b"A"]
 
 
+async def test_the_read_deadline_does_not_bound_a_wait_for_the_queue() -> None:
+    """``idle_timeout`` bounds reading a request; the wait for room in the queue after it is
+    ``queue_wait``'s, even when a read had waited (and set its deadline) just before."""
+    request = b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n%s"
+    async with serving(idle_timeout=0.2, capacity=1, queue_wait=0.6) as run:
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream(*run.address)
+            await stream.send_all(request % b"A")
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 202")
+            await wait_until(lambda: run.counters.connections_active == 1)
+            await trio.sleep(0.05)  # the server waits for the next request, by a deadline
+            start = trio.current_time()
+            await stream.send_all(request % b"B")  # the queue is full: it waits for room
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 503")
+            assert trio.current_time() - start >= 0.55
+            await stream.aclose()
+        assert run.payloads() == [b"A"]
+        assert run.ingress.counters.rejected == {"queue_full": 1}
+
+
 async def test_shutdown_lets_in_flight_request_finish() -> None:
     async with serving(capacity=10, grace_period=2.0, timeout=5) as run:
         stream = await trio.open_tcp_stream(*run.address)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import trio
 
 from ..._h11server import BadRequest, BodyTooLarge, H11Server, RequestTooSlow
-from ..._http1 import Request
 from .._base import connection_errors
 from ._rules import Headers, IngestRules, Reply, json_reply
 
@@ -37,29 +36,41 @@ async def serve_http1(
     ingress = rules.ingress
     share = ingress.budget.connection()  # the body being read, charged to the memory budget
     cors: Headers = ()  # the current request's CORS headers (none unless configured)
+    now = trio.lowlevel.current_clock().current_time  # (one call, not trio.current_time's 3)
     try:
-        while True:
-            deadline = trio.current_time() + idle_timeout
-            request = await http.receive_request(deadline)
-            if request is None:
-                return  # closed, or quiet between requests
-            cors = rules.cors_headers(request.headers)
-            reply, kind = rules.head(request.method, request.target, request.headers)
-            if reply is None and not share.hold_nowait(_body_bytes(request, rules.max_body_size)):
-                ingress.reject("over_budget")
-                reply = rules.over_budget  # 503 + Retry-After before the body is read
-            if reply is None:
-                try:
-                    body = await http.receive_body(rules.max_body_size, deadline)
-                except BodyTooLarge:
-                    reply = rules.body_too_large()
-                else:
-                    reply = await rules.ingest(body, kind, peer)
-                share.close()  # queued now (or refused): the queue's share holds it
-            headers = reply.headers + cors if cors else reply.headers
-            await http.respond(reply.status, headers, reply.body, close=reply.close)
-            if not http.next_cycle():
-                return
+        with http.read_deadlines():  # (one cancel scope for the reads of every request)
+            while True:
+                deadline = now() + idle_timeout
+                request = await http.receive_request(deadline)
+                if request is None:
+                    return  # closed
+                if rules.cors is not None:
+                    cors = rules.cors_headers(request.headers)
+                reply, kind = rules.head(
+                    request.method, request.target, request.headers, request.fields
+                )
+                if reply is None and not share.hold_nowait(_body_bytes(http, rules.max_body_size)):
+                    ingress.reject("over_budget")
+                    reply = rules.over_budget  # 503 + Retry-After before the body is read
+                if reply is None:
+                    try:
+                        body = await http.receive_body(rules.max_body_size, deadline)
+                    except BodyTooLarge:
+                        reply = rules.body_too_large()
+                    else:
+                        reply = rules.ingest_nowait(body, kind, peer)
+                        if reply is None:
+                            http.disarm()  # (waiting for the queue is not reading)
+                            reply = await rules.ingest(body, kind, peer)
+                    share.close()  # queued now (or refused): the queue's share holds it
+                headers = reply.headers + cors if cors else reply.headers
+                await http.respond(reply.status, headers, reply.body, close=reply.close)
+                if not http.next_cycle():
+                    return
+        # Only a read still waiting at its deadline ends the block without a return.
+        if http.parser.started:
+            raise RequestTooSlow("request not complete by its deadline")
+        # (else quiet between requests: closed)
     except RequestTooSlow:
         ingress.reject("too_slow")
         connection_errors.info(
@@ -76,12 +87,13 @@ async def serve_http1(
         share.close()
 
 
-def _body_bytes(request: Request, limit: int) -> int:
+def _body_bytes(http: H11Server, limit: int) -> int:
     """What reading the request's body holds at most: its chunks and the joined body."""
-    for name, value in request.headers:
-        if name == b"content-length":
-            return 2 * min(int(value), limit)  # llhttp has checked it is a number
-    return 2 * limit if request.method == b"POST" else 0  # chunked: up to the limit
+    parser = http.parser
+    if parser.content_length is not None:
+        return 2 * min(parser.content_length, limit)
+    assert parser.request is not None
+    return 2 * limit if parser.request.method == b"POST" else 0  # chunked: up to the limit
 
 
 async def _answer(http: H11Server, reply: Reply, cors: Headers) -> None:

@@ -138,8 +138,10 @@ class IngestRules:
         method: bytes,
         target: bytes,
         headers: Sequence[tuple[bytes, bytes]],
+        fields: dict[bytes, bytes] | None = None,
     ) -> tuple[Reply | None, BodyKind]:
-        """Judge a request by its head. Returns ``(refusal or None, what its body is)``."""
+        """Judge a request by its head (``fields``: the last value of each name, if the
+        caller has them). Returns ``(refusal or None, what its body is)``."""
         path = target.partition(b"?")[0]
         if path != self.path:
             return self.not_found, _ONE
@@ -147,29 +149,22 @@ class IngestRules:
             return self._preflight(headers), _ONE
         if method != b"POST":
             return self.not_allowed, _ONE
-        authorization = None
-        length = None
-        ndjson = False
-        chunked = False
-        key = None
-        for name, value in headers:
-            if name == b"content-length":
-                length = value
-            elif name == b"content-type":
-                ndjson = value.partition(b";")[0].strip().lower() in NDJSON_TYPES
-            elif name == b"authorization":
-                authorization = value
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == _KEY_HEADER:
-                key = value
+        if fields is None:
+            fields = dict(headers)
+        length = fields.get(b"content-length")
+        content_type = fields.get(b"content-type")
+        ndjson = (
+            content_type is not None
+            and content_type.partition(b";")[0].strip().lower() in NDJSON_TYPES
+        )
+        key = fields.get(_KEY_HEADER)
         kind = _NDJSON if ndjson else _ONE
-        if length is not None and chunked:
+        if length is not None and b"transfer-encoding" in fields:
             # RFC 9112 section 6.3: a sign of request smuggling; refuse it and close.
             self.ingress.reject("malformed")
             return self.ambiguous_length, kind
         if self._token is not None:
-            refusal = self._check_token(authorization)
+            refusal = self._check_token(fields.get(b"authorization"))
             if refusal is not None:
                 self.ingress.reject("unauthorized")
                 return refusal, kind

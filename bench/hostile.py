@@ -7,8 +7,9 @@
 For each attack and scale, a fresh ``python -m trio_gateway serve`` (every listener on, sink
 ``null``, the admin endpoint; ``--idle-timeout`` on the stream listeners, 5 s by default so
 that deadlines come within the run; ``max_connections`` 1,024) is started. A well-behaved
-client (HTTP/1.1 ``POST``, a new connection per request, one at a time, in a process of its
-own so that the attackers' CPU does not show in its figures) runs alone for
+client (HTTP/1.1 ``POST``, or for the gRPC attacks a grpcio unary ``Send``; a new connection
+per request, one at a time, in a process of its own so that the attackers' CPU does not show
+in its figures) runs alone for
 ``--baseline`` seconds, then beside the attack for ``--duration`` seconds. Printed per row:
 the gateway's peak RSS (``VmHWM``), the good client's p50/p99 alone and under attack and its
 failures, what the attackers saw (cut, and when), the refusal counters from ``/metrics`` and
@@ -24,7 +25,12 @@ The attacks (clients in tests/hostile_kit.py):
 * ``idle-flood``: 50 idle TCP connections per scale unit on each of the TCP and HTTP
   listeners (5,000 on each at scale 100; the limit is 1,024 per listener);
 * ``requests``: ``--requests`` HTTP/2 requests one after another on one connection (scale
-  ignored), each waiting for its answer.
+  ignored), each waiting for its answer;
+* ``grpc-stall``: per connection, 64 streaming gRPC calls, each a message announced at 4 MiB
+  whose bytes come as far as the windows allow and never complete, kept alive with PINGs;
+* ``grpc-bomblets``: per connection, 24 bidi calls in one write, each a 3 KB gzip message
+  that inflates to 3 MiB, from a client that opens no window for the acks;
+* ``grpc-reset``: ``rapid-reset`` against the gRPC listener.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from hostile_kit import (
     Gateway,
     GoodClient,
     Outcome,
+    grpc_bomblets,
     h2_body_stall,
     h2_rapid_reset,
     h2_sequential,
@@ -65,9 +72,20 @@ REASONS = (
     "too_many_connections",
     "idle_timeout",
     "malformed",
+    "too_many_streams",
     "internal_error",
 )
-ATTACKS = ("body-stall", "slowloris", "rapid-reset", "idle-flood", "requests")
+ATTACKS = (
+    "body-stall",
+    "slowloris",
+    "rapid-reset",
+    "idle-flood",
+    "requests",
+    "grpc-stall",
+    "grpc-bomblets",
+    "grpc-reset",
+)
+GRPC_ATTACKS = ("grpc-stall", "grpc-bomblets", "grpc-reset")
 
 
 @dataclass
@@ -92,6 +110,7 @@ async def _attack(
 ) -> tuple[list[Outcome], Callable[[], Any]]:
     """Run one attack at ``scale``; returns the attackers' outcomes and a cleanup."""
     http = gateway.address("http")
+    grpc = gateway.address("grpc")
     outcomes: list[Outcome] = []
     held: list[trio.SocketStream] = []
 
@@ -106,6 +125,15 @@ async def _attack(
                 nursery.start_soon(collect, h2_slowloris(http, interval=2.0, duration=duration))
             elif name == "rapid-reset":
                 nursery.start_soon(collect, h2_rapid_reset(http, pairs_per_write=500, writes=40))
+            elif name == "grpc-stall":
+                attack = h2_body_stall(grpc, duration=duration, grpc=True, streams=64)
+                nursery.start_soon(collect, attack)
+            elif name == "grpc-bomblets":
+                nursery.start_soon(collect, grpc_bomblets(grpc, duration=duration))
+            elif name == "grpc-reset":
+                nursery.start_soon(
+                    collect, h2_rapid_reset(grpc, pairs_per_write=500, writes=40, grpc=True)
+                )
         if name == "idle-flood":
             for transport in ("tcp", "http"):
                 held += await idle_connections(gateway.address(transport), 50 * scale)
@@ -128,12 +156,13 @@ async def _measure(name: str, scale: int, args: argparse.Namespace, directory: P
     row = Row(name, scale)
     gateway = Gateway(directory, idle_timeout=args.idle_timeout, max_connections=1024)
     try:
-        alone = GoodClient(gateway.address("http"))
+        kind = "grpc" if name in GRPC_ATTACKS else "http"
+        alone = GoodClient(gateway.address(kind), kind)
         await alone.run_elsewhere(args.baseline)
         row.good_alone_ms = _ms(alone)
         row.resting_rss_mib = gateway.rss_mib()
         gateway.reset_peak_rss()
-        good = GoodClient(gateway.address("http"))
+        good = GoodClient(gateway.address(kind), kind)
         outcomes: list[Outcome] = []
         cleanup: Callable[[], Any] | None = None
 

@@ -10,6 +10,7 @@ prints it. Nothing here imports pytest.
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import struct
@@ -25,12 +26,16 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import trio
 from helpers import ServeProcess, parse_samples, sample_value
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 Address = tuple[str, int]
 INGEST = "/ingest"
+GRPC_STREAM = "/trio_gateway.v1.Gateway/Stream"
+GRPC_BIDI = "/trio_gateway.v1.Gateway/StreamAcked"
+GRPC_SEND = "/trio_gateway.v1.Gateway/Send"
 
 GATEWAY_TOML = """\
 [gateway]
@@ -156,9 +161,12 @@ def ledger_of(log: str) -> dict[str, object]:
 @dataclass
 class GoodClient:
     """HTTP/1.1 ``POST`` requests, each on a new connection (as a new client would come),
-    one after another, timed from connect to the last byte of the answer."""
+    one after another, timed from connect to the last byte of the answer; with ``kind``
+    ``"grpc"``, grpcio unary ``Send`` calls, each on a channel of its own (only
+    :meth:`run_elsewhere`)."""
 
     address: Address
+    kind: str = "http"
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
@@ -199,7 +207,7 @@ class GoodClient:
         """:meth:`run` in a process of its own (this file run as a script), so that the
         attackers' CPU in this process does not show in the good client's latencies."""
         done = await trio.run_process(
-            [sys.executable, __file__, "good", *map(str, self.address), str(duration)],
+            [sys.executable, __file__, "good", *map(str, self.address), str(duration), self.kind],
             capture_stdout=True,
         )
         report = json.loads(done.stdout)
@@ -228,8 +236,12 @@ def _h2_client() -> h2.connection.H2Connection:
     return client
 
 
-def _request_headers(length: int | None = None) -> list[tuple[str, str]]:
-    headers = [(":method", "POST"), (":scheme", "http"), (":path", INGEST), (":authority", "x")]
+def _request_headers(length: int | None = None, *, grpc: str = "") -> list[tuple[str, str]]:
+    """An HTTP request's headers, or with ``grpc`` (a method path) a gRPC call's."""
+    path = grpc or INGEST
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x")]
+    if grpc:
+        headers += [("content-type", "application/grpc"), ("te", "trailers")]
     if length is not None:
         headers.append(("content-length", str(length)))
     return headers
@@ -288,10 +300,12 @@ async def h2_body_stall(
     body_size: int = 1_000_000,
     duration: float = 5.0,
     ping_every: float = 0.2,
+    grpc: bool = False,
 ) -> Outcome:
     """One connection opens ``streams`` requests and sends up to ``body_size`` bytes of each
     body, as far as the server's flow-control windows allow, never ending them; PINGs keep
-    the connection busy. The server should cut it (a body must finish in time)."""
+    the connection busy. The server should cut it (a body must finish in time). With
+    ``grpc``, streaming calls, each a message announced at 4 MiB that never completes."""
     outcome = Outcome()
     client = _h2_client()
     stream_ids = [1 + 2 * index for index in range(streams)]
@@ -300,7 +314,9 @@ async def h2_body_stall(
     chunk = b"x" * 16384
     async with await trio.open_tcp_stream(*address) as stream:
         for stream_id in stream_ids:
-            client.send_headers(stream_id, _request_headers())
+            client.send_headers(stream_id, _request_headers(grpc=GRPC_STREAM if grpc else ""))
+            if grpc:  # the message's prefix: uncompressed, 4 MiB
+                client.send_data(stream_id, b"\x00" + (4 << 20).to_bytes(4, "big"))
         next_ping = start
         while trio.current_time() - start < duration:
             sent = outcome.sent_bytes
@@ -384,21 +400,28 @@ async def h2_slowloris(
 # dynamic-table state, so it can be repeated on any stream): :method POST, :scheme http,
 # :path /ingest, :authority x.
 _HEADER_BLOCK = b"\x83\x86\x04\x07/ingest\x01\x01x"
+# The same for a gRPC streaming call: its :path, content-type (static index 31) and te.
+_GRPC_HEADER_BLOCK = (
+    b"\x83\x86\x04" + bytes([len(GRPC_STREAM)]) + GRPC_STREAM.encode() + b"\x01\x01x"
+    b"\x0f\x10\x10application/grpc\x00\x02te\x08trailers"
+)
 _HEADERS_HEAD = struct.Struct(">I")
 
 
-def rapid_reset_pairs(first_stream: int, count: int) -> bytes:
+def rapid_reset_pairs(first_stream: int, count: int, *, grpc: bool = False) -> bytes:
     """``count`` HEADERS + RST_STREAM(CANCEL) pairs from ``first_stream`` on, as raw frames
-    (built without h2: an attacker does not pay for a state machine)."""
+    (built without h2: an attacker does not pay for a state machine); with ``grpc``, each
+    HEADERS opens a gRPC streaming call."""
+    block = _GRPC_HEADER_BLOCK if grpc else _HEADER_BLOCK
     headers = (
-        len(_HEADER_BLOCK).to_bytes(3, "big") + b"\x01\x04"  # HEADERS, END_HEADERS
+        len(block).to_bytes(3, "big") + b"\x01\x04"  # HEADERS, END_HEADERS
     )
     reset = b"\x00\x00\x04\x03\x00"  # RST_STREAM, 4 bytes
     cancel = b"\x00\x00\x00\x08"
     parts = []
     for stream_id in range(first_stream, first_stream + 2 * count, 2):
         sid = _HEADERS_HEAD.pack(stream_id)
-        parts += (headers, sid, _HEADER_BLOCK, reset, sid, cancel)
+        parts += (headers, sid, block, reset, sid, cancel)
     return b"".join(parts)
 
 
@@ -416,7 +439,7 @@ def split_frames(buffer: bytearray) -> list[Frame]:
 
 
 async def h2_rapid_reset(
-    address: Address, *, pairs_per_write: int = 500, writes: int = 20
+    address: Address, *, pairs_per_write: int = 500, writes: int = 20, grpc: bool = False
 ) -> Outcome:
     """HEADERS + RST_STREAM pairs, ``pairs_per_write`` in each write (CVE-2023-44487)."""
     outcome = Outcome()
@@ -439,7 +462,9 @@ async def h2_rapid_reset(
         for index in range(writes):
             first = 1 + 2 * pairs_per_write * index
             try:
-                await stream.send_all(preface + rapid_reset_pairs(first, pairs_per_write))
+                await stream.send_all(
+                    preface + rapid_reset_pairs(first, pairs_per_write, grpc=grpc)
+                )
             except (trio.BrokenResourceError, OSError):
                 data = None
                 break
@@ -454,6 +479,45 @@ async def h2_rapid_reset(
                 absorb(data)
         if outcome.goaway_code is not None or data is None:
             outcome.cut_after = trio.current_time() - start
+    return outcome
+
+
+async def grpc_bomblets(address: Address, *, calls: int = 24, duration: float = 5.0) -> Outcome:
+    """``calls`` bidi calls in one write, each one gzip message of 3 KB that inflates to
+    3 MiB, from a client that opens no window for the acks (every handler stays blocked on
+    its ack with its inflated batch in hand); the connection then sits for ``duration``."""
+    from trio_gateway._proto import gateway_pb2
+
+    outcome = Outcome()
+    client = _h2_client()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    message = gateway_pb2.Message(payload=bytes(3 << 20)).SerializeToString()
+    body = gzip.compress(message, compresslevel=9)
+    framed = b"\x01" + struct.pack(">I", len(body)) + body
+    headers = [*_request_headers(grpc=GRPC_BIDI), ("grpc-encoding", "gzip")]
+    start = trio.current_time()
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(client.data_to_send())
+        # the server's SETTINGS and WINDOW_UPDATE first: the calls need more than 64 KiB
+        with trio.move_on_after(2):
+            while client.outbound_flow_control_window < calls * len(framed):
+                data = await _receive(stream, 0.2)
+                if data is None:
+                    outcome.cut_after = trio.current_time() - start
+                    return outcome
+                _absorb(client, data, outcome)
+        for index in range(calls):
+            client.send_headers(1 + 2 * index, headers)
+            client.send_data(1 + 2 * index, framed, end_stream=True)
+        await stream.send_all(client.data_to_send())
+        outcome.sent_bytes = calls * len(framed)
+        while trio.current_time() - start < duration:
+            data = await _receive(stream, 0.2)
+            if data is None:
+                outcome.cut_after = trio.current_time() - start
+                break
+            if data:
+                _absorb(client, data, outcome)
     return outcome
 
 
@@ -510,12 +574,44 @@ async def closed_by_server(streams: list[trio.SocketStream]) -> int:
     return closed
 
 
-def _good_main(host: str, port: str, duration: str) -> None:
-    good = GoodClient((host, int(port)))
-    trio.run(good.run, float(duration))
+def _good_main(host: str, port: str, duration: str, kind: str = "http") -> None:
+    good = GoodClient((host, int(port)), kind)
+    if kind == "grpc":
+        _good_grpc(good, float(duration))
+    else:
+        trio.run(good.run, float(duration))
     report = {"latencies": good.latencies, "statuses": good.statuses, "failures": good.failures}
     print(json.dumps(report))
 
 
+def _good_grpc(good: GoodClient, duration: float, *, pause: float = 0.01) -> None:
+    """grpcio unary calls, each on a new channel (a new connection), timed from the channel's
+    creation to the Ack; status 0 is OK, as gRPC numbers them."""
+    import grpc
+
+    from trio_gateway._proto import gateway_pb2
+
+    target = f"{good.address[0]}:{good.address[1]}"
+    end = time.monotonic() + duration
+    sequence = 0
+    while time.monotonic() < end:
+        sequence += 1
+        start = time.perf_counter()
+        try:
+            with grpc.insecure_channel(target) as channel:
+                send = channel.unary_unary(
+                    GRPC_SEND,
+                    request_serializer=gateway_pb2.Message.SerializeToString,
+                    response_deserializer=gateway_pb2.Ack.FromString,
+                )
+                send(gateway_pb2.Message(payload=b"good", sequence=sequence), timeout=10)
+        except grpc.RpcError as exc:
+            good.failures[f"status {exc.code().name}"] += 1  # type: ignore[attr-defined]
+        else:
+            good.statuses[0] += 1
+            good.latencies.append(time.perf_counter() - start)
+        time.sleep(pause)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["good"]:
-    _good_main(*sys.argv[2:5])
+    _good_main(*sys.argv[2:6])

@@ -362,8 +362,18 @@ class H11Server:
     def receive_nowait(self) -> bool:
         """Read what the socket holds into the parser; False if it held nothing. Raises
         :class:`trio.BrokenResourceError` if the read fails (socket connections only)."""
-        self._misses = 0
         return self._read_nowait()
+
+    def receive_next_nowait(self) -> bool:
+        """Right after a response, read the next request's first bytes if they are in
+        already, as :meth:`receive_request` does (see :meth:`_receive_next`); False if it
+        did not read or found nothing."""
+        misses = self._misses
+        if (misses < _MISSES or misses % _RETRY == 0) and self._read_nowait():
+            self._misses = 0
+            return True
+        self._misses = misses + 1
+        return False
 
     def respond_nowait(self, status: int, headers: HeaderList, body: bytes) -> bytes:
         """Write a keep-alive response (as :meth:`respond`) without waiting; what the socket

@@ -141,7 +141,9 @@ class Reactor:
                 conn = parked.get(fd)
                 if conn is not None:
                     back = self._step(conn)
-                    if back is not None:
+                    # (unless its task was cancelled meanwhile: the budget may cut a
+                    # connection to make room for another's body)
+                    if back is not None and parked.get(fd) is conn:
                         self._hand_back(fd, back)
 
     def _step(self, conn: _Parked) -> Handback | None:
@@ -156,13 +158,15 @@ class Reactor:
                 served = self._serve_one(conn)
                 if served is not True:
                     return served or None
-                if not http.parser.buffered:
+                if not http.parser.buffered and not http.receive_next_nowait():
                     return None
+                if http.parser.eof:
+                    return conn.handback()
         except Exception as exc:  # (bad HTTP, a broken socket: the task ends it as usual)
             back = Handback(conn.deadline)
             back.error = exc
             return back
-        return None
+        return conn.handback()  # (its turn is over: the task serves what is buffered)
 
     def _serve_one(self, conn: _Parked) -> Handback | bool:
         """Serve the connection's next request if all of it is in (True); False to wait for

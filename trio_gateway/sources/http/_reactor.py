@@ -12,17 +12,29 @@ Here a connection that is between requests with nothing received *parks*: its so
 registered once, level-triggered, in the listener's epoll, and its task sleeps. One task
 waits for that epoll's fd (one Trio wait for every connection that became ready together)
 and serves each ready connection's complete requests inline: the read, llhttp's parse, the
-rules, :meth:`IngestRules.ingest_nowait` and the prebuilt answer written without waiting.
-Whatever cannot be finished so (a request not all in, a body to wait for, ``100 Continue``,
-a refusal, a queue that does not take the message at once, an answer the socket does not
-take whole, bad HTTP, a closed peer) is handed back to the connection's task at the point
-reached (a :class:`Handback`), which goes on as if it had read the bytes itself: every read
-deadline, limit and refusal stays where it was (``_h11.py``, ``_h11server.py``).
+rules, :meth:`IngestRules.ingest_nowait` and the prebuilt answer written without waiting. A
+request whose head or ``Content-Length`` body comes in several writes (curl, Go and browsers
+write the head and the body apart) is awaited here too, its body held in the memory budget
+first, by the same deadline. Whatever cannot be finished so (``100 Continue``, a chunked or
+NDJSON body, a refusal, a queue that does not take the message at once, an answer the socket
+does not take whole, bad HTTP, a closed peer, a connection whose turn ends with a pipelined
+request buffered) is handed back to the connection's task at the point reached (a
+:class:`Handback`), which goes on as if it had read the bytes itself: every read deadline,
+limit and refusal stays where it was (``_h11.py``, ``_h11server.py``).
 
-The idle deadline of a parked connection (``idle_timeout`` from the end of its last answer)
-is kept by a sweep: at the earliest deadline (not more often than :data:`_SWEEP` of the
-timeout), the connections past theirs are handed back, and their task's read, already past
-the deadline, ends them as before.
+The deadline of a parked connection (``idle_timeout`` from the end of its last answer, for
+the next request and for one begun here) is kept by a sweep: at the earliest deadline (not
+more often than :data:`_SWEEP` of the timeout, so at most that late), the connections past
+theirs are handed back, and their task's read, already past the deadline, ends them as before
+(closed if idle, ``408`` if a request had begun).
+
+Measured (``python -m bench.profile http-wire --size 18 --inflight 16``, under cProfile):
+197 -> 162 us of server CPU a request, trio's scheduler and I/O 22 -> 9 us, ``unrolled_run``
+(a scheduler pass) 0.07 a request instead of a wait for a third of them. Interleaved runs
+against the previous code and uvicorn + httptools with the same client (16 connections,
+18 B, medians of 7, load 4 to 6): 111 against 124 and 127 us a request, server CPU 53
+against 62 and 61 us. One connection gains nothing from a shared wait (one wait a request
+either way) and loses nothing measurable.
 """
 
 from __future__ import annotations

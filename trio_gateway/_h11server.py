@@ -303,6 +303,22 @@ class H11Server:
         body was not read (the connection cannot be reused then) or the client asked to
         close. ``head_only`` (a ``HEAD`` request) leaves the body out. Returns False if the
         write did not finish by ``deadline``."""
+        data = self._encode(status, headers, body, close, head_only)
+        sent = self._write_nowait(data) if self._socket is not None else 0
+        if sent == len(data):
+            return True  # (the usual case: no await, no cancel scope)
+        if deadline == math.inf:
+            await self._send(data, sent)
+            return True
+        with trio.CancelScope(deadline=deadline):
+            await self._send(data, sent)
+            return True
+        return False
+
+    def _encode(
+        self, status: int, headers: HeaderList, body: bytes, close: bool, head_only: bool
+    ) -> bytes:
+        """The response's bytes, and the connection marked to close if it must."""
         parser = self.parser
         self._responded = True
         if close or not parser.complete or not parser.keep_alive:
@@ -318,21 +334,57 @@ class H11Server:
             and not self._must_close
             and not head_only
         ):
-            data = cached[3]
-        else:
-            data = encode_response(status, headers, body, self._must_close, head_only)
-            if not (self._must_close or head_only) and len(self._encoded) < _ENCODED:
-                self._encoded[id(headers)] = (headers, body, status, data)
-        sent = self._write_nowait(data) if self._socket is not None else 0
-        if sent == len(data):
-            return True  # (the usual case: no await, no cancel scope)
-        if deadline == math.inf:
-            await self._send(data, sent)
+            return cached[3]
+        data = encode_response(status, headers, body, self._must_close, head_only)
+        if not (self._must_close or head_only) and len(self._encoded) < _ENCODED:
+            self._encoded[id(headers)] = (headers, body, status, data)
+        return data
+
+    @property
+    def fd(self) -> int:
+        """The socket's file descriptor when the connection is served with non-blocking
+        reads and writes on it (plain TCP on POSIX), else -1."""
+        return self._fd
+
+    @property
+    def idle(self) -> bool:
+        """Between requests with nothing received: what the next read brings is a new
+        request (and only a socket's connection can be waited for by someone else)."""
+        parser = self.parser
+        return (
+            self._fd >= 0
+            and parser.request is None
+            and not parser.buffered
+            and not parser.eof
+            and not parser.started
+        )
+
+    def receive_nowait(self) -> bool:
+        """Read what the socket holds into the parser; False if it held nothing. Raises
+        :class:`trio.BrokenResourceError` if the read fails (socket connections only)."""
+        return self._read_nowait()
+
+    def receive_next_nowait(self) -> bool:
+        """Right after a response, read the next request's first bytes if they are in
+        already, as :meth:`receive_request` does (see :meth:`_receive_next`); False if it
+        did not read or found nothing."""
+        misses = self._misses
+        if (misses < _MISSES or misses % _RETRY == 0) and self._read_nowait():
+            self._misses = 0
             return True
-        with trio.CancelScope(deadline=deadline):
-            await self._send(data, sent)
-            return True
+        self._misses = misses + 1
         return False
+
+    def respond_nowait(self, status: int, headers: HeaderList, body: bytes) -> bytes:
+        """Write a keep-alive response (as :meth:`respond`) without waiting; what the socket
+        did not take (empty: all of it), for :meth:`send_rest`. Socket connections only."""
+        data = self._encode(status, headers, body, False, False)
+        sent = self._write_nowait(data)
+        return data[sent:] if sent < len(data) else b""
+
+    async def send_rest(self, data: bytes) -> None:
+        """Write what :meth:`respond_nowait` left."""
+        await self._send(data)
 
     def next_cycle(self) -> bool:
         """Get ready for the next request on this connection; False if it must close."""

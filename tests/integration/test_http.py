@@ -374,6 +374,40 @@ async def test_idle_keepalive_connection_is_closed() -> None:
         assert run.payloads() == [b"A"]
 
 
+async def test_a_kept_alive_connection_keeps_its_request_deadline_between_writes() -> None:
+    """After its first answer a connection waits for the next request in the listener's
+    reactor (Linux): a head and a body sent apart are still served, and a request that stalls
+    there (in its head or its body) is still answered 408 at its deadline."""
+    first = b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nA"
+    async with serving(idle_timeout=0.3) as run:
+        port = run.source.bound[0][1]
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(first)
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 202")
+            for _ in range(3):
+                await stream.send_all(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n")
+                await trio.sleep(0.02)  # (a wait for its rest, not a timing: any order passes)
+                await stream.send_all(b"\r\nB")
+                await trio.sleep(0.02)
+                await stream.send_all(b"C")
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 202")
+            for stall in (
+                b"POST /ingest HTTP/1.1\r\nHo",
+                b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nA",
+            ):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(first)
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 202")
+                start = trio.current_time()
+                await stream.send_all(stall)
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 408")
+                assert trio.current_time() - start >= 0.2
+                await stream.aclose()
+        assert run.ingress.counters.rejected == {"too_slow": 2}
+        assert run.payloads() == [b"A", b"BC", b"BC", b"BC", b"A", b"A"]
+
+
 async def test_the_read_deadline_does_not_bound_a_wait_for_the_queue() -> None:
     """``idle_timeout`` bounds reading a request; the wait for room in the queue after it is
     ``queue_wait``'s, even when a read had waited (and set its deadline) just before."""

@@ -12,6 +12,7 @@ import trio
 
 from ..._h11server import BadRequest, BodyTooLarge, H11Server, RequestTooSlow
 from .._base import connection_errors
+from ._reactor import Reactor
 from ._rules import Headers, IngestRules, Reply, json_reply
 
 __all__ = ("serve_http1",)
@@ -25,30 +26,59 @@ async def serve_http1(
     *,
     idle_timeout: float,
     max_header_size: int,
+    reactor: Reactor | None = None,
 ) -> None:
     """Serve ``POST`` requests with keep-alive until the peer closes or goes quiet.
 
     ``received``: the bytes already read to route the connection. A request (head and body)
     must be complete within ``idle_timeout`` of the end of the previous response: bytes
-    trickling in do not extend it (slowloris; ``408`` and ``too_slow``).
+    trickling in do not extend it (slowloris; ``408`` and ``too_slow``). With a ``reactor``
+    (Linux), the connection parks there between requests, which serves the simple ones
+    inline and hands the rest back here (``_reactor.py``).
     """
     http = H11Server(stream, max_header_size=max_header_size, received=received)
     ingress = rules.ingress
     share = ingress.budget.connection()  # the body being read, charged to the memory budget
     cors: Headers = ()  # the current request's CORS headers (none unless configured)
     now = trio.lowlevel.current_clock().current_time  # (one call, not trio.current_time's 3)
+    if rules.cors is not None:
+        reactor = None  # (the reactor answers without CORS headers)
     try:
         with http.read_deadlines():  # (one cancel scope for the reads of every request)
             while True:
                 deadline = now() + idle_timeout
-                request = await http.receive_request(deadline)
+                request = None
+                judged = None
+                body = None
+                if reactor is not None and http.idle:
+                    http.disarm()  # (parked, the connection is not reading)
+                    back = await reactor.park(http, share, peer, deadline)
+                    deadline = back.deadline
+                    if back.error is not None:
+                        raise back.error
+                    if back.closed:
+                        return
+                    if back.unsent:
+                        await http.send_rest(back.unsent)
+                        if not http.next_cycle():
+                            return
+                        continue
+                    request, judged, body = back.request, back.judged, back.body
                 if request is None:
-                    return  # closed
+                    request = await http.receive_request(deadline)
+                    if request is None:
+                        return  # closed
                 if rules.cors is not None:
                     cors = rules.cors_headers(request.headers)
-                reply, kind = rules.head(
-                    request.method, request.target, request.headers, request.fields
-                )
+                if judged is None:
+                    judged = rules.head(
+                        request.method, request.target, request.headers, request.fields
+                    )
+                reply, kind = judged
+                if body is not None:  # read and held by the reactor; the queue did not take it
+                    http.disarm()
+                    reply = await rules.ingest(body, kind, peer)
+                    share.close()
                 if reply is None and not share.hold_nowait(_body_bytes(http, rules.max_body_size)):
                     ingress.reject("over_budget")
                     reply = rules.over_budget  # 503 + Retry-After before the body is read

@@ -36,6 +36,7 @@ from .._sockets import socket_of
 from ._asgi import IngestApp, ReplayStream, hypercorn_server
 from ._h2 import serve_http2
 from ._h11 import serve_http1
+from ._reactor import Reactor, open_reactor
 from ._rules import IngestRules, Reply
 
 __all__ = ("HttpSource",)
@@ -154,14 +155,17 @@ class HttpSource(Source):
             max_header_size=self.max_header_size,
             handshake_timeout=self.handshake_timeout,
         )
-        handler = partial(self._connection, rules, serve_hypercorn)
         refuse = partial(self._refuse, rules.too_many_connections)
 
         async def announce_stop() -> None:
             await ingress.wait_stopping()
             await terminate()
 
-        async with trio.open_nursery() as nursery:
+        async with (
+            open_reactor(rules, self.idle_timeout) as reactor,
+            trio.open_nursery() as nursery,
+        ):
+            handler = partial(self._connection, rules, serve_hypercorn, reactor)
             nursery.start_soon(announce_stop)
             await nursery.start(
                 partial(
@@ -208,6 +212,7 @@ class HttpSource(Source):
         self,
         rules: IngestRules,
         serve_hypercorn: Callable[[trio.abc.Stream], Awaitable[None]],
+        reactor: Reactor | None,
         stream: trio.abc.Stream,
     ) -> None:
         peer = await tls_and_peer(
@@ -245,6 +250,7 @@ class HttpSource(Source):
             peer,
             idle_timeout=self.idle_timeout,
             max_header_size=self.max_header_size,
+            reactor=reactor,
         )
 
     async def _http2(

@@ -13,7 +13,7 @@ import pytest
 from helpers import DEFLATE, GZIP, bomb, deflate
 
 from trio_gateway._errors import FrameTooLarge, ProtocolError
-from trio_gateway.sources.grpc._calls import inflate_message
+from trio_gateway.sources.grpc._calls import gzip_claims, inflate_message
 
 
 @pytest.mark.parametrize(("wbits", "compress"), [(GZIP, gzip.compress), (DEFLATE, deflate)])
@@ -62,3 +62,11 @@ def test_inflate_refuses_corrupt_truncated_and_trailing_data(
         inflate_message(compress(b"x") if wbits == DEFLATE else deflate(b"x"), GZIP, 100)
     with pytest.raises(ProtocolError):
         inflate_message(b"", wbits, 100)
+
+
+def test_gzip_claims_reads_the_trailer_and_only_for_gzip() -> None:
+    data = gzip.compress(b"x" * 100)
+    assert gzip_claims(data, GZIP) == 100
+    assert gzip_claims(data[:-4] + (1 << 20).to_bytes(4, "little"), GZIP) == 1 << 20
+    assert gzip_claims(deflate(b"x" * 100), DEFLATE) is None
+    assert gzip_claims(b"short", GZIP) is None

@@ -323,6 +323,18 @@ class Call:
         self._proto.acknowledge(self.stream_id, size)
 
 
+_GZIP_MIN = 18
+"""The shortest gzip stream: a 10-byte header and an 8-byte trailer (CRC32, ISIZE)."""
+
+
+def gzip_claims(data: bytes, wbits: int) -> int | None:
+    """What a gzip message says it inflates to (its trailer's ISIZE), or None (deflate, or
+    too short to be gzip). A claim, not a fact: a corrupt or lying stream says anything."""
+    if wbits > zlib.MAX_WBITS and len(data) >= _GZIP_MIN:
+        return int.from_bytes(data[-4:], "little")
+    return None
+
+
 def inflate_message(data: bytes, wbits: int, limit: int) -> bytes:
     """Decompress one message (``wbits`` as for :func:`zlib.decompressobj`), never producing
     more than ``limit`` bytes: :class:`FrameTooLarge` past it, :class:`ProtocolError` if the
@@ -421,12 +433,23 @@ class CompressedCall(Call):
         proto = self._proto
         limit = self._decoder.max_message_size
         room = proto.budget - proto.held
+        refused_at = proto.inflate_refused_at
         try:
-            if room <= 0:  # (zlib reads a max_length of 0 as "no limit")
-                raise FrameTooLarge(len(data), 0)
+            claimed = gzip_claims(data, self._wbits) if room < limit else None
+            if (
+                room <= 0
+                or (refused_at is not None and room <= refused_at)
+                or (claimed is not None and claimed > room)
+            ):
+                # (zlib reads a max_length of 0 as "no limit"); no more room than when a
+                # message last failed for want of it, or a gzip trailer that says it will
+                # not fit: refused for want of room without the inflating (under pressure,
+                # a corrupt stream's trailer may be taken at its word: over_budget either way)
+                raise FrameTooLarge(len(data), max(room, 0))
             out = inflate_message(data, self._wbits, min(limit, room))
         except FrameTooLarge as exc:
             if room < limit:
+                proto.inflate_refused_at = room
                 reason, error = "over_budget", proto.budget_error()
             else:
                 reason, error = (

@@ -170,6 +170,11 @@ class GrpcProtocol:
         I/O layer sets it to what the gateway's memory budget has room for."""
         self.held = 0
         """Bytes held in this connection's calls (see :attr:`ServerLimits.connection_budget`)."""
+        self.inflate_refused_at: int | None = None
+        """The room (:attr:`budget` - :attr:`held`) in which a compressed message last failed
+        to inflate for want of room: a message is not inflated again in as little room
+        (inflating up to the room and failing costs the CPU of the whole room, and a
+        connection of bomblets would pay it per message: ``CompressedCall._inflate``)."""
         self.calls: dict[int, Call] = {}
         """Calls whose handler is not done (:meth:`end_call`), by stream id."""
         self.partial: dict[Call, float] = {}

@@ -1,7 +1,8 @@
 """The chat example, end to end: two gateways built from chat.toml (ports and servers pointed
 at this test's), WebSocket clients on each, one room. Every message reaches the room's
-clients on both gateways, in the same order on both and in each author's order, through a
-real nats-server; the history is read back from a real PostgreSQL."""
+clients on both gateways, in each author's order, through a real nats-server (NATS keeps
+each publisher's order, not one interleaving of two publishers for every subscriber: see the
+README); the history is read back from a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -81,10 +82,11 @@ async def test_two_gateways_relay_a_room_in_one_order_and_keep_the_history(
             )
             a.shutdown()
             b.shutdown()
-    assert [m["id"] for m in heard["a"]] == [m["id"] for m in heard["b"]]  # one order
-    for author in ("alice", "bob"):
-        said = [m["text"] for m in heard["a"] if m["author"] == author]
-        assert said == [f"{author} says {i}" for i in range(per_author)]
+    assert sorted(m["id"] for m in heard["a"]) == sorted(m["id"] for m in heard["b"])
+    for listener in ("a", "b"):
+        for author in ("alice", "bob"):
+            said = [m["text"] for m in heard[listener] if m["author"] == author]
+            assert said == [f"{author} says {i}" for i in range(per_author)]
     rows = postgres.query(
         "SELECT room, count(*), count(DISTINCT id) FROM chat_history GROUP BY room"
     )

@@ -29,7 +29,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import HandshakeError, open_websocket_url
 
-from trio_gateway import Ingress
+from trio_gateway import Gateway, Ingress
 from trio_gateway._ledger import SourceCounters
 from trio_gateway._proto import gateway_pb2
 from trio_gateway.queues import OverflowPolicy, Queue
@@ -142,6 +142,19 @@ async def in_asyncio(client: Callable[[], Awaitable[T]]) -> T:
     """Run an asyncio client coroutine (``websockets``, ``grpc.aio``) in a worker thread with its
     own event loop."""
     return await trio.to_thread.run_sync(lambda: asyncio.run(client()))  # type: ignore[arg-type]
+
+
+async def stream_lines_through(gateway: Gateway, lines: list[bytes]) -> None:
+    """Run ``gateway`` (its first source a newline TCP listener), send ``lines`` on one
+    connection, and stop it once they are all received: its shutdown delivers them."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            async with await trio.open_tcp_stream(*address) as stream:
+                await stream.send_all(b"".join(line + b"\n" for line in lines))
+            while gateway.ledger.received < len(lines):
+                await trio.sleep(0.01)
+            gateway.shutdown()
 
 
 def read_payloads(path: Path) -> list[bytes]:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-import trio
+from helpers import stream_lines_through
 from pgserver import PostgresServer
 
 from trio_gateway import Batch, Gateway, Origin, SinkError, SinkUnavailable, TcpSource
@@ -22,14 +22,7 @@ async def test_gateway_over_tcp_copies_into_the_default_table(postgres: Postgres
     sink = PostgresSink(postgres.url, table="tcp_default")
     gateway = Gateway(sources=[TcpSource(port=0)], sink=sink, batch_size=400)
     lines = [b"line %d" % i for i in range(3000)]
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            async with await trio.open_tcp_stream(*address) as stream:
-                await stream.send_all(b"".join(line + b"\n" for line in lines))
-            while gateway.ledger.received < len(lines):
-                await trio.sleep(0.01)
-            gateway.shutdown()
+    await stream_lines_through(gateway, lines)
     assert gateway.ledger.delivered == len(lines) == sink.rows
     stored = postgres.query(
         "SELECT transport, listener, peer, received_at, payload FROM tcp_default"

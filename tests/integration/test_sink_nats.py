@@ -8,13 +8,17 @@ and restarted in the middle of the run.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from jetstream import NatsServer, read_stream, stream_count
+from jetstream import (
+    NatsServer,
+    assert_in_order_per_peer,
+    read_stream,
+    stream_count,
+    stream_from_clients,
+)
 
 from trio_gateway import (
     Batch,
@@ -29,13 +33,6 @@ from trio_gateway.sinks import NatsSink
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
 
 
-def by_peer(messages: list[Any]) -> dict[str, list[bytes]]:
-    peers: dict[str, list[bytes]] = defaultdict(list)
-    for message in messages:
-        peers[message.headers["Gateway-Peer"]].append(message.data)
-    return peers
-
-
 # -- against a real server ------------------------------------------------------------------------
 
 
@@ -45,34 +42,14 @@ async def test_gateway_to_jetstream_exactly_once_in_order_per_connection(
     sink = NatsSink(f"{nats_server.url}/telemetry.in?stream=TELEMETRY&create=true")
     gateway = Gateway(sources=[TcpSource(port=0)], sink=sink, batch_size=500)
     clients, per_client = 3, 2000
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            ((address,),) = await nursery.start(gateway.run)
-
-            async def client(k: int) -> None:
-                async with await trio.open_tcp_stream(*address) as stream:
-                    for start in range(0, per_client, 250):
-                        chunk = range(start, start + 250)
-                        await stream.send_all(b"".join(b"c%d %d\n" % (k, i) for i in chunk))
-                        await trio.sleep(0.001)
-
-            async with trio.open_nursery() as senders:
-                for k in range(clients):
-                    senders.start_soon(client, k)
-            while gateway.ledger.received < clients * per_client:
-                await trio.sleep(0.01)
-            gateway.shutdown()
+    await stream_from_clients(gateway, clients, per_client)
     ledger = gateway.ledger
     assert ledger.balanced and ledger.delivered == clients * per_client
     assert sink.stored == clients * per_client and sink.duplicates == 0
 
     messages = await read_stream(nats_server, "TELEMETRY", "telemetry.in", clients * per_client)
     assert len(messages) == clients * per_client
-    peers = by_peer(messages)
-    assert len(peers) == clients
-    for sent in peers.values():
-        k = sent[0].split()[0]
-        assert sent == [b"%s %d" % (k, i) for i in range(per_client)]
+    assert_in_order_per_peer(messages, clients, per_client)
     first = messages[0].headers
     assert first["Gateway-Transport"] == "tcp" and first["Gateway-Listener"].startswith("tcp:")
     assert float(first["Gateway-Received-At"]) > 1.7e9
@@ -179,9 +156,6 @@ async def test_server_killed_and_restarted_mid_run_loses_nothing_acknowledged(
 
     messages = await read_stream(nats_server, "ORDERS", "orders.in", clients * per_client)
     # Nothing acknowledged is lost, and thanks to Nats-Msg-Id nothing is there twice.
-    peers = by_peer(messages)
-    for sent in peers.values():
-        k = sent[0].split()[0]
-        assert sent == [b"%s %d" % (k, i) for i in range(per_client)]
+    assert_in_order_per_peer(messages, clients, per_client)
     assert len(messages) == clients * per_client
     assert sink.stored + sink.duplicates >= clients * per_client

@@ -17,7 +17,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from trio_gateway import Gateway, RetryPolicy, SinkUnavailable
+from trio_gateway import Batch, Gateway, Origin, RetryPolicy, SinkUnavailable
 from trio_gateway.sinks import WebSocketBroadcastSink, WebSocketSink
 from trio_gateway.testing import MemorySource
 
@@ -136,3 +136,19 @@ async def test_broadcast_refuses_clients_past_the_limit_and_closes_on_oversize()
                 assert closed.value.reason.code == 1009  # message too big
             await wait_until(lambda: sink.clients == 0)
             gateway.shutdown()
+
+
+async def test_broadcast_with_no_clients_reads_no_topic_and_counts_them_unheard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No client connected (a relay's gateway without clients of its own): nothing to route,
+    so no payload is decoded for its topic, and every message counts as unheard."""
+    sink = WebSocketBroadcastSink(topic="room")
+
+    def decoded(*args: object) -> None:
+        raise AssertionError("a topic was read with nobody to hear it")
+
+    monkeypatch.setattr(sink, "_topic", decoded)
+    origin = Origin("nats", "nats:127.0.0.1:4222/chat", "chat", 1.0)
+    await sink.send(Batch([b'{"room": "a"}', b"not json", b"{}"], [(origin, 3)]))
+    assert (sink.sent, sink.dropped, sink.unheard) == (0, 0, 3)

@@ -84,3 +84,52 @@ async def test_a_write_cut_short_gives_up_the_connection() -> None:
     with pytest.raises(trio.ClosedResourceError):
         await client.send_all(b"more")
     await server.aclose()
+
+
+def test_confirm_is_stored_or_server_and_comes_from_the_config() -> None:
+    sink = build_sink(SinkConfig(url="nats://127.0.0.1:4222/a.b", options={"confirm": "server"}))
+    assert isinstance(sink, NatsSink) and sink.confirm == "server"
+    assert NatsSink("nats://127.0.0.1:4222/a").confirm == "stored"
+    with pytest.raises(ConfigurationError, match='confirm must be "stored" or "server"') as caught:
+        build_sink(SinkConfig(url="nats://127.0.0.1:4222/a", options={"confirm": "acked"}))
+    assert caught.value.key == "sink"
+
+
+async def test_confirm_server_waits_for_the_pong_and_fails_on_a_refused_publish() -> None:
+    """Under ``confirm="server"`` a round is its publishes and a PING: the PONG confirms it,
+    and a ``-ERR`` before it (a publish the server refused) fails the batch."""
+    import trio
+    import trio.testing
+
+    from trio_gateway import Batch, Origin, SinkError
+    from trio_gateway.sinks._nats import _Connection
+    from trio_gateway.sinks._nats_protocol import Info, NatsParser
+
+    origin = Origin("tcp", "t", "p", 1.0)
+    client, server = trio.testing.memory_stream_pair()
+    sink = NatsSink("nats://127.0.0.1:4222/a", confirm="server", origin_headers=False)
+    info = Info({"max_payload": 1024})
+    sink._conn = _Connection(client, NatsParser(), info, "nats://x:4222", trio.current_time())
+    sent = b""
+
+    async def answer(data: bytes) -> None:
+        nonlocal sent
+        sent = b""
+        while not sent.endswith(b"PING\r\n"):
+            sent += await server.receive_some()
+        assert sink.published == 0  # nothing counted before the PONG
+        await server.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer, b"PONG\r\n")
+        await sink.send(Batch([b"x", b"yz"], [(origin, 2)]))
+    assert sent == b"PUB a 1\r\nx\r\nPUB a 2\r\nyz\r\nPING\r\n"  # no reply, no headers
+    assert sink.published == 2
+
+    sink.published = 0
+    refusal = b"-ERR 'Permissions Violation for Publish to \"a\"'\r\nPONG\r\n"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer, refusal)
+        with pytest.raises(SinkError, match="Permissions Violation"):
+            await sink.send(Batch([b"x"], [(origin, 1)]))
+    assert sink.failures["permissions"] == 1 and sink.published == 0

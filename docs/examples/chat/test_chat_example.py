@@ -21,6 +21,7 @@ from trio_websocket import open_websocket_url
 from trio_gateway import Pipelines, WebSocketBroadcastSink
 from trio_gateway._cli import main
 from trio_gateway._config import build_pipelines, load_config
+from trio_gateway.sinks import NatsSink
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,6 +93,12 @@ async def test_two_gateways_relay_a_room_in_one_order_and_keep_the_history(
     )
     assert rows == [("lobby", 2 * per_author, 2 * per_author)]
     assert a.ledger.balanced and b.ledger.balanced
+    # The live path is confirmed by the server (no JetStream ack), yet the history, read
+    # from the stream, has every message.
+    for pipelines in (a, b):
+        sink = pipelines["in"].gateway.sink
+        assert isinstance(sink, NatsSink) and sink.confirm == "server"
+        assert (sink.published, sink.stored) == (per_author, 0)
 
 
 def test_the_readme_picture_is_drawn_from_the_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -152,3 +152,32 @@ async def test_broadcast_with_no_clients_reads_no_topic_and_counts_them_unheard(
     origin = Origin("nats", "nats:127.0.0.1:4222/chat", "chat", 1.0)
     await sink.send(Batch([b'{"room": "a"}', b"not json", b"{}"], [(origin, 3)]))
     assert (sink.sent, sink.dropped, sink.unheard) == (0, 0, 3)
+
+
+async def test_broadcast_drops_what_finds_a_client_queue_full_for_that_client_only() -> None:
+    """A batch larger than a client's queue: the first ``client_queue`` messages are queued
+    for it, the rest dropped and counted for it alone; a client of another topic is not
+    affected."""
+    sink = WebSocketBroadcastSink(topic="room", client_queue=3)
+    source = MemorySource()
+    gateway = Gateway(sources=[source], sink=sink, services=[sink])
+    heard: dict[str, list[bytes]] = {"a": [], "b": []}
+    messages = [json.dumps({"room": "a", "n": n}).encode() for n in range(5)]
+    messages.append(json.dumps({"room": "b", "n": 5}).encode())
+
+    async def client(path: str, count: int) -> None:
+        async with open_websocket_url(f"ws://127.0.0.1:{sink.bound[1]}/{path}") as ws:  # type: ignore[index]
+            while len(heard[path]) < count:
+                heard[path].append(await ws.get_message())  # type: ignore[arg-type]
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            async with trio.open_nursery() as clients:
+                clients.start_soon(client, "a", 3)
+                clients.start_soon(client, "b", 1)
+                await wait_until(lambda: sink.clients == 2)
+                await source.send_many(messages)  # one batch
+            gateway.shutdown()
+    assert heard == {"a": messages[:3], "b": messages[5:]}
+    assert (sink.sent, sink.dropped, sink.unheard) == (4, 2, 0)

@@ -9,6 +9,8 @@ each client's writer sends every message waiting in its queue in one write: one 
 per wake-up, not one per message. With trio-websocket's server (one ``send_message``, so one
 lock and one ``send`` per message per client), the relay's receiving gateway spent most of its
 time in those sends (``python -m bench.chat_relay --profile``; docs/examples/chat/README.md).
+A batch reaches each client's queue (an :class:`_Outbox`) with one call and one wake-up of
+its writer, not a memory-channel send per message.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import trio
@@ -39,6 +41,33 @@ _WRITE_BYTES = 256 * 1024
 _HANDSHAKE_TIMEOUT = 10.0
 """Seconds a client has to complete its opening handshake."""
 _BINARY_FIN = 0x82
+
+
+class _Outbox:
+    """One client's queue: at most ``capacity`` messages, filled a batch at a time by
+    :meth:`WebSocketBroadcastSink.send` and emptied by the client's writer task."""
+
+    __slots__ = ("_lot", "capacity", "items")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.items: deque[bytes] = deque()
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def put_many(self, payloads: list[bytes]) -> int:
+        """Queue what fits (the rest is dropped for this client) and wake the writer; the
+        number queued."""
+        room = self.capacity - len(self.items)
+        taken = payloads if len(payloads) <= room else payloads[: max(room, 0)]
+        if taken:
+            self.items.extend(taken)
+            self._lot.unpark_all()
+        return len(taken)
+
+    async def wait(self) -> None:
+        """Until there is something to send."""
+        while not self.items:
+            await self._lot.park()
 
 
 def frame_header(size: int) -> bytes:
@@ -89,7 +118,7 @@ class WebSocketBroadcastSink(Sink):
         self.max_message_size = max_message_size
         self.name = f"ws-listen:{host}:{port}"
         self.bound: tuple[str, int] | None = None
-        self._clients: dict[str, set[trio.MemorySendChannel[bytes]]] = defaultdict(set)
+        self._clients: dict[str, set[_Outbox]] = defaultdict(set)
         self.clients = 0
         self.sent = 0
         """Client-messages queued (one message to three clients: three)."""
@@ -130,20 +159,20 @@ class WebSocketBroadcastSink(Sink):
             await _flush(stream, protocol)
             return
         topic = request.path.lstrip("/")
-        send, receive = trio.open_memory_channel[bytes](self.client_queue)
+        outbox = _Outbox(self.client_queue)
         lock = trio.Lock()  # the writer's messages and the reader's pongs and close share it
         # Subscribed before the client reads its 101: a message sent once the client is
         # connected reaches it.
         self.clients += 1
-        self._clients[topic].add(send)
+        self._clients[topic].add(outbox)
         try:
             await _flush(stream, protocol)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write, stream, protocol, receive, lock)
+                nursery.start_soon(_write, stream, protocol, outbox, lock)
                 await _read(stream, protocol, lock)
                 nursery.cancel_scope.cancel()
         finally:
-            self._clients[topic].discard(send)
+            self._clients[topic].discard(outbox)
             if not self._clients[topic]:
                 del self._clients[topic]
             self.clients -= 1
@@ -174,26 +203,36 @@ class WebSocketBroadcastSink(Sink):
         return str(value)
 
     async def send(self, batch: Batch) -> None:
-        if not self._clients:
+        clients = self._clients
+        if not clients:
             # Nobody to hear them: no topic to read (a JSON decode per message). A relay's
             # gateway with no clients of its own pays nothing more for the messages back out.
             self.unheard += len(batch)
             await trio.lowlevel.checkpoint()
             return
-        everyone = self._clients.get("", set())
-        for payload, topic in zip(batch.payloads, self._topics(batch), strict=True):
-            listeners = everyone | self._clients.get(topic, set()) if topic else everyone
-            if not listeners:
-                self.unheard += 1
-                continue
-            for channel in listeners:
-                try:
-                    channel.send_nowait(payload)
-                    self.sent += 1
-                except trio.WouldBlock:
-                    self.dropped += 1
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # that client is leaving
+        everyone = clients.get("", set())
+        # Each client's share of the batch, in order, then one call per client.
+        shares: dict[_Outbox, list[bytes]] = {}
+        if everyone and len(clients) == 1:  # only clients of every topic: no topic to read
+            for outbox in everyone:
+                shares[outbox] = batch.payloads
+        else:
+            by_topic: dict[str | None, list[list[bytes]]] = {}
+            for payload, topic in zip(batch.payloads, self._topics(batch), strict=True):
+                lists = by_topic.get(topic)
+                if lists is None:
+                    listeners = everyone | clients.get(topic, set()) if topic else everyone
+                    lists = by_topic[topic] = [
+                        shares.setdefault(outbox, []) for outbox in listeners
+                    ]
+                if not lists:
+                    self.unheard += 1
+                for share in lists:
+                    share.append(payload)
+        for outbox, payloads in shares.items():
+            queued = outbox.put_many(payloads)
+            self.sent += queued
+            self.dropped += len(payloads) - queued
         await trio.lowlevel.checkpoint()
 
     def statistics(self) -> dict[str, int]:
@@ -244,20 +283,16 @@ async def _read(stream: trio.SocketStream, protocol: ServerProtocol, lock: trio.
 
 
 async def _write(
-    stream: trio.SocketStream,
-    protocol: ServerProtocol,
-    receive: trio.MemoryReceiveChannel[bytes],
-    lock: trio.Lock,
+    stream: trio.SocketStream, protocol: ServerProtocol, outbox: _Outbox, lock: trio.Lock
 ) -> None:
     """Send the client's queue, every message waiting at once, as long as it is open."""
-    async for payload in receive:
-        parts = [frame_header(len(payload)), payload]
-        size = len(payload)
-        while size < _WRITE_BYTES:
-            try:
-                payload = receive.receive_nowait()
-            except trio.WouldBlock:
-                break
+    items = outbox.items
+    while True:
+        await outbox.wait()
+        parts: list[bytes] = []
+        size = 0
+        while items and size < _WRITE_BYTES:
+            payload = items.popleft()
             parts += (frame_header(len(payload)), payload)
             size += len(payload)
         async with lock:

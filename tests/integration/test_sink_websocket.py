@@ -181,3 +181,21 @@ async def test_broadcast_drops_what_finds_a_client_queue_full_for_that_client_on
             gateway.shutdown()
     assert heard == {"a": messages[:3], "b": messages[5:]}
     assert (sink.sent, sink.dropped, sink.unheard) == (4, 2, 0)
+
+
+@pytest.mark.parametrize(
+    ("payload", "topic"),
+    [
+        (b'{"room": "a", "text": "hi"}', "a"),
+        ('{"room": "a"}'.encode("utf-16"), "a"),  # json.loads reads UTF-16 and -32 bytes
+        ('{"room": "a"}'.encode("utf-32"), "a"),
+        (b'\xef\xbb\xbf{"room": "a"}', "a"),  # and a UTF-8 byte order mark
+        (b'{"room": 2.0}', "2"),
+        (b'{"room": {"nested": 1}}', None),
+        (b"not json", None),
+        (b'{"room": "a"} trailing', None),
+    ],
+)
+def test_the_topic_is_the_field_as_json_reads_the_bytes(payload: bytes, topic: str | None) -> None:
+    sink = WebSocketBroadcastSink(topic="room")
+    assert sink._topic(payload, Origin("nats", "nats:x", "chat", 1.0)) == topic

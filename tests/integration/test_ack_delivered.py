@@ -16,6 +16,7 @@ from trio_gateway import (
     Gateway,
     GrpcSource,
     HttpSource,
+    RingBuffer,
     SinkRefused,
     TcpSource,
 )
@@ -128,3 +129,46 @@ async def test_grpc_bidi_acks_wait_for_the_sink_and_refusals_are_negative() -> N
     delivered = {int(p.split(b"-")[1]) for batch in sink.batches for p in batch}
     assert accepted <= delivered
     assert gateway.ledger.delivered == 40 and gateway.ledger.dropped["refused"] == 10
+
+
+class RefusesFirstBatch(Sink):
+    """Refuses every message of the first batch it is sent; delivers the others."""
+
+    name = "refuses-first"
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+
+    async def send(self, batch: Batch) -> None:
+        self.batches.append(list(batch.payloads))
+        if len(self.batches) == 1:
+            raise SinkRefused("refused", indices=range(len(batch)), reason="test")
+
+
+async def test_a_failure_settled_while_a_batch_waits_for_room_is_a_negative_answer() -> None:
+    # An NDJSON batch of 10 into a queue of 4 (block): 4 go in, the offer waits for room; the
+    # sink refuses that first batch while the rest is still being put. Those 4 failed: the
+    # client must not be told all 10 were delivered.
+    sink = RefusesFirstBatch()
+    gateway = Gateway(
+        sources=[HttpSource(port=0, queue_wait=10.0)],
+        sink=sink,
+        queue=RingBuffer(4),
+        ack="delivered",
+        batch_size=4,
+    )
+    body = b"".join(b'{"n":%d}\n' % i for i in range(10))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            url = f"http://{address[0]}:{address[1]}/ingest"
+            async with httpx.AsyncClient() as client:
+                response = await client.post(
+                    url, content=body, headers={"content-type": "application/x-ndjson"}
+                )
+            gateway.shutdown()
+    assert response.status_code == 503
+    assert response.json()["accepted"] == 0  # the first 4 failed: nothing is acknowledged
+    assert sink.batches[0] == [b'{"n":%d}' % i for i in range(4)]
+    assert gateway.ledger.dropped["refused"] == 4 and gateway.ledger.delivered == 6
+    assert gateway.ledger.balanced

@@ -309,16 +309,20 @@ def acked_offer(
     rest is refused ``gateway_stopping``, and abandoned in the ledger). ``drop_newest``:
     what does not fit is refused ``queue_full`` and counted as rejected (the sender knows),
     not received and dropped. ``drop_oldest``: everything is accepted; older messages make
-    room (the ledger's ``dropped``, as for any connection).
+    room (the ledger's ``dropped``, as for any connection); with ``ack = "delivered"`` what
+    was evicted or failed at the sink is refused.
 
     An answer that waits (``ack = "delivered"``, a disk queue) does not hold the reader: it
     goes in flight (:meth:`AckConnection.answer`) and is recorded in order once final.
     """
     queue = ingress.buffer.queue
     policy = queue.policy
+    # drop_oldest takes every batch whole, so "queued" acks all of it; "delivered" acks only
+    # what the sink confirmed (the answer's own count).
+    takes_all = policy == "drop_oldest" and ingress.ack != "delivered"
 
     def outcome(done: int, n: int) -> tuple[int, str]:
-        if policy == "drop_oldest" and not queue.closed:
+        if takes_all and not queue.closed:
             done = n  # the queue took the batch (it may drop its head: "dropped")
         return done, "gateway_stopping" if queue.closed else "queue_full"
 

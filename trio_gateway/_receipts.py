@@ -139,8 +139,8 @@ class Receipts:
             receipt.resolve(self._failed)
 
     def forget(self, receipt: Receipt) -> None:
-        """Stop resolving ``receipt`` (its waiter is gone)."""
-        if not receipt.done.is_set():
+        """Stop resolving ``receipt`` (its waiter is gone); again: nothing."""
+        if not receipt.done.is_set() and receipt in self._waiting:
             self._waiting.remove(receipt)
 
 

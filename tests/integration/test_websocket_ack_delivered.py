@@ -18,7 +18,7 @@ from websockets.frames import Frame
 from trio_gateway import Batch, Gateway, RingBuffer, SinkRefused, WebSocketSource
 from trio_gateway.queues import Queue
 from trio_gateway.sinks import Sink
-from trio_gateway.sources import _wsack
+from trio_gateway.sources import _flight
 
 
 class GatedSink(Sink):
@@ -107,7 +107,7 @@ async def test_a_refusal_is_a_negative_ack_under_drop_oldest_too() -> None:
 async def test_what_awaits_delivery_per_connection_is_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_wsack, "MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr(_flight, "MAX_IN_FLIGHT", 3)
     with trio.fail_after(20):
         async with delivered_gateway() as (gateway, sink, url):
             stream, protocol = await raw_client(url)

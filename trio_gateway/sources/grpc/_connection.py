@@ -35,7 +35,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from ..._log import RateLimitedLogger, logger
-from .._http2 import ErrorCode
+from .._base import say_goodbye_when_cut
+from .._http2 import OVER_BUDGET, ErrorCode
 from .._streamio import StreamIO
 from ._calls import CallChanged, CompressedCall, StreamReset
 from ._protocol import (
@@ -222,6 +223,7 @@ class Connection:
     # -- the connection's life --------------------------------------------------------------
 
     async def run(self) -> None:
+        say_goodbye_when_cut(self.leave_over_budget)
         self.emit()  # our preface
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -278,6 +280,24 @@ class Connection:
             )
             for call in proto.fail_all():
                 self._streams[call.stream_id]._changed()
+
+    def leave_over_budget(self) -> None:
+        """The memory budget cut this connection (counted ``over_budget_evicted`` there):
+        GOAWAY(ENHANCE_YOUR_CALM) saying so, its calls reset (what they held let go), and
+        closed once that is written (``serve_connections`` cancels it if not soon)."""
+        if self._closing:
+            return
+        _errors.info(
+            "%s: grpc connection from %s: over the memory budget, closed",
+            self.server.label,
+            self.peer,
+        )
+        proto = self.proto
+        proto.refuse_connection(ErrorCode.ENHANCE_YOUR_CALM, OVER_BUDGET)
+        for call in proto.fail_all():
+            self._streams[call.stream_id]._changed()
+        self.emit()
+        self._close_when_flushed()
 
     def _refuse_connection(self, reason: str, error_code: int) -> None:
         """Count a connection-level refusal and queue a GOAWAY with ``error_code``; the

@@ -479,10 +479,11 @@ class GrpcProtocol:
         """Queue a GOAWAY frame (streams up to ``last_stream_id`` keep running)."""
         self._h2.goaway(last_stream_id, error_code)
 
-    def refuse_connection(self, error_code: int) -> None:
-        """Final GOAWAY with ``error_code``: no stream past the highest one opened is served."""
+    def refuse_connection(self, error_code: int, debug: bytes = b"") -> None:
+        """Final GOAWAY with ``error_code`` (and ``debug`` data): no stream past the highest
+        one opened is served."""
         self.last_stream_id = self._h2.highest_stream_id
-        self.goaway(self.last_stream_id, error_code)
+        self._h2.goaway(self.last_stream_id, error_code, debug)
 
     def start_drain(self) -> None:
         """Graceful shutdown, first half: GOAWAY(max stream id) and a PING whose answer

@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .._base import connection_errors, linger
+from .._base import connection_errors, linger, say_goodbye_when_cut
 from .._http2 import (
+    OVER_BUDGET,
     ErrorCode,
     Http2Error,
     Http2Server,
@@ -156,6 +157,7 @@ class _Http2Connection:
     # -- the connection's life ------------------------------------------------------------
 
     async def run(self, received: bytes) -> None:
+        say_goodbye_when_cut(self.leave_over_budget)
         try:
             await self._serve(received)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -273,17 +275,24 @@ class _Http2Connection:
         self._goaway(ErrorCode.NO_ERROR)
         await self._flush()
 
-    def _goaway(self, code: int) -> None:
+    def leave_over_budget(self) -> None:
+        """The memory budget cut this connection (``say_goodbye_when_cut``): GOAWAY saying
+        so, what is being received refused, then closed once that is written."""
+        self.last_stream = max(self.last_stream, self.h2.highest_stream_id)
+        self._goaway(ErrorCode.ENHANCE_YOUR_CALM, OVER_BUDGET)
+        self.reading.cancel()
+
+    def _goaway(self, code: int, debug: bytes = b"") -> None:
         """A ``GOAWAY`` naming :attr:`last_stream`; the requests up to it go on (those still
         being received are refused if ``code`` is an error)."""
         if self.goaway_sent is not None and code == ErrorCode.NO_ERROR:
             return
         self.goaway_sent = self.last_stream
-        self.h2.goaway(self.last_stream, code)
         if code != ErrorCode.NO_ERROR:
             for stream_id, request in list(self.requests.items()):
                 self._forget(stream_id, request)
                 self.h2.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
+        self.h2.goaway(self.last_stream, code, debug)  # last: some clients read nothing after
         self._check_done()
 
     def _check_done(self) -> None:

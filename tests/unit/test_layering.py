@@ -87,6 +87,7 @@ LAYERS: dict[str, Layer] = {
         "codecs",
         "sources._http2",
         "sources.grpc._calls",
+        "sources.grpc._events",
         "sources.grpc._limits",
         "sources.grpc._protocol",
     ),
@@ -99,11 +100,13 @@ LAYERS: dict[str, Layer] = {
     "sources.grpc._calls": layer(
         "_errors", "codecs", typing=("sources.grpc._protocol",), sans_io=True
     ),
+    # what the gRPC layer reports: the events it returns and the error it raises
+    "sources.grpc._events": layer("_errors", "sources.grpc._calls", sans_io=True),
     "sources.grpc._protocol": layer(
-        "_errors",
         "_wire",
         "sources._http2",
         "sources.grpc._calls",
+        "sources.grpc._events",
         "sources.grpc._limits",
         sans_io=True,
     ),

@@ -39,14 +39,8 @@ from .._base import say_goodbye_when_cut
 from .._http2 import OVER_BUDGET, ErrorCode
 from .._streamio import StreamIO
 from ._calls import CallChanged, CompressedCall, StreamReset
-from ._protocol import (
-    CallStarted,
-    ConnectionBroken,
-    GrpcProtocol,
-    PeerGoingAway,
-    PingAcked,
-    WindowOpened,
-)
+from ._events import CallStarted, ConnectionBroken, PeerGoingAway, PingAcked, WindowOpened
+from ._protocol import GrpcProtocol
 from ._stream import GrpcStream
 
 if TYPE_CHECKING:

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -13,7 +14,7 @@ from .._errors import ConfigurationError, TransportError
 from .._proto import gateway_pb2
 from .._wire import GRPC_METHODS, IDEMPOTENCY_KEY
 from ._connect import Misdirected, Peer
-from ._h2 import CONNECTION_LOST, GrpcCall, grpc_connection, grpc_frame
+from ._h2 import CONNECTION_LOST, GrpcCall, H2Client, grpc_connection, grpc_frame
 from ._options import DEFAULT_TIMEOUT, GRPC_MODES, check_common, check_ids, check_retries
 from ._resend import Resender
 from ._run import Run, SendSummary, make_payload, run_workers
@@ -94,6 +95,17 @@ async def send_grpc(
             )
         return None
 
+    @asynccontextmanager
+    async def connection(resender: Resender) -> AsyncIterator[H2Client]:
+        """A connection that has answered: the run has reached the gateway (again, after a
+        lost connection: a reconnect)."""
+        async with grpc_connection(
+            peer, ssl_context=ssl_context, step_timeout=step_timeout, first=not run.reached
+        ) as conn:
+            run.reached = True
+            resender.connected()
+            yield conn
+
     async def unary() -> None:
         resender = Resender(run, retries)
         seqs = run.claim(1)
@@ -101,14 +113,7 @@ async def send_grpc(
         try:
             while seqs:
                 try:
-                    async with grpc_connection(
-                        peer,
-                        ssl_context=ssl_context,
-                        step_timeout=step_timeout,
-                        first=not run.reached,
-                    ) as conn:
-                        run.reached = True
-                        resender.connected()
+                    async with connection(resender) as conn:
                         while seqs and not conn.terminated:
                             if again is None:
                                 await run.pace(seqs.start)
@@ -184,14 +189,7 @@ async def send_grpc(
 
         async def one_call() -> tuple[str, list[bytes]]:
             nonlocal seqs
-            async with grpc_connection(
-                peer,
-                ssl_context=ssl_context,
-                step_timeout=step_timeout,
-                first=not run.reached,
-            ) as conn:
-                run.reached = True
-                resender.connected()
+            async with connection(resender) as conn:
                 call = conn.open_call(
                     GRPC_METHODS["bidi" if acked else "stream"],
                     token=token,

@@ -49,16 +49,7 @@ def document(row: Row) -> dict[str, Any]:
         for parallel in parallels
     ]
     return {
-        "rows": [
-            {
-                "key": row.key,
-                "title": row.title,
-                "peer": row.peer_name,
-                "impls": list(row.impls),
-                "inflight": list(row.inflight),
-                "names": {},
-            }
-        ],
+        "rows": [row.described()],
         "results": results,
         "settings": {"sizes": sizes},
         "queues": {"status": "skipped"},

@@ -201,17 +201,19 @@ async def send_grpc(
                         nursery.start_soon(read_acks, call)
                     try:
                         while again or seqs:
-                            if again:
-                                chunk: Sequence[int] = again[:per_write]
+                            fresh = not again  # else first what a lost call left
+                            if fresh:
+                                await run.pace(seqs.start)
+                                chunk: Sequence[int] = seqs
+                                seqs = range(0)
+                                run.wrote(len(chunk))
+                            else:
+                                chunk = again[:per_write]
                                 del again[: len(chunk)]
                                 resender.resending(len(chunk), after_loss=True)
-                            else:
-                                await run.pace(seqs.start)
-                                chunk, seqs = seqs, range(0)
-                                run.wrote(len(chunk))
                             if not await write(call, chunk):
                                 break
-                            if not again:
+                            if not (seqs or again):  # the next messages of the run
                                 seqs = run.claim(per_write)
                         else:
                             with trio.fail_after(step_timeout):

@@ -319,7 +319,9 @@ async def send_websocket(
                     return
                 tally = connection.acks
                 async with connection.stream:
-                    seqs = await exchange(connection, seqs, again, order, resender)
+                    seqs, stalled = await exchange(connection, seqs, again, order, resender)
+                if stalled is not None:
+                    raise stalled
                 outcome = _ws_outcome(connection.protocol, connection.lost, peer, step_timeout)
             except TransportError as exc:
                 unsettled = order[0 if tally is None else tally.acked :] + again
@@ -353,11 +355,13 @@ async def send_websocket(
         again: list[int],
         order: list[int],
         resender: Resender,
-    ) -> range:
+    ) -> tuple[range, TransportError | None]:
         """Send ``again`` (emptied as it goes), then ``seqs`` and what the run gives next, and
         close; ``order`` gets every message handed to the connection. Returns what was claimed
-        but not sent (the gateway closed first)."""
+        but not sent (the gateway closed first), and the error if a write made no progress
+        within ``step_timeout`` (the connection is then given up at once)."""
         protocol, tally = connection.protocol, connection.acks
+        stalled: TransportError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.read_until_closed)
             try:
@@ -381,21 +385,22 @@ async def send_websocket(
                         tally.sent += len(chunk)
                     with trio.fail_after(step_timeout):
                         await connection.flush()
-                    if fresh:
+                    if not (seqs or again):  # the next messages of the run
                         seqs = run.claim(per_write)
                 if protocol.state is WsState.OPEN:
                     protocol.send_close(CloseCode.NORMAL_CLOSURE)
                     with trio.fail_after(step_timeout):
                         await connection.flush()
             except trio.TooSlowError as exc:
-                raise peer.error(f"no progress for {step_timeout:g} s") from exc
+                stalled = peer.error(f"no progress for {step_timeout:g} s")
+                stalled.__cause__ = exc
             except _BROKEN as exc:
                 connection.lost = connection.lost or exc
-            # Wait for the server's close frame (or the end of the connection).
-            with trio.move_on_after(step_timeout):
-                await connection.closed.wait()
+            if stalled is None:  # wait for the server's close frame (or the connection's end)
+                with trio.move_on_after(step_timeout):
+                    await connection.closed.wait()
             nursery.cancel_scope.cancel()
-        return seqs
+        return seqs, stalled
 
     await run_workers(concurrency, worker)
     return run.summary()

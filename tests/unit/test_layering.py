@@ -90,10 +90,14 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._events",
         "sources.grpc._limits",
         "sources.grpc._protocol",
+        "sources.http._h2answers",
     ),
     # the server side of HTTP/2, sans-IO: fed bytes, tested with bytes alone; under the gRPC
     # server and the HTTP source's HTTP/2 path (their Trio I/O is around it)
     "sources._http2": layer(sans_io=True),
+    # the HTTP source's HTTP/2 answers and their writer: the HTTP/2 layer and the stream, no
+    # ingress, budget or queue (those are the reading half's, sources.http._h2)
+    "sources.http._h2answers": layer("sources", "sources._http2"),
     # the gRPC server's sans-IO gRPC layer on it; the Trio I/O (sources.grpc._connection,
     # _stream, _server) is around it
     "sources.grpc._limits": layer(sans_io=True),
@@ -166,17 +170,20 @@ LAYERS: dict[str, Layer] = {
     # building a gateway from TOML and flags
     "_config": layer(
         "_errors",
-        "_fanout",
         "_gateway",
         "_names",
-        "_pipelines",
-        "_routing",
         "_secrets",
         "_wire",
         "admin",
         "queues",
         "sinks",
         "sources",
+        typing=("_config._pipelines",),
+    ),
+    # named pipelines from a config, of the same parts: the one builder that knows routes
+    # between pipelines and fan-out
+    "_config._pipelines": layer(
+        "_config", "_errors", "_fanout", "_gateway", "_pipelines", "_routing", "sinks"
     ),
     # several worker processes, each running a configured gateway
     "workers": layer(

@@ -108,10 +108,24 @@ LAYERS: dict[str, Layer] = {
         sans_io=True,
     ),
     "sinks": layer(
-        "_errors", "_frames", "_log", "_message", "_secrets", "codecs", "sinks._nats_protocol"
+        "_errors",
+        "_frames",
+        "_log",
+        "_message",
+        "_secrets",
+        "codecs",
+        "sinks._nats_conn",
+        "sinks._nats_protocol",
+        "sinks._nats_url",
     ),
-    # the NATS client protocol the NATS sink speaks on a Trio socket
+    # the NATS client, beside the sink that had it first and shared with the NATS source:
+    # the protocol (sans-IO), the URL and its credentials, a connection on a Trio socket
     "sinks._nats_protocol": layer(sans_io=True),
+    "sinks._nats_url": layer("_errors", "_secrets"),
+    "sinks._nats_auth": layer("sinks._nats_protocol", "sinks._nats_url"),
+    "sinks._nats_conn": layer(
+        "_log", "sinks._nats_auth", "sinks._nats_protocol", "sinks._nats_url"
+    ),
     # an asyncio loop in a thread (nats-py under Trio), for the NATS source
     "_asyncio_thread": layer("_errors"),
     # sending a batch under the retry policy (the pump and each fan-out branch)

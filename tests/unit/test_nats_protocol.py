@@ -211,9 +211,9 @@ def test_creds_file_signs_the_nonce(tmp_path: Path) -> None:
         b"-----BEGIN USER NKEY SEED-----\n" + make_seed(key) + b"\n"
         b"------END USER NKEY SEED------\n"
     )
-    fields = credentials(parse_nats_url(f"nats://h/a?creds={creds}"), "nonce-1", "sink")
+    fields = credentials(parse_nats_url(f"nats://h/a?creds={creds}"), "nonce-1")
     assert fields["jwt"] == "eyJhbGciOi.body.sig"
     signature = base64.urlsafe_b64decode(fields["sig"] + "==")
     Ed25519PrivateKey.from_private_bytes(key).public_key().verify(signature, b"nonce-1")
-    assert credentials(parse_nats_url("nats://u:p@h/a"), None, "sink") == {"user": "u", "pass": "p"}
-    assert credentials(parse_nats_url("nats://tok@h/a"), None, "sink") == {"auth_token": "tok"}
+    assert credentials(parse_nats_url("nats://u:p@h/a"), None) == {"user": "u", "pass": "p"}
+    assert credentials(parse_nats_url("nats://tok@h/a"), None) == {"auth_token": "tok"}

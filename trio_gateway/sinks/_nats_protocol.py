@@ -23,6 +23,7 @@ __all__ = (
     "Err",
     "Info",
     "Msg",
+    "NatsError",
     "NatsParser",
     "NatsProtocolError",
     "Ok",
@@ -43,6 +44,11 @@ PONG = b"PONG\r\n"
 
 class NatsProtocolError(Exception):
     """The server sent something that is not NATS (or is larger than the bounds)."""
+
+
+class NatsError(Exception):
+    """A server answered and could not be used: a ``-ERR`` in the handshake, credentials it
+    refused or that cannot be sent, JetStream refusing a request."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,7 +73,6 @@ LAYERS: dict[str, Layer] = {
     # import each other
     "sources": layer(
         "_budget",
-        "_asyncio_thread",
         "_errors",
         "_h11server",
         "_http1",
@@ -89,6 +88,10 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._calls",
         "sources.grpc._limits",
         "sources.grpc._protocol",
+        # the NATS client the NATS sink had first (the NATS source shares it)
+        "sinks._nats_conn",
+        "sinks._nats_protocol",
+        "sinks._nats_url",
     ),
     # the server side of HTTP/2, sans-IO: fed bytes, tested with bytes alone; under the gRPC
     # server and the HTTP source's HTTP/2 path (their Trio I/O is around it)

@@ -30,7 +30,7 @@ from .._log import logger
 from .._message import Batch
 from ._base import Sink
 from ._nats_conn import TRANSPORT_ERRORS as _TRANSPORT_ERRORS
-from ._nats_conn import ConnectFailed, NatsClient
+from ._nats_conn import ConnectFailed, NatsClient, describe_error
 from ._nats_conn import ConnectionLost as _ConnectionLost
 from ._nats_conn import NatsConnection as _Connection
 from ._nats_protocol import (
@@ -146,7 +146,7 @@ class NatsSink(Sink):
         if error is None:
             return
         if not isinstance(error, dict) or error.get("code") != 404:
-            raise NatsError(f"stream {stream}: {_describe_error(error)}")
+            raise NatsError(f"stream {stream}: {describe_error(error)}")
         config = {
             "name": stream,
             "subjects": [target.subject],
@@ -159,7 +159,7 @@ class NatsSink(Sink):
         answer = await self._client.api(conn, f"$JS.API.STREAM.CREATE.{stream}", config)
         error = answer.get("error")
         if isinstance(error, dict) and error.get("err_code") != 10058:  # created meanwhile
-            raise NatsError(f"cannot create stream {stream}: {_describe_error(error)}")
+            raise NatsError(f"cannot create stream {stream}: {describe_error(error)}")
         _log.info("%s: created stream %s", self.name, stream)
 
     # -- the connection (send's calls into the shared client) --------------------------------
@@ -343,14 +343,8 @@ class NatsSink(Sink):
         await self._drop()
 
 
-def _describe_error(error: object) -> str:
-    if isinstance(error, dict):
-        return f"{error.get('description')} (err_code {error.get('err_code')})"
-    return repr(error)
-
-
 def _describe(body: bytes) -> str:
     try:
-        return _describe_error(json.loads(body)["error"])
+        return describe_error(json.loads(body)["error"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return body[:200].decode("utf-8", "replace")

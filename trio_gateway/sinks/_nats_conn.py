@@ -47,6 +47,7 @@ __all__ = (
     "ConnectionLost",
     "NatsClient",
     "NatsConnection",
+    "describe_error",
 )
 
 _log = logger.getChild("nats")
@@ -55,6 +56,13 @@ INBOX_SID = "1"
 MAX_RECONNECT_WAIT = 5.0
 RECEIVE_BYTES = 64 * 1024
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def describe_error(error: object) -> str:
+    """A JetStream API answer's ``error`` object, for a message."""
+    if isinstance(error, dict):
+        return f"{error.get('description')} (err_code {error.get('err_code')})"
+    return repr(error)
 
 
 class ConnectionLost(Exception):
@@ -243,34 +251,54 @@ class NatsClient:
                 raise ConnectionLost(f"server error: {event.message}")
         return event
 
-    async def request(self, conn: NatsConnection, subject: str, payload: bytes) -> Msg:
+    async def request(
+        self, conn: NatsConnection, subject: str, payload: bytes, *, others: list[Msg] | None = None
+    ) -> Msg:
         """One request-reply (a JetStream API call) to the client's inbox, reading the socket
-        until its reply: only while nobody else reads it (the handshake's setup, the sink)."""
+        until its reply: only while nobody else reads it (the handshake's setup, the sink).
+        Other messages read meanwhile go to ``others`` (dropped if it is ``None``)."""
         self._requests += 1
         reply = f"{self.inbox}r.{self._requests}"
         await self.write(conn, pub(subject.encode(), reply.encode(), payload))
         while True:
             event = await self.handle(conn, await conn.next_event())
-            if isinstance(event, Msg) and event.subject == reply:
+            if isinstance(event, Msg):
+                if event.subject != reply:
+                    if others is not None:
+                        others.append(event)
+                    continue
                 if event.status == 503:
                     raise NatsError(f"no responders for {subject} (JetStream not enabled?)")
                 return event
 
-    async def api(self, conn: NatsConnection, subject: str, request: object) -> dict[str, object]:
+    async def api(
+        self,
+        conn: NatsConnection,
+        subject: str,
+        request: object,
+        *,
+        others: list[Msg] | None = None,
+    ) -> dict[str, object]:
         """A JetStream API call: its JSON answer (``{"error": {...}}`` included)."""
         payload = b"" if request is None else json.dumps(request).encode()
-        answer = json.loads((await self.request(conn, subject, payload)).payload)
+        answer = json.loads((await self.request(conn, subject, payload, others=others)).payload)
         if not isinstance(answer, dict):
             raise NatsProtocolError(f"{subject}: the answer is not a JSON object")
         return answer
+
+    async def flush(self, conn: NatsConnection, *, others: list[Msg] | None = None) -> None:
+        """A ``PING`` and its ``PONG``: the server has taken everything written before it
+        (reading the socket meanwhile, as :meth:`request` does)."""
+        await self.write(conn, PING)
+        while not isinstance(event := await self.handle(conn, await conn.next_event()), Pong):
+            if others is not None and isinstance(event, Msg):
+                others.append(event)
 
     async def alive(self, conn: NatsConnection) -> bool:
         """After an idle spell: a PING answered within ``connect_timeout``?"""
         with trio.move_on_after(self.connect_timeout):
             try:
-                await self.write(conn, PING)
-                while not isinstance(await self.handle(conn, await conn.next_event()), Pong):
-                    pass
+                await self.flush(conn)
             except (*TRANSPORT_ERRORS, ConnectionLost, NatsProtocolError):
                 return False
             return True

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = (
+    "ACK",
     "Err",
     "Info",
     "Msg",
@@ -29,10 +30,12 @@ __all__ = (
     "Ok",
     "Ping",
     "Pong",
+    "acks",
     "connect_command",
     "encode_headers",
     "header_value",
     "hpub",
+    "nak",
     "parse_headers",
     "pub",
     "sub",
@@ -92,6 +95,14 @@ class Msg:
             return None
         line = self.headers.split(b"\r\n", 1)[0].split()
         return int(line[1]) if len(line) > 1 and line[1].isdigit() else None
+
+    @property
+    def description(self) -> str:
+        """The text after the status code (``Request Timeout``, ``Exceeded MaxWaiting``)."""
+        if self.headers is None:
+            return ""
+        line = self.headers.split(b"\r\n", 1)[0].split(None, 2)
+        return line[2].decode("utf-8", "replace").strip() if len(line) > 2 else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,5 +301,22 @@ def pub(subject: bytes, reply: bytes, payload: bytes) -> bytes:
     return b"PUB %s %s %d\r\n%s\r\n" % (subject, reply, len(payload), payload)
 
 
-def sub(subject: str, sid: str) -> bytes:
+def sub(subject: str, sid: str, queue: str | None = None) -> bytes:
+    """``SUB``: with ``queue``, the server hands each message to one member of the group."""
+    if queue:
+        return f"SUB {subject} {queue} {sid}\r\n".encode()
     return f"SUB {subject} {sid}\r\n".encode()
+
+
+ACK = b"+ACK"
+
+
+def nak(delay: float) -> bytes:
+    """A JetStream negative ack: deliver the message again after ``delay`` seconds."""
+    return b'-NAK {"delay":%d}' % round(delay * 1e9) if delay > 0 else b"-NAK"
+
+
+def acks(replies: list[str], body: bytes = ACK) -> bytes:
+    """One ``PUB`` of ``body`` to each message's reply subject (JetStream's ``$JS.ACK...``)."""
+    tail = b" %d\r\n%s\r\n" % (len(body), body)
+    return b"".join([b"PUB " + reply.encode() + tail for reply in replies])

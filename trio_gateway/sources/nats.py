@@ -155,7 +155,7 @@ class NatsSource(Source):
         self._pending: deque[Msg] = deque()
         self._arrived = trio.Event()
         self._waiting = False
-        self._refused = 0
+        self._ingress: Ingress | None = None
         # Ack commands written on the connection, each followed by a PING, oldest first (the
         # bytes, how many acks, how many naks): each PONG confirms one. Those not confirmed
         # when the connection is lost, and those written while there was none, are in
@@ -184,6 +184,7 @@ class NatsSource(Source):
             raise ConfigurationError(
                 "nats.ack", "delivered needs a JetStream consumer (stream and consumer)"
             )
+        self._ingress = ingress
         client = self._client = NatsClient(
             self.target,
             self.label,
@@ -329,13 +330,14 @@ class NatsSource(Source):
 
     def _hand_over(self, arrived: list[Msg]) -> None:
         pending = self._pending
-        pull = self._pull
-        if pull is not None:
-            pull.received(len(arrived))  # bounded by the pull's batch: no room to check
+        if self.stream is not None:
+            if self._pull is not None:  # bounded by the pull's batch: no room to check
+                self._pull.received(len(arrived))
         else:
             room = self.max_pending - len(pending)
             if len(arrived) > room:
-                self._refused += len(arrived) - room
+                assert self._ingress is not None
+                self._ingress.reject("slow_consumer", len(arrived) - room)
                 arrived = arrived[:room]
         pending.extend(arrived)
         self._wake()
@@ -415,10 +417,6 @@ class NatsSource(Source):
                 answers.append((run, await ingress.offer_later(payloads, origin)))
             else:
                 await ingress.offer(payloads, origin)
-        refused = self._refused
-        if refused:
-            self._refused = 0
-            ingress.reject("slow_consumer", refused)
         return answers
 
     async def _take_subscribed(self, ingress: Ingress) -> None:

@@ -129,8 +129,6 @@ LAYERS: dict[str, Layer] = {
     "sinks._nats_conn": layer(
         "_log", "sinks._nats_auth", "sinks._nats_protocol", "sinks._nats_url"
     ),
-    # an asyncio loop in a thread (nats-py under Trio), for the NATS source
-    "_asyncio_thread": layer("_errors"),
     # sending a batch under the retry policy (the pump and each fan-out branch)
     "_retry": layer("_errors", "_log"),
     # SIGINT/SIGTERM -> shutdown, then abort (a gateway alone, or pipelines)

@@ -83,9 +83,12 @@ _log = logger.getChild("sources.nats")
 _errors = RateLimitedLogger(_log)
 _SUBSCRIPTION_SID = "2"
 _PING_INTERVAL = 30.0
-"""Seconds without a byte from the server after which the reader sends a ``PING``; no answer
+"""Seconds without a byte from the server after which the source sends a ``PING``; no answer
 within ``connect_timeout`` means the connection is dead."""
 _ACK_PREFIX = "$JS.ACK."
+_QUEUE_AT_ONCE = 16
+"""Up to this many messages of one read are queued by the reading task itself when the
+offering task is idle (one call each, cheaper than waking it for a few)."""
 
 
 class NatsSource(Source):
@@ -203,6 +206,7 @@ class NatsSource(Source):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_reading, client, conn)
+                nursery.start_soon(self._watch, client)
                 if self.stream is None:
                     nursery.start_soon(self._take_subscribed, ingress)
                 else:
@@ -298,19 +302,9 @@ class NatsSource(Source):
     async def _read(self, client: NatsClient, conn: NatsConnection) -> None:
         """Read until the connection ends; hand over what each read brought at once."""
         parser = conn.parser
-        pinged = False
         pull_replies = f"{client.inbox}p."
         while True:
-            with trio.move_on_after(self.connect_timeout if pinged else _PING_INTERVAL) as idle:
-                await conn.receive()
-            if idle.cancelled_caught:
-                if pinged:
-                    raise ConnectionLost(f"no answer to a PING in {self.connect_timeout:g} s")
-                pinged = True
-                if not await self._write_confirmed(b""):
-                    raise ConnectionLost("the PING could not be written")
-                continue
-            pinged = False
+            await conn.receive()
             arrived: list[Msg] = []
             while (event := parser.next_event()) is not None:
                 if type(event) is Msg:
@@ -328,12 +322,34 @@ class NatsSource(Source):
             if arrived:
                 self._hand_over(arrived)
 
+    async def _watch(self, client: NatsClient) -> None:
+        """After ``_PING_INTERVAL`` without a byte from the server, a ``PING``; without an
+        answer in ``connect_timeout``, the connection is closed (the reader reconnects)."""
+        while True:
+            conn = client.conn
+            if conn is None:
+                await self._live.wait()
+                continue
+            quiet_until = conn.last_read + _PING_INTERVAL
+            if trio.current_time() < quiet_until:
+                await trio.sleep_until(quiet_until)
+                continue
+            await self._write_confirmed(b"")
+            await trio.sleep(self.connect_timeout)
+            if client.conn is conn and trio.current_time() - conn.last_read >= self.connect_timeout:
+                client.errors.warning("%s: no answer to a PING: reconnecting", self.label)
+                await client.drop()
+
     def _hand_over(self, arrived: list[Msg]) -> None:
         pending = self._pending
         if self.stream is not None:
             if self._pull is not None:  # bounded by the pull's batch: no room to check
                 self._pull.received(len(arrived))
         else:
+            if self._waiting and not pending and len(arrived) <= _QUEUE_AT_ONCE:
+                arrived = self._queue_now(arrived)
+                if not arrived:
+                    return
             room = self.max_pending - len(pending)
             if len(arrived) > room:
                 assert self._ingress is not None
@@ -341,6 +357,23 @@ class NatsSource(Source):
                 arrived = arrived[:room]
         pending.extend(arrived)
         self._wake()
+
+    def _queue_now(self, arrived: list[Msg]) -> list[Msg]:
+        """A few messages while the offering task waits for more: queued from here if the
+        queue takes them at once (no task switch), which is the usual case at a low rate.
+        What it does not take, from the first refused on, is left for the offering task."""
+        ingress = self._ingress
+        assert ingress is not None
+        received_at = time.time()
+        origin = Origin("nats", self.label, arrived[0].subject, received_at)
+        for index, message in enumerate(arrived):
+            if message.subject != origin.peer:
+                origin = Origin("nats", self.label, message.subject, received_at)
+            if len(message.payload) > self.max_message_size:
+                ingress.reject("oversize")
+            elif not ingress.offer_one_nowait(message.payload, origin):
+                return arrived[index:]
+        return []
 
     def _wake(self) -> None:
         if self._waiting:

@@ -5,7 +5,9 @@ on an asyncio loop in a thread, and that crossing (about 400 µs of CPU per batc
 per message, bench/chat_relay.py ``--stages``) was the measured bound of the chat relay. The
 protocol itself is small and line-based (https://docs.nats.io/reference/reference-protocols/nats-protocol):
 the server sends ``INFO``, ``MSG``, ``HMSG``, ``PING``, ``PONG``, ``+OK``, ``-ERR``; a
-publisher sends ``CONNECT``, ``PUB``/``HPUB``, ``SUB``, ``PING``/``PONG``.
+client sends ``CONNECT``, ``PUB``/``HPUB``, ``SUB``, ``PING``/``PONG``. The NATS sink and the
+NATS source both speak it (JetStream's acks are ``PUB``s of ``+ACK``/``-NAK`` to each
+message's reply subject; its pull requests and statuses are messages too).
 
 :class:`NatsParser` is fed whatever the socket returned (:meth:`~NatsParser.receive_data`) and
 hands out complete events (:meth:`~NatsParser.next_event`); a control line longer than

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 
 import trio
 
 from ..sinks._nats_conn import NatsClient, NatsConnection, describe_error
 from ..sinks._nats_protocol import Msg, NatsError
 
-__all__ = ("PULL_EXPIRES", "PULL_HEARTBEAT", "Pull", "ensure_consumer")
+__all__ = ("PULL_EXPIRES", "PULL_HEARTBEAT", "AckBook", "Pull", "ensure_consumer")
 
 PULL_EXPIRES = 30.0
 """Seconds a pull request waits on the server for its ``batch`` before it expires (408)."""
@@ -121,4 +122,51 @@ async def ensure_consumer(
     if error is not None:
         raise NatsError(
             f"cannot create consumer {consumer} of stream {stream}: {describe_error(error)}"
+        )
+
+
+class AckBook:
+    """The acks (``+ACK``, ``-NAK``) between the source and the server: each write of them
+    is followed by a ``PING``, whose ``PONG`` confirms it (then they are counted); what was
+    written on a connection since lost, or while there was none, is written again on the
+    next (an ack given twice is harmless)."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.nacked = 0
+        self._unconfirmed: deque[tuple[bytes, int, int]] = deque()
+        self._unsent: list[tuple[bytes, int, int]] = []
+
+    @property
+    def unconfirmed(self) -> bool:
+        return bool(self._unconfirmed)
+
+    def written(self, data: bytes, acked: int, nacked: int) -> None:
+        """Written, with a ``PING`` after (in the order of the writes)."""
+        self._unconfirmed.append((data, acked, nacked))
+
+    def unsent(self, data: bytes, acked: int, nacked: int) -> None:
+        self._unsent.append((data, acked, nacked))
+
+    def confirmed(self) -> None:
+        """A ``PONG``: the oldest write is confirmed."""
+        if self._unconfirmed:
+            _, acked, nacked = self._unconfirmed.popleft()
+            self.acked += acked
+            self.nacked += nacked
+
+    def lost(self) -> None:
+        """The connection is gone: what it did not confirm is to be written again."""
+        self._unsent[:0] = self._unconfirmed
+        self._unconfirmed.clear()
+
+    def take_unsent(self) -> tuple[bytes, int, int] | None:
+        """Everything to write again, as one write."""
+        entries, self._unsent = self._unsent, []
+        if not entries:
+            return None
+        return (
+            b"".join(data for data, _, _ in entries),
+            sum(acked for _, acked, _ in entries),
+            sum(nacked for _, _, nacked in entries),
         )

@@ -1,42 +1,29 @@
 """The NATS source: messages back out of a broker into the gateway, from a subject or a
 JetStream consumer, on the package's own NATS client on a Trio socket (the NATS sink's:
-``sinks/_nats_conn.py`` and the sans-IO ``sinks/_nats_protocol.py``).
+``sinks/_nats_conn.py`` and the sans-IO ``sinks/_nats_protocol.py``). docs/pipelines.md
+("Messages back out") is the user's side of what follows.
 
 ``NatsSource("nats://127.0.0.1:4222/chat.>")`` subscribes to a subject (wildcards allowed;
 ``queue_group`` shares the messages between gateways). Core NATS has no backpressure: the
-messages wait in a buffer of ``max_pending`` (the source takes them in batches of up to
-``batch``); past it, the newest are refused and counted (``rejected{reason="slow_consumer"}``),
-which is what the NATS server would do to a slow subscriber anyway.
+messages wait in a buffer of ``max_pending`` (taken in batches of up to ``batch``); past it,
+the newest are refused and counted (``rejected{reason="slow_consumer"}``), which is what the
+NATS server would do to a slow subscriber anyway.
 
 ``NatsSource("nats://127.0.0.1:4222/telemetry.in", stream="TELEMETRY", consumer="gateway")``
-pulls from a durable JetStream consumer instead (created for the subject if it is missing):
-``batch`` messages are asked for (``$JS.API.CONSUMER.MSG.NEXT``) only once the previous ones
-are in the gateway's queue (under ``block``, a full queue stops the fetching: real
-backpressure). When a fetched message is acknowledged is the source's ``ack`` mode (the ``ack``
-key of its sources table, ``Gateway(ack=...)``), as for the listeners:
+pulls from a durable JetStream consumer instead (:mod:`._nats_pull`): ``batch`` messages are
+asked for only once the previous ones are in the gateway's queue (under ``block``, a full
+queue stops the fetching: real backpressure). They are acknowledged as the source's ``ack``
+mode says: ``"queued"`` once in the queue; ``"delivered"`` once the sink confirmed them (the
+pump settles each batch after its send, ``_receipts.py``), with a ``-NAK`` for those whose
+delivery failed, which JetStream delivers again after ``redelivery_delay`` seconds (one batch
+in flight then). What was fetched and not acknowledged (a stop, a crash) comes again after the
+consumer's ``ack_wait``. A core subscription has no acks: ``"delivered"`` is refused for it.
 
-* ``"queued"`` (the default, as for every source): once it is in the gateway's queue. The next
-  batch is fetched while the sink works; a message that the sink then fails to deliver (its
-  retries spent, refused, a processor error) or that a crash loses is not delivered again.
-* ``"delivered"``: once the sink has confirmed it (the pump settles each batch after its send,
-  ``_receipts.py``); a message whose delivery failed is negatively acknowledged
-  (``-NAK``), and JetStream delivers it again after ``redelivery_delay`` seconds, as often as
-  the consumer's ``max_deliver`` allows (unlimited unless the consumer says otherwise):
-  at-least-once to the destination. A fetch waits until the previous batch is confirmed, so
-  one batch is in flight: ``batch`` / (the sink's time per batch) bounds the rate.
-
-What was fetched but not acknowledged either way (the gateway stopped, crashed) is delivered
-again by JetStream after the consumer's ``ack_wait``. A core subscription has no acks, so
-``"delivered"`` is refused for it (:class:`ConfigurationError` at start).
-
-The connection is kept: when the server goes away the source reconnects (to the next server,
-waiting ``reconnect_wait`` seconds, doubling up to 5 s, between rounds), a core subscription
-subscribes again (what was published meanwhile is not seen: core NATS keeps nothing) and a
-JetStream consumer is pulled from again; acks not yet confirmed by the server are sent again
-on the new connection. One task reads the socket (every message of a read handed over at
-once) and another offers them to the gateway, so the reading never waits for the queue.
-
-The origin of each message: transport ``nats``, the listener's label
+When the server goes away the source reconnects (the next server; ``reconnect_wait`` seconds,
+doubling up to 5 s, between rounds), subscribes again or pulls again, and writes again the
+acks the server had not confirmed. One task reads the socket (every message of a read handed
+over at once) and another offers them to the gateway, so the reading never waits for the
+queue. The origin of each message: transport ``nats``, the listener's label
 (``nats:HOST:PORT/SUBJECT``), the message's **subject** as its peer (so a processor can route
 by subject: a chat room, a device), and the time the batch was taken.
 """
@@ -50,7 +37,7 @@ from typing import Any
 import trio
 
 from .._errors import ConfigurationError, TransportError
-from .._ingress import Ingress
+from .._ingress import Answer, Ingress
 from .._log import RateLimitedLogger, logger
 from .._message import Origin
 from ..sinks._nats_conn import (
@@ -74,7 +61,7 @@ from ..sinks._nats_protocol import (
 )
 from ..sinks._nats_url import parse_nats_url
 from ._base import Source
-from ._nats_pull import Pull, ensure_consumer
+from ._nats_pull import AckBook, Pull, ensure_consumer
 from ._options import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = ("NatsSource",)
@@ -120,13 +107,8 @@ class NatsSource(Source):
         for name, value in (("stream", stream), ("consumer", consumer)):
             if value is not None and (not value or any(c in value for c in " \t.*>/\\")):
                 raise ConfigurationError(f"nats.{name}", f"bad {name} name {value!r}")
-        if (
-            batch < 1
-            or max_pending < batch
-            or connect_timeout <= 0
-            or reconnect_wait <= 0
-            or redelivery_delay < 0
-        ):
+        positive = min(connect_timeout, reconnect_wait) > 0
+        if batch < 1 or max_pending < batch or not positive or redelivery_delay < 0:
             raise ConfigurationError(
                 "nats",
                 "need batch >= 1, max_pending >= batch, connect_timeout > 0, "
@@ -134,7 +116,6 @@ class NatsSource(Source):
             )
         self.url = url
         self.target = target
-        self.servers = list(target.servers)
         self.subject = target.subject
         self.queue_group = queue_group
         self.stream = stream
@@ -144,12 +125,6 @@ class NatsSource(Source):
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
         self.redelivery_delay = redelivery_delay
-        self.acked = 0
-        """JetStream messages acknowledged (once queued, or once delivered: the ``ack`` mode),
-        counted when the server has confirmed taking the acks (a ``PONG`` after them)."""
-        self.nacked = 0
-        """JetStream messages negatively acknowledged under ``ack="delivered"`` (their delivery
-        failed; JetStream delivers them again)."""
         self.statuses: Counter[int] = Counter()
         """JetStream status messages by code: 100 (a pull's heartbeat), 404, 408 (a pull
         expired), 409 (a pull refused or ended: the consumer deleted, a limit)."""
@@ -159,12 +134,7 @@ class NatsSource(Source):
         self._arrived = trio.Event()
         self._waiting = False
         self._ingress: Ingress | None = None
-        # Ack commands written on the connection, each followed by a PING, oldest first (the
-        # bytes, how many acks, how many naks): each PONG confirms one. Those not confirmed
-        # when the connection is lost, and those written while there was none, are in
-        # _unsent, written again on the next connection.
-        self._unconfirmed: deque[tuple[bytes, int, int]] = deque()
-        self._unsent: list[tuple[bytes, int, int]] = []
+        self._acks = AckBook()
         self._writing = trio.StrictFIFOLock()
         self._live = trio.Event()
         self._pull: Pull | None = None
@@ -172,6 +142,18 @@ class NatsSource(Source):
     @property
     def label(self) -> str:
         return f"nats:{self.host}:{self.port}/{self.subject}"
+
+    @property
+    def acked(self) -> int:
+        """JetStream messages acknowledged (once queued, or once delivered: the ``ack`` mode),
+        counted when the server has confirmed taking the acks (a ``PONG`` after them)."""
+        return self._acks.acked
+
+    @property
+    def nacked(self) -> int:
+        """JetStream messages negatively acknowledged under ``ack="delivered"`` (their delivery
+        failed; JetStream delivers them again)."""
+        return self._acks.nacked
 
     @property
     def connects(self) -> int:
@@ -253,19 +235,19 @@ class NatsSource(Source):
 
     async def _write_confirmed(self, data: bytes, acked: int = 0, nacked: int = 0) -> bool:
         """Write ``data`` and a ``PING``, whose ``PONG`` counts ``acked`` and ``nacked``
-        (:meth:`_confirmed`); without a connection it waits in ``_unsent`` for the next."""
+        (:class:`AckBook`); without a connection it waits for the next."""
         client = self._client
         assert client is not None
         async with self._writing:
             conn = client.conn
             if conn is None:
-                self._unsent.append((data, acked, nacked))
+                self._acks.unsent(data, acked, nacked)
                 return False
-            self._unconfirmed.append((data, acked, nacked))
+            self._acks.written(data, acked, nacked)
             try:
                 await client.write(conn, data + PING)
             except TRANSPORT_ERRORS:
-                return False  # the reader moves it to _unsent when it sees the loss
+                return False  # the reader sees the loss, and it is written again
         return True
 
     # -- reading (one task, the socket's only reader) ---------------------------------------
@@ -279,16 +261,14 @@ class NatsSource(Source):
             self._live = trio.Event()
             await client.drop()  # wakes a write blocked on it
             async with self._writing:  # what was written on it and not confirmed: again
-                self._unsent[:0] = self._unconfirmed
-                self._unconfirmed.clear()
+                self._acks.lost()
             if self._pull is not None:
                 self._pull.end()  # its messages and statuses now come to no one
             self._wake()
             conn = await self._reconnect(client)
-            if self._unsent:
-                data, acked, nacked = _merged(self._unsent)
-                self._unsent.clear()
-                await self._write_confirmed(data, acked, nacked)
+            again = self._acks.take_unsent()
+            if again is not None:
+                await self._write_confirmed(*again)
             self._live.set()
 
     async def _reconnect(self, client: NatsClient) -> NatsConnection:
@@ -314,7 +294,7 @@ class NatsSource(Source):
                         self._status(event)
                     # else: a late API reply: nothing to do
                 elif type(event) is Pong:
-                    self._confirmed()
+                    self._acks.confirmed()
                 elif type(event) is Ping:
                     await self._write(PONG)
                 else:
@@ -404,12 +384,6 @@ class NatsSource(Source):
         pull.end(refused=refused)
         self._wake()
 
-    def _confirmed(self) -> None:
-        if self._unconfirmed:
-            _, acked, nacked = self._unconfirmed.popleft()
-            self.acked += acked
-            self.nacked += nacked
-
     # -- offering (one task) ------------------------------------------------------------------
 
     async def _wait_arrivals(self) -> None:
@@ -425,13 +399,13 @@ class NatsSource(Source):
             await self._wait_arrivals()
         return [pending.popleft() for _ in range(min(limit, len(pending)))]
 
-    async def _offer(self, ingress: Ingress, messages: list[Msg]) -> list[tuple[list[Msg], Any]]:
+    async def _offer(self, ingress: Ingress, messages: list[Msg]) -> list[tuple[list[Msg], Answer]]:
         """Offer ``messages``, one offer per run of the same subject (the origin's peer);
         (run, its answer) for each. Those over ``max_message_size`` are refused."""
         received_at = time.time()
         limit = self.max_message_size
         confirm = ingress.ack == "delivered"
-        answers: list[tuple[list[Msg], Any]] = []
+        answers: list[tuple[list[Msg], Answer]] = []
         start = 0
         for end in range(1, len(messages) + 1):
             if end < len(messages) and messages[end].subject == messages[start].subject:
@@ -503,15 +477,14 @@ class NatsSource(Source):
         if conn is None or self.stream is None:
             return
         try:
-            if self._unsent:
-                data, acked, nacked = _merged(self._unsent)
-                self._unsent.clear()
-                self._unconfirmed.append((data, acked, nacked))
-                await client.write(conn, data + PING)
-            while self._unconfirmed:
+            again = self._acks.take_unsent()
+            if again is not None:
+                self._acks.written(*again)
+                await client.write(conn, again[0] + PING)
+            while self._acks.unconfirmed:
                 event = await conn.next_event()
                 if type(event) is Pong:
-                    self._confirmed()
+                    self._acks.confirmed()
                 elif type(event) is not Msg:
                     await client.handle(conn, event)
         except (*TRANSPORT_ERRORS, ConnectionLost, NatsProtocolError) as exc:
@@ -523,12 +496,3 @@ def _deliverable(message: Msg) -> bool:
     ack goes), rather than a status or an API reply."""
     reply = message.reply
     return message.sid == _SUBSCRIPTION_SID or (reply is not None and reply.startswith(_ACK_PREFIX))
-
-
-def _merged(entries: list[tuple[bytes, int, int]]) -> tuple[bytes, int, int]:
-    """Several ack writes as one."""
-    return (
-        b"".join(data for data, _, _ in entries),
-        sum(acked for _, acked, _ in entries),
-        sum(nacked for _, _, nacked in entries),
-    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -305,14 +304,6 @@ async def test_a_pull_that_expires_is_asked_again_and_heartbeats_are_heard(
             await wait_until(lambda: source.acked == 1 + len(sent))
             gateway.shutdown()
     assert sink.payloads == [b"first"] + [data for _, data in sent]
-
-
-@pytest.fixture
-def password_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path, args=("--user", "alice", "--pass", "s3cret"))
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_credentials_in_the_url_as_for_the_sink(password_server: NatsServer) -> None:

@@ -15,6 +15,7 @@ import pytest
 import trio
 from helpers import wait_until
 from jetstream import NatsServer
+from nats.js.api import ConsumerConfig
 
 from trio_gateway import ConfigurationError, Gateway, Pipeline, RetryPolicy, TransportError
 from trio_gateway._config import SourceConfig, build_source
@@ -365,3 +366,36 @@ async def _publish_tls(url: str, ca: str) -> None:
         await nc.close()
 
     await trio.to_thread.run_sync(asyncio.run, main())
+
+
+async def test_messages_held_longer_than_ack_wait_are_marked_in_progress(
+    nats_server: NatsServer,
+) -> None:
+    """Under ack="delivered" a batch waits for the sink: past the consumer's ack_wait
+    JetStream would deliver it again, unless the source says it is in progress (+WPI)."""
+    await publish(
+        nats_server.url, [("orders.in", b"slow %d" % i) for i in range(3)], stream="ORDERS"
+    )
+
+    async def consumer(ack_wait: float) -> tuple[int, int]:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        if ack_wait:
+            config = ConsumerConfig(durable_name="gateway", ack_wait=ack_wait)
+            await js.add_consumer("ORDERS", config)
+        info = await js.consumer_info("ORDERS", "gateway")
+        await nc.close()
+        return info.num_redelivered, info.num_ack_pending
+
+    await trio.to_thread.run_sync(asyncio.run, consumer(1.0))
+    source = NatsSource(f"{nats_server.url}/orders.in", stream="ORDERS", consumer="gateway")
+    sink = RecordingSink(latency=1.4)
+    gateway = Gateway(sources=[source], sink=sink, ack="delivered")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            await wait_until(lambda: source.acked == 3)
+            state = await trio.to_thread.run_sync(asyncio.run, consumer(0))
+            gateway.shutdown()
+    assert sink.payloads == [b"slow 0", b"slow 1", b"slow 2"]
+    assert state == (0, 0)  # nothing delivered twice, nothing waiting for an ack

@@ -19,7 +19,7 @@ from collections import deque
 import trio
 
 from ..sinks._nats_conn import NatsClient, NatsConnection, describe_error
-from ..sinks._nats_protocol import Msg, NatsError
+from ..sinks._nats_protocol import PING, Msg, NatsError, Pong
 
 __all__ = ("PULL_EXPIRES", "PULL_HEARTBEAT", "AckBook", "Pull", "ensure_consumer")
 
@@ -86,11 +86,12 @@ async def ensure_consumer(
     consumer: str,
     subject: str,
     others: list[Msg],
-) -> None:
+) -> float:
     """Find the durable consumer, or create it (explicit acks, every message of the stream
-    on ``subject``) as nats-py's ``pull_subscribe`` did; a push consumer, or a stream that
-    does not exist, is a :class:`NatsError`. What else arrives meanwhile (a pull of the
-    connection before, still delivering to the same inbox) goes to ``others``."""
+    on ``subject``) as nats-py's ``pull_subscribe`` did, and return its ``ack_wait`` in
+    seconds; a push consumer, or a stream that does not exist, is a :class:`NatsError`.
+    What else arrives meanwhile (a pull of the connection before, still delivering to the
+    same inbox) goes to ``others``."""
     info = f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
     found = await client.api(conn, info, None, others=others)
     error = found.get("error")
@@ -98,7 +99,7 @@ async def ensure_consumer(
         config = found.get("config")
         if isinstance(config, dict) and config.get("deliver_subject"):
             raise NatsError(f"consumer {consumer} of stream {stream} is a push consumer")
-        return
+        return _ack_wait(config)
     if not isinstance(error, dict) or error.get("code") != 404 or error.get("err_code") == 10059:
         raise NatsError(f"consumer {consumer} of stream {stream}: {describe_error(error)}")
     config = {
@@ -123,6 +124,13 @@ async def ensure_consumer(
         raise NatsError(
             f"cannot create consumer {consumer} of stream {stream}: {describe_error(error)}"
         )
+    return _ack_wait(answer.get("config"))
+
+
+def _ack_wait(config: object) -> float:
+    """A consumer's ``ack_wait`` in seconds (JetStream's default, 30 s, if it says none)."""
+    wait = config.get("ack_wait") if isinstance(config, dict) else None
+    return wait / 1e9 if isinstance(wait, int) and wait > 0 else 30.0
 
 
 class AckBook:
@@ -159,6 +167,20 @@ class AckBook:
         """The connection is gone: what it did not confirm is to be written again."""
         self._unsent[:0] = self._unconfirmed
         self._unconfirmed.clear()
+
+    async def flush(self, client: NatsClient, conn: NatsConnection) -> None:
+        """At the end, the source's reading task over: write what is unsent, and read until
+        the server has confirmed every write."""
+        again = self.take_unsent()
+        if again is not None:
+            self.written(*again)
+            await client.write(conn, again[0] + PING)
+        while self._unconfirmed:
+            event = await conn.next_event()
+            if type(event) is Pong:
+                self.confirmed()
+            elif type(event) is not Msg:
+                await client.handle(conn, event)
 
     def take_unsent(self) -> tuple[bytes, int, int] | None:
         """Everything to write again, as one write."""

@@ -6,8 +6,8 @@ JetStream consumer, on the package's own NATS client on a Trio socket (the NATS 
 ``NatsSource("nats://127.0.0.1:4222/chat.>")`` subscribes to a subject (wildcards allowed;
 ``queue_group`` shares the messages between gateways). Core NATS has no backpressure: the
 messages wait in a buffer of ``max_pending`` (taken in batches of up to ``batch``); past it,
-the newest are refused and counted (``rejected{reason="slow_consumer"}``), which is what the
-NATS server would do to a slow subscriber anyway.
+the newest are refused and counted (``rejected{reason="slow_consumer"}``), as the NATS server
+would do to a slow subscriber.
 
 ``NatsSource("nats://127.0.0.1:4222/telemetry.in", stream="TELEMETRY", consumer="gateway")``
 pulls from a durable JetStream consumer instead (:mod:`._nats_pull`): ``batch`` messages are
@@ -138,6 +138,9 @@ class NatsSource(Source):
         self._writing = trio.StrictFIFOLock()
         self._live = trio.Event()
         self._pull: Pull | None = None
+        self._held: list[Msg] = []
+        """The pulled messages the offering task is queueing or waiting on."""
+        self._ack_wait = 30.0
 
     @property
     def label(self) -> str:
@@ -145,14 +148,12 @@ class NatsSource(Source):
 
     @property
     def acked(self) -> int:
-        """JetStream messages acknowledged (once queued, or once delivered: the ``ack`` mode),
-        counted when the server has confirmed taking the acks (a ``PONG`` after them)."""
+        """JetStream messages acknowledged, once the server confirmed it (:class:`AckBook`)."""
         return self._acks.acked
 
     @property
     def nacked(self) -> int:
-        """JetStream messages negatively acknowledged under ``ack="delivered"`` (their delivery
-        failed; JetStream delivers them again)."""
+        """JetStream messages whose delivery failed under ``ack="delivered"`` (``-NAK``)."""
         return self._acks.nacked
 
     @property
@@ -193,6 +194,7 @@ class NatsSource(Source):
                     nursery.start_soon(self._take_subscribed, ingress)
                 else:
                     nursery.start_soon(self._take_pulled, ingress)
+                    nursery.start_soon(self._mark_in_progress)
                 await ingress.wait_stopping()
                 nursery.cancel_scope.cancel()
         finally:
@@ -213,7 +215,9 @@ class NatsSource(Source):
             await client.flush(conn, others=others)
         else:
             assert self.consumer is not None
-            await ensure_consumer(client, conn, self.stream, self.consumer, self.subject, others)
+            self._ack_wait = await ensure_consumer(
+                client, conn, self.stream, self.consumer, self.subject, others
+            )
         arrived = [message for message in others if _deliverable(message)]
         if arrived:
             self._hand_over(arrived)
@@ -265,19 +269,17 @@ class NatsSource(Source):
             if self._pull is not None:
                 self._pull.end()  # its messages and statuses now come to no one
             self._wake()
-            conn = await self._reconnect(client)
+            while True:
+                await trio.sleep_until(client.retry_at)
+                try:
+                    conn = await client.connect()
+                    break
+                except ConnectFailed as exc:
+                    client.errors.warning("%s: %s; retrying", self.label, exc)
             again = self._acks.take_unsent()
             if again is not None:
                 await self._write_confirmed(*again)
             self._live.set()
-
-    async def _reconnect(self, client: NatsClient) -> NatsConnection:
-        while True:
-            await trio.sleep_until(client.retry_at)
-            try:
-                return await client.connect()
-            except ConnectFailed as exc:
-                client.errors.warning("%s: %s; retrying", self.label, exc)
 
     async def _read(self, client: NatsClient, conn: NatsConnection) -> None:
         """Read until the connection ends; hand over what each read brought at once."""
@@ -372,15 +374,11 @@ class NatsSource(Source):
             pull.heard()
             return
         if code == 503 or (code == 409 and "Consumer Deleted" in message.description):
-            # The consumer is gone: a new connection's setup creates it again.
-            raise ConnectionLost(f"the JetStream consumer is gone ({code})")
+            raise ConnectionLost(f"the JetStream consumer is gone ({code}): set it up again")
         refused = code not in (404, 408)
         if refused:
-            _errors.warning("%s: JetStream ended a pull: %s %s", self.label, code,
-                            message.description)  # fmt: skip
-            limit = pull.batch_limit(message.description)
-            if limit is not None:
-                self.batch = limit
+            _errors.warning("%s: a pull ended: %s %s", self.label, code, message.description)
+            self.batch = pull.batch_limit(message.description) or self.batch
         pull.end(refused=refused)
         self._wake()
 
@@ -451,13 +449,14 @@ class NatsSource(Source):
                         _errors.info("%s: a pull went silent (no heartbeat): again", self.label)
                         pull.end()
                     continue
-                messages = await self._next_arrivals(self.batch)
+                messages = self._held = await self._next_arrivals(self.batch)
                 answers = await self._offer(ingress, messages)
                 failed: list[Msg] = []
                 for run, answer in answers:
                     done = await answer.wait()
                     failed += run[done:]
                 await self._acknowledge(messages, failed)
+                self._held = []
             if pull.refused:  # ended by the server with a complaint: not at once again
                 await trio.sleep(self.reconnect_wait)
 
@@ -471,24 +470,26 @@ class NatsSource(Source):
         await self._write_confirmed(data, len(good), len(bad))
 
     async def _flush_acks(self, client: NatsClient) -> None:
-        """At the end: send the acks not sent yet, and read until the server has confirmed
-        every one written (the reading task is over by then)."""
+        """At the end: the acks not confirmed yet, written and confirmed if they can be."""
         conn = client.conn
-        if conn is None or self.stream is None:
-            return
-        try:
-            again = self._acks.take_unsent()
-            if again is not None:
-                self._acks.written(*again)
-                await client.write(conn, again[0] + PING)
-            while self._acks.unconfirmed:
-                event = await conn.next_event()
-                if type(event) is Pong:
-                    self._acks.confirmed()
-                elif type(event) is not Msg:
-                    await client.handle(conn, event)
-        except (*TRANSPORT_ERRORS, ConnectionLost, NatsProtocolError) as exc:
-            _log.debug("%s: final acks: %r", self.label, exc)
+        if conn is not None and self.stream is not None:
+            try:
+                await self._acks.flush(client, conn)
+            except (*TRANSPORT_ERRORS, ConnectionLost, NatsProtocolError) as exc:
+                _log.debug("%s: final acks: %r", self.label, exc)
+
+    async def _mark_in_progress(self) -> None:
+        """Messages held for a third of the consumer's ``ack_wait`` (waiting for room in the
+        queue, or for the sink under ``delivered``) get a ``+WPI`` (work in progress), with
+        those waiting behind them, so JetStream does not deliver them again meanwhile."""
+        seen: list[Msg] = []
+        while True:
+            await trio.sleep(self._ack_wait / 3)
+            held = self._held
+            if held and held is seen:
+                replies = [m.reply for m in (*held, *self._pending) if m.reply is not None]
+                await self._write(acks(replies, b"+WPI"))
+            seen = held
 
 
 def _deliverable(message: Msg) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from pathlib import Path
 
 import nats
@@ -21,6 +22,7 @@ from trio_gateway import ConfigurationError, Gateway, Pipeline, RetryPolicy, Tra
 from trio_gateway._config import SourceConfig, build_source
 from trio_gateway.sources import NatsSource
 from trio_gateway.sources import _nats_pull as nats_pull
+from trio_gateway.sources import nats as nats_source
 from trio_gateway.testing import RecordingSink, serve_source
 
 
@@ -399,3 +401,27 @@ async def test_messages_held_longer_than_ack_wait_are_marked_in_progress(
             gateway.shutdown()
     assert sink.payloads == [b"slow 0", b"slow 1", b"slow 2"]
     assert state == (0, 0)  # nothing delivered twice, nothing waiting for an ack
+
+
+async def test_a_server_gone_silent_is_pinged_and_left(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that stops answering (SIGSTOP: its socket stays open) gets a PING after the
+    quiet interval; no PONG within connect_timeout, and the source connects again."""
+    monkeypatch.setattr(nats_source, "_PING_INTERVAL", 0.2)
+    source = NatsSource(f"{nats_server.url}/quiet.>", connect_timeout=0.4, reconnect_wait=0.05)
+    sink = RecordingSink()
+    gateway = Gateway(sources=[source], sink=sink)
+    assert nats_server.proc is not None
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            nats_server.proc.send_signal(signal.SIGSTOP)
+            try:
+                await wait_until(lambda: "no answer to a PING" in caplog.text)
+            finally:
+                nats_server.proc.send_signal(signal.SIGCONT)
+            await wait_until(lambda: source.connects == 2)
+            await publish(nats_server.url, [("quiet.a", b"still here")])
+            await wait_until(lambda: sink.count == 1)
+            gateway.shutdown()

@@ -30,7 +30,7 @@ from .._log import logger
 from .._message import Batch
 from ._base import Sink
 from ._nats_conn import TRANSPORT_ERRORS as _TRANSPORT_ERRORS
-from ._nats_conn import ConnectFailed, NatsClient, describe_error
+from ._nats_conn import ConnectFailed, NatsClient
 from ._nats_conn import ConnectionLost as _ConnectionLost
 from ._nats_conn import NatsConnection as _Connection
 from ._nats_protocol import (
@@ -111,7 +111,7 @@ class NatsSink(Sink):
             self.name,
             connect_timeout=connect_timeout,
             reconnect_wait=reconnect_wait,
-            setup=self._ensure_stream if self.target.create else None,
+            setup=self._setup,
         )
         self._inbox = self._client.inbox
         self._round = 0
@@ -136,17 +136,33 @@ class NatsSink(Sink):
             except ConnectFailed as exc:
                 raise SinkUnavailable(self.name, str(exc)) from exc
 
-    async def _ensure_stream(self, conn: _Connection) -> None:
-        """Create the stream for the subject if it is missing (``create=true``)."""
+    async def _setup(self, conn: _Connection) -> None:
+        """On each new connection, before it is used (the shared client's ``setup``): create
+        the stream if asked. A :class:`SinkError` here is this server's refusal, so the client
+        tries the next one."""
+        try:
+            if self.target.create and self.target.stream is not None:
+                await self._ensure_stream(conn, self.target.stream)
+        except SinkError as exc:
+            raise NatsError(str(exc).removeprefix(f"{self.name}: ")) from exc
+
+    async def _request(self, conn: _Connection, subject: str, payload: bytes) -> Msg:
+        """One JetStream API request over the sink's connection (reply to its inbox)."""
+        try:
+            return await self._client.request(conn, subject, payload)
+        except NatsError as exc:
+            raise SinkError(f"{self.name}: {exc} on {conn.server}") from exc
+
+    async def _ensure_stream(self, conn: _Connection, stream: str) -> None:
         target = self.target
-        stream = target.stream
-        assert stream is not None  # parse_nats_url: create needs a stream
-        found = await self._client.api(conn, f"$JS.API.STREAM.INFO.{stream}", None)
+        found = json.loads(
+            (await self._request(conn, f"$JS.API.STREAM.INFO.{stream}", b"")).payload
+        )
         error = found.get("error")
         if error is None:
             return
-        if not isinstance(error, dict) or error.get("code") != 404:
-            raise NatsError(f"stream {stream}: {describe_error(error)}")
+        if error.get("code") != 404:
+            raise SinkError(f"{self.name}: stream {stream}: {error.get('description')}")
         config = {
             "name": stream,
             "subjects": [target.subject],
@@ -156,10 +172,14 @@ class NatsSink(Sink):
             "duplicate_window": int(target.duplicate_window * 1e9),
             "discard": "old",
         }
-        answer = await self._client.api(conn, f"$JS.API.STREAM.CREATE.{stream}", config)
-        error = answer.get("error")
-        if isinstance(error, dict) and error.get("err_code") != 10058:  # created meanwhile
-            raise NatsError(f"cannot create stream {stream}: {describe_error(error)}")
+        reply = await self._request(
+            conn, f"$JS.API.STREAM.CREATE.{stream}", json.dumps(config).encode()
+        )
+        error = json.loads(reply.payload).get("error")
+        if error is not None and error.get("err_code") != 10058:  # created meanwhile: fine
+            raise SinkError(
+                f"{self.name}: cannot create stream {stream}: {error.get('description')}"
+            )
         _log.info("%s: created stream %s", self.name, stream)
 
     # -- the connection (send's calls into the shared client) --------------------------------
@@ -345,6 +365,7 @@ class NatsSink(Sink):
 
 def _describe(body: bytes) -> str:
     try:
-        return describe_error(json.loads(body)["error"])
+        error = json.loads(body)["error"]
+        return f"{error.get('description')} (err_code {error.get('err_code')})"
     except (ValueError, KeyError, TypeError, AttributeError):
         return body[:200].decode("utf-8", "replace")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import trio
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_gateway.sinks._nats_protocol import Msg, NatsParser, acks, nak, sub
@@ -62,6 +62,7 @@ def pulled(draw: st.DrawFn) -> tuple[bytes, tuple[str, object]]:
     return raw, ("delivery", (subject, reply, payload))
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)  # a loaded machine
 @given(st.lists(pulled(), max_size=12), st.lists(st.integers(0, 3000), max_size=12))
 def test_deliveries_and_statuses_are_told_apart_under_any_split(
     sequence: list[tuple[bytes, tuple[str, object]]], cuts: list[int]

@@ -73,7 +73,6 @@ LAYERS: dict[str, Layer] = {
     # import each other
     "sources": layer(
         "_budget",
-        "_asyncio_thread",
         "_errors",
         "_h11server",
         "_http1",
@@ -91,6 +90,10 @@ LAYERS: dict[str, Layer] = {
         "sources.grpc._limits",
         "sources.grpc._protocol",
         "sources.http._h2answers",
+        # the NATS client the NATS sink had first (the NATS source shares it)
+        "sinks._nats_conn",
+        "sinks._nats_protocol",
+        "sinks._nats_url",
     ),
     # the server side of HTTP/2, sans-IO: fed bytes, tested with bytes alone; under the gRPC
     # server and the HTTP source's HTTP/2 path (their Trio I/O is around it)
@@ -115,12 +118,24 @@ LAYERS: dict[str, Layer] = {
         sans_io=True,
     ),
     "sinks": layer(
-        "_errors", "_frames", "_log", "_message", "_secrets", "codecs", "sinks._nats_protocol"
+        "_errors",
+        "_frames",
+        "_log",
+        "_message",
+        "_secrets",
+        "codecs",
+        "sinks._nats_conn",
+        "sinks._nats_protocol",
+        "sinks._nats_url",
     ),
-    # the NATS client protocol the NATS sink speaks on a Trio socket
+    # the NATS client, beside the sink that had it first and shared with the NATS source:
+    # the protocol (sans-IO), the URL and its credentials, a connection on a Trio socket
     "sinks._nats_protocol": layer(sans_io=True),
-    # an asyncio loop in a thread (nats-py under Trio), for the NATS source
-    "_asyncio_thread": layer("_errors"),
+    "sinks._nats_url": layer("_errors", "_secrets"),
+    "sinks._nats_auth": layer("sinks._nats_protocol", "sinks._nats_url"),
+    "sinks._nats_conn": layer(
+        "_log", "sinks._nats_auth", "sinks._nats_protocol", "sinks._nats_url"
+    ),
     # sending a batch under the retry policy (the pump and each fan-out branch)
     "_retry": layer("_errors", "_log"),
     # SIGINT/SIGTERM -> shutdown, then abort (a gateway alone, or pipelines)

@@ -45,7 +45,8 @@ from .._log import logger
 from .._message import Batch, Origin
 from .._names import canonical
 from ._base import PolicyName, Queue
-from ._sqlite import FSYNC_POLICIES, FsyncPolicy, Run, Writer, unpack
+from ._segments import unpack
+from ._sqlite import FSYNC_POLICIES, FsyncPolicy, Run, Writer
 
 __all__ = ("FSYNC_POLICIES", "DiskQueue", "FsyncPolicy")
 
@@ -125,13 +126,15 @@ class DiskQueue(Queue[bytes]):
         self._stored = ParkingLot()
         self._loaded = 0
         self._unstored = 0  # bytes handed to the writer and not committed yet
-        self._reader: sqlite3.Connection | None = None
         self._writer = Writer(
-            self.path, self.fsync, fsync_interval, group_bytes=max(memory_bytes // 16, 1)
+            self.directory, self.fsync, fsync_interval, group_bytes=max(memory_bytes // 16, 1)
         )
         self._opened = False
         self.recovered = 0
         """Messages found on disk by :meth:`open` (queued before a crash or a stop)."""
+        self.cut = 0
+        """Messages :meth:`open` found indexed but whose bytes had not all reached the disk
+        (a torn tail: never acknowledged under the ``fsync`` policy that promises it)."""
         self.kept = 0
         """Messages left on disk by :meth:`aclose`, for the next start."""
 
@@ -142,29 +145,22 @@ class DiskQueue(Queue[bytes]):
         if self._opened:
             return
 
-        def load() -> tuple[sqlite3.Connection, list[tuple[Any, ...]]]:
+        def load() -> tuple[list[tuple[Any, ...]], int]:
             os.makedirs(self.directory, exist_ok=True)
-            conn = self._writer.connect()
-            rows = conn.execute(
-                "SELECT id, count, nbytes, skip, transport, listener, peer, received_at,"
-                " message_id FROM runs ORDER BY id"
-            ).fetchall()
-            return conn, rows
+            return self._writer.recover()
 
         try:
-            self._reader, rows = await trio.to_thread.run_sync(load)
-            await trio.to_thread.run_sync(
-                self._writer.start, self._on_stored, trio.lowlevel.current_trio_token()
-            )
+            rows, self.cut = await trio.to_thread.run_sync(load)
         except (sqlite3.Error, OSError) as exc:
-            if self._reader is not None:
-                self._reader.close()
+            self._writer.stop()
             raise ConfigurationError("queue.dir", f"{self.path}: {exc}") from exc
+        self._writer.start(self._on_stored, trio.lowlevel.current_trio_token())
         origins: dict[tuple[Any, ...], Origin] = {}
-        for run_id, count, nbytes, skip, *where in rows:
+        for run_id, count, nbytes, skip, *where, segment, start in rows:
             origin = origins.setdefault(tuple(where), Origin(*where))
             self._seq += count - skip
             run = Run(run_id, origin, None, count, nbytes, self._seq)
+            run.segment, run.start = segment, start
             run.stored = True
             run.settled = run.taken = skip
             self._rows.append(run)
@@ -185,8 +181,6 @@ class DiskQueue(Queue[bytes]):
         self._opened = False
         self.kept = self._depth + sum(p.count for p in self._pieces if not p.done)
         await trio.to_thread.run_sync(self._writer.stop)
-        if self._reader is not None:
-            self._reader.close()
 
     async def __aenter__(self) -> DiskQueue:
         await self.open()
@@ -409,26 +403,21 @@ class DiskQueue(Queue[bytes]):
         return batch.payloads
 
     def _load(self, run: Run) -> None:
-        assert self._reader is not None
-        row = self._reader.execute(
-            "SELECT lengths, data FROM runs WHERE id = ?", (run.id,)
-        ).fetchone()
-        if row is None:
-            raise RuntimeError(f"disk queue {self.path}: run {run.id} is missing")
-        run.payloads = unpack(row[0], row[1])
+        record = self._writer.segments.read(run.segment, run.start, run.record_size)
+        run.payloads = unpack(record, run.count)
         self._loaded += run.nbytes
 
     def _advance(self) -> None:
         """Settle the done pieces at the head, in order: finished runs are deleted."""
         pieces = self._pieces
-        deletes: list[int] = []
+        deletes: list[Run] = []
         skips: dict[int, int] = {}
         while pieces and pieces[0].done:
             piece = pieces.popleft()
             run = piece.run
             run.settled += piece.count
             if run.settled == run.count:
-                deletes.append(run.id)
+                deletes.append(run)
                 skips.pop(run.id, None)
                 if not run.freed:
                     self._bytes -= run.nbytes

@@ -3,7 +3,8 @@
 The first gateway's sink is an HTTP destination that answers 503 to everything, so every
 message it acknowledges (HTTP 202) is still in its queue when it is killed with SIGKILL. The
 second gateway opens the same directory with a file sink: every acknowledged message must
-reach the file, and its ledger must count them as ``recovered``.
+reach the file, and its ledger must count them as ``recovered``. Then ``kill -9`` in the
+middle of a stream of 4 KiB messages large enough to fill, settle and reuse segment files.
 """
 
 from __future__ import annotations
@@ -117,3 +118,52 @@ def test_a_stop_keeps_what_the_sink_could_not_take_for_the_next_start(
     assert ledger["kept"] == 5
     assert ledger["abandoned"] == 0
     assert ledger["balanced"] is True
+
+
+def _post_until_stopped(url: str, acknowledged: list[bytes], stop: threading.Event) -> None:
+    """NDJSON requests of 100 messages of about 4 KiB; remember what got a 202."""
+    pad = "x" * 4096
+    n = 0
+    with httpx.Client(timeout=5) as client:
+        while not stop.is_set():
+            lines = [json.dumps({"n": n + i, "pad": pad}).encode() for i in range(100)]
+            n += 100
+            try:
+                response = client.post(
+                    url, content=b"\n".join(lines), headers={"Content-Type": "application/x-ndjson"}
+                )
+            except httpx.HTTPError:
+                return  # the gateway died with this request unanswered
+            if response.status_code == 202:
+                acknowledged += lines
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stream_loses_no_acknowledged_message(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    """The gateway delivers (the file sink) while it takes more: segments fill, are settled
+    and written over. Killed once 40 MB were acknowledged, then restarted: every
+    acknowledged message is in the file (a batch in the sink's hands may come twice)."""
+    out = tmp_path / "out.jsonl"
+    args = ["--http", "127.0.0.1:0", "--queue", f"disk:{tmp_path / 'queue'}"]
+    args += ["--sink", f"file:{out}"]
+    first = serve(args)
+    acknowledged: list[bytes] = []
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{first.port('http')}/ingest"
+    client = threading.Thread(target=_post_until_stopped, args=(url, acknowledged, stop))
+    client.start()
+    try:
+        wait_until_sync(lambda: len(acknowledged) >= 10_000, what="40 MB acknowledged", timeout=60)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.communicate()
+    finally:
+        stop.set()
+        client.join()
+    second = serve(args)
+    wanted = set(acknowledged)
+    wait_until_sync(lambda: wanted <= set(read_payloads(out)), what="redelivery", timeout=60)
+    code, stderr = second.stop()
+    assert code == 0, stderr
+    assert ledger_of(stderr)["balanced"] is True

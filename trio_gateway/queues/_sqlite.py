@@ -24,7 +24,7 @@ from trio.lowlevel import TrioToken
 
 from .._log import logger
 from .._message import Origin
-from ._segments import Segments, pack
+from ._segments import SEGMENT_BYTES, Segments, pack
 
 __all__ = ("FSYNC_POLICIES", "FsyncPolicy", "Run", "Writer")
 
@@ -129,10 +129,16 @@ class Writer:
     """
 
     def __init__(
-        self, directory: str, fsync: FsyncPolicy, interval: float, *, group_bytes: int = 8 << 20
+        self,
+        directory: str,
+        fsync: FsyncPolicy,
+        interval: float,
+        *,
+        group_bytes: int = 8 << 20,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         self.path = os.path.join(directory, "queue.sqlite3")
-        self.segments = Segments(directory)
+        self.segments = Segments(directory, segment_bytes=segment_bytes)
         self.group_bytes = group_bytes
         """Payload bytes one group takes at most (at least one run): while it is written and
         synced, the producers fill the next one."""

@@ -4,7 +4,8 @@ The first gateway's sink is an HTTP destination that answers 503 to everything, 
 message it acknowledges (HTTP 202) is still in its queue when it is killed with SIGKILL. The
 second gateway opens the same directory with a file sink: every acknowledged message must
 reach the file, and its ledger must count them as ``recovered``. Then ``kill -9`` in the
-middle of a stream of 4 KiB messages large enough to fill, settle and reuse segment files.
+middle of a stream of 4 KiB messages while the gateway delivers (runs committed, settled and
+deleted as it is killed).
 """
 
 from __future__ import annotations
@@ -142,9 +143,9 @@ def _post_until_stopped(url: str, acknowledged: list[bytes], stop: threading.Eve
 def test_kill_9_mid_stream_loses_no_acknowledged_message(
     tmp_path: Path, serve: type[ServeProcess]
 ) -> None:
-    """The gateway delivers (the file sink) while it takes more: segments fill, are settled
-    and written over. Killed once 40 MB were acknowledged, then restarted: every
-    acknowledged message is in the file (a batch in the sink's hands may come twice)."""
+    """The gateway delivers (the file sink) while it takes more. Killed once 40 MB were
+    acknowledged, then restarted: every acknowledged message is in the file (a batch in the
+    sink's hands when it died may come twice)."""
     out = tmp_path / "out.jsonl"
     args = ["--http", "127.0.0.1:0", "--queue", f"disk:{tmp_path / 'queue'}"]
     args += ["--sink", f"file:{out}"]

@@ -1,6 +1,6 @@
 """The disk queue on its own: order and origins across a restart, settling, the overflow
-policies by bytes on disk, runs read back from disk, a torn index log or segment tail, a
-queue written before segments, and acknowledgements that wait for the commit."""
+policies by bytes on disk, runs read back from disk, a torn log tail, and acknowledgements
+that wait for the commit."""
 
 from __future__ import annotations
 
@@ -85,12 +85,11 @@ async def test_runs_beyond_memory_bytes_are_read_back_from_disk(tmp_path: Path) 
         assert out == [p for run in runs for p in run]
 
 
-async def test_a_torn_index_log_tail_is_cut_and_the_committed_runs_before_it_kept(
+async def test_a_torn_log_tail_is_cut_and_the_committed_runs_before_it_kept(
     tmp_path: Path,
 ) -> None:
-    """As after a crash in the middle of a commit: the last frame of the index's write-ahead
-    log is cut short. SQLite checks each frame's checksum and ignores the torn commit; the
-    segment bytes of that run are then pointed at by no row, and are not delivered."""
+    """As after a crash in the middle of a commit: the last frame of the write-ahead log is
+    cut short. SQLite checks each frame's checksum and ignores the torn commit."""
     live = tmp_path / "live"
     copy = tmp_path / "copy"
     async with DiskQueue(live) as queue:
@@ -98,7 +97,10 @@ async def test_a_torn_index_log_tail_is_cut_and_the_committed_runs_before_it_kep
         await queue.wait_stored()
         queue.put_many_nowait([b"second" * 1000], origin=B)
         await queue.wait_stored()
-        shutil.copytree(live, copy)  # as a crash leaves them (the log not yet checkpointed)
+        # Copy the files as a crash would leave them (the log not yet checkpointed).
+        copy.mkdir()
+        for name in os.listdir(live):
+            shutil.copy(live / name, copy / name)
     wal = copy / "queue.sqlite3-wal"
     assert wal.stat().st_size > 4096
     with wal.open("r+b") as file:
@@ -106,72 +108,6 @@ async def test_a_torn_index_log_tail_is_cut_and_the_committed_runs_before_it_kep
     async with DiskQueue(copy) as recovered:
         assert recovered.recovered == 3
         assert recovered.take_batch_nowait(10).payloads == [b"first"] * 3
-
-
-async def test_a_torn_segment_tail_is_cut_from_the_first_run_whose_bytes_are_short(
-    tmp_path: Path,
-) -> None:
-    """The index committed, the payload bytes not all on disk (a power cut between the two
-    with ``interval``): the runs from the first short record on are cut, and counted."""
-    async with DiskQueue(tmp_path) as queue:
-        for i in range(4):
-            queue.put_many_nowait([b"%d" % i * 100] * 2, origin=A)
-            await queue.wait_stored()
-    (segment,) = (tmp_path / "segments").glob("*.seg")
-    record = 4 * 2 + 200
-    os.truncate(segment, 2 * record + 5)  # the third run cut short
-    async with DiskQueue(tmp_path) as again:
-        assert again.recovered == 4 and again.cut == 4
-        assert again.take_batch_nowait(10).payloads == [b"0" * 100] * 2 + [b"1" * 100] * 2
-        again.settle()
-    async with DiskQueue(tmp_path) as empty:
-        assert empty.recovered == empty.cut == 0
-
-
-def _old_queue(directory: Path, page_size: int, *, ids: bool) -> None:
-    """A queue directory as the version before segments wrote it: payloads in ``runs``."""
-    directory.mkdir()
-    conn = sqlite3.connect(directory / "queue.sqlite3", isolation_level=None)
-    conn.execute(f"PRAGMA page_size={page_size}")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(
-        "CREATE TABLE runs (id INTEGER PRIMARY KEY, count INTEGER NOT NULL,"
-        " nbytes INTEGER NOT NULL, skip INTEGER NOT NULL DEFAULT 0, transport TEXT NOT NULL,"
-        " listener TEXT NOT NULL, peer TEXT NOT NULL, received_at REAL NOT NULL,"
-        + (" message_id TEXT," if ids else "")
-        + " lengths BLOB NOT NULL, data BLOB NOT NULL)"
-    )
-    runs = [(7, [b"a" * 70_000, b"b"], 1, "k:1"), (8, [b"c", b"dd"], 0, None)]
-    for run_id, payloads, skip, message_id in runs:
-        lengths = b"".join(len(p).to_bytes(4, "little") for p in payloads)
-        where = [A.transport, A.listener, A.peer, A.received_at]
-        row = [run_id, len(payloads), sum(map(len, payloads)), skip, *where]
-        row += [message_id] if ids else []
-        marks = ", ".join("?" * (len(row) + 2))
-        conn.execute(f"INSERT INTO runs VALUES ({marks})", (*row, lengths, b"".join(payloads)))
-    conn.close()
-
-
-@pytest.mark.parametrize(("page_size", "ids"), [(65536, True), (4096, False)])
-async def test_a_queue_written_before_segments_is_moved_into_them_on_open(
-    tmp_path: Path, page_size: int, ids: bool
-) -> None:
-    _old_queue(tmp_path / "q", page_size, ids=ids)
-    async with DiskQueue(tmp_path / "q") as queue:
-        assert queue.recovered == 3  # the first run's head was settled before
-        batch = queue.take_batch_nowait(2)
-        assert batch.payloads == [b"b", b"c"]
-        first_origin = Origin(
-            A.transport, A.listener, A.peer, A.received_at, "k:1" if ids else None
-        )
-        assert batch.runs == [(first_origin, 1), (A, 1)]
-        queue.settle()
-    with sqlite3.connect(tmp_path / "q" / "queue.sqlite3") as conn:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    assert "runs" not in tables  # moved once, not again at the next open
-    async with DiskQueue(tmp_path / "q") as again:
-        assert again.recovered == 1
-        assert again.take_batch_nowait(5).payloads == [b"dd"]
 
 
 async def test_an_answer_through_the_ingress_waits_for_the_commit(tmp_path: Path) -> None:
@@ -190,6 +126,27 @@ async def test_an_answer_taken_for_later_waits_for_the_commit(tmp_path: Path) ->
         assert not answer.final and answer.accepted == 2
         assert await answer.wait() == 2
         assert queue.stored_position == queue.position == 2
+
+
+async def test_new_databases_get_64_kib_pages_and_older_ones_keep_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def page_size(directory: Path) -> int:
+        with sqlite3.connect(directory / "queue.sqlite3") as conn:
+            return int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+    async with DiskQueue(tmp_path / "new") as queue:
+        queue.put_many_nowait([b"x" * 100_000], origin=A)
+    assert page_size(tmp_path / "new") == 65536
+    with monkeypatch.context() as patch:
+        patch.setattr(_sqlite, "PAGE_SIZE", 4096)  # as databases were made before
+        async with DiskQueue(tmp_path / "old") as queue:
+            queue.put_many_nowait([b"x" * 100_000, b"y"], origin=A)
+    assert page_size(tmp_path / "old") == 4096
+    async with DiskQueue(tmp_path / "old") as again:
+        assert again.recovered == 2
+        assert again.take_batch_nowait(5).payloads == [b"x" * 100_000, b"y"]
+    assert page_size(tmp_path / "old") == 4096
 
 
 async def test_always_commits_each_put_on_its_own(tmp_path: Path) -> None:

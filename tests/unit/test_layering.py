@@ -61,11 +61,8 @@ LAYERS: dict[str, Layer] = {
     # queues: know nothing of messages' origins, sources or sinks
     "queues": layer("_errors", "_frames", "_names", "queues._disk"),
     # the disk queue stores each run's origin beside its payloads, so it knows what one is
-    "queues._disk": layer(
-        "_errors", "_names", "_log", "_message", "queues", "queues._segments", "queues._sqlite"
-    ),
-    "queues._segments": layer(),
-    "queues._sqlite": layer("_log", "_message", "queues._segments"),
+    "queues._disk": layer("_errors", "_names", "_log", "_message", "queues", "queues._sqlite"),
+    "queues._sqlite": layer("_log", "_message"),
     # positions and delivery receipts: what the pump settles and an ack=delivered source awaits
     "_receipts": layer(),
     "_buffer": layer("_frames", "_message", "_receipts", "queues"),

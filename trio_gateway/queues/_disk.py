@@ -1,46 +1,31 @@
-"""A queue that keeps its messages on disk across crashes and restarts: payloads in
-append-only segment files, SQLite (WAL mode) as their index and the record of what is settled.
+"""A queue that keeps its messages on disk, in SQLite (WAL mode), across crashes and restarts.
 
-Why not the payloads in SQLite, as before (one row per run, the payloads a blob, WAL mode):
-measured here, that wrote 4,266-byte messages at 197 MB/s against ``dd``'s 625-701 MB/s
-(28%). Not because SQLite writes each byte twice (``/proc/PID/io`` counted 1.15 bytes written
-per payload byte: runs are deleted before the checkpoint copies them) but because its writer
-thread spent 0.55-0.62 s of CPU per 426 MB (binding blobs into 64 KiB pages, checksumming log
-frames) and then waited for the ``fsync`` of each group, one after the other, with the disk
-idle while it computed. Here a group is written once (one ``writev`` of the runs' records into
-the segment), its small index rows committed without ``fsync``, and a second thread fsyncs the
-segment and the log and answers the acknowledgements, while the writer already writes the
-next group: the disk and the CPU work at once. Settled segment files are kept as spares and
-written over (as SQLite reuses its log): on this machine's virtual disk, writing into pages a
-file already has cost a twentieth of the CPU of growing a new file. Figures in
-docs/queues.md#the-disk-queue.
-
-Recovery: every index row holds its record's segment, offset and CRC-32; :meth:`DiskQueue.open`
-reads the queued records back and cuts from the first one whose bytes are missing or do not
-match (a torn tail: bytes the ``fsync`` policy had not made durable), counted in
-:attr:`DiskQueue.cut`. A queue written before segments (payloads in the ``runs`` table) is
-moved into segments on open, in one transaction.
+Why SQLite: it is in the standard library, its write-ahead log checksums every frame and
+ignores a torn or uncommitted tail when the database is next opened (that is the recovery a
+hand-rolled log would have to write and fuzz), and a commit in WAL mode costs one append and,
+when asked, one ``fsync`` of the log. Measured in docs/queues.md#the-disk-queue.
 
 Shape of the data: one row per *run*, the messages one read (one ``put_many_nowait``) brought
-from one origin. A row per message would cap the queue at SQLite's row rate (a few hundred
-thousand a second from Python); a row per read writes a 1,000-message TCP chunk with one insert.
+from one origin: its origin's fields, the payload lengths (uint32 each) and the payloads
+joined. A row per message would cap the queue at SQLite's row rate (a few hundred thousand a
+second from Python); a row per read writes a 1,000-message TCP chunk with one insert.
 
 Who does what:
 
 * Producers stay synchronous: :meth:`DiskQueue.put_many_nowait` decides by the policy, keeps
-  the run in memory and hands it to the writer thread, which writes everything handed to it
-  since its last group (group commit). :meth:`DiskQueue.wait_stored` waits until a position
-  is durable as the policy makes it: what an acknowledgement of a durable queue waits for.
+  the run in memory and hands it to the writer thread, which commits everything handed to it
+  since its last commit in one transaction (group commit). :meth:`DiskQueue.wait_stored`
+  waits until a position is committed: what an acknowledgement of a durable queue waits for.
 * Consumers take batches as from any queue; what the pump takes stays on disk until the pump
   :meth:`settles <DiskQueue.settle>` it (delivered, or given up for good). A crash between the
   two delivers that batch again after the restart: at-least-once.
 * Runs beyond ``memory_bytes`` are written and then dropped from memory; the consumer reads
-  them back from their segment when it reaches them. ``memory_bytes`` also bounds what waits
-  for the disk: a disk that is slow or failing holds the producers (``block``) or drops what
-  they offer, instead of growing memory; one group takes at most a sixteenth of it, so the
-  producers fill the next group while one is written.
+  them back from the database when it reaches them. ``memory_bytes`` also bounds what waits
+  for the writer: a disk that is slow or failing holds the producers (``block``) or drops
+  what they offer, instead of growing memory; one transaction takes at most a sixteenth of
+  it, so the producers fill the next group while one commits.
 
-The files and the threads are in :mod:`._segments` and :mod:`._sqlite`.
+The storage (schema, row format, the writer thread) is in :mod:`._sqlite`.
 """
 
 from __future__ import annotations
@@ -60,8 +45,7 @@ from .._log import logger
 from .._message import Batch, Origin
 from .._names import canonical
 from ._base import PolicyName, Queue
-from ._segments import SEGMENT_BYTES, unpack
-from ._sqlite import FSYNC_POLICIES, FsyncPolicy, Run, Writer
+from ._sqlite import FSYNC_POLICIES, FsyncPolicy, Run, Writer, unpack
 
 __all__ = ("FSYNC_POLICIES", "DiskQueue", "FsyncPolicy")
 
@@ -80,20 +64,17 @@ class _Piece:
 
 
 class DiskQueue(Queue[bytes]):
-    """A queue in ``directory`` (``queue.sqlite3`` and ``segments/``) that survives ``kill -9``
-    and restarts.
+    """A queue in ``directory`` (``queue.sqlite3``) that survives ``kill -9`` and restarts.
 
     ``max_bytes`` bounds the payload bytes held on disk (1 GiB by default), ``capacity`` the
     messages waiting to be taken; the overflow policy applies to both as for every queue,
     except that ``drop_oldest`` evicts whole runs (the messages of one read). ``fsync``:
 
-    * ``"batch"`` (default): every group is fsynced once (its segment, then the index's
-      log) before its puts are stored; many producers' puts share it (group commit).
+    * ``"batch"`` (default): every group commit fsyncs the log once; many producers' puts
+      share it (group commit).
     * ``"always"``: one transaction and one fsync per put (per read, per request).
-    * ``"interval"``: groups reach the kernel's page cache (a killed process loses nothing;
-      a power cut loses up to ``fsync_interval`` seconds, cut on open); fsynced that often.
-
-    ``segment_bytes`` (16 MiB): the size past which the writer starts the next segment file.
+    * ``"interval"``: commits reach the kernel's page cache (a killed process loses nothing;
+      a power cut loses up to ``fsync_interval`` seconds); the log is fsynced that often.
 
     Open it (``await queue.open()``; the :class:`~trio_gateway.Gateway` does) before use, and
     ``await queue.aclose()`` after the last consumer: what is still queued stays on disk and
@@ -116,7 +97,6 @@ class DiskQueue(Queue[bytes]):
         fsync: str = "batch",
         fsync_interval: float = 1.0,
         memory_bytes: int = 64 << 20,
-        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         super().__init__(capacity, policy=policy, max_bytes=max_bytes or 1 << 30)
         self.directory = os.fspath(directory)
@@ -131,8 +111,6 @@ class DiskQueue(Queue[bytes]):
             raise ConfigurationError("fsync_interval", "must be a positive number of seconds")
         if memory_bytes < 1:
             raise ConfigurationError("memory_bytes", "must be a positive integer")
-        if segment_bytes < 1:
-            raise ConfigurationError("segment_bytes", "must be a positive integer")
         self.fsync: FsyncPolicy = spelled
         self.fsync_interval = fsync_interval
         self.memory_bytes = memory_bytes
@@ -147,19 +125,13 @@ class DiskQueue(Queue[bytes]):
         self._stored = ParkingLot()
         self._loaded = 0
         self._unstored = 0  # bytes handed to the writer and not committed yet
+        self._reader: sqlite3.Connection | None = None
         self._writer = Writer(
-            self.directory,
-            self.fsync,
-            fsync_interval,
-            group_bytes=max(memory_bytes // 16, 1),
-            segment_bytes=segment_bytes,
+            self.path, self.fsync, fsync_interval, group_bytes=max(memory_bytes // 16, 1)
         )
         self._opened = False
         self.recovered = 0
         """Messages found on disk by :meth:`open` (queued before a crash or a stop)."""
-        self.cut = 0
-        """Messages :meth:`open` found indexed but whose bytes had not all reached the disk
-        (a torn tail: never acknowledged under the ``fsync`` policy that promises it)."""
         self.kept = 0
         """Messages left on disk by :meth:`aclose`, for the next start."""
 
@@ -170,22 +142,29 @@ class DiskQueue(Queue[bytes]):
         if self._opened:
             return
 
-        def load() -> tuple[list[tuple[Any, ...]], int]:
+        def load() -> tuple[sqlite3.Connection, list[tuple[Any, ...]]]:
             os.makedirs(self.directory, exist_ok=True)
-            return self._writer.recover()
+            conn = self._writer.connect()
+            rows = conn.execute(
+                "SELECT id, count, nbytes, skip, transport, listener, peer, received_at,"
+                " message_id FROM runs ORDER BY id"
+            ).fetchall()
+            return conn, rows
 
         try:
-            rows, self.cut = await trio.to_thread.run_sync(load)
+            self._reader, rows = await trio.to_thread.run_sync(load)
+            await trio.to_thread.run_sync(
+                self._writer.start, self._on_stored, trio.lowlevel.current_trio_token()
+            )
         except (sqlite3.Error, OSError) as exc:
-            self._writer.stop()
+            if self._reader is not None:
+                self._reader.close()
             raise ConfigurationError("queue.dir", f"{self.path}: {exc}") from exc
-        self._writer.start(self._on_stored, trio.lowlevel.current_trio_token())
         origins: dict[tuple[Any, ...], Origin] = {}
-        for run_id, count, nbytes, skip, *where, segment, start in rows:
+        for run_id, count, nbytes, skip, *where in rows:
             origin = origins.setdefault(tuple(where), Origin(*where))
             self._seq += count - skip
             run = Run(run_id, origin, None, count, nbytes, self._seq)
-            run.segment, run.start = segment, start
             run.stored = True
             run.settled = run.taken = skip
             self._rows.append(run)
@@ -206,6 +185,8 @@ class DiskQueue(Queue[bytes]):
         self._opened = False
         self.kept = self._depth + sum(p.count for p in self._pieces if not p.done)
         await trio.to_thread.run_sync(self._writer.stop)
+        if self._reader is not None:
+            self._reader.close()
 
     async def __aenter__(self) -> DiskQueue:
         await self.open()
@@ -428,21 +409,26 @@ class DiskQueue(Queue[bytes]):
         return batch.payloads
 
     def _load(self, run: Run) -> None:
-        record = self._writer.segments.read(run.segment, run.start, run.record_size)
-        run.payloads = unpack(record, run.count)
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT lengths, data FROM runs WHERE id = ?", (run.id,)
+        ).fetchone()
+        if row is None:
+            raise RuntimeError(f"disk queue {self.path}: run {run.id} is missing")
+        run.payloads = unpack(row[0], row[1])
         self._loaded += run.nbytes
 
     def _advance(self) -> None:
         """Settle the done pieces at the head, in order: finished runs are deleted."""
         pieces = self._pieces
-        deletes: list[Run] = []
+        deletes: list[int] = []
         skips: dict[int, int] = {}
         while pieces and pieces[0].done:
             piece = pieces.popleft()
             run = piece.run
             run.settled += piece.count
             if run.settled == run.count:
-                deletes.append(run)
+                deletes.append(run.id)
                 skips.pop(run.id, None)
                 if not run.freed:
                     self._bytes -= run.nbytes

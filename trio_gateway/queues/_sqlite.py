@@ -1,12 +1,8 @@
-"""The disk queue's index and its two threads: the writer, and the one that fsyncs.
+"""The disk queue's storage: the SQLite schema, the row format, and the writer thread.
 
-Payloads go to append-only segment files (:mod:`._segments`); SQLite (WAL mode) holds one
-small row per run: its origin, where its record is (segment, offset, CRC-32) and how much of
-its head is settled. The writer thread appends a group of runs to the current segment, then
-commits their rows in one transaction with ``synchronous=NORMAL`` (no ``fsync``); the syncer
-thread then ``fdatasync``\\ s the segments and the log, and only then reports the group
-stored. While it waits for the disk the writer appends and commits the next group: the disk
-and the CPU work at once (docs/queues.md#the-disk-queue has the figures).
+A row is a *run*: the messages of one read from one origin, their lengths (uint32,
+little-endian) in one blob and their payloads joined in another. The writer thread owns the
+write connection and commits in groups (docs/queues.md#the-disk-queue).
 """
 
 from __future__ import annotations
@@ -15,8 +11,11 @@ import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
+from array import array
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import trio
@@ -24,9 +23,8 @@ from trio.lowlevel import TrioToken
 
 from .._log import logger
 from .._message import Origin
-from ._segments import SEGMENT_BYTES, Segments, pack
 
-__all__ = ("FSYNC_POLICIES", "FsyncPolicy", "Run", "Writer")
+__all__ = ("FSYNC_POLICIES", "FsyncPolicy", "Run", "Writer", "unpack")
 
 _log = logger.getChild("queues.disk")
 
@@ -34,7 +32,7 @@ FsyncPolicy = Literal["always", "batch", "interval"]
 FSYNC_POLICIES: tuple[FsyncPolicy, ...] = get_args(FsyncPolicy)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS queued_runs (
+CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     count INTEGER NOT NULL,
     nbytes INTEGER NOT NULL,
@@ -44,19 +42,19 @@ CREATE TABLE IF NOT EXISTS queued_runs (
     peer TEXT NOT NULL,
     received_at REAL NOT NULL,
     message_id TEXT,
-    segment INTEGER NOT NULL,
-    start INTEGER NOT NULL,
-    crc INTEGER NOT NULL
+    lengths BLOB NOT NULL,
+    data BLOB NOT NULL
 )
 """
-_COLUMNS = "id, count, nbytes, skip, transport, listener, peer, received_at, message_id"
 _INSERT = (
     # OR IGNORE: a group that failed part-way under "always" is tried again whole.
-    f"INSERT OR IGNORE INTO queued_runs ({_COLUMNS}, segment, start, crc)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO runs (id, count, nbytes, skip, transport, listener, peer, received_at,"
+    " message_id, lengths, data) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)"
 )
+PAGE_SIZE = 65536
+"""SQLite's page size for a new queue database (its largest)."""
 _RETRY_DELAY = (0.05, 2.0)
-"""Seconds a thread waits before trying a failed write or fsync again: first, and at most."""
+"""Seconds the writer waits before trying a failed commit again: the first time, and at most."""
 
 
 class Run:
@@ -64,17 +62,14 @@ class Run:
 
     __slots__ = (
         "count",
-        "crc",
         "freed",
         "id",
         "nbytes",
         "origin",
         "payloads",
-        "segment",
         "seq_end",
         "settled",
         "spill",
-        "start",
         "stored",
         "taken",
     )
@@ -96,149 +91,105 @@ class Run:
         self.nbytes = nbytes
         self.seq_end = seq_end
         """The queue position just after this run's last message (``wait_stored`` compares)."""
-        self.segment = 0
-        """The segment its record is in (0 until the writer appended it)."""
-        self.start = 0
-        """Its record's offset in that segment."""
-        self.crc = 0
         self.settled = 0
         """Messages at this run's head that are done (delivered, given up or evicted)."""
         self.taken = 0
         """Messages at this run's head handed to the consumer or evicted."""
         self.stored = False
-        """Committed to disk as the policy commits (its payloads may then leave memory)."""
+        """Committed to the database (its payloads may then leave memory)."""
         self.freed = False
         """Its bytes no longer count against ``max_bytes`` (evicted whole)."""
         self.spill = False
         """Drop the payloads from memory once committed (memory is over ``memory_bytes``)."""
 
-    @property
-    def record_size(self) -> int:
-        return 4 * self.count + self.nbytes
+
+def _pack(payloads: Sequence[bytes]) -> tuple[bytes, bytes]:
+    lengths = array("I", map(len, payloads))
+    if sys.byteorder == "big":
+        lengths.byteswap()  # stored little-endian, so a database moves between machines
+    return lengths.tobytes(), b"".join(payloads)
+
+
+def unpack(lengths_blob: bytes, data: bytes) -> list[bytes]:
+    lengths = array("I")
+    lengths.frombytes(lengths_blob)
+    if sys.byteorder == "big":
+        lengths.byteswap()
+    out: list[bytes] = []
+    pos = 0
+    view = memoryview(data)
+    for length in lengths:
+        out.append(bytes(view[pos : pos + length]))
+        pos += length
+    return out
 
 
 class Writer:
-    """The threads that own the queue's files: the writer (appends, commits the index) and
-    the syncer (``fsync``, then reports runs stored and unlinks emptied segments).
+    """The thread that owns the database's write connection and commits in groups.
 
-    The event loop hands the writer new runs, settled runs and the head's progress under one
-    lock; the writer takes what was handed over since its last commit (at most
-    ``group_bytes`` of new runs) and writes it as one group. A write, commit or ``fsync``
-    that fails (a full disk, an I/O error) is tried again with backoff: the runs stay in
-    memory meanwhile, and acknowledgements waiting on them wait.
+    The event loop hands it new runs, finished run ids and the head's progress under one
+    lock; the thread takes everything handed over since its last commit and writes it in one
+    transaction (``always``: one transaction per run), then reports the runs back to the loop.
+    A commit that fails (a full disk, an I/O error) is rolled back and tried again with
+    backoff: the runs stay in memory meanwhile, and acknowledgements waiting on them wait.
     """
 
     def __init__(
-        self,
-        directory: str,
-        fsync: FsyncPolicy,
-        interval: float,
-        *,
-        group_bytes: int = 8 << 20,
-        segment_bytes: int = SEGMENT_BYTES,
+        self, path: str, fsync: FsyncPolicy, interval: float, *, group_bytes: int = 8 << 20
     ) -> None:
-        self.path = os.path.join(directory, "queue.sqlite3")
-        self.segments = Segments(directory, segment_bytes=segment_bytes)
+        self.path = path
         self.group_bytes = group_bytes
-        """Payload bytes one group takes at most (at least one run): while it is written and
-        synced, the producers fill the next one."""
+        """Payload bytes one transaction takes at most (at least one run): while it commits,
+        the producers fill the next group, so the disk and the event loop work at once."""
         self.fsync = fsync
         self.interval = interval
         self.lock = threading.Condition()
         self.inserts: list[Run] = []
-        self.deletes: list[Run] = []
+        self.deletes: list[int] = []
         self.skips: dict[int, int] = {}
         self.stopping = False
-        self.synced = threading.Condition()
-        self.unsynced: list[tuple[list[Run], set[int], list[int]] | None] = []
-        """Committed, waiting for the syncer: runs, the segments they are in, emptied ones
-        (None: the writer has stopped)."""
         self.commits = 0
         self.failures = 0
         self.problem: str | None = None
         self._report: Any = None  # set by start(): the loop-side callback
         self._token: TrioToken | None = None
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
 
-    # -- open -------------------------------------------------------------------------------
-
     def connect(self) -> sqlite3.Connection:
+        """A connection in WAL mode with this policy's ``synchronous``, the table created."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Before the first table: a new database gets 64 KiB pages (an existing one keeps its
+        # own). A run is a blob of up to a read's size, stored as a chain of overflow pages,
+        # each one a WAL frame with its header and checksum: 4 KiB pages (the default) wrote
+        # 62 MB/s of 4 MiB groups here, 64 KiB pages 300-340 MB/s (docs/queues.md).
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
-        # No fsync at commit: the syncer fsyncs the log itself, after the segments.
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: every commit fsyncs the log. NORMAL (interval): commits reach the page cache,
+        # which a killed process cannot lose; this thread fsyncs the log every interval.
+        conn.execute(f"PRAGMA synchronous={'NORMAL' if self.fsync == 'interval' else 'FULL'}")
         conn.execute("PRAGMA journal_size_limit=67108864")
         conn.execute(_SCHEMA)
+        if "message_id" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
+            # A queue written before runs kept their message's id (Origin.id): add the column.
+            conn.execute("ALTER TABLE runs ADD COLUMN message_id TEXT")
         return conn
 
-    def recover(self) -> tuple[list[tuple[Any, ...]], int]:
-        """Open the index; check every queued record and cut from the first one whose bytes
-        are missing or fail their CRC (a torn tail); unlink segments no row points at; move
-        the runs of a queue written before segments into them. The runs' rows (as
-        :data:`_COLUMNS`, then segment and offset) and how many messages were cut."""
-        self._conn = conn = self.connect()
-        rows = conn.execute(
-            f"SELECT {_COLUMNS}, segment, start, crc FROM queued_runs ORDER BY id"
-        ).fetchall()
-        good = 0
-        for row in rows:
-            count, nbytes, segment, start, crc = row[1], row[2], row[9], row[10], row[11]
-            if not self.segments.check(segment, start, 4 * count + nbytes, crc):
-                break
-            good += 1
-        cut = sum(row[1] - row[3] for row in rows[good:])
-        if good < len(rows):
-            conn.execute("DELETE FROM queued_runs WHERE id >= ?", (rows[good][0],))
-            _log.warning(
-                "disk queue %s: %d runs (%d messages) from run %d on were cut: their bytes"
-                " did not all reach the disk",
-                self.path,
-                len(rows) - good,
-                cut,
-                rows[good][0],
-            )
-        rows = [row[:11] for row in rows[:good]]
-        self.segments.keep_only(row[9] for row in rows)
-        return rows + self._migrate(conn), cut
-
-    def _migrate(self, conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-        """A queue written before segments keeps its runs in the ``runs`` table, payloads
-        and all: copy each into a segment, index it, and drop that table in one transaction
-        (a crash before the commit leaves the old table, and the copies are unlinked)."""
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-        if not columns:
-            return []
-        message_id = "message_id" if "message_id" in columns else "NULL"
-        old = conn.execute(
-            "SELECT id, count, nbytes, skip, transport, listener, peer, received_at,"
-            f" {message_id}, lengths, data FROM runs ORDER BY id"
-        )
-        moved = []
-        for *meta, lengths, data in old:
-            ((segment, start, crc),) = self.segments.append([(lengths, data)])
-            moved.append((*meta, segment, start, crc))
-        self.segments.sync(set(self.segments.fds))
-        conn.execute("BEGIN")
-        conn.executemany(_INSERT, moved)
-        conn.execute("DROP TABLE runs")
-        conn.execute("COMMIT")
-        conn.execute("VACUUM")  # the old payloads' pages
-        self._sync_log()
-        _log.info("disk queue %s: %d runs moved into segment files", self.path, len(moved))
-        return [row[:11] for row in moved]
-
     def start(self, report: Any, token: TrioToken) -> None:
+        self._conn = self.connect()
+        # Room in SQLite's page cache for the last few groups: a run is deleted soon after it
+        # was inserted, and freeing its overflow chain reads every page of it (each holds the
+        # next one's number). With the default 2 MiB cache those reads went to the log: the
+        # writer's CPU per 4,266-byte message was 1.7x that with 4 groups' worth (measured
+        # here, docs/queues.md); more cache than that bought nothing.
+        cache_kib = max(4 * self.group_bytes // 1024, 2048)
+        self._conn.execute(f"PRAGMA cache_size=-{cache_kib}")
         self._report = report
         self._token = token
-        self._threads = [
-            threading.Thread(target=self._loop, name="trio_gateway disk queue writer"),
-            threading.Thread(target=self._sync_loop, name="trio_gateway disk queue fsync"),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._loop, name="trio_gateway disk queue")
+        self._thread.start()
 
-    def hand(self, inserts: list[Run], deletes: list[Run], skips: dict[int, int]) -> None:
+    def hand(self, inserts: list[Run], deletes: list[int], skips: dict[int, int]) -> None:
         with self.lock:
             self.inserts += inserts
             self.deletes += deletes
@@ -249,29 +200,17 @@ class Writer:
         with self.lock:
             self.stopping = True
             self.lock.notify()
-        for thread in self._threads:
-            thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._conn is not None:
             self._conn.close()
-        self.segments.close()
-
-    # -- the writer -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        try:
-            self._write_groups()
-        finally:
-            with self.synced:
-                self.unsynced.append(None)  # the end: the syncer stops there
-                self.synced.notify()
-
-    def _write_groups(self) -> None:
         last_sync = time.monotonic()
         delay = _RETRY_DELAY[0]
         inserts: list[Run] = []
-        deletes: list[Run] = []
+        deletes: list[int] = []
         skips: dict[int, int] = {}
-        drops: list[int] = []  # emptied segments (interval: unlinked at the next sync)
         while True:
             with self.lock:
                 while not (
@@ -296,11 +235,11 @@ class Writer:
                     skips.update(self.skips)
                     self.inserts, self.deletes, self.skips = [], [], {}
                 else:
-                    # Runs not written yet keep their deletes and skips for a later group.
+                    # Runs not inserted yet keep their deletes and skips for a later group.
                     first = self.inserts[taken].id
                     self.inserts = self.inserts[taken:]
-                    deletes += [r for r in self.deletes if r.id < first]
-                    self.deletes = [r for r in self.deletes if r.id >= first]
+                    deletes += [i for i in self.deletes if i < first]
+                    self.deletes = [i for i in self.deletes if i >= first]
                     skips.update((i, k) for i, k in self.skips.items() if i < first)
                     self.skips = {i: k for i, k in self.skips.items() if i >= first}
                 stopping = self.stopping
@@ -308,7 +247,14 @@ class Writer:
                 try:
                     self._commit(inserts, deletes, skips)
                 except (sqlite3.Error, OSError) as exc:
-                    self._failed("write", exc)
+                    self.failures += 1
+                    self.problem = str(exc)
+                    _log.log(
+                        logging.ERROR if self.failures == 1 else logging.DEBUG,
+                        "disk queue %s: commit failed (%s); retrying",
+                        self.path,
+                        exc,
+                    )
                     with self.lock:
                         self.lock.wait(delay)
                     delay = min(delay * 2, _RETRY_DELAY[1])
@@ -317,49 +263,32 @@ class Writer:
                     continue
                 delay = _RETRY_DELAY[0]
                 self.problem = None
-                emptied = self.segments.release(run.segment for run in deletes)
-                if self.fsync == "interval":
-                    drops += emptied
-                    if inserts:
-                        self._stored(inserts)
-                else:
-                    self._to_syncer(inserts, emptied)
-                inserts, deletes, skips = [], [], {}
-            if self.fsync == "interval" and (
-                stopping or time.monotonic() - last_sync >= self.interval
-            ):
-                with contextlib.suppress(OSError):  # tried again at the next interval
-                    self.segments.sync(set(self.segments.fds))
-                    self._sync_log()
-                    for segment in drops:
-                        self.segments.drop(segment)
-                    drops = []
+                committed, inserts, deletes, skips = inserts, [], [], {}
+                if committed:
+                    assert self._token is not None
+                    with contextlib.suppress(trio.RunFinishedError):
+                        self._token.run_sync_soon(self._report, committed)
+            if self.fsync == "interval" and time.monotonic() - last_sync >= self.interval:
+                self._sync_log()
                 last_sync = time.monotonic()
             if stopping and not (self.inserts or self.deletes or self.skips):
+                if self.fsync == "interval":
+                    self._sync_log()
                 return
 
-    def _commit(self, inserts: list[Run], deletes: list[Run], skips: dict[int, int]) -> None:
-        """Append the runs not written yet to the current segment (one write), then commit
-        their rows, the deletes and the skips in one transaction (``always``: one per run)."""
+    def _commit(self, inserts: list[Run], deletes: list[int], skips: dict[int, int]) -> None:
         conn = self._conn
         assert conn is not None
-        fresh = [run for run in inserts if not run.segment]
-        if fresh:
-            records = []
-            for run in fresh:
-                assert run.payloads is not None
-                records.append(pack(run.payloads))
-            for run, (segment, start, crc) in zip(
-                fresh, self.segments.append(records), strict=True
-            ):
-                run.segment, run.start, run.crc = segment, start, crc
         rows = []
         for run in inserts:
+            assert run.payloads is not None
             o = run.origin
+            lengths, data = _pack(run.payloads)
             where = (o.transport, o.listener, o.peer, o.received_at, o.id)
-            rows.append((run.id, run.count, run.nbytes, 0, *where, run.segment, run.start, run.crc))
+            rows.append((run.id, run.count, run.nbytes, *where, lengths, data))
         try:
             if self.fsync == "always":
+                # One transaction (one fsync) per run: what "fsync every put" costs.
                 for row in rows:
                     conn.execute("BEGIN")
                     conn.execute(_INSERT, row)
@@ -367,9 +296,9 @@ class Writer:
                 rows = []
             conn.execute("BEGIN")
             conn.executemany(_INSERT, rows)
-            conn.executemany("DELETE FROM queued_runs WHERE id = ?", [(r.id,) for r in deletes])
+            conn.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in deletes])
             conn.executemany(
-                "UPDATE queued_runs SET skip = ? WHERE id = ?", [(s, i) for i, s in skips.items()]
+                "UPDATE runs SET skip = ? WHERE id = ?", [(s, i) for i, s in skips.items()]
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -378,83 +307,10 @@ class Writer:
             raise
         self.commits += 1
 
-    def _to_syncer(self, inserts: list[Run], emptied: list[int]) -> None:
-        if not (inserts or emptied):
-            return  # deletes and skips only: nothing waits for them
-        with self.synced:
-            if self.fsync == "always":
-                # One fsync per put: each run is synced, and answered, on its own.
-                self.unsynced += [([run], {run.segment}, []) for run in inserts]
-                if emptied:
-                    self.unsynced.append(([], set(), emptied))
-            else:
-                self.unsynced.append((inserts, {run.segment for run in inserts}, emptied))
-            self.synced.notify()
-
-    # -- the syncer ---------------------------------------------------------------------------
-
-    def _sync_loop(self) -> None:
-        delay = _RETRY_DELAY[0]
-        while True:
-            with self.synced:
-                while not self.unsynced:
-                    self.synced.wait()
-                take = 1 if self.fsync == "always" else len(self.unsynced)
-                entries = self.unsynced[:take]
-            runs: list[Run] = []
-            segments: set[int] = set()
-            drops: list[int] = []
-            end = False
-            for entry in entries:
-                if entry is None:
-                    end = True
-                    continue
-                entry_runs, entry_segments, entry_drops = entry
-                runs += entry_runs
-                segments |= entry_segments
-                drops += entry_drops
-            try:
-                self.segments.sync(segments)
-                self._sync_log()
-            except OSError as exc:
-                self._failed("fsync", exc)
-                if end and self.failures > 3:
-                    return  # closing: what is not synced was never acknowledged
-                time.sleep(delay)
-                delay = min(delay * 2, _RETRY_DELAY[1])
-                continue
-            delay = _RETRY_DELAY[0]
-            with self.synced:
-                del self.unsynced[:take]
-            for segment in drops:
-                self.segments.drop(segment)
-            if runs:
-                self._stored(runs)
-            if end:
-                return
-
-    def _stored(self, runs: list[Run]) -> None:
-        assert self._token is not None
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._report, runs)
-
-    def _failed(self, what: str, exc: Exception) -> None:
-        self.failures += 1
-        self.problem = str(exc)
-        _log.log(
-            logging.ERROR if self.failures == 1 else logging.DEBUG,
-            "disk queue %s: %s failed (%s); retrying",
-            self.path,
-            what,
-            exc,
-        )
-
     def _sync_log(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             fd = os.open(self.path + "-wal", os.O_RDONLY)
-        except FileNotFoundError:
-            return  # no log: every commit is in the database file, synced at checkpoint
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -26,29 +26,15 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
-from helpers import RetryingPoster, ServeProcess, read_payloads, wait_until_sync
+from helpers import (
+    RetryingPoster,
+    ServeProcess,
+    post_until_stopped,
+    read_payloads,
+    wait_until_sync,
+)
 from jetstream import NatsServer, stream_messages
-
-
-def post_until_stopped(
-    url: str, acknowledged: list[bytes], stop: threading.Event, tag: int
-) -> None:
-    """NDJSON batches of 20, one request at a time; remember what got a 202."""
-    n = 0
-    with httpx.Client(timeout=5) as client:
-        while not stop.is_set():
-            lines = [b'{"k":%d,"n":%d}' % (tag, n + i) for i in range(20)]
-            n += 20
-            try:
-                response = client.post(
-                    url, content=b"\n".join(lines), headers={"Content-Type": "application/x-ndjson"}
-                )
-            except httpx.HTTPError:
-                return  # the gateway died with this request unanswered
-            if response.status_code == 202:
-                acknowledged.extend(lines)
 
 
 @pytest.mark.slow

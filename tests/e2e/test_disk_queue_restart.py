@@ -19,7 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ServeProcess, ledger_of, read_payloads, wait_until_sync
+from helpers import (
+    ServeProcess,
+    ledger_of,
+    post_until_stopped,
+    read_payloads,
+    wait_until_sync,
+)
 
 
 class _Refusing(BaseHTTPRequestHandler):
@@ -121,24 +127,6 @@ def test_a_stop_keeps_what_the_sink_could_not_take_for_the_next_start(
     assert ledger["balanced"] is True
 
 
-def _post_until_stopped(url: str, acknowledged: list[bytes], stop: threading.Event) -> None:
-    """NDJSON requests of 100 messages of about 4 KiB; remember what got a 202."""
-    pad = "x" * 4096
-    n = 0
-    with httpx.Client(timeout=5) as client:
-        while not stop.is_set():
-            lines = [json.dumps({"n": n + i, "pad": pad}).encode() for i in range(100)]
-            n += 100
-            try:
-                response = client.post(
-                    url, content=b"\n".join(lines), headers={"Content-Type": "application/x-ndjson"}
-                )
-            except httpx.HTTPError:
-                return  # the gateway died with this request unanswered
-            if response.status_code == 202:
-                acknowledged += lines
-
-
 @pytest.mark.slow
 def test_kill_9_mid_stream_loses_no_acknowledged_message(
     tmp_path: Path, serve: type[ServeProcess]
@@ -153,7 +141,11 @@ def test_kill_9_mid_stream_loses_no_acknowledged_message(
     acknowledged: list[bytes] = []
     stop = threading.Event()
     url = f"http://127.0.0.1:{first.port('http')}/ingest"
-    client = threading.Thread(target=_post_until_stopped, args=(url, acknowledged, stop))
+    client = threading.Thread(
+        target=post_until_stopped,
+        args=(url, acknowledged, stop, 0),
+        kwargs={"batch": 100, "pad": 4096},
+    )
     client.start()
     try:
         wait_until_sync(lambda: len(acknowledged) >= 10_000, what="40 MB acknowledged", timeout=60)

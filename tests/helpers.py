@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -372,6 +373,33 @@ def ws_client_frame(payload: bytes, *, opcode: int = 0x2, fin: bool = True) -> b
     else:
         head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
     return head + mask + masked
+
+
+def post_until_stopped(
+    url: str,
+    acknowledged: list[bytes],
+    stop: threading.Event,
+    tag: int,
+    *,
+    batch: int = 20,
+    pad: int = 0,
+) -> None:
+    """NDJSON requests of ``batch`` lines ``{"k":tag,"n":N}`` (with ``pad`` bytes of padding
+    each), one at a time, until ``stop`` is set or the gateway dies; remember what got a 202."""
+    padding = b',"pad":"%s"' % (b"x" * pad) if pad else b""
+    n = 0
+    with httpx.Client(timeout=5) as client:
+        while not stop.is_set():
+            lines = [b'{"k":%d,"n":%d%s}' % (tag, n + i, padding) for i in range(batch)]
+            n += batch
+            try:
+                response = client.post(
+                    url, content=b"\n".join(lines), headers={"Content-Type": "application/x-ndjson"}
+                )
+            except httpx.HTTPError:
+                return  # the gateway died with this request unanswered
+            if response.status_code == 202:
+                acknowledged.extend(lines)
 
 
 def free_port() -> int:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from trio_gateway._asyncio_thread import AsyncioThread as _LoopThread
+from bench._asyncio_thread import AsyncioThread as _LoopThread
 from trio_gateway._errors import ConfigurationError, SinkError, SinkUnavailable
 from trio_gateway._log import RateLimitedLogger, logger
 from trio_gateway._message import Batch, Origin

@@ -2,6 +2,7 @@
 beside the memory queue and the disk's own bandwidth; and ``kill -9`` restarts under load.
 
     python -m bench.durable [--quick] [--repeat N] [--restarts N] [--json FILE]
+                            [--tcp-only] [--sizes 18 4266] [--modes memory batch ...]
 
 **Throughput.** A gateway in this process (``TcpSource`` -> queue -> ``NullSink``, as ``serve
 --sink null`` builds it) and a client process that writes a pre-built newline-framed stream
@@ -124,17 +125,26 @@ def _dd(directory: Path) -> float:
     return int(match[1]) / float(match[2]) / 1e6
 
 
-def throughput(quick: bool, repeat: int = 1) -> dict[str, object]:
+def throughput(
+    quick: bool,
+    repeat: int = 1,
+    *,
+    sizes: tuple[int, ...] = (18, 4266),
+    modes: tuple[str, ...] = MODES,
+    http: bool = True,
+) -> dict[str, object]:
     """The TCP rows (best of ``repeat`` runs each: on a shared machine the best run is the
     one least disturbed) and the HTTP rows; ``dd`` before and after the TCP rows, and each
     4,266-byte row as a share of the faster ``dd``."""
     rows: dict[str, object] = {}
+    load = [os.getloadavg()[0]]  # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="trio_gateway-durable-") as tmp:
         base = Path(tmp)
         dd = [_dd(base)]
-        cases = ((18, 600_000 if quick else 3_000_000), (4266, 20_000 if quick else 100_000))
-        for size, n in cases:
-            for mode in MODES:
+        counts = {18: 600_000 if quick else 3_000_000, 4266: 20_000 if quick else 100_000}
+        for size in sizes:
+            n = counts[size]
+            for mode in modes:
                 best: tuple[float, float, float, object] | None = None
                 for attempt in range(repeat):
                     directory = base / f"{mode}-{size}-{attempt}"
@@ -162,19 +172,23 @@ def throughput(quick: bool, repeat: int = 1) -> dict[str, object]:
                 )
         dd.append(_dd(base))
         rows["dd_MBps"] = [round(x, 1) for x in dd]
-        for mode in MODES:
+        shares = [mode for mode in modes if 4266 in sizes]
+        for mode in shares:
             row = rows[f"4266B {mode}"]
             assert isinstance(row, dict)
             row["share_of_dd"] = round(row["MBps"] / max(dd), 3)
-        for mode in MODES:
+        for mode in modes if http else ():
             rate = _http(base / f"http-{mode}", mode, 5_000 if quick else 20_000)
             rows[f"http {mode}"] = {"msg_per_s": round(rate)}
             print(f"HTTP, 64 clients, {mode:<8} {rate:>8,.0f} msg/s")
+    load.append(os.getloadavg()[0])
+    rows["load_average"] = load
     print(f"dd (conv=fdatasync, 256 MiB), before and after: {dd[0]:,.0f} / {dd[1]:,.0f} MB/s")
-    for mode in MODES:
+    for mode in shares:
         row = rows[f"4266B {mode}"]
         assert isinstance(row, dict)
         print(f"4,266 B {mode:<8} {row['share_of_dd']:.0%} of the faster dd")
+    print(f"load average (1 min), before and after: {load[0]:.2f} / {load[1]:.2f}")
     return rows
 
 
@@ -382,11 +396,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=2, help="runs per throughput row, best kept (2)"
     )
+    parser.add_argument(
+        "--tcp-only", action="store_true", help="only the TCP throughput rows and dd"
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        choices=(18, 4266),
+        default=[18, 4266],
+        help="message sizes of the TCP rows (18 4266)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="queues of the TCP and HTTP rows (all: memory batch interval always)",
+    )
     args = parser.parse_args(argv)
     results: dict[str, object] = {}
     if not args.no_throughput:
-        results["throughput"] = throughput(args.quick, args.repeat)
-        results["acks"] = acks(args.quick, args.repeat)
+        results["throughput"] = throughput(
+            args.quick,
+            args.repeat,
+            sizes=tuple(args.sizes),
+            modes=tuple(args.modes),
+            http=not args.tcp_only,
+        )
+        if not args.tcp_only:
+            results["acks"] = acks(args.quick, args.repeat)
+    if args.tcp_only:
+        args.restarts = 0
     if args.restarts:
         results["kill9"] = [kill9(args.restarts, mode) for mode in KILL9_MODES]
     if args.json:

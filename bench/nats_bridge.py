@@ -146,7 +146,7 @@ def run_trio_asyncio(port: int, work: list[Batch]) -> float:
 
 
 def round_trip_loop_thread(n: int) -> float:
-    from trio_gateway._asyncio_thread import AsyncioThread as _LoopThread
+    from bench._asyncio_thread import AsyncioThread as _LoopThread
 
     async def noop() -> None:
         return None

@@ -94,6 +94,17 @@ class Row:
     def wire(self) -> bool:
         return bool(self.inflight)
 
+    def described(self) -> dict[str, Any]:
+        """The row as a results document lists it (what the report reads)."""
+        return {
+            "key": self.key,
+            "title": self.title,
+            "peer": self.peer_name,
+            "impls": list(self.impls),
+            "inflight": list(self.inflight),
+            "names": {impl: IMPL_NAMES[impl] for impl in self.impls if impl in IMPL_NAMES},
+        }
+
 
 GRPC_PEERS = ("trio_gateway", "grpcio", "asyncio")
 HTTP_PEERS = ("trio_gateway", "uvicorn-httptools", "uvicorn-h11", "asyncio")
@@ -1082,17 +1093,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "end": round(os.getloadavg()[0], 2),
         },
         "elapsed_s": round(elapsed, 1),
-        "rows": [
-            {
-                "key": row.key,
-                "title": row.title,
-                "peer": row.peer_name,
-                "impls": list(row.impls),
-                "inflight": list(row.inflight),
-                "names": {impl: IMPL_NAMES[impl] for impl in row.impls if impl in IMPL_NAMES},
-            }
-            for row in rows
-        ],
+        "rows": [row.described() for row in rows],
         "results": [result.as_dict() for result in results],
         "queues": queues,
         "jsonl": jsonl,

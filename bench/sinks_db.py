@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import psycopg
 import trio
@@ -64,10 +65,55 @@ def plain_rows(batch: Batch) -> list[tuple[object, ...]]:
     return [(*head, p) for p in batch.payloads]
 
 
-def timed(run: Callable[[], None], rows: int) -> float:
-    started = time.perf_counter()
-    run()
-    return rows / (time.perf_counter() - started)
+class Connection(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Connection)
+
+
+def loop_case(
+    fresh: Callable[[], tuple[C, str]],
+    write: Callable[[C, str, Batch], None],
+    work: list[Batch],
+    rows: int,
+) -> Callable[[], float]:
+    """A plain loop: ``fresh()`` gives a connection and a new table, ``write`` one batch's
+    transaction; rows per second over ``work``."""
+
+    def case() -> float:
+        db, table = fresh()
+        try:
+            started = time.perf_counter()
+            for batch in work:
+                write(db, table, batch)
+            return rows / (time.perf_counter() - started)
+        finally:
+            db.close()
+
+    return case
+
+
+def sink_case(
+    make: Callable[[], SqliteSink | PostgresSink], work: list[Batch], rows: int
+) -> Callable[[], float]:
+    """The sink, as the gateway's pump drives it (``send`` per batch, from Trio)."""
+
+    def case() -> float:
+        async def main() -> float:
+            sink = make()
+            await sink.open()
+            try:
+                started = time.perf_counter()
+                for batch in work:
+                    await sink.send(batch)
+                return rows / (time.perf_counter() - started)
+            finally:
+                await sink.aclose()
+
+        return trio.run(main)
+
+    return case
 
 
 # -- SQLite ---------------------------------------------------------------------------------
@@ -75,125 +121,68 @@ def timed(run: Callable[[], None], rows: int) -> float:
 
 def sqlite_cases(directory: Path, work: list[Batch], rows: int) -> dict[str, Callable[[], float]]:
     counter = iter(range(1_000_000))
+    sql = INSERT.format(t="messages", m="?, ?, ?, ?, ?")
 
     def fresh() -> tuple[sqlite3.Connection, str]:
-        path = directory / f"plain{next(counter)}.db"
-        db = sqlite3.connect(path, isolation_level=None)
+        db = sqlite3.connect(directory / f"plain{next(counter)}.db", isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(CREATE_SQLITE.format(t="messages"))
-        return db, INSERT.format(t="messages", m="?, ?, ?, ?, ?")
+        return db, "messages"
 
-    def per_row() -> float:
-        db, sql = fresh()
+    def per_row(db: sqlite3.Connection, table: str, batch: Batch) -> None:
+        db.execute("BEGIN")
+        for row in plain_rows(batch):
+            db.execute(sql, row)
+        db.execute("COMMIT")
 
-        def run() -> None:
-            for batch in work:
-                db.execute("BEGIN")
-                for row in plain_rows(batch):
-                    db.execute(sql, row)
-                db.execute("COMMIT")
-
-        try:
-            return timed(run, rows)
-        finally:
-            db.close()
-
-    def executemany() -> float:
-        db, sql = fresh()
-
-        def run() -> None:
-            for batch in work:
-                db.execute("BEGIN")
-                db.executemany(sql, plain_rows(batch))
-                db.execute("COMMIT")
-
-        try:
-            return timed(run, rows)
-        finally:
-            db.close()
-
-    def sink() -> float:
-        async def main() -> float:
-            sink = SqliteSink(directory / f"sink{next(counter)}.db")
-            await sink.open()
-            started = time.perf_counter()
-            for batch in work:
-                await sink.send(batch)
-            rate = rows / (time.perf_counter() - started)
-            await sink.aclose()
-            return rate
-
-        return trio.run(main)
+    def executemany(db: sqlite3.Connection, table: str, batch: Batch) -> None:
+        db.execute("BEGIN")
+        db.executemany(sql, plain_rows(batch))
+        db.execute("COMMIT")
 
     return {
-        "SqliteSink": sink,
-        "sqlite3 execute per row": per_row,
-        "sqlite3 executemany": executemany,
+        "SqliteSink": sink_case(
+            lambda: SqliteSink(directory / f"sink{next(counter)}.db"), work, rows
+        ),
+        "sqlite3 execute per row": loop_case(fresh, per_row, work, rows),
+        "sqlite3 executemany": loop_case(fresh, executemany, work, rows),
     }
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
 
+PgConnection = psycopg.Connection[tuple[object, ...]]
+
 
 def postgres_cases(url: str, work: list[Batch], rows: int) -> dict[str, Callable[[], float]]:
     counter = iter(range(1_000_000))
 
-    def fresh() -> tuple[psycopg.Connection[tuple[object, ...]], str]:
+    def fresh() -> tuple[PgConnection, str]:
         table = f"plain{next(counter)}"
         conn = psycopg.connect(url)
         conn.execute(CREATE_PG.format(t=table))
         conn.commit()
         return conn, table
 
-    def executemany() -> float:
-        conn, table = fresh()
-        sql = INSERT.format(t=table, m="%s, %s, %s, %s, %s")
+    def executemany(conn: PgConnection, table: str, batch: Batch) -> None:
+        with conn.cursor() as cursor:
+            cursor.executemany(INSERT.format(t=table, m="%s, %s, %s, %s, %s"), plain_rows(batch))
+        conn.commit()
 
-        def run() -> None:
-            for batch in work:
-                with conn.cursor() as cursor:
-                    cursor.executemany(sql, plain_rows(batch))
-                conn.commit()
-
-        try:
-            return timed(run, rows)
-        finally:
-            conn.close()
-
-    def copy_rows() -> float:
-        conn, table = fresh()
+    def copy_rows(conn: PgConnection, table: str, batch: Batch) -> None:
         sql = f"COPY {table} (transport, listener, peer, received_at, payload) FROM STDIN"
-
-        def run() -> None:
-            for batch in work:
-                with conn.cursor() as cursor, cursor.copy(sql) as copy:
-                    for row in plain_rows(batch):
-                        copy.write_row(row)
-                conn.commit()
-
-        try:
-            return timed(run, rows)
-        finally:
-            conn.close()
-
-    def sink() -> float:
-        async def main() -> float:
-            sink = PostgresSink(url, table=f"sink{next(counter)}")
-            await sink.open()
-            started = time.perf_counter()
-            for batch in work:
-                await sink.send(batch)
-            rate = rows / (time.perf_counter() - started)
-            await sink.aclose()
-            return rate
-
-        return trio.run(main)
+        with conn.cursor() as cursor, cursor.copy(sql) as copy:
+            for row in plain_rows(batch):
+                copy.write_row(row)
+        conn.commit()
 
     return {
-        "PostgresSink": sink,
-        "psycopg executemany": executemany,
-        "psycopg COPY write_row": copy_rows,
+        "PostgresSink": sink_case(
+            lambda: PostgresSink(url, table=f"sink{next(counter)}"), work, rows
+        ),
+        "psycopg executemany": loop_case(fresh, executemany, work, rows),
+        "psycopg COPY write_row": loop_case(fresh, copy_rows, work, rows),
     }
 
 

@@ -41,6 +41,15 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
+@pytest.fixture
+def password_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server that takes user ``alice``, password ``s3cret`` (and nothing else)."""
+    server = NatsServer(tmp_path, args=("--user", "alice", "--pass", "s3cret"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _unit_tests_stay_in_process(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch

@@ -375,45 +375,81 @@ def ws_client_frame(payload: bytes, *, opcode: int = 0x2, fin: bool = True) -> b
     return head + mask + masked
 
 
-class RetryingPoster:
-    """A client that holds what it sent until the gateway acknowledges it (the chaos test's and
-    ``bench.exactly_once``'s): NDJSON batches of ``batch`` lines ``{"n":N}``, one request at a
-    time. A request the gateway did not answer (it died) or refused (503) goes again with the
-    same body and, with ``ids``, the same ``Idempotency-Key`` (so its lines keep their ids)."""
+def post_until_stopped(
+    url: str,
+    acknowledged: list[bytes],
+    stop: threading.Event,
+    tag: int,
+    *,
+    batch: int = 20,
+    pad: int = 0,
+) -> None:
+    """NDJSON requests of ``batch`` lines ``{"k":tag,"n":N}`` (with ``pad`` bytes of padding
+    each), one at a time, until ``stop`` is set or the gateway dies; remember what got a 202."""
+    padding = b',"pad":"%s"' % (b"x" * pad) if pad else b""
+    n = 0
+    with httpx.Client(timeout=5) as client:
+        while not stop.is_set():
+            lines = [b'{"k":%d,"n":%d%s}' % (tag, n + i, padding) for i in range(batch)]
+            n += batch
+            try:
+                response = client.post(
+                    url, content=b"\n".join(lines), headers={"Content-Type": "application/x-ndjson"}
+                )
+            except httpx.HTTPError:
+                return  # the gateway died with this request unanswered
+            if response.status_code == 202:
+                acknowledged.extend(lines)
 
-    def __init__(self, *, batch: int = 20, ids: bool = True) -> None:
-        self.batch = batch
-        self.ids = ids
-        self.acknowledged: list[bytes] = []
-        self.pending: tuple[str, list[bytes]] | None = None
-        self.sent = 0
 
-    def _post(self, client: httpx.Client, url: str) -> None:
-        if self.pending is None:
-            n = self.sent
-            self.sent += self.batch
-            self.pending = (f"k{n}", [b'{"n":%d}' % (n + i) for i in range(self.batch)])
-        key, lines = self.pending
-        headers = {"Content-Type": "application/x-ndjson"}
-        if self.ids:
-            headers["Idempotency-Key"] = key
-        response = client.post(url, content=b"\n".join(lines), headers=headers)
-        if response.status_code == 202:
-            self.acknowledged.extend(lines)
-            self.pending = None
+def free_port() -> int:
+    """A free TCP port on loopback, for a gateway that must come back on the port it had (a
+    restart under a client's feet); everything else binds port 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    def run(self, url: str, stop: threading.Event) -> None:
-        """Post until ``stop`` is set or the gateway dies (then ``pending`` waits for the
-        next :meth:`run` or :meth:`finish`)."""
-        with httpx.Client(timeout=5) as client:
-            while not stop.is_set():
-                try:
-                    self._post(client, url)
-                except httpx.HTTPError:
-                    return
 
-    def finish(self, url: str) -> None:
-        """Send the request the last crash left unanswered, until it is acknowledged."""
-        with httpx.Client(timeout=5) as client:
-            while self.pending is not None:
-                self._post(client, url)
+class SendProcess:
+    """``python -m trio_gateway send ARGS`` in the background: the retrying client of the chaos
+    test and ``bench.exactly_once`` (with ``--retries`` it rides out the gateway's restarts)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trio_gateway", "send", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+        )
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout: float = 60.0) -> tuple[int, str]:
+        """Wait for the end of the run: (exit status, its summary line and stderr)."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, out + err
+
+
+def kill_9_while_sending(
+    gateway: ServeProcess,
+    client: SendProcess,
+    *,
+    times: int,
+    moment: Callable[[ServeProcess, int], None],
+) -> ServeProcess:
+    """``kill -9`` the gateway and start it again with the same arguments (the same port),
+    ``times`` times while ``client`` runs; ``moment(gateway, restart)`` returns when it is time
+    to kill. Returns the gateway started last (running)."""
+    for restart in range(times):
+        if not client.running():
+            break
+        moment(gateway, restart)
+        gateway.stop(signal.SIGKILL)
+        gateway = type(gateway)(gateway.args)
+    return gateway

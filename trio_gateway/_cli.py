@@ -148,8 +148,9 @@ def _send_parser(commands: Any, full: bool) -> None:
         "--retries",
         type=int,
         metavar="N",
-        help="--http: send again what a 503 or 429 refused, after its Retry-After, up to N "
-        "times per request (0)",
+        help="--http/--ws/--grpc: send again what a refusal asked to resend later (503, 429, "
+        "UNAVAILABLE) or a lost connection left unacknowledged, reconnecting with backoff, up "
+        "to N times in a row without progress (0)",
     )
     send.add_argument(
         "--ids",
@@ -225,7 +226,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 _SEND_OPTIONS = (  # flag, its argparse dest, the transports it applies to
     ("--framing", "framing", ("tcp",)),
     ("--ndjson", "ndjson", ("http",)),
-    ("--retries", "retries", ("http",)),
+    ("--retries", "retries", ("http", "ws", "grpc")),
     ("--ids", "ids", ("http", "grpc")),
     ("--mode", "mode", ("grpc",)),
     ("--acks", "acks", ("ws",)),

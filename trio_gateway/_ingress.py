@@ -12,7 +12,7 @@ from ._budget import MemoryBudget
 from ._buffer import MessageBuffer
 from ._ledger import SourceCounters
 from ._message import Origin
-from ._receipts import Answer
+from ._receipts import Answer, Receipt
 from .queues import Queue
 
 __all__ = ("ACK_MODES", "Answer", "Ingress")
@@ -163,10 +163,12 @@ class Ingress:
         when the drain deadline passes. The messages still not queued then (or at any other
         cancellation) are counted as abandoned, and the cancellation goes on.
         """
-        done, ranges = await self._queue_waiting(payloads, origin, nbytes, ids)
-        if ranges:
-            return await self._queue.receipts.wait(ranges)
-        return done
+        done, receipt = await self._queue_waiting(payloads, origin, nbytes, ids)
+        if receipt is None:
+            return done
+        receipts = self._queue.receipts
+        receipts.close(receipt)
+        return await Answer(done, receipts, receipt).wait()
 
     async def offer_later(
         self,
@@ -180,13 +182,22 @@ class Ingress:
         :meth:`offer` does) and returns the :class:`Answer` to wait for, which waits for
         delivery (``ack = "delivered"``) or for the commit (a disk queue). A source that
         answers per read keeps reading meanwhile, several answers in flight (WebSocket)."""
-        done, ranges = await self._queue_waiting(payloads, origin, nbytes, ids)
-        return self._answer(done, ranges)
+        done, receipt = await self._queue_waiting(payloads, origin, nbytes, ids)
+        return self._answer(done, receipt)
 
-    def _answer(self, done: int, ranges: list[tuple[int, int]]) -> Answer:
+    def _receipt(self) -> Receipt | None:
+        """An open receipt for an offer's positions when its answer waits for their delivery
+        (``ack = "delivered"``): opened before the first put, so that what fails while the
+        offer waits for room to put the rest is recorded."""
+        return self._queue.receipts.open() if self.ack == "delivered" else None
+
+    def _answer(self, done: int, receipt: Receipt | None) -> Answer:
+        """The answer to an offer that put all it will (``receipt`` is closed here)."""
         buffer = self._queue
-        if ranges:
-            return Answer(done, buffer.receipts, buffer.receipts.register(ranges))
+        if receipt is not None:
+            buffer.receipts.close(receipt)
+            if receipt.ranges:
+                return Answer(done, buffer.receipts, receipt)
         mark = buffer.stored_mark
         if done and mark is not None:
             return Answer(done, buffer.receipts, stored=partial(buffer.wait_stored, mark))
@@ -198,50 +209,53 @@ class Ingress:
         origin: Origin,
         nbytes: int | None,
         ids: Sequence[str] | None,
-    ) -> tuple[int, list[tuple[int, int]]]:
-        """:meth:`offer` up to its answer: how many are queued, and their positions when
-        the answer waits for their delivery."""
+    ) -> tuple[int, Receipt | None]:
+        """:meth:`offer` up to its answer: how many are queued, and the open receipt of their
+        positions when the answer waits for their delivery (for :meth:`_answer`)."""
         done = 0
-        ranges: list[tuple[int, int]] = []
         if not payloads:
-            return done, ranges
+            return done, None
         self._count(payloads, nbytes)
         buffer = self._queue
+        receipt = self._receipt()
         try:
-            done = self._put(payloads, origin, True, ranges, ids)
+            done = self._put(payloads, origin, True, receipt, ids)
             if done < len(payloads) and buffer.policy == "block":
                 while done < len(payloads):
                     await buffer.queue.wait_not_full()
-                    done += self._put(payloads[done:], origin, True, ranges, ids, done)
+                    done += self._put(payloads[done:], origin, True, receipt, ids, done)
         except trio.ClosedResourceError:
             self.counters.abandoned += len(payloads) - done
-        except trio.Cancelled:
-            if self._stopping.is_set():
+        except BaseException as exc:
+            if receipt is not None:
+                buffer.receipts.forget(receipt)  # no answer: the offer raises
+            if isinstance(exc, trio.Cancelled) and self._stopping.is_set():
                 done += await self._wait_until_drain_deadline(payloads, done, origin, ids)
             self.counters.abandoned += len(payloads) - done
             raise
-        except BaseException:
-            self.counters.abandoned += len(payloads) - done
-            raise
-        return done, ranges
+        return done, receipt
 
     def _put(
         self,
         payloads: Sequence[bytes],
         origin: Origin,
         drop: bool,
-        ranges: list[tuple[int, int]],
+        receipt: Receipt | None,
         ids: Sequence[str] | None = None,
         first: int = 0,
     ) -> int:
-        """``put_many_nowait``, noting the positions taken when the answer waits for them.
+        """``put_many_nowait``, noting the positions taken in ``receipt`` when the answer
+        waits for them.
 
         ``payloads`` are the offer's from its ``first``, whose id is ``ids[first]``."""
         buffer = self._queue
         done = _put_many(buffer, payloads, origin, ids, first, drop)
-        if done and self.ack == "delivered":
-            end = buffer.end_position
-            ranges.append((end - done, end))
+        if receipt is not None:
+            if done < len(payloads) and buffer.policy == "drop_oldest":
+                receipt.lost(len(payloads) - done)  # its head made room for its tail
+            if done:
+                end = buffer.end_position
+                receipt.add(end - done, end)
         return done
 
     async def _wait_until_drain_deadline(
@@ -288,11 +302,11 @@ class Ingress:
         """:meth:`offer_or_reject` without waiting for the answer (see :meth:`offer_later`)."""
         buffer = self._queue
         done = 0
-        ranges: list[tuple[int, int]] = []
         if not payloads:
-            return self._answer(done, ranges)
+            return self._answer(done, None)
+        receipt = self._receipt()
         try:
-            done = self._put(payloads, origin, False, ranges, ids)
+            done = self._put(payloads, origin, False, receipt, ids)
             if done < len(payloads) and buffer.policy == "drop_oldest":
                 # A batch longer than the queue: the queue took all of it and dropped its head
                 # as the oldest (counted there), so all of it was received, none refused.
@@ -301,16 +315,20 @@ class Ingress:
                 with trio.move_on_after(timeout):
                     while done < len(payloads):
                         await buffer.queue.wait_not_full()
-                        done += self._put(payloads[done:], origin, False, ranges, ids, done)
+                        done += self._put(payloads[done:], origin, False, receipt, ids, done)
         except trio.ClosedResourceError:
             pass
+        except BaseException:
+            if receipt is not None:
+                buffer.receipts.forget(receipt)  # no answer: the offer raises
+            raise
         finally:
             counters = self.counters
             counters.received += done
             counters.received_bytes += sum(map(len, payloads[:done]))
             if done < len(payloads):
                 counters.rejected["queue_full"] += len(payloads) - done
-        return self._answer(done, ranges)
+        return self._answer(done, receipt)
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count ``count`` messages (or connections) refused for ``reason``.

@@ -3,7 +3,9 @@
 The first gateway's sink is an HTTP destination that answers 503 to everything, so every
 message it acknowledges (HTTP 202) is still in its queue when it is killed with SIGKILL. The
 second gateway opens the same directory with a file sink: every acknowledged message must
-reach the file, and its ledger must count them as ``recovered``.
+reach the file, and its ledger must count them as ``recovered``. Then ``kill -9`` in the
+middle of a stream of 4 KiB messages while the gateway delivers (runs committed, settled and
+deleted as it is killed).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ServeProcess, ledger_of, read_payloads, wait_until_sync
+from helpers import (
+    ServeProcess,
+    ledger_of,
+    post_until_stopped,
+    read_payloads,
+    wait_until_sync,
+)
 
 
 class _Refusing(BaseHTTPRequestHandler):
@@ -117,3 +125,38 @@ def test_a_stop_keeps_what_the_sink_could_not_take_for_the_next_start(
     assert ledger["kept"] == 5
     assert ledger["abandoned"] == 0
     assert ledger["balanced"] is True
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stream_loses_no_acknowledged_message(
+    tmp_path: Path, serve: type[ServeProcess]
+) -> None:
+    """The gateway delivers (the file sink) while it takes more. Killed once 40 MB were
+    acknowledged, then restarted: every acknowledged message is in the file (a batch in the
+    sink's hands when it died may come twice)."""
+    out = tmp_path / "out.jsonl"
+    args = ["--http", "127.0.0.1:0", "--queue", f"disk:{tmp_path / 'queue'}"]
+    args += ["--sink", f"file:{out}"]
+    first = serve(args)
+    acknowledged: list[bytes] = []
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{first.port('http')}/ingest"
+    client = threading.Thread(
+        target=post_until_stopped,
+        args=(url, acknowledged, stop, 0),
+        kwargs={"batch": 100, "pad": 4096},
+    )
+    client.start()
+    try:
+        wait_until_sync(lambda: len(acknowledged) >= 10_000, what="40 MB acknowledged", timeout=60)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.communicate()
+    finally:
+        stop.set()
+        client.join()
+    second = serve(args)
+    wanted = set(acknowledged)
+    wait_until_sync(lambda: wanted <= set(read_payloads(out)), what="redelivery", timeout=60)
+    code, stderr = second.stop()
+    assert code == 0, stderr
+    assert ledger_of(stderr)["balanced"] is True

@@ -3,12 +3,16 @@ many clients sharing one confirmation, and a negative answer for what fails for 
 
 from __future__ import annotations
 
+import queue
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import httpx
 import pytest
 import trio
+from helpers import wait_until
 
 from trio_gateway import (
     Batch,
@@ -16,11 +20,13 @@ from trio_gateway import (
     Gateway,
     GrpcSource,
     HttpSource,
+    RingBuffer,
     SinkRefused,
     TcpSource,
 )
 from trio_gateway._proto import gateway_pb2
 from trio_gateway.sinks import Sink
+from trio_gateway.sources import _flight
 
 
 class GatedSink(Sink):
@@ -128,3 +134,124 @@ async def test_grpc_bidi_acks_wait_for_the_sink_and_refusals_are_negative() -> N
     delivered = {int(p.split(b"-")[1]) for batch in sink.batches for p in batch}
     assert accepted <= delivered
     assert gateway.ledger.delivered == 40 and gateway.ledger.dropped["refused"] == 10
+
+
+class RefusesFirstBatch(Sink):
+    """Refuses every message of the first batch it is sent; delivers the others."""
+
+    name = "refuses-first"
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+
+    async def send(self, batch: Batch) -> None:
+        self.batches.append(list(batch.payloads))
+        if len(self.batches) == 1:
+            raise SinkRefused("refused", indices=range(len(batch)), reason="test")
+
+
+async def test_a_failure_settled_while_a_batch_waits_for_room_is_a_negative_answer() -> None:
+    # An NDJSON batch of 10 into a queue of 4 (block): 4 go in, the offer waits for room; the
+    # sink refuses that first batch while the rest is still being put. Those 4 failed: the
+    # client must not be told all 10 were delivered.
+    sink = RefusesFirstBatch()
+    gateway = Gateway(
+        sources=[HttpSource(port=0, queue_wait=10.0)],
+        sink=sink,
+        queue=RingBuffer(4),
+        ack="delivered",
+        batch_size=4,
+    )
+    body = b"".join(b'{"n":%d}\n' % i for i in range(10))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            url = f"http://{address[0]}:{address[1]}/ingest"
+            async with httpx.AsyncClient() as client:
+                response = await client.post(
+                    url, content=body, headers={"content-type": "application/x-ndjson"}
+                )
+            gateway.shutdown()
+    assert response.status_code == 503
+    assert response.json()["accepted"] == 0  # the first 4 failed: nothing is acknowledged
+    assert sink.batches[0] == [b'{"n":%d}' % i for i in range(4)]
+    assert gateway.ledger.dropped["refused"] == 4 and gateway.ledger.delivered == 6
+    assert gateway.ledger.balanced
+
+
+class BidiClient:
+    """A grpcio ``StreamAcked`` call in a thread, whose messages the test releases one at a
+    time (:meth:`send`), so that each is a read of its own."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.acks: list[Any] = []
+
+    def run(self) -> None:
+        def messages() -> Iterator[Any]:
+            while (message := self.requests.get()) is not None:
+                yield message
+
+        with grpc.insecure_channel(self.target) as channel:
+            acked = channel.stream_stream(
+                "/trio_gateway.v1.Gateway/StreamAcked",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=gateway_pb2.Ack.FromString,
+            )
+            self.acks = list(acked(messages(), timeout=15))
+
+    async def send(self, gateway: Gateway, payloads: list[bytes], first: int = 0) -> None:
+        """Each message read by the gateway before the next is released."""
+        for sequence, payload in enumerate(payloads, first):
+            received = gateway.ledger.received
+            self.requests.put(gateway_pb2.Message(payload=payload, sequence=sequence))
+            await wait_until(lambda: gateway.ledger.received > received)  # noqa: B023
+
+
+@asynccontextmanager
+async def bidi_gateway() -> AsyncIterator[tuple[Gateway, GatedSink, BidiClient]]:
+    sink = GatedSink()
+    gateway = Gateway(sources=[GrpcSource(port=0)], sink=sink, ack="delivered")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            client = BidiClient(f"{address[0]}:{address[1]}")
+            async with trio.open_nursery() as clients:
+                clients.start_soon(trio.to_thread.run_sync, client.run)
+                yield gateway, sink, client
+                client.requests.put(None)  # the client is done
+            gateway.shutdown()
+
+
+async def test_grpc_bidi_reads_go_on_while_earlier_ones_wait_for_delivery() -> None:
+    payloads = [b"ok-0", b"ok-1", b"bad-2", b"ok-3", b"ok-4"]
+    async with bidi_gateway() as (gateway, sink, client):
+        # The sink holds the first batch: before, the stream was not read again until that
+        # read was delivered; now every message is read (and queued) meanwhile.
+        await client.send(gateway, payloads)
+        assert gateway.ledger.received == 5 and not sink.batches
+        held = gateway.budget.statistics().connections
+        assert held >= 4 * _flight.HELD_PER_READ  # the acks owed are charged to the budget
+        sink.gate.set()
+    assert [a.sequence for a in client.acks] == list(range(5))  # in order
+    assert [a.accepted for a in client.acks] == [True, True, False, True, True]
+    assert client.acks[2].reason == "queue_full"  # refused for good: a negative ack
+    assert gateway.budget.statistics().connections == 0
+    assert gateway.ledger.delivered == 4 and gateway.ledger.dropped["refused"] == 1
+    assert gateway.ledger.balanced
+
+
+async def test_what_a_grpc_bidi_stream_holds_in_flight_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_flight, "MAX_IN_FLIGHT", 3)
+    async with bidi_gateway() as (gateway, sink, client):
+        await client.send(gateway, [b"m0", b"m1", b"m2"])
+        for sequence in (3, 4):
+            client.requests.put(gateway_pb2.Message(payload=b"m%d" % sequence, sequence=sequence))
+        await trio.sleep(0.2)
+        assert gateway.ledger.received == 3  # three await delivery: reading waits
+        sink.gate.set()
+    assert [(a.sequence, a.accepted) for a in client.acks] == [(s, True) for s in range(5)]
+    assert gateway.ledger.delivered == 5 and gateway.ledger.balanced

@@ -6,9 +6,11 @@ once there is room. Real sockets, port 0."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import helpers
 import httpx
@@ -17,8 +19,10 @@ import trio
 from helpers import WS_HANDSHAKE, wait_until, ws_client_frame
 
 import trio_gateway._budget
-from trio_gateway import HttpSource, TcpSource
+from trio_gateway import GrpcSource, HttpSource, TcpSource
 from trio_gateway._budget import MemoryBudget
+from trio_gateway._proto import gateway_pb2
+from trio_gateway.sources._http2 import OVER_BUDGET
 from trio_gateway.sources.websocket import WebSocketSource
 
 MiB = 1 << 20
@@ -233,3 +237,113 @@ async def test_websocket_closes_1013_over_the_budget(fragmented: bool) -> None:
         await wait_until(lambda: counters.connections_active == 0)
         assert budget.held == charged  # the connection's share was released
         await stream.aclose()
+
+
+class Http2Client:
+    """An h2 client on a socket, for what it reads back: answers and the GOAWAY."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        self.h2.initiate_connection()
+        self.ended: set[int] = set()
+        self.goaway: h2.events.ConnectionTerminated | None = None
+
+    async def send(self) -> None:
+        await self.stream.send_all(self.h2.data_to_send())
+
+    async def read_until(self, done: Callable[[], bool]) -> None:
+        with trio.fail_after(5):
+            while not done():
+                data = await self.stream.receive_some(65536)
+                assert data, "closed before that"
+                for event in self.h2.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):
+                        self.ended.add(event.stream_id)
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        self.goaway = event
+                await self.send()  # its SETTINGS ack, WINDOW_UPDATEs
+
+
+async def cut_for_a_new_request(budget: MemoryBudget, http: helpers.ServedSource) -> None:
+    """Fill the held pool, then make an HTTP/1.1 request that needs room: the connection that
+    has held bytes longest is cut (``over_budget_evicted``) for it."""
+    batch = budget.pool - budget.held  # as if the sink held a batch that large
+    budget.charge(batch)
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(http.url, content=b"good")).status_code == 202
+    budget.release(batch)
+
+
+def assert_told_why(client: Http2Client, last_stream_id: int) -> None:
+    goaway = client.goaway
+    assert goaway is not None, "closed without a GOAWAY"
+    assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway.last_stream_id == last_stream_id
+    assert goaway.additional_data == OVER_BUDGET
+    assert b"over_budget_evicted" in OVER_BUDGET
+
+
+async def test_a_budget_cut_http2_connection_is_told_why_in_a_goaway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(trio_gateway._budget, "EVICT_HOLDER_AFTER", 0.0)  # not a second
+    async with helpers.serving(HttpSource) as run:
+        budget = run.ingress.budget = MemoryBudget(64 * MiB)
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/ingest")]
+        headers.append((":authority", "x"))
+        async with await trio.open_tcp_stream(*run.source.bound[0]) as stream:
+            client = Http2Client(stream)
+            client.h2.send_headers(1, headers)
+            client.h2.send_data(1, b"whole", end_stream=True)
+            await client.send()
+            await client.read_until(lambda: 1 in client.ended)
+            client.h2.send_headers(3, headers)
+            client.h2.send_data(3, b"stalled" * 1000)  # a body that never ends
+            await client.send()
+            await wait_until(lambda: budget.connections_held == 7000)
+            await cut_for_a_new_request(budget, run)
+            await client.read_until(lambda: client.goaway is not None)
+            assert_told_why(client, last_stream_id=3)
+            with trio.fail_after(5):
+                while await stream.receive_some(65536):
+                    pass  # then closed
+        counters = run.ingress.counters
+        assert counters.rejected["over_budget_evicted"] == 1 and counters.received == 2
+        assert run.payloads() == [b"whole", b"good"]
+        await wait_until(lambda: budget.held == 0)
+
+
+async def test_a_budget_cut_grpc_connection_is_told_why_in_a_goaway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(trio_gateway._budget, "EVICT_HOLDER_AFTER", 0.0)
+    budget = MemoryBudget(64 * MiB)
+    async with helpers.serving(GrpcSource) as grpc, helpers.serving(HttpSource) as http:
+        grpc.ingress.budget = http.ingress.budget = budget
+        headers = [(":method", "POST"), (":scheme", "http"), (":authority", "x")]
+        headers += [("content-type", "application/grpc"), ("te", "trailers")]
+        send = [(":path", "/trio_gateway.v1.Gateway/Send"), *headers]
+        message = gateway_pb2.Message(payload=b"whole").SerializeToString()
+        async with await trio.open_tcp_stream(*grpc.source.bound[0]) as stream:
+            client = Http2Client(stream)
+            client.h2.send_headers(1, send)
+            client.h2.send_data(1, len(message).to_bytes(5, "big") + message, end_stream=True)
+            await client.send()
+            await client.read_until(lambda: 1 in client.ended)
+            client.h2.send_headers(3, send)
+            # A message of 100,000 bytes of which 30,000 come: partial, held.
+            client.h2.send_data(3, (100_000).to_bytes(5, "big") + b"x" * 30_000)
+            await client.send()
+            await wait_until(lambda: budget.connections_held >= 30_000)
+            await cut_for_a_new_request(budget, http)
+            await client.read_until(lambda: client.goaway is not None)
+            assert_told_why(client, last_stream_id=3)
+            with trio.fail_after(5):
+                while await stream.receive_some(65536):
+                    pass
+        assert grpc.ingress.counters.rejected["over_budget_evicted"] == 1
+        assert grpc.payloads() == [b"whole"] and http.payloads() == [b"good"]
+        await wait_until(lambda: budget.held == 0)

@@ -3,7 +3,6 @@ the server, and a connection that died while the sink was idle (real nats-server
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ from trio_gateway.sinks import NatsSink
 from trio_gateway.sinks import _nats as nats_sink_module
 
 ORIGIN = Origin("tcp", "tcp:127.0.0.1:7000", "127.0.0.1:5000", 1700000000.25)
-
-
-@pytest.fixture
-def password_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path, args=("--user", "alice", "--pass", "s3cret"))
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_user_and_password_are_sent_and_a_wrong_one_is_refused(

@@ -15,9 +15,10 @@ from test_websocket_acks import raw_client, settle
 from websockets.client import ClientProtocol
 from websockets.frames import Frame
 
-from trio_gateway import Batch, Gateway, SinkRefused, WebSocketSource
+from trio_gateway import Batch, Gateway, RingBuffer, SinkRefused, WebSocketSource
+from trio_gateway.queues import Queue
 from trio_gateway.sinks import Sink
-from trio_gateway.sources import _wsack
+from trio_gateway.sources import _flight
 
 
 class GatedSink(Sink):
@@ -38,9 +39,11 @@ class GatedSink(Sink):
 
 
 @asynccontextmanager
-async def delivered_gateway() -> AsyncIterator[tuple[Gateway, GatedSink, str]]:
+async def delivered_gateway(
+    queue: Queue[bytes] | None = None,
+) -> AsyncIterator[tuple[Gateway, GatedSink, str]]:
     sink = GatedSink()
-    gateway = Gateway(sources=[WebSocketSource(port=0)], sink=sink, ack="delivered")
+    gateway = Gateway(sources=[WebSocketSource(port=0)], sink=sink, queue=queue, ack="delivered")
     async with trio.open_nursery() as nursery:
         ((address,),) = await nursery.start(gateway.run)
         yield gateway, sink, f"ws://{address[0]}:{address[1]}/"
@@ -85,10 +88,26 @@ async def test_reads_go_on_while_earlier_ones_wait_for_delivery_and_acks_stay_in
     assert sink.delivered == [b"m1", b"m2", b"m4", b"m5"]
 
 
+async def test_a_refusal_is_a_negative_ack_under_drop_oldest_too() -> None:
+    # drop_oldest takes every read whole, but with ack = "delivered" what the sink refused
+    # was not delivered: its ack is negative all the same.
+    messages = [b"m1", b"bad2", b"m3"]
+    with trio.fail_after(20):
+        async with delivered_gateway(RingBuffer(100, policy="drop_oldest")) as (gw, sink, url):
+            sink.gate.set()
+            stream, protocol = await raw_client(url)
+            await send_one_by_one(gw, stream, protocol, messages)
+            acks = await read_acks(stream, protocol, len(messages))
+            await stream.aclose()
+    assert settle(acks) == (3, {2: "queue_full"})
+    assert sink.delivered == [b"m1", b"m3"]
+    assert gw.ledger.dropped["refused"] == 1 and gw.ledger.balanced
+
+
 async def test_what_awaits_delivery_per_connection_is_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_wsack, "MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr(_flight, "MAX_IN_FLIGHT", 3)
     with trio.fail_after(20):
         async with delivered_gateway() as (gateway, sink, url):
             stream, protocol = await raw_client(url)

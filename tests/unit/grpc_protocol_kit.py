@@ -13,8 +13,9 @@ from grpclib.const import Cardinality, Handler
 
 from trio_gateway._proto import gateway_pb2
 from trio_gateway.sources.grpc._calls import Call, CallChanged
+from trio_gateway.sources.grpc._events import CallStarted, Event
 from trio_gateway.sources.grpc._limits import ServerLimits
-from trio_gateway.sources.grpc._protocol import CallStarted, Event, GrpcProtocol
+from trio_gateway.sources.grpc._protocol import GrpcProtocol
 
 SEND = "/trio_gateway.v1.Gateway/Send"
 STREAM = "/trio_gateway.v1.Gateway/Stream"

@@ -27,19 +27,18 @@ from hyperframe.frame import Frame, GoAwayFrame, PingFrame
 
 from trio_gateway._proto import gateway_pb2
 from trio_gateway.sources.grpc._calls import Call
-from trio_gateway.sources.grpc._limits import ServerLimits
-from trio_gateway.sources.grpc._protocol import (
-    DRAIN_PING,
-    MAX_STREAM_ID,
+from trio_gateway.sources.grpc._events import (
     CallStarted,
     ConnectionBroken,
     PeerGoingAway,
     PingAcked,
     WindowOpened,
 )
+from trio_gateway.sources.grpc._limits import ServerLimits
+from trio_gateway.sources.grpc._protocol import DRAIN_PING, MAX_STREAM_ID
 
 PACKAGE = Path(__file__).resolve().parents[2] / "trio_gateway"
-SANS_IO = ("grpc/_protocol", "grpc/_calls", "grpc/_limits", "_http2")
+SANS_IO = ("grpc/_protocol", "grpc/_events", "grpc/_calls", "grpc/_limits", "_http2")
 """The sans-IO modules under ``trio_gateway/sources``: the gRPC layer and the HTTP/2 one."""
 
 

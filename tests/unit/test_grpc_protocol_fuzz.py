@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 
 from trio_gateway._proto import gateway_pb2
 from trio_gateway.sources.grpc._calls import CallChanged
+from trio_gateway.sources.grpc._events import CallStarted, ConnectionBroken
 from trio_gateway.sources.grpc._limits import ServerLimits
-from trio_gateway.sources.grpc._protocol import CallStarted, ConnectionBroken, GrpcProtocol
+from trio_gateway.sources.grpc._protocol import GrpcProtocol
 
 LIMITS = ServerLimits(
     max_message_size=64,

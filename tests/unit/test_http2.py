@@ -20,6 +20,7 @@ from trio_gateway.sources._http2 import (
     END_STREAM,
     GOAWAY,
     HEADERS,
+    OVER_BUDGET,
     PADDED,
     PING,
     PREFACE,
@@ -373,6 +374,16 @@ def test_unknown_frames_and_priority_are_ignored_goaway_reported() -> None:
         + frame(GOAWAY, 0, 0, struct.pack(">LL", 1, 0))
     )
     assert rec.heard == [("goaway", 1)] and h2.output == bytearray()
+
+
+def test_our_goaway_carries_its_debug_data() -> None:
+    h2, rec = server()
+    opened(h2, rec, 1, 3)
+    h2.output.clear()
+    h2.goaway(h2.highest_stream_id, ErrorCode.ENHANCE_YOUR_CALM, OVER_BUDGET)
+    ((kind, flags, stream_id, payload),) = parse(h2.output)
+    assert (kind, flags, stream_id) == (GOAWAY, 0, 0)
+    assert payload == struct.pack(">LL", 3, ErrorCode.ENHANCE_YOUR_CALM) + OVER_BUDGET
 
 
 def test_a_frame_over_our_max_frame_size_is_refused_from_its_header() -> None:

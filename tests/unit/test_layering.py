@@ -73,7 +73,6 @@ LAYERS: dict[str, Layer] = {
     # import each other
     "sources": layer(
         "_budget",
-        "_asyncio_thread",
         "_errors",
         "_h11server",
         "_http1",
@@ -87,33 +86,56 @@ LAYERS: dict[str, Layer] = {
         "codecs",
         "sources._http2",
         "sources.grpc._calls",
+        "sources.grpc._events",
         "sources.grpc._limits",
         "sources.grpc._protocol",
+        "sources.http._h2answers",
+        # the NATS client the NATS sink had first (the NATS source shares it)
+        "sinks._nats_conn",
+        "sinks._nats_protocol",
+        "sinks._nats_url",
     ),
     # the server side of HTTP/2, sans-IO: fed bytes, tested with bytes alone; under the gRPC
     # server and the HTTP source's HTTP/2 path (their Trio I/O is around it)
     "sources._http2": layer(sans_io=True),
+    # the HTTP source's HTTP/2 answers and their writer: the HTTP/2 layer and the stream, no
+    # ingress, budget or queue (those are the reading half's, sources.http._h2)
+    "sources.http._h2answers": layer("sources", "sources._http2"),
     # the gRPC server's sans-IO gRPC layer on it; the Trio I/O (sources.grpc._connection,
     # _stream, _server) is around it
     "sources.grpc._limits": layer(sans_io=True),
     "sources.grpc._calls": layer(
         "_errors", "codecs", typing=("sources.grpc._protocol",), sans_io=True
     ),
+    # what the gRPC layer reports: the events it returns and the error it raises
+    "sources.grpc._events": layer("_errors", "sources.grpc._calls", sans_io=True),
     "sources.grpc._protocol": layer(
-        "_errors",
         "_wire",
         "sources._http2",
         "sources.grpc._calls",
+        "sources.grpc._events",
         "sources.grpc._limits",
         sans_io=True,
     ),
     "sinks": layer(
-        "_errors", "_frames", "_log", "_message", "_secrets", "codecs", "sinks._nats_protocol"
+        "_errors",
+        "_frames",
+        "_log",
+        "_message",
+        "_secrets",
+        "codecs",
+        "sinks._nats_conn",
+        "sinks._nats_protocol",
+        "sinks._nats_url",
     ),
-    # the NATS client protocol the NATS sink speaks on a Trio socket
+    # the NATS client, beside the sink that had it first and shared with the NATS source:
+    # the protocol (sans-IO), the URL and its credentials, a connection on a Trio socket
     "sinks._nats_protocol": layer(sans_io=True),
-    # an asyncio loop in a thread (nats-py under Trio), for the NATS source
-    "_asyncio_thread": layer("_errors"),
+    "sinks._nats_url": layer("_errors", "_secrets"),
+    "sinks._nats_auth": layer("sinks._nats_protocol", "sinks._nats_url"),
+    "sinks._nats_conn": layer(
+        "_log", "sinks._nats_auth", "sinks._nats_protocol", "sinks._nats_url"
+    ),
     # sending a batch under the retry policy (the pump and each fan-out branch)
     "_retry": layer("_errors", "_log"),
     # SIGINT/SIGTERM -> shutdown, then abort (a gateway alone, or pipelines)
@@ -163,17 +185,20 @@ LAYERS: dict[str, Layer] = {
     # building a gateway from TOML and flags
     "_config": layer(
         "_errors",
-        "_fanout",
         "_gateway",
         "_names",
-        "_pipelines",
-        "_routing",
         "_secrets",
         "_wire",
         "admin",
         "queues",
         "sinks",
         "sources",
+        typing=("_config._pipelines",),
+    ),
+    # named pipelines from a config, of the same parts: the one builder that knows routes
+    # between pipelines and fan-out
+    "_config._pipelines": layer(
+        "_config", "_errors", "_fanout", "_gateway", "_pipelines", "_routing", "sinks"
     ),
     # several worker processes, each running a configured gateway
     "workers": layer(

@@ -15,6 +15,7 @@ from trio_gateway.loadgen import (
     send_websocket,
 )
 from trio_gateway.loadgen._http import retry_after
+from trio_gateway.loadgen._resend import backoff
 
 
 def test_payloads_are_exact_size_and_valid_json() -> None:
@@ -39,6 +40,34 @@ def test_summary_line_and_exit_rule() -> None:
     assert SendSummary(10, 180, 0.5).all_accepted
 
 
+def test_summary_line_says_what_retries_resent_and_gave_up() -> None:
+    summary = SendSummary(
+        100,
+        1800,
+        0.5,
+        accepted=90,
+        rejected={"connection lost": 10},
+        resent=30,
+        resent_after_loss=20,
+        reconnects=2,
+        given_up=10,
+    )
+    assert summary.line().endswith(
+        "accepted 90, rejected 10 (connection lost: 10); "
+        "resent 30 (10 after a refusal, 20 after a lost connection); "
+        "reconnected 2 times; gave up on 10"
+    )
+    once = SendSummary(5, 90, 0.5, accepted=5, resent=5, resent_after_loss=5, reconnects=1)
+    assert once.all_accepted
+    assert once.line().endswith("resent 5 (5 after a lost connection); reconnected 1 time")
+
+
+def test_reconnect_backoff_doubles_to_five_seconds_with_jitter() -> None:
+    for tries, ceiling in ((1, 0.1), (2, 0.2), (4, 0.8), (7, 5.0), (30, 5.0)):
+        for _ in range(20):
+            assert ceiling / 2 <= backoff(tries) <= ceiling
+
+
 def test_retry_after_is_read_as_seconds_only() -> None:
     assert retry_after([(b"retry-after", b"3")]) == 3.0
     assert retry_after([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
@@ -58,7 +87,7 @@ async def test_bad_urls_name_the_flag() -> None:
     ("args", "flag"),
     [
         (["--tcp", "127.0.0.1:1", "--ndjson", "5"], "--ndjson"),
-        (["--ws", "ws://127.0.0.1:1/", "--retries", "3"], "--retries"),
+        (["--tcp", "127.0.0.1:1", "--retries", "3"], "--retries"),  # no acks: nothing to resend
         (["--http", "http://127.0.0.1:1/", "--retries", "-1"], "--retries"),
         (["--http", "http://127.0.0.1:1/", "--mode", "bidi"], "--mode"),
         (["--udp", "127.0.0.1:1", "--token", "x"], "--token"),

@@ -71,16 +71,18 @@ async def test_a_write_cut_short_gives_up_the_connection() -> None:
     import trio.testing
 
     from trio_gateway import Batch, Origin
-    from trio_gateway.sinks._nats import _Connection
+    from trio_gateway.sinks._nats_conn import NatsConnection
     from trio_gateway.sinks._nats_protocol import Info, NatsParser
 
     client, server = trio.testing.lockstep_stream_pair()  # nobody reads: send_all waits
     sink = NatsSink("nats://127.0.0.1:4222/a")
-    conn = _Connection(client, NatsParser(), Info({}), "nats://127.0.0.1:4222", trio.current_time())
-    sink._conn = conn
+    conn = NatsConnection(
+        client, NatsParser(), Info({}), "nats://127.0.0.1:4222", trio.current_time()
+    )
+    sink._client.conn = conn
     with trio.move_on_after(0.05) as scope:
         await sink.send(Batch([b"x"], [(Origin("tcp", "t", "p", 1.0), 1)]))
-    assert scope.cancelled_caught and sink._conn is None
+    assert scope.cancelled_caught and sink._client.conn is None
     with pytest.raises(trio.ClosedResourceError):
         await client.send_all(b"more")
     await server.aclose()

@@ -6,7 +6,8 @@ Every error is a :class:`ConfigurationError` whose ``key`` names the setting to 
 * :mod:`._schema`: the dataclasses, the embedded defaults and the value parsers (no Trio);
 * :mod:`._toml`: a TOML file -> config; :mod:`._flags`: ``serve``'s flags on top of it;
 * :mod:`._build`: config -> the sources, queue, sink and :class:`Gateway` (loaded on first use,
-  so the command line starts without importing the servers);
+  so the command line starts without importing the servers); :mod:`._pipelines`: config ->
+  named :class:`Pipelines`, from the same parts;
 * :mod:`._describe`: a config as ``check-config`` prints it, secrets redacted.
 
 The TOML layout (every key optional; see docs/reference.md)::
@@ -81,12 +82,12 @@ if TYPE_CHECKING:
     from ._build import SINK_KINDS as SINK_KINDS
     from ._build import SOURCE_KINDS as SOURCE_KINDS
     from ._build import build_gateway as build_gateway
-    from ._build import build_pipelines as build_pipelines
     from ._build import build_queue as build_queue
     from ._build import build_sink as build_sink
     from ._build import build_source as build_source
     from ._build import checked_options as checked_options
     from ._build import load_processor as load_processor
+    from ._pipelines import build_pipelines as build_pipelines
 
 __all__ = (
     "DEFAULT_ADMIN",
@@ -115,10 +116,13 @@ __all__ = (
 )
 
 
+_BUILDERS = {"build_pipelines": "._pipelines"}
+"""Where each builder lives, if not in ``._build``."""
+
+
 def __getattr__(name: str) -> Any:
     # The builders (the names imported under TYPE_CHECKING above) import every source and
     # sink (hypercorn, h2, ...): loaded on first use.
-    build = importlib.import_module("._build", __name__)
-    if name.startswith("_") or name not in build.__all__:
+    if name.startswith("_") or name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(build, name)
+    return getattr(importlib.import_module(_BUILDERS.get(name, "._build"), __name__), name)

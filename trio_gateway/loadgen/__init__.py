@@ -28,6 +28,9 @@ protocol (refused, TLS mismatch, another protocol on the port, a ``404`` handsha
 :class:`~trio_gateway.TransportError` naming the likely cause (``_connect``); once it has
 answered, losing the connection means the gateway went away: the run stops, what was in flight
 and what was not sent count as ``connection lost``, and :attr:`SendSummary.stopped` says why.
+With ``retries`` (HTTP, WebSocket, gRPC) a connection instead reconnects with backoff and
+resends what was not acknowledged, so a run survives the gateway's restart (``_resend``); TCP
+and UDP have no acknowledgement to resend against.
 
 The names load lazily (PEP 562): ``send --help`` reads the plain values of ``_options``
 without importing h2, websockets or protobuf.

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -13,8 +14,9 @@ from .._errors import ConfigurationError, TransportError
 from .._proto import gateway_pb2
 from .._wire import GRPC_METHODS, IDEMPOTENCY_KEY
 from ._connect import Misdirected, Peer
-from ._h2 import CONNECTION_LOST, GrpcCall, grpc_connection, grpc_frame
-from ._options import DEFAULT_TIMEOUT, GRPC_MODES, check_common, check_ids
+from ._h2 import CONNECTION_LOST, GrpcCall, H2Client, grpc_connection, grpc_frame
+from ._options import DEFAULT_TIMEOUT, GRPC_MODES, check_common, check_ids, check_retries
+from ._resend import Resender
 from ._run import Run, SendSummary, make_payload, run_workers
 
 __all__ = ("send_grpc",)
@@ -47,6 +49,7 @@ async def send_grpc(
     step_timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int], None] | None = None,
     ids: str | None = None,
+    retries: int = 0,
 ) -> SendSummary:
     """Send ``count`` messages to the gateway's ``trio_gateway.v1.Gateway`` service.
 
@@ -59,9 +62,15 @@ async def send_grpc(
     metadata ``idempotency-key: {ids}:{n}``, a stream ``idempotency-key: {ids}`` (the gateway
     adds each message's ``sequence``). Running the same command again resends every message
     with the same id.
+
+    With ``retries``, a call refused ``UNAVAILABLE`` and the messages of a connection lost
+    before their acknowledgement (a ``Send`` unanswered, a stream's messages no ``Ack``
+    covered) are sent again, with the same ``sequence``, on a new connection after a backoff
+    (``_resend``), up to ``retries`` times in a row without progress.
     """
     check_common(count, size, concurrency, step_timeout, rate)
     check_ids(ids)
+    check_retries(retries)
     if mode not in GRPC_MODES:
         raise ConfigurationError("--mode", f"must be one of {', '.join(GRPC_MODES)}")
     if ssl_context is not None:
@@ -70,7 +79,7 @@ async def send_grpc(
     run = Run(count, size, rate=rate, progress=progress, progress_on_write=mode == "stream")
     message = gateway_pb2.Message
 
-    def frames(seqs: range) -> bytes:
+    def frames(seqs: Iterable[int]) -> bytes:
         return b"".join(
             grpc_frame(message(payload=make_payload(size, seq), sequence=seq)) for seq in seqs
         )
@@ -86,94 +95,126 @@ async def send_grpc(
             )
         return None
 
+    @asynccontextmanager
+    async def connection(resender: Resender) -> AsyncIterator[H2Client]:
+        """A connection that has answered: the run has reached the gateway (again, after a
+        lost connection: a reconnect)."""
+        async with grpc_connection(
+            peer, ssl_context=ssl_context, step_timeout=step_timeout, first=not run.reached
+        ) as conn:
+            run.reached = True
+            resender.connected()
+            yield conn
+
     async def unary() -> None:
+        resender = Resender(run, retries)
         seqs = run.claim(1)
+        again: bool | None = None  # sent before: after UNAVAILABLE (False), a loss (True)
         try:
             while seqs:
-                async with grpc_connection(
-                    peer,
-                    ssl_context=ssl_context,
-                    step_timeout=step_timeout,
-                    first=not run.reached,
-                ) as conn:
-                    run.reached = True
-                    while seqs and not conn.terminated:
-                        await run.pace(seqs.start)
-                        metadata = (
-                            () if ids is None else ((IDEMPOTENCY_KEY, f"{ids}:{seqs.start}"),)
-                        )
-                        call = conn.open_call(
-                            GRPC_METHODS["unary"],
-                            token=token,
-                            step_timeout=step_timeout,
-                            metadata=metadata,
-                        )
-                        try:
-                            with trio.fail_after(step_timeout):
-                                await call.send(frames(seqs), end=True)
-                        except trio.TooSlowError as exc:
-                            raise peer.error(f"no progress for {step_timeout:g} s") from exc
-                        status, replies = await _finish(call, peer, step_timeout)
-                        if error := failed(call):
-                            raise error
-                        if status == "UNAVAILABLE" and conn.terminated:
-                            break  # refused by a GOAWAY: resend on a new connection
-                        run.wrote(1)
-                        accepted = status == "OK" and bool(replies)
-                        if accepted:
-                            accepted = gateway_pb2.Ack.FromString(replies[0]).accepted
-                        run.accept(1 if accepted else 0)
-                        reason = status if status != "OK" else "not accepted"
-                        run.reject(reason, 0 if accepted else 1)
-                        seqs = run.claim(1)
+                try:
+                    async with connection(resender) as conn:
+                        while seqs and not conn.terminated:
+                            if again is None:
+                                await run.pace(seqs.start)
+                            else:
+                                resender.resending(1, after_loss=again)
+                            metadata = (
+                                () if ids is None else ((IDEMPOTENCY_KEY, f"{ids}:{seqs.start}"),)
+                            )
+                            call = conn.open_call(
+                                GRPC_METHODS["unary"],
+                                token=token,
+                                step_timeout=step_timeout,
+                                metadata=metadata,
+                            )
+                            try:
+                                with trio.fail_after(step_timeout):
+                                    await call.send(frames(seqs), end=True)
+                            except trio.TooSlowError as exc:
+                                raise peer.error(f"no progress for {step_timeout:g} s") from exc
+                            status, replies = await _finish(call, peer, step_timeout)
+                            if error := failed(call):
+                                raise error
+                            if status == "UNAVAILABLE" and conn.terminated:
+                                break  # refused by a GOAWAY: resend on a new connection
+                            if status == "UNAVAILABLE" and await resender.refused(1):
+                                again = False
+                                continue
+                            run.wrote(1)
+                            accepted = status == "OK" and bool(replies)
+                            if accepted:
+                                accepted = gateway_pb2.Ack.FromString(replies[0]).accepted
+                            run.accept(1 if accepted else 0)
+                            reason = status if status != "OK" else "not accepted"
+                            run.reject(reason, 0 if accepted else 1)
+                            resender.progress()
+                            again = None
+                            seqs = run.claim(1)
+                except TransportError as exc:
+                    if not await resender.lost(exc, len(seqs)):
+                        raise
+                    again = True
         except TransportError as exc:
             run.gone(exc, written=0, unsent=len(seqs))
 
     async def streaming(acked: bool) -> None:
+        """One call per connection. With ``retries``, a lost call's unacknowledged messages
+        go first on the next (in ``stream`` mode every message of the call: only its final
+        ``Ack`` settles them)."""
         per_write = run.chunk()
+        resender = Resender(run, retries)
         seqs = run.claim(per_write)
-        if not seqs:
-            return
-        written = answered = 0
-        try:
-            async with grpc_connection(
-                peer,
-                ssl_context=ssl_context,
-                step_timeout=step_timeout,
-                first=not run.reached,
-            ) as conn:
-                run.reached = True
-                method = GRPC_METHODS["bidi" if acked else "stream"]
+        again: list[int] = []  # sent on a lost call, unacknowledged: to send first
+        pending: dict[int, None] = {}  # handed to this call, unacknowledged (in order)
+
+        async def read_acks(call: GrpcCall) -> None:
+            while batch := await call.recv_batch():
+                for data in batch:
+                    ack = gateway_pb2.Ack.FromString(data)
+                    if ack.sequence not in pending:
+                        continue  # settled already
+                    del pending[ack.sequence]
+                    resender.progress()
+                    if ack.accepted:
+                        run.accept(1)
+                    else:
+                        run.reject(ack.reason or "not accepted", 1)
+
+        async def write(call: GrpcCall, chunk: Sequence[int]) -> bool:
+            """Hand ``chunk`` to the call (unacknowledged from then on); False if it is over."""
+            pending.update(dict.fromkeys(chunk))
+            with trio.fail_after(step_timeout):
+                return await call.send(frames(chunk))
+
+        async def one_call() -> tuple[str, list[bytes]]:
+            nonlocal seqs
+            async with connection(resender) as conn:
                 call = conn.open_call(
-                    method,
+                    GRPC_METHODS["bidi" if acked else "stream"],
                     token=token,
                     step_timeout=step_timeout,
                     metadata=() if ids is None else ((IDEMPOTENCY_KEY, ids),),
                 )
-
-                async def read_acks() -> None:
-                    nonlocal answered
-                    while batch := await call.recv_batch():
-                        for data in batch:
-                            ack = gateway_pb2.Ack.FromString(data)
-                            answered += 1
-                            if ack.accepted:
-                                run.accept(1)
-                            else:
-                                run.reject(ack.reason or "not accepted", 1)
-
                 async with trio.open_nursery() as nursery:
                     if acked:
-                        nursery.start_soon(read_acks)
+                        nursery.start_soon(read_acks, call)
                     try:
-                        while seqs:
-                            await run.pace(seqs.start)
-                            with trio.fail_after(step_timeout):
-                                if not await call.send(frames(seqs)):
-                                    break
-                            written += len(seqs)
-                            run.wrote(len(seqs))
-                            seqs = run.claim(per_write)
+                        while again or seqs:
+                            fresh = not again  # else first what a lost call left
+                            if fresh:
+                                await run.pace(seqs.start)
+                                chunk: Sequence[int] = seqs
+                                seqs = range(0)
+                                run.wrote(len(chunk))
+                            else:
+                                chunk = again[:per_write]
+                                del again[: len(chunk)]
+                                resender.resending(len(chunk), after_loss=True)
+                            if not await write(call, chunk):
+                                break
+                            if not (seqs or again):  # the next messages of the run
+                                seqs = run.claim(per_write)
                         else:
                             with trio.fail_after(step_timeout):
                                 await call.send(b"", end=True)
@@ -187,19 +228,37 @@ async def send_grpc(
                 status, replies = await _finish(call, peer, step_timeout)
                 if error := failed(call):
                     raise error
-        except TransportError as exc:
-            run.gone(exc, written=written - answered, unsent=len(seqs))
+                return status, replies
+
+        while seqs or again:
+            try:
+                status, replies = await one_call()
+            except TransportError as exc:
+                unsettled = len(pending) + len(again)
+                if not await resender.lost(exc, unsettled):
+                    run.gone(exc, written=unsettled, unsent=len(seqs))
+                    return
+                again[:0] = pending
+                pending.clear()
+                continue
+            unsettled = len(pending) + len(again)
+            if status == "OK" and not acked and replies:
+                ack = gateway_pb2.Ack.FromString(replies[-1])
+                run.accept(ack.accepted_count)
+                run.reject("dropped", ack.rejected_count)
+                unsettled = max(0, unsettled - ack.accepted_count - ack.rejected_count)
+            elif status == "UNAVAILABLE" and await resender.refused(unsettled):
+                again[:0] = pending
+                pending.clear()
+                continue
+            reason = "no ack" if status == "OK" else status
+            run.reject(reason, unsettled)
+            pending.clear()
+            again.clear()
+            run.reject_unsent(reason, len(seqs))
+            if status != "OK":
+                run.stop(status)
             return
-        if status == "OK" and not acked and replies:
-            ack = gateway_pb2.Ack.FromString(replies[-1])
-            run.accept(ack.accepted_count)
-            run.reject("dropped", ack.rejected_count)
-            answered = ack.accepted_count + ack.rejected_count
-        reason = "no ack" if status == "OK" else status
-        run.reject(reason, written - answered)
-        run.reject_unsent(reason, len(seqs))
-        if status != "OK":
-            run.stop(status)
 
     if mode == "unary":
         await run_workers(concurrency, unary)

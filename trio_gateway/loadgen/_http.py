@@ -29,7 +29,9 @@ from ._options import (
     answer_timeout,
     check_common,
     check_ids,
+    check_retries,
 )
+from ._resend import Resender
 from ._run import MAX_REPLY, READ_SIZE, USER_AGENT, Run, SendSummary, run_workers
 
 __all__ = ("retry_after", "send_http")
@@ -191,9 +193,11 @@ async def send_http(
 
     With ``retries``, what a ``503`` or ``429`` refused (for an NDJSON batch: the lines after
     the ones its body says were queued) is sent again after the answer's ``Retry-After``
-    (1 s without one, at most :data:`MAX_RETRY_WAIT`), up to ``retries`` times per request;
-    only what is still refused then counts as rejected. The run's first answer must come
-    within :data:`FIRST_ANSWER_TIMEOUT`: silence means another protocol on that port.
+    (1 s without one, at most :data:`MAX_RETRY_WAIT`), and a request whose connection was lost
+    before its answer is sent again on a new connection after a backoff (``_resend``), up to
+    ``retries`` times in a row without progress; only what is still refused or unanswered then
+    counts as rejected. The run's first answer must come within :data:`FIRST_ANSWER_TIMEOUT`:
+    silence means another protocol on that port.
 
     With ``ids``, each request carries ``Idempotency-Key: {ids}:{n}``, ``n`` the number of
     its first message in the run: message ``n`` gets the id ``{ids}:{n}``, an NDJSON line
@@ -201,8 +205,7 @@ async def send_http(
     Running the same command again resends every message with the same id."""
     check_common(count, size, concurrency, step_timeout, rate)
     check_ids(ids)
-    if retries < 0:
-        raise ConfigurationError("--retries", "must not be negative")
+    check_retries(retries)
     if ndjson is not None and ndjson < 1:
         raise ConfigurationError("--ndjson", "must be at least 1")
     target = _parse_http_url(url)
@@ -240,22 +243,37 @@ async def send_http(
     async def worker() -> None:
         conn: _HttpConnection | None = None
         payloads: list[bytes] = []
+        resender = Resender(run, retries)
         try:
             while seqs := run.claim(per_request):
                 await run.pace(seqs.start)
                 payloads = run.payloads(seqs)
                 run.wrote(len(payloads))
-                for attempt in range(retries + 1):
-                    if conn is None:
-                        stream = await connect(
-                            peer,
-                            ssl_context=context,
-                            step_timeout=step_timeout,
-                            first=not run.reached,
-                        )
-                        conn = _HttpConnection(stream, peer)
+                resender.progress()
+                again: bool | None = None  # sent before: after a refusal (False), a loss (True)
+                while payloads:
                     body = b"\n".join(payloads) + b"\n" if ndjson is not None else payloads[0]
-                    answer = await exchange(conn, body, seqs.stop - len(payloads))
+                    try:
+                        if conn is None:
+                            stream = await connect(
+                                peer,
+                                ssl_context=context,
+                                step_timeout=step_timeout,
+                                first=not run.reached,
+                            )
+                            conn = _HttpConnection(stream, peer)
+                            resender.connected()
+                        if again is not None:
+                            resender.resending(len(payloads), after_loss=again)
+                        answer = await exchange(conn, body, seqs.stop - len(payloads))
+                    except TransportError as exc:
+                        if conn is not None:
+                            await conn.aclose()
+                            conn = None
+                        if not await resender.lost(exc, len(payloads)):
+                            raise
+                        again = True
+                        continue
                     if answer.status in (404, 405):  # every message would meet it
                         raise Misdirected(
                             f"{peer.where}: POST {target.target.decode()} answered "
@@ -268,15 +286,18 @@ async def send_http(
                     accepted = _http_accepted(answer.status, answer.body, len(payloads))
                     run.accept(accepted)
                     payloads = payloads[accepted:]
+                    if accepted:
+                        resender.progress()
                     if not payloads:
                         break
-                    if answer.status not in (429, 503) or attempt == retries:
+                    wait = 1.0 if answer.retry_after is None else answer.retry_after
+                    if answer.status not in (429, 503) or not await resender.refused(
+                        len(payloads), min(wait, MAX_RETRY_WAIT)
+                    ):
                         run.reject(str(answer.status), len(payloads))
                         payloads = []
                         break
-                    run.resent += len(payloads)
-                    wait = 1.0 if answer.retry_after is None else answer.retry_after
-                    await trio.sleep(min(wait, MAX_RETRY_WAIT))
+                    again = False
         except TransportError as exc:
             run.gone(exc, written=len(payloads), unsent=0)
         finally:

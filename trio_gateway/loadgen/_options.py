@@ -18,6 +18,7 @@ __all__ = (
     "answer_timeout",
     "check_common",
     "check_ids",
+    "check_retries",
     "resolve_token",
 )
 
@@ -70,6 +71,12 @@ def check_ids(prefix: str | None) -> None:
             "--ids",
             f"must be 1 to {MAX_KEY_LENGTH - 24} visible ASCII characters (no quotes, no space)",
         )
+
+
+def check_retries(retries: int) -> None:
+    """``--retries N``: how many times in a row a message may be sent again (0: never)."""
+    if retries < 0:
+        raise ConfigurationError("--retries", "must not be negative")
 
 
 def resolve_token(value: str | None, *, key: str = "--token") -> str | None:

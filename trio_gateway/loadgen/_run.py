@@ -59,7 +59,16 @@ class SendSummary:
     """Messages refused, by reason: an HTTP status (``"503"``), a gRPC status name
     (``"RESOURCE_EXHAUSTED"``), a bidi ack's reason (``"queue_full"``), ``"close 1009"``."""
     resent: int = 0
-    """Messages sent again after a ``503`` or ``429`` (HTTP with ``retries``), each time."""
+    """Messages sent again (with ``retries``), each time: after a refusal that asks for it
+    (HTTP ``503``/``429``, gRPC ``UNAVAILABLE``) or after a lost connection."""
+    resent_after_loss: int = 0
+    """The part of ``resent`` sent again on a new connection because the old one was lost
+    before they were acknowledged (at-least-once: the gateway may have had them)."""
+    reconnects: int = 0
+    """Connections opened again after one was lost (with ``retries``)."""
+    given_up: int = 0
+    """Messages still refused or unacknowledged when their ``retries`` were spent (they are
+    also under ``rejected``, by their last reason)."""
     sent: int | None = None
     """Messages written, when fewer than ``messages`` (a refusal or the gateway's going away
     stopped the run first); ``None`` when every message was written."""
@@ -94,7 +103,16 @@ class SendSummary:
                 reasons = sorted(self.rejected.items(), key=lambda item: (-item[1], item[0]))
                 text += " (" + ", ".join(f"{reason}: {n}" for reason, n in reasons) + ")"
             if self.resent:
-                text += f"; resent {self.resent} after 503/429"
+                refused = self.resent - self.resent_after_loss
+                parts = [f"{refused} after a refusal"] if refused else []
+                if self.resent_after_loss:
+                    parts.append(f"{self.resent_after_loss} after a lost connection")
+                text += f"; resent {self.resent} ({', '.join(parts)})"
+            if self.reconnects:
+                times = "time" if self.reconnects == 1 else "times"
+                text += f"; reconnected {self.reconnects} {times}"
+            if self.given_up:
+                text += f"; gave up on {self.given_up}"
         if self.stopped is not None:
             text += f"; stopped: {self.stopped}"
         return text
@@ -125,6 +143,9 @@ class Run:
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.resent = 0
+        self.resent_after_loss = 0
+        self.reconnects = 0
+        self.given_up = 0
         self.stopped: str | None = None
         self.error: str | None = None
         self.reached = False
@@ -225,6 +246,9 @@ class Run:
             accepted=self.accepted,
             rejected=dict(self.rejected),
             resent=self.resent,
+            resent_after_loss=self.resent_after_loss,
+            reconnects=self.reconnects,
+            given_up=self.given_up,
             sent=self.written if self.written < self.count else None,
             stopped=self.error,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 from websockets.client import ClientProtocol
@@ -30,8 +30,17 @@ from websockets.uri import WebSocketURI, parse_uri
 from .._errors import ConfigurationError, ProtocolError, TransportError
 from .._wire import ACK_SUBPROTOCOL
 from ._connect import Peer, client_ssl_context, connect
-from ._options import DEFAULT_TIMEOUT, answer_timeout, check_common
-from ._run import MAX_REPLY, READ_SIZE, USER_AGENT, Run, SendSummary, run_workers
+from ._options import DEFAULT_TIMEOUT, answer_timeout, check_common, check_retries
+from ._resend import RETRYABLE_CLOSES, Resender
+from ._run import (
+    MAX_REPLY,
+    READ_SIZE,
+    USER_AGENT,
+    Run,
+    SendSummary,
+    make_payload,
+    run_workers,
+)
 
 __all__ = ("send_websocket",)
 
@@ -46,9 +55,10 @@ class _AckTally:
     past what was sent, ranges out of order) is a :class:`ProtocolError`.
     """
 
-    def __init__(self, run: Run, where: str) -> None:
+    def __init__(self, run: Run, where: str, progress: Callable[[], None]) -> None:
         self.run = run
         self.where = where
+        self.progress = progress  # called on every ack (``send --retries`` starts afresh)
         self.acked = 0
         self.sent = 0  # messages handed to the protocol so far
 
@@ -85,6 +95,7 @@ class _AckTally:
         for reason, n in counts.items():
             self.run.reject(reason, n)
         self.acked = acked
+        self.progress()
 
 
 class _WsConnection:
@@ -215,6 +226,7 @@ async def send_websocket(
     step_timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int], None] | None = None,
     acks: bool = False,
+    retries: int = 0,
 ) -> SendSummary:
     """Send ``count`` binary messages to ``url`` (``ws://`` or ``wss://``) on ``concurrency``
     connections, then close each cleanly and wait for the gateway's close (the receipt).
@@ -222,8 +234,15 @@ async def send_websocket(
     ``acks``: ask for acknowledgements (subprotocol ``trio-gateway.ack.v1``) and count what
     they say; a gateway that does not select it is a :class:`ProtocolError`. A handshake
     refused with a status other than ``401``/``403``/``429``/``503`` (a ``404``: a wrong
-    path) is a :class:`TransportError`: no message reached a WebSocket endpoint."""
+    path) is a :class:`TransportError`: no message reached a WebSocket endpoint.
+
+    With ``retries``, a handshake refused ``429``/``503``, a close ``1001``/``1012``/``1013``
+    and a lost connection are tried again after a backoff (``_resend``), up to ``retries``
+    times in a row without progress; what the lost connection left unacknowledged is sent
+    first on the next: with ``acks``, the messages after its last ack; without, all of its
+    messages, since only a clean close settles them (at-least-once, either way)."""
     check_common(count, size, concurrency, step_timeout, rate)
+    check_retries(retries)
     try:
         wsuri: WebSocketURI = parse_uri(url)
     except InvalidURI as exc:
@@ -236,11 +255,11 @@ async def send_websocket(
     per_write = run.chunk()
     subprotocols = [Subprotocol(ACK_SUBPROTOCOL)] if acks else None
 
-    async def open_connection(seqs: range) -> _WsConnection | None:
-        """Connect and shake hands; None when the handshake was refused (counted)."""
+    async def open_connection(resender: Resender) -> _WsConnection | str:
+        """Connect and shake hands; the refusal's reason when the handshake was refused."""
         first = not run.reached
         stream = await connect(peer, ssl_context=context, step_timeout=step_timeout, first=first)
-        tally = _AckTally(run, peer.where) if acks else None
+        tally = _AckTally(run, peer.where, resender.progress) if acks else None
         connection = _WsConnection(
             stream,
             ClientProtocol(wsuri, subprotocols=subprotocols, max_size=MAX_REPLY),
@@ -268,10 +287,9 @@ async def send_websocket(
             reason, error = _refusal(response, failure)
             if error is not None and not run.reached:
                 raise peer.error(error)
-            run.reject_unsent(reason, len(seqs))
-            run.stop(reason)
-            return None
+            return reason
         run.reached = True
+        resender.connected()
         if acks and protocol.subprotocol != ACK_SUBPROTOCOL:
             await trio.aclose_forcefully(stream)
             raise ProtocolError(
@@ -280,72 +298,109 @@ async def send_websocket(
         return connection
 
     async def worker() -> None:
+        """Connections one after another while the gateway goes away and ``retries`` allow;
+        what one leaves unacknowledged goes first on the next."""
+        resender = Resender(run, retries)
         seqs = run.claim(per_write)
-        if not seqs:
+        again: list[int] = []  # sent on a lost connection, unacknowledged: to send first
+        while seqs or again:
+            order: list[int] = []  # this connection's messages as sent (the acks count them)
+            tally: _AckTally | None = None
+            try:
+                connection = await open_connection(resender)
+                if isinstance(connection, str):  # the handshake was refused
+                    if connection in ("429", "503") and await resender.refused(
+                        len(again) + len(seqs)
+                    ):
+                        continue
+                    run.reject(connection, len(again))
+                    run.reject_unsent(connection, len(seqs))
+                    run.stop(connection)
+                    return
+                tally = connection.acks
+                async with connection.stream:
+                    seqs, stalled = await exchange(connection, seqs, again, order, resender)
+                if stalled is not None:
+                    raise stalled
+                outcome = _ws_outcome(connection.protocol, connection.lost, peer, step_timeout)
+            except TransportError as exc:
+                unsettled = order[0 if tally is None else tally.acked :] + again
+                if not await resender.lost(exc, len(unsettled)):
+                    run.gone(exc, written=len(unsettled), unsent=len(seqs))
+                    return
+                again[:] = unsettled
+                continue
+            # Sent, but no ack covered it (with acks), or all of it (without: only a clean
+            # close settles a connection's messages).
+            unsettled = order[0 if tally is None else tally.acked :] + again
+            if outcome is None:
+                if tally is None:
+                    run.accept(len(unsettled))  # the gateway read every message before our close
+                else:  # none, normally: the last ack precedes the gateway's close
+                    run.reject("unacknowledged", len(unsettled))
+                return
+            code = int(outcome.removeprefix("close "))
+            gone = peer.error(f"the gateway closed the connection ({outcome})")
+            if code in RETRYABLE_CLOSES and await resender.lost(gone, len(unsettled)):
+                again[:] = unsettled
+                continue
+            run.reject(outcome, len(unsettled))
+            run.reject_unsent(outcome, len(seqs))
+            run.stop(outcome)
             return
-        try:
-            connection = await open_connection(seqs)
-        except TransportError as exc:
-            run.gone(exc, written=0, unsent=len(seqs))
-            return
-        if connection is None:
-            return
-        async with connection.stream:
-            await exchange(connection, seqs)
 
-    async def exchange(connection: _WsConnection, seqs: range) -> None:
+    async def exchange(
+        connection: _WsConnection,
+        seqs: range,
+        again: list[int],
+        order: list[int],
+        resender: Resender,
+    ) -> tuple[range, TransportError | None]:
+        """Send ``again`` (emptied as it goes), then ``seqs`` and what the run gives next, and
+        close; ``order`` gets every message handed to the connection. Returns what was claimed
+        but not sent (the gateway closed first), and the error if a write made no progress
+        within ``step_timeout`` (the connection is then given up at once)."""
         protocol, tally = connection.protocol, connection.acks
-        written = 0
+        stalled: TransportError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.read_until_closed)
             try:
-                while seqs and protocol.state is WsState.OPEN:
-                    await run.pace(seqs.start)
-                    if protocol.state is not WsState.OPEN:
-                        break  # the gateway closed while we waited
-                    for payload in run.payloads(seqs):
-                        protocol.send_binary(payload)
+                while (again or seqs) and protocol.state is WsState.OPEN:
+                    fresh = not again
+                    if fresh:
+                        await run.pace(seqs.start)
+                        if protocol.state is not WsState.OPEN:
+                            break  # the gateway closed while we waited
+                        chunk: Sequence[int] = seqs
+                        seqs = range(0)
+                        run.wrote(len(chunk))
+                    else:
+                        chunk = again[:per_write]
+                        del again[: len(chunk)]
+                        resender.resending(len(chunk), after_loss=True)
+                    order.extend(chunk)
+                    for seq in chunk:
+                        protocol.send_binary(make_payload(size, seq))
                     if tally is not None:
-                        tally.sent += len(seqs)
+                        tally.sent += len(chunk)
                     with trio.fail_after(step_timeout):
                         await connection.flush()
-                    written += len(seqs)
-                    run.wrote(len(seqs))
-                    seqs = run.claim(per_write)
+                    if not (seqs or again):  # the next messages of the run
+                        seqs = run.claim(per_write)
                 if protocol.state is WsState.OPEN:
                     protocol.send_close(CloseCode.NORMAL_CLOSURE)
                     with trio.fail_after(step_timeout):
                         await connection.flush()
             except trio.TooSlowError as exc:
-                raise peer.error(f"no progress for {step_timeout:g} s") from exc
+                stalled = peer.error(f"no progress for {step_timeout:g} s")
+                stalled.__cause__ = exc
             except _BROKEN as exc:
                 connection.lost = connection.lost or exc
-            # Wait for the server's close frame (or the end of the connection).
-            with trio.move_on_after(step_timeout):
-                await connection.closed.wait()
+            if stalled is None:  # wait for the server's close frame (or the connection's end)
+                with trio.move_on_after(step_timeout):
+                    await connection.closed.wait()
             nursery.cancel_scope.cancel()
-        try:
-            outcome = _ws_outcome(protocol, connection.lost, peer, step_timeout)
-        except TransportError as exc:
-            unsettled = written if tally is None else tally.sent - tally.acked
-            unsent = len(seqs) if tally is None else written + len(seqs) - tally.sent
-            run.gone(exc, written=unsettled, unsent=unsent)
-            return
-        if tally is not None:
-            # Sent, but no ack covered it: its fate is unknown (the gateway closed first;
-            # after a clean close there should be none: the last ack precedes its close).
-            reason = outcome or "unacknowledged"
-            run.reject(reason, tally.sent - tally.acked)
-            # Claimed but never handed to the protocol (the loop ended before).
-            run.reject_unsent(reason, written + len(seqs) - tally.sent)
-            if outcome is not None:
-                run.stop(outcome)
-        elif outcome is None:
-            run.accept(written)  # sending stops early only when the server closes first
-        else:
-            run.reject(outcome, written)
-            run.reject_unsent(outcome, len(seqs))
-            run.stop(outcome)
+        return seqs, stalled
 
     await run_workers(concurrency, worker)
     return run.summary()

@@ -1,13 +1,13 @@
 """A NATS JetStream sink on Trio: each batch written in one socket write, counted once acked
 (``confirm="stored"``) or once the server has read it all (``confirm="server"``).
 
-The client is this package's own (:mod:`._nats_protocol`, sans-IO) on a Trio socket: nats-py is
-asyncio-only, and crossing to its loop thread cost more CPU per message than the whole relay
-budget (docs/sinks.md gives the figures). The sink reads the socket only inside
-:meth:`NatsSink.open` and :meth:`NatsSink.send` (one pump task uses a sink at a time), so it needs
-no task of its own; after an idle spell it checks the connection with a ``PING`` first, which also
-answers the server's pings. (One module past the usual size: connecting, reading and publishing
-are one state machine over one socket, which decides who reads it when.)
+The client is this package's own (:mod:`._nats_protocol`, sans-IO, and the connection of
+:mod:`._nats_conn`, which the NATS source shares) on a Trio socket: nats-py is asyncio-only,
+and crossing to its loop thread cost more CPU per message than the whole relay budget
+(docs/sinks.md gives the figures). The sink reads the socket only inside :meth:`NatsSink.open`
+and :meth:`NatsSink.send` (one pump task uses a sink at a time), so it needs no task of its
+own; after an idle spell it checks the connection with a ``PING`` first, which also answers
+the server's pings.
 
 Delivery is at-least-once, made exactly-once within JetStream's duplicate window: every message
 carries a ``Nats-Msg-Id`` of ``<sink id>.<sequence>``, where the sink id is random per sink
@@ -28,34 +28,29 @@ from __future__ import annotations
 
 import json
 import secrets
-import ssl
 from collections import Counter
-from dataclasses import dataclass
 from typing import Literal
 
 import trio
 
 from .._errors import ConfigurationError, SinkError, SinkRefused, SinkUnavailable
-from .._log import RateLimitedLogger, logger
+from .._log import logger
 from .._message import Batch, Origin
 from ._base import Sink
-from ._nats_auth import credentials
+from ._nats_conn import TRANSPORT_ERRORS as _TRANSPORT_ERRORS
+from ._nats_conn import ConnectFailed, NatsClient
+from ._nats_conn import ConnectionLost as _ConnectionLost
+from ._nats_conn import NatsConnection as _Connection
 from ._nats_protocol import (
     PING,
-    PONG,
     Err,
     Event,
-    Info,
     Msg,
-    NatsParser,
+    NatsError,
     NatsProtocolError,
-    Ping,
     Pong,
-    connect_command,
     encode_headers,
     header_value,
-    pub,
-    sub,
 )
 from ._nats_url import NatsTarget, parse_nats_url
 
@@ -64,26 +59,10 @@ __all__ = ("NatsSink", "NatsTarget", "parse_nats_url")
 _log = logger.getChild("sinks.nats")
 _IDLE_CHECK = 30.0
 """Seconds without a byte from the server after which ``send`` first checks the connection."""
-_MAX_RECONNECT_WAIT = 5.0
-_RECEIVE_BYTES = 64 * 1024
-_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 _ORIGIN_HEADS = 1024
 """Origins (transport, listener, peer) whose header lines the sink keeps encoded."""
 Confirm = Literal["stored", "server"]
 """What ``send`` waits for: JetStream's ack of every message, or the server's ``PONG``."""
-
-
-class _ConnectionLost(Exception):
-    pass
-
-
-@dataclass(slots=True)
-class _Connection:
-    stream: trio.abc.Stream
-    parser: NatsParser
-    info: Info
-    server: str
-    last_read: float
 
 
 class NatsSink(Sink):
@@ -143,7 +122,6 @@ class NatsSink(Sink):
         )
         self.sink_id = secrets.token_urlsafe(12)
         """Prefix of every ``Nats-Msg-Id`` this sink sends (random per sink instance)."""
-        self.connects = 0
         self.stored = 0
         """Messages JetStream acknowledged as new."""
         self.duplicates = 0
@@ -154,155 +132,56 @@ class NatsSink(Sink):
         """Messages refused for good (larger than the server's ``max_payload``)."""
         self.failures: Counter[str] = Counter()
         """Failed batches by reason (``unavailable``, ``connection_lost``, ``ack_timeout``...)."""
-        self._conn: _Connection | None = None
-        self._inbox = f"_INBOX.{secrets.token_hex(11)}."
+        self._client = NatsClient(
+            self.target,
+            self.name,
+            connect_timeout=connect_timeout,
+            reconnect_wait=reconnect_wait,
+            setup=self._setup,
+        )
+        self._inbox = self._client.inbox
         self._round = 0
-        self._requests = 0
-        self._next_server = 0
-        self._discovered: tuple[str, ...] = ()
-        """The cluster's other servers, from the servers' ``INFO`` (``connect_urls``)."""
-        self._retry_at = 0.0
-        self._wait = reconnect_wait
         self._next_seq = 1
         self._retrying: Batch | None = None
         self._retrying_seq = 0
-        self._errors = RateLimitedLogger(_log)
+        self._errors = self._client.errors
         self._origin_heads: dict[tuple[str, str, str], bytes] = {}
+
+    @property
+    def connects(self) -> int:
+        """Connections made (the first, then each reconnection)."""
+        return self._client.connects
 
     # -- connecting -------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Connect (and create the stream if asked): a server that cannot be reached, refuses
         the credentials or the stream is :class:`SinkUnavailable`."""
-        try:
-            if self._conn is None:
-                await self._connect()
-        except SinkUnavailable:
-            raise
-        except SinkError as exc:
-            cause = str(exc).removeprefix(f"{self.name}: ")
-            raise SinkUnavailable(self.name, cause) from exc
-
-    async def _connect(self) -> _Connection:
-        """Try each server once (the one after the last that worked first)."""
-        servers = self.target.servers + tuple(
-            server for server in self._discovered if server not in self.target.servers
-        )
-        problems: list[str] = []
-        answered = False
-        for step in range(len(servers)):
-            index = (self._next_server + step) % len(servers)
+        if self._client.conn is None:
             try:
-                with trio.fail_after(self.connect_timeout):
-                    conn = await self._handshake(servers[index])
-            except (*_TRANSPORT_ERRORS, trio.TooSlowError, _ConnectionLost) as exc:
-                if isinstance(exc.__cause__, ssl.SSLError):  # trio.SSLStream wraps it
-                    answered = True
-                    problems.append(f"{servers[index]}: TLS: {exc.__cause__}")
-                else:
-                    problems.append(f"{servers[index]}: {exc!r}")
-                continue
-            except (NatsProtocolError, ssl.SSLError, ValueError) as exc:  # ValueError: bad JSON
-                answered = True
-                problems.append(f"{servers[index]}: {exc}")
-                continue
-            except SinkError as exc:  # -ERR in the handshake, credentials, stream
-                answered = True
-                problems.append(str(exc).removeprefix(f"{self.name}: "))
-                continue
-            self._next_server = index
-            self._conn = conn
-            self.connects += 1
-            self._wait = self.reconnect_wait
-            if self.connects > 1:
-                self._errors.info("%s: reconnected to %s", self.name, conn.server)
-            else:
-                _log.info("%s: connected to %s", self.name, conn.server)
-            return conn
-        self._retry_at = trio.current_time() + self._wait
-        self._wait = min(self._wait * 2, _MAX_RECONNECT_WAIT)
-        if answered:
-            raise SinkError(f"{self.name}: connect failed: {'; '.join(problems)}")
-        raise SinkError(f"{self.name}: no server answered ({'; '.join(problems)})")
+                await self._client.connect()
+            except ConnectFailed as exc:
+                raise SinkUnavailable(self.name, str(exc)) from exc
 
-    async def _handshake(self, server: str) -> _Connection:
-        host, _, port = server.removeprefix("nats://").rpartition(":")
-        host = host.strip("[]")
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, int(port))
+    async def _setup(self, conn: _Connection) -> None:
+        """On each new connection, before it is used (the shared client's ``setup``): create
+        the stream if asked and, under ``confirm="server"``, check that it captures the
+        subject. A :class:`SinkError` here is this server's refusal, so the client
+        tries the next one."""
         try:
-            parser = NatsParser()
-            conn = _Connection(stream, parser, Info({}), server, trio.current_time())
-            first = await self._next_event(conn)
-            if not isinstance(first, Info):
-                raise NatsProtocolError(f"expected INFO, got {first!r}")
-            self._learn(first)
-            conn.info = first
-            target = self.target
-            tls = target.tls or target.ca is not None or first.tls_required
-            if tls:
-                conn.stream = stream = trio.SSLStream(
-                    stream, self._ssl_context(), server_hostname=host
-                )
-                await stream.do_handshake()
-            if not first.headers:
-                raise SinkError(f"{self.name}: the server does not support headers (NATS < 2.2)")
-            options: dict[str, object] = {
-                "verbose": False,
-                "pedantic": False,
-                "tls_required": tls,
-                "name": "trio_gateway",
-                "lang": "python-trio",
-                "version": "1",
-                "protocol": 1,
-                "headers": True,
-                "no_responders": True,
-                "echo": False,
-            }
-            options.update(credentials(target, first.nonce, self.name))
-            await stream.send_all(connect_command(options) + sub(self._inbox + ">", "1") + PING)
-            while True:
-                event = await self._next_event(conn)
-                if isinstance(event, Pong):
-                    break
-                if isinstance(event, Err):
-                    raise SinkError(f"{self.name}: server refused the connection: {event.message}")
-                if isinstance(event, Ping):
-                    await stream.send_all(PONG)
-                elif isinstance(event, Info):
-                    self._learn(event)
-                    conn.info = event
-            if target.create and target.stream is not None:
-                await self._ensure_stream(conn, target.stream)
-            if self.confirm == "server" and target.stream is not None:
-                await self._check_capture(conn, target.stream)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(conn.stream if "conn" in locals() else stream)
-            raise
-        return conn
-
-    def _learn(self, info: Info) -> None:
-        urls = info.fields.get("connect_urls")
-        if isinstance(urls, list):
-            self._discovered = tuple(f"nats://{url}" for url in urls if isinstance(url, str))
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        try:
-            return ssl.create_default_context(cafile=self.target.ca)
-        except OSError as exc:
-            raise SinkError(f"{self.name}: cannot load ca {self.target.ca!r}: {exc}") from exc
+            if self.target.create and self.target.stream is not None:
+                await self._ensure_stream(conn, self.target.stream)
+            if self.confirm == "server" and self.target.stream is not None:
+                await self._check_capture(conn, self.target.stream)
+        except SinkError as exc:
+            raise NatsError(str(exc).removeprefix(f"{self.name}: ")) from exc
 
     async def _request(self, conn: _Connection, subject: str, payload: bytes) -> Msg:
         """One JetStream API request over the sink's connection (reply to its inbox)."""
-        self._requests += 1
-        reply = f"{self._inbox}r.{self._requests}"
-        await self._write(conn, pub(subject.encode(), reply.encode(), payload))
-        while True:
-            event = await self._handle(conn, await self._next_event(conn))
-            if isinstance(event, Msg) and event.subject == reply:
-                if event.status == 503:
-                    raise SinkError(f"{self.name}: JetStream is not enabled on {conn.server}")
-                return event
+        try:
+            return await self._client.request(conn, subject, payload)
+        except NatsError as exc:
+            raise SinkError(f"{self.name}: {exc} on {conn.server}") from exc
 
     async def _ensure_stream(self, conn: _Connection, stream: str) -> None:
         target = self.target
@@ -333,83 +212,41 @@ class NatsSink(Sink):
             )
         _log.info("%s: created stream %s", self.name, stream)
 
-    # -- reading ----------------------------------------------------------------------------
+    # -- the connection (send's calls into the shared client) --------------------------------
 
     async def _next_event(self, conn: _Connection) -> Event:
-        while True:
-            event = conn.parser.next_event()
-            if event is not None:
-                return event
-            data = await conn.stream.receive_some(_RECEIVE_BYTES)
-            if not data:
-                raise _ConnectionLost("the server closed the connection")
-            conn.last_read = trio.current_time()
-            conn.parser.receive_data(data)
+        return await conn.next_event()
 
     async def _handle(self, conn: _Connection, event: Event) -> Event:
-        """Answer pings, take new INFO, and turn a fatal ``-ERR`` into a lost connection."""
-        if isinstance(event, Ping):
-            await self._write(conn, PONG)
-        elif isinstance(event, Info):
-            self._learn(event)
-            conn.info = event
-        elif isinstance(event, Err):
-            if "permissions violation" in event.message.lower():
-                self._errors.warning("%s: %s", self.name, event.message)
-            else:
-                raise _ConnectionLost(f"server error: {event.message}")
-        return event
-
-    async def _alive(self, conn: _Connection) -> bool:
-        """After an idle spell: a PING answered within ``connect_timeout``?"""
-        with trio.move_on_after(self.connect_timeout):
-            try:
-                await self._write(conn, PING)
-                while not isinstance(await self._handle(conn, await self._next_event(conn)), Pong):
-                    pass
-            except (*_TRANSPORT_ERRORS, _ConnectionLost, NatsProtocolError):
-                return False
-            return True
-        return False
+        return await self._client.handle(conn, event)
 
     async def _write(self, conn: _Connection, data: bytes) -> None:
-        """Write it all, or give the connection up: a write cut short (cancelled, timed out)
-        leaves half a command on the wire, after which nothing sent on it would parse."""
-        try:
-            await conn.stream.send_all(data)
-        except BaseException:
-            if self._conn is conn:
-                self._conn = None
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(conn.stream)
-            raise
+        await self._client.write(conn, data)
 
     async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(conn.stream)
+        await self._client.drop()
 
     async def _connection(self) -> _Connection:
-        conn = self._conn
+        client = self._client
+        conn = client.conn
         idle = conn is not None and trio.current_time() - conn.last_read > _IDLE_CHECK
-        if conn is not None and idle and not await self._alive(conn):
+        if conn is not None and idle and not await client.alive(conn):
             self._errors.warning("%s: connection dead after an idle spell", self.name)
             await self._drop()
-            self._retry_at = 0.0
+            client.retry_at = 0.0
             conn = None
         if conn is not None:
             return conn
         now = trio.current_time()
-        if now < self._retry_at:
+        if now < client.retry_at:
             raise self._fail(
                 "unavailable",
-                f"server unavailable (reconnecting in {self._retry_at - now:.2f} s)",
+                f"server unavailable (reconnecting in {client.retry_at - now:.2f} s)",
             )
         try:
-            return await self._connect()
-        except SinkError as exc:
-            raise self._fail("unavailable", str(exc).removeprefix(f"{self.name}: "), exc) from exc
+            return await client.connect()
+        except ConnectFailed as exc:
+            raise self._fail("unavailable", str(exc), exc) from exc
 
     # -- publishing -------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import base64
 import re
 from typing import Any
 
-from .._errors import SinkError
+from ._nats_protocol import NatsError
 from ._nats_url import NatsTarget
 
 __all__ = ("credentials", "seed_private_bytes")
@@ -47,8 +47,9 @@ def seed_private_bytes(seed: bytes) -> bytes:
     return body[2:]
 
 
-def credentials(target: NatsTarget, nonce: str | None, name: str) -> dict[str, Any]:
-    """The auth fields of ``CONNECT`` for what the URL gives."""
+def credentials(target: NatsTarget, nonce: str | None) -> dict[str, Any]:
+    """The auth fields of ``CONNECT`` for what the URL gives (:class:`NatsError` if a
+    ``.creds`` file cannot be used)."""
     fields: dict[str, Any] = {}
     if target.user is not None:
         fields["user"], fields["pass"] = target.user, target.password
@@ -59,19 +60,19 @@ def credentials(target: NatsTarget, nonce: str | None, name: str) -> dict[str, A
             with open(target.creds, "rb") as file:
                 blocks = _BLOCK.findall(file.read())
         except OSError as exc:
-            raise SinkError(f"{name}: cannot read creds {target.creds!r}: {exc}") from exc
+            raise NatsError(f"cannot read creds {target.creds!r}: {exc}") from exc
         if len(blocks) < 2:
-            raise SinkError(f"{name}: {target.creds!r} is not a .creds file (JWT and seed)")
+            raise NatsError(f"{target.creds!r} is not a .creds file (JWT and seed)")
         if nonce is None:
-            raise SinkError(f"{name}: the server sent no nonce to sign for the creds")
+            raise NatsError("the server sent no nonce to sign for the creds")
         try:
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         except ImportError as exc:
-            raise SinkError(f"{name}: creds need the cryptography package: {exc}") from exc
+            raise NatsError(f"creds need the cryptography package: {exc}") from exc
         try:
             key = Ed25519PrivateKey.from_private_bytes(seed_private_bytes(blocks[1]))
         except ValueError as exc:
-            raise SinkError(f"{name}: bad seed in {target.creds!r}: {exc}") from exc
+            raise NatsError(f"bad seed in {target.creds!r}: {exc}") from exc
         signature = key.sign(nonce.encode())
         fields["jwt"] = blocks[0].decode()
         fields["sig"] = base64.urlsafe_b64encode(signature).rstrip(b"=").decode()

@@ -1,5 +1,7 @@
-"""What a ``nats://`` sink URL says: servers, credentials, subject, and the stream to expect or
-create (``nats://user:pass@host:4222,host2/subject?stream=NAME&create=true``)."""
+"""What a ``nats://`` URL says: servers, credentials, TLS, the subject, and for the sink the
+stream to expect or create (``nats://user:pass@host:4222,host2/subject?stream=NAME&create=true``).
+The NATS source's URL is the same with a subject that may have wildcards and only the
+connection's options (``creds``, ``tls``, ``ca``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from .._secrets import redact_url
 __all__ = ("DEFAULT_PORT", "NatsTarget", "parse_nats_url")
 
 DEFAULT_PORT = 4222
-_QUERY_KEYS = ("stream", "create", "storage", "replicas", "duplicate_window", "creds", "tls", "ca")
+_CONNECTION_KEYS = ("creds", "tls", "ca")
+_QUERY_KEYS = ("stream", "create", "storage", "replicas", "duplicate_window", *_CONNECTION_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,54 +42,73 @@ class NatsTarget:
     ca: str | None = None
 
 
-def _bool(value: str, key: str) -> bool:
+def _bool(value: str, key: str, where: str, what: str) -> bool:
     lowered = value.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ConfigurationError("sink", f"nats sink: {key} must be true or false, got {value!r}")
+    raise ConfigurationError(where, f"{what}: {key} must be true or false, got {value!r}")
 
 
-def _server(hostport: str) -> str:
+def _subscription_subject(subject: str) -> bool:
+    """A subject to subscribe to: tokens, ``*`` for one, ``>`` (last) for the rest."""
+    tokens = subject.split(".")
+    return all(tokens) and all(
+        (token == ">" and i == len(tokens) - 1) or token == "*" or not set(token) & set("*>")
+        for i, token in enumerate(tokens)
+    )
+
+
+def _server(hostport: str, where: str, what: str) -> str:
     host, sep, port_text = hostport.rpartition(":")
     if not sep or (hostport.startswith("[") and hostport.endswith("]")):
         host, port_text = hostport, str(DEFAULT_PORT)
     if not host.strip("[]"):
-        raise ConfigurationError("sink", f"nats sink: empty host in {hostport!r}")
+        raise ConfigurationError(where, f"{what}: empty host in {hostport!r}")
     try:
         port = int(port_text)
     except ValueError:
-        raise ConfigurationError("sink", f"nats sink: bad port in {hostport!r}") from None
+        raise ConfigurationError(where, f"{what}: bad port in {hostport!r}") from None
     if not 0 < port <= 65535:
-        raise ConfigurationError("sink", f"nats sink: port out of range in {hostport!r}")
+        raise ConfigurationError(where, f"{what}: port out of range in {hostport!r}")
     return f"nats://{host}:{port}"
 
 
-def parse_nats_url(url: str) -> NatsTarget:
+def parse_nats_url(url: str, *, subscribe: bool = False) -> NatsTarget:
     """Parse ``nats://[user:password@|token@]host[:port][,host[:port]...]/SUBJECT[?options]``.
 
     Options: ``stream=NAME``, ``create=true`` (create the stream for SUBJECT if it is missing),
     ``storage=file|memory``, ``replicas=N``, ``duplicate_window=SECONDS``, ``creds=PATH``,
     ``tls=true``, ``ca=PATH``. Every error is a :class:`ConfigurationError` naming ``sink``.
+
+    ``subscribe=True`` parses a NATS source's URL: the subject may have wildcards, ``tls://``
+    means ``tls=true``, the options are ``creds``, ``tls`` and ``ca``, and an error names
+    ``nats.url``.
     """
+    where, what = ("nats.url", "nats source") if subscribe else ("sink", "nats sink")
     parts = urlsplit(url)
-    if parts.scheme != "nats":
+    if parts.scheme not in ("nats", "tls") or (parts.scheme == "tls" and not subscribe):
         raise ConfigurationError(
-            "sink", f"nats sink URL must start with nats://, got {redact_url(url)!r}"
+            where, f"{what} URL must start with nats://, got {redact_url(url)!r}"
         )
     userinfo, _, hosts = parts.netloc.rpartition("@")
     if not hosts:
-        raise ConfigurationError("sink", f"nats sink needs a host: {redact_url(url)!r}")
-    servers = tuple(_server(h) for h in hosts.split(","))
+        raise ConfigurationError(where, f"{what} needs a host: {redact_url(url)!r}")
+    servers = tuple(_server(h, where, what) for h in hosts.split(","))
     subject = unquote(parts.path.lstrip("/"))
-    if not subject or any(c in subject for c in " \t\r\n*>") or "/" in subject:
+    if subscribe:
+        if any(c in subject for c in " \t\r\n/") or not _subscription_subject(subject):
+            raise ConfigurationError(
+                where, f"{what} needs a subject after the host: {redact_url(url)!r}"
+            )
+    elif not subject or any(c in subject for c in " \t\r\n*>") or "/" in subject:
         raise ConfigurationError(
-            "sink",
-            f"nats sink needs one literal subject after the host (no * or >): {redact_url(url)!r}",
+            where,
+            f"{what} needs one literal subject after the host (no * or >): {redact_url(url)!r}",
         )
-    if ".." in subject or subject.startswith(".") or subject.endswith("."):
-        raise ConfigurationError("sink", f"nats sink: malformed subject {subject!r}")
+    elif ".." in subject or subject.startswith(".") or subject.endswith("."):
+        raise ConfigurationError(where, f"{what}: malformed subject {subject!r}")
     user = password = token = None
     if userinfo:
         name, colon, secret = userinfo.partition(":")
@@ -94,15 +116,17 @@ def parse_nats_url(url: str) -> NatsTarget:
             user, password = unquote(name), unquote(secret)
         else:
             token = unquote(name)
-    options: dict[str, Any] = {}
+    keys = _CONNECTION_KEYS if subscribe else _QUERY_KEYS
+    options: dict[str, Any] = {"tls": True} if parts.scheme == "tls" else {}
     for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key not in _QUERY_KEYS:
+        if key not in keys:
+            beside = " (the other options go beside the url: stream = ...)" if subscribe else ""
             raise ConfigurationError(
-                "sink",
-                f"nats sink: unknown option {key!r} (expected one of {', '.join(_QUERY_KEYS)})",
+                where,
+                f"{what}: unknown option {key!r} (expected one of {', '.join(keys)}){beside}",
             )
         if key in ("create", "tls"):
-            options[key] = _bool(value, key)
+            options[key] = _bool(value, key, where, what)
         elif key == "storage":
             if value not in ("file", "memory"):
                 raise ConfigurationError(

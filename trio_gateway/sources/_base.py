@@ -41,6 +41,7 @@ __all__ = (
     "peer_of",
     "refuse_http2",
     "refuse_with",
+    "say_goodbye_when_cut",
     "serve_connections",
     "tls_and_peer",
 )
@@ -179,6 +180,50 @@ async def tls_and_peer(
     return peer_of(stream) or None
 
 
+class _BudgetCut:
+    """How the memory budget cuts one connection (``connection_cut``, called by the budget
+    to make room for another): count it ``over_budget_evicted`` and cancel its handler, or,
+    when the handler registered its protocol's last words (:func:`say_goodbye_when_cut`),
+    let it say them and close, within :data:`REFUSAL_TIMEOUT`."""
+
+    __slots__ = ("entry", "goodbye", "ingress", "used")
+
+    def __init__(self, entry: LiveConnection, ingress: Ingress) -> None:
+        self.entry = entry
+        self.ingress = ingress
+        self.goodbye: Callable[[], None] | None = None
+        self.used = False
+
+    def __call__(self) -> bool:
+        entry = self.entry
+        if self.used or entry.evicted or entry.scope.cancel_called or unread_bytes(entry.socket):
+            return False  # going already, or held back by the gateway itself
+        self.used = True
+        self.ingress.reject("over_budget_evicted")
+        connection_errors.info(
+            "%s: a connection holding bytes for long closed to make room in the budget",
+            self.ingress.listener,
+        )
+        if self.goodbye is None:
+            entry.scope.cancel()
+        else:
+            entry.scope.deadline = min(entry.scope.deadline, trio.current_time() + REFUSAL_TIMEOUT)
+            self.goodbye()
+        return True
+
+
+def say_goodbye_when_cut(goodbye: Callable[[], None]) -> None:
+    """Should the memory budget cut the connection the current task serves (see
+    :func:`serve_connections`), call ``goodbye`` instead of cancelling the handler at once:
+    it queues the protocol's last words (HTTP/2: a GOAWAY saying why) and makes the handler
+    return once they are written. The handler is cancelled anyway :data:`REFUSAL_TIMEOUT`
+    seconds after the cut (a peer that does not read). Outside ``serve_connections``:
+    nothing."""
+    cut = connection_cut.get()
+    if isinstance(cut, _BudgetCut):
+        cut.goodbye = goodbye
+
+
 _CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 """What a connection that breaks raises: the peer reset or closed it, or the network failed."""
 
@@ -248,7 +293,9 @@ async def serve_connections(
     Each connection's task also gets a way for the memory budget to cut it
     (:data:`~trio_gateway._budget.connection_cut`, given to the shares the handler makes):
     when the budget has no room for another connection, it cancels the one that has held
-    bytes longest (``over_budget_evicted``), unless the gateway itself holds that one back.
+    bytes longest (``over_budget_evicted``), unless the gateway itself holds that one back;
+    a handler that can say why in its protocol first (an HTTP/2 GOAWAY) registers how with
+    :func:`say_goodbye_when_cut`.
 
     Plain TCP listeners take what waits in the kernel's accept queue whole (a flood), the
     connections whose peers have spoken first (:mod:`._accept`); at the limit, the others
@@ -280,22 +327,8 @@ async def serve_connections(
             refusing -= 1
             await trio.aclose_forcefully(stream)
 
-    def cut_for_budget(entry: LiveConnection) -> Callable[[], bool]:
-        def cut() -> bool:
-            if entry.evicted or entry.scope.cancel_called or unread_bytes(entry.socket):
-                return False  # going already, or held back by the gateway itself
-            entry.scope.cancel()
-            ingress.reject("over_budget_evicted")
-            connection_errors.info(
-                "%s: a connection holding bytes for long closed to make room in the budget",
-                ingress.listener,
-            )
-            return True
-
-        return cut
-
     async def run_one(stream: StreamT, entry: LiveConnection) -> None:
-        connection_cut.set(cut_for_budget(entry))  # this task's own context
+        connection_cut.set(_BudgetCut(entry, ingress))  # this task's own context
         ingress.connection_opened()
         try:
             with _fails_alone(ingress, "connection", "connection handler"):

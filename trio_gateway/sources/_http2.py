@@ -41,6 +41,7 @@ import hpack
 from hpack import HPACKError, OversizedHeaderListError
 
 __all__ = (
+    "OVER_BUDGET",
     "PREFACE",
     "ErrorCode",
     "Http2Error",
@@ -52,6 +53,13 @@ __all__ = (
 )
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+OVER_BUDGET = (
+    b"over_budget_evicted: the gateway's memory budget is full"
+    b" and this connection held bytes longest"
+)
+"""The debug data of the GOAWAY(ENHANCE_YOUR_CALM) that closes a connection the memory budget
+cut (``over_budget_evicted``): a client's log then says why."""
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
 WINDOW_UPDATE, CONTINUATION = 8, 9
@@ -740,9 +748,13 @@ class Http2Server:
         self.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
         self._count_reset()
 
-    def goaway(self, last_stream_id: int, code: int = ErrorCode.NO_ERROR) -> None:
-        """A GOAWAY frame; the streams up to ``last_stream_id`` go on."""
-        self.output += frame(GOAWAY, 0, 0, _U32.pack(last_stream_id) + _U32.pack(code))
+    def goaway(
+        self, last_stream_id: int, code: int = ErrorCode.NO_ERROR, debug: bytes = b""
+    ) -> None:
+        """A GOAWAY frame; the streams up to ``last_stream_id`` go on. ``debug``: the
+        frame's additional debug data, what the client may log (e.g. :data:`OVER_BUDGET`)."""
+        payload = _U32.pack(last_stream_id) + _U32.pack(code) + debug
+        self.output += frame(GOAWAY, 0, 0, payload)
 
     def ping(self, data: bytes) -> None:
         self.output += frame(PING, 0, 0, data)

@@ -9,7 +9,6 @@ the protocol's own frames, so that a peer that does not read them never holds up
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -20,12 +19,11 @@ from websockets.typing import Subprotocol
 from .._ingress import Answer, Ingress
 from .._message import Origin
 from .._wire import ACK_SUBPROTOCOL
+from ._flight import Flight
 
 __all__ = (
     "ACK_SUBPROTOCOL",
     "MAX_ACK_RANGES",
-    "MAX_IN_FLIGHT",
-    "MAX_IN_FLIGHT_BYTES",
     "AckConnection",
     "AckState",
     "Connection",
@@ -37,16 +35,6 @@ MAX_ACK_RANGES = 64
 """The most refused ranges one ack carries. When a connection's unsent ack holds this many
 (its refusals keep alternating with acceptances and the peer does not read its acks), the
 source stops reading that connection until the ack is on its way."""
-
-
-MAX_IN_FLIGHT = 4096
-"""The most messages of one connection whose ack waits for their delivery (``ack =
-"delivered"``) or their commit (a disk queue) while the source goes on reading that
-connection; past it (or :data:`MAX_IN_FLIGHT_BYTES`), the source stops reading until the
-oldest read is answered. One read is always let through, however large."""
-
-MAX_IN_FLIGHT_BYTES = 4 << 20
-"""The most payload bytes of one connection awaiting their answer (see :data:`MAX_IN_FLIGHT`)."""
 
 Outcome = Callable[[int, int], tuple[int, str]]
 """From (messages the answer allows to acknowledge, messages in the read): how many are
@@ -166,17 +154,7 @@ class AckConnection(Connection):
     last ack always precedes the close frame; after the close frame, no more acks.
     """
 
-    __slots__ = (
-        "_answered",
-        "_close_written",
-        "_flight",
-        "_flight_bytes",
-        "_flight_count",
-        "_taken",
-        "_wake",
-        "acking",
-        "acks",
-    )
+    __slots__ = ("_close_written", "_flight", "_taken", "_wake", "acking", "acks")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
         super().__init__(stream, protocol)
@@ -185,17 +163,14 @@ class AckConnection(Connection):
         self._close_written = False
         self._wake = trio.lowlevel.ParkingLot()  # send_acks waits here for something to send
         self._taken = trio.lowlevel.ParkingLot()  # the reader waits here while acks are full
-        # Reads whose answer waits (delivery, a commit), oldest first, and what they hold.
-        self._flight: deque[tuple[Answer, int, int, Outcome]] = deque()
-        self._flight_count = 0
-        self._flight_bytes = 0
-        self._answered = trio.lowlevel.ParkingLot()  # the oldest in flight was answered
+        # Reads whose answer waits (delivery, a commit), oldest first.
+        self._flight: Flight[tuple[int, Outcome]] = Flight()
 
     async def answer(self, answer: Answer, n: int, nbytes: int, outcome: Outcome) -> None:
         """Record the answer to the next read of ``n`` messages: at once when it is final and
         nothing is in flight, otherwise once it is (by :meth:`answer_in_order`), in order.
-        Waits while the reads in flight hold :data:`MAX_IN_FLIGHT` messages or
-        :data:`MAX_IN_FLIGHT_BYTES`."""
+        Waits while the reads in flight hold :data:`~._flight.MAX_IN_FLIGHT` messages or
+        :data:`~._flight.MAX_IN_FLIGHT_BYTES`."""
         if not self.acking:  # no ack can be sent any more: nothing to wait for
             answer.forget()
             return
@@ -203,43 +178,23 @@ class AckConnection(Connection):
             done, reason = outcome(answer.accepted, n)
             await self.record(done, n - done, reason)
             return
-        self._flight.append((answer, n, nbytes, outcome))
-        self._flight_count += n
-        self._flight_bytes += nbytes
-        self._answered.unpark_all()
-        while self._flight and self.acking and not self._room():
-            await self._answered.park()
-
-    def _room(self) -> bool:
-        return self._flight_count < MAX_IN_FLIGHT and self._flight_bytes < MAX_IN_FLIGHT_BYTES
+        await self._flight.add(answer, n, nbytes, (n, outcome))
 
     async def answer_in_order(self) -> None:
         """A task of the connection: wait for the oldest read's answer, record it, and so on.
         At its end the answers still in flight are forgotten (never acknowledged)."""
-        flight = self._flight
-        try:
-            while True:
-                while not flight:
-                    await self._answered.park()
-                answer, n, nbytes, outcome = flight[0]
-                accepted = await answer.wait()
-                flight.popleft()
-                self._flight_count -= n
-                self._flight_bytes -= nbytes
-                self._answered.unpark_all()
-                done, reason = outcome(accepted, n)
-                await self.record(done, n - done, reason)
-        finally:
-            for answer, *_ in flight:
-                answer.forget()
-            flight.clear()
-            self._answered.unpark_all()
+
+        async def record(item: tuple[int, Outcome], accepted: int) -> None:
+            n, outcome = item
+            done, reason = outcome(accepted, n)
+            await self.record(done, n - done, reason)
+
+        await self._flight.answer_in_order(record)
 
     async def wait_answered(self) -> None:
         """Wait until every read in flight is answered (before the reply to the client's
         close frame, which no ack may follow)."""
-        while self._flight and self.acking:
-            await self._answered.park()
+        await self._flight.wait_answered()
 
     async def record(self, accepted: int, refused: int, reason: str) -> None:
         """Settle the next ``accepted + refused`` messages; wake the ack writer."""
@@ -261,6 +216,7 @@ class AckConnection(Connection):
     def _stop_acking(self) -> None:
         self.acking = False
         self._taken.unpark_all()
+        self._flight.close()
 
     def _outgoing(self, writes: list[bytes]) -> bytes:
         """The unsent ack in front of the protocol's bytes."""
@@ -309,16 +265,20 @@ def acked_offer(
     rest is refused ``gateway_stopping``, and abandoned in the ledger). ``drop_newest``:
     what does not fit is refused ``queue_full`` and counted as rejected (the sender knows),
     not received and dropped. ``drop_oldest``: everything is accepted; older messages make
-    room (the ledger's ``dropped``, as for any connection).
+    room (the ledger's ``dropped``, as for any connection); with ``ack = "delivered"`` what
+    was evicted or failed at the sink is refused.
 
     An answer that waits (``ack = "delivered"``, a disk queue) does not hold the reader: it
     goes in flight (:meth:`AckConnection.answer`) and is recorded in order once final.
     """
     queue = ingress.buffer.queue
     policy = queue.policy
+    # drop_oldest takes every batch whole, so "queued" acks all of it; "delivered" acks only
+    # what the sink confirmed (the answer's own count).
+    takes_all = policy == "drop_oldest" and ingress.ack != "delivered"
 
     def outcome(done: int, n: int) -> tuple[int, str]:
-        if policy == "drop_oldest" and not queue.closed:
+        if takes_all and not queue.closed:
             done = n  # the queue took the batch (it may drop its head: "dropped")
         return done, "gateway_stopping" if queue.closed else "queue_full"
 

@@ -15,7 +15,9 @@
   server's GOAWAYs wait for the client's PING reply.
 
 What the calls hold (``GrpcProtocol.held``) is charged to the connection's share of the
-gateway's memory budget too, per read and per batch a handler takes (:meth:`Connection.settle`):
+gateway's memory budget too, per read and per batch a handler takes (:meth:`Connection.settle`),
+with what bidi streams hold for the acks they owe while their reads await delivery
+(:meth:`Connection.hold_answers`):
 before the protocol may grow it, its bound (``GrpcProtocol.budget``) is set to what the share
 has room for, so the call that would take it past is refused there (RESOURCE_EXHAUSTED,
 ``over_budget``), as for the connection's own budget. Refusing beats holding the window
@@ -33,17 +35,12 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from ..._log import RateLimitedLogger, logger
-from .._http2 import ErrorCode
+from .._base import say_goodbye_when_cut
+from .._http2 import OVER_BUDGET, ErrorCode
 from .._streamio import StreamIO
 from ._calls import CallChanged, CompressedCall, StreamReset
-from ._protocol import (
-    CallStarted,
-    ConnectionBroken,
-    GrpcProtocol,
-    PeerGoingAway,
-    PingAcked,
-    WindowOpened,
-)
+from ._events import CallStarted, ConnectionBroken, PeerGoingAway, PingAcked, WindowOpened
+from ._protocol import GrpcProtocol
 from ._stream import GrpcStream
 
 if TYPE_CHECKING:
@@ -96,6 +93,8 @@ class Connection:
         """When bytes began to arrive that completed no frame (None: not stalled)."""
         self._last_active = 0.0
         """When HEADERS or DATA last came, or a call ended."""
+        self._answers_held = 0
+        """Bytes the calls hold for answers in flight (:meth:`hold_answers`)."""
 
     # -- the memory budget ------------------------------------------------------------------
 
@@ -108,13 +107,32 @@ class Connection:
         would have passed the bound. Shrinking always fits."""
         share = self._share
         proto = self.proto
-        share.hold_nowait(proto.held)
+        share.hold_nowait(proto.held + self._answers_held)
         budget = share.budget
-        proto.budget = min(
-            self.server.limits.connection_budget,
-            budget.connection_share,
-            budget.pool - budget.held + share.held,
+        proto.budget = (
+            min(
+                self.server.limits.connection_budget,
+                budget.connection_share,
+                budget.pool - budget.held + share.held,
+            )
+            - self._answers_held
         )
+
+    def hold_answers(self, n: int) -> bool:
+        """Charge ``n`` more bytes that a call holds for the answers it owes (a bidi stream's
+        acks for reads awaiting delivery: :class:`~.._flight.Flight`); False, with nothing
+        charged, if the share, the budget or ``limits.connection_budget`` has no room."""
+        held = self.proto.held + self._answers_held + n
+        if held > self.server.limits.connection_budget or not self._share.hold_nowait(held):
+            return False
+        self._answers_held += n
+        self.settle()
+        return True
+
+    def release_answers(self, n: int) -> None:
+        """Give back ``n`` bytes charged by :meth:`hold_answers`."""
+        self._answers_held -= n
+        self.settle()
 
     # -- output -----------------------------------------------------------------------------
 
@@ -199,6 +217,7 @@ class Connection:
     # -- the connection's life --------------------------------------------------------------
 
     async def run(self) -> None:
+        say_goodbye_when_cut(self.leave_over_budget)
         self.emit()  # our preface
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -255,6 +274,24 @@ class Connection:
             )
             for call in proto.fail_all():
                 self._streams[call.stream_id]._changed()
+
+    def leave_over_budget(self) -> None:
+        """The memory budget cut this connection (counted ``over_budget_evicted`` there):
+        GOAWAY(ENHANCE_YOUR_CALM) saying so, its calls reset (what they held let go), and
+        closed once that is written (``serve_connections`` cancels it if not soon)."""
+        if self._closing:
+            return
+        _errors.info(
+            "%s: grpc connection from %s: over the memory budget, closed",
+            self.server.label,
+            self.peer,
+        )
+        proto = self.proto
+        proto.refuse_connection(ErrorCode.ENHANCE_YOUR_CALM, OVER_BUDGET)
+        for call in proto.fail_all():
+            self._streams[call.stream_id]._changed()
+        self.emit()
+        self._close_when_flushed()
 
     def _refuse_connection(self, reason: str, error_code: int) -> None:
         """Count a connection-level refusal and queue a GOAWAY with ``error_code``; the

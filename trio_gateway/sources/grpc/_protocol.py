@@ -1,7 +1,7 @@
 """The server side of one HTTP/2 connection carrying gRPC calls, sans-IO (h11's shape).
 
 :class:`GrpcProtocol` is fed the bytes a client sent (:meth:`~GrpcProtocol.receive_data`) and
-returns what happened, as events; what the server must write is taken with
+returns what happened, as events (:mod:`._events`); what the server must write is taken with
 :attr:`~GrpcProtocol.data_to_send`. It validates each request (method, content type, path,
 bearer token, ``grpc-encoding``, ``grpc-timeout``) and answers a bad one itself, keeps each
 call's state (:class:`~._calls.Call`: gRPC message framing, flow control, compression) and
@@ -28,10 +28,17 @@ from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.metadata import decode_timeout, encode_grpc_message, encode_metadata
 
-from ..._errors import ProtocolError
 from ..._wire import GRPC_CONTENT_TYPE
 from .._http2 import ErrorCode, Http2Error, Http2Server, StreamClosed, encode_headers
-from ._calls import Call, CallChanged, CompressedCall, StreamReset
+from ._calls import Call, CompressedCall, StreamReset
+from ._events import (
+    CallStarted,
+    ConnectionBroken,
+    Event,
+    PeerGoingAway,
+    PingAcked,
+    WindowOpened,
+)
 from ._limits import ServerLimits
 
 if TYPE_CHECKING:
@@ -40,14 +47,9 @@ if TYPE_CHECKING:
 __all__ = (
     "DRAIN_PING",
     "MAX_STREAM_ID",
-    "CallStarted",
-    "ConnectionBroken",
-    "Event",
     "GrpcProtocol",
-    "PeerGoingAway",
-    "PingAcked",
-    "WindowOpened",
     "answer_unavailable",
+    "header_value",
 )
 
 MAX_STREAM_ID = 2**31 - 1
@@ -89,47 +91,6 @@ def answer_unavailable(h2conn: h2.connection.H2Connection, stream_id: int) -> No
     h2conn.send_headers(stream_id, _UNAVAILABLE_HEADERS, end_stream=True)
 
 
-class ConnectionBroken(ProtocolError):
-    """The client broke HTTP/2 or a connection limit; a GOAWAY is queued and the refusal
-    counted under ``reason``. Nothing more is read from it."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class CallStarted:
-    """Event: a valid request's headers came; ``call`` is its state."""
-
-    __slots__ = ("call",)
-
-    def __init__(self, call: Call) -> None:
-        self.call = call
-
-    def __repr__(self) -> str:
-        return f"CallStarted(stream_id={self.call.stream_id}, path={self.call.path!r})"
-
-
-class WindowOpened:
-    """Event: the client opened a flow-control window (or reset a stream): blocked sends
-    may go on."""
-
-    __slots__ = ()
-
-
-class PingAcked:
-    """Event: the client answered the drain PING (:data:`DRAIN_PING`)."""
-
-    __slots__ = ()
-
-
-class PeerGoingAway:
-    """Event: the client sent GOAWAY: finish the calls in progress, then close."""
-
-    __slots__ = ()
-
-
-Event = CallStarted | CallChanged | WindowOpened | PingAcked | PeerGoingAway
 _WINDOW_OPENED = WindowOpened()
 _PING_ACKED = PingAcked()
 _PEER_GOING_AWAY = PeerGoingAway()
@@ -479,10 +440,11 @@ class GrpcProtocol:
         """Queue a GOAWAY frame (streams up to ``last_stream_id`` keep running)."""
         self._h2.goaway(last_stream_id, error_code)
 
-    def refuse_connection(self, error_code: int) -> None:
-        """Final GOAWAY with ``error_code``: no stream past the highest one opened is served."""
+    def refuse_connection(self, error_code: int, debug: bytes = b"") -> None:
+        """Final GOAWAY with ``error_code`` (and ``debug`` data): no stream past the highest
+        one opened is served."""
         self.last_stream_id = self._h2.highest_stream_id
-        self.goaway(self.last_stream_id, error_code)
+        self._h2.goaway(self.last_stream_id, error_code, debug)
 
     def start_drain(self) -> None:
         """Graceful shutdown, first half: GOAWAY(max stream id) and a PING whose answer

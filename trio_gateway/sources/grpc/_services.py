@@ -13,9 +13,10 @@ sequence. A call with the key skips the inline path (one origin per message is i
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
+import trio
 from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -31,6 +32,7 @@ from ..._proto.model_grpc import (
     GrpcUnaryInputterServiceBase,
 )
 from ..._wire import GRPC_METHODS, GRPC_SERVICE, MAX_KEY_LENGTH, idempotency_key
+from .._flight import Flight
 from ._server import InlineHandler
 from ._stream import GrpcStream
 
@@ -153,27 +155,67 @@ class GatewayService(GatewayBase):
         )
 
     async def StreamAcked(self, stream: GrpcStream) -> None:  # type: ignore[override]
+        """An Ack per message, in order. A read whose answer waits (``ack = "delivered"``, a
+        disk queue) goes in flight and the stream is read on meanwhile; one task sends each
+        read's acks once it is answered (:class:`~.._flight.Flight`: bounded in messages and
+        bytes, its bookkeeping charged to the connection's share of the memory budget)."""
+        flight: Flight[list[int]] = Flight(hold=stream.hold_answers, release=stream.release_answers)
+        failure: Exception | None = None
+
+        async def send_acks(sequences: list[int], accepted: int) -> None:
+            ack = gateway_pb2.Ack
+            acks = [ack(sequence=s, accepted=True, accepted_count=1) for s in sequences[:accepted]]
+            acks.extend(
+                ack(sequence=s, reason=_QUEUE_FULL, rejected_count=1) for s in sequences[accepted:]
+            )
+            await stream.send_messages(acks)
+
+        async def answer_in_order() -> None:
+            nonlocal failure
+            try:
+                await flight.answer_in_order(send_acks)
+            except Exception as exc:  # raised by the handler as itself, not in a group
+                failure = failure or exc
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_in_order)
+            try:
+                await self._acked_reads(stream, flight, send_acks)
+                await flight.wait_answered()
+            except Exception as exc:
+                failure = failure or exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _acked_reads(
+        self,
+        stream: GrpcStream,
+        flight: Flight[list[int]],
+        send_acks: Callable[[list[int], int], Awaitable[None]],
+    ) -> None:
+        """StreamAcked's reads: offer each, and ack it at once if its answer is final and
+        none is in flight, else put it in flight. A bad message ends the stream with
+        INVALID_ARGUMENT once the messages before it are answered."""
         ingress = self._ingress
-        ack = gateway_pb2.Ack
         key = _key(stream)
         while batch := await stream.recv_batch():
             payloads, sequences, error = _payloads(ingress, batch)
             del batch
             if payloads:
                 ids = None if key is None else [f"{key}:{s}" for s in sequences]
-                accepted = await ingress.offer_or_reject(
+                answer = await ingress.offer_or_reject_later(
                     payloads, _origin(ingress, stream), timeout=self._timeout, ids=ids
                 )
-                del payloads  # queued or refused: not held while the acks wait for a window
-                acks = [
-                    ack(sequence=s, accepted=True, accepted_count=1) for s in sequences[:accepted]
-                ]
-                acks.extend(
-                    ack(sequence=s, reason=_QUEUE_FULL, rejected_count=1)
-                    for s in sequences[accepted:]
-                )
-                await stream.send_messages(acks)
+                n, nbytes = len(payloads), sum(map(len, payloads))
+                del payloads  # queued or refused: not held while the acks wait
+                if answer.final and not flight:
+                    await send_acks(sequences, answer.accepted)
+                else:
+                    await flight.add(answer, n, nbytes, sequences)
             if error is not None:
+                await flight.wait_answered()
                 raise error
 
 

@@ -154,6 +154,14 @@ class GrpcStream:
             self._readable = None
             event.set()
 
+    def hold_answers(self, n: int) -> bool:
+        """Charge ``n`` bytes the handler holds for answers it owes to the connection's share
+        of the memory budget; False if there is no room (:meth:`Connection.hold_answers`)."""
+        return self._conn.hold_answers(n)
+
+    def release_answers(self, n: int) -> None:
+        self._conn.release_answers(n)
+
     # -- what a handler writes --------------------------------------------------------------
 
     async def send_initial_metadata(self, *, metadata: Any = None) -> None:

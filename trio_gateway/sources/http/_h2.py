@@ -30,7 +30,8 @@ of the CPU of a request. Here:
   (never processed: safe to retry).
 
 One connection's state machine (its requests, their flow control and charge, the deadlines,
-the GOAWAY), which every method shares: hence its length.
+the GOAWAY) is here; its writing half (the answers, and the writer of the output) is
+``_h2answers``.
 
 Speed: a read is parsed in one pass, and a request whose body the queue takes at once (one
 message, complete in the read) is answered from the reader, without a task: the answers to
@@ -45,16 +46,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .._base import connection_errors, linger
-from .._http2 import (
-    ErrorCode,
-    Http2Error,
-    Http2Server,
-    StreamClosed,
-    encode_headers,
-)
+from .._base import connection_errors, linger, say_goodbye_when_cut
+from .._http2 import OVER_BUDGET, ErrorCode, Http2Error, Http2Server
 from .._streamio import StreamIO
-from ._rules import BodyKind, Headers, IngestRules, Reply
+from ._h2answers import Http2Answers
+from ._rules import BodyKind, Headers, IngestRules
 
 if TYPE_CHECKING:
     from ..._budget import ConnectionShare
@@ -130,9 +126,9 @@ class _Http2Connection:
             reset_window=RESET_WINDOW,
             clock=trio.current_time,
         )
+        self.answers = Http2Answers(self.h2, self.io, idle_timeout)
         self.requests: dict[int, _Request] = {}  # receiving, oldest first
         self.answering: dict[int, _Request] = {}  # complete, waiting for the queue
-        self.unsent: dict[int, bytes] = {}  # answers' bodies waiting for the client's window
         self.held = 0  # body bytes in requests and answering
         self.unacked = 0  # of which the stream windows were not reopened (past max_held)
         self.last_stream = 0  # the highest stream processed or to be processed
@@ -144,10 +140,6 @@ class _Http2Connection:
         # block) and what the rules made of it: a client repeating its headers is judged once
         self.head_of: object = None
         self.head: tuple[Headers, BodyKind, int | None] = ((), BodyKind(False), None)
-        self.reply_of: Reply | None = None  # the last answer's HPACK block, without CORS
-        self.reply_block = b""
-        self.sending = False
-        self.sent = trio.lowlevel.ParkingLot()  # who waits for another task's write
         self.reading = trio.CancelScope()
         self.reader: trio.lowlevel.Task | None = None
         self.done = trio.Event()  # nothing in flight after a GOAWAY
@@ -156,6 +148,7 @@ class _Http2Connection:
     # -- the connection's life ------------------------------------------------------------
 
     async def run(self, received: bytes) -> None:
+        say_goodbye_when_cut(self.leave_over_budget)
         try:
             await self._serve(received)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -262,7 +255,7 @@ class _Http2Connection:
         )
         for stream_id, request in list(self.requests.items()):
             self._forget(stream_id, request)
-            self._respond(stream_id, self.rules.too_slow, request.cors)
+            self.answers.respond(stream_id, self.rules.too_slow, request.cors)
         self._goaway(ErrorCode.ENHANCE_YOUR_CALM)
 
     async def _stop_when_stopping(self) -> None:
@@ -273,17 +266,24 @@ class _Http2Connection:
         self._goaway(ErrorCode.NO_ERROR)
         await self._flush()
 
-    def _goaway(self, code: int) -> None:
+    def leave_over_budget(self) -> None:
+        """The memory budget cut this connection (``say_goodbye_when_cut``): GOAWAY saying
+        so, what is being received refused, then closed once that is written."""
+        self.last_stream = max(self.last_stream, self.h2.highest_stream_id)
+        self._goaway(ErrorCode.ENHANCE_YOUR_CALM, OVER_BUDGET)
+        self.reading.cancel()
+
+    def _goaway(self, code: int, debug: bytes = b"") -> None:
         """A ``GOAWAY`` naming :attr:`last_stream`; the requests up to it go on (those still
         being received are refused if ``code`` is an error)."""
         if self.goaway_sent is not None and code == ErrorCode.NO_ERROR:
             return
         self.goaway_sent = self.last_stream
-        self.h2.goaway(self.last_stream, code)
         if code != ErrorCode.NO_ERROR:
             for stream_id, request in list(self.requests.items()):
                 self._forget(stream_id, request)
                 self.h2.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
+        self.h2.goaway(self.last_stream, code, debug)  # last: some clients read nothing after
         self._check_done()
 
     def _check_done(self) -> None:
@@ -319,7 +319,7 @@ class _Http2Connection:
             cors = rules.cors_headers(pairs)
             refusal, kind = rules.head(method, path, pairs)
             if refusal is not None:  # counted by the rules: never cached
-                self._respond(stream_id, refusal, cors)
+                self.answers.respond(stream_id, refusal, cors)
                 return
             self.head_of = headers
             self.head = (cors, kind, expected)
@@ -343,7 +343,7 @@ class _Http2Connection:
         if size > self.rules.max_body_size:
             self._forget(stream_id, request)
             self.h2.acknowledge(stream_id, flow_len)
-            self._respond(stream_id, self.rules.body_too_large(), request.cors)
+            self.answers.respond(stream_id, self.rules.body_too_large(), request.cors)
             return
         if self.held > self.share.held and not self.share.hold_nowait(self.held):
             self.h2.acknowledge(stream_id, flow_len)
@@ -374,15 +374,14 @@ class _Http2Connection:
         request = self.requests.get(stream_id)
         if request is not None:  # still coming: dropped (an answer in flight goes on)
             self._forget(stream_id, request)
-        self.unsent.pop(stream_id, None)
+        self.answers.drop(stream_id)
         self._check_done()
 
     def on_refused(self, stream_id: int, reason: str) -> None:
         self.ingress.reject(reason)
 
     def on_window(self) -> None:
-        for stream_id in list(self.unsent):
-            self._send_body(stream_id, self.unsent.pop(stream_id))
+        self.answers.on_window()
 
     def on_ping_ack(self, data: bytes) -> None:
         """We send no PING."""
@@ -418,7 +417,7 @@ class _Http2Connection:
         reply = self.rules.ingest_nowait(body, request.kind, self.peer)
         if reply is not None:
             self._forget(stream_id, request)
-            self._respond(stream_id, reply, request.cors)
+            self.answers.respond(stream_id, reply, request.cors)
             return
         assert self.nursery is not None
         self._reopen()  # the next request is the oldest now
@@ -429,7 +428,7 @@ class _Http2Connection:
         """The memory budget has no room for the request: ``503`` + ``Retry-After``."""
         self.ingress.reject("over_budget")
         self._forget(stream_id, request)
-        self._respond(stream_id, self.rules.over_budget, request.cors)
+        self.answers.respond(stream_id, self.rules.over_budget, request.cors)
 
     def _forget(self, stream_id: int, request: _Request) -> None:
         """A request leaves (answered, refused or dropped): its bytes are no longer held, and
@@ -464,7 +463,7 @@ class _Http2Connection:
                 self._forget(stream_id, request)
                 self.share.hold_nowait(self.held)
             self.quiet_since = trio.current_time()
-            self._respond(stream_id, reply, request.cors)
+            self.answers.respond(stream_id, reply, request.cors)
             await self._flush()
         finally:
             self.answering.pop(stream_id, None)  # in flight until written
@@ -472,71 +471,10 @@ class _Http2Connection:
 
     # -- answers --------------------------------------------------------------------------
 
-    def _respond(self, stream_id: int, reply: Reply, cors: Headers) -> None:
-        """Send ``reply`` on ``stream_id``. If the request is still coming, the stream is
-        then reset with ``NO_ERROR`` ("stop sending, the answer is final", RFC 9113 8.1)."""
-        if cors:
-            block = encode_headers(((b":status", b"%d" % reply.status), *reply.headers, *cors))
-        elif reply is self.reply_of:
-            block = self.reply_block
-        else:
-            block = encode_headers(((b":status", b"%d" % reply.status), *reply.headers))
-            self.reply_of, self.reply_block = reply, block
-        try:
-            self.h2.send_headers(stream_id, block, end_stream=not reply.body)
-        except StreamClosed:
-            return  # the client reset it meanwhile
-        if reply.body:
-            self._send_body(stream_id, reply.body)
-        else:
-            self.h2.reset_stream(stream_id, ErrorCode.NO_ERROR)  # nothing if it has ended
-
-    def _send_body(self, stream_id: int, body: bytes) -> None:
-        """As much of ``body`` as the client's windows let through; the rest waits for its
-        WINDOW_UPDATE (an answer is small: at most :data:`MAX_STREAMS` of them wait)."""
-        h2 = self.h2
-        try:
-            room = h2.send_window(stream_id)
-            if room < len(body):
-                if room > 0:
-                    h2.send_data(stream_id, body[:room])
-                    body = body[room:]
-                self.unsent[stream_id] = body
-                return
-            h2.send_data(stream_id, body, end_stream=True)
-        except StreamClosed:
-            return  # reset or closed meanwhile
-        h2.reset_stream(stream_id, ErrorCode.NO_ERROR)  # nothing if the request has ended
-
     async def _flush(self) -> None:
-        """Write what :class:`Http2Server` has queued, in order, at once when the kernel
-        takes it. Else shielded: bytes taken are written whole or the connection is dead, so
-        a cancellation (the connection ending) waits for a write in progress, at most
-        ``idle_timeout``. Meanwhile the reader waits too (bounded output); a client that reads
-        nothing for ``idle_timeout`` is cut (``too_slow``)."""
-        while self.sending:
-            await self.sent.park()
-        out = self.h2.output
-        if not out:
-            return
-        data = bytes(out)
-        out.clear()
-        sent = self.io.write_nowait(data)
-        if sent == len(data):
-            return
-        self.sending = True
-        try:
-            deadline = trio.current_time() + self.idle_timeout
-            with trio.CancelScope(deadline=deadline, shield=True) as scope:
-                await self.io.send_all(memoryview(data)[sent:])
-                while out:  # queued by the others meanwhile
-                    data = bytes(out)
-                    out.clear()
-                    await self.io.send_all(data)
-        finally:
-            self.sending = False
-            self.sent.unpark_all()
-        if scope.cancelled_caught:
+        """Write what is queued (:meth:`Http2Answers.flush`); a client that reads nothing for
+        ``idle_timeout`` is cut, counted ``too_slow``."""
+        if not await self.answers.flush():
             self.ingress.reject("too_slow")
             assert self.nursery is not None
             self.nursery.cancel_scope.cancel()

@@ -1,10 +1,12 @@
 """An asyncio event loop in a thread of its own, and the one bridge from Trio into it.
 
-nats-py, the official NATS client, is asyncio only. The NATS source runs it on such a loop,
-owned for its lifetime (started when it opens, stopped and joined when it closes): a call
-crosses from Trio once, as one coroutine, and its result comes back once through
-``TrioToken.run_sync_soon``, with no worker thread held while waiting. (The NATS sink has its
-own client on Trio instead: docs/sinks.md, "Why its own NATS client, and what it costs".)
+nats-py, the official NATS client, is asyncio only. The NATS sink and source of the package
+ran it on such a loop before they got their own client on Trio (docs/sinks.md, "Why its own
+NATS client, and what it costs"); the benches keep both old versions for comparison
+(bench/_nats_py_sink.py, bench/_nats_py_source.py), on this loop: owned for its lifetime
+(started when it opens, stopped and joined when it closes), a call crosses from Trio once, as
+one coroutine, and its result comes back once through ``TrioToken.run_sync_soon``, with no
+worker thread held while waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._errors import GatewayError
+from trio_gateway._errors import GatewayError
 
 __all__ = ("AsyncioThread",)
 

@@ -225,8 +225,11 @@ class WebSocketBroadcastSink(Sink):
                 try:
                     text = payload.decode()
                     document, end = scan(text, 0)
-                except (ValueError, RecursionError):
-                    pass  # not UTF-8, or not JSON as UTF-8: _field reads it as json.loads does
+                except (ValueError, StopIteration, RecursionError):
+                    # Not UTF-8, or not JSON as UTF-8 (the scanner raises StopIteration for a
+                    # missing value, which decode turns into a ValueError): _field reads it
+                    # as json.loads does.
+                    pass
                 else:
                     if end == len(text):
                         value = document.get(key)

@@ -207,7 +207,7 @@ class WebSocketBroadcastSink(Sink):
         the last byte), without decode's two Python calls and two whitespace matches. A
         string field is the topic as it is. Anything else (another encoding, a scan that
         fails or stops short, a topic that is a number) takes :meth:`_field`. A chat message
-        (``{"room":"bench","t":...,"n":...}``): 1.68 -> 0.85 us (``python -m bench.chat_paths
+        (``{"room":"bench","t":...,"n":...}``): 1.70 -> 0.84 us (``python -m bench.chat_paths
         --paths code``); a hypothesis test holds the two equal on arbitrary JSON and bytes.
         """
         if self.topic == "$peer":

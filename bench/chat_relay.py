@@ -214,9 +214,11 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     raise RuntimeError(f"nothing listens on {port} after {timeout} s")
 
 
-def child(*args: str) -> subprocess.Popen[str]:
+def child(*args: str, module: str = "bench.chat_relay") -> subprocess.Popen[str]:
+    """``python -m module args`` (this bench's sender or receiver), its stdin and stdout
+    piped."""
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.chat_relay", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -4,6 +4,11 @@ sink reconnecting after the server drops it, and the broadcast sink serving clie
 from __future__ import annotations
 
 import json
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -18,8 +23,19 @@ from trio_websocket import (
 )
 
 from trio_gateway import Batch, Gateway, Origin, RetryPolicy, SinkUnavailable
-from trio_gateway.sinks import WebSocketBroadcastSink, WebSocketSink
+from trio_gateway.sinks import WebSocketBroadcastSink, WebSocketSink, _wsbroadcast
 from trio_gateway.testing import MemorySource
+
+
+@asynccontextmanager
+async def broadcasting(sink: WebSocketBroadcastSink) -> AsyncIterator[tuple[MemorySource, str]]:
+    """A gateway from a memory source to ``sink``, running: its source and the sink's URL."""
+    source = MemorySource()
+    gateway = Gateway(sources=[source], sink=sink, services=[sink])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        yield source, f"ws://127.0.0.1:{sink.bound[1]}/"  # type: ignore[index]
+        gateway.shutdown()
 
 
 async def test_the_client_sink_delivers_in_order_and_reconnects() -> None:
@@ -96,13 +112,9 @@ async def test_broadcast_frames_every_size_answers_pings_and_closes_cleanly() ->
     right at each header size (7-, 16- and 64-bit lengths), and the client's pings and close
     are answered between them."""
     sink = WebSocketBroadcastSink(client_queue=100)
-    source = MemorySource()
-    gateway = Gateway(sources=[source], sink=sink, services=[sink])
     messages = [bytes([n]) * size for n, size in enumerate((0, 1, 125, 126, 65535, 65536, 200_000))]
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(gateway.run)
-            url = f"ws://127.0.0.1:{sink.bound[1]}/"  # type: ignore[index]
+        async with broadcasting(sink) as (source, url):
             async with open_websocket_url(url, max_message_size=1 << 20) as ws:
                 await wait_until(lambda: sink.clients == 1)
                 await source.send_many(messages)
@@ -112,7 +124,6 @@ async def test_broadcast_frames_every_size_answers_pings_and_closes_cleanly() ->
                     await ws.ping(b"still there?")
             assert ws.closed is not None and ws.closed.code == 1000
             await wait_until(lambda: sink.clients == 0)
-            gateway.shutdown()
     assert (sink.sent, sink.dropped, sink.unheard) == (len(messages), 0, 0)
 
 
@@ -199,3 +210,87 @@ async def test_broadcast_drops_what_finds_a_client_queue_full_for_that_client_on
 def test_the_topic_is_the_field_as_json_reads_the_bytes(payload: bytes, topic: str | None) -> None:
     sink = WebSocketBroadcastSink(topic="room")
     assert sink._topic(payload, Origin("nats", "nats:x", "chat", 1.0)) == topic
+
+
+async def test_broadcast_writes_that_the_socket_takes_in_part_go_on_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer writes straight to the socket and goes on with ``send_all`` for what the
+    kernel did not take: frames arrive whole and in order whatever the split (here every
+    write takes at most 1,000 bytes, and every third none at all)."""
+    calls = 0
+
+    def partial_write(fd: int, data: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        if calls % 3 == 0:
+            raise BlockingIOError
+        return os.write(fd, data[:1000])
+
+    monkeypatch.setattr(_wsbroadcast, "_write_fd", partial_write)
+    sink = WebSocketBroadcastSink(client_queue=1000)
+    messages = [bytes([n % 256]) * size for n, size in enumerate([5, 125, 126, 3000, 70_000] * 8)]
+    with trio.fail_after(20):
+        async with (
+            broadcasting(sink) as (source, url),
+            open_websocket_url(url, max_message_size=1 << 20) as ws,
+        ):
+            await wait_until(lambda: sink.clients == 1)
+            for i in range(0, len(messages), 5):
+                await source.send_many(messages[i : i + 5])
+            assert [await ws.get_message() for _ in messages] == messages
+    assert calls >= 3 and (sink.sent, sink.dropped) == (len(messages), 0)
+
+
+async def test_broadcast_client_whose_socket_fails_is_dropped_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that fails (the client reset its connection) ends that client's connection,
+    not the sink: the next client is served."""
+    failing = True
+
+    def write(fd: int, data: bytes) -> int:
+        if failing:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return os.write(fd, data)
+
+    monkeypatch.setattr(_wsbroadcast, "_write_fd", write)
+    sink = WebSocketBroadcastSink()
+    with trio.fail_after(20):
+        async with broadcasting(sink) as (source, url):
+            async with open_websocket_url(url):
+                await wait_until(lambda: sink.clients == 1)
+                await source.send_many([b"lost"])
+                await wait_until(lambda: sink.clients == 0)
+            failing = False
+            async with open_websocket_url(url) as ws:
+                await wait_until(lambda: sink.clients == 1)
+                await source.send_many([b"heard"])
+                assert await ws.get_message() == b"heard"
+
+
+async def test_broadcast_survives_a_client_that_resets_while_it_is_sent_to() -> None:
+    """A client that resets its connection while messages are being written to it (its
+    writer's send fails inside the connection's nursery) ends that connection alone: the
+    sink goes on serving the next client."""
+    sink = WebSocketBroadcastSink(client_queue=10_000)
+    with trio.fail_after(20):
+        async with broadcasting(sink) as (source, url):
+            address = ("127.0.0.1", sink.bound[1])  # type: ignore[index]
+            rude = trio.socket.socket()
+            await rude.connect(address)
+            await rude.send(
+                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            await wait_until(lambda: sink.clients == 1)
+            # Never read: the sink's writes fill the socket buffers, then the reset.
+            await source.send_many([b"x" * 60_000] * 200)
+            rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            rude.close()
+            await source.send_many([b"x" * 60_000] * 50)
+            await wait_until(lambda: sink.clients == 0)
+            async with open_websocket_url(url) as ws:
+                await wait_until(lambda: sink.clients == 1)
+                await source.send_many([b"still serving"])
+                assert await ws.get_message() == b"still serving"

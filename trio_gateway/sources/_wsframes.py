@@ -196,6 +196,11 @@ class MessageReader:
         return self._through
 
     @property
+    def filled(self) -> bool:
+        """The last read took all the space it was given: more is likely waiting."""
+        return self._filled
+
+    @property
     def capacity(self) -> int:
         """Size of the receive buffer now."""
         return len(self._buffer)
@@ -207,6 +212,8 @@ class MessageReader:
         start, end = self._start, self._end
         if start == end:
             start = end = self._start = self._end = 0
+            if not self._filled:  # all taken, no reason to grow: the whole buffer (the usual)
+                return self._view
         size = len(self._buffer)
         max_buffer = self.max_buffer
         live = end - start
@@ -285,38 +292,53 @@ class MessageReader:
                     start = self._hand_over(start + self._fed, end)
                     self._fed = 0
                     break
-                first = buffer[start]
-                if first in (_FIN_BINARY, _FIN_TEXT) and not self._fed:
-                    # The common frame. A header that is not complete yet cannot fail in
-                    # the protocol either, so waiting for it changes nothing.
-                    if end - start < 2:
-                        break
-                    length = buffer[start + 1]
-                    if length & 0x80 and protocol.current_size is None:
+                if not self._fed and protocol.current_size is None:
+                    # A run of common frames. Nothing in this loop calls the protocol, so
+                    # its state, checked above, holds for the run: one check per run, not
+                    # per frame (0.83 -> 0.65 us a message at 10 frames a read, 0.66 ->
+                    # 0.50 at 100, ``python -m bench.chat_paths --paths code``). A header
+                    # that is not complete yet cannot fail in the protocol either, so
+                    # waiting for it changes nothing.
+                    waiting = False
+                    while start < end:
+                        first = buffer[start]
+                        if first != _FIN_TEXT and first != _FIN_BINARY:
+                            break
+                        if end - start < 2:
+                            waiting = True
+                            break
+                        length = buffer[start + 1]
+                        if not length & 0x80:
+                            break  # unmasked: the protocol fails the connection on it
                         length &= 0x7F
                         if length < 126:
                             head = start + 6
                         elif length == 126:
                             if end - start < 4:
+                                waiting = True
                                 break
                             length = (buffer[start + 2] << 8) | buffer[start + 3]
                             head = start + 8
                         else:
                             if end - start < 10:
+                                waiting = True
                                 break
                             length = int.from_bytes(buffer[start + 2 : start + 10], "big")
                             head = start + 14
-                        if length <= fast_limit:
-                            stop = head + length
-                            if stop > end:
-                                self._need = stop - start
-                                break
-                            if first == _FIN_TEXT:
-                                texts.append(len(payloads))
-                            payloads.append(apply_mask(view[head:stop], buffer[head - 4 : head]))
-                            frames += 1
-                            start = stop
-                            continue
+                        if length > fast_limit:
+                            break
+                        stop = head + length
+                        if stop > end:
+                            self._need = stop - start
+                            waiting = True
+                            break
+                        if first == _FIN_TEXT:
+                            texts.append(len(payloads))
+                        payloads.append(apply_mask(view[head:stop], buffer[head - 4 : head]))
+                        frames += 1
+                        start = stop
+                    if waiting or start == end:
+                        break
                 after = self._other_frame(start, end)
                 if after is None:
                     break
@@ -414,7 +436,9 @@ class MessageReader:
             try:
                 # A newline cannot complete a multi-byte sequence, so the joined text is valid
                 # exactly when every message is: one C call per read.
-                b"\n".join([payloads[i] for i in texts]).decode()
+                b"\n".join(
+                    payloads if len(texts) == len(payloads) else [payloads[i] for i in texts]
+                ).decode()
             except UnicodeDecodeError:
                 for i in texts:
                     try:

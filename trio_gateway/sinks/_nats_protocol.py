@@ -211,21 +211,23 @@ class NatsParser:
         data = b"".join(received)  # one read and nothing held: the read itself, not a copy
         received.clear()
         size = len(data)
-        limit = self.max_control_line
+        longest = self.max_control_line + 2  # with its CRLF
+        max_payload = self.max_payload
         shapes = self._shapes
         append = self._ready.append
+        match_msg, match_hmsg = _MSG_LINE, _HMSG_LINE
         pos = 0
         self._need = 0
         try:
             while pos < size:
                 first = data[pos]
                 if first == 77:  # M
-                    line = _MSG_LINE(data, pos)
+                    line = match_msg(data, pos)
                 elif first == 72:  # H
-                    line = _HMSG_LINE(data, pos)
+                    line = match_hmsg(data, pos)
                 else:
                     line = None
-                if line is not None and line.end() - pos - 2 <= limit:
+                if line is not None and (body := line.end()) - pos <= longest:
                     shape = line[1]
                     strings = shapes.get(shape)
                     if strings is None:
@@ -237,7 +239,6 @@ class NatsParser:
                     else:
                         header_size = int(line[2])
                         total = int(line[3])
-                    body = line.end()
                 else:
                     general = self._line(data, pos)
                     if general is None:
@@ -248,8 +249,8 @@ class NatsParser:
                     subject, sid, reply, header_size, total, body = general
                 if header_size > total:
                     raise NatsProtocolError("HMSG header size exceeds total size")
-                if total > self.max_payload:
-                    raise NatsProtocolError(f"message of {total} bytes over {self.max_payload}")
+                if total > max_payload:
+                    raise NatsProtocolError(f"message of {total} bytes over {max_payload}")
                 stop = body + total
                 if stop + 2 > size:
                     self._need = stop + 2 - pos

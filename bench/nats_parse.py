@@ -63,14 +63,15 @@ def chat_payload(seq: int) -> bytes:
     return b'{"room":"bench","t":%r,"n":%d}' % (12345.0 + seq / 1e4, seq)
 
 
-def hmsg_read(count: int) -> bytes:
-    """``count`` ``HMSG``s as the server delivers the relay's messages to a subscriber."""
+def relay_frames(count: int, head: bytes) -> bytes:
+    """``count`` of the relay's messages, each after ``head`` (``HMSG <subject> <sid>``: as
+    the server delivers them to a subscriber; ``HPUB <subject>``: as a NATS sink publishes
+    them) and its sizes."""
     parts = []
     for seq in range(count):
         headers, payload = relay_headers(seq), chat_payload(seq)
         size = len(headers) + len(payload)
-        parts.append(b"HMSG %s 2 %d %d\r\n%s%s\r\n" % (SUBJECT.encode(), len(headers), size,
-                                                       headers, payload))  # fmt: skip
+        parts.append(b"%s %d %d\r\n%s%s\r\n" % (head, len(headers), size, headers, payload))
     return b"".join(parts)
 
 
@@ -96,18 +97,6 @@ def parser_us(read: bytes, count: int, seconds: float) -> float:
             return (now - start) / (rounds * count) * 1e6
 
 
-def hpub_read(count: int) -> bytes:
-    """What a gateway's NATS sink writes for ``count`` messages (the server turns each into
-    the subscriber's ``HMSG``)."""
-    parts = []
-    for seq in range(count):
-        headers, payload = relay_headers(seq), chat_payload(seq)
-        size = len(headers) + len(payload)
-        parts.append(b"HPUB %s %d %d\r\n%s%s\r\n" % (SUBJECT.encode(), len(headers), size,
-                                                     headers, payload))  # fmt: skip
-    return b"".join(parts)
-
-
 async def source_us(url: str, port: int, count: int, seconds: float) -> float:
     """CPU microseconds per message through a subscribed ``NatsSource`` (module docstring)."""
     queue: RingBuffer[bytes] = RingBuffer(65_536)
@@ -119,7 +108,7 @@ async def source_us(url: str, port: int, count: int, seconds: float) -> float:
         await stream.send_all(CONNECT + b"PING\r\n")
         while b"PONG" not in await stream.receive_some(65_536):
             pass
-        burst = hpub_read(count)
+        burst = relay_frames(count, b"HPUB " + SUBJECT.encode())
 
         async def one() -> None:
             await stream.send_all(burst)
@@ -153,7 +142,7 @@ def main() -> None:
     rows: list[tuple[int, float, float, float | None]] = []
     figures: dict[int, list[float]] = {}
     for count in reads:
-        hmsg, msg = hmsg_read(count), msg_read(count)
+        hmsg, msg = relay_frames(count, b"HMSG %s 2" % SUBJECT.encode()), msg_read(count)
         best_h = min(parser_us(hmsg, count, args.seconds) for _ in range(args.repeats))
         best_m = min(parser_us(msg, count, args.seconds) for _ in range(args.repeats))
         figures[count] = [best_h, best_m]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
@@ -77,6 +78,7 @@ _ACK_PREFIX = "$JS.ACK."
 _QUEUE_AT_ONCE = 16
 """Up to this many messages of one read are queued by the reading task itself when the
 offering task is idle (one call each, cheaper than waking it for a few)."""
+_subject = itemgetter(0)  # Msg.subject, at C speed
 
 
 class NatsSource(Source):
@@ -288,9 +290,7 @@ class NatsSource(Source):
         pull_replies = f"{client.inbox}p."
         while True:
             await conn.receive()
-            # Every event of the read at once (the second call raises the protocol error met
-            # after them, if any), and the subscription's messages (nearly all of them) told
-            # by their sid inline: no call per message but the parser's.
+            # A read's events at once; the subscription's told by their sid, without a call.
             arrived: list[Msg] = []
             while events := parser.next_events():
                 for event in events:
@@ -400,11 +400,7 @@ class NatsSource(Source):
         pending = self._pending
         while not pending:
             await self._wait_arrivals()
-        if len(pending) <= limit:
-            taken = list(pending)
-            pending.clear()
-            return taken
-        return [pending.popleft() for _ in range(limit)]
+        return [pending.popleft() for _ in range(min(limit, len(pending)))]
 
     async def _offer(self, ingress: Ingress, messages: list[Msg]) -> list[tuple[list[Msg], Answer]]:
         """Offer ``messages``, one offer per run of the same subject (the origin's peer);
@@ -503,19 +499,9 @@ def _deliverable(message: Msg) -> bool:
     return message.sid == _SUBSCRIPTION_SID or (reply is not None and reply.startswith(_ACK_PREFIX))
 
 
-_subject = itemgetter(0)  # Msg.subject, read at C speed
-
-
 def _runs(messages: list[Msg]) -> list[list[Msg]]:
-    """``messages`` cut into runs of the same subject (one offer, one origin each). One run is
-    by far the most common (a chat room, a device): told with one C-speed count."""
+    """Runs of one subject (one offer each); one run, the usual case, told at C speed."""
     subjects = list(map(_subject, messages))
-    if not subjects or subjects.count(subjects[0]) == len(subjects):
-        return [messages] if subjects else []
-    runs: list[list[Msg]] = []
-    start = 0
-    for end in range(1, len(messages) + 1):
-        if end == len(messages) or subjects[end] != subjects[start]:
-            runs.append(messages[start:end])
-            start = end
-    return runs
+    if subjects and subjects.count(subjects[0]) == len(subjects):
+        return [messages]
+    return [list(run) for _, run in groupby(messages, _subject)]

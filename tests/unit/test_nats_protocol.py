@@ -156,6 +156,70 @@ def test_malformed_or_oversized_input_is_a_protocol_error(data: bytes) -> None:
         events_of(data, NatsParser(max_control_line=128, max_payload=1000))
 
 
+@pytest.mark.parametrize(
+    ("usual", "unusual"),
+    [
+        (b"MSG a.b 7 5\r\nhello\r\n", b"msg a.b 7 5\r\nhello\r\n"),
+        (b"MSG a.b 7 r.1 5\r\nhello\r\n", b"MSG  a.b\t7 r.1   5\r\nhello\r\n"),
+        (
+            b"HMSG a.b 7 12 17\r\nNATS/1.0\r\n\r\nhello\r\n",
+            b"Hmsg a.b 7\t12 17\r\nNATS/1.0\r\n\r\nhello\r\n",
+        ),
+        (b"MSG a.b 7 5\r\nhello\r\n", b"MSG a.b 7 0000000000005\r\nhello\r\n"),
+    ],
+)
+def test_a_message_line_in_an_unusual_form_gives_the_same_message(
+    usual: bytes, unusual: bytes
+) -> None:
+    """The usual form takes the parser's fast path; any other form the general one."""
+    (event,) = events_of(usual)
+    assert events_of(unusual) == [event]
+    assert events_of(usual + unusual + usual) == [event, event, event]
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"MSG " + b"s" * 130 + b" 1 2\r\nab\r\n", "control line longer than 128 bytes"),
+        (b"HMSG a 1 9 5\r\n", "HMSG header size exceeds total size"),
+        (b"MSG a 1 1001\r\n", "message of 1001 bytes over 1000"),
+        (b"MSG a 1 9999999999999\r\n", "message of 9999999999999 bytes over 1000"),
+        (b"MSG a 1 3\r\nabcd\r\n", "message body not followed by CRLF"),
+        (b"MSG a 1 2 3 4\r\n", "malformed MSG line b'a 1 2 3 4'"),
+    ],
+)
+def test_each_fault_of_a_message_line_has_its_own_error(data: bytes, error: str) -> None:
+    with pytest.raises(NatsProtocolError) as raised:
+        events_of(data, NatsParser(max_control_line=128, max_payload=1000))
+    assert str(raised.value) == error
+
+
+def test_next_events_hands_a_read_at_once_then_the_error_after_it() -> None:
+    parser = NatsParser()
+    assert parser.next_events() == []
+    parser.receive_data(b"PING\r\nMSG a 1 2\r\nhi\r\nMSG b 1 2\r\nh")
+    assert parser.next_event() == Ping()
+    assert parser.next_events() == [Msg("a", "1", None, b"hi")]
+    assert parser.next_events() == []  # the rest of b's body is still to come
+    parser.receive_data(bytearray(b"o\r\nPONG\r\nNOPE\r\n"))
+    assert parser.next_events() == [Msg("b", "1", None, b"ho"), Pong()]
+    with pytest.raises(NatsProtocolError, match="unknown operation"):
+        parser.next_events()
+
+
+def test_many_subjects_and_replies_keep_their_own_strings() -> None:
+    """Subject and sid strings are kept per line shape (a bounded number of them)."""
+    data = b"".join(
+        b"MSG room.%d %d%s 1\r\n%d\r\n" % (n % 1500, n % 7, b" r.%d" % n if n % 3 else b"", n % 10)
+        for n in range(4000)
+    )
+    expected = [
+        Msg(f"room.{n % 1500}", str(n % 7), f"r.{n}" if n % 3 else None, b"%d" % (n % 10))
+        for n in range(4000)
+    ]
+    assert events_of(data) == expected
+
+
 def test_hpub_and_pub_frame_sizes_match_what_a_server_reads() -> None:
     headers = encode_headers({"Nats-Msg-Id": "s.1", "Gateway-Peer": "1.2.3.4:5"})
     frame = hpub(b"chat.in", b"_INBOX.x.1.0", headers, b"payload")

@@ -208,9 +208,7 @@ async def send_grpc(
                                 seqs = range(0)
                                 run.wrote(len(chunk))
                             else:
-                                chunk = again[:per_write]
-                                del again[: len(chunk)]
-                                resender.resending(len(chunk), after_loss=True)
+                                chunk = resender.take_again(again, per_write)
                             if not await write(call, chunk):
                                 break
                             if not (seqs or again):  # the next messages of the run

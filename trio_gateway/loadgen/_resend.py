@@ -92,3 +92,11 @@ class Resender:
         self.run.resent += n
         if after_loss:
             self.run.resent_after_loss += n
+
+    def take_again(self, again: list[int], per_write: int) -> list[int]:
+        """The next write's worth of what a lost connection left (taken off ``again``),
+        counted as resent after a loss: a streaming writer's first job after reconnecting."""
+        chunk = again[:per_write]
+        del again[: len(chunk)]
+        self.resending(len(chunk), after_loss=True)
+        return chunk

@@ -375,9 +375,7 @@ async def send_websocket(
                         seqs = range(0)
                         run.wrote(len(chunk))
                     else:
-                        chunk = again[:per_write]
-                        del again[: len(chunk)]
-                        resender.resending(len(chunk), after_loss=True)
+                        chunk = resender.take_again(again, per_write)
                     order.extend(chunk)
                     for seq in chunk:
                         protocol.send_binary(make_payload(size, seq))

@@ -35,6 +35,7 @@ if __name__ == "__main__" and not __package__:
     raise SystemExit("run it from the repository root as a module: python -m bench.chat_relay")
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -75,6 +76,7 @@ def send(url: str, rate: float, count: int, first: int) -> None:
     from websockets.sync.client import connect
 
     with connect(url, compression=None) as ws:
+        _freeze()
         print("ready", flush=True)
         sys.stdin.readline()  # go
         clock = time.perf_counter
@@ -97,6 +99,13 @@ def send(url: str, rate: float, count: int, first: int) -> None:
         print(json.dumps(report), flush=True)
 
 
+def _freeze() -> None:
+    """The clients freeze their start as ``serve`` does (``tuning.freeze_startup_objects``):
+    a full collection of the measuring process (20 ms and more) is not the relay's latency."""
+    gc.collect()
+    gc.freeze()
+
+
 def receive(url: str, count: int, timeout: float) -> None:
     """Read messages of the room until ``count`` arrived or ``timeout``; print the latencies
     (ms, and the stages' when the messages carry them)."""
@@ -110,6 +119,7 @@ def receive(url: str, count: int, timeout: float) -> None:
         a_to_b: list[float] = []
         b_to_client: list[float] = []
         async with connect(url, compression=None, max_queue=None) as ws:
+            _freeze()
             print("ready", flush=True)
             clock = time.perf_counter
             cpu = 0.0

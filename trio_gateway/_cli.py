@@ -288,6 +288,7 @@ async def _serve_pipelines(config: GatewayConfig) -> int:
     import trio
 
     from ._config import build_pipelines
+    from .tuning import freeze_startup_objects
 
     pipelines = build_pipelines(config, handle_signals=True)
     log = logging.getLogger("trio_gateway")
@@ -304,6 +305,8 @@ async def _serve_pipelines(config: GatewayConfig) -> int:
                         host,
                         port,
                     )
+        frozen = freeze_startup_objects()  # no full collection walks them again (its docstring)
+        log.debug("froze %d objects of the start (gc.freeze)", frozen)
         log.info("ready")
     for pipeline in pipelines:
         line = {"pipeline": pipeline.name, **pipeline.report()}
@@ -318,7 +321,7 @@ async def _serve(config: GatewayConfig) -> int:
     import trio
 
     from ._config import build_gateway
-    from .tuning import tune_allocator
+    from .tuning import freeze_startup_objects, tune_allocator
 
     tune_allocator()  # reuse freed message memory (see its docstring; docs/benchmarks.md)
     if config.pipelines:
@@ -333,6 +336,8 @@ async def _serve(config: GatewayConfig) -> int:
                 for source, addresses in zip(gateway.sources, bound, strict=True):
                     for host, port in addresses:
                         log.info("listening: %s on %s:%d", source.transport, host, port)
+                frozen = freeze_startup_objects()  # no full collection walks them again
+                log.debug("froze %d objects of the start (gc.freeze)", frozen)
                 log.info("ready")
                 ready = True
     except BaseException as exc:

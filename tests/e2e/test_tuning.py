@@ -5,8 +5,10 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from helpers import ServeProcess
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -46,3 +48,43 @@ def test_freed_memory_stays_with_the_process_once_tuned(mode: str) -> None:
         # How much goes back depends on what else the interpreter left at the top of the heap
         # (4 MiB or more with an eagerly imported package, 200 KiB with the lazy one): some.
         assert returned > 0
+
+
+_FREEZE_PROBE = """
+import gc, time
+from trio_gateway.tuning import freeze_startup_objects
+import trio_gateway.sources.websocket, trio_gateway.sinks  # what a gateway imports
+before = len(gc.get_objects())
+frozen = freeze_startup_objects()
+print(before, frozen, len(gc.get_objects()))
+"""
+
+
+def test_freezing_takes_the_start_out_of_every_later_collection() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FREEZE_PROBE], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    before, frozen, after = map(int, result.stdout.split())
+    assert before > 10_000  # tens of thousands of objects that every full collection walked
+    assert frozen > 0.9 * before  # the start's garbage was collected, the rest frozen
+    assert after < 100  # what a full collection walks now
+
+
+@pytest.mark.parametrize("shape", ["one gateway", "pipelines"])
+def test_serve_freezes_the_start_before_it_says_ready(shape: str, tmp_path: Path) -> None:
+    if shape == "pipelines":
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            '[pipelines.p]\n[[pipelines.p.sources]]\ntransport = "tcp"\nlisten = "127.0.0.1:0"\n'
+            '[[pipelines.p.sinks]]\nurl = "null"\n'
+        )
+        args = ["--config", str(config)]
+    else:
+        args = ["--tcp", "127.0.0.1:0", "--sink", "null"]
+    gateway = ServeProcess([*args, "--admin", "off", "--log-level", "debug"])
+    code, stderr = gateway.stop()
+    assert code == 0
+    froze = [line for line in gateway.stderr_lines if "froze" in line]
+    assert len(froze) == 1, stderr
+    assert int(froze[0].split("froze ")[1].split()[0]) > 10_000

@@ -21,7 +21,7 @@ import trio
 from .._config import build_gateway, build_pipelines
 from .._errors import GatewayError
 from .._log import logger
-from ..tuning import tune_allocator
+from ..tuning import freeze_startup_objects, tune_allocator
 from ._logs import JsonLinesHandler, write_line
 from ._spec import config_from_jsonable, read_spec
 
@@ -73,6 +73,7 @@ async def _serve(gateway: Gateway) -> int:
 
         bound = await nursery.start(run_gateway)
         admin = gateway.service_values[0] if gateway.service_values else None
+        freeze_startup_objects()  # as serve does (see its docstring)
         write_line({"event": "ready", "pid": os.getpid(), "bound": bound, "admin": admin})
         nursery.start_soon(_watch_parent, gateway)
     ledger = gateway.ledger
@@ -96,6 +97,7 @@ async def _serve_pipelines(pipelines: Pipelines, config: GatewayConfig) -> int:
             for spec in config.pipelines
             for addresses in bound[spec.name][: len(spec.sources)]  # not the routes' ends
         ]
+        freeze_startup_objects()  # as serve does (see its docstring)
         write_line(
             {
                 "event": "ready",

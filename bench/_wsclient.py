@@ -44,6 +44,8 @@ class WsClient:
                 if isinstance(event, Response) and self.protocol.handshake_exc is not None:
                     raise self.protocol.handshake_exc
         self._pending: list[Frame] = list(self.protocol.events_received())
+        # Blocking from here on: with a timeout, Python polls the socket before each call.
+        self.sock.settimeout(None)
 
     def _flush(self) -> None:
         for data in self.protocol.data_to_send():

@@ -5,14 +5,14 @@
 
 * ``source``: a :class:`WebSocketSource` (its frame reader, one queue offer per read) into a
   RingBuffer drained by a consumer task, in a process of its own; the client is the chat
-  relay's sender (``bench.chat_relay``: the ``websockets`` library's sync client in another
+  relay's sender (``bench.chat_relay``'s, on ``websockets``' sans-I/O protocol, in another
   process) sending ``{"room":"bench","t":...,"n":...}`` text messages on a schedule of
   ``--rates`` messages per second. The gateway's CPU is its process time from the first
   message to the last, divided by the messages.
 * ``sink``: a :class:`WebSocketBroadcastSink` (``topic="room"``, as the chat example) in a
   process of its own, fed in-process with batches of ``--batches`` such messages at 10,000
   messages per second (their ``t`` stamped as each batch is made); the client is the chat
-  relay's receiver (``websockets``' asyncio client, subscribed to the room). The gateway's
+  relay's receiver (``bench.chat_relay``'s, subscribed to the room). The gateway's
   CPU is its process time from the first batch to 0.2 s after the last (idle costs
   nothing), divided by the messages; it includes making the payloads (an f-string each).
   The receiver's median and p99 latency come with it.
@@ -124,14 +124,14 @@ def serve_sink(port: int, count: int, batch: int, profile: str) -> None:
             while sink.clients < 1:
                 await trio.sleep(0.01)
             await trio.to_thread.run_sync(sys.stdin.readline)  # go
-            clock = time.perf_counter
+            clock, stamp = time.perf_counter, time.perf_counter_ns
             start, cpu = clock(), _cpu()
             due = trio.current_time()  # trio's clock is not perf_counter's
             sent = 0
             while sent < count:
                 n = min(batch, count - sent)
                 payloads = [
-                    f'{{"room":"{ROOM}","t":{clock()!r},"n":{sent + i}}}'.encode() for i in range(n)
+                    f'{{"room":"{ROOM}","t":{stamp()},"n":{sent + i}}}'.encode() for i in range(n)
                 ]
                 await sink.send(Batch(payloads, [(origin, n)]))
                 sent += n
@@ -216,7 +216,7 @@ def code_costs() -> dict[str, float]:
     from trio_gateway.sinks._wsbroadcast import WebSocketBroadcastSink
     from trio_gateway.sources._wsframes import MessageReader
 
-    text = f'{{"room":"{ROOM}","t":{time.perf_counter()!r},"n":12345}}'
+    text = f'{{"room":"{ROOM}","t":{time.perf_counter_ns()},"n":12345}}'
     frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=True, extensions=[])
     results: dict[str, float] = {}
     for per_read in (1, 10, 100):

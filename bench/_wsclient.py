@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
@@ -38,12 +37,14 @@ class WsClient:
         self.protocol = ClientProtocol(uri, max_size=None)
         self.protocol.send_request(self.protocol.connect())
         self._flush()
+        self._pending: list[Frame] = []  # frames that came in the handshake's last read
         while self.protocol.state is State.CONNECTING:
             self._receive()
             for event in self.protocol.events_received():
-                if isinstance(event, Response) and self.protocol.handshake_exc is not None:
-                    raise self.protocol.handshake_exc
-        self._pending: list[Frame] = list(self.protocol.events_received())
+                if isinstance(event, Frame):
+                    self._pending.append(event)
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
         # Blocking from here on: with a timeout, Python polls the socket before each call.
         self.sock.settimeout(None)
 
@@ -66,8 +67,8 @@ class WsClient:
         self.sock.sendall(data)
 
     def messages(self) -> Iterator[bytes]:
-        """Messages as they arrive (a socket timeout raises ``TimeoutError``); ends when the
-        connection closes."""
+        """Messages as they arrive, read by blocking reads (bound them with an alarm whose
+        handler raises); ends when the connection closes."""
         protocol = self.protocol
         while True:
             for frame in self._pending:

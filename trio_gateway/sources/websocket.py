@@ -53,6 +53,7 @@ from ._base import (
     serve_connections,
     tls_and_peer,
 )
+from ._idle import ReadWatch, Reaper
 from ._options import DEFAULT_MAX_MESSAGE_SIZE, ListenOptions, check_origins
 from ._wsack import (
     ACK_SUBPROTOCOL,
@@ -155,14 +156,17 @@ class WebSocketSource(Source):
         self, ingress: Ingress, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         listeners = await self.listen(https_compatible=True)
+        reaper = Reaper()  # the connections' read deadlines (see _idle.py)
 
         async def handler(stream: trio.abc.Stream) -> None:
             with ingress.budget.connection() as share:
-                await self._connection(ingress, stream, share)
+                await self._connection(ingress, stream, share, reaper)
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_connections(
+            nursery.start_soon(reaper.run)
+
+            async def serve(task_status: trio.TaskStatus[Any]) -> None:
+                await serve_connections(
                     handler,
                     listeners,
                     ingress,
@@ -170,7 +174,9 @@ class WebSocketSource(Source):
                     refuse=refuse_with(_TOO_MANY_CONNECTIONS),
                     task_status=task_status,
                 )
-            )
+                nursery.cancel_scope.cancel()  # every connection is done: so is the reaper
+
+            await nursery.start(serve)
             task_status.started(list(self.bound))
 
     # -- handshake ------------------------------------------------------------------------
@@ -269,7 +275,7 @@ class WebSocketSource(Source):
     # -- messages -------------------------------------------------------------------------
 
     async def _connection(
-        self, ingress: Ingress, stream: trio.abc.Stream, share: ConnectionShare
+        self, ingress: Ingress, stream: trio.abc.Stream, share: ConnectionShare, reaper: Reaper
     ) -> None:
         peer = await tls_and_peer(
             stream, ingress, handshake_timeout=self.handshake_timeout, label=self.label
@@ -311,7 +317,8 @@ class WebSocketSource(Source):
 
                 nursery.start_soon(acked.send_acks, self.idle_timeout, stalled)
                 nursery.start_soon(acked.answer_in_order)
-            await self._read_messages(ingress, connection, reader, peer, early, offer, share)
+            watch = ReadWatch(reaper, trio.current_time() + self.idle_timeout)
+            await self._read_messages(ingress, connection, reader, peer, early, offer, share, watch)
             nursery.cancel_scope.cancel()
 
     async def _read_messages(
@@ -323,6 +330,7 @@ class WebSocketSource(Source):
         early: list[Any],
         offer: Callable[[list[bytes], Origin], Awaitable[int]],
         share: ConnectionShare,
+        watch: ReadWatch,
     ) -> None:
         protocol = connection.protocol
         stream = connection.stream
@@ -331,63 +339,77 @@ class WebSocketSource(Source):
         listener = ingress.listener
         idle = self.idle_timeout
         # A frame must complete within idle_timeout of the previous one: bytes that only
-        # extend a partial frame do not push the deadline back (slowloris).
-        deadline = trio.current_time() + idle
+        # extend a partial frame do not push the deadline back (slowloris). The reaper
+        # cuts a read that waits past it (see _idle.py: no cancel scope per read).
         partial = False  # a frame begun and not complete
         # Frames that arrived with the handshake request are processed first.
         payloads = reader.take_events(early + protocol.events_received())
-        while True:
-            if payloads:
-                await offer(payloads, Origin("websocket", listener, peer, time.time()))
-            if reader.invalid_text:
-                ingress.reject("malformed")
-                reader.invalid_text = False
-            if protocol.close_rcvd is not None and isinstance(connection, AckConnection):
-                # The client said goodbye: its last acks go before our reply to that.
-                with trio.move_on_after(idle):
-                    await connection.wait_answered()
-            if not await connection.flush():
-                self._count_close(ingress, protocol, partial)
-                await self._linger(stream)
-                return
-            if reader.frames:
-                deadline = trio.current_time() + idle
-            if not share.hold_nowait(reader.held):
-                # Over the memory budget: refuse in WebSocket's terms, "try again later".
-                ingress.reject("over_budget")
-                await self._close(connection, CloseCode.TRY_AGAIN_LATER, "over the memory budget")
-                return
-            with trio.CancelScope(deadline=deadline):
-                try:
-                    if sock is not None:
-                        if reader.filled:  # the last read took all it could: more is waiting
-                            size = await sock.recv_into(reader.read_buffer())
+        while True:  # one cancel scope per stretch of reads the reaper did not cut
+            with trio.CancelScope() as scope:
+                watch.scope = scope
+                while True:
+                    if payloads:
+                        await offer(payloads, Origin("websocket", listener, peer, time.time()))
+                        payloads = []
+                    if reader.invalid_text:
+                        ingress.reject("malformed")
+                        reader.invalid_text = False
+                    if protocol.close_rcvd is not None and isinstance(connection, AckConnection):
+                        # The client said goodbye: its last acks go before our reply to that.
+                        with trio.move_on_after(idle):
+                            await connection.wait_answered()
+                    if not await connection.flush():
+                        self._count_close(ingress, protocol, partial)
+                        await self._linger(stream)
+                        return
+                    if reader.frames:
+                        watch.deadline = trio.current_time() + idle
+                    if not share.hold_nowait(reader.held):
+                        # Over the memory budget: refuse in WebSocket's terms, "try again later".
+                        ingress.reject("over_budget")
+                        await self._close(
+                            connection, CloseCode.TRY_AGAIN_LATER, "over the memory budget"
+                        )
+                        return
+                    if watch.expired():
+                        break
+                    watch.arm()
+                    watch.waiting = True
+                    try:
+                        if sock is not None:
+                            if reader.filled:  # the last read took all it could: more waits
+                                size = await sock.recv_into(reader.read_buffer())
+                            else:
+                                size = await _receive_into(sock, reader.read_buffer())
+                            payloads = reader.received(size)
                         else:
-                            size = await _receive_into(sock, reader.read_buffer())
-                        payloads = reader.received(size)
-                    else:
-                        data = await stream.receive_some(MAX_RECV)
-                        size = len(data)
-                        payloads = reader.feed(data)
-                except (trio.BrokenResourceError, OSError) as exc:
-                    # An abrupt close (a reset): the end of the stream, counted as one
-                    # (truncated if it cut a frame short), not as a failure of ours.
-                    connection_errors.info("%s: %s: connection reset: %r", listener, peer, exc)
-                    size = 0
-                    payloads = reader.received(0)
-                if size:  # at the end of the stream, what was held before it counts
-                    partial = reader.buffered > 0
-                continue
-            if partial:
-                ingress.reject("too_slow")
-                await self._close(connection, CloseCode.POLICY_VIOLATION, "too slow")
-                return
-            # Nothing for idle_timeout seconds.
-            ingress.reject("idle_timeout")
-            if protocol.state is State.OPEN:
-                protocol.send_close(CloseCode.GOING_AWAY, "idle timeout")
-                await connection.flush()
+                            data = await stream.receive_some(MAX_RECV)
+                            size = len(data)
+                            payloads = reader.feed(data)
+                    except (trio.BrokenResourceError, OSError) as exc:
+                        # An abrupt close (a reset): the end of the stream, counted as one
+                        # (truncated if it cut a frame short), not as a failure of ours.
+                        connection_errors.info("%s: %s: connection reset: %r", listener, peer, exc)
+                        size = 0
+                        payloads = reader.received(0)
+                    finally:
+                        watch.waiting = False
+                    if size:  # at the end of the stream, what was held before it counts
+                        partial = reader.buffered > 0
+                    if scope.cancel_called:
+                        # Cut as the read finished: keep what it read, in a fresh scope.
+                        break
+            if not scope.cancel_called or scope.cancelled_caught:
+                break  # the deadline passed: before a read, or during one
+        if partial:
+            ingress.reject("too_slow")
+            await self._close(connection, CloseCode.POLICY_VIOLATION, "too slow")
             return
+        # Nothing for idle_timeout seconds.
+        ingress.reject("idle_timeout")
+        if protocol.state is State.OPEN:
+            protocol.send_close(CloseCode.GOING_AWAY, "idle timeout")
+            await connection.flush()
 
     async def _close(self, connection: Connection, code: CloseCode, reason: str) -> None:
         """Our close frame (if the connection is still open), then the linger."""

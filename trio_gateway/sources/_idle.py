@@ -1,0 +1,92 @@
+"""Read deadlines for many connections, without a cancel scope per read.
+
+A connection's reads are bounded by a deadline (``idle_timeout`` since the last complete
+frame: a client that goes quiet, or one that trickles a frame byte by byte, is cut). The
+plain way is ``with trio.CancelScope(deadline=...)`` around each read; entering and leaving
+a cancel scope costs more than the rest of a small read: the WebSocket source alone at
+10,000 one-message reads a second spent 49-57 us of CPU per message with a scope per read
+and 43-49 without (``python -m bench.chat_paths --paths source``, docs/benchmarks.md).
+
+Here one task per listener, the :class:`Reaper`, keeps the connections' deadlines in a heap
+and cancels a connection's scope only when its deadline has passed while it waits in a read.
+The connection runs its reads inside one scope for as long as nothing cuts it
+(:class:`ReadWatch` says how); an offer that waits for room in the queue is never cut.
+
+The race this must get right: the reaper runs while the reader task is suspended; if the
+read has already completed (the task is rescheduled and has not run yet) when the reaper
+cancels, the reader still gets its bytes (nothing in a read checkpoints after the wait), sees
+``cancel_called`` before its next checkpoint, and leaves the cancelled scope at once for a
+fresh one: what it read is handled, as with a deadline scope around the read.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+
+import trio
+
+__all__ = ("ReadWatch", "Reaper")
+
+
+class ReadWatch:
+    """One connection's reads: its ``deadline`` (``trio.current_time()`` based), whether it
+    is ``waiting`` in a read now, and the cancel ``scope`` its reads run in."""
+
+    __slots__ = ("_armed", "_reaper", "deadline", "scope", "waiting")
+
+    def __init__(self, reaper: Reaper, deadline: float) -> None:
+        self._reaper = reaper
+        self._armed = False
+        self.deadline = deadline
+        self.scope = trio.CancelScope()
+        self.waiting = False
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed (checked before each read: a connection busy
+        elsewhere, in an offer that waited, is not cut there)."""
+        return trio.current_time() >= self.deadline
+
+    def arm(self) -> None:
+        """Make sure the reaper looks at this connection by its deadline (before a read)."""
+        if not self._armed:
+            self._armed = True
+            self._reaper.watch(self)
+
+    def disarm(self) -> None:
+        self._armed = False
+
+
+class Reaper:
+    """The deadlines of one listener's connections; :meth:`run` is its task."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, ReadWatch]] = []
+        self._order = itertools.count()
+        self._wakeup = trio.Event()
+
+    def watch(self, watch: ReadWatch) -> None:
+        heapq.heappush(self._heap, (watch.deadline, next(self._order), watch))
+        if watch.deadline < self._next:
+            self._wakeup.set()
+
+    _next = math.inf
+
+    async def run(self) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, _, watch = heapq.heappop(heap)
+                if watch.deadline > now:  # pushed back by frames since: look again then
+                    heapq.heappush(heap, (watch.deadline, next(self._order), watch))
+                elif watch.waiting:
+                    watch.disarm()
+                    watch.scope.cancel()
+                else:  # busy elsewhere: the next read checks its deadline, and re-arms
+                    watch.disarm()
+            self._next = heap[0][0] if heap else math.inf
+            self._wakeup = trio.Event()
+            with trio.move_on_at(self._next):
+                await self._wakeup.wait()

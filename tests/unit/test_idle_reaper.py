@@ -115,3 +115,19 @@ async def test_a_thousand_connections_are_each_cut_at_their_own_deadline(
         nursery.cancel_scope.cancel()
     assert len(cut) == 1000
     assert all(abs(c - 10) < 1e-6 for c in cut)
+
+
+async def test_a_flood_of_short_connections_does_not_grow_the_heap() -> None:
+    """Each ended connection's entry would wait for its deadline; the dead are swept once
+    they are most of the heap, so the heap stays near the number of live connections."""
+    reaper = Reaper()
+    now = trio.current_time()
+    live = [ReadWatch(reaper, now + 60) for _ in range(10)]
+    for watch in live:
+        watch.arm()
+    for _ in range(10_000):
+        watch = ReadWatch(reaper, now + 60)
+        watch.arm()
+        watch.close()
+    assert len(reaper._heap) <= 2 * 64 + len(live)
+    assert {entry[2] for entry in reaper._heap} >= set(live)

@@ -34,11 +34,12 @@ class ReadWatch:
     """One connection's reads: its ``deadline`` (``trio.current_time()`` based), whether it
     is ``waiting`` in a read now, and the cancel ``scope`` its reads run in."""
 
-    __slots__ = ("_armed", "_reaper", "deadline", "scope", "waiting")
+    __slots__ = ("_armed", "_closed", "_reaper", "deadline", "scope", "waiting")
 
     def __init__(self, reaper: Reaper, deadline: float) -> None:
         self._reaper = reaper
         self._armed = False
+        self._closed = False
         self.deadline = deadline
         self.scope = trio.CancelScope()
         self.waiting = False
@@ -57,14 +58,34 @@ class ReadWatch:
     def disarm(self) -> None:
         self._armed = False
 
+    def close(self) -> None:
+        """The connection is done: its heap entry is dead weight from now on."""
+        if not self._closed:
+            self._closed = True
+            if self._armed:
+                self._reaper.dead()
+
 
 class Reaper:
     """The deadlines of one listener's connections; :meth:`run` is its task."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, ReadWatch]] = []
+        self._dead = 0  # entries of connections that ended
         self._order = itertools.count()
         self._wakeup = trio.Event()
+
+    def dead(self) -> None:
+        """A watched connection ended. Its entry would stay until its deadline, so a flood of
+        short connections could grow the heap for a whole idle period: once the dead are
+        most of it, the heap is rebuilt from the living (amortised: each rebuild follows at
+        least as many ends as it keeps)."""
+        self._dead += 1
+        heap = self._heap
+        if self._dead > 64 and 2 * self._dead > len(heap):
+            heap[:] = [entry for entry in heap if not entry[2]._closed]
+            heapq.heapify(heap)
+            self._dead = 0
 
     def watch(self, watch: ReadWatch) -> None:
         heapq.heappush(self._heap, (watch.deadline, next(self._order), watch))
@@ -79,7 +100,9 @@ class Reaper:
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 _, _, watch = heapq.heappop(heap)
-                if watch.deadline > now:  # pushed back by frames since: look again then
+                if watch._closed:
+                    self._dead = max(0, self._dead - 1)
+                elif watch.deadline > now:  # pushed back by frames since: look again then
                     heapq.heappush(heap, (watch.deadline, next(self._order), watch))
                 elif watch.waiting:
                     watch.disarm()

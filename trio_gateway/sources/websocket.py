@@ -318,7 +318,12 @@ class WebSocketSource(Source):
                 nursery.start_soon(acked.send_acks, self.idle_timeout, stalled)
                 nursery.start_soon(acked.answer_in_order)
             watch = ReadWatch(reaper, trio.current_time() + self.idle_timeout)
-            await self._read_messages(ingress, connection, reader, peer, early, offer, share, watch)
+            try:
+                await self._read_messages(
+                    ingress, connection, reader, peer, early, offer, share, watch
+                )
+            finally:
+                watch.close()
             nursery.cancel_scope.cancel()
 
     async def _read_messages(

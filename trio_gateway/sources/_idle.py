@@ -3,9 +3,10 @@
 A connection's reads are bounded by a deadline (``idle_timeout`` since the last complete
 frame: a client that goes quiet, or one that trickles a frame byte by byte, is cut). The
 plain way is ``with trio.CancelScope(deadline=...)`` around each read; entering and leaving
-a cancel scope costs more than the rest of a small read: the WebSocket source alone at
-10,000 one-message reads a second spent 49-57 us of CPU per message with a scope per read
-and 43-49 without (``python -m bench.chat_paths --paths source``, docs/benchmarks.md).
+a cancel scope costs about a quarter of a small read's time: the WebSocket source alone
+went from 55 to 49 us of CPU a message at 10,000 one-message reads a second, and from 126
+to 96 at 1,000, with this instead (``python -m bench.chat_paths --paths source``, medians
+of three interleaved rounds; docs/websocket.md).
 
 Here one task per listener, the :class:`Reaper`, keeps the connections' deadlines in a heap
 and cancels a connection's scope only when its deadline has passed while it waits in a read.

@@ -186,3 +186,42 @@ async def test_a_senders_id_travels_with_the_origin_and_the_stream_keeps_one_cop
     assert headers["Nats-Msg-Id"] == "order-42" and headers["Gateway-Peer"] == "10.0.0.7:5000"
     assert headers["Gateway-Received-At"] == "1700000001.5"
     assert messages[0].headers["Nats-Msg-Id"] == f"{sink.sink_id}.1"
+
+
+async def test_a_round_the_socket_cannot_take_is_bounded_by_its_write_timeout() -> None:
+    """A round goes out in one write when the socket takes it (no wait, no cancel scope);
+    what it does not take is written with ``send_all`` under the write's bound. A server
+    that stops reading holds that write: past the bound, the batch fails as a lost
+    connection, and the connection is given up (half a command is on the wire)."""
+    handshaken = trio.Event()
+
+    async def server(stream: trio.SocketStream) -> None:
+        await stream.send_all(b'INFO {"headers":true,"max_payload":67108864}\r\n')
+        received = b""
+        while b"PING\r\n" not in received:
+            received += await stream.receive_some()
+        await stream.send_all(b"PONG\r\n")
+        handshaken.set()
+        await trio.sleep_forever()  # and never read again
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(
+                functools.partial(trio.serve_tcp, server, 0, host="127.0.0.1")
+            )
+            port = listener.socket.getsockname()[1]
+            sink = NatsSink(
+                f"nats://127.0.0.1:{port}/a",
+                confirm="server",
+                ack_timeout=0.3,
+                connect_timeout=0.3,
+            )
+            await sink.open()
+            await handshaken.wait()
+            start = trio.current_time()
+            with pytest.raises(SinkError, match="did not finish in time"):
+                await sink.send(Batch([b"x" * (32 << 20)], [(ORIGIN, 1)]))  # > socket buffers
+            assert 0.25 < trio.current_time() - start < 3
+            assert sink.failures["connection_lost"] == 1
+            await sink.aclose()
+            nursery.cancel_scope.cancel()

@@ -13,6 +13,7 @@ protocol, never the sinks themselves.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,8 @@ class NatsConnection:
     info: Info
     server: str
     last_read: float
+    writing: bool = False
+    """A ``send_all`` is under way: nothing may be written beside it."""
 
     async def receive(self) -> None:
         """One socket read into the parser; the server's close is :class:`ConnectionLost`."""
@@ -304,9 +307,10 @@ class NatsClient:
             return True
         return False
 
-    async def write(self, conn: NatsConnection, data: bytes) -> None:
+    async def write(self, conn: NatsConnection, data: bytes | memoryview) -> None:
         """Write it all, or give the connection up: a write cut short (cancelled, timed out)
         leaves half a command on the wire, after which nothing sent on it would parse."""
+        conn.writing = True
         try:
             await conn.stream.send_all(data)
         except BaseException:
@@ -315,6 +319,23 @@ class NatsClient:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(conn.stream)
             raise
+        finally:
+            conn.writing = False
+
+    def write_nowait(self, conn: NatsConnection, data: bytes) -> int:
+        """As much of ``data`` as the socket takes now, without waiting: how many bytes
+        (0 under TLS, or beside a ``send_all`` under way). The caller writes the rest with
+        :meth:`write`, bounded in time; a round of publishes nearly always fits, and then
+        needs neither the scheduler's pass after ``send_all`` nor a cancel scope around it
+        (each costs about as much as the write on the reference machine). A failed write is
+        left for :meth:`write` to meet and report as it does."""
+        stream = conn.stream
+        if type(stream) is not trio.SocketStream or conn.writing:
+            return 0
+        try:
+            return os.write(stream.socket.fileno(), data)
+        except OSError:  # full (EAGAIN), or broken: write() says which
+            return 0
 
     async def drop(self) -> None:
         conn, self.conn = self.conn, None

@@ -305,8 +305,7 @@ async def _serve_pipelines(config: GatewayConfig) -> int:
                         host,
                         port,
                     )
-        frozen = freeze_startup_objects()  # no full collection walks them again (its docstring)
-        log.debug("froze %d objects of the start (gc.freeze)", frozen)
+        freeze_startup_objects()  # no full collection walks the start again
         log.info("ready")
     for pipeline in pipelines:
         line = {"pipeline": pipeline.name, **pipeline.report()}
@@ -336,8 +335,7 @@ async def _serve(config: GatewayConfig) -> int:
                 for source, addresses in zip(gateway.sources, bound, strict=True):
                     for host, port in addresses:
                         log.info("listening: %s on %s:%d", source.transport, host, port)
-                frozen = freeze_startup_objects()  # no full collection walks them again
-                log.debug("froze %d objects of the start (gc.freeze)", frozen)
+                freeze_startup_objects()  # no full collection walks the start again
                 log.info("ready")
                 ready = True
     except BaseException as exc:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import logging
 import sys
 
 __all__ = ("freeze_startup_objects", "tune_allocator")
 
+_log = logging.getLogger("trio_gateway.tuning")  # stdlib only: tuning imports none of ours
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _tuned: bool | None = None
@@ -67,8 +69,10 @@ def freeze_startup_objects() -> int:
     holds. The collector keeps running; frozen objects are simply never collected (their
     cycles, if any, live as long as the process). ``serve`` calls it once its listeners are
     bound (each worker of ``serve --workers N`` too); a program embedding a gateway may call
-    it when its own start is done. Returns how many objects were frozen.
+    it when its own start is done. Logs and returns how many objects were frozen.
     """
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    frozen = gc.get_freeze_count()
+    _log.debug("froze %d objects of the start (gc.freeze)", frozen)
+    return frozen

@@ -75,6 +75,7 @@ class Reaper:
         self._dead = 0  # entries of connections that ended
         self._order = itertools.count()
         self._wakeup = trio.Event()
+        self._next = math.inf  # when run() looks next
 
     def dead(self) -> None:
         """A watched connection ended. Its entry would stay until its deadline, so a flood of
@@ -92,8 +93,6 @@ class Reaper:
         heapq.heappush(self._heap, (watch.deadline, next(self._order), watch))
         if watch.deadline < self._next:
             self._wakeup.set()
-
-    _next = math.inf
 
     async def run(self) -> None:
         heap = self._heap

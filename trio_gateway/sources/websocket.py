@@ -349,13 +349,14 @@ class WebSocketSource(Source):
         partial = False  # a frame begun and not complete
         # Frames that arrived with the handshake request are processed first.
         payloads = reader.take_events(early + protocol.events_received())
-        while True:  # one cancel scope per stretch of reads the reaper did not cut
+        again = True
+        while again:  # one cancel scope per stretch of reads the reaper did not cut
+            again = False
             with trio.CancelScope() as scope:
                 watch.scope = scope
                 while True:
                     if payloads:
                         await offer(payloads, Origin("websocket", listener, peer, time.time()))
-                        payloads = []
                     if reader.invalid_text:
                         ingress.reject("malformed")
                         reader.invalid_text = False
@@ -403,9 +404,9 @@ class WebSocketSource(Source):
                         partial = reader.buffered > 0
                     if scope.cancel_called:
                         # Cut as the read finished: keep what it read, in a fresh scope.
+                        again = True
                         break
-            if not scope.cancel_called or scope.cancelled_caught:
-                break  # the deadline passed: before a read, or during one
+        # The deadline passed: before a read, or during one (the scope caught the cut).
         if partial:
             ingress.reject("too_slow")
             await self._close(connection, CloseCode.POLICY_VIOLATION, "too slow")

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 from trio.testing import MockClock
 
 from trio_gateway.sources._idle import ReadWatch, Reaper
+
+
+@asynccontextmanager
+async def reaping() -> AsyncIterator[tuple[Reaper, trio.Nursery]]:
+    """A reaper running in a nursery (cancelled at the end), as a listener runs one."""
+    reaper = Reaper()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reaper.run)
+        yield reaper, nursery
+        nursery.cancel_scope.cancel()
 
 
 async def _read(watch: ReadWatch, arrived: trio.Event) -> str:
@@ -27,20 +40,15 @@ async def _read(watch: ReadWatch, arrived: trio.Event) -> str:
 
 
 async def test_a_read_that_waits_past_its_deadline_is_cut_then(autojump_clock: MockClock) -> None:
-    reaper = Reaper()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reaper.run)
+    async with reaping() as (reaper, _):
         start = trio.current_time()
         watch = ReadWatch(reaper, start + 5)
         assert await _read(watch, trio.Event()) == "cut while waiting"
         assert trio.current_time() - start == 5
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_deadline_pushed_back_is_honoured(autojump_clock: MockClock) -> None:
-    reaper = Reaper()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reaper.run)
+    async with reaping() as (reaper, nursery):
         start = trio.current_time()
         watch = ReadWatch(reaper, start + 5)
 
@@ -52,15 +60,12 @@ async def test_a_deadline_pushed_back_is_honoured(autojump_clock: MockClock) -> 
         nursery.start_soon(push_back)
         assert await _read(watch, trio.Event()) == "cut while waiting"
         assert trio.current_time() - start == 17  # 5 s after the last frame, at 12 s
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_connection_busy_elsewhere_is_not_cut_there(autojump_clock: MockClock) -> None:
     """Past its deadline while not in a read (an offer waiting for room): no cancel; the
     next read sees the deadline passed."""
-    reaper = Reaper()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reaper.run)
+    async with reaping() as (reaper, _):
         watch = ReadWatch(reaper, trio.current_time() + 5)
         with trio.CancelScope() as scope:
             watch.scope = scope
@@ -70,7 +75,6 @@ async def test_a_connection_busy_elsewhere_is_not_cut_there(autojump_clock: Mock
         assert await _read(watch, trio.Event()) == "expired before the read"
         watch.deadline = trio.current_time() + 5  # frames read meanwhile: not expired
         assert await _read(watch, trio.Event()) == "cut while waiting"
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_cut_that_comes_after_the_read_finished_keeps_what_was_read() -> None:
@@ -98,10 +102,8 @@ async def test_a_thousand_connections_are_each_cut_at_their_own_deadline(
     autojump_clock: MockClock,
 ) -> None:
     """One reaper for a listener's connections: each waiting one is cut at its deadline."""
-    reaper = Reaper()
     cut: list[float] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reaper.run)
+    async with reaping() as (reaper, _):
         start = trio.current_time()
 
         async def connection(i: int) -> None:
@@ -112,7 +114,6 @@ async def test_a_thousand_connections_are_each_cut_at_their_own_deadline(
         async with trio.open_nursery() as connections:
             for i in range(1000):
                 connections.start_soon(connection, i)
-        nursery.cancel_scope.cancel()
     assert len(cut) == 1000
     assert all(abs(c - 10) < 1e-6 for c in cut)
 

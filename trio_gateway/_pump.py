@@ -128,6 +128,7 @@ class Pump:
         queue = self.queue
         by_bytes = queue.max_bytes is not None  # else a queue's statistics hold no bytes
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             n = self.batch_size
             if by_bytes:
@@ -139,9 +140,13 @@ class Pump:
                 batch = self.buffer.get_batch_nowait(n)
             except trio.WouldBlock:
                 await queue.wait_not_empty()
+                waited = True
                 continue
             held = stats.bytes - queue.statistics().bytes if by_bytes else batch.nbytes
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not waited:
+                # The wait was the checkpoint: a second one is a scheduler pass per batch,
+                # and at a relay's rates nearly every batch comes after a wait.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return batch, held
 
     async def _dead_letter(self, batch: Batch, indices: Sequence[int], reason: str) -> None:

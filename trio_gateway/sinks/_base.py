@@ -39,6 +39,11 @@ class Sink(ABC):
 
         ``batch.payloads`` and ``batch.runs`` (origins by runs of messages) are the fast way
         in; iterating the batch yields ``(payload, origin)`` messages.
+
+        A ``send`` that has nothing to wait for (the broadcast sink hands the batch to its
+        clients' outboxes) may return without a checkpoint: the pump makes one per batch,
+        its wait for the batch or a checkpoint when it did not wait. A scheduler pass costs
+        a few microseconds, and a relay sends batches of one message.
         """
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook

@@ -272,7 +272,6 @@ class WebSocketBroadcastSink(Sink):
             # Nobody to hear them: no topic to read (a JSON decode per message). A relay's
             # gateway with no clients of its own pays nothing more for the messages back out.
             self.unheard += len(batch)
-            await trio.lowlevel.checkpoint()
             return
         everyone = clients.get("", set())
         # Each client's share of the batch, in order, then one call per client.
@@ -308,7 +307,6 @@ class WebSocketBroadcastSink(Sink):
             queued = outbox.put_many(payloads)
             self.sent += queued
             self.dropped += len(payloads) - queued
-        await trio.lowlevel.checkpoint()
 
     def statistics(self) -> dict[str, int]:
         return {

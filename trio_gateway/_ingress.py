@@ -12,10 +12,10 @@ from ._budget import MemoryBudget
 from ._buffer import MessageBuffer
 from ._ledger import SourceCounters
 from ._message import Origin
-from ._receipts import Answer, Receipt
+from ._receipts import NOT_DELIVERED, Answer, Receipt
 from .queues import Queue
 
-__all__ = ("ACK_MODES", "Answer", "Ingress")
+__all__ = ("ACK_MODES", "NOT_DELIVERED", "Answer", "Ingress")
 
 ACK_MODES = ("queued", "delivered")
 """What a source's answer to its sender means (``ack =``): see :class:`Ingress`."""

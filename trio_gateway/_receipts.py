@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-__all__ = ("Answer", "Receipt", "Receipts")
+__all__ = ("NOT_DELIVERED", "Answer", "Receipt", "Receipts")
 
 
 class Receipt:
@@ -161,11 +161,21 @@ class Receipts:
         receipt.forgotten = True
 
 
+NOT_DELIVERED = "not_delivered"
+"""The reason a source gives for messages the queue took but whose delivery the sink did not
+confirm (``ack = "delivered"``: refused or given up by the sink, evicted by ``drop_oldest``,
+or after such a message in the same read): a WebSocket ack's refused range, a gRPC bidi
+``Ack``'s reason; HTTP says ``"not delivered"`` and unary gRPC ``UNAVAILABLE``. Unlike
+``queue_full`` they were received (the ledger says how each ended): the sender sends them
+again, and with ids the destination keeps one copy."""
+
+
 class Answer:
     """What a source may answer for one offer, once it is final: ``accepted`` messages went
     into the queue; :meth:`wait` returns when they are delivered (a :class:`Receipt`, with
     ``ack = "delivered"``) or committed (a disk queue), and how many of them, from the first,
-    may be acknowledged. Lets a source go on reading while earlier answers wait (WebSocket)."""
+    may be acknowledged. Lets a source go on reading while earlier answers wait (WebSocket).
+    Those of the ``accepted`` that :meth:`wait` does not count are :data:`NOT_DELIVERED`."""
 
     __slots__ = ("_receipt", "_receipts", "_stored", "accepted")
 

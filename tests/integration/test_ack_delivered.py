@@ -84,9 +84,44 @@ async def test_a_message_refused_for_good_gets_a_negative_answer() -> None:
             url = f"http://{address[0]}:{address[1]}/ingest"
             async with httpx.AsyncClient() as client:
                 assert (await client.post(url, content=b"good")).status_code == 202
-                assert (await client.post(url, content=b"bad one")).status_code == 503
+                refused = await client.post(url, content=b"bad one")
             gateway.shutdown()
+    # Received and not delivered: not the full queue's answer (the sender is told which).
+    assert refused.status_code == 503 and "retry-after" in refused.headers
+    assert refused.json() == {"accepted": 0, "rejected": 1, "error": "not delivered"}
     assert gateway.ledger.dropped["refused"] == 1
+    assert gateway.ledger.balanced
+
+
+async def test_a_unary_grpc_call_refused_for_good_is_unavailable_not_delivered() -> None:
+    sink = GatedSink()
+    sink.gate.set()
+    gateway = Gateway(sources=[GrpcSource(port=0)], sink=sink, ack="delivered")
+
+    def send(target: str, payload: bytes) -> grpc.StatusCode:
+        with grpc.insecure_channel(target) as channel:
+            unary = channel.unary_unary(
+                "/trio_gateway.v1.Gateway/Send",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=gateway_pb2.Ack.FromString,
+            )
+            try:
+                unary(gateway_pb2.Message(payload=payload, sequence=1), timeout=10)
+            except grpc.RpcError as exc:
+                assert "not delivered" in exc.details()
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ((address,),) = await nursery.start(gateway.run)
+            target = f"{address[0]}:{address[1]}"
+            assert await trio.to_thread.run_sync(send, target, b"good") == grpc.StatusCode.OK
+            # UNAVAILABLE, which a client retries, not the full queue's RESOURCE_EXHAUSTED.
+            status = await trio.to_thread.run_sync(send, target, b"bad one")
+            gateway.shutdown()
+    assert status == grpc.StatusCode.UNAVAILABLE
+    assert gateway.ledger.dropped["refused"] == 1 and gateway.ledger.delivered == 1
     assert gateway.ledger.balanced
 
 
@@ -173,7 +208,8 @@ async def test_a_failure_settled_while_a_batch_waits_for_room_is_a_negative_answ
                 )
             gateway.shutdown()
     assert response.status_code == 503
-    assert response.json()["accepted"] == 0  # the first 4 failed: nothing is acknowledged
+    # The first 4 failed: nothing is acknowledged, and the answer says they were received.
+    assert response.json() == {"accepted": 0, "rejected": 10, "error": "not delivered"}
     assert sink.batches[0] == [b'{"n":%d}' % i for i in range(4)]
     assert gateway.ledger.dropped["refused"] == 4 and gateway.ledger.delivered == 6
     assert gateway.ledger.balanced
@@ -236,7 +272,7 @@ async def test_grpc_bidi_reads_go_on_while_earlier_ones_wait_for_delivery() -> N
         sink.gate.set()
     assert [a.sequence for a in client.acks] == list(range(5))  # in order
     assert [a.accepted for a in client.acks] == [True, True, False, True, True]
-    assert client.acks[2].reason == "queue_full"  # refused for good: a negative ack
+    assert client.acks[2].reason == "not_delivered"  # refused for good: a negative ack
     assert gateway.budget.statistics().connections == 0
     assert gateway.ledger.delivered == 4 and gateway.ledger.dropped["refused"] == 1
     assert gateway.ledger.balanced

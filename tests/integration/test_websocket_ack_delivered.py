@@ -84,7 +84,7 @@ async def test_reads_go_on_while_earlier_ones_wait_for_delivery_and_acks_stay_in
             sink.gate.set()
             acks = await read_acks(stream, protocol, len(messages))
             await stream.aclose()
-    assert settle(acks) == (5, {3: "queue_full"})  # refused for good: a negative ack
+    assert settle(acks) == (5, {3: "not_delivered"})  # refused for good: a negative ack
     assert sink.delivered == [b"m1", b"m2", b"m4", b"m5"]
 
 
@@ -99,7 +99,7 @@ async def test_a_refusal_is_a_negative_ack_under_drop_oldest_too() -> None:
             await send_one_by_one(gw, stream, protocol, messages)
             acks = await read_acks(stream, protocol, len(messages))
             await stream.aclose()
-    assert settle(acks) == (3, {2: "queue_full"})
+    assert settle(acks) == (3, {2: "not_delivered"})
     assert sink.delivered == [b"m1", b"m3"]
     assert gw.ledger.dropped["refused"] == 1 and gw.ledger.balanced
 

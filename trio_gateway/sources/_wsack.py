@@ -16,7 +16,7 @@ import trio
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from .._ingress import Answer, Ingress
+from .._ingress import NOT_DELIVERED, Answer, Ingress
 from .._message import Origin
 from .._wire import ACK_SUBPROTOCOL
 from ._flight import Flight
@@ -164,7 +164,7 @@ class AckConnection(Connection):
         self._wake = trio.lowlevel.ParkingLot()  # send_acks waits here for something to send
         self._taken = trio.lowlevel.ParkingLot()  # the reader waits here while acks are full
         # Reads whose answer waits (delivery, a commit), oldest first.
-        self._flight: Flight[tuple[int, Outcome]] = Flight()
+        self._flight: Flight[tuple[int, int, Outcome]] = Flight()
 
     async def answer(self, answer: Answer, n: int, nbytes: int, outcome: Outcome) -> None:
         """Record the answer to the next read of ``n`` messages: at once when it is final and
@@ -178,16 +178,21 @@ class AckConnection(Connection):
             done, reason = outcome(answer.accepted, n)
             await self.record(done, n - done, reason)
             return
-        await self._flight.add(answer, n, nbytes, (n, outcome))
+        await self._flight.add(answer, n, nbytes, (n, answer.accepted, outcome))
 
     async def answer_in_order(self) -> None:
         """A task of the connection: wait for the oldest read's answer, record it, and so on.
         At its end the answers still in flight are forgotten (never acknowledged)."""
 
-        async def record(item: tuple[int, Outcome], accepted: int) -> None:
-            n, outcome = item
-            done, reason = outcome(accepted, n)
-            await self.record(done, n - done, reason)
+        async def record(item: tuple[int, int, Outcome], delivered: int) -> None:
+            n, queued, outcome = item
+            done, reason = outcome(queued, n)
+            if delivered < done:  # taken by the queue, not confirmed by the sink
+                await self.record(delivered, done - delivered, NOT_DELIVERED)
+                if n > done:
+                    await self.record(0, n - done, reason)
+            else:
+                await self.record(done, n - done, reason)
 
         await self._flight.answer_in_order(record)
 

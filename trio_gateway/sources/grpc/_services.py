@@ -23,7 +23,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.v1 import health_pb2
 from grpclib.health.v1.health_grpc import HealthBase
 
-from ..._ingress import Ingress
+from ..._ingress import NOT_DELIVERED, Ingress
 from ..._message import Origin
 from ..._proto import gateway_pb2, model_pb2
 from ..._proto.gateway_grpc import GatewayBase
@@ -96,9 +96,12 @@ def _payloads(
 
 async def _offer_one(ingress: Ingress, stream: GrpcStream, payload: bytes, wait: float) -> None:
     origin = _origin(ingress, stream, _key(stream))
-    accepted = await ingress.offer_or_reject([payload], origin, timeout=wait)
-    if not accepted:
-        raise GRPCError(Status.RESOURCE_EXHAUSTED, "the gateway's queue is full")
+    answer = await ingress.offer_or_reject_later([payload], origin, timeout=wait)
+    if await answer.wait():
+        return
+    if answer.accepted:  # queued, and the sink did not confirm it (ack = "delivered")
+        raise GRPCError(Status.UNAVAILABLE, "not delivered: the destination did not take it")
+    raise GRPCError(Status.RESOURCE_EXHAUSTED, "the gateway's queue is full")
 
 
 class GatewayService(GatewayBase):
@@ -159,14 +162,21 @@ class GatewayService(GatewayBase):
         disk queue) goes in flight and the stream is read on meanwhile; one task sends each
         read's acks once it is answered (:class:`~.._flight.Flight`: bounded in messages and
         bytes, its bookkeeping charged to the connection's share of the memory budget)."""
-        flight: Flight[list[int]] = Flight(hold=stream.hold_answers, release=stream.release_answers)
+        flight: Flight[tuple[list[int], int]] = Flight(
+            hold=stream.hold_answers, release=stream.release_answers
+        )
         failure: Exception | None = None
 
-        async def send_acks(sequences: list[int], accepted: int) -> None:
+        async def send_acks(read: tuple[list[int], int], delivered: int) -> None:
+            sequences, queued = read  # queued: what the queue took; delivered: confirmed
             ack = gateway_pb2.Ack
-            acks = [ack(sequence=s, accepted=True, accepted_count=1) for s in sequences[:accepted]]
+            acks = [ack(sequence=s, accepted=True, accepted_count=1) for s in sequences[:delivered]]
             acks.extend(
-                ack(sequence=s, reason=_QUEUE_FULL, rejected_count=1) for s in sequences[accepted:]
+                ack(sequence=s, reason=NOT_DELIVERED, rejected_count=1)
+                for s in sequences[delivered:queued]
+            )
+            acks.extend(
+                ack(sequence=s, reason=_QUEUE_FULL, rejected_count=1) for s in sequences[queued:]
             )
             await stream.send_messages(acks)
 
@@ -192,8 +202,8 @@ class GatewayService(GatewayBase):
     async def _acked_reads(
         self,
         stream: GrpcStream,
-        flight: Flight[list[int]],
-        send_acks: Callable[[list[int], int], Awaitable[None]],
+        flight: Flight[tuple[list[int], int]],
+        send_acks: Callable[[tuple[list[int], int], int], Awaitable[None]],
     ) -> None:
         """StreamAcked's reads: offer each, and ack it at once if its answer is final and
         none is in flight, else put it in flight. A bad message ends the stream with
@@ -210,10 +220,11 @@ class GatewayService(GatewayBase):
                 )
                 n, nbytes = len(payloads), sum(map(len, payloads))
                 del payloads  # queued or refused: not held while the acks wait
+                read = (sequences, answer.accepted)
                 if answer.final and not flight:
-                    await send_acks(sequences, answer.accepted)
+                    await send_acks(read, answer.accepted)
                 else:
-                    await flight.add(answer, n, nbytes, sequences)
+                    await flight.add(answer, n, nbytes, read)
             if error is not None:
                 await flight.wait_answered()
                 raise error

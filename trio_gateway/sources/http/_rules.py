@@ -246,17 +246,20 @@ class IngestRules:
         if kind.key is not None:
             key = kind.key
             ids = [f"{key}:{i}" for i in range(len(payloads))] if kind.ndjson else [key]
-        accepted = await ingress.offer_or_reject(
+        answer = await ingress.offer_or_reject_later(
             payloads, self._origin(peer), timeout=self.queue_wait, ids=ids
         )
+        accepted = await answer.wait()
         if accepted == len(payloads):
             if accepted == 1:
                 return self.accepted_one
             return json_reply(202, {"accepted": accepted})
-        if not accepted:
+        # Queued and not confirmed by the sink (ack = "delivered"), or not queued at all.
+        error = "not delivered" if accepted < answer.accepted else "queue full"
+        if not accepted and error == "queue full":
             return self.queue_full
         return json_reply(
             503,
-            {"accepted": accepted, "rejected": len(payloads) - accepted, "error": "queue full"},
+            {"accepted": accepted, "rejected": len(payloads) - accepted, "error": error},
             self._retry,
         )

@@ -40,10 +40,11 @@ class GatedSink(Sink):
 
 @asynccontextmanager
 async def delivered_gateway(
-    queue: Queue[bytes] | None = None,
+    queue: Queue[bytes] | None = None, **options: Any
 ) -> AsyncIterator[tuple[Gateway, GatedSink, str]]:
     sink = GatedSink()
-    gateway = Gateway(sources=[WebSocketSource(port=0)], sink=sink, queue=queue, ack="delivered")
+    source = WebSocketSource(port=0, max_message_size=options.pop("max_message_size", 1 << 20))
+    gateway = Gateway(sources=[source], sink=sink, queue=queue, ack="delivered", **options)
     async with trio.open_nursery() as nursery:
         ((address,),) = await nursery.start(gateway.run)
         yield gateway, sink, f"ws://{address[0]}:{address[1]}/"
@@ -81,11 +82,48 @@ async def test_reads_go_on_while_earlier_ones_wait_for_delivery_and_acks_stay_in
             await send_one_by_one(gateway, stream, protocol, messages)
             assert gateway.ledger.received == len(messages)
             assert sink.delivered == []
+            # The acks owed are charged to the connection's share of the memory budget.
+            held = gateway.budget.statistics().connections
+            assert held >= 4 * _flight.HELD_PER_READ
             sink.gate.set()
             acks = await read_acks(stream, protocol, len(messages))
+            await wait_until(lambda: gateway.budget.statistics().connections < held)
             await stream.aclose()
     assert settle(acks) == (5, {3: "not_delivered"})  # refused for good: a negative ack
     assert sink.delivered == [b"m1", b"m2", b"m4", b"m5"]
+
+
+async def test_the_acks_owed_are_bounded_by_the_connections_share_of_the_budget() -> None:
+    # A share of 64 KiB, of which the reader's buffer takes 16: about 90 one-message reads'
+    # answers (560 bytes each). A client sending one message per write while the sink is
+    # stalled cannot make the gateway hold answers past that (a share's worth, not the 4,096
+    # reads of MAX_IN_FLIGHT): the read past the share goes through alone, then reading
+    # waits until the older reads are answered.
+    with trio.fail_after(30):
+        options: dict[str, Any] = {"max_memory": 2 << 20, "max_message_size": 1024}
+        async with delivered_gateway(**options) as (gateway, sink, url):
+            share = gateway.budget.statistics().connection_share
+            assert share == 64 << 10
+            stream, protocol = await raw_client(url)
+            sent = 0
+            while sent < 400:
+                received = gateway.ledger.received
+                protocol.send_binary(b"m%d" % sent)
+                await stream.send_all(b"".join(protocol.data_to_send()))
+                sent += 1
+                with trio.move_on_after(0.5):
+                    await wait_until(lambda: gateway.ledger.received > received)  # noqa: B023
+                if gateway.ledger.received == received:
+                    break  # reading waits
+            reads = gateway.ledger.received
+            per_read = _flight.HELD_PER_READ + _flight.HELD_PER_MESSAGE
+            assert (share - (16 << 10)) // per_read <= reads <= share // per_read + 1
+            assert gateway.budget.statistics().connections <= share
+            sink.gate.set()
+            acks = await read_acks(stream, protocol, sent)
+            await stream.aclose()
+    assert settle(acks) == (sent, {})
+    assert len(sink.delivered) == sent and gateway.ledger.balanced
 
 
 async def test_a_refusal_is_a_negative_ack_under_drop_oldest_too() -> None:

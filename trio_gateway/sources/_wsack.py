@@ -16,6 +16,7 @@ import trio
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from .._budget import ConnectionShare
 from .._ingress import NOT_DELIVERED, Answer, Ingress
 from .._message import Origin
 from .._wire import ACK_SUBPROTOCOL
@@ -117,6 +118,10 @@ class Connection:
 
     __slots__ = ("lock", "protocol", "stream")
 
+    answers_held = 0
+    """Bytes held for the acks the connection owes, charged to its share of the memory
+    budget beside what its reader holds (:class:`AckConnection`'s reads in flight)."""
+
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
         self.stream = stream
         self.protocol = protocol
@@ -154,17 +159,53 @@ class AckConnection(Connection):
     last ack always precedes the close frame; after the close frame, no more acks.
     """
 
-    __slots__ = ("_close_written", "_flight", "_taken", "_wake", "acking", "acks")
+    __slots__ = (
+        "_close_written",
+        "_flight",
+        "_reading",
+        "_share",
+        "_taken",
+        "_wake",
+        "acking",
+        "acks",
+        "answers_held",
+    )
 
-    def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: ServerProtocol,
+        share: ConnectionShare,
+        reading: Callable[[], int],
+    ) -> None:
+        """``share``: the connection's share of the memory budget, which also holds what
+        ``reading()`` says its reader holds."""
         super().__init__(stream, protocol)
         self.acks = AckState()
         self.acking = True  # False once no ack can be sent any more
         self._close_written = False
         self._wake = trio.lowlevel.ParkingLot()  # send_acks waits here for something to send
         self._taken = trio.lowlevel.ParkingLot()  # the reader waits here while acks are full
-        # Reads whose answer waits (delivery, a commit), oldest first.
-        self._flight: Flight[tuple[int, int, Outcome]] = Flight()
+        self._share = share
+        self._reading = reading
+        self.answers_held = 0
+        # Reads whose answer waits (delivery, a commit), oldest first; what each holds is
+        # charged to the share: a connection cannot make the gateway keep answers for
+        # thousands of one-message reads beyond its share (a read the share has no room
+        # for waits until nothing older is in flight).
+        self._flight: Flight[tuple[int, int, Outcome]] = Flight(
+            hold=self._hold_answers, release=self._release_answers
+        )
+
+    def _hold_answers(self, n: int) -> bool:
+        if not self._share.hold_nowait(self._reading() + self.answers_held + n):
+            return False
+        self.answers_held += n
+        return True
+
+    def _release_answers(self, n: int) -> None:
+        self.answers_held -= n
+        self._share.hold_nowait(self._reading() + self.answers_held)  # less: always room
 
     async def answer(self, answer: Answer, n: int, nbytes: int, outcome: Outcome) -> None:
         """Record the answer to the next read of ``n`` messages: at once when it is final and

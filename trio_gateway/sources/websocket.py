@@ -296,7 +296,7 @@ class WebSocketSource(Source):
         offer: Callable[[list[bytes], Origin], Awaitable[int]] = ingress.offer
         acked: AckConnection | None = None
         if protocol.subprotocol == ACK_SUBPROTOCOL:
-            connection = acked = AckConnection(stream, protocol)
+            connection = acked = AckConnection(stream, protocol, share, lambda: reader.held)
             offer = acked_offer(ingress, acked)
 
         async def say_goodbye() -> None:
@@ -370,7 +370,7 @@ class WebSocketSource(Source):
                         return
                     if reader.frames:
                         watch.deadline = trio.current_time() + idle
-                    if not share.hold_nowait(reader.held):
+                    if not share.hold_nowait(reader.held + connection.answers_held):
                         # Over the memory budget: refuse in WebSocket's terms, "try again later".
                         ingress.reject("over_budget")
                         await self._close(

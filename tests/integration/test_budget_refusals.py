@@ -200,6 +200,32 @@ async def test_http2_charges_a_partial_body_and_refuses_what_has_no_room() -> No
         assert budget.held == budget.pool - 10_000  # the connection's share was released
 
 
+@pytest.mark.parametrize("max_memory", [2 * MiB, 128 * 1024], ids=["share-64k", "share-4k"])
+async def test_a_fast_websocket_sender_is_not_refused_for_its_own_receive_buffer(
+    max_memory: int,
+) -> None:
+    # The receive buffer grows while the sender stays ahead (to 1 MiB); it is charged to the
+    # connection's share, so it must stay within it: a quarter of the share at most. Before,
+    # a share under 1 MiB closed a fast sender 1013, and one under the 16 KiB first buffer
+    # refused every connection at its first message.
+    async with helpers.serving(WebSocketSource, max_message_size=1024) as run:
+        budget = run.ingress.budget = MemoryBudget(max_memory)
+        host, port = run.source.bound[0]
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(WS_HANDSHAKE)
+        with trio.fail_after(5):
+            assert b" 101 " in await stream.receive_some(4096)
+        frames = b"".join(ws_client_frame(b"%04d" % i + b"x" * 996) for i in range(2000))
+        for start in range(0, len(frames), 256 * 1024):  # 2 MB, as fast as the socket takes it
+            await stream.send_all(frames[start : start + 256 * 1024])
+        counters = run.ingress.counters
+        await wait_until(lambda: counters.received == 2000)
+        assert counters.rejected["over_budget"] == 0
+        assert budget.peak <= budget.connection_share
+        await stream.aclose()
+    assert [p[:4] for p in run.payloads()] == [b"%04d" % i for i in range(2000)]
+
+
 @pytest.mark.parametrize("fragmented", [False, True], ids=["whole", "fragments"])
 async def test_websocket_closes_1013_over_the_budget(fragmented: bool) -> None:
     async with helpers.serving(WebSocketSource) as run:

@@ -64,7 +64,7 @@ from ._wsack import (
     acked_offer,
     select_ack,
 )
-from ._wsframes import MessageReader
+from ._wsframes import INITIAL_BUFFER, MAX_BUFFER, MessageReader
 from ._wslog import protocol_log
 
 __all__ = ("ACK_SUBPROTOCOL", "MAX_ACK_RANGES", "AckState", "WebSocketSource")
@@ -292,7 +292,17 @@ class WebSocketSource(Source):
         if handshake is None:
             return
         early, behind = handshake
-        reader = MessageReader(protocol, behind_handshake=behind)
+        # The receive buffer is charged to the connection's share of the budget, and it grows
+        # while the sender stays ahead: at most a quarter of the share, so that a fast sender
+        # under a small budget is never refused for its own buffer (frames larger than it go
+        # through the protocol, bounded by max_message_size, as ever).
+        max_buffer = max(1024, min(MAX_BUFFER, ingress.budget.connection_share // 4))
+        reader = MessageReader(
+            protocol,
+            behind_handshake=behind,
+            initial_buffer=min(INITIAL_BUFFER, max_buffer),
+            max_buffer=max_buffer,
+        )
         offer: Callable[[list[bytes], Origin], Awaitable[int]] = ingress.offer
         acked: AckConnection | None = None
         if protocol.subprotocol == ACK_SUBPROTOCOL:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,8 +16,21 @@ import trio
 from helpers import Samples, parse_samples, sample_value, wait_until
 from prometheus_client import generate_latest
 
-from trio_gateway import Gateway, Item, Ledger, NullSink, RingBuffer, Sink, TcpSource, UdpSource
+from trio_gateway import (
+    FanOutSink,
+    Gateway,
+    Item,
+    Ledger,
+    NullSink,
+    RingBuffer,
+    Sink,
+    SqliteSink,
+    TcpSource,
+    UdpSource,
+    WebSocketBroadcastSink,
+)
 from trio_gateway.admin import AdminServer
+from trio_gateway.admin._collector import _sink_statistics
 from trio_gateway.loadgen import send_tcp, send_udp
 
 
@@ -282,3 +296,28 @@ async def test_memory_budget_use_is_shown_by_kind_under_load() -> None:
             m = await scrape(gateway)
             assert sample_value(m, used) == 0  # every kind back to nothing
             gateway.shutdown()
+
+
+async def test_each_sinks_own_counts_are_on_metrics(tmp_path: Path) -> None:
+    # A fan-out to two SQLite sinks: each branch's rows, under its own name; what a sink
+    # counts of its own is a counter, a level (the broadcast sink's clients) a gauge.
+    first, second = SqliteSink(tmp_path / "a.db"), SqliteSink(tmp_path / "b.db")
+    fanout = FanOutSink([first, second])
+    admin = AdminServer(port=0)
+    gateway = Gateway(sources=[TcpSource()], sink=fanout, services=[admin, fanout])
+    broadcast = WebSocketBroadcastSink(port=0)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(gateway.run)
+            await send_tcp(*bound[0][0], count=300, size=20)
+            await wait_until(lambda: first.rows == 300 and second.rows == 300)
+            m = await scrape(gateway)
+            gateway.shutdown()
+    for sink in (first, second):
+        assert sample_value(m, "trio_gateway_sink_rows_total", sink=sink.name) == 300
+        assert sample_value(m, "trio_gateway_sink_dead_lettered_total", sink=sink.name) == 0
+    text = generate_latest(admin.registry).decode()
+    assert "# TYPE trio_gateway_sink_rows_total counter" in text
+    families = {f.name: f for f in _sink_statistics(broadcast)}
+    assert families["trio_gateway_sink_clients"].type == "gauge"
+    assert families["trio_gateway_sink_sent"].type == "counter"

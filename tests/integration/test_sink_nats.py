@@ -46,6 +46,10 @@ async def test_gateway_to_jetstream_exactly_once_in_order_per_connection(
     ledger = gateway.ledger
     assert ledger.balanced and ledger.delivered == clients * per_client
     assert sink.stored == clients * per_client and sink.duplicates == 0
+    # What /metrics shows as trio_gateway_sink_<key>_total.
+    assert sink.statistics() == {
+        "stored": clients * per_client, "duplicates": 0, "published": 0, "refused": 0,
+    }  # fmt: skip
 
     messages = await read_stream(nats_server, "TELEMETRY", "telemetry.in", clients * per_client)
     assert len(messages) == clients * per_client

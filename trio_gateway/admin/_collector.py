@@ -271,11 +271,35 @@ class GatewayCollector(Collector):
         )
         up.add_metric(sink, 0 if gateway.sink_problem is not None else 1)
         yield up
+        yield from _sink_statistics(gateway.sink)
         yield GaugeMetricFamily(
             f"{PREFIX}_accepting",
             "1 while the gateway accepts messages, 0 from the moment shutdown starts.",
             value=1 if gateway.accepting else 0,
         )
+
+
+def _sink_statistics(sink: object) -> Iterator[Metric]:
+    """What each sink counts of its own (its ``statistics()``: rows written, messages stored
+    by JetStream, clients connected...): ``trio_gateway_sink_<key>_total`` counters labelled
+    by the sink, or ``trio_gateway_sink_<key>`` gauges for the keys its ``statistics_gauges``
+    names. A fan-out's branches each report theirs."""
+    branches = getattr(sink, "branches", None)  # a FanOutSink (admin does not import it)
+    sinks = [branch.sink for branch in branches] if branches else [sink]
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    for each in sinks:
+        statistics = getattr(each, "statistics", None)
+        if statistics is None:
+            continue
+        gauges: frozenset[str] = getattr(each, "statistics_gauges", frozenset())
+        for key, value in statistics().items():
+            family = families.get(key)
+            if family is None:
+                doc = f"The sink's own {key!r} (docs/observability.md)."
+                kind = GaugeMetricFamily if key in gauges else CounterMetricFamily
+                family = families[key] = kind(f"{PREFIX}_sink_{key}", doc, labels=["sink"])
+            family.add_metric([getattr(each, "name", "sink")], value)
+    yield from families.values()
 
 
 def _le(bound: float) -> str:

@@ -22,6 +22,10 @@ class Sink(ABC):
 
     name: str = "sink"
 
+    statistics_gauges: frozenset[str] = frozenset()
+    """The keys of :meth:`statistics` that are levels (clients connected), not running
+    counts: /metrics shows them as gauges, the others as ``_total`` counters."""
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Open the destination and check that it can work (called once, before the gateway
         is ready and before the first batch).
@@ -48,6 +52,13 @@ class Sink(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Flush and release the destination (called once, during shutdown, shielded)."""
+
+    def statistics(self) -> dict[str, int]:
+        """What this sink counts of its own, beyond the pump's counters (rows written,
+        messages stored...): /metrics shows each key as ``trio_gateway_sink_<key>_total``
+        (a gauge, ``trio_gateway_sink_<key>``, for the keys of :attr:`statistics_gauges`).
+        None by default."""
+        return {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

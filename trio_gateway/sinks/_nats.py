@@ -489,6 +489,11 @@ class NatsSink(Sink):
     async def aclose(self) -> None:
         await self._drop()
 
+    def statistics(self) -> dict[str, int]:
+        """The counts above, for /metrics (``trio_gateway_sink_stored_total`` ...)."""
+        keys = ("stored", "duplicates", "published", "refused")
+        return {key: getattr(self, key) for key in keys}
+
 
 def _describe(body: bytes) -> str:
     try:

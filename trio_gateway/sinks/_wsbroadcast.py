@@ -308,7 +308,11 @@ class WebSocketBroadcastSink(Sink):
             self.sent += queued
             self.dropped += len(payloads) - queued
 
+    statistics_gauges = frozenset({"clients"})
+
     def statistics(self) -> dict[str, int]:
+        """Clients connected now; messages queued to clients (``sent``), dropped by a full
+        client queue (``dropped``) and heard by no client (``unheard``)."""
         return {
             "clients": self.clients,
             "sent": self.sent,

@@ -1,4 +1,4 @@
-"""The shipped gRPC code: as scripts/gen_protos.py generates it, and no grpcio at run time."""
+"""The shipped gRPC code: as protos/gen_protos.py generates it, and no grpcio at run time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from helpers import REPO
 
 def test_shipped_generated_code_matches_the_protos() -> None:
     done = subprocess.run(
-        [sys.executable, "scripts/gen_protos.py", "--check"],
+        [sys.executable, "protos/gen_protos.py", "--check"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,1 +1,1 @@
-"""Generated from protos/ by scripts/gen_protos.py: do not edit."""
+"""Generated from protos/ by protos/gen_protos.py: do not edit."""

@@ -1,7 +1,7 @@
 """Regenerate trio_gateway/_proto/ from protos/*.proto.
 
-    python scripts/gen_protos.py            # rewrite trio_gateway/_proto/
-    python scripts/gen_protos.py --check    # exit 1 if the shipped code differs
+    python protos/gen_protos.py            # rewrite trio_gateway/_proto/
+    python protos/gen_protos.py --check    # exit 1 if the shipped code differs
 
 Needs grpcio-tools (a test dependency; the package itself never imports it) and grpclib, whose
 protoc plugin ``protoc-gen-grpclib_python`` writes the ``*_grpc.py`` handler bases. Imports in
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "trio_gateway" / "_proto"
-HEADER = '"""Generated from protos/ by scripts/gen_protos.py: do not edit."""\n'
+HEADER = '"""Generated from protos/ by protos/gen_protos.py: do not edit."""\n'
 
 
 def _plugin() -> str:

@@ -88,6 +88,41 @@ async def test_a_jetstream_consumer_is_acked_once_queued(nats_server: NatsServer
     assert await trio.to_thread.run_sync(asyncio.run, pending()) == (0, 0)
 
 
+async def test_a_consumer_deleted_under_the_source_comes_back_where_it_was(
+    nats_server: NatsServer,
+) -> None:
+    # An operator deletes the durable consumer while the gateway reads it. The source sets it
+    # up again from the first message it has not acknowledged: not from the stream's first
+    # (which delivered everything again), and without losing what came meanwhile.
+    first = [("orders.in", b"order %d" % i) for i in range(20)]
+    await publish(nats_server.url, first, stream="ORDERS")
+    source = NatsSource(
+        f"{nats_server.url}/orders.in", stream="ORDERS", consumer="gateway", batch=10
+    )
+    sink = RecordingSink()
+    gateway = Gateway(sources=[source], sink=sink)
+
+    async def delete_and_publish(messages: list[tuple[str, bytes]]) -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.delete_consumer("ORDERS", "gateway")
+        for subject, data in messages:
+            await js.publish(subject, data)
+        await nc.close()
+
+    then = [("orders.in", b"later %d" % i) for i in range(5)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run)
+            await wait_until(lambda: sink.count == 20 and source.acked == 20)
+            await trio.to_thread.run_sync(asyncio.run, delete_and_publish(then))
+            await wait_until(lambda: sink.count >= 25 and source.acked >= 25)
+            await trio.sleep(0.3)  # anything delivered again would come now
+            gateway.shutdown()
+    assert sink.payloads == [data for _, data in first + then]
+    assert source.statuses[409] >= 1  # the pull was told: Consumer Deleted
+
+
 async def test_an_unreachable_server_fails_at_start() -> None:
     gateway = Gateway(sources=[NatsSource("nats://127.0.0.1:1/x", connect_timeout=0.3)],
                       sink=RecordingSink())  # fmt: skip

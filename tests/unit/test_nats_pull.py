@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from trio_gateway.sinks._nats_protocol import Msg, NatsParser, acks, nak, sub
 from trio_gateway.sources import _nats_pull
-from trio_gateway.sources._nats_pull import Pull
+from trio_gateway.sources._nats_pull import Pull, stream_sequence
 from trio_gateway.sources.nats import _deliverable
 
 INBOX = "_INBOX.abc."
@@ -121,3 +121,12 @@ async def test_a_pull_ends_with_its_batch_and_goes_silent_without_heartbeats() -
     assert pull.ended and not pull.refused
     assert Pull.batch_limit("Exceeded MaxRequestBatch of 3") == 3
     assert Pull.batch_limit("Exceeded MaxWaiting") is None
+
+
+def test_the_stream_sequence_is_read_from_both_forms_of_ack_subject() -> None:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>,
+    # and the form with a domain, an account hash and a token.
+    assert stream_sequence("$JS.ACK.ORDERS.gateway.1.4242.17.1733244000000000000.3") == 4242
+    v2 = "$JS.ACK.hub.ACCHASH.ORDERS.gateway.2.4243.18.1733244000000000000.0.tok"
+    assert stream_sequence(v2) == 4243
+    assert stream_sequence("_INBOX.abc.1") == 0  # not an ack subject

@@ -79,6 +79,15 @@ class Pull:
         return int(found[1]) if found and int(found[1]) > 0 else None
 
 
+def stream_sequence(reply: str) -> int:
+    """The stream sequence in a JetStream message's ack subject (``$JS.ACK.<stream>.
+    <consumer>.<delivered>.<stream seq>...``, or the form with a domain and an account
+    hash); 0 if it holds none."""
+    tokens = reply.split(".")
+    token = tokens[5] if len(tokens) == 9 else tokens[7] if len(tokens) >= 11 else ""
+    return int(token) if token.isdigit() else 0
+
+
 async def ensure_consumer(
     client: NatsClient,
     conn: NatsConnection,
@@ -86,12 +95,13 @@ async def ensure_consumer(
     consumer: str,
     subject: str,
     others: list[Msg],
+    start: int | None = None,
 ) -> float:
     """Find the durable consumer, or create it (explicit acks, every message of the stream
-    on ``subject``) as nats-py's ``pull_subscribe`` did, and return its ``ack_wait`` in
-    seconds; a push consumer, or a stream that does not exist, is a :class:`NatsError`.
-    What else arrives meanwhile (a pull of the connection before, still delivering to the
-    same inbox) goes to ``others``."""
+    on ``subject``, or from stream sequence ``start`` on) as nats-py's ``pull_subscribe``
+    did, and return its ``ack_wait`` in seconds; a push consumer, or a stream that does not
+    exist, is a :class:`NatsError`. What else arrives meanwhile (a pull of the connection
+    before, still delivering to the same inbox) goes to ``others``."""
     info = f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
     found = await client.api(conn, info, None, others=others)
     error = found.get("error")
@@ -102,13 +112,16 @@ async def ensure_consumer(
         return _ack_wait(config)
     if not isinstance(error, dict) or error.get("code") != 404 or error.get("err_code") == 10059:
         raise NatsError(f"consumer {consumer} of stream {stream}: {describe_error(error)}")
-    config = {
+    wanted: dict[str, object] = {
         "name": consumer,
         "durable_name": consumer,
         "ack_policy": "explicit",
         "deliver_policy": "all",
         "filter_subject": subject,
     }
+    if start is not None:  # deleted under a running source: on from where it was
+        wanted["deliver_policy"] = "by_start_sequence"
+        wanted["opt_start_seq"] = start
     version = str(conn.info.fields.get("version", "0.0"))
     major, minor = (int(part) if part.isdigit() else 0 for part in version.split(".")[:2])
     # Named consumers since nats-server 2.9; the older durable-only subject before.
@@ -116,7 +129,7 @@ async def ensure_consumer(
     answer = await client.api(
         conn,
         f"$JS.API.CONSUMER.{create}.{stream}.{consumer}",
-        {"stream_name": stream, "config": config},
+        {"stream_name": stream, "config": wanted},
         others=others,
     )
     error = answer.get("error")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+from collections.abc import Iterable
 
 import trio
 
@@ -157,6 +158,29 @@ class AckBook:
         self.nacked = 0
         self._unconfirmed: deque[tuple[bytes, int, int]] = deque()
         self._unsent: list[tuple[bytes, int, int]] = []
+        self._acked_to = 0  # about the highest stream sequence acked (+ACK written)
+        self._nacked: set[int] = set()  # stream sequences -NAK'ed and not acked since
+
+    def note(self, good: list[str], bad: list[str]) -> None:
+        """The ack subjects of a read about to be acked (``good``) and nak'ed (``bad``)."""
+        if good:
+            ends = stream_sequence(good[0]), stream_sequence(good[-1])
+            self._acked_to = max(self._acked_to, *ends)
+            if self._nacked:
+                self._nacked.difference_update(map(stream_sequence, good))
+        self._nacked.update(map(stream_sequence, bad))
+
+    def resume(self, unacked: Iterable[str]) -> int | None:
+        """Where a consumer created again under the source starts (deleted while it ran):
+        the lowest stream sequence not acknowledged (nak'ed, or among the ack subjects of
+        the first messages held and pending, ``unacked``), else the one after the highest
+        acknowledged; None before any (a new consumer starts at the stream's first). Too low
+        only delivers some again: the first and last of a read stand for it (JetStream
+        delivers new messages in order, and a redelivery is among the nak'ed)."""
+        starts = [*self._nacked, *map(stream_sequence, unacked)]
+        if self._acked_to:
+            starts.append(self._acked_to + 1)
+        return max(1, min(starts)) if starts else None
 
     @property
     def unconfirmed(self) -> bool:

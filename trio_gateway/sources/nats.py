@@ -63,7 +63,7 @@ from ..sinks._nats_protocol import (
 )
 from ..sinks._nats_url import parse_nats_url
 from ._base import Source
-from ._nats_pull import AckBook, Pull, ensure_consumer, stream_sequence
+from ._nats_pull import AckBook, Pull, ensure_consumer
 from ._options import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = ("NatsSource",)
@@ -144,8 +144,6 @@ class NatsSource(Source):
         self._held: list[Msg] = []
         """The pulled messages the offering task is queueing or waiting on."""
         self._ack_wait = 30.0
-        self._acked_to = 0  # the highest stream sequence acked (+ACK written), about
-        self._nacked: set[int] = set()  # stream sequences -NAK'ed and not acked since
 
     @property
     def label(self) -> str:
@@ -220,8 +218,10 @@ class NatsSource(Source):
             await client.flush(conn, others=others)
         else:
             assert self.consumer is not None
+            # Deleted under the source (a 409): created again from where the source was.
+            start = self._acks.resume(m[0].reply or "" for m in (self._held, self._pending) if m)
             self._ack_wait = await ensure_consumer(
-                client, conn, self.stream, self.consumer, self.subject, others, self._resume()
+                client, conn, self.stream, self.consumer, self.subject, others, start
             )
         arrived = [message for message in others if _deliverable(message)]
         if arrived:
@@ -462,32 +462,13 @@ class NatsSource(Source):
             if pull.refused:  # ended by the server with a complaint: not at once again
                 await trio.sleep(self.reconnect_wait)
 
-    def _resume(self) -> int | None:
-        """Where a consumer re-created under this source starts (deleted while it ran: its
-        409): the lowest stream sequence not acknowledged (held, pending or nak'ed), else the
-        one after the highest acknowledged; None before any message (the first creation
-        starts at the stream's first message). Too low only delivers some again; the
-        first and last of a read stand for it (JetStream delivers new messages in order,
-        and a redelivery is among the nak'ed)."""
-        if not self._acked_to and not self._nacked and not self._held and not self._pending:
-            return None
-        starts = [self._acked_to + 1, *self._nacked]
-        starts += [stream_sequence(m[0].reply or "") for m in (self._held, self._pending) if m]
-        return max(1, min(starts))
-
     async def _acknowledge(self, messages: list[Msg], failed: list[Msg]) -> None:
         """``+ACK`` each message (``-NAK`` the failed ones) in one write, then a ``PING``:
         its ``PONG`` counts them. Without a connection they wait for the next."""
         again = {id(message) for message in failed}
         good = [m.reply for m in messages if id(m) not in again and m.reply is not None]
         bad = [m.reply for m in failed if m.reply is not None]
-        if good:
-            self._acked_to = max(
-                self._acked_to, stream_sequence(good[0]), stream_sequence(good[-1])
-            )
-            if self._nacked:
-                self._nacked.difference_update(map(stream_sequence, good))
-        self._nacked.update(map(stream_sequence, bad))
+        self._acks.note(good, bad)
         data = acks(good) + (acks(bad, nak(self.redelivery_delay)) if bad else b"")
         await self._write_confirmed(data, len(good), len(bad))
 

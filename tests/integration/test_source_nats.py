@@ -64,14 +64,22 @@ async def test_a_subject_with_wildcards_feeds_the_gateway(nats_server: NatsServe
     assert gateway.ledger.balanced and gateway.ledger.delivered == len(sent)
 
 
-async def test_a_jetstream_consumer_is_acked_once_queued(nats_server: NatsServer) -> None:
-    sent = [("orders.in", b"order %d" % i) for i in range(500)]
+async def orders_gateway(
+    nats_server: NatsServer, count: int, batch: int
+) -> tuple[list[tuple[str, bytes]], NatsSource, RecordingSink, Gateway]:
+    """``count`` orders published to the ORDERS stream, and a gateway to read them through
+    its durable consumer ``gateway``: (what was sent, the source, the sink, the gateway)."""
+    sent = [("orders.in", b"order %d" % i) for i in range(count)]
     await publish(nats_server.url, sent, stream="ORDERS")
     source = NatsSource(
-        f"{nats_server.url}/orders.in", stream="ORDERS", consumer="gateway", batch=100
+        f"{nats_server.url}/orders.in", stream="ORDERS", consumer="gateway", batch=batch
     )
     sink = RecordingSink()
-    gateway = Gateway(sources=[source], sink=sink)
+    return sent, source, sink, Gateway(sources=[source], sink=sink)
+
+
+async def test_a_jetstream_consumer_is_acked_once_queued(nats_server: NatsServer) -> None:
+    sent, source, sink, gateway = await orders_gateway(nats_server, 500, batch=100)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run)
@@ -94,13 +102,7 @@ async def test_a_consumer_deleted_under_the_source_comes_back_where_it_was(
     # An operator deletes the durable consumer while the gateway reads it. The source sets it
     # up again from the first message it has not acknowledged: not from the stream's first
     # (which delivered everything again), and without losing what came meanwhile.
-    first = [("orders.in", b"order %d" % i) for i in range(20)]
-    await publish(nats_server.url, first, stream="ORDERS")
-    source = NatsSource(
-        f"{nats_server.url}/orders.in", stream="ORDERS", consumer="gateway", batch=10
-    )
-    sink = RecordingSink()
-    gateway = Gateway(sources=[source], sink=sink)
+    first, source, sink, gateway = await orders_gateway(nats_server, 20, batch=10)
 
     async def delete_and_publish(messages: list[tuple[str, bytes]]) -> None:
         nc = await nats.connect(nats_server.url)

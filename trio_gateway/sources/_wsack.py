@@ -198,7 +198,13 @@ class AckConnection(Connection):
         )
 
     def _hold_answers(self, n: int) -> bool:
-        if not self._share.hold_nowait(self._reading() + self.answers_held + n):
+        """Charge ``n`` more bytes of answers: at most half the share, so that the reader
+        keeps room to grow its buffer and gather a message's fragments."""
+        held = self.answers_held + n
+        share = self._share
+        if held > share.budget.connection_share // 2 or not share.hold_nowait(
+            self._reading() + held
+        ):
             return False
         self.answers_held += n
         return True

@@ -254,10 +254,10 @@ class IngestRules:
             if accepted == 1:
                 return self.accepted_one
             return json_reply(202, {"accepted": accepted})
-        # Queued and not confirmed by the sink (ack = "delivered"), or not queued at all.
+        if not answer.accepted:
+            return self.queue_full  # none queued
+        # Queued and not confirmed by the sink (ack = "delivered"), or not all queued.
         error = "not delivered" if accepted < answer.accepted else "queue full"
-        if not accepted and error == "queue full":
-            return self.queue_full
         return json_reply(
             503,
             {"accepted": accepted, "rejected": len(payloads) - accepted, "error": error},

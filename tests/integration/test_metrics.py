@@ -321,3 +321,14 @@ async def test_each_sinks_own_counts_are_on_metrics(tmp_path: Path) -> None:
     families = {f.name: f for f in _sink_statistics(broadcast)}
     assert families["trio_gateway_sink_clients"].type == "gauge"
     assert families["trio_gateway_sink_sent"].type == "counter"
+
+
+def test_a_sinks_statistics_that_are_not_metrics_are_left_out() -> None:
+    # A sink of a user's may say more than numbers under names a metric cannot take: the
+    # scrape shows what it can, and never fails for the rest.
+    class Talkative(NullSink):
+        def statistics(self) -> dict[str, int]:
+            return {"rows": 3, "last error": 1, "state": "ok", "bytes_out": 2.5}  # type: ignore[dict-item]
+
+    families = {f.name: f for f in _sink_statistics(Talkative())}
+    assert sorted(families) == ["trio_gateway_sink_bytes_out", "trio_gateway_sink_rows"]

@@ -9,6 +9,7 @@ global one, so two gateways in one process do not collide.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -279,6 +280,9 @@ class GatewayCollector(Collector):
         )
 
 
+_METRIC_KEY = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
 def _sink_statistics(sink: object) -> Iterator[Metric]:
     """What each sink counts of its own (its ``statistics()``: rows written, messages stored
     by JetStream, clients connected...): ``trio_gateway_sink_<key>_total`` counters labelled
@@ -293,6 +297,8 @@ def _sink_statistics(sink: object) -> Iterator[Metric]:
             continue
         gauges: frozenset[str] = getattr(each, "statistics_gauges", frozenset())
         for key, value in statistics().items():
+            if not _METRIC_KEY.fullmatch(key) or not isinstance(value, int | float):
+                continue  # a sink of a user's that says more than numbers: not a metric
             family = families.get(key)
             if family is None:
                 doc = f"The sink's own {key!r} (docs/observability.md)."

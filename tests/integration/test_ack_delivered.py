@@ -246,9 +246,10 @@ class BidiClient:
 
 
 @asynccontextmanager
-async def bidi_gateway() -> AsyncIterator[tuple[Gateway, GatedSink, BidiClient]]:
+async def bidi_gateway(**options: Any) -> AsyncIterator[tuple[Gateway, GatedSink, BidiClient]]:
     sink = GatedSink()
-    gateway = Gateway(sources=[GrpcSource(port=0)], sink=sink, ack="delivered")
+    source = GrpcSource(port=0, max_message_size=options.pop("max_message_size", 4 << 20))
+    gateway = Gateway(sources=[source], sink=sink, ack="delivered", **options)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ((address,),) = await nursery.start(gateway.run)
@@ -291,3 +292,28 @@ async def test_what_a_grpc_bidi_stream_holds_in_flight_is_bounded(
         sink.gate.set()
     assert [(a.sequence, a.accepted) for a in client.acks] == [(s, True) for s in range(5)]
     assert gateway.ledger.delivered == 5 and gateway.ledger.balanced
+
+
+async def test_the_acks_a_grpc_stream_owes_take_at_most_half_of_its_share() -> None:
+    # A share of 64 KiB: the answers of 58 one-message reads (560 bytes each) fill half of
+    # it; the read past that goes through alone and then the stream waits (its window
+    # closes). Before, the answers took the whole share (118 reads), leaving the calls' own
+    # messages none of it.
+    async with bidi_gateway(max_memory=2 << 20, max_message_size=1024) as (gw, sink, client):
+        share = gw.budget.statistics().connection_share
+        assert share == 64 << 10
+        sent = 0
+        while sent < 200:
+            received = gw.ledger.received
+            client.requests.put(gateway_pb2.Message(payload=b"m%d" % sent, sequence=sent))
+            sent += 1
+            with trio.move_on_after(0.5):
+                await wait_until(lambda: gw.ledger.received > received)  # noqa: B023
+            if gw.ledger.received == received:
+                break  # reading waits
+        per_read = _flight.HELD_PER_READ + _flight.HELD_PER_MESSAGE
+        assert gw.ledger.received == share // 2 // per_read + 1
+        assert gw.ledger.rejected.get("over_budget", 0) == 0
+        sink.gate.set()
+    assert [(a.sequence, a.accepted) for a in client.acks] == [(s, True) for s in range(sent)]
+    assert gw.ledger.delivered == sent and gw.ledger.balanced

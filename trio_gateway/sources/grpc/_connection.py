@@ -121,9 +121,14 @@ class Connection:
     def hold_answers(self, n: int) -> bool:
         """Charge ``n`` more bytes that a call holds for the answers it owes (a bidi stream's
         acks for reads awaiting delivery: :class:`~.._flight.Flight`); False, with nothing
-        charged, if the share, the budget or ``limits.connection_budget`` has no room."""
+        charged, if the share, the budget or ``limits.connection_budget`` has no room, or if
+        the answers would pass half of the smaller of the two: the rest is for the calls'
+        own messages, which the answers could otherwise leave no room."""
+        limit = self.server.limits.connection_budget
+        if 2 * (self._answers_held + n) > min(limit, self._share.budget.connection_share):
+            return False
         held = self.proto.held + self._answers_held + n
-        if held > self.server.limits.connection_budget or not self._share.hold_nowait(held):
+        if held > limit or not self._share.hold_nowait(held):
             return False
         self._answers_held += n
         self.settle()

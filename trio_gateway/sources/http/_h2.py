@@ -194,11 +194,8 @@ class _Http2Connection:
             data = await self.io.receive()
             if not data:
                 return  # the client closed its side
-            if self.done.is_set():
-                # Finished while the read came in (the idle deadline's GOAWAY, nothing in
-                # flight): an answer to it (a PING's ACK) would follow the GOAWAY, and
-                # h2 as a client drops the GOAWAY for a protocol error at such a frame.
-                return
+            if self.done.is_set():  # finished meanwhile (GOAWAY sent, nothing in flight):
+                return  # a PING's ACK after the GOAWAY makes h2 clients drop the GOAWAY
 
     def _broken(self, exc: Http2Error) -> None:
         """The client broke HTTP/2 or a limit (rapid reset): :class:`Http2Server` queued its

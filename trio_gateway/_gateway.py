@@ -176,7 +176,12 @@ class Gateway(Pump):
     # -- control --------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Start the cancellation-safe shutdown (idempotent; safe to call from any task)."""
+        """Start the cancellation-safe shutdown (idempotent; safe to call from any task).
+        The grace period and the drain deadline count from this call, not from when the
+        gateway's task next runs (the pump may be a message further on by then); called
+        while the gateway starts, they count from the end of its start."""
+        if self._serving and not self._stopping.is_set() and self._drain_deadline == math.inf:
+            self._drain_deadline = trio.current_time() + self.grace_period + self.drain_timeout
         self._stopping.set()
 
     def abort(self) -> None:
